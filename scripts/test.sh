@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then run the test suite (this is what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# Build the cached default model once (about 20 s) so tests that use its tokenizer start fast.
+.venv/bin/python -c "from server_sdk.model import load_base_model; load_base_model()" >/dev/null
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,195 @@
+"""`devft` command line: plan, run and evaluate federated fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, RunConfig
+
+EPILOG = "Config fields are documented in README.md; any of them can be overridden with -o FIELD=VALUE."
+
+
+def _load_config(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig.from_file(args.config) if getattr(args, "config", None) else RunConfig()
+    overrides = {}
+    for item in getattr(args, "override", None) or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like FIELD=VALUE, e.g. -o lora.r=4")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)  # "3" -> 3, "[4, 8, 30]" -> list, "1e-3" -> str? handled below
+        if isinstance(overrides[key], str):
+            try:
+                overrides[key] = float(overrides[key])
+            except ValueError:
+                pass
+    for flag in ("model", "strategy"):
+        if getattr(args, flag, None):
+            overrides[flag] = getattr(args, flag)
+    cfg = cfg.with_overrides(overrides) if overrides else cfg
+    return cfg.validate()
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML or JSON run config (default: built-in defaults)")
+    p.add_argument("--model", help="smollm2-135m (default), a local HF model directory, or tiny-random-L<n>")
+    p.add_argument("--strategy", choices=["devft", "fedit", "ffa-lora"], help="federated method (default devft)")
+    p.add_argument("-o", "--override", action="append", metavar="FIELD=VALUE",
+                   help="override a config field, e.g. -o rounds_per_stage=2 -o lora.r=4 (repeatable)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .lora import attach_lora, read_lora
+    from .model import load_base_model
+    from .strategies import make_strategy
+    from .submodel import copy_model
+
+    cfg = _load_config(args)
+    base = load_base_model(cfg.model)
+    cfg.validate(base.n_layers)
+    strategy = make_strategy(cfg)
+    stages = strategy.stage_sizes(base.n_layers)
+    lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
+    plan, _ = strategy.configure_stage(0, base.model, lora, stages[0])
+    out = {"model": base.name, "n_layers": base.n_layers, "strategy": cfg.strategy, "stages": stages,
+           "rounds_per_stage": cfg.resolved_rounds(len(stages)), "stage_1": plan.to_dict()}
+    print(json.dumps(out, indent=1) if args.json else _plan_text(out))
+    return 0
+
+
+def _plan_text(out: dict) -> str:
+    lines = [f"model {out['model']} ({out['n_layers']} layers), strategy {out['strategy']}",
+             f"stages (submodel layers): {' -> '.join(map(str, out['stages']))}",
+             f"rounds per stage: {out['rounds_per_stage']}", "stage 1 groups (anchor first):"]
+    for g, a in zip(out["stage_1"]["groups"], out["stage_1"]["anchors"]):
+        lines.append(f"  anchor {a:>2}: {g}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .simulation import run
+
+    run_dir = Path(args.runs_dir) / args.name if not args.resume else Path(args.resume)
+    cfg = RunConfig.from_file(run_dir / "config.json") if args.resume else _load_config(args)
+    report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    if report.get("interrupted"):
+        return 0
+    print(_summary(report, run_dir))
+    return 0
+
+
+def _summary(report: dict, run_dir: Path) -> str:
+    b, a = report["before"], report["after"]
+    acc = lambda r: "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"  # noqa: E731
+    recs = [r for r in report["records"] if r["stage"] >= 0]
+    up = sum(r["bytes_up"] for r in recs)
+    down = sum(r["bytes_down"] for r in recs)
+    lines = [f"run {run_dir} ({report['strategy']}, stages {report['stages']})",
+             f"{'':14}{'eval loss':>10}{'accuracy':>10}",
+             f"{'base model':14}{b['eval_loss']:>10.4f}{acc(b):>10}",
+             f"{'fine-tuned':14}{a['eval_loss']:>10.4f}{acc(a):>10}",
+             "per task accuracy (before -> after): " + ", ".join(
+                 f"{t} {100 * b['per_task'][t].get('accuracy', 0):.0f}->{100 * v.get('accuracy', 0):.0f}%"
+                 for t, v in (a["per_task"] or {}).items()),
+             f"LoRA traffic: {down / 1e6:.1f} MB down, {up / 1e6:.1f} MB up; client compute "
+             f"{sum(sum(r['client_seconds']) for r in recs):.0f} s",
+             f"report: {run_dir / 'report.json'}, plots: curves.png, groups.png, adapter: {run_dir / 'adapter'}"]
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    from .data import read_jsonl
+    from .model import load_base_model
+    from .submodel import copy_model
+    from .trainer import evaluate
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} is not a devft run directory (no config.json); pass --run runs/<name>")
+    cfg = RunConfig.from_file(run_dir / "config.json")
+    base = load_base_model(cfg.model)
+    held_out = read_jsonl(run_dir / "data" / "eval.jsonl")
+    kw = dict(seq_len=cfg.seq_len, generate=not args.no_generate, max_new_tokens=cfg.gen_max_new_tokens)
+    rows = {"base model": evaluate(base.model, base.tokenizer, held_out, **kw)}
+    adapter = run_dir / "adapter"
+    if adapter.exists():
+        tuned = PeftModel.from_pretrained(copy_model(base.model), adapter)
+        rows["fine-tuned"] = evaluate(tuned, base.tokenizer, held_out, **kw)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'':14}{'eval loss':>10}{'accuracy':>10}")
+    for name, m in rows.items():
+        acc = "n/a" if m.get("accuracy") is None else f"{100 * m['accuracy']:.1f}%"
+        print(f"{name:14}{m['eval_loss']:>10.4f}{acc:>10}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devft", description="Federated fine-tuning of LLMs in developmental "
+                                     "stages (DEVFT) on fleets of small devices.", epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="show the stage schedule and the first stage's layer groups", epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a federated fine-tuning with simulated clients", epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--name", default="default", help="run name; output goes to RUNS_DIR/NAME (default: default)")
+    p.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a run's adapter against the base model on its held-out set")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/default")
+    p.add_argument("--no-generate", action="store_true", help="loss only, skip exact-match generation")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands contributed by other parts (export, fleet) when their dependencies are installed."""
+    found = []
+    for mod, attr in (("export.cli", "register"),):
+        try:
+            module = __import__(mod, fromlist=[attr])
+            found.append(getattr(module, attr))
+        except ImportError:
+            continue
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+        print(f"devft: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from .model import ModelError
+
+        if isinstance(err, ModelError):
+            print(f"devft: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

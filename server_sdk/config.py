@@ -1,0 +1,240 @@
+"""Run configuration: one validated dataclass, YAML/JSON in, JSON out.
+
+Every value is checked once, before any model is loaded, so a typo costs a
+second instead of a 20-second model load (or a half-finished run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STRATEGIES = ("devft", "fedit", "ffa-lora")
+GROUPINGS = ("deconfliction", "random", "sequential")
+FUSIONS = ("differential", "mean", "select")
+ANCHORS = ("medoid", "first")
+TRANSFERS = ("copy", "delta")
+PARTITIONS = ("task", "dirichlet", "iid")
+ACCURACY_EVERY = ("round", "stage", "never")
+DEFAULT_TASKS = ("chain_sum", "basic_arithmetic", "spell_backward", "word_sequence_reversal")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class DataSettings:
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    examples_per_client: int = 64
+    partition: str = "task"  # task | dirichlet | iid
+    tasks_per_client: int = 2  # for partition=task
+    dirichlet_alpha: float = 0.5
+    eval_examples_per_task: int = 16
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. `stages=None` picks the default schedule for the model."""
+
+    model: str = "smollm2-135m"
+    strategy: str = "devft"
+    stages: list[int] | None = None
+    rounds_per_stage: list[int] | int = 3
+    num_clients: int = 8
+    clients_per_round: int = 2
+    local_steps: int = 5
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 1e-3
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    beta: float = 0.1
+    grouping: str = "deconfliction"
+    fusion: str = "differential"
+    anchor: str = "medoid"
+    transfer: str = "copy"
+    data: DataSettings = field(default_factory=DataSettings)
+    eval_every: int = 1  # held-out loss every N rounds (and at every stage end)
+    accuracy_every: str = "stage"  # exact-match generation: every eval "round", at "stage" ends, or "never"
+    gen_max_new_tokens: int = 16
+    seed: int = 0
+    torch_threads: int = 0  # 0 = leave torch's default
+
+    # ---- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}")
+        lora = raw.pop("lora", None) or {}
+        data = raw.pop("data", None) or {}
+        try:
+            lora_obj = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
+        except TypeError as err:
+            raise ConfigError(f"lora: {err}; valid fields are {[f.name for f in dataclasses.fields(LoraSettings)]}") from None
+        try:
+            data_obj = data if isinstance(data, DataSettings) else DataSettings(**data)
+        except TypeError as err:
+            raise ConfigError(f"data: {err}; valid fields are {[f.name for f in dataclasses.fields(DataSettings)]}") from None
+        return cls(lora=lora_obj, data=data_obj, **raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of field: value")
+        return cls.from_dict(raw)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """Apply dotted overrides such as {"lora.r": 4, "lr": 1e-4}."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            node = raw
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if part not in node or not isinstance(node[part], dict):
+                    raise ConfigError(f"override {key!r}: {part!r} is not a config section")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}")
+            node[parts[-1]] = value
+        return RunConfig.from_dict(raw)
+
+    # ---- validation --------------------------------------------------------
+    def resolved_stages(self, n_layers: int) -> list[int]:
+        """The stage schedule for a model with n_layers; the last stage is always the full model."""
+        if self.strategy != "devft":
+            return [n_layers]
+        if self.stages is not None:
+            return list(self.stages)
+        return default_schedule(n_layers)
+
+    def resolved_rounds(self, n_stages: int) -> list[int]:
+        if isinstance(self.rounds_per_stage, int):
+            return [self.rounds_per_stage] * n_stages
+        return list(self.rounds_per_stage)
+
+    def validate(self, n_layers: int | None = None) -> RunConfig:
+        """Raise ConfigError naming the first bad field; pass n_layers once the model is known."""
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("grouping", self.grouping, GROUPINGS)
+        _choice("fusion", self.fusion, FUSIONS)
+        _choice("anchor", self.anchor, ANCHORS)
+        _choice("transfer", self.transfer, TRANSFERS)
+        _choice("data.partition", self.data.partition, PARTITIONS)
+        _choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
+        for name in ("num_clients", "clients_per_round", "local_steps", "batch_size", "eval_every",
+                     "gen_max_new_tokens"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("seq_len", self.seq_len, minimum=8)
+        _positive_int("lora.r", self.lora.r)
+        _positive_int("data.examples_per_client", self.data.examples_per_client)
+        _positive_int("data.eval_examples_per_task", self.data.eval_examples_per_task)
+        _positive_int("data.tasks_per_client", self.data.tasks_per_client)
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}; "
+                              "lower clients_per_round or add clients")
+        if not isinstance(self.lr, (int, float)) or not (0 < self.lr < 1):
+            raise ConfigError(f"lr={self.lr!r} must be a number in (0, 1), e.g. 1e-3")
+        if not isinstance(self.beta, (int, float)) or not (0.0 <= self.beta <= 1.0):
+            raise ConfigError(f"beta={self.beta!r} must lie in [0, 1] (0 = anchor only, 1/m = group mean)")
+        if not (0.0 <= self.lora.dropout < 1.0):
+            raise ConfigError(f"lora.dropout={self.lora.dropout!r} must lie in [0, 1)")
+        if not isinstance(self.lora.alpha, (int, float)) or self.lora.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.lora.alpha!r} must be positive")
+        if not self.lora.target_modules:
+            raise ConfigError("lora.target_modules is empty; name at least one of " + ", ".join(LORA_TARGETS))
+        for t in self.lora.target_modules:
+            if t not in LORA_TARGETS:
+                raise ConfigError(f"lora.target_modules: unknown target module {t!r}; choose from {list(LORA_TARGETS)}")
+        if self.data.dirichlet_alpha <= 0:
+            raise ConfigError(f"data.dirichlet_alpha={self.data.dirichlet_alpha!r} must be > 0")
+        if not self.data.tasks:
+            raise ConfigError("data.tasks is empty; name at least one reasoning-gym task, e.g. chain_sum")
+        for t in self.data.tasks:
+            if t not in TASK_NAMES:
+                raise ConfigError(f"data.tasks: unknown task {t!r}; supported tasks are {sorted(TASK_NAMES)}")
+        if self.data.partition == "task" and self.data.tasks_per_client > len(self.data.tasks):
+            raise ConfigError(f"data.tasks_per_client={self.data.tasks_per_client} exceeds the {len(self.data.tasks)} tasks")
+        if self.stages is not None:
+            if not self.stages or any(not isinstance(s, int) or s < 1 for s in self.stages):
+                raise ConfigError(f"stages={self.stages!r} must be a non-empty list of positive layer counts, e.g. [4, 8, 16, 30]")
+            if any(b <= a for a, b in zip(self.stages, self.stages[1:])):
+                raise ConfigError(f"stages={self.stages!r} must be strictly increasing (each stage grows the submodel)")
+        rounds = self.rounds_per_stage
+        if isinstance(rounds, bool) or not isinstance(rounds, (int, list)):
+            raise ConfigError(f"rounds_per_stage={rounds!r} must be an int or a list with one int per stage")
+        for r in [rounds] if isinstance(rounds, int) else rounds:
+            if not isinstance(r, int) or r < 1:
+                raise ConfigError(f"rounds_per_stage={rounds!r}: every stage needs at least 1 round")
+        if n_layers is not None:
+            stages = self.resolved_stages(n_layers)
+            if stages[-1] > n_layers:
+                raise ConfigError(f"stages={stages}: stage of {stages[-1]} layers is larger than the model's {n_layers} layers")
+            if stages[-1] != n_layers:
+                raise ConfigError(f"stages={stages}: the last stage must be the full model ({n_layers} layers); append {n_layers}")
+            if isinstance(rounds, list) and len(rounds) != len(stages):
+                raise ConfigError(f"rounds_per_stage has {len(rounds)} entries but there are {len(stages)} stages {stages}")
+        return self
+
+
+# Tasks a 135M model can learn in a few hundred steps, with small generator settings
+# (short prompts and answers, so seq_len 128 holds them). Name -> reasoning-gym kwargs.
+TASKS: dict[str, dict[str, Any]] = {
+    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
+    "spell_backward": {"min_word_len": 3, "max_word_len": 6},
+    "word_sequence_reversal": {"min_words": 3, "max_words": 4},
+    "letter_counting": {"min_words": 3, "max_words": 5},
+    "count_bits": {"max_n": 255},
+    "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 2, "max_value": 60},
+}
+TASK_NAMES = frozenset(TASKS)
+
+
+def default_schedule(n_layers: int) -> list[int]:
+    """4 -> 8 -> 16 -> ... -> n_layers (doubling, capped, always ending at the full model)."""
+    stages, s = [], 4
+    while s < n_layers:
+        stages.append(s)
+        s *= 2
+    return [*stages, n_layers] if n_layers >= 1 else [n_layers]
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(options)}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")

@@ -1,0 +1,57 @@
+"""Where client training happens. The round loop (simulation.run) is the same for a
+simulated fleet and a real one; only the executor differs:
+
+- InProcessExecutor: clients train one after another in this process (eager torch);
+- a fleet executor (server_sdk.fleet) sends artifacts and global LoRA over MQTT and
+  collects device updates.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from peft import PeftModel
+
+from .config import RunConfig
+from .data import Example
+from .lora import LoraState, write_lora
+from .submodel import StagePlan, submodel_bytes
+from .trainer import ClientResult, local_train
+
+
+class ClientExecutor(ABC):
+    @abstractmethod
+    def begin_stage(self, stage: int, plan: StagePlan, sub_model: PeftModel) -> int:
+        """Make the stage's submodel available to clients; return the bytes one device downloads for it."""
+
+    @abstractmethod
+    def train_round(self, stage: int, rnd: int, sampled: list[int], global_lora: LoraState,
+                    is_trainable: Callable[[str], bool], seeds: dict[int, int]) -> list[ClientResult]:
+        """Have the sampled clients train from global_lora; return the results that arrived in time."""
+
+    def close(self) -> None:
+        """Release connections and processes."""
+
+
+class InProcessExecutor(ClientExecutor):
+    """Simulated clients in one process: each trains the stage submodel in turn."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, clients: list[list[Example]]):
+        self.cfg, self.tokenizer, self.clients = cfg, tokenizer, clients
+        self.sub_model: PeftModel | None = None
+
+    def begin_stage(self, stage, plan, sub_model):
+        self.sub_model = sub_model
+        return submodel_bytes(sub_model)
+
+    def train_round(self, stage, rnd, sampled, global_lora, is_trainable, seeds):
+        assert self.sub_model is not None, "begin_stage must come first"
+        results = []
+        for c in sampled:
+            write_lora(self.sub_model, global_lora)
+            results.append(local_train(
+                self.sub_model, self.tokenizer, self.clients[c], steps=self.cfg.local_steps,
+                batch_size=self.cfg.batch_size, lr=self.cfg.lr, seq_len=self.cfg.seq_len, seed=seeds[c],
+                is_trainable=is_trainable, client=c))
+        return results

@@ -1,0 +1,69 @@
+"""Plots for a run: learning curves with stage boundaries, and the layer groups per stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(report: dict, path: Path) -> None:
+    recs = [r for r in report["records"] if r["eval_loss"] is not None]
+    rounds = [r["round"] for r in recs]
+    cum_bytes, total = {}, 0
+    for r in report["records"]:
+        total += r["bytes_down"] + r["bytes_up"]
+        cum_bytes[r["round"]] = total
+    mb = [cum_bytes[r["round"]] / 1e6 for r in recs]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    has_acc = [i for i, r in enumerate(recs) if r.get("accuracy") is not None]
+    for col, (x, label) in enumerate([(rounds, "round"), (mb, "LoRA traffic so far (MB, up + down)")]):
+        axes[0, col].plot(x, [r["eval_loss"] for r in recs], marker="o")
+        axes[0, col].set_ylabel("held-out eval loss")
+        if has_acc:
+            axes[1, col].plot([x[i] for i in has_acc], [100 * recs[i]["accuracy"] for i in has_acc], marker="o",
+                              color="tab:green")
+        axes[1, col].set_ylabel("exact-match accuracy (%)")
+        axes[1, col].set_xlabel(label)
+    boundaries = [r["round"] for r in report["records"] if r["stage"] >= 0 and r["stage_round"] == 0]
+    for ax in axes[:, 0]:
+        for b in boundaries:
+            ax.axvline(b - 0.5, color="grey", ls=":", lw=1)
+    stages = report.get("stages", [])
+    fig.suptitle(f"{report['strategy']} on {report['model']['name']}: stages {stages} (dotted = stage start)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_groups(report: dict, path: Path) -> None:
+    plans = report["stage_plans"]
+    n = report["model"]["n_layers"]
+    sim = next((p["similarity"] for p in plans if p.get("similarity") is not None), None)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    if sim is not None:
+        s = np.array(sim)
+        off = s[~np.eye(len(s), dtype=bool)]
+        im = axes[0].imshow(s, cmap="viridis", vmin=float(off.min()), vmax=float(off.max()))
+        fig.colorbar(im, ax=axes[0], fraction=0.046)
+        axes[0].set_title("layer cosine similarity (stage 1 input, diagonal clipped)")
+        axes[0].set_xlabel("layer")
+        axes[0].set_ylabel("layer")
+    grid = np.full((len(plans), n), np.nan)
+    for si, p in enumerate(plans):
+        for gi, group in enumerate(p["groups"]):
+            grid[si, group] = gi
+    axes[1].imshow(grid, aspect="auto", cmap="tab20", interpolation="nearest")
+    for si, p in enumerate(plans):
+        for a in p["anchors"]:
+            axes[1].plot(a, si, "k*", ms=6)
+    axes[1].set_yticks(range(len(plans)), [f"stage {p['stage'] + 1}: {p['n_layers']} layers" for p in plans])
+    axes[1].set_xlabel("full-model layer (colour = group, * = anchor)")
+    axes[1].set_title("layer groups per stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

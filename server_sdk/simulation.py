@@ -1,0 +1,225 @@
+"""Run a federated fine-tuning with simulated clients in one process.
+
+The same loop runs every strategy (DEVFT, FedIT, FFA-LoRA): per stage it builds the
+submodel, then per round samples clients, trains each locally, aggregates with FedAvg,
+evaluates the full model with the stage's LoRA transferred back, and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import RunConfig
+from .data import Example, build_client_data, build_eval_data, read_jsonl, write_jsonl
+from .executor import ClientExecutor, InProcessExecutor
+from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
+from .model import BaseModel, describe, load_base_model
+from .strategies import make_strategy
+from .submodel import StagePlan, build_submodel, copy_model
+from .trainer import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    stage: int = 0
+    next_round: int = 0  # round index within the stage to run next
+    full_lora: LoraState = field(default_factory=dict)
+    stage_initial: LoraState = field(default_factory=dict)
+    stage_global: LoraState = field(default_factory=dict)
+    plan: dict | None = None
+    records: list[dict] = field(default_factory=list)
+    stage_plans: list[dict] = field(default_factory=list)
+    devices_with_stage: list[int] = field(default_factory=list)
+
+
+def client_seed(seed: int, stage: int, rnd: int, client: int) -> int:
+    return int(np.random.SeedSequence([seed, stage, rnd, client]).generate_state(1)[0])
+
+
+def sample_clients(cfg: RunConfig, stage: int, rnd: int) -> list[int]:
+    rng = np.random.default_rng([cfg.seed, 17, stage, rnd])
+    return sorted(int(c) for c in rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
+
+
+def prepare_data(cfg: RunConfig, base: BaseModel, run_dir: Path) -> tuple[list[list[Example]], list[Example]]:
+    """Client shards and the held-out set, as JSONL under run_dir/data (reused on resume)."""
+    data_dir = run_dir / "data"
+    shards = [data_dir / f"client_{c:03d}.jsonl" for c in range(cfg.num_clients)]
+    eval_path = data_dir / "eval.jsonl"
+    if all(p.exists() for p in shards) and eval_path.exists():
+        return [read_jsonl(p) for p in shards], read_jsonl(eval_path)
+    clients = build_client_data(base.tokenizer, cfg.data, cfg.num_clients, cfg.seed)
+    held_out = build_eval_data(base.tokenizer, cfg.data, cfg.seed, clients)
+    for p, shard in zip(shards, clients):
+        write_jsonl(p, shard)
+    write_jsonl(eval_path, held_out)
+    return clients, held_out
+
+
+def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel | None = None,
+        progress: bool = True, stop_after_rounds: int | None = None,
+        executor_factory: Callable[[RunConfig, BaseModel, list[list[Example]]], ClientExecutor] | None = None) -> dict:
+    """Run (or resume) a federated fine-tuning; returns the report, also written to run_dir.
+
+    stop_after_rounds ends the process early after that many rounds in this call (for
+    interruption tests and time-boxed sessions); the checkpoint lets --resume continue.
+    executor_factory picks where clients train (default: in this process)."""
+    run_dir = Path(run_dir)
+    cfg.validate()
+    if resume:
+        saved = RunConfig.from_file(run_dir / "config.json")
+        if saved.to_dict() != cfg.to_dict():
+            log.warning("resuming with the config saved in %s (command-line config ignored)", run_dir)
+        cfg = saved
+    elif (run_dir / checkpoint.NAME).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    base = base or load_base_model(cfg.model)
+    cfg.validate(base.n_layers)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.to_json(run_dir / "config.json")
+    clients, held_out = prepare_data(cfg, base, run_dir)
+    strategy = make_strategy(cfg)
+    executor = executor_factory(cfg, base, clients) if executor_factory else \
+        InProcessExecutor(cfg, base.tokenizer, clients)
+    try:
+        return _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume, progress, stop_after_rounds)
+    finally:
+        executor.close()
+
+
+def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume, progress, stop_after_rounds) -> dict:
+    stages = strategy.stage_sizes(base.n_layers)
+    rounds = cfg.resolved_rounds(len(stages))
+
+    # the full model with LoRA attached, used to seed the initial LoRA and to evaluate
+    torch.manual_seed(cfg.seed)
+    eval_model, initial_full = _full_eval_model(base, cfg)
+
+    state = RunState(full_lora=initial_full)
+    loaded = checkpoint.load(run_dir) if resume else None
+    if loaded:
+        meta, tensors = loaded
+        state = RunState(stage=meta["stage"], next_round=meta["next_round"], full_lora=tensors["full"],
+                         stage_initial=tensors.get("initial", {}), stage_global=tensors.get("global", {}),
+                         plan=meta["plan"], records=meta["records"], stage_plans=meta["stage_plans"],
+                         devices_with_stage=meta["devices_with_stage"])
+        log.info("resuming %s at stage %d round %d", run_dir, state.stage, state.next_round)
+    elif resume:
+        log.warning("no checkpoint in %s: starting from the beginning", run_dir)
+
+    gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens)
+    if not state.records:
+        before = evaluate(eval_model, base.tokenizer, held_out, generate=cfg.accuracy_every != "never", **gen)
+        state.records.append(_record(-1, 0, 0, base.n_layers, [], None, before, 0, 0, 0, [], 0.0))
+
+    total_rounds = sum(rounds)
+    done_rounds = sum(rounds[:state.stage]) + state.next_round
+    bar = tqdm(total=total_rounds, initial=done_rounds, desc=f"{cfg.strategy} rounds", disable=not progress)
+    rounds_this_call = 0
+    for s in range(state.stage, len(stages)):
+        if state.plan is None or state.plan["stage"] != s:
+            plan, sim = strategy.configure_stage(s, base.model, state.full_lora, stages[s])
+            sub_model, init_sub = build_submodel(base.model, state.full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+            state.plan, state.stage_initial, state.stage_global = plan.to_dict(), init_sub, init_sub
+            state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None})
+            state.devices_with_stage, state.next_round = [], 0
+        else:
+            plan = StagePlan(**state.plan)
+            sub_model, _ = build_submodel(base.model, state.full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+        stage_artifact = executor.begin_stage(s, plan, sub_model)
+
+        for r in range(state.next_round, rounds[s]):
+            t_round = time.perf_counter()
+            sampled = sample_clients(cfg, s, r)
+            bytes_down = len(serialize(state.stage_global)) * len(sampled)
+            new_devices = [c for c in sampled if c not in state.devices_with_stage]
+            state.devices_with_stage += new_devices
+            seeds = {c: client_seed(cfg.seed, s, r, c) for c in sampled}
+            results = executor.train_round(s, r, sampled, state.stage_global, strategy.is_trainable, seeds)
+            if not results:
+                raise RuntimeError(f"stage {s} round {r}: no client result arrived; the round cannot be aggregated")
+            bytes_up = sum(res.payload_bytes or nbytes(res.delta) for res in results)
+            state.stage_global = strategy.aggregate_train(state.stage_global, results)
+            state.next_round = r + 1
+
+            metrics = None
+            is_last = s == len(stages) - 1 and r == rounds[s] - 1
+            stage_end = r == rounds[s] - 1
+            if (r + 1) % cfg.eval_every == 0 or stage_end:
+                projected = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
+                write_lora(eval_model, projected)
+                want_acc = cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
+                metrics = evaluate(eval_model, base.tokenizer, held_out, generate=want_acc, **gen)
+            rec = _record(s, len([x for x in state.records if x["stage"] >= 0]) + 1, r, stages[s], sampled,
+                          results, metrics, bytes_down, bytes_up, stage_artifact * len(new_devices),
+                          [res.seconds for res in results], time.perf_counter() - t_round)
+            if any(res.telemetry for res in results):
+                rec["telemetry"] = {str(res.client): res.telemetry for res in results if res.telemetry}
+            state.records.append(rec)
+            if stage_end:  # stage done: transfer back into the full model
+                state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
+                state.stage, state.next_round, state.plan = s + 1, 0, None
+            _save_checkpoint(run_dir, state)
+            bar.update(1)
+            bar.set_postfix(stage=f"{s + 1}/{len(stages)}", layers=stages[s],
+                            loss=f"{rec['train_loss']:.3f}")
+            rounds_this_call += 1
+            if stop_after_rounds is not None and rounds_this_call >= stop_after_rounds and not is_last:
+                bar.close()
+                return {"interrupted": True, "records": state.records}
+    bar.close()
+    write_lora(eval_model, state.full_lora)
+    adapter_dir = run_dir / "adapter"
+    eval_model.save_pretrained(adapter_dir)
+    report = {"config": cfg.to_dict(), "model": describe(base), "strategy": cfg.strategy, "stages": stages,
+              "rounds_per_stage": rounds, "stage_plans": state.stage_plans, "records": state.records,
+              "before": state.records[0], "after": state.records[-1], "adapter": str(adapter_dir)}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    from .report import plot_curves, plot_groups
+
+    plot_curves(report, run_dir / "curves.png")
+    plot_groups(report, run_dir / "groups.png")
+    return report
+
+
+def _full_eval_model(base: BaseModel, cfg: RunConfig):
+    """The full model with freshly initialised (seeded) LoRA: the run's starting adapter."""
+    model = attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed)
+    return model, read_lora(model)
+
+
+def _record(stage, rnd, stage_round, layers, clients, results, metrics, bytes_down, bytes_up, stage_bytes,
+            client_seconds, wall) -> dict:
+    rec = {"stage": stage, "round": rnd, "stage_round": stage_round, "layers": layers, "clients": clients,
+           "train_loss": float(np.mean([r.train_loss for r in results])) if results else None,
+           "bytes_down": bytes_down, "bytes_up": bytes_up, "stage_download_bytes": stage_bytes,
+           "client_seconds": client_seconds, "wall_seconds": wall,
+           "client_samples": [r.num_samples for r in results] if results else []}
+    if metrics:
+        rec.update(eval_loss=metrics["eval_loss"], accuracy=metrics.get("accuracy"), per_task=metrics["per_task"])
+    else:
+        rec.update(eval_loss=None, accuracy=None, per_task=None)
+    return rec
+
+
+def _save_checkpoint(run_dir: Path, state: RunState) -> None:
+    meta = {"stage": state.stage, "next_round": state.next_round, "plan": state.plan, "records": state.records,
+            "stage_plans": state.stage_plans, "devices_with_stage": state.devices_with_stage}
+    tensors = {"full": state.full_lora}
+    if state.plan is not None:
+        tensors.update(initial=state.stage_initial, **{"global": state.stage_global})
+    checkpoint.save(run_dir, meta, tensors)

@@ -1,0 +1,64 @@
+"""The strategy interface every federated method implements (after Flower's Strategy).
+
+A run is a list of stages; each stage trains one submodel for some rounds. A strategy
+decides the stages, the submodel of each stage, which LoRA tensors clients train, how
+their results are aggregated, and what the full model's LoRA becomes when a stage ends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from transformers import LlamaForCausalLM
+
+from ..config import RunConfig
+from ..lora import LoraState
+from ..submodel import StagePlan
+from ..trainer import ClientResult
+
+
+class Strategy(ABC):
+    name: str = "base"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    @abstractmethod
+    def stage_sizes(self, n_layers: int) -> list[int]:
+        """Submodel depth of each stage; the last is the full model."""
+
+    @abstractmethod
+    def configure_stage(self, stage: int, model: LlamaForCausalLM, full_lora: LoraState,
+                        n_sub_layers: int) -> tuple[StagePlan, np.ndarray | None]:
+        """Group the full model's layers for this stage (and the similarity matrix used, if any)."""
+
+    def is_trainable(self, name: str) -> bool:
+        """Which LoRA tensors clients train and send back."""
+        return "lora_" in name
+
+    def aggregate_train(self, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
+        """FedAvg over client deltas, weighted by each client's sample count."""
+        return fedavg(global_lora, results)
+
+    @abstractmethod
+    def finish_stage(self, full_lora: LoraState, trained: LoraState, initial: LoraState,
+                     plan: StagePlan) -> LoraState:
+        """The full model's LoRA after this stage's submodel LoRA has been trained."""
+
+
+def fedavg(global_lora: LoraState, results: list[ClientResult]) -> LoraState:
+    """global + sum_k (n_k / N) * delta_k; tensors no client sent stay as they were."""
+    if not results:
+        raise ValueError("FedAvg needs at least one client result")
+    total = sum(r.num_samples for r in results)
+    if total <= 0:
+        raise ValueError("FedAvg: client sample counts sum to zero")
+    out = {k: v.clone() for k, v in global_lora.items()}
+    for key in results[0].delta:
+        acc = torch.zeros_like(out[key])
+        for r in results:
+            acc += (r.num_samples / total) * r.delta[key]
+        out[key] = out[key] + acc
+    return out

@@ -1,0 +1,137 @@
+"""Local LoRA training as a simulated client runs it, and held-out evaluation.
+
+The device runtime trains the same loss on the same batches from exported artifacts;
+here eager torch stands in for a device so one process can simulate a fleet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from .data import IGNORE_INDEX, Example, collate, encode, score
+from .lora import LoraState, read_lora
+
+
+@dataclass
+class ClientResult:
+    client: int
+    num_samples: int
+    delta: LoraState  # trained - received, only the tensors the strategy trains
+    train_loss: float
+    seconds: float
+    payload_bytes: int | None = None  # bytes of the update as sent, where a transport measured them
+    telemetry: dict | None = None  # device-side measurements (memory, latency, energy), if any
+
+
+def token_losses(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each supervised (label != -100) next token, and its example index.
+
+    The LM head runs only on supervised positions: the same loss as HF's shifted loss, but on
+    a 49k-token vocabulary it skips most of the head's compute (prompts are masked)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    hidden = inner.model(input_ids=ids).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    logits = inner.lm_head(hidden[mask]).float()
+    return torch.nn.functional.cross_entropy(logits, target[mask], reduction="none"), mask.nonzero()[:, 0]
+
+
+def trainable_params(model: PeftModel, is_trainable: Callable[[str], bool]) -> list[torch.nn.Parameter]:
+    """Set requires_grad on LoRA tensors per the strategy (e.g. FFA-LoRA freezes A)."""
+    params = []
+    for name, p in model.named_parameters():
+        on = "lora_" in name and is_trainable(name)
+        p.requires_grad_(on)
+        if on:
+            params.append(p)
+    return params
+
+
+def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: int, batch_size: int, lr: float,
+                seq_len: int, seed: int, is_trainable: Callable[[str], bool], client: int = 0,
+                progress: Callable[[], None] | None = None) -> ClientResult:
+    """Train the model's LoRA in place for `steps` AdamW steps; return the delta of trained tensors."""
+    if not examples:
+        raise ValueError(f"client {client} has no training examples")
+    start_state = read_lora(model)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = trainable_params(model, is_trainable)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    encoded = [encode(tokenizer, ex, seq_len) for ex in examples]
+    pad = tokenizer.pad_token_id
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = rng.choice(len(encoded), size=min(batch_size, len(encoded)), replace=False)
+        ids, labels = collate([encoded[i] for i in idx], pad)
+        tok_loss, _ = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
+        loss = tok_loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    end_state = read_lora(model)
+    delta = {k: end_state[k] - start_state[k] for k in end_state if is_trainable(k)}
+    return ClientResult(client, len(examples), delta, float(np.mean(losses)), seconds)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,
+             max_new_tokens: int = 24, batch_size: int = 16) -> dict:
+    """Held-out loss (mean per-example token loss) and exact-match accuracy (reasoning-gym scorer)."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    losses: dict[str, list[float]] = defaultdict(list)
+    correct: dict[str, list[float]] = defaultdict(list)
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b:b + batch_size]
+        ids, labels = collate([encode(tokenizer, ex, seq_len) for ex in batch], pad)
+        tok_loss, owner = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
+        sums = torch.zeros(len(batch)).index_add_(0, owner, tok_loss)
+        counts = torch.zeros(len(batch)).index_add_(0, owner, torch.ones_like(tok_loss))
+        per_ex = sums / counts.clamp(min=1)
+        for ex, loss in zip(batch, per_ex.tolist()):
+            losses[ex.task].append(loss)
+        if generate:
+            for ex, text in zip(batch, generate_answers(model, tokenizer, batch, max_new_tokens)):
+                correct[ex.task].append(float(score(ex.task, text, ex) >= 1.0))
+    per_task = {t: {"eval_loss": float(np.mean(v)), **({"accuracy": float(np.mean(correct[t]))} if generate else {})}
+                for t, v in sorted(losses.items())}
+    all_losses = [x for v in losses.values() for x in v]
+    result = {"eval_loss": float(np.mean(all_losses)), "per_task": per_task}
+    if generate:
+        result["accuracy"] = float(np.mean([x for v in correct.values() for x in v]))
+    if not math.isfinite(result["eval_loss"]):
+        raise FloatingPointError("evaluation loss is not finite: the adapter diverged; lower lr")
+    return result
+
+
+def generate_answers(model, tokenizer, batch: list[Example], max_new_tokens: int) -> list[str]:
+    """Greedy answers, left-padded batch, cut at the end-of-turn token."""
+    prompts = [tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] for ex in batch]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    end_ids = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} if i is not None]
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         use_cache=True, eos_token_id=end_ids, pad_token_id=pad)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [t.strip() for t in texts]

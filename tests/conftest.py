@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one thread is faster than two spinning OpenMP threads on a busy 2-core machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """A random 6-layer LLaMA with the real SmolLM2 tokenizer (session-wide; do not mutate)."""
+    from server_sdk.model import tiny_random_model
+
+    return tiny_random_model(n_layers=6, hidden=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from server_sdk.config import DataSettings, LoraSettings, RunConfig
+
+    def make(**kw):
+        base = dict(model="tiny-random-L6", stages=[2, 4, 6], rounds_per_stage=1, num_clients=3, clients_per_round=2,
+                    local_steps=2, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
+                    lora=LoraSettings(r=2, alpha=4), data=DataSettings(examples_per_client=6, eval_examples_per_task=2))
+        base.update(kw)
+        return RunConfig(**base)
+
+    return make
