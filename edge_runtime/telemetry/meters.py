@@ -1,0 +1,541 @@
+"""Energy meters: one class per source, all behind the small ``EnergyMeter`` interface.
+
+Every meter carries a ``label`` that a report copies verbatim: ``measured:<source>`` when a
+hardware counter or sensor was read, ``estimated:<model>`` when energy was inferred from CPU
+time. Nothing here returns a made-up number under a ``measured:`` label; a meter that cannot
+read its hardware raises ``MeterUnavailable`` when it is built, so ``detect_meter`` can move on.
+
+Filesystem roots are parameters so tests can point a meter at a fake sysfs tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.telemetry.profiles import PowerModel, power_model
+
+log = logging.getLogger(__name__)
+
+
+class MeterUnavailable(RuntimeError):
+    """The meter's hardware, driver or permission is missing on this device."""
+
+
+class EnergyMeter(ABC):
+    """Joules consumed between ``start()`` and ``stop()``, with a label saying where they came from."""
+
+    label: str
+    detail: str = ""
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def stop(self) -> float:
+        """Stop measuring and return joules since ``start()``."""
+
+    @property
+    def measured(self) -> bool:
+        return self.label.startswith("measured:")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class PowerIntegrator:
+    """Trapezoidal integral of (time, watts) samples: joules for meters that only report power."""
+
+    def __init__(self) -> None:
+        self.joules = 0.0
+        self.samples = 0
+        self._first_t: float | None = None
+        self._last: tuple[float, float] | None = None
+
+    def add(self, t: float, watts: float) -> None:
+        if self._last is None:
+            self._first_t = t
+        else:
+            t0, w0 = self._last
+            self.joules += (t - t0) * (w0 + watts) / 2.0
+        self._last = (t, watts)
+        self.samples += 1
+
+    @property
+    def elapsed_s(self) -> float:
+        if self._last is None or self._first_t is None:
+            return 0.0
+        return self._last[0] - self._first_t
+
+
+class SampledPowerMeter(EnergyMeter):
+    """Base for sensors that report instantaneous watts: a thread samples them and integrates.
+
+    One sample is taken synchronously in ``start()`` and one in ``stop()``, so even a run shorter
+    than the sampling interval has a two-point integral.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"sampling interval must be positive, got {interval_s!r} s")
+        self.interval_s = interval_s
+        self.clock = clock
+        self.failed_samples = 0
+        self._integrator = PowerIntegrator()
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @abstractmethod
+    def read_watts(self) -> float: ...
+
+    @property
+    def elapsed_s(self) -> float:
+        """Time covered by the samples, by the meter's clock."""
+        return self._integrator.elapsed_s
+
+    def _sample(self) -> None:
+        watts = self.read_watts()
+        self._integrator.add(self.clock(), watts)
+
+    def _run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                self._sample()
+            except Exception:  # a flaky sensor read: log it, integrate across the gap
+                self.failed_samples += 1
+                log.warning("%s: power sample failed, skipping it", self.label, exc_info=True)
+
+    def start(self) -> None:
+        self._integrator = PowerIntegrator()
+        self._stop_event.clear()
+        self.failed_samples = 0
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name=f"{self.label} sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        if self._thread is None:
+            raise RuntimeError(f"{type(self).__name__}.stop() called before start()")
+        self._stop_event.set()
+        self._thread.join()
+        self._thread = None
+        try:
+            self._sample()
+        except Exception:
+            if self._integrator.samples < 2:
+                raise  # one sample integrates to 0 J: better no figure than a fake one
+            log.warning("%s: final power sample failed", self.label, exc_info=True)
+        return self._integrator.joules
+
+
+# --------------------------------------------------------------------------- RAPL
+
+
+@dataclass(frozen=True)
+class RaplDomain:
+    path: Path
+    name: str
+    max_energy_range_uj: int
+
+    def read_uj(self) -> int:
+        return int((self.path / "energy_uj").read_text())
+
+
+def wrapped_delta(previous: int, now: int, max_range: int) -> int:
+    """Counter increase from ``previous`` to ``now`` for a counter that wraps at ``max_range``."""
+    return now - previous if now >= previous else now + max_range - previous
+
+
+def find_rapl_packages(
+    root: str | os.PathLike[str] = "/sys/class/powercap",
+) -> list[RaplDomain]:
+    """The package-level RAPL domains under a powercap root.
+
+    Only zones named ``package-*`` count: the sub-zones ``intel-rapl:N:M`` (core, uncore,
+    dram) are parts of a package, and ``psys`` covers the whole SoC, so adding either would
+    count energy twice. AMD Zen CPUs appear under the same ``intel-rapl`` names.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MeterUnavailable(f"{root} does not exist: no powercap (RAPL) driver on this device")
+    domains = []
+    for zone in sorted(root.glob("intel-rapl:*")):
+        try:
+            name = (zone / "name").read_text().strip()
+            if not name.startswith("package"):
+                continue
+            max_range = int((zone / "max_energy_range_uj").read_text())
+            int((zone / "energy_uj").read_text())
+        except PermissionError as err:
+            raise MeterUnavailable(
+                f"cannot read {zone}: {err}. RAPL energy counters are root-only since Linux 5.10;"
+                f" run as root or make {zone / 'energy_uj'} readable"
+            ) from err
+        except (OSError, ValueError) as err:
+            raise MeterUnavailable(f"cannot read RAPL zone {zone}: {err}") from err
+        domains.append(RaplDomain(zone, name, max_range))
+    if not domains:
+        raise MeterUnavailable(f"no RAPL package domains under {root}")
+    return domains
+
+
+class RaplMeter(EnergyMeter):
+    """CPU package energy from Intel/AMD RAPL counters through powercap sysfs.
+
+    The counters wrap (at ``max_energy_range_uj``, minutes to an hour at full load), so a
+    background thread folds them into a running total every ``poll_interval_s``; a single wrap
+    between two polls is undone exactly, two would be lost, hence the short default.
+    """
+
+    label = "measured:rapl"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = "/sys/class/powercap",
+        poll_interval_s: float = 10.0,
+    ) -> None:
+        self.domains = find_rapl_packages(root)
+        self.detail = "RAPL package domains: " + ", ".join(d.name for d in self.domains)
+        self.poll_interval_s = poll_interval_s
+        self._lock = threading.Lock()
+        self._last: list[int] = []
+        self._total_uj = 0
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> None:
+        """Fold the counters' increase since the last poll into the total."""
+        with self._lock:
+            now = [d.read_uj() for d in self.domains]
+            for domain, before, after in zip(self.domains, self._last, now, strict=True):
+                self._total_uj += wrapped_delta(before, after, domain.max_energy_range_uj)
+            self._last = now
+
+    def _run(self) -> None:
+        while not self._stop_event.wait(self.poll_interval_s):
+            try:
+                self.poll()
+            except OSError:
+                log.warning("RAPL poll failed; a counter wrap may be missed", exc_info=True)
+
+    def start(self) -> None:
+        with self._lock:
+            self._last = [d.read_uj() for d in self.domains]
+            self._total_uj = 0
+        self._stop_event.clear()
+        self._thread = threading.Thread(target=self._run, name="rapl poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        if self._thread is None:
+            raise RuntimeError("RaplMeter.stop() called before start()")
+        self._stop_event.set()
+        self._thread.join()
+        self._thread = None
+        self.poll()
+        return self._total_uj / 1e6
+
+
+# --------------------------------------------------------------------------- Jetson INA3221
+
+
+@dataclass(frozen=True)
+class PowerRail:
+    """One INA3221 channel: either a voltage/current pair (mV, mA) or a power file (uW)."""
+
+    label: str
+    voltage_path: Path | None = None
+    current_path: Path | None = None
+    power_path: Path | None = None
+
+    def read_watts(self) -> float:
+        if self.power_path is not None:
+            return int(self.power_path.read_text()) / 1e6
+        assert self.voltage_path is not None and self.current_path is not None
+        millivolts = int(self.voltage_path.read_text())
+        milliamps = int(self.current_path.read_text())
+        return millivolts * milliamps / 1e6
+
+
+# Rails that measure the whole module's input; the other rails are parts of it.
+MODULE_INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
+
+
+def _channel(path: Path) -> str:
+    match = re.search(r"(\d+)_input$", path.name)
+    return match.group(1) if match else ""
+
+
+def find_ina3221_rails(
+    root: str | os.PathLike[str] = "/sys/class/hwmon",
+) -> list[PowerRail]:
+    """Every rail of every INA3221 hwmon device under ``root`` (hwmon units: mV, mA, uW)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MeterUnavailable(f"{root} does not exist: no hwmon sensors on this device")
+    rails: list[PowerRail] = []
+    for hwmon in sorted(root.iterdir()):
+        for base in (hwmon, hwmon / "device"):
+            name_file = base / "name"
+            if not name_file.is_file() or "ina3221" not in name_file.read_text():
+                continue
+            for current in sorted(base.glob("curr*_input")):
+                n = _channel(current)
+                voltage = base / f"in{n}_input"
+                if voltage.is_file():
+                    rails.append(PowerRail(_rail_label(base, n), voltage, current))
+            for power in sorted(base.glob("power*_input")):
+                n = _channel(power)
+                if not (base / f"curr{n}_input").is_file():
+                    rails.append(PowerRail(_rail_label(base, n), power_path=power))
+            break
+    if not rails:
+        raise MeterUnavailable(f"no INA3221 power rails under {root}")
+    return rails
+
+
+def _rail_label(base: Path, channel: str) -> str:
+    label_file = base / f"in{channel}_label"
+    return label_file.read_text().strip() if label_file.is_file() else f"in{channel}"
+
+
+class JetsonIna3221Meter(SampledPowerMeter):
+    """Board power from the Jetson's INA3221 monitors, sampled and integrated.
+
+    By default only the module input rail (VDD_IN on Orin, POM_5V_IN on older Jetsons) is
+    counted when present, because the CPU/GPU/SoC rails are already inside it; otherwise all
+    rails are summed. ``rails`` picks rails by label.
+    """
+
+    label = "measured:jetson-ina3221"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = "/sys/class/hwmon",
+        rails: Sequence[str] | None = None,
+        interval_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(interval_s, clock)
+        found = find_ina3221_rails(root)
+        by_label = {rail.label: rail for rail in found}
+        if rails is None:
+            inputs = [by_label[name] for name in MODULE_INPUT_RAILS if name in by_label]
+            self.rails = inputs[:1] or found
+        else:
+            missing = [name for name in rails if name not in by_label]
+            if missing:
+                raise MeterUnavailable(f"INA3221 rails {missing} not found; present: {sorted(by_label)}")
+            self.rails = [by_label[name] for name in rails]
+        self.detail = "INA3221 rails: " + ", ".join(rail.label for rail in self.rails)
+
+    def read_watts(self) -> float:
+        return sum(rail.read_watts() for rail in self.rails)
+
+
+# --------------------------------------------------------------------------- Raspberry Pi 5 PMIC
+
+_PMIC_LINE = re.compile(r"^\s*(?P<rail>\S+)_(?P<kind>[AV])\s+\w+\(\d+\)=(?P<value>[-+0-9.eE]+)[AV]\s*$")
+
+
+def parse_pmic_adc(text: str) -> dict[str, float]:
+    """Watts per rail from ``vcgencmd pmic_read_adc`` output (rails with both _V and _A lines)."""
+    amps: dict[str, float] = {}
+    volts: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _PMIC_LINE.match(line)
+        if match:
+            table = amps if match["kind"] == "A" else volts
+            table[match["rail"]] = float(match["value"])
+    return {rail: volts[rail] * amps[rail] for rail in amps if rail in volts}
+
+
+class RaspberryPiPmicMeter(SampledPowerMeter):
+    """Raspberry Pi 5 power from its PMIC's ADCs (``vcgencmd pmic_read_adc``), sampled.
+
+    The sum covers the PMIC's output rails (SoC, RAM, I/O), not the 5 V input's conversion
+    losses or USB peripherals, so it reads below wall power. Each sample runs vcgencmd, which
+    takes tens of milliseconds, hence the 0.5 s default interval.
+    """
+
+    label = "measured:rpi5-pmic"
+
+    def __init__(
+        self,
+        vcgencmd: str = "vcgencmd",
+        interval_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(interval_s, clock)
+        path = shutil.which(vcgencmd)
+        if path is None:
+            raise MeterUnavailable(f"{vcgencmd!r} not found on PATH: not a Raspberry Pi OS device")
+        self.vcgencmd = path
+        try:
+            rails = self.read_rails()
+        except (OSError, subprocess.SubprocessError, ValueError) as err:
+            raise MeterUnavailable(f"{path} pmic_read_adc failed (a Pi 5 is needed): {err}") from err
+        self.detail = f"sum of {len(rails)} PMIC rails from vcgencmd pmic_read_adc"
+
+    def read_rails(self) -> dict[str, float]:
+        proc = subprocess.run(
+            [self.vcgencmd, "pmic_read_adc"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        rails = parse_pmic_adc(proc.stdout)
+        if not rails:
+            raise ValueError(f"no NAME_V/NAME_A rail pairs in pmic_read_adc output: {proc.stdout!r}")
+        return rails
+
+    def read_watts(self) -> float:
+        return sum(self.read_rails().values())
+
+
+# --------------------------------------------------------------------------- NVIDIA NVML
+
+
+class NvmlMeter(EnergyMeter):
+    """GPU energy from NVML's total-energy counter (Volta and newer), summed over GPUs.
+
+    Covers the GPUs only, not the CPU or the rest of the machine.
+    """
+
+    label = "measured:nvml"
+
+    def __init__(self, device_indices: Sequence[int] | None = None) -> None:
+        try:
+            import pynvml  # type: ignore[import-not-found]  # from nvidia-ml-py, optional
+        except ImportError as err:
+            raise MeterUnavailable("pynvml is not installed (pip install nvidia-ml-py)") from err
+        self._nvml = pynvml
+        try:
+            pynvml.nvmlInit()
+            indices = range(pynvml.nvmlDeviceGetCount()) if device_indices is None else device_indices
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+            for handle in self._handles:
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        except pynvml.NVMLError as err:
+            raise MeterUnavailable(f"NVML has no energy counter here: {err}") from err
+        if not self._handles:
+            raise MeterUnavailable("NVML found no GPUs")
+        self.detail = f"NVML total energy counter of {len(self._handles)} GPU(s)"
+        self._start_mj: list[int] = []
+
+    def _read_mj(self) -> list[int]:
+        return [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
+
+    def start(self) -> None:
+        self._start_mj = self._read_mj()
+
+    def stop(self) -> float:
+        end = self._read_mj()
+        return sum(after - before for before, after in zip(self._start_mj, end, strict=True)) / 1e3
+
+
+# --------------------------------------------------------------------------- external command
+
+
+class ExternalCommandMeter(EnergyMeter):
+    """Energy from a user-given shell command that prints cumulative joules (USB meter, plug)."""
+
+    label = "measured:external"
+
+    def __init__(self, command: str, timeout_s: float = 10.0) -> None:
+        self.command = command
+        self.timeout_s = timeout_s
+        self.detail = f"external command: {command}"
+        self._start_j: float | None = None
+
+    def read_joules(self) -> float:
+        proc = subprocess.run(
+            self.command,
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout_s,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"energy command {self.command!r} exited with {proc.returncode}: {proc.stderr.strip()}")
+        try:
+            return float(proc.stdout.strip())
+        except ValueError:
+            raise ValueError(
+                f"energy command {self.command!r} must print one number (cumulative joules), it printed {proc.stdout!r}"
+            ) from None
+
+    def start(self) -> None:
+        self._start_j = self.read_joules()
+
+    def stop(self) -> float:
+        if self._start_j is None:
+            raise RuntimeError("ExternalCommandMeter.stop() called before start()")
+        end = self.read_joules()
+        if end < self._start_j:
+            raise ValueError(
+                f"energy command {self.command!r} went backwards ({self._start_j} J -> {end} J);"
+                " was the meter reset during the run?"
+            )
+        return end - self._start_j
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def process_cpu_time() -> float:
+    """User + system CPU seconds of this process (all threads) and its waited-for children."""
+    children = os.times()
+    return time.process_time() + children.children_user + children.children_system
+
+
+class EstimatedMeter(EnergyMeter):
+    """Energy inferred as process CPU seconds x the power model's watts per busy CPU."""
+
+    def __init__(self, model: str | PowerModel, cpu_time: Callable[[], float] = process_cpu_time) -> None:
+        self.model = power_model(model) if isinstance(model, str) else model
+        self.label = f"estimated:{self.model.name}"
+        self.detail = f"{self.model.watts_per_busy_cpu:.3g} W per busy CPU ({self.model.source})"
+        self.cpu_time = cpu_time
+        self._start_cpu: float | None = None
+
+    def start(self) -> None:
+        self._start_cpu = self.cpu_time()
+
+    def stop(self) -> float:
+        if self._start_cpu is None:
+            raise RuntimeError("EstimatedMeter.stop() called before start()")
+        return (self.cpu_time() - self._start_cpu) * self.model.watts_per_busy_cpu
+
+
+# --------------------------------------------------------------------------- combined
+
+
+class CombinedMeter(EnergyMeter):
+    """Sum of measured meters over disjoint hardware, e.g. CPU package (RAPL) + GPU (NVML)."""
+
+    def __init__(self, meters: Sequence[EnergyMeter]) -> None:
+        estimated = [m.label for m in meters if not m.measured]
+        if estimated:
+            raise ValueError(f"CombinedMeter only sums measured meters, got {estimated}")
+        self.meters = list(meters)
+        self.label = "measured:" + "+".join(m.label.removeprefix("measured:") for m in meters)
+        self.detail = "; ".join(m.detail for m in meters)
+
+    def start(self) -> None:
+        for meter in self.meters:
+            meter.start()
+
+    def stop(self) -> float:
+        return sum(meter.stop() for meter in self.meters)
