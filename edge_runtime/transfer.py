@@ -1,0 +1,587 @@
+"""Chunked, content-addressed artifact transfer over MQTT.
+
+Every file a device needs (frozen weights, a stage submodel, a tokenizer) is
+addressed by the sha256 of its bytes and cut into fixed-size chunks, each with
+its own sha256. An `ArtifactDescriptor` (see protocol.py) lists the files of an
+artifact; the server embeds it in the control message.
+
+Device side, `ArtifactCache` keeps:
+
+    <cache>/blobs/<sha256>                       complete, verified files (read-only)
+    <cache>/partial/<sha256>/<index>.<chunk_sha> verified chunks of an unfinished file
+
+A file already in `blobs/` is never fetched again, so a frozen tensor shared by
+two stages travels once if the server publishes it as its own file (see
+`split_safetensors`). Every write goes to a temp file, is fsynced and renamed,
+so a crash leaves either nothing or a whole verified piece. Verified chunks of a
+partial file survive restarts and are not downloaded again. A blob whose bytes
+no longer match its name (bit rot, truncation, tampering) is deleted on first
+use and fetched again, never used.
+
+Server side, `ArtifactServer` answers `ChunkRequest`s on the fetch topic by
+publishing chunks on the per-blob artifact topic from its own worker thread,
+rate-limited and with a bounded number of unacknowledged chunks, so control
+messages are never stuck behind megabytes of weights. For the same reason the
+server should give it its own MQTT connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from paho.mqtt.client import MQTTMessageInfo
+
+from edge_runtime.mqtt import Message, MqttClient, wait_published
+from edge_runtime.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS_PER_REQUEST,
+    ArtifactDescriptor,
+    ChunkRequest,
+    FileEntry,
+    ProtocolError,
+    check_sha256,
+    chunk_topic,
+    decode_chunk_request,
+    encode_chunk_request,
+    fetch_topic,
+    parse_topic,
+)
+
+log = logging.getLogger(__name__)
+
+_CHUNK_FILE_RE = re.compile(r"^(\d{8})\.([0-9a-f]{64})$")
+_READ_BLOCK = 1024 * 1024
+
+
+class FetchError(RuntimeError):
+    """An artifact could not be fetched; the message says which file and why."""
+
+
+class FetchCancelled(FetchError):
+    pass
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_file(path: str | Path, rel_path: str | None = None, chunk_size: int = DEFAULT_CHUNK_BYTES) -> FileEntry:
+    """Hash a file whole and per chunk in one pass."""
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_size {chunk_size} must be in 1..{MAX_CHUNK_BYTES}")
+    path = Path(path)
+    whole = hashlib.sha256()
+    chunks = []
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            whole.update(block)
+            chunks.append(sha256_bytes(block))
+            size += len(block)
+    return FileEntry(
+        path=rel_path or path.name, sha256=whole.hexdigest(), size=size, chunk_size=chunk_size, chunks=tuple(chunks)
+    )
+
+
+def describe_files(files: Mapping[str, str | Path], chunk_size: int = DEFAULT_CHUNK_BYTES) -> ArtifactDescriptor:
+    """Descriptor for {relative path on device: local file}; its id is the hash of its contents."""
+    entries = tuple(describe_file(p, rel, chunk_size) for rel, p in sorted(files.items()))
+    listing = json.dumps([[e.path, e.sha256, e.size] for e in entries], separators=(",", ":"))
+    return ArtifactDescriptor(artifact_id=sha256_bytes(listing.encode()), files=entries)
+
+
+def describe_dir(root: str | Path, chunk_size: int = DEFAULT_CHUNK_BYTES) -> ArtifactDescriptor:
+    root = Path(root)
+    files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+    return describe_files(files, chunk_size)
+
+
+def split_safetensors(path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write every tensor of a safetensors file as its own file, named by tensor.
+
+    Publishing frozen weights per tensor makes each tensor its own blob, so a
+    device that got a tensor in an earlier stage does not download it again.
+    """
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            target = out / f"{name}.safetensors"
+            save_file({name: f.get_tensor(name)}, str(target))
+            result[name] = target
+    return result
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------- device side
+
+
+class ArtifactCache:
+    """Content-addressed blob store on the device, filled chunk by chunk."""
+
+    def __init__(self, root: str | Path, verify_on_start: bool = False) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.partial = self.root / "partial"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.bytes_downloaded = 0  # chunk payload bytes received from the network
+        self.chunks_downloaded = 0
+        self.chunks_rejected = 0  # received chunks whose hash did not match
+        self._verified: dict[str, tuple[int, int, int]] = {}  # sha -> (size, mtime_ns, inode)
+        self._lock = threading.Lock()
+        for tmp in list(self.root.rglob("*.tmp")):  # left by a crash mid-write
+            tmp.unlink(missing_ok=True)
+        if verify_on_start:
+            self.scan()
+
+    # -- blobs -------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / check_sha256(sha256)
+
+    def has(self, sha256: str, size: int | None = None) -> bool:
+        """True if a blob with exactly these bytes is present; a bad blob is deleted.
+
+        The full hash is checked once per process per file version; later calls
+        only compare size, mtime and inode.
+        """
+        path = self.blob_path(sha256)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if size is not None and st.st_size != size:
+            self._discard(path, f"size {st.st_size} != expected {size} (truncated?)")
+            return False
+        if self._verified.get(sha256) == key:
+            return True
+        actual = sha256_file(path)
+        if actual != sha256:
+            self._discard(path, f"content hashes to {actual}")
+            return False
+        self._verified[sha256] = key
+        return True
+
+    def path(self, sha256: str, size: int | None = None) -> Path:
+        """Path of a verified blob; raises FileNotFoundError if absent or corrupt."""
+        if not self.has(sha256, size):
+            raise FileNotFoundError(f"blob {sha256} is not in cache {self.root} (or was corrupt and removed); fetch it")
+        return self.blob_path(sha256)
+
+    def scan(self) -> list[str]:
+        """Verify every blob and partial chunk now; returns the hashes of removed blobs."""
+        removed = []
+        for p in sorted(self.blobs.iterdir()):
+            if len(p.name) == 64 and not self.has(p.name):
+                removed.append(p.name)
+        for d in sorted(self.partial.iterdir()):
+            for c in list(d.iterdir()):
+                m = _CHUNK_FILE_RE.match(c.name)
+                if m is None or sha256_file(c) != m.group(2):
+                    c.unlink(missing_ok=True)
+        return removed
+
+    def _discard(self, path: Path, why: str) -> None:
+        log.warning("cache blob %s is corrupt (%s); removing it so it is fetched again", path, why)
+        self._verified.pop(path.name, None)
+        path.unlink(missing_ok=True)
+
+    def add_bytes(self, data: bytes) -> str:
+        sha = sha256_bytes(data)
+        if not self.has(sha, len(data)):
+            _atomic_write(self.blob_path(sha), data)
+            os.chmod(self.blob_path(sha), 0o444)
+        return sha
+
+    def add_file(self, src: str | Path) -> str:
+        """Copy a local file into the cache (e.g. pre-seeding a device)."""
+        sha = sha256_file(src)
+        dst = self.blob_path(sha)
+        if not self.has(sha):
+            tmp = _tmp_name(dst)
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+            os.chmod(dst, 0o444)
+            _fsync_dir(self.blobs)
+        return sha
+
+    # -- partial files -------------------------------------------------------------
+
+    def _partial_dir(self, entry: FileEntry) -> Path:
+        return self.partial / entry.sha256
+
+    def verified_chunks(self, entry: FileEntry) -> set[int]:
+        """Indices of chunks already on disk with the right hash; bad chunk files are removed."""
+        d = self._partial_dir(entry)
+        if not d.is_dir():
+            return set()
+        have = set()
+        for c in d.iterdir():
+            m = _CHUNK_FILE_RE.match(c.name)
+            idx = int(m.group(1)) if m else -1
+            ok = (
+                m is not None
+                and idx < len(entry.chunks)
+                and entry.chunks[idx] == m.group(2)
+                and c.stat().st_size == entry.chunk_length(idx)
+                and sha256_file(c) == m.group(2)
+            )
+            if ok:
+                have.add(idx)
+            else:
+                log.warning("dropping bad partial chunk %s", c)
+                c.unlink(missing_ok=True)
+        return have
+
+    def missing_chunks(self, entry: FileEntry) -> list[int]:
+        if self.has(entry.sha256, entry.size):
+            return []
+        have = self.verified_chunks(entry)
+        return [i for i in range(len(entry.chunks)) if i not in have]
+
+    def store_chunk(self, entry: FileEntry, index: int, data: bytes) -> bool:
+        """Keep a received chunk if its hash matches the descriptor; False otherwise."""
+        if not 0 <= index < len(entry.chunks):
+            return False
+        if sha256_bytes(data) != entry.chunks[index] or len(data) != entry.chunk_length(index):
+            with self._lock:
+                self.chunks_rejected += 1
+            log.warning("chunk %d of %s failed its hash check; will request it again", index, entry.path)
+            return False
+        d = self._partial_dir(entry)
+        d.mkdir(exist_ok=True)
+        _atomic_write(d / f"{index:08d}.{entry.chunks[index]}", data)
+        return True
+
+    def assemble(self, entry: FileEntry) -> Path:
+        """Join all verified chunks into the blob, check the file hash, drop the chunks."""
+        dst = self.blob_path(entry.sha256)
+        d = self._partial_dir(entry)
+        tmp = _tmp_name(dst)
+        whole = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for i, chunk_sha in enumerate(entry.chunks):
+                data = (d / f"{i:08d}.{chunk_sha}").read_bytes()
+                whole.update(data)
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if whole.hexdigest() != entry.sha256:
+            tmp.unlink(missing_ok=True)
+            shutil.rmtree(d, ignore_errors=True)
+            raise FetchError(
+                f"{entry.path}: chunks hash correctly but the file hashes to {whole.hexdigest()}, "
+                f"not {entry.sha256}; the descriptor is inconsistent - regenerate it on the server"
+            )
+        os.replace(tmp, dst)
+        os.chmod(dst, 0o444)
+        _fsync_dir(self.blobs)
+        shutil.rmtree(d, ignore_errors=True)
+        return dst
+
+    # -- fetching --------------------------------------------------------------------
+
+    def fetch(
+        self,
+        client: MqttClient,
+        run_id: str,
+        device_id: str,
+        descriptor: ArtifactDescriptor,
+        **kwargs,  # passed to fetch_file
+    ) -> dict[str, Path]:
+        """Make every file of an artifact present; returns {relative path: blob path}."""
+        return {e.path: self.fetch_file(client, run_id, device_id, e, **kwargs) for e in descriptor.files}
+
+    def fetch_file(
+        self,
+        client: MqttClient,
+        run_id: str,
+        device_id: str,
+        entry: FileEntry,
+        *,
+        window: int = 16,
+        chunk_timeout_s: float = 10.0,
+        max_retries: int = 5,
+        cancel: threading.Event | None = None,
+        progress: Callable[[FileEntry, int, int], None] | None = None,
+    ) -> Path:
+        """Download the missing chunks of one file, `window` requested at a time.
+
+        Chunks not received within `chunk_timeout_s` are requested again, up to
+        `max_retries` times in a row without progress.
+        """
+        if self.has(entry.sha256, entry.size):
+            return self.blob_path(entry.sha256)
+        missing = set(self.missing_chunks(entry))
+        total = len(entry.chunks)
+        if not missing:
+            return self.assemble(entry)
+        inbox: queue.Queue[Message] = queue.Queue()
+        topic = chunk_topic(run_id, entry.sha256, "+")
+        client.subscribe(topic, inbox.put)
+        try:
+            to_request = collections.deque(sorted(missing))  # next chunks to ask for, in order
+            outstanding: set[int] = set()  # asked for, not yet received
+            retries = 0
+            last_progress = time.monotonic()
+            while missing:
+                if cancel is not None and cancel.is_set():
+                    raise FetchCancelled(f"fetch of {entry.path} cancelled with {len(missing)}/{total} chunks missing")
+                want: list[int] = []
+                while to_request and len(outstanding) + len(want) < window:
+                    i = to_request.popleft()
+                    if i in missing and i not in outstanding:
+                        want.append(i)
+                for start in range(0, len(want), MAX_CHUNKS_PER_REQUEST):
+                    part = tuple(want[start : start + MAX_CHUNKS_PER_REQUEST])
+                    req = ChunkRequest(run_id=run_id, device_id=device_id, sha256=entry.sha256, chunks=part)
+                    client.publish(fetch_topic(run_id, device_id), encode_chunk_request(req))
+                    outstanding.update(part)
+                try:
+                    msg = inbox.get(timeout=0.2)
+                except queue.Empty:
+                    if time.monotonic() - last_progress > chunk_timeout_s:
+                        retries += 1
+                        if retries > max_retries:
+                            raise FetchError(
+                                f"{entry.path} ({entry.sha256[:12]}): no chunk arrived for "
+                                f"{chunk_timeout_s}s, {max_retries} times; {len(missing)}/{total} chunks "
+                                "missing - is the server's ArtifactServer running for this run?"
+                            ) from None
+                        log.warning("%s: chunks %s timed out; requesting again", entry.path, sorted(outstanding)[:8])
+                        to_request.extendleft(sorted(outstanding, reverse=True))
+                        outstanding.clear()
+                        last_progress = time.monotonic()
+                    continue
+                with self._lock:
+                    self.bytes_downloaded += len(msg.payload)
+                    self.chunks_downloaded += 1
+                try:
+                    index = int(parse_topic(msg.topic)[2][1])
+                except (ProtocolError, IndexError, ValueError):
+                    continue
+                outstanding.discard(index)
+                if index not in missing:
+                    continue  # a duplicate, or a chunk another device asked for
+                if not self.store_chunk(entry, index, msg.payload):
+                    to_request.appendleft(index)  # corrupted in transit: ask again
+                else:
+                    missing.discard(index)
+                    retries = 0
+                    last_progress = time.monotonic()
+                    if progress is not None:
+                        progress(entry, total - len(missing), total)
+        finally:
+            client.unsubscribe(topic)
+        return self.assemble(entry)
+
+    def materialize(self, descriptor: ArtifactDescriptor, dest: str | Path) -> Path:
+        """Lay out an artifact's files under `dest` by path (hard links, else copies)."""
+        dest = Path(dest)
+        for e in descriptor.files:
+            src = self.path(e.sha256, e.size)
+            target = dest / e.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(src, target)
+            except OSError:
+                shutil.copyfile(src, target)
+        return dest
+
+
+# --------------------------------------------------------------------------- server side
+
+
+class ArtifactServer:
+    """Publishes requested chunks of registered files; never blocks the caller.
+
+    Requests for a chunk already queued are merged, so many devices asking for
+    the same weights cost one publish per chunk (all subscribers get it).
+    """
+
+    def __init__(
+        self,
+        client: MqttClient,
+        run_id: str,
+        *,
+        max_bytes_per_s: float | None = 20e6,
+        max_unacked: int = 8,
+    ) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.max_bytes_per_s = max_bytes_per_s
+        self.max_unacked = max_unacked
+        self.files: dict[str, tuple[Path, FileEntry]] = {}
+        self.chunks_sent = 0
+        self.bytes_sent = 0
+        self.sent_log: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._queue: collections.deque[tuple[str, int]] = collections.deque()
+        self._queued: set[tuple[str, int]] = set()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queued(self) -> int:
+        """Chunks requested but not yet published."""
+        with self._cond:
+            return len(self._queue)
+
+    def add_file(
+        self, path: str | Path, rel_path: str | None = None, chunk_size: int = DEFAULT_CHUNK_BYTES
+    ) -> FileEntry:
+        entry = describe_file(path, rel_path, chunk_size)
+        self.files[entry.sha256] = (Path(path), entry)
+        return entry
+
+    def add_files(self, files: Mapping[str, str | Path], chunk_size: int = DEFAULT_CHUNK_BYTES) -> ArtifactDescriptor:
+        """Register files and return the descriptor to put in the control message."""
+        descriptor = describe_files(files, chunk_size)
+        for e in descriptor.files:
+            self.files[e.sha256] = (Path(files[e.path]), e)
+        return descriptor
+
+    def start(self) -> ArtifactServer:
+        self.client.subscribe(fetch_topic(self.run_id, "+"), self._on_request)
+        self._thread = threading.Thread(target=self._serve, name=f"artifacts-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.client.unsubscribe(fetch_topic(self.run_id, "+"))
+
+    def _on_request(self, msg: Message) -> None:
+        try:
+            req = decode_chunk_request(msg.payload)
+        except ProtocolError as exc:
+            log.warning("ignoring malformed chunk request on %s: %s", msg.topic, exc)
+            return
+        topic_device = parse_topic(msg.topic)[2][0]
+        if req.device_id != topic_device or req.run_id != self.run_id:
+            log.warning("ignoring chunk request on %s claiming device %r run %r", msg.topic, req.device_id, req.run_id)
+            return
+        known = self.files.get(req.sha256)
+        if known is None:
+            log.warning("device %s asked for unknown blob %s", req.device_id, req.sha256)
+            return
+        n = len(known[1].chunks)
+        with self._cond:
+            for i in req.chunks:
+                if i < n and (req.sha256, i) not in self._queued:
+                    self._queued.add((req.sha256, i))
+                    self._queue.append((req.sha256, i))
+            self._cond.notify()
+
+    def _serve(self) -> None:
+        unacked: collections.deque[MQTTMessageInfo] = collections.deque()
+        next_send = time.monotonic()  # token bucket: earliest time the next chunk may go
+        while (item := self._next_request()) is not None:
+            sha, index = item
+            try:
+                data = self._read_chunk(sha, index)
+                if data is None:
+                    continue
+                while len(unacked) >= self.max_unacked and not self._stop.is_set():
+                    if wait_published(unacked[0], 1.0):
+                        unacked.popleft()
+                if self.max_bytes_per_s:
+                    now = time.monotonic()
+                    if next_send > now:
+                        time.sleep(next_send - now)
+                    next_send = max(now, next_send) + len(data) / self.max_bytes_per_s
+                unacked.append(self.client.publish(chunk_topic(self.run_id, sha, index), data))
+            except Exception:
+                log.exception("publishing chunk %d of %s failed; the device will ask again", index, sha)
+                continue
+            self.chunks_sent += 1
+            self.bytes_sent += len(data)
+            self.sent_log[(sha, index)] += 1
+
+    def _next_request(self) -> tuple[str, int] | None:
+        """Oldest queued (sha256, chunk index), waiting for one; None once stopped."""
+        with self._cond:
+            while not self._queue and not self._stop.is_set():
+                self._cond.wait(0.5)
+            if self._stop.is_set():
+                return None
+            item = self._queue.popleft()
+            self._queued.discard(item)
+            return item
+
+    def _read_chunk(self, sha: str, index: int) -> bytes | None:
+        path, entry = self.files[sha]
+        try:
+            with open(path, "rb") as f:
+                f.seek(index * entry.chunk_size)
+                data = f.read(entry.chunk_length(index))
+        except OSError as exc:
+            log.error("cannot read chunk %d of %s: %s", index, path, exc)
+            return None
+        if sha256_bytes(data) != entry.chunks[index]:
+            log.error("%s changed on disk since it was registered (chunk %d); not serving it", path, index)
+            return None
+        return data

@@ -1,0 +1,272 @@
+"""The secured broker: TLS with the fleet CA, passwords, the device ACL, QoS 1 sessions."""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime import protocol as P
+from edge_runtime.mqtt import MqttConnectError
+from server_sdk import broker as B
+
+pytest_plugins = ("tests.broker_fixtures",)  # fleet, broker, clients
+
+RUN = "run1"
+
+
+def _nothing(client, topic_filter: str, wait_s: float = 0.5) -> bool:
+    try:
+        msg = client.get(topic_filter, wait_s)
+    except queue.Empty:
+        return True
+    pytest.fail(f"unexpected message on {msg.topic}: {msg.payload[:40]!r}")
+
+
+def test_tls_login_with_fleet_ca_and_device_reads_control(fleet, broker, clients):
+    server = clients(fleet.server)
+    dev = clients(fleet.devices["dev1"], connect=False)
+    dev.subscribe(P.control_topic(RUN))
+    dev.connect()
+    server.publish(P.control_topic(RUN), b"round 1", wait_s=5)
+    assert dev.get(P.control_topic(RUN), 5).payload == b"round 1"
+
+
+def test_wrong_password_is_refused(fleet, broker, clients):
+    with pytest.raises(MqttConnectError, match="refused"):
+        clients(fleet.devices["dev1"], password="not-the-password")
+
+
+def test_anonymous_is_refused(fleet, broker, clients):
+    with pytest.raises(MqttConnectError, match="refused"):
+        clients(fleet.devices["dev1"], username=None, password=None, client_id="anon")
+
+
+def test_certificate_from_another_ca_is_refused(fleet, broker, clients, tmp_path):
+    other = B.fleet_init(tmp_path / "other", hostnames=["localhost"], port=1)
+    with pytest.raises(MqttConnectError, match="TLS handshake"):
+        clients(fleet.devices["dev1"], ca_file=other.ca_file, client_id="wrong-ca")
+
+
+def test_connect_waits_for_a_broker_that_is_starting(fleet, broker, clients):
+    broker.stop()
+    threading.Timer(0.5, broker.start).start()
+    dev = clients(fleet.devices["dev1"])
+    assert dev.connected
+
+
+def test_device_cannot_publish_as_another_device(fleet, broker, clients):
+    server = clients(fleet.server)
+    server.subscribe(P.update_topic(RUN, "+"))
+    server.subscribe(P.control_topic(RUN))
+    dev1 = clients(fleet.devices["dev1"])
+    dev1.publish(P.update_topic(RUN, "dev2"), b"forged", wait_s=5)
+    dev1.publish(P.control_topic(RUN), b"forged control", wait_s=5)
+    dev1.publish(P.update_topic(RUN, "dev1"), b"genuine", wait_s=5)
+    got = server.get(P.update_topic(RUN, "+"), 5)
+    assert (got.topic, got.payload) == (P.update_topic(RUN, "dev1"), b"genuine")
+    _nothing(server, P.update_topic(RUN, "+"))
+    _nothing(server, P.control_topic(RUN), 0.1)
+
+
+def test_overlapping_filters_each_get_a_message_once(fleet, broker, clients):
+    server = clients(fleet.server)
+    server.subscribe(f"devft/{RUN}/#")
+    server.subscribe(P.update_topic(RUN, "+"))
+    clients(fleet.devices["dev1"]).publish(P.update_topic(RUN, "dev1"), b"u", wait_s=5)
+    assert server.get(P.update_topic(RUN, "+"), 5).payload == b"u"
+    assert server.get(f"devft/{RUN}/#", 5).payload == b"u"
+    _nothing(server, P.update_topic(RUN, "+"))
+    assert server.drain(f"devft/{RUN}/#") == []
+
+
+def test_device_cannot_read_other_devices_updates(fleet, broker, clients):
+    server = clients(fleet.server)
+    server.subscribe(P.update_topic(RUN, "+"))
+    dev2 = clients(fleet.devices["dev2"])
+    dev2.subscribe(P.update_topic(RUN, "+"))  # mosquitto grants it but delivers nothing
+    dev1 = clients(fleet.devices["dev1"])
+    dev1.publish(P.update_topic(RUN, "dev1"), b"private", wait_s=5)
+    assert server.get(P.update_topic(RUN, "+"), 5).payload == b"private"
+    _nothing(dev2, P.update_topic(RUN, "+"))
+
+
+def test_qos1_message_reaches_persistent_session_after_reconnect(fleet, broker, clients):
+    dev = clients(fleet.devices["dev1"], connect=False)
+    dev.subscribe(P.control_topic(RUN))
+    dev.connect()
+    dev.close()
+    server = clients(fleet.server)
+    server.publish(P.control_topic(RUN), b"while you were away", wait_s=5)
+    again = clients(fleet.devices["dev1"], connect=False)
+    again.subscribe(P.control_topic(RUN))
+    again.connect()
+    assert again.session_present
+    assert again.get(P.control_topic(RUN), 5).payload == b"while you were away"
+
+
+def test_clients_reconnect_after_broker_restart_and_queued_messages_survive(fleet, broker, clients):
+    server = clients(fleet.server)
+    online = clients(fleet.devices["dev1"], connect=False)
+    online.subscribe(P.control_topic(RUN))
+    online.connect()
+    offline = clients(fleet.devices["dev2"], connect=False)
+    offline.subscribe(P.control_topic(RUN))
+    offline.connect()
+    offline.close()
+    server.publish(P.control_topic(RUN), b"before restart", wait_s=5)
+    assert online.get(P.control_topic(RUN), 5).payload == b"before restart"
+
+    broker.restart()
+    assert server.wait_connected(15) and online.wait_connected(15)
+    server.publish(P.control_topic(RUN), b"after restart", wait_s=5)
+    assert online.get(P.control_topic(RUN), 5).payload == b"after restart"
+    assert online.reconnects >= 1
+
+    back = clients(fleet.devices["dev2"], connect=False)
+    back.subscribe(P.control_topic(RUN))
+    back.connect()
+    got = [back.get(P.control_topic(RUN), 5).payload for _ in range(2)]
+    assert got == [b"before restart", b"after restart"]
+
+
+def test_device_added_while_running_connects_after_reload(fleet, broker, clients):
+    creds = B.add_device(fleet.dir, "dev3")
+    broker.reload()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            clients(creds, client_id=f"dev3-{time.monotonic_ns()}")
+            break
+        except MqttConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert creds.publish_topics == ["devft/+/update/dev3", "devft/+/status/dev3", "devft/+/fetch/dev3"]
+    assert "BEGIN CERTIFICATE" in creds.ca_pem
+
+
+def test_fleet_files_and_config(fleet):
+    conf = B.write_config(fleet.dir).read_text()
+    assert "allow_anonymous false" in conf
+    assert "persistence true" in conf
+    assert f"listener {fleet.port}\n" in conf
+    assert "127.0.0.1" not in conf  # loopback plaintext listener is off by default
+    assert (fleet.dir / "ca.key").stat().st_mode & 0o077 == 0
+    assert "pattern write devft/+/update/%u" in (fleet.dir / "acl").read_text()
+    with pytest.raises(B.BrokerError, match="already holds a fleet"):
+        B.fleet_init(fleet.dir)
+    with pytest.raises(B.BrokerError, match="reserved"):
+        B.add_device(fleet.dir, "server")
+
+
+def test_missing_mosquitto_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(B.shutil, "which", lambda name: None)
+    monkeypatch.setattr(B.os.path, "exists", lambda path: False)
+    with pytest.raises(B.MosquittoNotFound, match="apt-get install mosquitto"):
+        B.require_mosquitto()
+
+
+def test_will_marks_a_killed_device_offline(fleet, broker, clients):
+    server = clients(fleet.server)
+    server.subscribe(P.status_topic(RUN, "+"))
+    creds = fleet.devices["dev1"]
+    script = textwrap.dedent(
+        f"""
+        import time
+        from edge_runtime import protocol as P
+        from edge_runtime.mqtt import MqttClient, MqttSettings
+        offline = P.encode_status(P.StatusMessage(device_id="dev1", state="offline", timestamp=time.time()))
+        c = MqttClient(MqttSettings(host="localhost", port={creds.port}, username="dev1",
+            password={creds.password!r}, ca_file={creds.ca_file!r}, client_id="dev1",
+            will_topic=P.status_topic("{RUN}", "dev1"), will_payload=offline))
+        c.connect()
+        hello = P.StatusMessage(device_id="dev1", state="hello", timestamp=time.time())
+        c.publish(P.status_topic("{RUN}", "dev1"), P.encode_status(hello), retain=True, wait_s=5)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    try:
+        hello = P.decode_status(server.get(P.status_topic(RUN, "+"), 15).payload)
+        assert (hello.device_id, hello.state) == ("dev1", "hello")
+    finally:
+        proc.kill()
+        proc.wait()
+    gone = P.decode_status(server.get(P.status_topic(RUN, "+"), 10).payload)
+    assert (gone.device_id, gone.state) == ("dev1", "offline")
+
+
+def test_one_round_over_the_wire(fleet, broker, clients):
+    """Control and global go out retained; the update comes back and validates."""
+    rng = np.random.default_rng(0)
+    adapter = {"l0.lora_A": rng.standard_normal((2, 8)).astype(np.float32)}
+    server = clients(fleet.server)
+    server.subscribe(P.update_topic(RUN, "+"))
+    control = P.ControlMessage(run_id=RUN, stage=0, round=1, state="train", sampled_clients=("dev1",))
+    server.publish(P.control_topic(RUN), P.encode_control(control), retain=True, wait_s=5)
+    glob = P.GlobalMessage(run_id=RUN, stage=0, round=1, tensors=adapter)
+    server.publish(P.global_topic(RUN, 1), P.encode_global(glob), retain=True, wait_s=5)
+
+    dev = clients(fleet.devices["dev1"], connect=False)  # joins late: retained messages catch it up
+    dev.subscribe(P.control_topic(RUN))
+    dev.subscribe(P.global_topic(RUN, "+"))
+    dev.connect()
+    ctl = P.decode_control(dev.get(P.control_topic(RUN), 5).payload)
+    assert ctl.state == "train" and "dev1" in ctl.sampled_clients
+    got = P.decode_global(dev.get(P.global_topic(RUN, "+"), 5).payload)
+    delta = {k: v * 0.01 for k, v in got.tensors.items()}
+    update = P.UpdateMessage(
+        run_id=RUN,
+        stage=ctl.stage,
+        round=ctl.round,
+        device_id="dev1",
+        nonce=secrets.token_hex(16),
+        num_samples=8,
+        tensors=delta,
+        metrics={"train_loss": 0.5},
+    )
+    dev.publish(P.update_topic(RUN, "dev1"), P.encode_update(update), wait_s=5)
+
+    msg = server.get(P.update_topic(RUN, "+"), 5)
+    received = P.decode_update(msg.payload)
+    spec = {k: (v.shape, v.dtype) for k, v in adapter.items()}
+    sender = P.parse_topic(msg.topic)[2][0]
+    P.validate_update(received, spec, RUN, 0, 1, set(), max_norm=10.0, sender=sender)
+    np.testing.assert_array_equal(received.tensors["l0.lora_A"], delta["l0.lora_A"])
+
+
+def test_cli_and_plaintext_loopback_listener(tmp_path, clients, unused_port, capsys):
+    tls_port, plain_port = unused_port(), unused_port()
+    fleet_dir = tmp_path / "cli-fleet"
+    B.main(
+        [
+            "init",
+            str(fleet_dir),
+            "--hostname",
+            "localhost",
+            "--port",
+            str(tls_port),
+            "--plaintext-loopback-port",
+            str(plain_port),
+        ]
+    )
+    B.main(["add-device", str(fleet_dir), "phone1"])
+    creds = B.Credentials(**json.loads(capsys.readouterr().out.split("\n", 1)[1]))
+    assert creds.username == "phone1" and creds.port == tls_port
+    proc = B.start_broker(fleet_dir)
+    try:
+        clients(creds, port=plain_port, ca_file=None)  # no TLS, still a password
+        with pytest.raises(MqttConnectError):
+            clients(creds, port=plain_port, ca_file=None, password="wrong", client_id="x")
+    finally:
+        proc.stop()
