@@ -1,0 +1,1 @@
+"""Device-side trainers over exported artifacts; each backend is torch-free."""

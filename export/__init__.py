@@ -1,0 +1,1 @@
+"""Turn a stage submodel into device training artifacts (ONNX Runtime Training, ExecuTorch)."""
