@@ -39,23 +39,33 @@ def scaling(settings: LoraSettings) -> float:
     return settings.alpha / settings.r
 
 
+def from_peft_key(key: str) -> str | None:
+    """PEFT state_dict key -> canonical name ('layers.3.self_attn.q_proj.lora_A'); None if not LoRA."""
+    m = _PEFT.search(key)
+    return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}" if m else None
+
+
+def to_peft_key(name: str) -> str:
+    """Canonical name -> the key in a PeftModel(LlamaForCausalLM).state_dict() (adapter 'default').
+
+    Device artifacts name LoRA tensors by these keys (see export/naming.py)."""
+    layer, module, ab = parse(name)
+    return f"base_model.model.model.layers.{layer}.{module}.{ab}.default.weight"
+
+
 def read_lora(peft_model: PeftModel) -> LoraState:
     """Copy the model's LoRA tensors out, under canonical names."""
     out: LoraState = {}
     for key, value in peft_model.state_dict().items():
-        m = _PEFT.search(key)
-        if m:
-            out[f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"] = value.detach().clone()
+        name = from_peft_key(key)
+        if name:
+            out[name] = value.detach().clone()
     return out
 
 
 def write_lora(peft_model: PeftModel, state: LoraState) -> None:
     """Load canonical LoRA tensors into the model; every LoRA tensor of the model must be given."""
-    targets = {}
-    for key in peft_model.state_dict():
-        m = _PEFT.search(key)
-        if m:
-            targets[f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"] = key
+    targets = {name: key for key in peft_model.state_dict() if (name := from_peft_key(key))}
     if set(targets) != set(state):
         missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
         raise KeyError(f"LoRA state does not match the model: missing {missing[:4]} extra {extra[:4]}")
