@@ -167,6 +167,8 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
             rec = _record(s, len([x for x in state.records if x["stage"] >= 0]) + 1, r, stages[s], sampled,
                           results, metrics, bytes_down, bytes_up, stage_artifact * len(new_devices),
                           [res.seconds for res in results], time.perf_counter() - t_round)
+            rec["client_cpu_seconds"] = [res.cpu_seconds for res in results]
+            rec["stage_new_devices"] = len(new_devices)
             if any(res.telemetry for res in results):
                 rec["telemetry"] = {str(res.client): res.telemetry for res in results if res.telemetry}
             state.records.append(rec)

@@ -27,6 +27,7 @@ class ClientResult:
     delta: LoraState  # trained - received, only the tensors the strategy trains
     train_loss: float
     seconds: float
+    cpu_seconds: float | None = None  # process CPU time of the local training (robust on a shared machine)
     payload_bytes: int | None = None  # bytes of the update as sent, where a transport measured them
     telemetry: dict | None = None  # device-side measurements (memory, latency, energy), if any
 
@@ -70,7 +71,7 @@ def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: 
     pad = tokenizer.pad_token_id
     model.train()
     losses = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         idx = rng.choice(len(encoded), size=min(batch_size, len(encoded)), replace=False)
         ids, labels = collate([encoded[i] for i in idx], pad)
@@ -82,11 +83,11 @@ def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: 
         losses.append(float(loss.detach()))
         if progress:
             progress()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     end_state = read_lora(model)
     delta = {k: end_state[k] - start_state[k] for k in end_state if is_trainable(k)}
-    return ClientResult(client, len(examples), delta, float(np.mean(losses)), seconds)
+    return ClientResult(client, len(examples), delta, float(np.mean(losses)), seconds, cpu_seconds=cpu_seconds)
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Measurements of devft against its baselines; results and the commands that made them are in RESULTS.md."""

@@ -1,0 +1,362 @@
+"""Convergence benchmark: DEVFT vs FedIT vs FFA-LoRA side by side, and DEVFT's ablations.
+
+    python -m benchmarks.convergence --profile smoke       # tiny model, a minute or two (CI)
+    python -m benchmarks.convergence --profile standard    # SmolLM2-135M, 3 methods x 3 seeds
+    python -m benchmarks.convergence --profile ablations   # DEVFT ablations, 3 seeds each
+
+Every (method, config, seed) run is cached by the hash of its config under
+benchmarks/results/cache/ (git-ignored; holds checkpoints, so an interrupted run resumes)
+and its report is kept as benchmarks/results/convergence/<hash>.json (committed, small).
+A rerun only fills the gaps. Client compute is measured as process CPU time with one
+torch thread, which a busy shared machine disturbs far less than wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from server_sdk.config import DataSettings, LoraSettings, RunConfig
+
+from .metrics import Link, cumulative, first_reaching, mean_std, ratio
+
+RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
+CACHE = RESULTS / "cache"  # git-ignored: run directories with checkpoints
+KEPT = RESULTS / "convergence"  # committed: one compact report per finished run
+COMPUTE_KEY = "client_cpu_seconds"
+
+
+@dataclass
+class Job:
+    label: str  # e.g. "devft", "ablation:grouping=random"
+    cfg: RunConfig
+    group: str  # which table the run belongs to
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.cfg.to_dict(), sort_keys=True).encode()
+        return f"{self.cfg.strategy}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def _base(profile: str) -> RunConfig:
+    if profile == "smoke":
+        return RunConfig(model="tiny-random-L6", stages=[2, 4, 6], rounds_per_stage=2, num_clients=4,
+                         clients_per_round=2, local_steps=3, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
+                         lora=LoraSettings(r=2, alpha=4), torch_threads=1,
+                         data=DataSettings(examples_per_client=8, eval_examples_per_task=2))
+    return RunConfig(model="smollm2-135m", rounds_per_stage=3, num_clients=8, clients_per_round=2, local_steps=5,
+                     batch_size=4, seq_len=128, accuracy_every="stage", torch_threads=1)
+
+
+def _method(base: RunConfig, strategy: str, **kw) -> RunConfig:
+    cfg = copy.deepcopy(base)
+    cfg.strategy = strategy
+    if strategy != "devft":  # same total rounds as DEVFT, all on the full model
+        n_stages = len(cfg.stages) if cfg.stages else 4
+        per = cfg.rounds_per_stage
+        cfg.rounds_per_stage = per * n_stages if isinstance(per, int) else sum(per)
+        cfg.stages = None
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _split_rounds(total: int, n_stages: int) -> list[int]:
+    """Spread a fixed round budget over stages (remainder to the last stages)."""
+    per, rest = divmod(total, n_stages)
+    return [per + (1 if i >= n_stages - rest else 0) for i in range(n_stages)]
+
+
+def standard_jobs(profile: str, seeds: list[int], lrs: list[float]) -> tuple[list[Job], dict]:
+    """LR search on the first seed (same grid for every method), then all seeds at each method's best LR."""
+    base = _base(profile)
+    search = [Job(m, _method(base, m, lr=lr, seed=seeds[0]), "lr-search") for m in ("devft", "fedit", "ffa-lora")
+              for lr in lrs]
+    return search, {"base": base, "seeds": seeds}
+
+
+def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
+    base = _method(_base(profile), "devft", lr=lr)
+    n = 6 if profile == "smoke" else 30
+    total = sum(base.resolved_rounds(len(base.resolved_stages(n))))
+    variants: list[tuple[str, dict]] = [("default", {})]
+    variants += [(f"grouping={g}", {"grouping": g}) for g in ("random", "sequential")]
+    variants += [(f"fusion={f}", {"fusion": f}) for f in ("mean", "select")]
+    variants += [(f"beta={b}", {"beta": b}) for b in (0.15, 0.5, 1.0)]
+    schedules = {"growth=4x": [4, 16, 30], "capacity=1": [1, 2, 4, 8, 16, 30], "capacity=2": [2, 4, 8, 16, 30],
+                 "capacity=8": [8, 16, 30], "stages=2": [4, 30], "stages=3": [4, 16, 30]} if n == 30 else \
+        {"growth=4x": [2, 6], "capacity=1": [1, 2, 4, 6], "stages=2": [2, 6]}
+    for name, stages in schedules.items():
+        variants.append((name, {"stages": stages, "rounds_per_stage": _split_rounds(total, len(stages))}))
+    jobs = []
+    for name, kw in variants:
+        for seed in seeds:
+            cfg = copy.deepcopy(base)
+            for k, v in {**kw, "seed": seed}.items():
+                setattr(cfg, k, v)
+            jobs.append(Job(f"ablation:{name}", cfg, "ablations"))
+    return jobs
+
+
+def run_job(job: Job, base_model=None, progress: bool = False) -> dict:
+    """Run (or resume, or load) one job; returns its compact report."""
+    from server_sdk.simulation import run
+
+    kept = KEPT / f"{job.key}.json"
+    if kept.exists():
+        return json.loads(kept.read_text())
+    run_dir = CACHE / job.key
+    resume = (run_dir / "checkpoint").exists()
+    if run_dir.exists() and not resume:
+        import shutil
+
+        shutil.rmtree(run_dir)  # a run that died before its first checkpoint: start over
+    report = run(job.cfg, run_dir, resume=resume, base=base_model, progress=progress)
+    for plan in report["stage_plans"]:
+        plan.pop("similarity", None)
+    compact = {"key": job.key, "label": job.label, "group": job.group, "config": report["config"],
+               "stages": report["stages"], "stage_plans": report["stage_plans"], "records": report["records"],
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    KEPT.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_suffix(".tmp")
+    tmp.write_text(json.dumps(compact) + "\n")
+    tmp.replace(kept)
+    return compact
+
+
+def run_jobs(jobs: list[Job], desc: str) -> list[dict]:
+    from server_sdk.model import load_base_model
+
+    models: dict[str, object] = {}
+    out = []
+    bar = tqdm(jobs, desc=desc, unit="run")
+    for job in bar:
+        bar.set_postfix_str(f"{job.label} seed={job.cfg.seed} lr={job.cfg.lr:g}")
+        if not (KEPT / f"{job.key}.json").exists() and job.cfg.model not in models:
+            models[job.cfg.model] = load_base_model(job.cfg.model)
+        out.append(run_job(job, models.get(job.cfg.model)))
+    return out
+
+
+# ---- analysis ----------------------------------------------------------------
+
+def final_loss(rep: dict) -> float:
+    return [r for r in rep["records"] if r.get("eval_loss") is not None][-1]["eval_loss"]
+
+
+def final_accuracy(rep: dict) -> tuple[float | None, dict]:
+    last = [r for r in rep["records"] if r.get("accuracy") is not None]
+    if not last:
+        return None, {}
+    return last[-1]["accuracy"], {t: v.get("accuracy") for t, v in (last[-1]["per_task"] or {}).items()}
+
+
+def headline(reports: dict[str, list[dict]], link: Link) -> dict:
+    """Per method: final loss/accuracy and time/bytes-to-target ratios vs FedIT, seed by seed."""
+    by_seed = {m: {r["config"]["seed"]: r for r in reps} for m, reps in reports.items()}
+    out: dict = {"link": link.__dict__, "methods": {}}
+    for m, reps in by_seed.items():
+        rows = {"final_eval_loss": [], "final_accuracy": [], "time_to_target_s": [], "compute_to_target_s": [],
+                "lora_bytes_to_target": [], "total_bytes_to_target": [], "speedup_time": [], "speedup_compute": [],
+                "bytes_reduction_lora": [], "bytes_reduction_total": [], "seeds": sorted(reps)}
+        for seed, rep in sorted(reps.items()):
+            ref = by_seed.get("fedit", {}).get(seed)
+            curve = cumulative(rep["records"], link, COMPUTE_KEY)
+            rows["final_eval_loss"].append(final_loss(rep))
+            acc, _ = final_accuracy(rep)
+            rows["final_accuracy"].append(acc)
+            if ref is None:
+                continue
+            target = final_loss(ref)
+            ref_curve = cumulative(ref["records"], link, COMPUTE_KEY)
+            got = {k: first_reaching(curve, target, k) for k in ("sim_seconds", "compute_seconds", "lora_bytes",
+                                                                  "total_bytes")}
+            base = {k: first_reaching(ref_curve, target, k) for k in got}
+            rows["time_to_target_s"].append(got["sim_seconds"])
+            rows["compute_to_target_s"].append(got["compute_seconds"])
+            rows["lora_bytes_to_target"].append(got["lora_bytes"])
+            rows["total_bytes_to_target"].append(got["total_bytes"])
+            rows["speedup_time"].append(ratio(base["sim_seconds"], got["sim_seconds"]))
+            rows["speedup_compute"].append(ratio(base["compute_seconds"], got["compute_seconds"]))
+            rows["bytes_reduction_lora"].append(ratio(base["lora_bytes"], got["lora_bytes"]))
+            rows["bytes_reduction_total"].append(ratio(base["total_bytes"], got["total_bytes"]))
+        out["methods"][m] = rows
+    return out
+
+
+def _fmt(values: list, pct: bool = False, unit: str = "") -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    m, s = mean_std(vals)
+    if math.isinf(m):
+        return f"not reached in {sum(math.isinf(v) for v in vals)}/{len(vals)} seeds"
+    k = 100 if pct else 1
+    return f"{k * m:.3g}{unit} ± {k * s:.2g}" if len(vals) > 1 else f"{k * m:.3g}{unit}"
+
+
+def markdown(summary: dict, lr_choice: dict, profile: str, command: str) -> str:
+    lines = [f"### Convergence, profile `{profile}`", "", f"Command: `{command}`", "",
+             f"Link assumption: {summary['link']['up_mbit_s']} Mbit/s up, {summary['link']['down_mbit_s']} Mbit/s down. "
+             "Client compute = process CPU seconds of local training (1 torch thread). Learning rate per method picked "
+             f"on seed {min(next(iter(summary['methods'].values()))['seeds'])} from the same grid: "
+             + ", ".join(f"{m} {lr:g}" for m, lr in lr_choice.items()) + ".", "",
+             "| method | seeds | final eval loss | final accuracy | sim. time to target | speed-up vs FedIT (time) | "
+             "speed-up (compute) | LoRA bytes reduction | bytes reduction incl. stage downloads |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in summary["methods"].items():
+        acc = _fmt(r["final_accuracy"], pct=True, unit="%")
+        lines.append(f"| {m} | {len(r['seeds'])} | {_fmt(r['final_eval_loss'])} | {acc} "
+                     f"| {_fmt(r['time_to_target_s'], unit=' s')} | {_fmt(r['speedup_time'], unit='x')} | "
+                     f"{_fmt(r['speedup_compute'], unit='x')} | {_fmt(r['bytes_reduction_lora'], unit='x')} | "
+                     f"{_fmt(r['bytes_reduction_total'], unit='x')} |")
+    lines += ["", "Target = FedIT's final eval loss with the same seed; a ratio of 0 means the method never reached it."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_standard(reports: dict[str, list[dict]], link: Link, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for m, reps in reports.items():
+        curves = [cumulative(r["records"], link, COMPUTE_KEY) for r in reps]
+        for ax, key, label in ((axes[0, 0], "round", "round"), (axes[0, 1], "sim_seconds", "simulated wall time (s)"),
+                               (axes[1, 0], "lora_bytes", "LoRA traffic (MB)")):
+            x = np.mean([c[key] for c in curves], axis=0) / (1e6 if "bytes" in key else 1)
+            y = np.array([c["eval_loss"] for c in curves])
+            ok = ~np.isnan(y).any(axis=0)
+            mean, std = y[:, ok].mean(0), y[:, ok].std(0)
+            ax.plot(x[ok], mean, marker="o", ms=3, label=m)
+            ax.fill_between(x[ok], mean - std, mean + std, alpha=0.2)
+            ax.set_xlabel(label)
+            ax.set_ylabel("held-out eval loss")
+    tasks = sorted({t for reps in reports.values() for r in reps for t in (final_accuracy(r)[1] or {})})
+    width = 0.8 / max(len(reports), 1)
+    for i, (m, reps) in enumerate(reports.items()):
+        accs = [[final_accuracy(r)[1].get(t) or 0 for r in reps] for t in tasks]
+        overall = [final_accuracy(r)[0] or 0 for r in reps]
+        vals = [np.mean(a) * 100 for a in accs] + [np.mean(overall) * 100]
+        errs = [np.std(a) * 100 for a in accs] + [np.std(overall) * 100]
+        axes[1, 1].bar(np.arange(len(tasks) + 1) + i * width, vals, width, yerr=errs, label=m, capsize=2)
+    axes[1, 1].set_xticks(np.arange(len(tasks) + 1) + width, [*tasks, "overall"], rotation=20, fontsize=8)
+    axes[1, 1].set_ylabel("final exact-match accuracy (%)")
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ablation_table(reports: list[dict]) -> tuple[str, dict]:
+    paper = {"grouping": "deconfliction beats random/sequential by 2.4-6.1%",
+             "fusion": "differential beats mean/select by 1.4-11%", "beta": "too high a beta hurts",
+             "growth": "steady (2x) growth beats aggressive (4x)", "capacity": "initial capacity 4 best (8B models)",
+             "stages": "more stages (steady growth) better", "default": "-"}
+    rows: dict[str, list[dict]] = {}
+    for r in reports:
+        rows.setdefault(r["label"].split(":", 1)[1], []).append(r)
+    summary = {}
+    lines = ["| ablation | seeds | final eval loss | final accuracy | paper's direction |", "|---|---|---|---|---|"]
+    for name, reps in rows.items():
+        losses = [final_loss(r) for r in reps]
+        accs = [final_accuracy(r)[0] for r in reps]
+        summary[name] = {"eval_loss": losses, "accuracy": accs}
+        family = name.split("=")[0]
+        lines.append(f"| {name} | {len(reps)} | {_fmt(losses)} | {_fmt(accs, pct=True, unit='%')} | {paper.get(family, '')} |")
+    return "\n".join(lines) + "\n", summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=["smoke", "standard", "ablations"], default="smoke")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1 smoke, 3 otherwise)")
+    p.add_argument("--lrs", default=None, help="comma-separated LR grid searched on the first seed")
+    p.add_argument("--up-mbit", type=float, default=10.0, help="device uplink for simulated time (Mbit/s)")
+    p.add_argument("--down-mbit", type=float, default=50.0, help="device downlink (Mbit/s)")
+    p.add_argument("--partition", choices=["task", "dirichlet", "iid"], default="task")
+    args = p.parse_args(argv)
+    seeds = list(range(args.seeds or (1 if args.profile == "smoke" else 3)))
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else ([5e-3] if args.profile == "smoke" else [1e-3, 3e-3])
+    link = Link(args.up_mbit, args.down_mbit)
+    command = "python -m benchmarks.convergence " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    tag = args.profile if args.partition == "task" else f"{args.profile}-{args.partition}"
+    profile_for_cfg = "smoke" if args.profile == "smoke" else "standard"
+
+    search, meta = standard_jobs(profile_for_cfg, seeds, lrs)
+    for job in search:
+        job.cfg.data.partition = args.partition
+    if args.profile == "ablations":
+        # ablations use DEVFT's LR from the standard search (run it first if missing)
+        done = run_jobs([j for j in search if j.label == "devft"], "lr search (devft)")
+        best_lr = min(done, key=final_loss)["config"]["lr"]
+        jobs = ablation_jobs(profile_for_cfg, seeds, best_lr)
+        for job in jobs:
+            job.cfg.data.partition = args.partition
+        reps = run_jobs(jobs, "ablations")
+        table, summary = ablation_table(reps)
+        _write(tag, {"ablations": summary, "lr": best_lr},
+               f"### Ablations (DEVFT, lr {best_lr:g})\n\nCommand: `{command}`\n\n" + table)
+        _plot_ablations(summary, RESULTS / f"convergence-{tag}.png")
+        print(table)
+        return 0
+
+    done = run_jobs(search, "lr search")
+    lr_choice = {}
+    for m in ("devft", "fedit", "ffa-lora"):
+        lr_choice[m] = min((r for r in done if r["label"] == m), key=final_loss)["config"]["lr"]
+    jobs = [Job(m, _method(meta["base"], m, lr=lr_choice[m], seed=s), "standard") for m in lr_choice for s in seeds]
+    for job in jobs:
+        job.cfg.data.partition = args.partition
+    reps = run_jobs(jobs, f"{tag}: methods x seeds")
+    by_method: dict[str, list[dict]] = {}
+    for r in reps:
+        by_method.setdefault(r["label"], []).append(r)
+    summary = headline(by_method, link)
+    md = markdown(summary, lr_choice, tag, command)
+    plot_standard(by_method, link, RESULTS / f"convergence-{tag}.png")
+    _write(tag, {"summary": summary, "lr_choice": lr_choice, "runs": [r["key"] for r in reps]}, md)
+    print(md)
+    return 0
+
+
+def _plot_ablations(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "eval_loss", "final eval loss"), (axes[1], "accuracy", "final accuracy (%)")):
+        vals = [[v for v in summary[n][key] if v is not None] for n in names]
+        k = 100 if key == "accuracy" else 1
+        ax.bar(range(len(names)), [k * np.mean(v) if v else 0 for v in vals],
+               yerr=[k * np.std(v) if v else 0 for v in vals], capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write(tag: str, data: dict, md: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"convergence-{tag}.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    (RESULTS / f"convergence-{tag}.md").write_text(md)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.metrics import Link, cumulative, first_reaching, mean_std, ratio, simulated_round_seconds
+
+
+def _rec(rnd, loss, secs, down=1_000_000, up=500_000, stage_bytes=0, new=0, clients=(0, 1)):
+    return {"stage": 0, "round": rnd, "clients": list(clients), "client_seconds": list(secs), "bytes_down": down,
+            "bytes_up": up, "stage_download_bytes": stage_bytes, "stage_new_devices": new, "eval_loss": loss}
+
+
+def test_round_time_is_slowest_client_plus_transfer():
+    link = Link(up_mbit_s=8.0, down_mbit_s=16.0)  # 1 MB/s up, 2 MB/s down
+    rec = _rec(1, 1.0, [3.0, 5.0], down=2_000_000, up=2_000_000)  # per client: 1 MB down, 1 MB up
+    assert simulated_round_seconds(rec, link) == pytest.approx(5.0 + 0.5 + 1.0)
+    staged = _rec(1, 1.0, [3.0, 5.0], down=2_000_000, up=2_000_000, stage_bytes=8_000_000, new=2)
+    assert simulated_round_seconds(staged, link) == pytest.approx(5.0 + 0.5 + 1.0 + 4_000_000 / 2e6)
+    assert simulated_round_seconds(staged, link, include_stage_download=False) == pytest.approx(6.5)
+
+
+def test_time_and_bytes_to_target_and_never_reached():
+    recs = [{"stage": -1, "round": 0, "eval_loss": 3.0}] + [
+        _rec(1, 2.5, [1.0, 2.0]), _rec(2, None, [1.0, 1.0]), _rec(3, 1.9, [4.0, 1.0]), _rec(4, 1.5, [1.0, 1.0])]
+    link = Link()
+    curve = cumulative(recs, link)
+    assert np.isnan(curve["eval_loss"][1])
+    per_round = [simulated_round_seconds(r, link) for r in recs[1:]]
+    assert first_reaching(curve, 2.0, "sim_seconds") == pytest.approx(sum(per_round[:3]))
+    assert first_reaching(curve, 2.0, "compute_seconds") == pytest.approx(3 + 2 + 5)
+    assert first_reaching(curve, 2.0, "lora_bytes") == 3 * 1_500_000
+    assert first_reaching(curve, 1.0, "sim_seconds") == math.inf  # never reached
+    assert ratio(10.0, 2.5) == 4.0
+    assert ratio(10.0, math.inf) == 0.0
+
+
+def test_mean_std_handles_never_reached():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    m, s = mean_std([1.0, math.inf])
+    assert math.isinf(m) and math.isnan(s)
+
+
+def test_smoke_profile_runs_end_to_end(tmp_path, monkeypatch):
+    """The smoke profile keeps the benchmark code alive: 3 methods on a tiny model, cached by config hash."""
+    import importlib
+    import json
+
+    monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
+    import benchmarks.convergence as conv
+
+    conv = importlib.reload(conv)
+    assert conv.main(["--profile", "smoke"]) == 0
+    summary = json.loads((tmp_path / "convergence-smoke.json").read_text())["summary"]
+    assert set(summary["methods"]) == {"devft", "fedit", "ffa-lora"}
+    assert summary["methods"]["fedit"]["speedup_time"] == [1.0]  # FedIT reaches its own final loss exactly
+    assert (tmp_path / "convergence-smoke.png").exists() and (tmp_path / "convergence-smoke.md").exists()
+    kept = sorted((tmp_path / "convergence").glob("*.json"))
+    assert len(kept) == 3
+    mtimes = [p.stat().st_mtime for p in kept]
+    assert conv.main(["--profile", "smoke"]) == 0  # second call: everything from the cache
+    assert [p.stat().st_mtime for p in kept] == mtimes
+    monkeypatch.delenv("DEVFT_BENCH_RESULTS")
+    importlib.reload(conv)
