@@ -1,0 +1,468 @@
+"""`devft-edge`: one device of a devft fleet.
+
+    devft-edge run --credentials creds.json --data shard.jsonl --cache DIR [--run RUN_ID]
+
+The device logs in with its own credentials over TLS, follows the retained control
+message of a run, fetches the stage's artifacts into its content-addressed cache
+(every chunk and file checked against its sha256, and the manifest's hashes again
+before training: never trains on unverified files), takes the round's global LoRA,
+trains `local_steps` steps with ONNX Runtime on its JSONL shard, and sends the
+delta (trained - received) with a fresh nonce and its telemetry. It repeats until
+the control message says `done`.
+
+Training is deterministic given the control message: batches come from
+`numpy.random.default_rng(seed)` exactly as the simulation draws them, ONNX Runtime
+runs with a fixed thread count, so a repeated round gives the same delta.
+
+Torch-free: numpy, tokenizers, safetensors, paho-mqtt and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import queue
+import secrets
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime import protocol as P
+from edge_runtime.manifest import MANIFEST_NAME, ManifestError
+from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
+from edge_runtime.transfer import ArtifactCache, FetchError
+
+log = logging.getLogger("devft.edge")
+
+IGNORE_INDEX = -100
+BACKENDS = ("ort", "executorch", "auto")
+
+
+class DeviceError(RuntimeError):
+    """The device cannot take part in this round; the message says why."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Shard:
+    """The device's training examples: rendered prompt and completion strings."""
+
+    prompts: list[str]
+    completions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def read_shard(path: str | Path) -> Shard:
+    prompts, completions = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            prompts.append(str(rec["prompt"]))
+            completions.append(str(rec["completion"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DeviceError(f"{path}:{n}: not a devft example record ({exc!r}); it needs prompt and completion") from None
+    if not prompts:
+        raise DeviceError(f"{path} holds no examples; a device needs a non-empty shard")
+    return Shard(prompts, completions)
+
+
+def encode(tokenizer: Any, shard: Shard, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels (prompt masked with -100), truncated to seq_len: server_sdk.data.encode, torch-free."""
+    out = []
+    for prompt, completion in zip(shard.prompts, shard.completions):
+        p = tokenizer.encode(prompt, add_special_tokens=False).ids
+        c = tokenizer.encode(completion, add_special_tokens=False).ids
+        out.append(((p + c)[:seq_len], ([IGNORE_INDEX] * len(p) + c)[:seq_len]))
+    return out
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int64 [B, T]; pads labelled -100 (exact under causal attention, no mask needed)."""
+    width = max(len(ids) for ids, _ in encoded)
+    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    labels = np.full((len(encoded), width), IGNORE_INDEX, dtype=np.int64)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, : len(x)] = x
+        labels[i, : len(y)] = y
+    return ids, labels
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def pick_backend(requested: str) -> str:
+    """`auto` is ort unless an ExecuTorch backend is installed beside it and asked for."""
+    if requested not in BACKENDS:
+        raise DeviceError(f"backend {requested!r} is not one of {BACKENDS}")
+    has_et = importlib.util.find_spec("edge_runtime.backends.executorch_backend") is not None
+    if requested == "executorch" and not has_et:
+        raise DeviceError("the ExecuTorch backend (edge_runtime/backends/executorch_backend.py) is not installed; "
+                          "use --backend ort")
+    return "ort" if requested == "auto" else requested
+
+
+def make_trainer(backend: str, artifact_dir: Path, lr: float, threads: int) -> Any:
+    if backend == "ort":
+        from edge_runtime.backends.ort_backend import OrtTrainer
+
+        return OrtTrainer(artifact_dir, lr=lr, threads=threads)
+    raise DeviceError(f"this coordinator sends ONNX Runtime artifacts; backend {backend!r} cannot train on them. "
+                      "Run the device with --backend ort (or auto)")
+
+
+# --------------------------------------------------------------------------- device
+
+
+def settings_from_credentials(path: str | Path, cache_dir: Path, host: str | None = None,
+                              port: int | None = None) -> tuple[MqttSettings, str]:
+    """MQTT settings and device name from the JSON that `devft fleet add-device` printed."""
+    try:
+        creds = json.loads(Path(path).read_text())
+        user, password = creds["username"], creds["password"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise DeviceError(f"cannot read device credentials {path}: {exc!r}; use the JSON from "
+                          "`devft fleet add-device`") from None
+    ca_file = creds.get("ca_file")
+    if not ca_file or not Path(ca_file).is_file():  # provisioned elsewhere: trust the inlined CA
+        ca_file = str(cache_dir / "ca.pem")
+        Path(ca_file).write_text(creds["ca_pem"])
+    will = P.encode_status(P.StatusMessage(user, "offline", time.time()))
+    settings = MqttSettings(host=host or creds["host"], port=int(port or creds["port"]), username=user,
+                            password=password, ca_file=ca_file, client_id=creds.get("client_id") or user,
+                            reconnect_min_s=0.2, reconnect_max_s=5.0, will_payload=will)
+    return settings, user
+
+
+class Device:
+    """Follows one run's control messages and answers the rounds this device is sampled for."""
+
+    def __init__(self, settings: MqttSettings, device_id: str, shard: Shard, cache_dir: str | Path, *,
+                 run_id: str | None = None, backend: str = "auto", threads: int = 1,
+                 exit_after_rounds: int | None = None) -> None:
+        self.device_id = P.check_name("device_id", device_id)
+        self.run_id = run_id
+        self.shard = shard
+        self.cache = ArtifactCache(cache_dir)
+        self.backend = pick_backend(backend)
+        self.threads = threads
+        self.exit_after_rounds = exit_after_rounds
+        self.rounds_trained = 0
+        self.stage_downloads: dict[str, int] = {}  # artifact id -> bytes this process downloaded for it
+        self._controls: queue.Queue[Message] = queue.Queue()
+        self._globals: dict[tuple[str, int], bytes] = {}
+        self._globals_cond = threading.Condition()
+        self._answered: set[tuple] = set()
+        self._encoded: dict[tuple[str, int], list] = {}
+        self._stop = threading.Event()
+        self.settings = settings
+        self.client: MqttClient | None = None
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _on_global(self, msg: Message) -> None:
+        if not msg.payload:
+            return  # a retained global being cleared
+        try:
+            run_id, _, rest = P.parse_topic(msg.topic)
+            rnd = int(rest[0])
+        except (P.ProtocolError, IndexError, ValueError):
+            return
+        with self._globals_cond:
+            self._globals[(run_id, rnd)] = msg.payload
+            for key in sorted(self._globals)[:-4]:  # keep the last few rounds only
+                del self._globals[key]
+            self._globals_cond.notify_all()
+
+    def _global_for(self, ctrl: P.ControlMessage) -> P.GlobalMessage:
+        key = (ctrl.run_id, ctrl.round)
+        deadline = ctrl.deadline_unix or time.time() + 600
+        with self._globals_cond:
+            while key not in self._globals:
+                left = deadline - time.time()
+                if left <= 0 or self._stop.is_set():
+                    raise DeviceError(f"no global adapter for round {ctrl.round} arrived before the deadline")
+                self._globals_cond.wait(min(left, 0.5))
+            payload = self._globals[key]
+        glob = P.decode_global(payload)
+        if (glob.run_id, glob.stage, glob.round) != (ctrl.run_id, ctrl.stage, ctrl.round):
+            raise DeviceError(f"global message is for {glob.run_id}/{glob.stage}/{glob.round}, control says "
+                              f"{ctrl.run_id}/{ctrl.stage}/{ctrl.round}")
+        return glob
+
+    def _status(self, state: str, **info: Any) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        msg = P.StatusMessage(self.device_id, state, time.time(), {"backend": self.backend, **info})
+        self.client.publish(P.status_topic(self.run_id, self.device_id), P.encode_status(msg), retain=True)
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self, connect_timeout_s: float = 60.0) -> int:
+        ctrl_filter = P.control_topic(self.run_id) if self.run_id else f"{P.TOPIC_ROOT}/+/control"
+        glob_filter = P.global_topic(self.run_id, "+") if self.run_id else f"{P.TOPIC_ROOT}/+/global/+"
+        settings = self.settings
+        if self.run_id:
+            from dataclasses import replace
+
+            settings = replace(settings, will_topic=P.status_topic(self.run_id, self.device_id))
+        self.client = MqttClient(settings)
+        self.client.subscribe(glob_filter, self._on_global)
+        self.client.subscribe(ctrl_filter, self._controls.put)
+        self.client.connect(connect_timeout_s)
+        self._status("hello", examples=len(self.shard))
+        log.info("%s connected to %s:%s, following %s", self.device_id, settings.host, settings.port,
+                 self.run_id or "the first active run")
+        try:
+            return self._loop()
+        finally:
+            self.client.close()
+
+    def _loop(self) -> int:
+        while not self._stop.is_set():
+            try:
+                msg = self._controls.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            for later in iter(lambda: self._next_control(), None):  # act on the newest snapshot only
+                msg = later
+            try:
+                ctrl = P.decode_control(msg.payload)
+            except P.ProtocolError as exc:
+                log.warning("ignoring malformed control message on %s: %s", msg.topic, exc)
+                continue
+            if self.run_id is None:
+                if ctrl.state == "done":
+                    continue  # an old run's final state
+                self.run_id = ctrl.run_id
+                log.info("%s following run %s", self.device_id, ctrl.run_id)
+            if ctrl.run_id != self.run_id:
+                continue
+            if ctrl.state == "done":
+                log.info("%s: run %s is done after %d rounds here", self.device_id, ctrl.run_id, self.rounds_trained)
+                self._status("hello", finished=True)
+                return 0
+            try:
+                self._act(ctrl)
+            except (DeviceError, FetchError, ManifestError, P.ProtocolError, ValueError) as exc:
+                log.error("%s: stage %d round %d abandoned: %s", self.device_id, ctrl.stage, ctrl.round, exc)
+            if self.exit_after_rounds is not None and self.rounds_trained >= self.exit_after_rounds:
+                return 0
+        return 0
+
+    def _next_control(self) -> Message | None:
+        try:
+            return self._controls.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _act(self, ctrl: P.ControlMessage) -> None:
+        if ctrl.artifact is None:
+            return
+        sampled = ctrl.state == "train" and self.device_id in ctrl.sampled_clients
+        if not sampled:
+            self._artifact_dir(ctrl)  # prefetch while idle or not sampled
+            return
+        key = (ctrl.run_id, ctrl.stage, ctrl.round, ctrl.hyperparams.get("session"))
+        if key in self._answered:
+            return
+        if ctrl.deadline_unix is not None and time.time() > ctrl.deadline_unix:
+            log.info("%s: round %d deadline already passed; skipping", self.device_id, ctrl.round)
+            return
+        update = self.train_round(ctrl)
+        self._send(update, ctrl)
+        self._answered.add(key)
+        self.rounds_trained += 1
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    def _artifact_dir(self, ctrl: P.ControlMessage) -> tuple[Path, int]:
+        """Fetch (or find) the stage's files, verified, laid out as an artifact dir; bytes downloaded now."""
+        desc = ctrl.artifact
+        assert desc is not None
+        before = self.cache.bytes_downloaded
+        self.cache.fetch(self.client, ctrl.run_id, self.device_id, desc)
+        stage_root = self.cache.root / "stages" / desc.artifact_id
+        if stage_root.exists():
+            shutil.rmtree(stage_root)  # relink every time: a blob re-fetched after corruption is a new file
+        self.cache.materialize(desc, stage_root)
+        got = self.cache.bytes_downloaded - before
+        self.stage_downloads[desc.artifact_id] = self.stage_downloads.get(desc.artifact_id, 0) + got
+        manifests = [f.path for f in desc.files if f.path.rsplit("/", 1)[-1] == MANIFEST_NAME]
+        if len(manifests) != 1:
+            raise DeviceError(f"artifact {desc.artifact_id[:12]} has {len(manifests)} manifests; expected one")
+        return stage_root / Path(manifests[0]).parent, got
+
+    def _open_trainer(self, ctrl: P.ControlMessage, lr: float) -> tuple[Any, Path, int]:
+        """A trainer on verified files; a cache whose blob rotted since it was fetched is fetched again once."""
+        art_dir, got = self._artifact_dir(ctrl)
+        try:
+            return make_trainer(self.backend, art_dir, lr, self.threads), art_dir, got
+        except ManifestError as exc:
+            log.warning("%s: cached artifact failed verification (%s); fetching it again", self.device_id, exc)
+            for f in ctrl.artifact.files:  # type: ignore[union-attr]
+                self.cache.has(f.sha256, f.size)  # re-hashes; a corrupt blob is deleted
+                path = self.cache.blob_path(f.sha256)
+                if path.exists() and self._hash(path) != f.sha256:
+                    path.chmod(0o644)
+                    path.unlink()
+            art_dir, got2 = self._artifact_dir(ctrl)
+            return make_trainer(self.backend, art_dir, lr, self.threads), art_dir, got + got2
+
+    @staticmethod
+    def _hash(path: Path) -> str:
+        from edge_runtime.transfer import sha256_file
+
+        return sha256_file(path)
+
+    # -- training --------------------------------------------------------------------------
+
+    def train_round(self, ctrl: P.ControlMessage) -> P.UpdateMessage:
+        from edge_runtime.telemetry import TelemetryRecorder
+
+        hp = ctrl.hyperparams
+        try:
+            lr, steps, batch = float(hp["lr"]), int(hp["local_steps"]), int(hp["batch_size"])
+            seq_len, seed = int(hp["seq_len"]), int(hp["seeds"][self.device_id])
+            trainable = [str(n) for n in hp["trainable"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeviceError(f"control message hyperparams incomplete ({exc!r}): {hp}") from None
+        self._status("busy", stage=ctrl.stage, round=ctrl.round)
+        t0 = time.perf_counter()
+        trainer, art_dir, downloaded = self._open_trainer(ctrl, lr)
+        glob = self._global_for(ctrl)
+        trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
+        received = trainer.get_lora()
+        unknown = sorted(set(trainable) - set(received))
+        if unknown:
+            raise DeviceError(f"control names trainable tensors the artifacts lack: {unknown[:3]}")
+        frozen = {k: v for k, v in received.items() if k not in set(trainable)}
+        encoded = self._encoded_shard(art_dir, trainer, seq_len)
+        pad = _pad_id(trainer.manifest.model_config)
+        rng = np.random.default_rng(seed)
+        losses: list[float] = []
+        setup_s = time.perf_counter() - t0
+        with TelemetryRecorder() as rec:
+            for _ in range(steps):
+                idx = rng.choice(len(encoded), size=min(batch, len(encoded)), replace=False)
+                ids, labels = collate([encoded[i] for i in idx], pad)
+                if not (labels[:, 1:] != IGNORE_INDEX).any():
+                    log.warning("%s: a batch has no completion tokens within seq_len %d; skipped", self.device_id,
+                                seq_len)
+                    continue
+                with rec.step(tokens=int(sum(len(encoded[i][0]) for i in idx))):
+                    losses.append(trainer.train_step(ids, labels))
+                    if frozen:  # e.g. FFA-LoRA: A stays at the received value, B trains against it
+                        trainer.set_lora({**trainer.get_lora(), **frozen})
+        trained = trainer.get_lora()
+        delta = {k: (trained[k] - received[k]).astype(np.float32) for k in trainable}
+        telemetry = {**rec.report(), "train_s": time.perf_counter() - t0, "setup_s": setup_s,
+                     "backend": self.backend, "threads": self.threads,
+                     "artifact_id": ctrl.artifact.artifact_id if ctrl.artifact else None,
+                     "download_bytes": downloaded,
+                     "stage_download_bytes": self.stage_downloads.get(ctrl.artifact.artifact_id, 0)
+                     if ctrl.artifact else 0,
+                     "cache_bytes_downloaded_total": self.cache.bytes_downloaded}
+        loss = float(np.mean(losses)) if losses else float("nan")
+        return P.UpdateMessage(ctrl.run_id, ctrl.stage, ctrl.round, self.device_id, secrets.token_hex(16),
+                               len(self.shard), delta, {"train_loss": loss}, telemetry)
+
+    def _encoded_shard(self, art_dir: Path, trainer: Any, seq_len: int) -> list:
+        from tokenizers import Tokenizer
+
+        name = trainer.manifest.tokenizer_file
+        if name is None:
+            raise DeviceError(f"artifacts in {art_dir} carry no tokenizer.json; the server must export with one")
+        tok_sha = trainer.manifest.files[name].sha256
+        key = (tok_sha, seq_len)
+        if key not in self._encoded:
+            self._encoded = {key: encode(Tokenizer.from_file(str(art_dir / name)), self.shard, seq_len)}
+        return self._encoded[key]
+
+    def _send(self, update: P.UpdateMessage, ctrl: P.ControlMessage) -> None:
+        data = P.encode_update(update)
+        info = self.client.publish(P.update_topic(ctrl.run_id, self.device_id), data)
+        wait_until = max(ctrl.deadline_unix or 0.0, time.time()) + 60  # a restarting broker gets time to return
+        while not wait_published(info, 1.0):
+            if time.time() > wait_until or self._stop.is_set():
+                log.error("%s: broker never acknowledged the update for round %d", self.device_id, ctrl.round)
+                return
+        log.info("%s: sent round %d update (%d bytes, loss %.4f)", self.device_id, ctrl.round, len(data),
+                 update.metrics["train_loss"])
+        self._status("hello", stage=ctrl.stage, round=ctrl.round)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _pad_id(model_config: dict) -> int:
+    """Pads are labelled -100 and come after every real token, so any valid id is exact."""
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = model_config.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devft-edge", description="A device of a devft fleet (torch-free).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="follow a run's rounds until it is done")
+    p.add_argument("--credentials", required=True, help="device credentials JSON from `devft fleet add-device`")
+    p.add_argument("--data", required=True, help="this device's JSONL shard (prompt, completion per line)")
+    p.add_argument("--cache", required=True, help="content-addressed artifact cache directory (kept across runs)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="training runtime (default: auto = ort)")
+    p.add_argument("--run", dest="run_id", help="run id to follow (default: the first active run seen)")
+    p.add_argument("--host", help="override the broker host from the credentials")
+    p.add_argument("--port", type=int, help="override the broker port from the credentials")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1; fixed for "
+                   "reproducible deltas)")
+    p.add_argument("--exit-after-rounds", type=int, help="stop after training this many rounds (tests)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cache = Path(args.cache)
+        cache.mkdir(parents=True, exist_ok=True)
+        settings, device_id = settings_from_credentials(args.credentials, cache, args.host, args.port)
+        device = Device(settings, device_id, read_shard(args.data), cache, run_id=args.run_id,
+                        backend=args.backend, threads=args.threads, exit_after_rounds=args.exit_after_rounds)
+    except DeviceError as exc:
+        print(f"devft-edge: error: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: device.stop())
+    try:
+        return device.run()
+    except KeyboardInterrupt:
+        return 130
+    except ConnectionError as exc:
+        print(f"devft-edge: error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`devft` subcommands for real fleets: `serve`, `fleet init|add-device`, and `run --fleet local:N`.
+
+Loaded by server_sdk.cli through `register(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .config import ConfigError, RunConfig
+
+FLEET_HELP = ("train on devices instead of simulated clients: local:N starts a secured mosquitto and N "
+              "devft-edge processes on this machine")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .cli import _add_config_args
+
+    run_parser = sub.choices.get("run")
+    if run_parser is not None:
+        run_parser.add_argument("--fleet", metavar="local:N", help=FLEET_HELP)
+        _add_fleet_settings(run_parser)
+        plain_run = run_parser.get_default("func")
+        run_parser.set_defaults(func=lambda args: cmd_run_fleet(args) if args.fleet else plain_run(args))
+
+    p = sub.add_parser("serve", help="coordinate a real fleet over an existing broker (no local devices)")
+    _add_config_args(p)
+    p.add_argument("--broker-url", required=True, help="mqtts://HOST:PORT of the fleet's mosquitto")
+    p.add_argument("--fleet-dir", required=True, help="fleet directory from `devft fleet init` (server credentials)")
+    p.add_argument("--name", default="default", help="run name; output goes to RUNS_DIR/NAME and is the run id")
+    p.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_fleet_settings(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("fleet", help="provision a fleet: CA, broker certificate, device credentials")
+    fsub = p.add_subparsers(dest="fleet_command", required=True)
+    q = fsub.add_parser("init", help="create the CA, the broker certificate, ACL and the server user in DIR")
+    q.add_argument("dir")
+    q.add_argument("--hostname", action="append", help="broker hostname or IP devices connect to (repeatable)")
+    q.add_argument("--port", type=int, default=8883)
+    q.set_defaults(func=cmd_fleet_init)
+    q = fsub.add_parser("add-device", help="register a device and print the credentials JSON it needs")
+    q.add_argument("dir")
+    q.add_argument("name", help="device name; dev-003 trains client shard 3 (data/client_003.jsonl)")
+    q.add_argument("--host", help="hostname the device should connect to (default: the first from init)")
+    q.set_defaults(func=cmd_fleet_add_device)
+
+
+def _add_fleet_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-timeout", type=float, default=None, metavar="S",
+                   help="seconds devices have to answer a round (default 120)")
+    p.add_argument("--quorum", type=float, default=None, help="fraction of sampled devices a round needs (default 0.6)")
+    p.add_argument("--max-update-norm", type=float, default=None, help="L2 bound on a device delta (default 1000)")
+
+
+def _fleet_settings(args: argparse.Namespace, run_dir: Path):
+    from .fleet import FleetSettings
+
+    saved = run_dir / "fleet.json"
+    settings = FleetSettings(**json.loads(saved.read_text())) if saved.exists() else FleetSettings()
+    if args.round_timeout is not None:
+        settings.round_timeout_s = args.round_timeout
+    if args.quorum is not None:
+        settings.quorum = args.quorum
+    if args.max_update_norm is not None:
+        settings.max_update_norm = args.max_update_norm
+    try:
+        return settings.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _run_dir_and_config(args: argparse.Namespace) -> tuple[Path, RunConfig]:
+    from .cli import _load_config
+
+    run_dir = Path(args.resume) if args.resume else Path(args.runs_dir) / args.name
+    cfg = RunConfig.from_file(run_dir / "config.json") if args.resume else _load_config(args)
+    return run_dir, cfg
+
+
+def cmd_run_fleet(args: argparse.Namespace) -> int:
+    from .cli import _summary
+    from .local_fleet import run_local
+
+    kind, _, count = args.fleet.partition(":")
+    if kind != "local" or not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--fleet {args.fleet!r}: use local:N (N devices on this machine); for real devices "
+                          "run `devft serve --broker-url ... --fleet-dir ...`")
+    from .broker import MosquittoNotFound, require_mosquitto
+
+    try:
+        require_mosquitto()
+    except MosquittoNotFound as exc:
+        raise ConfigError(f"--fleet local needs mosquitto: {exc}") from None
+    n = int(count)
+    run_dir, cfg = _run_dir_and_config(args)
+    if cfg.num_clients != n and not args.resume:
+        print(f"devft: --fleet local:{n}: num_clients set to {n} (one data shard per device)", file=sys.stderr)
+        cfg = cfg.with_overrides({"num_clients": n}).validate()
+    report = run_local(cfg, run_dir, n, resume=bool(args.resume), progress=not args.quiet,
+                       settings=_fleet_settings(args, run_dir))
+    if report.get("interrupted"):
+        return 0
+    print(_summary(report, run_dir))
+    for name, d in sorted(report["fleet"]["devices"].items()):
+        down = ", ".join(f"stage {s}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
+        print(f"  {name}: {d['rounds']} rounds, peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB, "
+              f"{d['energy_j']:.1f} J, downloaded {down}")
+    if report["fleet"]["rejected"]:
+        print(f"  rejected updates: {report['fleet']['rejected']} (see {report['fleet']['events']})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .broker import server_credentials
+    from .cli import _summary
+    from .fleet import fleet_executor_factory
+    from .simulation import run
+
+    url = urlparse(args.broker_url)
+    if url.scheme not in ("mqtts", "ssl", "tls") or not url.hostname:
+        raise ConfigError(f"--broker-url {args.broker_url!r} must look like mqtts://HOST:PORT (TLS only)")
+    run_dir, cfg = _run_dir_and_config(args)
+    creds = server_credentials(args.fleet_dir)
+    factory = fleet_executor_factory(run_dir, creds, _fleet_settings(args, run_dir), host=url.hostname,
+                                     port=url.port or 8883)
+    report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, executor_factory=factory)
+    if report.get("interrupted"):
+        return 0
+    from .local_fleet import add_fleet_summary
+
+    report = add_fleet_summary(run_dir, report)
+    print(_summary(report, run_dir))
+    return 0
+
+
+def cmd_fleet_init(args: argparse.Namespace) -> int:
+    from .broker import fleet_init
+
+    fleet_init(args.dir, hostnames=args.hostname, port=args.port)
+    print(f"fleet ready in {args.dir}: run the broker with `python -m server_sdk.broker run {args.dir}`, add devices "
+          f"with `devft fleet add-device {args.dir} dev-000` (device dev-NNN trains data shard NNN)")
+    return 0
+
+
+def cmd_fleet_add_device(args: argparse.Namespace) -> int:
+    from .broker import add_device
+
+    creds = add_device(args.dir, args.name, host=args.host)
+    print(creds.to_json())
+    print("# copy the JSON above to the device as creds.json (it holds a password), then run there:\n"
+          "#   devft-edge run --credentials creds.json --data client_NNN.jsonl --cache ~/.cache/devft-edge "
+          "--run RUN_NAME\n"
+          "# a running broker picks the device up after SIGHUP (BrokerProcess.reload)", file=sys.stderr)
+    return 0

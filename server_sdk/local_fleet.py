@@ -1,0 +1,169 @@
+"""A whole fleet on one machine: a secured mosquitto and N `devft-edge` processes.
+
+`devft run --fleet local:N` uses it; so do the fault tests, which kill and restart
+devices and the broker through it. Everything lives under one directory:
+
+    <fleet_dir>/                 fleet_init output (CA, certs, passwd, acl, credentials/)
+    <fleet_dir>/devices/<name>/  cache/ (content-addressed artifacts) and device.log
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .broker import BrokerProcess, Credentials, add_device, fleet_init, server_credentials
+from .fleet import FleetSettings, device_name, fleet_executor_factory
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalFleet:
+    """Broker and device processes for one run directory; `close()` stops what it started."""
+
+    def __init__(self, fleet_dir: str | Path, n_devices: int, *, port: int | None = None) -> None:
+        self.dir = Path(fleet_dir).resolve()
+        self.n_devices = n_devices
+        if not (self.dir / "fleet.json").exists():
+            fleet_init(self.dir, hostnames=["localhost", "127.0.0.1"], port=port or free_port())
+        self.names = [device_name(c) for c in range(n_devices)]
+        for name in self.names:
+            if not (self.dir / "credentials" / f"{name}.json").exists():
+                add_device(self.dir, name)
+        self.port = json.loads((self.dir / "fleet.json").read_text())["port"]
+        self.broker: BrokerProcess | None = None
+        self.devices: dict[str, subprocess.Popen] = {}
+
+    @property
+    def server(self) -> Credentials:
+        return server_credentials(self.dir)
+
+    def device_credentials(self, name: str) -> Path:
+        return self.dir / "credentials" / f"{name}.json"
+
+    def device_dir(self, name: str) -> Path:
+        return self.dir / "devices" / name
+
+    # -- broker ---------------------------------------------------------------------------
+
+    def start_broker(self) -> BrokerProcess:
+        self.broker = BrokerProcess(self.dir, self.port).start()
+        return self.broker
+
+    def restart_broker(self) -> None:
+        assert self.broker is not None, "start_broker first"
+        self.broker.restart()
+
+    # -- devices --------------------------------------------------------------------------
+
+    def start_device(self, name: str, shard: str | Path, run_id: str, *, extra: list[str] | None = None,
+                     python_code: str | None = None) -> subprocess.Popen:
+        """Start `devft-edge run` for one device (its log: devices/<name>/device.log).
+
+        `python_code` replaces the module entry point (tests use it to block torch imports);
+        it receives the CLI arguments in sys.argv[1:]."""
+        ddir = self.device_dir(name)
+        ddir.mkdir(parents=True, exist_ok=True)
+        args = ["run", "--credentials", str(self.device_credentials(name)), "--data", str(shard),
+                "--cache", str(ddir / "cache"), "--run", run_id, "--host", "localhost", *(extra or [])]
+        cmd = [sys.executable, "-c", python_code, *args] if python_code else \
+            [sys.executable, "-m", "edge_runtime.client", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(ddir / "device.log", "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ddir))
+        self.devices[name] = proc
+        return proc
+
+    def kill_device(self, name: str) -> None:
+        proc = self.devices.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def wait_devices(self, timeout_s: float) -> dict[str, int | None]:
+        """Exit codes after waiting up to timeout_s for each device (None = still running)."""
+        codes: dict[str, int | None] = {}
+        for name, proc in self.devices.items():
+            try:
+                codes[name] = proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        return codes
+
+    def close(self) -> None:
+        for proc in self.devices.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.devices.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False, progress: bool = True,
+              settings: FleetSettings | None = None, base=None) -> dict:
+    """`devft run --fleet local:N`: broker, coordinator and N devices on this machine."""
+    from .simulation import run
+
+    run_dir = Path(run_dir)
+    with LocalFleet(run_dir / "fleet", n_devices) as fleet:
+        fleet.start_broker()
+
+        def start_devices(executor) -> None:
+            for c, name in enumerate(fleet.names):
+                fleet.start_device(name, run_dir / "data" / f"client_{c:03d}.jsonl", executor.run_id)
+
+        factory = fleet_executor_factory(run_dir, fleet.server, settings, host="localhost",
+                                         on_ready=start_devices)
+        report = run(cfg, run_dir, resume=resume, progress=progress, base=base, executor_factory=factory)
+        codes = fleet.wait_devices(30)
+    if not report.get("interrupted"):
+        report = add_fleet_summary(run_dir, report, codes)
+    return report
+
+
+def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = None) -> dict:
+    """report.json gains a `fleet` section: per device rounds, bytes downloaded per stage, refusals."""
+    events = [json.loads(line) for line in (run_dir / "fleet_events.jsonl").read_text().splitlines() if line]
+    devices: dict[str, dict] = {}
+    for rec in report["records"]:
+        for tel in (rec.get("telemetry") or {}).values():
+            d = devices.setdefault(tel["device"], {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
+                                                   "peak_rss_bytes": 0})
+            d["rounds"] += 1
+            per_stage = d["stage_download_bytes"]
+            per_stage[str(rec["stage"])] = per_stage.get(str(rec["stage"]), 0) + (tel.get("download_bytes") or 0)
+            d["energy_j"] += tel.get("energy_j") or 0.0
+            d["peak_rss_bytes"] = max(d["peak_rss_bytes"], tel.get("peak_rss_bytes") or 0)
+    rejected: dict[str, int] = {}
+    for e in events:
+        if e["event"] == "rejected":
+            rejected[e["reason"]] = rejected.get(e["reason"], 0) + 1
+    report["fleet"] = {"devices": devices, "rejected": rejected, "exit_codes": exit_codes or {},
+                       "events": str(run_dir / "fleet_events.jsonl")}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
