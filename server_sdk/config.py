@@ -187,7 +187,8 @@ class RunConfig:
             raise ConfigError(f"data.tasks_per_client={self.data.tasks_per_client} exceeds the {len(self.data.tasks)} tasks")
         if self.stages is not None:
             if not self.stages or any(not isinstance(s, int) or s < 1 for s in self.stages):
-                raise ConfigError(f"stages={self.stages!r} must be a non-empty list of positive layer counts, e.g. [4, 8, 16, 30]")
+                raise ConfigError(f"stages={self.stages!r} must be a non-empty list of positive layer counts, "
+                                  "e.g. [4, 8, 16, 30]")
             if any(b <= a for a, b in zip(self.stages, self.stages[1:])):
                 raise ConfigError(f"stages={self.stages!r} must be strictly increasing (each stage grows the submodel)")
         rounds = self.rounds_per_stage
@@ -201,7 +202,8 @@ class RunConfig:
             if stages[-1] > n_layers:
                 raise ConfigError(f"stages={stages}: stage of {stages[-1]} layers is larger than the model's {n_layers} layers")
             if stages[-1] != n_layers:
-                raise ConfigError(f"stages={stages}: the last stage must be the full model ({n_layers} layers); append {n_layers}")
+                raise ConfigError(f"stages={stages}: the last stage must be the full model ({n_layers} layers); "
+                                  f"append {n_layers}")
             if isinstance(rounds, list) and len(rounds) != len(stages):
                 raise ConfigError(f"rounds_per_stage has {len(rounds)} entries but there are {len(stages)} stages {stages}")
         return self

@@ -60,8 +60,9 @@ def generate(tokenizer, task: str, n: int, seed: int, exclude: set[str] | None =
         if entry["question"] in exclude:
             continue
         prompt, completion = render(tokenizer, entry["question"], str(entry["answer"]))
-        out.append(Example(task, entry["question"], str(entry["answer"]), prompt, completion,
-                           entry.get("metadata", {})))
+        # metadata goes through JSON now, so a shard read back from disk equals the one generated
+        metadata = json.loads(json.dumps(entry.get("metadata", {}), default=str))
+        out.append(Example(task, entry["question"], str(entry["answer"]), prompt, completion, metadata))
         if len(out) == n:
             return out
     raise RuntimeError(f"task {task!r}: generator gave fewer than {n} fresh questions; lower the example count")

@@ -37,8 +37,9 @@ class ClientExecutor(ABC):
 class InProcessExecutor(ClientExecutor):
     """Simulated clients in one process: each trains the stage submodel in turn."""
 
-    def __init__(self, cfg: RunConfig, tokenizer, clients: list[list[Example]]):
-        self.cfg, self.tokenizer, self.clients = cfg, tokenizer, clients
+    def __init__(self, cfg: RunConfig, tokenizer, clients: list[list[Example]],
+                 on_step: Callable[[], None] | None = None):
+        self.cfg, self.tokenizer, self.clients, self.on_step = cfg, tokenizer, clients, on_step
         self.sub_model: PeftModel | None = None
 
     def begin_stage(self, stage, plan, sub_model):
@@ -53,5 +54,5 @@ class InProcessExecutor(ClientExecutor):
             results.append(local_train(
                 self.sub_model, self.tokenizer, self.clients[c], steps=self.cfg.local_steps,
                 batch_size=self.cfg.batch_size, lr=self.cfg.lr, seq_len=self.cfg.seq_len, seed=seeds[c],
-                is_trainable=is_trainable, client=c))
+                is_trainable=is_trainable, client=c, progress=self.on_step))
         return results

@@ -160,11 +160,16 @@ class FleetExecutor(ClientExecutor):
         export_stage_cached(sub_model, out, templates, run_id=self.run_id, stage=stage, groups=plan.groups,
                             anchors=plan.anchors, tokenizer_dir=self.tokenizer_dir,
                             max_seq_len=self.settings.max_seq_len or self.cfg.seq_len)
-        files = {f"stage{stage}/{p.relative_to(out).as_posix()}": p for p in sorted(out.rglob("*")) if p.is_file()}
+        return self.serve_stage(stage, out, export_s=round(time.perf_counter() - t0, 2))
+
+    def serve_stage(self, stage: int, artifact_dir: Path, **info) -> int:
+        """Register a stage's artifact files with the chunk server and announce them (state idle)."""
+        files = {f"stage{stage}/{p.relative_to(artifact_dir).as_posix()}": p
+                 for p in sorted(artifact_dir.rglob("*")) if p.is_file()}
         self._artifact = self.artifacts.add_files(files)
         self._stage = stage
         self._event("stage", stage=stage, artifact_id=self._artifact.artifact_id,
-                    artifact_bytes=self._artifact.total_bytes, export_s=round(time.perf_counter() - t0, 2))
+                    artifact_bytes=self._artifact.total_bytes, **info)
         # devices may start downloading while the first round is prepared
         self._publish_control(P.ControlMessage(self.run_id, stage, self.wire_round(stage, 0), "idle",
                                                artifact=self._artifact))

@@ -93,15 +93,20 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     cfg.to_json(run_dir / "config.json")
     clients, held_out = prepare_data(cfg, base, run_dir)
     strategy = make_strategy(cfg)
+    steps_bar = tqdm(total=cfg.clients_per_round * cfg.local_steps, desc="local steps", leave=False, position=1,
+                     disable=not progress)
     executor = executor_factory(cfg, base, clients) if executor_factory else \
-        InProcessExecutor(cfg, base.tokenizer, clients)
+        InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
     try:
-        return _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume, progress, stop_after_rounds)
+        return _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume, progress, stop_after_rounds,
+                         steps_bar)
     finally:
+        steps_bar.close()
         executor.close()
 
 
-def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume, progress, stop_after_rounds) -> dict:
+def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume, progress, stop_after_rounds,
+              steps_bar) -> dict:
     stages = strategy.stage_sizes(base.n_layers)
     rounds = cfg.resolved_rounds(len(stages))
 
@@ -128,7 +133,7 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
 
     total_rounds = sum(rounds)
     done_rounds = sum(rounds[:state.stage]) + state.next_round
-    bar = tqdm(total=total_rounds, initial=done_rounds, desc=f"{cfg.strategy} rounds", disable=not progress)
+    bar = tqdm(total=total_rounds, initial=done_rounds, desc=f"{cfg.strategy} rounds", position=0, disable=not progress)
     rounds_this_call = 0
     for s in range(state.stage, len(stages)):
         if state.plan is None or state.plan["stage"] != s:
@@ -149,6 +154,7 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
             new_devices = [c for c in sampled if c not in state.devices_with_stage]
             state.devices_with_stage += new_devices
             seeds = {c: client_seed(cfg.seed, s, r, c) for c in sampled}
+            steps_bar.reset()
             results = executor.train_round(s, r, sampled, state.stage_global, strategy.is_trainable, seeds)
             if not results:
                 raise RuntimeError(f"stage {s} round {r}: no client result arrived; the round cannot be aggregated")

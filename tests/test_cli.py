@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from server_sdk.cli import build_parser, main
+
+TINY = ["--model", "tiny-random-L4", "-o", "stages=[2, 4]", "-o", "rounds_per_stage=1", "-o", "num_clients=2",
+        "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=64", "-o", "lora.r=2",
+        "-o", "data.examples_per_client=4", "-o", "data.eval_examples_per_task=1", "-o", "accuracy_every=never"]
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("plan", "run", "eval"):
+        assert cmd in out
+
+
+def test_plan_run_eval_on_a_tiny_model(tmp_path, capsys):
+    assert main(["plan", *TINY, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["stages"] == [2, 4] and len(plan["stage_1"]["groups"]) == 2
+    assert main(["run", *TINY, "--name", "t", "--runs-dir", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "base model" in out and "fine-tuned" in out
+    assert (tmp_path / "t" / "adapter" / "adapter_model.safetensors").exists()
+    assert main(["eval", "--run", str(tmp_path / "t"), "--no-generate", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows) == {"base model", "fine-tuned"} and rows["base model"]["eval_loss"] != rows["fine-tuned"]["eval_loss"]
+    # the same name again is refused with the fix named
+    assert main(["run", *TINY, "--name", "t", "--runs-dir", str(tmp_path), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    assert main(["plan", "-o", "beta=2"]) == 2
+    assert "beta=2 must lie in [0, 1]" in capsys.readouterr().err
+    assert main(["plan", "-o", "nonsense"]) == 2
+    assert "FIELD=VALUE" in capsys.readouterr().err
