@@ -34,13 +34,24 @@ CHECKPOINT = "checkpoint"
 
 def template_key(peft_model: Any, *, optimizer: str, max_seq_len: int) -> str:
     """Hash of everything the exported graphs depend on (not the weight values)."""
-    peft_cfg = {k: v.to_dict() if hasattr(v, "to_dict") else str(v) for k, v in peft_model.peft_config.items()}
+    peft_cfg = {k: _stable(v.to_dict()) for k, v in peft_model.peft_config.items()}
     shapes = {k: list(v.shape) for k, v in peft_model.state_dict().items()}
     blob = json.dumps({"config": _json_config(peft_model), "peft": peft_cfg, "shapes": shapes, "optimizer": optimizer,
                        "max_seq_len": max_seq_len, "ort": version("onnxruntime-training"), "torch": version("torch"),
                        "transformers": version("transformers"), "onnx": version("onnx")},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _stable(value: Any) -> Any:
+    """JSON-able and independent of hash order (PEFT keeps target_modules as a set)."""
+    if isinstance(value, dict):
+        return {str(k): _stable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_stable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
 def _checkpoint_names(checkpoint: Path) -> tuple[list[str], list[str]]:

@@ -1,0 +1,346 @@
+"""The fleet coordinator and devft-edge devices against a real mosquitto (TLS, passwords, ACL).
+
+The first tests drive FleetExecutor with hand-made updates (no training, seconds).
+The run tests train a tiny random LLaMA on device processes; their ORT exports are
+cached per model shape under DEVFT_CACHE/ort-templates, so only the first run on a
+machine pays the export (~30 s per stage shape).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime import protocol as P
+from edge_runtime.mqtt import MqttClient, MqttConnectError
+from server_sdk.broker import BrokerProcess, Credentials, add_device
+from server_sdk.config import RunConfig
+from server_sdk.fleet import FleetExecutor, FleetSettings, QuorumNotReached, client_index, device_name
+from tests.broker_fixtures import settings_for
+
+pytest_plugins = ("tests.broker_fixtures",)  # fleet, clients
+
+RUN = "fleetrun"
+A, B = "layers.0.self_attn.q_proj.lora_A", "layers.0.self_attn.q_proj.lora_B"
+PA = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+PB = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "fleet_events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_device_names_map_to_shards():
+    assert device_name(3) == "dev-003" and client_index("dev-003") == 3 and client_index("dev7") == 7
+    with pytest.raises(ValueError, match="trailing shard number"):
+        client_index("phone")
+
+
+# --------------------------------------------------------------------------- coordinator, hand-made updates
+
+
+@pytest.fixture
+def coordinator(fleet, tmp_path):
+    """A FleetExecutor on a broker with dev1, dev2 (sampled as clients 1, 2) and dev3 (an intruder)."""
+    add_device(fleet.dir, "dev3")
+    fleet.devices["dev3"] = Credentials.load(fleet.dir / "credentials" / "dev3.json")
+    broker = BrokerProcess(fleet.dir, fleet.port).start()
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text("{}")
+    settings = FleetSettings(run_id=RUN, round_timeout_s=20, max_update_norm=10.0, artifact_bytes_per_s=None,
+                             device_names={"1": "dev1", "2": "dev2"})
+    ex = FleetExecutor(RunConfig(lr=1e-3, local_steps=2, batch_size=2), tmp_path / "run", fleet.server, [3],
+                       settings, host="localhost")
+    ex.serve_stage(0, tmp_path / "art")
+    yield ex
+    ex.close()
+    broker.stop()
+
+
+def _update(device: str, rnd: int, tensors: dict, **kw) -> P.UpdateMessage:
+    fields = dict(run_id=RUN, stage=0, round=rnd, device_id=device, nonce=secrets.token_hex(16), num_samples=4,
+                  tensors=tensors, metrics={"train_loss": 1.5}, telemetry={"peak_rss_bytes": 123})
+    fields.update(kw)
+    return P.UpdateMessage(**fields)
+
+
+def _good(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {PA: rng.normal(0, 0.01, (2, 8)).astype(np.float32), PB: rng.normal(0, 0.01, (8, 2)).astype(np.float32)}
+
+
+def test_coordinator_refuses_bad_updates_and_aggregates_each_device_once(coordinator, fleet, clients):
+    ex = coordinator
+    global_lora = {A: torch.zeros(2, 8), B: torch.zeros(8, 2)}
+    dev1, dev2 = clients(fleet.devices["dev1"]), clients(fleet.devices["dev2"])
+    intruder = clients(fleet.devices["dev3"])
+    control: queue.Queue = queue.Queue()
+    dev1.subscribe(P.control_topic(RUN), control.put)
+
+    with pytest.raises(MqttConnectError, match="refused|not authori"):  # bad credentials: the broker refuses
+        clients(fleet.devices["dev1"], password="wrong", client_id="dev1-bad")
+
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(results=ex.train_round(
+        0, 1, [1, 2], global_lora, lambda k: True, {1: 11, 2: 22})))
+    worker.start()
+    ctrl = wait_for(lambda: next((c for c in iter(lambda: _get(control), None) if c.state == "train"), None), 20,
+                    "the train control message")
+    assert ctrl.round == 1 and ctrl.sampled_clients == ("dev1", "dev2")
+    assert ctrl.hyperparams["seeds"] == {"dev1": 11, "dev2": 22} and ctrl.hyperparams["trainable"] == [PA, PB]
+
+    good = _good(1)
+    bad = {
+        "malformed": b"\x00\x00\x00\x05{not json",
+        "non_finite": P.encode_update(_update("dev1", 1, {**good, PA: np.full((2, 8), np.nan, np.float32)})),
+        "missing_tensors": P.encode_update(_update("dev1", 1, {PA: good[PA], "other": good[PB]})),
+        "wrong_shape": P.encode_update(_update("dev1", 1, {**good, PB: np.zeros((2, 8), np.float32)})),
+        "wrong_dtype": P.encode_update(_update("dev1", 1, {k: v.astype(np.float64) for k, v in good.items()})),
+        "oversized": P.encode_update(_update("dev1", 1, {**good, "padding": np.zeros(400_000, np.float32)})),
+        "wrong_run": P.encode_update(_update("dev1", 1, good, run_id="otherrun")),
+        "stale_round": P.encode_update(_update("dev1", 0, good)),
+        "future_round": P.encode_update(_update("dev1", 2, good)),
+        "norm_exceeded": P.encode_update(_update("dev1", 1, {k: v + 100 for k, v in good.items()})),
+    }
+    for payload in bad.values():
+        dev1.publish(P.update_topic(RUN, "dev1"), payload, wait_s=10)
+    # another device's topic: the broker's ACL drops it (the publisher still gets a PUBACK)
+    forged = P.encode_update(_update("dev1", 1, {k: v + 0.05 for k, v in good.items()}))
+    intruder.publish(P.update_topic(RUN, "dev1"), forged, wait_s=10)
+    accepted = P.encode_update(_update("dev1", 1, good, nonce="a" * 32))
+    dev1.publish(P.update_topic(RUN, "dev1"), accepted, wait_s=10)
+    dev1.publish(P.update_topic(RUN, "dev1"), accepted, wait_s=10)  # a QoS 1 redelivery: counted once
+    replay = P.encode_update(_update("dev1", 1, _good(5), nonce="a" * 32))
+    dev1.publish(P.update_topic(RUN, "dev1"), replay, wait_s=10)
+    wait_for(lambda: any(e.get("reason") == "replayed_nonce" for e in events(ex.run_dir)), 20, "the replay refusal")
+    second = _good(2)
+    dev2.publish(P.update_topic(RUN, "dev2"), P.encode_update(_update("dev2", 1, second, num_samples=12)), wait_s=10)
+    worker.join(30)
+
+    results = box["results"]
+    assert [r.client for r in results] == [1, 2] and [r.num_samples for r in results] == [4, 12]
+    np.testing.assert_array_equal(results[0].delta[A].numpy(), good[PA])  # not the forged one
+    np.testing.assert_array_equal(results[1].delta[B].numpy(), second[PB])
+    assert results[0].payload_bytes == len(accepted) and results[0].telemetry["peak_rss_bytes"] == 123
+    log = events(ex.run_dir)
+    refused = [e["reason"] for e in log if e["event"] == "rejected"]
+    assert sorted(refused) == sorted([*bad, "replayed_nonce"]), refused
+    assert [e["device"] for e in log if e["event"] == "accepted"] == ["dev1", "dev2"]
+    assert sum(e["event"] == "duplicate" for e in log) == 1
+    assert ex.rejections["malformed"] == 1
+
+
+def test_round_without_quorum_fails_clearly(coordinator):
+    coordinator.settings.round_timeout_s = 1.0
+    with pytest.raises(QuorumNotReached, match=r"0 of 2 sampled devices .* quorum is 2 .* --resume"):
+        coordinator.train_round(0, 0, [1, 2], {A: torch.zeros(2, 8), B: torch.zeros(8, 2)}, lambda k: True,
+                                {1: 1, 2: 2})
+    assert events(coordinator.run_dir)[-1]["missing"] == ["dev1", "dev2"]
+
+
+def _get(q: queue.Queue):
+    try:
+        return P.decode_control(q.get(timeout=0.2).payload)
+    except queue.Empty:
+        return None
+
+
+# --------------------------------------------------------------------------- whole runs on device processes
+
+DEVICE_WRAPPER = """
+import json, sys
+if {block!r}:
+    for name in ("torch", "transformers", "peft"):
+        sys.modules[name] = None  # `import torch` now raises ImportError
+from edge_runtime.client import main
+rc = main(sys.argv[1:])
+heavy = sorted({{m.split(".")[0] for m, mod in sys.modules.items() if mod is not None}} & {{"torch", "transformers", "peft"}})
+open("modules.json", "w").write(json.dumps({{"rc": rc, "heavy": heavy}}))
+sys.exit(rc)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny4():
+    from server_sdk.model import tiny_random_model
+
+    return tiny_random_model(n_layers=4, hidden=32, seed=0)
+
+
+def fleet_cfg(**kw) -> RunConfig:
+    from server_sdk.config import DataSettings, LoraSettings
+
+    base = dict(model="tiny-random-L4", stages=[2, 4], rounds_per_stage=[2, 1], num_clients=3, clients_per_round=3,
+                local_steps=2, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
+                lora=LoraSettings(r=2, alpha=4),
+                data=DataSettings(tasks=["chain_sum", "basic_arithmetic"], tasks_per_client=1, examples_per_client=6,
+                                  eval_examples_per_task=2))
+    base.update(kw)
+    return RunConfig(**base)
+
+
+class FleetRun:
+    """simulation.run over a LocalFleet in a background thread, so a test can break things meanwhile."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, base, n: int, settings: FleetSettings,
+                 device_code: dict[str, str] | None = None, resume: bool = False):
+        from server_sdk.fleet import fleet_executor_factory
+        from server_sdk.local_fleet import LocalFleet
+        from server_sdk.simulation import run
+
+        self.run_dir = run_dir
+        self.fleet = LocalFleet(run_dir / "fleet", n)
+        self.fleet.start_broker()
+        self.shards: dict[str, Path] = {}
+
+        def start_devices(executor) -> None:
+            for c, name in enumerate(self.fleet.names):
+                self.shards[name] = run_dir / "data" / f"client_{c:03d}.jsonl"
+                self.start_device(name, (device_code or {}).get(name))
+
+        factory = fleet_executor_factory(run_dir, self.fleet.server, settings, host="localhost",
+                                         on_ready=start_devices)
+        self.result: dict = {}
+
+        def target() -> None:
+            try:
+                self.result["report"] = run(cfg, run_dir, base=base, resume=resume, progress=False,
+                                            executor_factory=factory)
+            except BaseException as exc:  # re-raised in the test thread by finish()
+                self.result["error"] = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def start_device(self, name: str, code: str | None = None):
+        return self.fleet.start_device(name, self.shards[name], self.run_dir.name, python_code=code)
+
+    def observer(self) -> tuple[MqttClient, queue.Queue]:
+        """A server-side MQTT connection that sees every control message of the run."""
+        client = MqttClient(settings_for(self.fleet.server, client_id=f"observer-{secrets.token_hex(3)}",
+                                         port=self.fleet.port))
+        controls: queue.Queue = queue.Queue()
+        client.subscribe(P.control_topic(self.run_dir.name), lambda m: controls.put(P.decode_control(m.payload)))
+        client.connect(10)
+        return client, controls
+
+    def finish(self, timeout_s: float = 240) -> dict:
+        self.thread.join(timeout_s)
+        try:
+            assert not self.thread.is_alive(), "the run did not finish in time"
+            if "error" in self.result:
+                raise self.result["error"]
+            self.codes = self.fleet.wait_devices(30)
+            return self.result["report"]
+        finally:
+            self.fleet.close()
+
+
+def wait_control(controls: queue.Queue, pred, timeout_s: float = 120) -> P.ControlMessage:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ctrl = controls.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if pred(ctrl):
+            return ctrl
+    raise AssertionError("the expected control message never came")
+
+
+def accepted_by_round(run_dir: Path) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for e in events(run_dir):
+        if e["event"] == "accepted":
+            out.setdefault(e["round"], []).append(e["device"])
+    return out
+
+
+def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
+    from server_sdk.local_fleet import add_fleet_summary
+
+    code = {"dev-000": DEVICE_WRAPPER.format(block=True), "dev-001": DEVICE_WRAPPER.format(block=False)}
+    job = FleetRun(tmp_path / "e2e", fleet_cfg(), tiny4, 3, FleetSettings(round_timeout_s=120), device_code=code)
+    report = add_fleet_summary(job.run_dir, job.finish())
+    recs = [r for r in report["records"] if r["stage"] >= 0]
+    assert [r["layers"] for r in recs] == [2, 2, 4] and all(r["clients"] == [0, 1, 2] for r in recs)
+    for rec in recs:
+        assert sorted(rec["telemetry"]) == ["0", "1", "2"]
+        for tel in rec["telemetry"].values():
+            assert tel["peak_rss_bytes"] > 0 and tel["steps"] == 2 and tel["step_latency_s"]["p50"] > 0
+            assert tel["energy_source"] and tel["backend"] == "ort"
+    # stage 1 shares tokenizer.json with stage 0: its blob is not downloaded again
+    stage_bytes = [e["artifact_bytes"] for e in events(job.run_dir) if e["event"] == "stage"]
+    for dev in report["fleet"]["devices"].values():
+        assert dev["rounds"] == 3
+    downloads = {name: max(rec["telemetry"][str(c)]["stage_download_bytes"] for rec in recs if rec["stage"] == 1)
+                 for c, name in enumerate(job.fleet.names)}
+    assert all(0 < b < stage_bytes[1] for b in downloads.values()), (downloads, stage_bytes)
+    assert job.codes == {"dev-000": 0, "dev-001": 0, "dev-002": 0}
+    for name in ("dev-000", "dev-001"):  # torch blocked, and torch available but never imported
+        assert json.loads((job.fleet.device_dir(name) / "modules.json").read_text()) == {"rc": 0, "heavy": []}
+    assert (job.run_dir / "adapter").exists() and report["fleet"]["rejected"] == {}
+
+
+def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(tiny4, tmp_path):
+    settings = FleetSettings(round_timeout_s=20, artifact_bytes_per_s=None)
+    job = FleetRun(tmp_path / "kill", fleet_cfg(rounds_per_stage=[3, 1]), tiny4, 3, settings)
+    observer, controls = job.observer()
+    try:
+        wait_control(controls, lambda c: c.state == "train" and c.round == 1)
+        job.fleet.kill_device("dev-002")  # 1 of 3 devices, mid-round
+        wait_for(lambda: any(e["event"] == "round_end" and e["round"] == 1 for e in events(job.run_dir)), 60,
+                 "round 1 to end")
+        blobs = job.fleet.device_dir("dev-002") / "cache" / "blobs"
+        biggest = max(blobs.iterdir(), key=lambda p: p.stat().st_size)  # the stage's checkpoint
+        biggest.chmod(0o644)
+        with open(biggest, "r+b") as f:
+            f.seek(100)
+            f.write(b"bitrot")
+        job.start_device("dev-002")
+        report = job.finish()
+    finally:
+        observer.close()
+    by_round = accepted_by_round(job.run_dir)
+    assert sorted(by_round[1]) == ["dev-000", "dev-001"]
+    assert sorted(by_round[2]) == sorted(by_round[3]) == ["dev-000", "dev-001", "dev-002"]
+    rec2 = [r for r in report["records"] if r["stage"] == 0][2]
+    assert rec2["telemetry"]["2"]["download_bytes"] >= biggest.stat().st_size > 1_000_000  # fetched again
+    assert rec2["telemetry"]["0"]["download_bytes"] == 0
+    log = (job.fleet.device_dir("dev-002") / "device.log").read_text()
+    assert "corrupt" in log
+
+
+def test_broker_restart_mid_stage_loses_and_duplicates_no_update(tiny4, tmp_path):
+    job = FleetRun(tmp_path / "brk", fleet_cfg(rounds_per_stage=[3, 1]), tiny4, 3,
+                   FleetSettings(round_timeout_s=90, artifact_bytes_per_s=None))
+    observer, controls = job.observer()
+    try:
+        wait_control(controls, lambda c: c.state == "train" and c.round == 1)
+        job.fleet.restart_broker()
+        report = job.finish()
+    finally:
+        observer.close()
+    by_round = accepted_by_round(job.run_dir)
+    assert {r: sorted(d) for r, d in by_round.items()} == {r: ["dev-000", "dev-001", "dev-002"] for r in range(4)}
+    assert all(len(r["client_samples"]) == 3 for r in report["records"] if r["stage"] >= 0)
+    assert not [e for e in events(job.run_dir) if e["event"] == "rejected"]
