@@ -9,6 +9,7 @@ machine pays the export (~30 s per stage shape).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import secrets
 import threading
@@ -344,3 +345,60 @@ def test_broker_restart_mid_stage_loses_and_duplicates_no_update(tiny4, tmp_path
     assert {r: sorted(d) for r, d in by_round.items()} == {r: ["dev-000", "dev-001", "dev-002"] for r in range(4)}
     assert all(len(r["client_samples"]) == 3 for r in report["records"] if r["stage"] >= 0)
     assert not [e for e in events(job.run_dir) if e["event"] == "rejected"]
+
+
+def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from server_sdk.local_fleet import REPO_ROOT, LocalFleet
+    from server_sdk.model import load_base_model
+
+    model_dir = tmp_path / "model"  # both coordinators load the same weights by path
+    tiny4.model.save_pretrained(model_dir)
+    tiny4.tokenizer.save_pretrained(model_dir)
+    cfg = fleet_cfg(model=str(model_dir), rounds_per_stage=[2, 2], clients_per_round=2, seed=3, torch_threads=1)
+    settings = FleetSettings(round_timeout_s=60, artifact_bytes_per_s=None)
+
+    reference = FleetRun(tmp_path / "ref", cfg, load_base_model(str(model_dir)), 3, settings).finish()
+    assert len(reference["records"]) == 5
+
+    cfg.to_json(tmp_path / "cfg.json")
+    run_dir = tmp_path / "killed"
+    with LocalFleet(tmp_path / "fleet2", 3) as fleet:
+        fleet.start_broker()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+        serve = [sys.executable, "-m", "server_sdk.cli", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
+                 "--fleet-dir", str(fleet.dir), "--quiet", "--round-timeout", "60"]
+        with open(tmp_path / "serve.log", "ab") as logf:
+            first = subprocess.Popen([*serve, "--config", str(tmp_path / "cfg.json"), "--name", run_dir.name,
+                                      "--runs-dir", str(tmp_path)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+            try:
+                shards = [run_dir / "data" / f"client_{c:03d}.jsonl" for c in range(3)]
+                wait_for(lambda: all(p.exists() for p in shards), 120, "the client shards")
+                for name, shard in zip(fleet.names, shards):
+                    fleet.start_device(name, shard, run_dir.name)
+                meta = run_dir / "checkpoint" / "meta.json"
+                wait_for(lambda: meta.exists() and len(json.loads(meta.read_text())["records"]) >= 2, 180,
+                         "the first round's checkpoint")
+                first.send_signal(signal.SIGKILL)  # no clean shutdown: the next round may be half done
+                first.wait()
+            finally:
+                if first.poll() is None:
+                    first.kill()
+            assert len(json.loads(meta.read_text())["records"]) < 5, "the run finished before it was killed"
+            resumed = subprocess.run([*serve, "--resume", str(run_dir)], stdout=logf, stderr=subprocess.STDOUT,
+                                     env=env, timeout=300)
+        assert resumed.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert set(fleet.wait_devices(30).values()) == {0}
+
+    want = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    got = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), (k, (got[k] - want[k]).abs().max())
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["clients"] for r in report["records"]] == [r["clients"] for r in reference["records"]]
