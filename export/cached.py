@@ -36,7 +36,8 @@ def template_key(peft_model: Any, *, optimizer: str, max_seq_len: int) -> str:
     """Hash of everything the exported graphs depend on (not the weight values)."""
     peft_cfg = {k: _stable(v.to_dict()) for k, v in peft_model.peft_config.items()}
     shapes = {k: list(v.shape) for k, v in peft_model.state_dict().items()}
-    blob = json.dumps({"config": _json_config(peft_model), "peft": peft_cfg, "shapes": shapes, "optimizer": optimizer,
+    config = {k: v for k, v in _json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
+    blob = json.dumps({"config": config, "peft": peft_cfg, "shapes": shapes, "optimizer": optimizer,
                        "max_seq_len": max_seq_len, "ort": version("onnxruntime-training"), "torch": version("torch"),
                        "transformers": version("transformers"), "onnx": version("onnx")},
                       sort_keys=True, default=str)
@@ -117,6 +118,7 @@ def export_stage_cached(
             manifest.chat_template = _copy_tokenizer(tokenizer_dir, build)
             manifest.tokenizer_file = "tokenizer.json"
         manifest.run_id, manifest.stage = run_id, stage
+        manifest.model_config = _json_config(peft_model)
         manifest.groups = [list(map(int, g)) for g in groups or []]
         manifest.anchors = [int(a) for a in anchors or []]
         write_manifest(build, manifest)
