@@ -1,0 +1,209 @@
+"""`devft export`: turn a stage submodel into device artifacts (ORT or ExecuTorch).
+
+Two sources of a submodel:
+- a run directory (`--run runs/NAME --stage N`): the stage's plan from the run and the
+  full LoRA at that stage's start, rebuilt with server_sdk.submodel.build_submodel;
+- a base model (`--model smollm2-135m --layers K`): a fresh first-stage submodel of K
+  layers, for benchmarks and smoke tests.
+
+Stages are numbered from 0, as in report.json's `stage_plans`.
+
+A run's checkpoint keeps one full LoRA: the one at the start of the stage in progress
+(it only changes when a stage ends), or the final one after the last stage. So a run can
+export the stage it is in, or its last stage (the full model) with the final adapter;
+the starting LoRA of an earlier stage is gone and asking for it is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.manifest import BACKENDS, Manifest, load_manifest
+
+DEFAULT_MAX_SEQ_LEN = 256
+DEFAULT_MAX_BATCH = 4  # ExecuTorch plans activation memory for this batch size
+
+
+@dataclass
+class StageSource:
+    """A rebuilt stage submodel and what it was built from (recorded in the manifest)."""
+
+    peft_model: Any
+    tokenizer: Any
+    run_id: str
+    stage: int
+    groups: list[list[int]]
+    anchors: list[int]
+    note: str
+
+
+class ExportError(ValueError):
+    """The requested stage cannot be exported from what is on disk; the message says why."""
+
+
+def export_submodel(
+    source: StageSource,
+    backend: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    optimizer: str = "adamw",
+) -> Path:
+    """Export `source` with `backend` into `out_dir`, then reload and verify its manifest."""
+    if backend not in BACKENDS:
+        raise ExportError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    meta = dict(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        source.tokenizer.save_pretrained(tok_dir)
+        if backend == "ort":
+            from export.ort import export_ort_artifacts
+
+            out = export_ort_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir, optimizer=optimizer,
+                                       max_seq_len=max_seq_len, **meta)
+        else:
+            from export.executorch import export_executorch_artifacts
+
+            out = export_executorch_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir,
+                                              max_seq_len=max_seq_len, max_batch=max_batch, **meta)
+    verify(out, source.peft_model)
+    return out
+
+
+def verify(out_dir: Path, peft_model: Any) -> Manifest:
+    """Load the written manifest back, with hashes and the model's LoRA shapes, as a device would."""
+    from export import naming
+
+    state = peft_model.state_dict()
+    shapes = {k: tuple(state[k].shape) for k in naming.lora_peft_names(state)}
+    return load_manifest(out_dir, expected_trainable=shapes)
+
+
+def run_stage_source(run_dir: str | os.PathLike[str], stage: int) -> StageSource:
+    """Rebuild stage `stage` of a run: its plan and the full LoRA at its start (see module docstring)."""
+    from server_sdk import checkpoint
+    from server_sdk.config import RunConfig
+    from server_sdk.model import load_base_model
+    from server_sdk.strategies import make_strategy
+    from server_sdk.submodel import StagePlan, build_submodel, identity_plan
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ExportError(f"{run_dir} is not a devft run directory (no config.json); pass --run runs/<name>")
+    cfg = RunConfig.from_file(run_dir / "config.json")
+    base = load_base_model(cfg.model)
+    stages = make_strategy(cfg).stage_sizes(base.n_layers)
+    last = len(stages) - 1
+    if not 0 <= stage <= last:
+        raise ExportError(f"run {run_dir} has stages 0..{last} ({stages} layers); got --stage {stage}")
+    loaded = checkpoint.load(run_dir)
+    meta, tensors = loaded if loaded else ({}, {})
+    current = meta.get("stage")
+    if current == stage and meta.get("plan") is not None:
+        plan = StagePlan(**meta["plan"])
+        full, note = tensors["full"], f"stage {stage} in progress: its plan and starting full LoRA from the checkpoint"
+    elif stage == last and (current == len(stages) or (run_dir / "adapter").is_dir()):
+        plan = identity_plan(base.n_layers, stage)
+        full, note = _final_lora(run_dir, base, cfg, tensors if current == len(stages) else None)
+    else:
+        where = "the run has no checkpoint" if current is None else f"the checkpoint is at stage {current}"
+        raise ExportError(
+            f"run {run_dir}: the full LoRA at the start of stage {stage} is not kept ({where}); a run keeps only the "
+            f"starting LoRA of the stage in progress and the final adapter, which goes with the last stage (--stage {last})"
+        )
+    sub, _ = build_submodel(base.model, full, plan, cfg.beta, cfg.fusion, cfg.lora)
+    return StageSource(sub.float(), base.tokenizer, run_dir.resolve().name, stage, plan.groups, plan.anchors, note)
+
+
+def _final_lora(run_dir: Path, base: Any, cfg: Any, tensors: dict | None) -> tuple[dict, str]:
+    if tensors is not None:
+        return tensors["full"], "last stage (full model) with the final LoRA from the checkpoint"
+    from peft import PeftModel
+
+    from server_sdk.lora import read_lora
+    from server_sdk.submodel import copy_model
+
+    model = PeftModel.from_pretrained(copy_model(base.model), run_dir / "adapter")
+    return read_lora(model), "last stage (full model) with the final adapter"
+
+
+def fresh_stage_source(model: str, layers: int) -> StageSource:
+    """The first-stage submodel of `layers` layers of a base model with fresh LoRA (B = 0), default config."""
+    from server_sdk.config import RunConfig
+    from server_sdk.lora import attach_lora, read_lora
+    from server_sdk.model import load_base_model
+    from server_sdk.strategies import make_strategy
+    from server_sdk.submodel import build_submodel, copy_model
+
+    cfg = RunConfig(model=model)
+    base = load_base_model(model)
+    if not 1 <= layers <= base.n_layers:
+        raise ExportError(f"--layers must be in 1..{base.n_layers} for {base.name}, got {layers}")
+    lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
+    plan, _ = make_strategy(cfg).configure_stage(0, base.model, lora, layers)
+    sub, _ = build_submodel(base.model, lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+    return StageSource(sub.float(), base.tokenizer, f"fresh-{base.name}", 0, plan.groups, plan.anchors,
+                       f"fresh {layers}-layer first-stage submodel of {base.name}")
+
+
+def export_stage(run_dir: str | os.PathLike[str], stage: int, backend: str, out_dir: str | os.PathLike[str],
+                 **options: Any) -> Path:
+    """Export stage `stage` of the run in `run_dir` with `backend` ("ort" or "executorch") into `out_dir`.
+
+    options: max_seq_len, max_batch (ExecuTorch), optimizer (ORT). Returns the verified artifact dir.
+    """
+    return export_submodel(run_stage_source(run_dir, stage), backend, out_dir, **options)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if (args.run is None) == (args.model is None):
+        raise ExportError("pass either --run RUN_DIR --stage N or --model NAME --layers K")
+    if args.run is not None:
+        if args.stage is None:
+            raise ExportError("--run needs --stage N (stages count from 0, as in report.json)")
+        source = run_stage_source(args.run, args.stage)
+    else:
+        if args.layers is None:
+            raise ExportError("--model needs --layers K (the submodel depth)")
+        source = fresh_stage_source(args.model, args.layers)
+    out = export_submodel(source, args.backend, args.out, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
+                          optimizer=args.optimizer)
+    manifest = load_manifest(out, verify_hashes=False)  # verified in export_submodel
+    summary = {"out": str(out), "backend": manifest.backend, "run_id": manifest.run_id, "stage": manifest.stage,
+               "layers": len(manifest.groups), "trainable_tensors": len(manifest.trainable), "source": source.note,
+               "files": {k: v.size for k, v in manifest.files.items()}}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a stage submodel as device training artifacts (ORT or ExecuTorch)")
+    p.add_argument("--run", help="run directory, e.g. runs/default (with --stage)")
+    p.add_argument("--stage", type=int, help="stage index from 0, as in report.json's stage_plans")
+    p.add_argument("--model", help="instead of a run: a base model name or directory (with --layers)")
+    p.add_argument("--layers", type=int, help="with --model: depth of the fresh first-stage submodel")
+    p.add_argument("--backend", choices=BACKENDS, default="ort", help="artifact format (default ort)")
+    p.add_argument("--out", required=True, help="artifact directory to write (replaced if it exists)")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help=f"longest training sequence (default {DEFAULT_MAX_SEQ_LEN})")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"ExecuTorch only: largest batch; memory is planned for it (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="ORT only: optimizer graph (ExecuTorch always uses the runtime's SGD)")
+    p.set_defaults(func=_guarded)
+
+
+def _guarded(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        return cmd_export(args)
+    except ExportError as err:
+        print(f"devft: error: {err}", file=sys.stderr)
+        return 2
