@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Subcommands contributed by other parts (export, fleet) when their dependencies are installed."""
     found = []
-    for mod, attr in (("export.cli", "register"), ("server_sdk.fleet_cli", "register")):
+    for mod, attr in (("export.cli", "register"), ("server_sdk.fleet_cli", "register"), ("server_sdk.report_cli", "register")):
         try:
             module = __import__(mod, fromlist=[attr])
             found.append(getattr(module, attr))
