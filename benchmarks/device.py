@@ -1,0 +1,379 @@
+"""What one local training step of each DEVFT stage costs a device: memory, time, energy.
+
+    python -m benchmarks.device            # stages 4, 8, 16, 30 x every available backend (~15 min)
+    python -m benchmarks.device --quick    # stages 4 and 30, fewer steps (~5 min)
+
+For each stage submodel of SmolLM2-135M and each backend (ONNX Runtime Training, ExecuTorch
+when its exporter and device backend are installed, and the eager torch reference, which is
+what devft's simulated clients run) one measurement runs in its own process, so a row's peak
+memory is that backend's alone: edge_runtime/bench.py for the artifact backends (the same code
+`devft-edge bench` runs on a board), `--worker-torch` here for torch.
+
+Submodels are built as DEVFT stage 1 builds them (server_sdk.submodel.plan_stage with the
+default RunConfig: deconfliction grouping, medoid anchors, differential fusion, seed 0) on the
+base model with freshly initialised LoRA (r=8 on q,k,v,o,gate,up,down). The 30-layer stage is
+the full model (identity plan). Cost depends on the number of layers, not on which layers were
+grouped. Batch 4 x seq 128 of random tokens with every position supervised (the LM head runs
+over all 4 x 127 positions), AdamW for ORT and torch, lr 1e-4, threads = logical CPUs.
+
+Artifacts and submodels are cached under benchmarks/results/cache/device/ (git-ignored), so a
+rerun only measures. Results: benchmarks/results/device.json (rows in the format of
+edge_runtime.bench), benchmarks/results/device.png, and the generated section of
+benchmarks/RESULTS-device.md (other sections of that file are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.bench import DEFAULT_BATCH, DEFAULT_SEQ, append_rows, machine_info, measure, summary_line
+from edge_runtime.telemetry import DEVICE_PROFILES
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+CACHE = RESULTS / "cache" / "device"
+MARKDOWN = ROOT / "RESULTS-device.md"
+BEGIN, END = "<!-- benchmarks.device: begin (generated) -->", "<!-- benchmarks.device: end -->"
+MODEL = "smollm2-135m"
+STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
+BACKENDS = ("torch", "ort", "executorch")
+LR = 1e-4
+CACHE_VERSION = 1  # bump when the submodel recipe or export settings change
+
+
+# --------------------------------------------------------------------------- preparation (server side)
+
+
+def executorch_unavailable() -> str | None:
+    """Why the ExecuTorch rows cannot be measured here, or None when they can."""
+    missing = [m for m in ("executorch", "export.executorch", "edge_runtime.backends.executorch_backend")
+               if _find_spec(m) is None]
+    if missing:
+        return f"not installed in this environment: {', '.join(missing)}"
+    return None
+
+
+def _find_spec(name: str) -> Any:
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def stage_dir(n_layers: int) -> Path:
+    return CACHE / f"{MODEL}-L{n_layers}-b{DEFAULT_BATCH}-s{DEFAULT_SEQ}-v{CACHE_VERSION}"
+
+
+def prepare(stages: list[int], backends: list[str]) -> dict[int, dict[str, Any]]:
+    """Build each stage submodel once and export it for every artifact backend; reuse the cache."""
+    todo = [n for n in stages if not _prepared(n, backends)]
+    if todo:
+        _build(todo, backends)
+    return {n: json.loads((stage_dir(n) / "stage.json").read_text()) for n in stages}
+
+
+def _prepared(n: int, backends: list[str]) -> bool:
+    d = stage_dir(n)
+    need = ["stage.json", "torch/base/config.json", "torch/adapter/adapter_config.json"]
+    need += [f"{b}/manifest.json" for b in backends if b != "torch"]
+    return all((d / f).exists() for f in need)
+
+
+def _build(stages: list[int], backends: list[str]) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from server_sdk.config import RunConfig
+    from server_sdk.lora import attach_lora, read_lora
+    from server_sdk.model import load_base_model
+    from server_sdk.submodel import build_submodel, copy_model, identity_plan, plan_stage, submodel_bytes
+
+    torch.manual_seed(0)
+    cfg = RunConfig()
+    base = load_base_model(MODEL)
+    full_lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
+    for n in tqdm(stages, desc="build + export stages", unit="stage"):
+        d = stage_dir(n)
+        if n >= base.n_layers:
+            plan = identity_plan(base.n_layers)
+        else:
+            plan, _ = plan_stage(base.model, full_lora, cfg.lora, 0, n, cfg.grouping, cfg.anchor, cfg.seed)
+        sub, _ = build_submodel(base.model, full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+        sub.float()
+        for b in backends:
+            if b == "ort" and not (d / "ort" / "manifest.json").exists():
+                from export.ort import export_ort_artifacts
+
+                export_ort_artifacts(sub, d / "ort", stage=0, groups=plan.groups, anchors=plan.anchors,
+                                     max_seq_len=DEFAULT_SEQ)
+            if b == "executorch" and not (d / "executorch" / "manifest.json").exists():
+                from export.executorch import export_executorch_artifacts
+
+                export_executorch_artifacts(sub, d / "executorch", stage=0, groups=plan.groups, anchors=plan.anchors,
+                                            max_seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH)
+        inner = sub.get_base_model()
+        emb = inner.model.embed_tokens.weight
+        shares = {
+            "frozen_bytes": submodel_bytes(sub),
+            "embedding_bytes": emb.numel() * emb.element_size(),  # tied with the LM head: held once
+            "lora_bytes": sum(p.numel() * p.element_size() for p in sub.parameters() if p.requires_grad),
+        }
+        sub.save_pretrained(d / "torch" / "adapter")
+        sub.unload().save_pretrained(d / "torch" / "base")
+        stage = {"n_layers": n, "groups": plan.groups, "anchors": plan.anchors, **shares,
+                 "grouping": "identity (full model)" if n >= base.n_layers else
+                 f"DEVFT stage-1 plan: {cfg.grouping} grouping, {cfg.anchor} anchors, {cfg.fusion} fusion"}
+        (d / "stage.json").write_text(json.dumps(stage, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- eager torch worker
+
+
+class TorchTrainer:
+    """The step devft's simulated clients take (server_sdk.trainer): token losses, AdamW on LoRA."""
+
+    def __init__(self, model_dir: Path, threads: int | None):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from server_sdk.trainer import token_losses
+
+        if threads:
+            torch.set_num_threads(threads)
+        base = AutoModelForCausalLM.from_pretrained(model_dir / "base", dtype=torch.float32, attn_implementation="eager")
+        self.model = PeftModel.from_pretrained(base, model_dir / "adapter", is_trainable=True)
+        self.model.train()
+        params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        self.torch, self.token_losses = torch, token_losses
+
+    def train_step(self, ids: Any, labels: Any) -> float:
+        loss = self.token_losses(self.model, self.torch.from_numpy(ids), self.torch.from_numpy(labels))[0].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    config = json.loads((model_dir / "base" / "config.json").read_text())
+    return measure(model_dir, backend="torch", steps=steps, warmup=warmup, threads=threads, lr=LR,
+                   make_trainer=lambda: TorchTrainer(model_dir, threads), model_config=config,
+                   versions={"runtime": f"torch=={torch.__version__}", "transformers": transformers.__version__,
+                             "attention": "eager (as devft's simulated clients)"})
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def run_one(backend: str, n: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+    """One measurement in a fresh process; returns its row, or a row saying why it failed."""
+    d = stage_dir(n)
+    if backend == "torch":
+        cmd = [sys.executable, "-m", "benchmarks.device", "--worker-torch", str(d / "torch")]
+    else:
+        cmd = [sys.executable, "-m", "edge_runtime.bench", str(d / backend), "--backend", backend, "--lr", str(LR)]
+    cmd += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT.parent, timeout=900)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"backend": backend, "stage_layers": n, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return json.loads(proc.stdout)
+
+
+def headline(rows: list[dict[str, Any]], stages_info: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    ok = {(r["backend"], r["stage_layers"]): r for r in rows if "error" not in r and "unavailable" not in r}
+    peak = lambda r: max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0)  # noqa: E731
+    p50 = lambda r: r["step_latency_s"]["p50"]  # noqa: E731
+    out: dict[str, Any] = {"stage1_vs_full": {}, "ort_vs_torch": {}, "fits": {}}
+    stages = sorted({n for _, n in ok})
+    first, full = (stages[0], stages[-1]) if stages else (None, None)
+    for b in BACKENDS:
+        if (b, first) in ok and (b, full) in ok and first != full:
+            s, f = ok[(b, first)], ok[(b, full)]
+            out["stage1_vs_full"][b] = {"stage": first, "full": full, "memory_ratio": peak(s) / peak(f),
+                                        "time_ratio": p50(s) / p50(f),
+                                        "cpu_time_ratio": s["cpu_s_per_step"] / f["cpu_s_per_step"]}
+    for n in stages:
+        if ("ort", n) in ok and ("torch", n) in ok:
+            o, t = ok[("ort", n)], ok[("torch", n)]
+            speedup, mem = p50(t) / p50(o), peak(o) / peak(t)
+            info = stages_info.get(n, {})
+            out["ort_vs_torch"][n] = {
+                "speedup": speedup, "speedup_cpu_time": t["cpu_s_per_step"] / o["cpu_s_per_step"], "memory_ratio": mem,
+                "speed_goal_met": speedup >= 1.5, "memory_goal_met": mem <= 0.6,
+                "frozen_mib": info.get("frozen_bytes", 0) / 2**20,
+                "embedding_share_of_frozen": info["embedding_bytes"] / info["frozen_bytes"] if info.get("frozen_bytes") else None,
+            }
+    for (b, n), r in sorted(ok.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        out["fits"].setdefault(str(n), {})[b] = [p for p, yes in r["fits"].items() if yes]
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| stage layers | backend | peak RSS (MiB) | p50 step (s) | p95 step (s) | CPU s/step | tokens/s "
+             "| J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["stage_layers"], BACKENDS.index(r["backend"]))):
+        if "error" in r or "unavailable" in r:
+            why = r.get("unavailable") or f"failed: {r['error']}"
+            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | |")
+            continue
+        lat, mib = r["step_latency_s"], max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0) / 2**20
+        fit = ", ".join(p for p, yes in r["fits"].items() if yes) or "none"
+        on = r["measured_on"]
+        lines.append(f"| {r['stage_layers']} | {r['backend']} | {mib:.0f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
+                     f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['energy_j_per_step']:.2f} ({r['energy_source']}) | {fit} | "
+                     f"{on['machine']}, {on['cpu_model']}, {on['logical_cpus']} CPUs |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r and "unavailable" not in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for b in BACKENDS:
+        rs = sorted((r for r in ok if r["backend"] == b), key=lambda r: r["stage_layers"])
+        if not rs:
+            continue
+        x = [r["stage_layers"] for r in rs]
+        axes[0].plot(x, [max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0) / 2**30 for r in rs], "o-", label=b)
+        p50 = [r["step_latency_s"]["p50"] for r in rs]
+        p95 = [r["step_latency_s"]["p95"] for r in rs]
+        axes[1].errorbar(x, p50, yerr=[[0] * len(x), [b_ - a for a, b_ in zip(p50, p95)]], fmt="o-", capsize=3, label=b)
+        axes[2].plot(x, [r["energy_j_per_step"] for r in rs], "o-", label=f"{b} ({rs[0]['energy_source']})")
+    for name, prof in DEVICE_PROFILES.items():
+        axes[0].axhline(prof.usable_ram_bytes / 2**30, ls=":", lw=1, color="grey")
+        axes[0].annotate(name, (0.01, prof.usable_ram_bytes / 2**30), xycoords=("axes fraction", "data"), fontsize=7,
+                         va="bottom", color="grey")
+    axes[0].set_ylabel("peak RSS (GiB); dotted: device profiles' usable RAM")
+    axes[1].set_ylabel("step latency (s), p50 with bar to p95")
+    axes[2].set_ylabel("energy per step (J)")
+    on = ok[0]["measured_on"] if ok else {"machine": "?", "cpu_model": "?"}
+    for ax in axes:
+        ax.set_xlabel("stage submodel layers")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M stages, batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ}, measured on {on['machine']} "
+                 f"{on['cpu_model']} (not ARM timings)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    meta, head = doc["meta"], doc["headline"]
+    lines = [BEGIN, "## Device cost per training step (benchmarks/device.py)", "",
+             f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
+             f"Machine: {meta['machine']['cpu_model']} ({meta['machine']['machine']}, "
+             f"{meta['machine']['logical_cpus']} logical CPUs, shared with other jobs), {meta['threads']} threads  ",
+             f"Workload: batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ} random tokens, all positions supervised; "
+             f"{meta['warmup']} warm-up + {meta['steps']} timed steps, each measurement in its own process.  ",
+             f"Submodels: {meta['submodels']}.", "",
+             "**Rows measured on this x86_64 machine are not ARM timings.** Memory carries over to a board "
+             "roughly (same fp32 weights and graphs; allocators differ); time and energy do not. Energy labelled "
+             "`estimated:x86-laptop` is CPU seconds x 1.9 W per busy CPU, not a measurement. Add a board's row "
+             "with `devft-edge bench ARTIFACT_DIR --out benchmarks/results/device.json` (edge_runtime/bench.py).",
+             "", table(doc["rows"]), "", "### Headline ratios (same run, side by side)", ""]
+    for b, v in head["stage1_vs_full"].items():
+        lines.append(f"- {b}: stage-1 submodel ({v['stage']} layers) vs full ({v['full']}): peak memory x"
+                     f"{v['memory_ratio']:.2f}, time per step x{v['time_ratio']:.2f} (wall p50), "
+                     f"x{v['cpu_time_ratio']:.2f} (CPU time)")
+    for n, v in head["ort_vs_torch"].items():
+        verdict = ("reached" if v["speed_goal_met"] and v["memory_goal_met"] else
+                   "not reached (" + ", ".join(g for g, met in (("speed", v["speed_goal_met"]), ("memory", v["memory_goal_met"]))
+                                               if not met) + ")")
+        share = v["embedding_share_of_frozen"]
+        lines.append(f"- {n} layers, ORT vs eager torch: {v['speedup']:.2f}x faster (wall p50; "
+                     f"{v['speedup_cpu_time']:.2f}x by CPU time per step), peak memory x{v['memory_ratio']:.2f} "
+                     f"(goal >=1.5x and <=0.6x: {verdict}); frozen weights {v['frozen_mib']:.0f} MiB, of which the "
+                     f"tied embedding/LM head is {100 * share:.0f}%")
+    lines += ["", "Which stage fits which device profile (measured peak RSS, the larger of training loop and "
+              "process lifetime, against each profile's usable RAM):", ""]
+    for n, per_backend in head["fits"].items():
+        lines.append(f"- {n} layers: " + "; ".join(f"{b}: {', '.join(p) or 'none'}" for b, p in per_backend.items()))
+    lines += ["", "JSON: `benchmarks/results/device.json`; plot: `benchmarks/results/device.png`.", END]
+    return "\n".join(lines)
+
+
+def write_markdown(section: str, path: Path = MARKDOWN) -> None:
+    """Replace the generated section of `path`, keeping every other section (the ARM check's)."""
+    old = path.read_text() if path.exists() else "# Device benchmarks\n\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    new = pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip() + "\n\n" + section + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.device", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="stages 4 and 30, 1 warm-up + 4 timed steps")
+    p.add_argument("--stages", help="comma-separated stage sizes (default 4,8,16,30)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
+    p.add_argument("--steps", type=int, help="timed steps (default 8; --quick 4)")
+    p.add_argument("--warmup", type=int, help="untimed steps (default 2; --quick 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", type=Path, default=RESULTS / "device.json")
+    p.add_argument("--worker-torch", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    steps = args.steps or (4 if args.quick else 8)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.worker_torch:
+        print(json.dumps(torch_row(args.worker_torch, steps, warmup, args.threads)))
+        return 0
+
+    from tqdm import tqdm
+
+    stages = [int(s) for s in args.stages.split(",")] if args.stages else list(QUICK_STAGES if args.quick else STAGES)
+    wanted = [b for b in args.backends.split(",") if b]
+    if unknown := sorted(set(wanted) - set(BACKENDS)):
+        p.error(f"unknown backends {unknown}; choose from {BACKENDS}")
+    et_reason = executorch_unavailable() if "executorch" in wanted else None
+    backends = [b for b in wanted if not (b == "executorch" and et_reason)]
+    stages_info = prepare(stages, backends)
+    rows: list[dict[str, Any]] = []
+    jobs = [(b, n) for n in stages for b in backends]  # per stage side by side: drift on a shared machine hits both
+    for b, n in tqdm(jobs, desc="measure", unit="run"):
+        row = run_one(b, n, steps, warmup, args.threads)
+        tqdm.write(summary_line(row) if "error" not in row else f"{b} {n} layers failed: {row['error']}")
+        rows.append(row)
+    if et_reason:
+        rows += [{"backend": "executorch", "stage_layers": n, "unavailable": et_reason} for n in stages]
+    doc = {
+        "meta": {"command": "python -m benchmarks.device" + (" --quick" if args.quick else ""),
+                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
+                 "threads": args.threads, "steps": steps, "warmup": warmup, "batch": DEFAULT_BATCH, "seq": DEFAULT_SEQ,
+                 "submodels": "DEVFT stage-1 plan (server_sdk.submodel.plan_stage, default RunConfig) for sub-full "
+                              "sizes, identity plan for the full model", "stages": stages_info},
+        "headline": headline(rows, stages_info),
+        "rows": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    append_rows(args.out, rows)
+    plot(rows, args.out.with_suffix(".png"))
+    section = markdown({**doc, "rows": rows})
+    write_markdown(section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
