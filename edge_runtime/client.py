@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import queue
 import secrets
 import shutil
@@ -371,7 +372,7 @@ class Device:
         trained = trainer.get_lora()
         delta = {k: (trained[k] - received[k]).astype(np.float32) for k in trainable}
         telemetry = {**rec.report(), "train_s": time.perf_counter() - t0, "setup_s": setup_s,
-                     "backend": self.backend, "threads": self.threads,
+                     "backend": self.backend, "threads": self.threads, "process": os.getpid(),
                      "artifact_id": ctrl.artifact.artifact_id if ctrl.artifact else None,
                      "download_bytes": downloaded,
                      "stage_download_bytes": self.stage_downloads.get(ctrl.artifact.artifact_id, 0)

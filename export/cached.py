@@ -34,7 +34,8 @@ CHECKPOINT = "checkpoint"
 
 def template_key(peft_model: Any, *, optimizer: str, max_seq_len: int) -> str:
     """Hash of everything the exported graphs depend on (not the weight values)."""
-    peft_cfg = {k: _stable(v.to_dict()) for k, v in peft_model.peft_config.items()}
+    peft_cfg = {k: {f: x for f, x in _stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
+                for k, v in peft_model.peft_config.items()}
     shapes = {k: list(v.shape) for k, v in peft_model.state_dict().items()}
     config = {k: v for k, v in _json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
     blob = json.dumps({"config": config, "peft": peft_cfg, "shapes": shapes, "optimizer": optimizer,

@@ -155,10 +155,15 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
             d = devices.setdefault(tel["device"], {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
                                                    "peak_rss_bytes": 0})
             d["rounds"] += 1
-            per_stage = d["stage_download_bytes"]
-            per_stage[str(rec["stage"])] = per_stage.get(str(rec["stage"]), 0) + (tel.get("download_bytes") or 0)
+            # a device process counts what it downloaded per stage (prefetch included); a restarted one anew
+            seen = d.setdefault("_by_process", {})
+            key = (str(rec["stage"]), tel.get("process"))
+            seen[key] = max(seen.get(key, 0), tel.get("stage_download_bytes") or 0)
             d["energy_j"] += tel.get("energy_j") or 0.0
             d["peak_rss_bytes"] = max(d["peak_rss_bytes"], tel.get("peak_rss_bytes") or 0)
+    for d in devices.values():
+        for (stage, _), nbytes in d.pop("_by_process", {}).items():
+            d["stage_download_bytes"][stage] = d["stage_download_bytes"].get(stage, 0) + nbytes
     rejected: dict[str, int] = {}
     for e in events:
         if e["event"] == "rejected":

@@ -402,3 +402,42 @@ def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp
         assert torch.equal(got[k], want[k]), (k, (got[k] - want[k]).abs().max())
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["clients"] for r in report["records"]] == [r["clients"] for r in reference["records"]]
+
+
+def test_cli_fleet_init_and_add_device_print_what_a_device_needs(tmp_path, capsys):
+    from server_sdk.broker import MosquittoNotFound, require_mosquitto
+    from server_sdk.cli import main
+
+    try:
+        require_mosquitto()
+    except MosquittoNotFound as exc:
+        pytest.skip(str(exc))
+    assert main(["fleet", "init", str(tmp_path / "f"), "--hostname", "broker.lan", "--port", "9883"]) == 0
+    assert main(["fleet", "add-device", str(tmp_path / "f"), "dev-007"]) == 0
+    out, err = capsys.readouterr()
+    creds = json.loads(out[out.index("{"):])
+    assert creds["username"] == "dev-007" and creds["host"] == "broker.lan" and creds["port"] == 9883
+    assert "BEGIN CERTIFICATE" in creds["ca_pem"] and "devft-edge run --credentials" in err
+    assert main(["run", "--fleet", "cloud:3"]) == 2  # a clear error, not a traceback
+
+
+def test_cli_run_fleet_local_reports_per_device_telemetry(tiny4, tmp_path):
+    import subprocess
+    import sys
+
+    from server_sdk.local_fleet import REPO_ROOT
+
+    tiny4.model.save_pretrained(tmp_path / "model")
+    tiny4.tokenizer.save_pretrained(tmp_path / "model")
+    fleet_cfg(model=str(tmp_path / "model"), rounds_per_stage=[1, 1], num_clients=2, clients_per_round=2,
+              torch_threads=1).to_json(tmp_path / "cfg.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "server_sdk.cli", "run", "--fleet", "local:2", "--config",
+                           str(tmp_path / "cfg.json"), "--name", "cli", "--runs-dir", str(tmp_path), "--quiet",
+                           "--round-timeout", "90"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dev-000: 2 rounds" in done.stdout and "dev-001: 2 rounds" in done.stdout
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert set(report["fleet"]["devices"]) == {"dev-000", "dev-001"}
+    assert all(d["stage_download_bytes"]["0"] > 0 for d in report["fleet"]["devices"].values())
+    assert report["fleet"]["exit_codes"] == {"dev-000": 0, "dev-001": 0}
