@@ -102,8 +102,8 @@ def table(rows: list[DeviceStage]) -> str:
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
         lines.append(
             f"{r.device:<12}{', '.join(r.device_profiles) or '-':<22}{r.stage + 1:>6}{r.layers:>7}{r.rounds:>7}"
-            f"{r.peak_rss_bytes / MIB:>10.0f}{fmt(p50, '.3f'):>9}{fmt(p95, '.3f'):>9}{fmt(r.energy_j_per_step, '.2f'):>9}"
-            f"{r.energy_j:>10.1f}  {', '.join(r.energy_sources) or 'n/a':<26}{r.carbon_g:>9.4f}  "
+            f"{r.peak_rss_bytes / MIB:>10.0f}{fmt(p50, '.4g'):>9}{fmt(p95, '.4g'):>9}{fmt(r.energy_j_per_step, '.3g'):>9}"
+            f"{r.energy_j:>10.4g}  {', '.join(r.energy_sources) or 'n/a':<26}{r.carbon_g:>9.3g}  "
             f"{'n/a' if r.fits is None else ('yes' if r.fits else 'NO')}"
         )
     labels = {s for r in rows for s in r.energy_sources}

@@ -12,11 +12,11 @@ from server_sdk.report_cli import PLOTS, device_stages
 
 def _real_telemetry(profile: str, steps: int, include_all: bool = False) -> dict:
     """A TelemetryRecorder report from a real (tiny) workload, as a device would send it."""
-    a = np.random.default_rng(0).standard_normal((64, 64))
+    a = np.random.default_rng(0).standard_normal((256, 256))
     with TelemetryRecorder(device_profile=profile, carbon_intensity="DEU", include_all_latencies=include_all) as rec:
         for _ in range(steps):
             with rec.step(tokens=8 * 16):
-                a = np.tanh(a @ a.T / 64)
+                a = np.tanh(a @ a.T / 256)
     return json.loads(json.dumps(rec.report()))  # exactly what travels in report.json
 
 
