@@ -129,9 +129,13 @@ def _replace_empty_permuted(gm: torch.fx.GraphModule) -> None:
 
 
 def _dynamic_shapes(names: Sequence[str], max_batch: int, max_seq_len: int) -> dict[str, Any]:
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    seq = torch.export.Dim("seq", min=MIN_SEQ_LEN, max=max_seq_len)
-    return {n: {0: batch, 1: seq} for n in names}
+    """Symbolic batch and seq up to their bounds; a bound equal to its minimum is a static size."""
+    dims = {}
+    if max_batch > 1:
+        dims[0] = torch.export.Dim("batch", min=1, max=max_batch)
+    if max_seq_len > MIN_SEQ_LEN:
+        dims[1] = torch.export.Dim("seq", min=MIN_SEQ_LEN, max=max_seq_len)
+    return {n: dict(dims) for n in names}
 
 
 def _joint_program(peft_model: Any, example: tuple[torch.Tensor, torch.Tensor], max_batch: int, max_seq_len: int):
@@ -160,8 +164,8 @@ def lower(peft_model: Any, *, max_batch: int, max_seq_len: int) -> tuple[Any, li
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
 
     vocab = peft_model.get_base_model().config.vocab_size
-    seq = min(16, max_seq_len)
-    example = (torch.randint(0, vocab, (min(2, max_batch), seq)), torch.randint(0, vocab, (min(2, max_batch), seq)))
+    shape = (min(2, max_batch), min(16, max_seq_len))  # not 1: export would specialise a size-1 dim
+    example = (torch.randint(0, vocab, shape), torch.randint(0, vocab, shape))
     lora = {n: p.detach().clone() for n, p in peft_model.named_parameters() if naming.is_lora(n)}
     lora = dict(sorted(lora.items(), key=lambda kv: naming.to_artifact_name(kv[0])))
     with _eager_attention(peft_model):  # SDPA's backward is not in the core ATen opset
