@@ -39,6 +39,10 @@ OPTIMIZER_IR_VERSION = 10  # onnx 1.23 writes IR 14 for the optimizer graph; ORT
 LOGITS = "logits"
 OPTIMIZERS = ("adamw", "sgd")  # what generate_artifacts offers (OptimType); AdamW is the Hugging Face variant
 INPUTS = (InputSpec("input_ids", ("batch", "seq")), InputSpec("labels", ("batch", "seq")))
+# generate_artifacts gets the model as one in-memory ModelProto, and protobuf cannot serialise a
+# message over 2 GiB. With onnx 1.23 the path-based route for bigger models fails too ("External
+# data file exists in temp.onnx.data"), so bigger submodels are refused before the slow export.
+MAX_PROTO_BYTES = 2**31 - 2**24  # 2 GiB less a margin for the graph itself
 
 
 class _ShiftedLogits(torch.nn.Module):
@@ -87,6 +91,16 @@ def _check_exportable(peft_model: Any, optimizer: str, max_seq_len: int) -> None
     if any(getattr(c, "lora_dropout", 0.0) for c in peft_model.peft_config.values()):
         warnings.warn(
             "LoRA dropout is not exported (the graph is traced in eval mode); devices train without it", stacklevel=3
+        )
+
+
+def _check_size(peft_model: Any) -> None:
+    nbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in peft_model.parameters()}.values())
+    if nbytes > MAX_PROTO_BYTES:
+        raise ValueError(
+            f"the submodel has {nbytes / 2**30:.2f} GiB of weights, above the {MAX_PROTO_BYTES / 2**30:.2f} GiB "
+            "protobuf limit of one ONNX model in memory: export fewer layers per stage, or generate the artifacts "
+            "from a path with external data (needs onnx 1.17.0, see docs/export.md)"
         )
 
 
@@ -227,6 +241,7 @@ def export_ort_artifacts(
     Changes the process cwd while generating (generate_artifacts writes temp.onnx there).
     """
     _check_exportable(peft_model, optimizer, max_seq_len)
+    _check_size(peft_model)
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

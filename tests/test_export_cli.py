@@ -85,3 +85,20 @@ def test_cli_executorch_backend_from_base_model(tmp_path, capsys):
                  str(tmp_path / "et"), "--max-seq-len", "16", "--max-batch", "1"]) == 0
     m = load_manifest(tmp_path / "et")
     assert m.backend == "executorch" and len(m.groups) == 2 and set(m.files) >= {"model.pte", "lora.ptd"}
+
+
+@pytest.mark.parametrize("backend", ["ort", "executorch"])
+def test_submodel_over_the_size_limit_fails_before_export(backend, tmp_path, monkeypatch):
+    from test_export_ort import make_peft_model
+
+    if backend == "ort":
+        from export import ort as module
+
+        limit, export = "MAX_PROTO_BYTES", module.export_ort_artifacts
+    else:
+        module = pytest.importorskip("export.executorch", reason="executorch is not installed")
+        limit, export = "MAX_PTE_BYTES", module.export_executorch_artifacts
+    monkeypatch.setattr(module, limit, 1000)
+    with pytest.raises(ValueError, match="GiB of weights"):
+        export(make_peft_model(num_hidden_layers=1), tmp_path / "big")
+    assert not (tmp_path / "big").exists()
