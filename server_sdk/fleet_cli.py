@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import ConfigError, RunConfig
+from .fleet import QuorumNotReached
 
 FLEET_HELP = ("train on devices instead of simulated clients: local:N starts a secured mosquitto and N "
               "devft-edge processes on this machine")
@@ -103,8 +104,12 @@ def cmd_run_fleet(args: argparse.Namespace) -> int:
     if cfg.num_clients != n and not args.resume:
         print(f"devft: --fleet local:{n}: num_clients set to {n} (one data shard per device)", file=sys.stderr)
         cfg = cfg.with_overrides({"num_clients": n}).validate()
-    report = run_local(cfg, run_dir, n, resume=bool(args.resume), progress=not args.quiet,
-                       settings=_fleet_settings(args, run_dir))
+    try:
+        report = run_local(cfg, run_dir, n, resume=bool(args.resume), progress=not args.quiet,
+                           settings=_fleet_settings(args, run_dir))
+    except QuorumNotReached as exc:
+        print(f"devft: error: {exc}", file=sys.stderr)
+        return 1
     if report.get("interrupted"):
         return 0
     print(_summary(report, run_dir))
@@ -130,7 +135,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     creds = server_credentials(args.fleet_dir)
     factory = fleet_executor_factory(run_dir, creds, _fleet_settings(args, run_dir), host=url.hostname,
                                      port=url.port or 8883)
-    report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, executor_factory=factory)
+    try:
+        report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, executor_factory=factory)
+    except QuorumNotReached as exc:
+        print(f"devft: error: {exc}", file=sys.stderr)
+        return 1
     if report.get("interrupted"):
         return 0
     from .local_fleet import add_fleet_summary
