@@ -1,10 +1,11 @@
 """What one local training step of each DEVFT stage costs a device: memory, time, energy.
 
-    python -m benchmarks.device            # stages 4, 8, 16, 30 x every available backend (~15 min)
-    python -m benchmarks.device --quick    # stages 4 and 30, fewer steps (~5 min)
+    python -m benchmarks.device            # stages 4, 8, 16, 30 x every available backend (~20 min)
+    python -m benchmarks.device --quick    # stages 4 and 30, fewer steps
 
 For each stage submodel of SmolLM2-135M and each backend (ONNX Runtime Training, ExecuTorch
-when its exporter and device backend are installed, and the eager torch reference, which is
+when its exporter and device backend are installed -- by default for the 4-layer stage only,
+because its export takes minutes per stage --, and the eager torch reference, which is
 what devft's simulated clients run) one measurement runs in its own process, so a row's peak
 memory is that backend's alone: edge_runtime/bench.py for the artifact backends (the same code
 `devft-edge bench` runs on a board), `--worker-torch` here for torch.
@@ -73,11 +74,12 @@ def stage_dir(n_layers: int) -> Path:
     return CACHE / f"{MODEL}-L{n_layers}-b{DEFAULT_BATCH}-s{DEFAULT_SEQ}-v{CACHE_VERSION}"
 
 
-def prepare(stages: list[int], backends: list[str]) -> dict[int, dict[str, Any]]:
+def prepare(stages: list[int], backends: list[str], et_stages: list[int]) -> dict[int, dict[str, Any]]:
     """Build each stage submodel once and export it for every artifact backend; reuse the cache."""
-    todo = [n for n in stages if not _prepared(n, backends)]
+    wanted = {n: [b for b in backends if b != "executorch" or n in et_stages] for n in stages}
+    todo = {n: bs for n, bs in wanted.items() if not _prepared(n, bs)}
     if todo:
-        _build(todo, backends)
+        _build(todo)
     return {n: json.loads((stage_dir(n) / "stage.json").read_text()) for n in stages}
 
 
@@ -88,7 +90,7 @@ def _prepared(n: int, backends: list[str]) -> bool:
     return all((d / f).exists() for f in need)
 
 
-def _build(stages: list[int], backends: list[str]) -> None:
+def _build(todo: dict[int, list[str]]) -> None:
     import torch
     from tqdm import tqdm
 
@@ -101,7 +103,7 @@ def _build(stages: list[int], backends: list[str]) -> None:
     cfg = RunConfig()
     base = load_base_model(MODEL)
     full_lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
-    for n in tqdm(stages, desc="build + export stages", unit="stage"):
+    for n, backends in tqdm(todo.items(), desc="build + export stages", unit="stage"):
         d = stage_dir(n)
         if n >= base.n_layers:
             plan = identity_plan(base.n_layers)
@@ -323,18 +325,20 @@ def write_markdown(section: str, path: Path = MARKDOWN) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.device", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="stages 4 and 30, 1 warm-up + 4 timed steps")
+    p.add_argument("--quick", action="store_true", help="stages 4 and 30, 1 warm-up + 3 timed steps")
     p.add_argument("--stages", help="comma-separated stage sizes (default 4,8,16,30)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
-    p.add_argument("--steps", type=int, help="timed steps (default 8; --quick 4)")
-    p.add_argument("--warmup", type=int, help="untimed steps (default 2; --quick 1)")
+    p.add_argument("--steps", type=int, help="timed steps (default 6; --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 1)")
+    p.add_argument("--executorch-stages", default="4",
+                   help="stages measured with ExecuTorch (default 4: its export takes >10 min a stage on 2 busy cores)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=RESULTS / "device.json")
     p.add_argument("--worker-torch", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    steps = args.steps or (4 if args.quick else 8)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    steps = args.steps or (3 if args.quick else 6)
+    warmup = args.warmup if args.warmup is not None else 1
     if args.worker_torch:
         print(json.dumps(torch_row(args.worker_torch, steps, warmup, args.threads)))
         return 0
@@ -347,15 +351,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown backends {unknown}; choose from {BACKENDS}")
     et_reason = executorch_unavailable() if "executorch" in wanted else None
     backends = [b for b in wanted if not (b == "executorch" and et_reason)]
-    stages_info = prepare(stages, backends)
+    et_stages = [int(s) for s in args.executorch_stages.split(",") if s]
+    stages_info = prepare(stages, backends, et_stages)
     rows: list[dict[str, Any]] = []
-    jobs = [(b, n) for n in stages for b in backends]  # per stage side by side: drift on a shared machine hits both
+    # per stage side by side: drift on a shared machine hits every backend of a stage alike
+    jobs = [(b, n) for n in stages for b in backends if b != "executorch" or n in et_stages]
     for b, n in tqdm(jobs, desc="measure", unit="run"):
         row = run_one(b, n, steps, warmup, args.threads)
         tqdm.write(summary_line(row) if "error" not in row else f"{b} {n} layers failed: {row['error']}")
         rows.append(row)
     if et_reason:
         rows += [{"backend": "executorch", "stage_layers": n, "unavailable": et_reason} for n in stages]
+    elif "executorch" in backends:
+        rows += [{"backend": "executorch", "stage_layers": n, "unavailable": "not measured in this run (export takes "
+                  "minutes per stage here); add it with --executorch-stages"} for n in stages if n not in et_stages]
     doc = {
         "meta": {"command": "python -m benchmarks.device" + (" --quick" if args.quick else ""),
                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
