@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime import protocol as P
+from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.transfer import ArtifactCache, FetchError
@@ -306,7 +307,27 @@ class Device:
         manifests = [f.path for f in desc.files if f.path.rsplit("/", 1)[-1] == MANIFEST_NAME]
         if len(manifests) != 1:
             raise DeviceError(f"artifact {desc.artifact_id[:12]} has {len(manifests)} manifests; expected one")
-        return stage_root / Path(manifests[0]).parent, got
+        art_dir = stage_root / Path(manifests[0]).parent
+        if not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
+            self._rebuild_checkpoint(art_dir)
+        return art_dir, got
+
+    def _rebuild_checkpoint(self, art_dir: Path) -> None:
+        """The checkpoint came as tensor files: rebuild it once (kept as a verified blob), then link it."""
+        want = json.loads((art_dir / RECIPE).read_text())["sha256"]
+        if not self.cache.has(want):
+            tmp = art_dir / ".checkpoint.building"
+            try:
+                assemble_checkpoint(art_dir, tmp)
+            except CheckpointAssemblyError as exc:
+                raise DeviceError(str(exc)) from None
+            self.cache.add_file(tmp)
+            tmp.unlink()
+            log.info("%s: rebuilt checkpoint %s from tensor files", self.device_id, want[:12])
+        try:
+            os.link(self.cache.blob_path(want), art_dir / CHECKPOINT)
+        except OSError:
+            shutil.copyfile(self.cache.blob_path(want), art_dir / CHECKPOINT)
 
     def _open_trainer(self, ctrl: P.ControlMessage, lr: float) -> tuple[Any, Path, int]:
         """A trainer on verified files; a cache whose blob rotted since it was fetched is fetched again once."""

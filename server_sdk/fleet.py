@@ -81,6 +81,7 @@ class FleetSettings:
     artifact_bytes_per_s: float | None = 20e6  # chunk upload rate limit of the ArtifactServer
     export_template_dir: str | None = None  # cached per-shape exports (default: DEVFT_CACHE/ort-templates)
     max_seq_len: int | None = None  # of the exported graphs; default: the run's seq_len
+    per_tensor_checkpoint: bool = True  # send the checkpoint as tensor files (cross-stage dedupe)
     device_names: dict[str, str] = field(default_factory=dict)  # client index -> device name overrides
 
     def validate(self) -> FleetSettings:
@@ -163,9 +164,20 @@ class FleetExecutor(ClientExecutor):
         return self.serve_stage(stage, out, export_s=round(time.perf_counter() - t0, 2))
 
     def serve_stage(self, stage: int, artifact_dir: Path, **info) -> int:
-        """Register a stage's artifact files with the chunk server and announce them (state idle)."""
-        files = {f"stage{stage}/{p.relative_to(artifact_dir).as_posix()}": p
-                 for p in sorted(artifact_dir.rglob("*")) if p.is_file()}
+        """Register a stage's artifact files with the chunk server and announce them (state idle).
+
+        With `per_tensor_checkpoint` the ORT checkpoint travels as tensor files that devices
+        reassemble (edge_runtime/checkpoint_blobs.py), so tensors unchanged since the last
+        stage (the embedding) are not downloaded again."""
+        artifact_dir = Path(artifact_dir)
+        if self.settings.per_tensor_checkpoint and (artifact_dir / "checkpoint").is_file():
+            from edge_runtime.checkpoint_blobs import split_checkpoint
+
+            split_dir = artifact_dir.with_name(artifact_dir.name + ".tensors")
+            local = split_checkpoint(artifact_dir, split_dir)
+        else:
+            local = {p.relative_to(artifact_dir).as_posix(): p for p in sorted(artifact_dir.rglob("*")) if p.is_file()}
+        files = {f"stage{stage}/{rel}": p for rel, p in local.items()}
         self._artifact = self.artifacts.add_files(files)
         self._stage = stage
         self._event("stage", stage=stage, artifact_id=self._artifact.artifact_id,

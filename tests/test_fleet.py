@@ -289,13 +289,14 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
         for tel in rec["telemetry"].values():
             assert tel["peak_rss_bytes"] > 0 and tel["steps"] == 2 and tel["step_latency_s"]["p50"] > 0
             assert tel["energy_source"] and tel["backend"] == "ort"
-    # stage 1 shares tokenizer.json with stage 0: its blob is not downloaded again
+    # stage 1 shares tokenizer.json with stage 0: its blob is not downloaded again ...
     stage_bytes = [e["artifact_bytes"] for e in events(job.run_dir) if e["event"] == "stage"]
     for dev in report["fleet"]["devices"].values():
         assert dev["rounds"] == 3
     downloads = {name: max(rec["telemetry"][str(c)]["stage_download_bytes"] for rec in recs if rec["stage"] == 1)
                  for c, name in enumerate(job.fleet.names)}
-    assert all(0 < b < stage_bytes[1] for b in downloads.values()), (downloads, stage_bytes)
+    # ... nor is the embedding, whose tensor file is the same in both stages
+    assert all(0 < b < 0.25 * stage_bytes[1] for b in downloads.values()), (downloads, stage_bytes)
     assert job.codes == {"dev-000": 0, "dev-001": 0, "dev-002": 0}
     for name in ("dev-000", "dev-001"):  # torch blocked, and torch available but never imported
         assert json.loads((job.fleet.device_dir(name) / "modules.json").read_text()) == {"rc": 0, "heavy": []}
@@ -312,11 +313,13 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
         wait_for(lambda: any(e["event"] == "round_end" and e["round"] == 1 for e in events(job.run_dir)), 60,
                  "round 1 to end")
         blobs = job.fleet.device_dir("dev-002") / "cache" / "blobs"
-        biggest = max(blobs.iterdir(), key=lambda p: p.stat().st_size)  # the stage's checkpoint
-        biggest.chmod(0o644)
-        with open(biggest, "r+b") as f:
-            f.seek(100)
-            f.write(b"bitrot")
+        big = [p for p in blobs.iterdir() if p.stat().st_size > 1_000_000]  # embedding, tokenizer, checkpoint
+        assert len(big) == 3
+        for blob in big:
+            blob.chmod(0o644)
+            with open(blob, "r+b") as f:
+                f.seek(100)
+                f.write(b"bitrot")
         job.start_device("dev-002")
         report = job.finish()
     finally:
@@ -325,7 +328,7 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
     assert sorted(by_round[1]) == ["dev-000", "dev-001"]
     assert sorted(by_round[2]) == sorted(by_round[3]) == ["dev-000", "dev-001", "dev-002"]
     rec2 = [r for r in report["records"] if r["stage"] == 0][2]
-    assert rec2["telemetry"]["2"]["download_bytes"] >= biggest.stat().st_size > 1_000_000  # fetched again
+    assert rec2["telemetry"]["2"]["download_bytes"] > 1_000_000  # the embedding file fetched again
     assert rec2["telemetry"]["0"]["download_bytes"] == 0
     log = (job.fleet.device_dir("dev-002") / "device.log").read_text()
     assert "corrupt" in log
@@ -441,3 +444,35 @@ def test_cli_run_fleet_local_reports_per_device_telemetry(tiny4, tmp_path):
     assert set(report["fleet"]["devices"]) == {"dev-000", "dev-001"}
     assert all(d["stage_download_bytes"]["0"] > 0 for d in report["fleet"]["devices"].values())
     assert report["fleet"]["exit_codes"] == {"dev-000": 0, "dev-001": 0}
+
+
+def test_checkpoint_travels_as_tensor_files_and_is_rebuilt_byte_for_byte(tiny4, tmp_path):
+    import hashlib
+    import shutil
+
+    from edge_runtime.checkpoint_blobs import RECIPE, assemble_checkpoint, split_checkpoint
+    from export.cached import export_stage_cached
+    from server_sdk.config import LoraSettings
+    from server_sdk.lora import attach_lora
+    from server_sdk.model import cache_root
+    from server_sdk.submodel import copy_model
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    layouts = []
+    for seed in (0, 1):  # two "stages": different LoRA, same embedding
+        model = attach_lora(copy_model(tiny4.model), LoraSettings(r=2, alpha=4), seed=seed)
+        art = export_stage_cached(model, tmp_path / f"art{seed}", cache_root() / "ort-templates", max_seq_len=64)
+        files = split_checkpoint(art, tmp_path / f"split{seed}")
+        assert "checkpoint" not in files and RECIPE in files
+        device = tmp_path / f"device{seed}"
+        for rel, src in files.items():
+            (device / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, device / rel)
+        assert assemble_checkpoint(device, device / "checkpoint") == sha(art / "checkpoint")
+        assert (device / "checkpoint").read_bytes() == (art / "checkpoint").read_bytes()
+        layouts.append({rel: sha(p) for rel, p in files.items()})
+    shared = {rel for rel in layouts[0] if layouts[1].get(rel) == layouts[0][rel]}
+    assert any("embed_tokens" in rel or "lm_head" in rel for rel in shared), sorted(shared)
+    assert "tensors/rest.safetensors" not in shared  # the LoRA tensors differ
