@@ -340,7 +340,8 @@ def test_broker_restart_mid_stage_loses_and_duplicates_no_update(tiny4, tmp_path
     observer, controls = job.observer()
     try:
         wait_control(controls, lambda c: c.state == "train" and c.round == 1)
-        job.fleet.restart_broker()
+        restarted_at = time.time()
+        job.fleet.restart_broker()  # the devices are training round 1 now
         report = job.finish()
     finally:
         observer.close()
@@ -348,6 +349,8 @@ def test_broker_restart_mid_stage_loses_and_duplicates_no_update(tiny4, tmp_path
     assert {r: sorted(d) for r, d in by_round.items()} == {r: ["dev-000", "dev-001", "dev-002"] for r in range(4)}
     assert all(len(r["client_samples"]) == 3 for r in report["records"] if r["stage"] >= 0)
     assert not [e for e in events(job.run_dir) if e["event"] == "rejected"]
+    round1 = [e["t"] for e in events(job.run_dir) if e["event"] == "accepted" and e["round"] == 1]
+    assert min(round1) > restarted_at  # these updates crossed the restarted broker
 
 
 def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp_path):
@@ -363,11 +366,11 @@ def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp
     model_dir = tmp_path / "model"  # both coordinators load the same weights by path
     tiny4.model.save_pretrained(model_dir)
     tiny4.tokenizer.save_pretrained(model_dir)
-    cfg = fleet_cfg(model=str(model_dir), rounds_per_stage=[2, 2], clients_per_round=2, seed=3, torch_threads=1)
+    cfg = fleet_cfg(model=str(model_dir), rounds_per_stage=[2, 1], clients_per_round=2, seed=3, torch_threads=1)
     settings = FleetSettings(round_timeout_s=60, artifact_bytes_per_s=None)
 
     reference = FleetRun(tmp_path / "ref", cfg, load_base_model(str(model_dir)), 3, settings).finish()
-    assert len(reference["records"]) == 5
+    assert len(reference["records"]) == 4
 
     cfg.to_json(tmp_path / "cfg.json")
     run_dir = tmp_path / "killed"
@@ -392,7 +395,7 @@ def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp
             finally:
                 if first.poll() is None:
                     first.kill()
-            assert len(json.loads(meta.read_text())["records"]) < 5, "the run finished before it was killed"
+            assert len(json.loads(meta.read_text())["records"]) < 4, "the run finished before it was killed"
             resumed = subprocess.run([*serve, "--resume", str(run_dir)], stdout=logf, stderr=subprocess.STDOUT,
                                      env=env, timeout=300)
         assert resumed.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
