@@ -108,23 +108,41 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[np
 
 
 def pick_backend(requested: str) -> str:
-    """`auto` is ort unless an ExecuTorch backend is installed beside it and asked for."""
+    """Check the requested backend can exist here; `auto` is resolved per artifact (`resolve_backend`)."""
     if requested not in BACKENDS:
         raise DeviceError(f"backend {requested!r} is not one of {BACKENDS}")
-    has_et = importlib.util.find_spec("edge_runtime.backends.executorch_backend") is not None
-    if requested == "executorch" and not has_et:
+    if requested == "executorch" and not _has_executorch():
         raise DeviceError("the ExecuTorch backend (edge_runtime/backends/executorch_backend.py) is not installed; "
                           "use --backend ort")
-    return "ort" if requested == "auto" else requested
+    return requested
+
+
+def _has_executorch() -> bool:
+    return importlib.util.find_spec("edge_runtime.backends.executorch_backend") is not None
+
+
+def resolve_backend(requested: str, artifact_dir: Path) -> str:
+    """The runtime for these artifacts: the one they were exported for (the manifest says which)."""
+    try:
+        built_for = json.loads((artifact_dir / MANIFEST_NAME).read_text())["backend"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise DeviceError(f"cannot read the backend from {artifact_dir / MANIFEST_NAME}: {exc!r}") from None
+    if requested not in ("auto", built_for):
+        raise DeviceError(f"the coordinator sent {built_for!r} artifacts but this device runs --backend {requested}; "
+                          f"restart it with --backend {built_for} or auto")
+    if built_for == "executorch" and not _has_executorch():
+        raise DeviceError("the coordinator sent ExecuTorch artifacts and this device has no ExecuTorch backend")
+    return built_for
 
 
 def make_trainer(backend: str, artifact_dir: Path, lr: float, threads: int) -> Any:
-    if backend == "ort":
-        from edge_runtime.backends.ort_backend import OrtTrainer
+    if backend == "executorch":  # its bindings import torch when a trainer is built
+        from edge_runtime.backends.executorch_backend import ExecuTorchTrainer
 
-        return OrtTrainer(artifact_dir, lr=lr, threads=threads)
-    raise DeviceError(f"this coordinator sends ONNX Runtime artifacts; backend {backend!r} cannot train on them. "
-                      "Run the device with --backend ort (or auto)")
+        return ExecuTorchTrainer(artifact_dir, lr=lr, threads=threads)
+    from edge_runtime.backends.ort_backend import OrtTrainer
+
+    return OrtTrainer(artifact_dir, lr=lr, threads=threads)
 
 
 # --------------------------------------------------------------------------- device
@@ -333,7 +351,7 @@ class Device:
         """A trainer on verified files; a cache whose blob rotted since it was fetched is fetched again once."""
         art_dir, got = self._artifact_dir(ctrl)
         try:
-            return make_trainer(self.backend, art_dir, lr, self.threads), art_dir, got
+            return make_trainer(resolve_backend(self.backend, art_dir), art_dir, lr, self.threads), art_dir, got
         except ManifestError as exc:
             log.warning("%s: cached artifact failed verification (%s); fetching it again", self.device_id, exc)
             for f in ctrl.artifact.files:  # type: ignore[union-attr]
@@ -343,7 +361,8 @@ class Device:
                     path.chmod(0o644)
                     path.unlink()
             art_dir, got2 = self._artifact_dir(ctrl)
-            return make_trainer(self.backend, art_dir, lr, self.threads), art_dir, got + got2
+            trainer = make_trainer(resolve_backend(self.backend, art_dir), art_dir, lr, self.threads)
+            return trainer, art_dir, got + got2
 
     @staticmethod
     def _hash(path: Path) -> str:
@@ -393,7 +412,7 @@ class Device:
         trained = trainer.get_lora()
         delta = {k: (trained[k] - received[k]).astype(np.float32) for k in trainable}
         telemetry = {**rec.report(), "train_s": time.perf_counter() - t0, "setup_s": setup_s,
-                     "backend": self.backend, "threads": self.threads, "process": os.getpid(),
+                     "backend": trainer.manifest.backend, "threads": self.threads, "process": os.getpid(),
                      "artifact_id": ctrl.artifact.artifact_id if ctrl.artifact else None,
                      "download_bytes": downloaded,
                      "stage_download_bytes": self.stage_downloads.get(ctrl.artifact.artifact_id, 0)
@@ -452,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", required=True, help="device credentials JSON from `devft fleet add-device`")
     p.add_argument("--data", required=True, help="this device's JSONL shard (prompt, completion per line)")
     p.add_argument("--cache", required=True, help="content-addressed artifact cache directory (kept across runs)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="training runtime (default: auto = ort)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="training runtime (default auto: the one the stage artifacts were exported for)")
     p.add_argument("--run", dest="run_id", help="run id to follow (default: the first active run seen)")
     p.add_argument("--host", help="override the broker host from the credentials")
     p.add_argument("--port", type=int, help="override the broker port from the credentials")

@@ -479,3 +479,53 @@ def test_checkpoint_travels_as_tensor_files_and_is_rebuilt_byte_for_byte(tiny4, 
     shared = {rel for rel in layouts[0] if layouts[1].get(rel) == layouts[0][rel]}
     assert any("embed_tokens" in rel or "lm_head" in rel for rel in shared), sorted(shared)
     assert "tensors/rest.safetensors" not in shared  # the LoRA tensors differ
+
+
+def test_device_batches_match_the_simulations(tiny4, tmp_path):
+    from tokenizers import Tokenizer
+
+    from edge_runtime import client
+    from server_sdk import data
+    from server_sdk.fleet import tokenizer_dir_of
+
+    examples = []
+    for q, a in (("What is 3 + 4?", "7"), ("Spell 'cat' backwards.", "tac"), ("x" * 300, "long")):
+        prompt, completion = data.render(tiny4.tokenizer, q, a)
+        examples.append(data.Example("t", q, a, prompt, completion, {}))
+    data.write_jsonl(tmp_path / "shard.jsonl", examples)
+    shard = client.read_shard(tmp_path / "shard.jsonl")
+    tok = Tokenizer.from_file(str(tokenizer_dir_of(tiny4) / "tokenizer.json"))
+    device = client.encode(tok, shard, seq_len=48)
+    assert device == [data.encode(tiny4.tokenizer, ex, 48) for ex in examples]
+    for got, want in zip(client.collate(device, 0), data.collate(device, 0)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_device_refuses_artifacts_for_another_backend(tmp_path):
+    from edge_runtime import client
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"backend": "ort"}))
+    assert client.resolve_backend("auto", tmp_path) == "ort"
+    with pytest.raises(client.DeviceError, match="sent 'ort' artifacts .* --backend ort or auto"):
+        client.resolve_backend("executorch", tmp_path)
+    with pytest.raises(client.DeviceError, match="not one of"):
+        client.pick_backend("tflite")
+
+
+def test_ffa_lora_over_the_fleet_trains_only_B(tiny4, tmp_path):
+    from safetensors.torch import load_file
+
+    from server_sdk.lora import attach_lora, read_lora
+    from server_sdk.submodel import copy_model
+
+    cfg = fleet_cfg(strategy="ffa-lora", stages=None, rounds_per_stage=2, num_clients=2, clients_per_round=2,
+                    lr=2e-2)
+    job = FleetRun(tmp_path / "ffa", cfg, tiny4, 2, FleetSettings(round_timeout_s=120, artifact_bytes_per_s=None))
+    report = job.finish()
+    assert all(r["clients"] == [0, 1] for r in report["records"] if r["stage"] >= 0)
+    ckpt = load_file(job.run_dir / "checkpoint" / "state.safetensors")
+    final = {k.split("/", 1)[1]: v for k, v in ckpt.items() if k.startswith("full/")}
+    initial = read_lora(attach_lora(copy_model(tiny4.model), cfg.lora, seed=cfg.seed))
+    assert set(final) == set(initial)
+    for k in final:
+        assert torch.equal(final[k], initial[k]) == ("lora_A" in k), k
