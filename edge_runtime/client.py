@@ -480,11 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "reproducible deltas)")
     p.add_argument("--exit-after-rounds", type=int, help="stop after training this many rounds (tests)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    try:  # `devft-edge bench` (edge_runtime/bench.py), when present
+        from edge_runtime.bench import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run":
+        return args.func(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
