@@ -161,7 +161,7 @@ def _eval_program(peft_model: Any, example: tuple[torch.Tensor, torch.Tensor], l
 
 def lower(peft_model: Any, *, max_batch: int, max_seq_len: int) -> tuple[Any, list[str]]:
     """ExecutorchProgramManager with both methods, and the trainable PEFT names in evaluate's input order."""
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
+    from executorch.exir import ExecutorchBackendConfig, to_edge
 
     vocab = peft_model.get_base_model().config.vocab_size
     shape = (min(2, max_batch), min(16, max_seq_len))  # not 1: export would specialise a size-1 dim
@@ -171,15 +171,16 @@ def lower(peft_model: Any, *, max_batch: int, max_seq_len: int) -> tuple[Any, li
     with _eager_attention(peft_model):  # SDPA's backward is not in the core ATen opset
         joint = _joint_program(peft_model, example, max_batch, max_seq_len)
         evaluate = _eval_program(peft_model, example, lora, max_batch, max_seq_len)
-    edge = to_edge({TRAIN_METHOD: joint, EVAL_METHOD: evaluate}, compile_config=EdgeCompileConfig(_check_ir_validity=True))
+    edge = to_edge({TRAIN_METHOD: joint, EVAL_METHOD: evaluate})
     program = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
     return program, list(lora)
 
 
 def _check_trainable(program: Any, peft_model: Any) -> None:
     """The training method's parameters must be exactly the model's LoRA tensors, by name."""
-    expected = set(naming.lora_peft_names(peft_model.state_dict()))
     from torch.export.graph_signature import OutputKind
+
+    expected = set(naming.lora_peft_names(peft_model.state_dict()))
 
     specs = program.exported_program(TRAIN_METHOD).graph_signature.output_specs
     exported = {naming.to_peft_name(s.target) for s in specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
@@ -192,15 +193,14 @@ def _check_trainable(program: Any, peft_model: Any) -> None:
 
 
 def _write_program(program: Any, out_dir: Path) -> None:
+    """model.pte, and the external LoRA data renamed to lora.ptd (ExecuTorch picks its own file name)."""
     with open(out_dir / PROGRAM, "wb") as f:
         program.write_to_file(f)
-    data = program._tensor_data  # {file stem: data}; one entry for external mutable weights
-    if len(data) != 1:
-        raise RuntimeError(f"expected one external tensor file (the LoRA tensors), got {sorted(data)}")
-    data[Path(TRAINABLE_DATA).stem] = data.pop(next(iter(data)))
     program.write_tensor_data_to_file(str(out_dir))
-    if not (out_dir / TRAINABLE_DATA).is_file():
-        raise RuntimeError(f"ExecuTorch did not write {TRAINABLE_DATA}; found {sorted(os.listdir(out_dir))}")
+    written = sorted(out_dir.glob("*.ptd"))
+    if len(written) != 1:
+        raise RuntimeError(f"expected ExecuTorch to write one .ptd (the LoRA tensors), found {[p.name for p in written]}")
+    written[0].rename(out_dir / TRAINABLE_DATA)
 
 
 def _check_size(peft_model: Any) -> None:
