@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="stages measured with ExecuTorch (default 4: its export takes >10 min a stage on 2 busy cores)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=RESULTS / "device.json")
+    p.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose generated section is replaced")
     p.add_argument("--worker-torch", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     append_rows(args.out, rows)
     plot(rows, args.out.with_suffix(".png"))
     section = markdown({**doc, "rows": rows})
-    write_markdown(section)
+    write_markdown(section, args.markdown)
     print(section)
     return 0
 
