@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import ConfigError, RunConfig
-from .fleet import QuorumNotReached
 
 FLEET_HELP = ("train on devices instead of simulated clients: local:N starts a secured mosquitto and N "
               "devft-edge processes on this machine")
@@ -87,6 +86,7 @@ def _run_dir_and_config(args: argparse.Namespace) -> tuple[Path, RunConfig]:
 
 def cmd_run_fleet(args: argparse.Namespace) -> int:
     from .cli import _summary
+    from .fleet import QuorumNotReached
     from .local_fleet import run_local
 
     kind, _, count = args.fleet.partition(":")
@@ -125,7 +125,7 @@ def cmd_run_fleet(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import server_credentials
     from .cli import _summary
-    from .fleet import fleet_executor_factory
+    from .fleet import QuorumNotReached, fleet_executor_factory
     from .simulation import run
 
     url = urlparse(args.broker_url)
