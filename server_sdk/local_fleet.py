@@ -77,7 +77,8 @@ class LocalFleet:
         it receives the CLI arguments in sys.argv[1:]."""
         ddir = self.device_dir(name)
         ddir.mkdir(parents=True, exist_ok=True)
-        args = ["run", "--credentials", str(self.device_credentials(name)), "--data", str(shard),
+        # the device runs in its own directory, so a relative shard path (runs/NAME/data/...) must be resolved
+        args = ["run", "--credentials", str(self.device_credentials(name)), "--data", str(Path(shard).resolve()),
                 "--cache", str(ddir / "cache"), "--run", run_id, "--host", "localhost", *(extra or [])]
         cmd = [sys.executable, "-c", python_code, *args] if python_code else \
             [sys.executable, "-m", "edge_runtime.client", *args]

@@ -289,6 +289,8 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
         for tel in rec["telemetry"].values():
             assert tel["peak_rss_bytes"] > 0 and tel["steps"] == 2 and tel["step_latency_s"]["p50"] > 0
             assert tel["energy_source"] and tel["backend"] == "ort"
+            # timing a transport benchmark splits rounds by: fetch inside the round, and when training began
+            assert 0 <= tel["fetch_s"] <= tel["stage_fetch_s"] and 0 < tel["started_unix"] <= time.time()
     # stage 1 shares tokenizer.json with stage 0: its blob is not downloaded again ...
     stage_bytes = [e["artifact_bytes"] for e in events(job.run_dir) if e["event"] == "stage"]
     for dev in report["fleet"]["devices"].values():
@@ -425,6 +427,24 @@ def test_cli_fleet_init_and_add_device_print_what_a_device_needs(tmp_path, capsy
     assert creds["username"] == "dev-007" and creds["host"] == "broker.lan" and creds["port"] == 9883
     assert "BEGIN CERTIFICATE" in creds["ca_pem"] and "devft-edge run --credentials" in err
     assert main(["run", "--fleet", "cloud:3"]) == 2  # a clear error, not a traceback
+
+
+def test_local_fleet_gives_devices_an_absolute_shard_path(tmp_path, monkeypatch):
+    """Devices run in their own directory, so `devft run --fleet` with a relative runs dir must still work."""
+    from server_sdk.broker import MosquittoNotFound, require_mosquitto
+    from server_sdk.local_fleet import LocalFleet
+
+    try:
+        require_mosquitto()
+    except MosquittoNotFound as exc:
+        pytest.skip(str(exc))
+    monkeypatch.chdir(tmp_path)
+    fleet = LocalFleet("runs/r/fleet", 1)
+    argv_dump = "import json, sys; open('argv.json', 'w').write(json.dumps(sys.argv[1:]))"
+    fleet.start_device("dev-000", Path("runs/r/data/client_000.jsonl"), "r", python_code=argv_dump)
+    assert fleet.wait_devices(30) == {"dev-000": 0}
+    argv = json.loads((fleet.device_dir("dev-000") / "argv.json").read_text())
+    assert argv[argv.index("--data") + 1] == str(tmp_path / "runs/r/data/client_000.jsonl")
 
 
 def test_cli_run_fleet_local_reports_per_device_telemetry(tiny4, tmp_path):
