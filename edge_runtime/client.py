@@ -183,6 +183,7 @@ class Device:
         self.exit_after_rounds = exit_after_rounds
         self.rounds_trained = 0
         self.stage_downloads: dict[str, int] = {}  # artifact id -> bytes this process downloaded for it
+        self.stage_fetch_s: dict[str, float] = {}  # artifact id -> seconds this process spent fetching it
         self._controls: queue.Queue[Message] = queue.Queue()
         self._globals: dict[tuple[str, int], bytes] = {}
         self._globals_cond = threading.Condition()
@@ -314,8 +315,9 @@ class Device:
         """Fetch (or find) the stage's files, verified, laid out as an artifact dir; bytes downloaded now."""
         desc = ctrl.artifact
         assert desc is not None
-        before = self.cache.bytes_downloaded
+        before, t0 = self.cache.bytes_downloaded, time.perf_counter()
         self.cache.fetch(self.client, ctrl.run_id, self.device_id, desc)
+        self.stage_fetch_s[desc.artifact_id] = self.stage_fetch_s.get(desc.artifact_id, 0.0) + time.perf_counter() - t0
         stage_root = self.cache.root / "stages" / desc.artifact_id
         if stage_root.exists():
             shutil.rmtree(stage_root)  # relink every time: a blob re-fetched after corruption is a new file
@@ -383,7 +385,9 @@ class Device:
         except (KeyError, TypeError, ValueError) as exc:
             raise DeviceError(f"control message hyperparams incomplete ({exc!r}): {hp}") from None
         self._status("busy", stage=ctrl.stage, round=ctrl.round)
-        t0 = time.perf_counter()
+        started_unix, t0 = time.time(), time.perf_counter()
+        aid = ctrl.artifact.artifact_id if ctrl.artifact else ""
+        fetched_before_s = self.stage_fetch_s.get(aid, 0.0)
         trainer, art_dir, downloaded = self._open_trainer(ctrl, lr)
         glob = self._global_for(ctrl)
         trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
@@ -411,7 +415,10 @@ class Device:
                         trainer.set_lora({**trainer.get_lora(), **frozen})
         trained = trainer.get_lora()
         delta = {k: (trained[k] - received[k]).astype(np.float32) for k in trainable}
+        # started_unix and fetch_s let the coordinator split a round into transport and training
         telemetry = {**rec.report(), "train_s": time.perf_counter() - t0, "setup_s": setup_s,
+                     "started_unix": started_unix, "fetch_s": self.stage_fetch_s.get(aid, 0.0) - fetched_before_s,
+                     "stage_fetch_s": self.stage_fetch_s.get(aid, 0.0),
                      "backend": trainer.manifest.backend, "threads": self.threads, "process": os.getpid(),
                      "artifact_id": ctrl.artifact.artifact_id if ctrl.artifact else None,
                      "download_bytes": downloaded,
