@@ -240,6 +240,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_bench(args: argparse.Namespace) -> int:
+    if args.device_profile is None and not platform.machine().lower().startswith(("x86", "amd64", "i686")):
+        print(f"devft-edge bench: no --device-profile on {platform.machine()}: without an energy sensor, energy is "
+              "estimated with the x86-laptop power model (labelled so); pass the profile of this board",
+              file=sys.stderr)
     row = measure(
         args.artifact_dir,
         backend=args.backend,

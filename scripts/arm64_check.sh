@@ -27,6 +27,8 @@
 #      forward ONNX graph (scripts/arm64_check.py export), train it on x86_64 and in the arm64
 #      root with the same script (ExecuTorch SGD steps, then ONNX Runtime evaluation of the
 #      trained LoRA), compare the losses and write the result into benchmarks/RESULTS-device.md.
+#   6. run `python -m edge_runtime.bench` (devft-edge bench) in the root on the ExecuTorch artifacts;
+#      its row lands in $WORK/arm64-bench.json, not in the results (emulated timings).
 # Exit status 0 = PASS, 1 = FAIL (losses differ or did not fall), other = setup error.
 set -euo pipefail
 
@@ -123,6 +125,10 @@ if [ ! -e "$WORK/artifacts/input_ids.npy" ]; then
 fi
 (cd "$REPO" && "$HOST_PY" scripts/arm64_check.py train "$WORK/artifacts" "$WORK/x86_64.json") >/dev/null
 in_root python /opt/devft/src/scripts/arm64_check.py train /devft-check/artifacts /devft-check/arm64.json >/dev/null
+log "6. devft-edge bench in the arm64 root (checks the command runs there; emulated timings mean nothing)"
+rm -f "$WORK/arm64-bench.json"
+in_root sh -c 'cd /opt/devft/src && python -m edge_runtime.bench /devft-check/artifacts/executorch --batch 2 --seq 16 \
+  --steps 2 --warmup 1 --note "qemu-user emulation, not a timing" --out /devft-check/arm64-bench.json'
 NOTE="Debian $SUITE arm64 root (debootstrap) under qemu-user-static $(dpkg-query -W -f='${Version}' qemu-user-static \
 2>/dev/null || echo '?'); wheels installed with --no-deps: onnxruntime 1.19.2, executorch 1.5.1, torchao 0.18.0, \
 torch 2.13.0 (the CUDA 13 aarch64 build from PyPI) with only the nvidia-* libraries its loader needs \
