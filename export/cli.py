@@ -8,10 +8,11 @@ Two sources of a submodel:
 
 Stages are numbered from 0, as in report.json's `stage_plans`.
 
-A run's checkpoint keeps one full LoRA: the one at the start of the stage in progress
-(it only changes when a stage ends), or the final one after the last stage. So a run can
-export the stage it is in, or its last stage (the full model) with the final adapter;
-the starting LoRA of an earlier stage is gone and asking for it is an error.
+A run keeps every stage's plan and starting full LoRA in `runs/NAME/stages/` (a few MB
+each), so any stage can be exported as devices received it; `--final` exports the last
+stage (the full model) with the run's final adapter instead. Runs made before stage starts
+were kept fall back to the checkpoint (the stage in progress) and the final adapter, and
+asking them for an earlier stage is an error.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def verify(out_dir: Path, peft_model: Any) -> Manifest:
     return load_manifest(out_dir, expected_trainable=shapes)
 
 
-def run_stage_source(run_dir: str | os.PathLike[str], stage: int) -> StageSource:
-    """Rebuild stage `stage` of a run: its plan and the full LoRA at its start (see module docstring)."""
+def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = False) -> StageSource:
+    """Rebuild stage `stage` of a run: its plan and the full LoRA at its start (see module docstring).
+
+    final=True (last stage only): the full model with the run's final LoRA instead."""
     from server_sdk import checkpoint
     from server_sdk.config import RunConfig
     from server_sdk.model import load_base_model
@@ -102,10 +105,16 @@ def run_stage_source(run_dir: str | os.PathLike[str], stage: int) -> StageSource
     last = len(stages) - 1
     if not 0 <= stage <= last:
         raise ExportError(f"run {run_dir} has stages 0..{last} ({stages} layers); got --stage {stage}")
+    if final and stage != last:
+        raise ExportError(f"--final exports the last stage (--stage {last}) with the final adapter; got --stage {stage}")
+    kept = None if final else checkpoint.load_stage_start(run_dir, stage)
     loaded = checkpoint.load(run_dir)
     meta, tensors = loaded if loaded else ({}, {})
     current = meta.get("stage")
-    if current == stage and meta.get("plan") is not None:
+    if kept is not None:
+        plan, full = StagePlan(**kept[0]), kept[1]
+        note = f"stage {stage}: its plan and starting full LoRA kept in {run_dir / 'stages'}"
+    elif current == stage and meta.get("plan") is not None:
         plan = StagePlan(**meta["plan"])
         full, note = tensors["full"], f"stage {stage} in progress: its plan and starting full LoRA from the checkpoint"
     elif stage == last and (current == len(stages) or (run_dir / "adapter").is_dir()):
@@ -153,12 +162,12 @@ def fresh_stage_source(model: str, layers: int) -> StageSource:
 
 
 def export_stage(run_dir: str | os.PathLike[str], stage: int, backend: str, out_dir: str | os.PathLike[str],
-                 **options: Any) -> Path:
+                 final: bool = False, **options: Any) -> Path:
     """Export stage `stage` of the run in `run_dir` with `backend` ("ort" or "executorch") into `out_dir`.
 
     options: max_seq_len, max_batch (ExecuTorch), optimizer (ORT). Returns the verified artifact dir.
     """
-    return export_submodel(run_stage_source(run_dir, stage), backend, out_dir, **options)
+    return export_submodel(run_stage_source(run_dir, stage, final), backend, out_dir, **options)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -167,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.run is not None:
         if args.stage is None:
             raise ExportError("--run needs --stage N (stages count from 0, as in report.json)")
-        source = run_stage_source(args.run, args.stage)
+        source = run_stage_source(args.run, args.stage, args.final)
     else:
         if args.layers is None:
             raise ExportError("--model needs --layers K (the submodel depth)")
@@ -186,6 +195,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("export", help="export a stage submodel as device training artifacts (ORT or ExecuTorch)")
     p.add_argument("--run", help="run directory, e.g. runs/default (with --stage)")
     p.add_argument("--stage", type=int, help="stage index from 0, as in report.json's stage_plans")
+    p.add_argument("--final", action="store_true",
+                   help="with --run and the last stage: export the full model with the run's final adapter")
     p.add_argument("--model", help="instead of a run: a base model name or directory (with --layers)")
     p.add_argument("--layers", type=int, help="with --model: depth of the fresh first-stage submodel")
     p.add_argument("--backend", choices=BACKENDS, default="ort", help="artifact format (default ort)")

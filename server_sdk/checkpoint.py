@@ -46,3 +46,27 @@ def load(run_dir: Path) -> tuple[dict, dict[str, LoraState]] | None:
                 tensors.setdefault(group, {})[name] = value
             return meta, tensors
     return None
+
+
+def save_stage_start(run_dir: Path, stage: int, plan: dict, full_lora: LoraState) -> Path:
+    """Keep each stage's plan and starting full LoRA (a few MB), so any stage's submodel can be
+    rebuilt and exported later (`devft export --run ... --stage N`)."""
+    d = run_dir / "stages"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"stage{stage}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in full_lora.items()}, tmp, metadata={"plan": json.dumps(plan)})
+    tmp.replace(path)
+    return path
+
+
+def load_stage_start(run_dir: Path, stage: int) -> tuple[dict, LoraState] | None:
+    """(plan, full LoRA at the stage's start), or None if the run did not keep it."""
+    from safetensors import safe_open
+
+    path = run_dir / "stages" / f"stage{stage}.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(path, "pt") as f:
+        plan = json.loads(f.metadata()["plan"])
+    return plan, load_file(path)

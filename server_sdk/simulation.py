@@ -141,6 +141,7 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
             sub_model, init_sub = build_submodel(base.model, state.full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
             state.plan, state.stage_initial, state.stage_global = plan.to_dict(), init_sub, init_sub
             state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None})
+            checkpoint.save_stage_start(run_dir, s, plan.to_dict(), state.full_lora)
             state.devices_with_stage, state.next_round = [], 0
         else:
             plan = StagePlan(**state.plan)

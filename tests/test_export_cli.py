@@ -52,15 +52,42 @@ def test_stage_in_progress_uses_its_plan_and_starting_lora(runs, tmp_path):
 def test_finished_run_exports_last_stage_with_final_lora(runs, tmp_path):
     meta, tensors = checkpoint.load(runs / "done")
     report = json.loads((runs / "done" / "report.json").read_text())
-    out = export_stage(runs / "done", 1, "ort", tmp_path / "last", max_seq_len=32)
+    out = export_stage(runs / "done", 1, "ort", tmp_path / "last", final=True, max_seq_len=32)
     m = load_manifest(out)
     assert m.groups == [[0], [1], [2], [3]] == report["stage_plans"][1]["groups"]
     assert _same(tensors["full"], _artifact_lora(out)) < 1e-7
 
 
+def test_every_stage_of_a_finished_run_exports_with_its_starting_lora(runs, tmp_path):
+    from server_sdk.config import RunConfig
+    from server_sdk.submodel import StagePlan, fuse_lora
+
+    cfg = RunConfig.from_file(runs / "done" / "config.json")
+    report = json.loads((runs / "done" / "report.json").read_text())
+    for stage in (0, 1):
+        plan, full = checkpoint.load_stage_start(runs / "done", stage)
+        assert plan["groups"] == report["stage_plans"][stage]["groups"]
+        out = export_stage(runs / "done", stage, "ort", tmp_path / f"s{stage}", max_seq_len=32)
+        assert load_manifest(out).groups == plan["groups"]
+        want = fuse_lora(full, StagePlan(**plan), cfg.beta, cfg.fusion)
+        assert _same(want, _artifact_lora(out)) < 1e-7
+
+
+def _without_stage_records(runs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "done-old"
+    shutil.copytree(runs / "done", copy)
+    shutil.rmtree(copy / "stages")  # a run made before stage starts were kept
+    return copy
+
+
 def test_stage_whose_starting_lora_is_gone_is_refused(runs, tmp_path):
+    old = _without_stage_records(runs, tmp_path)
     with pytest.raises(ExportError, match="stage 0 is not kept.*--stage 1"):
-        export_stage(runs / "done", 0, "ort", tmp_path / "x")
+        export_stage(old, 0, "ort", tmp_path / "x")
+    with pytest.raises(ExportError, match="--final exports the last stage"):
+        export_stage(runs / "done", 0, "ort", tmp_path / "x", final=True)
     with pytest.raises(ExportError, match="stages 0..1"):
         export_stage(runs / "done", 2, "ort", tmp_path / "x")
     with pytest.raises(ExportError, match="not a devft run directory"):
@@ -74,7 +101,8 @@ def test_cli_export_and_error_exit(runs, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["backend"] == "ort" and summary["layers"] == 2 and "checkpoint" in summary["files"]
     assert load_manifest(tmp_path / "cli").optimizer == "sgd"
-    assert main(["export", "--run", str(runs / "done"), "--stage", "0", "--out", str(tmp_path / "bad")]) == 2
+    old = _without_stage_records(runs, tmp_path)
+    assert main(["export", "--run", str(old), "--stage", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "not kept" in capsys.readouterr().err
 
 
