@@ -20,7 +20,7 @@ over all 4 x 127 positions), AdamW for ORT and torch, lr 1e-4, threads = logical
 Artifacts and submodels are cached under benchmarks/results/cache/device/ (git-ignored), so a
 rerun only measures. Results: benchmarks/results/device.json (rows in the format of
 edge_runtime.bench), benchmarks/results/device.png, and the generated section of
-benchmarks/RESULTS-device.md (other sections of that file are kept).
+benchmarks/RESULTS.md (other sections of that file are kept).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from edge_runtime.telemetry import DEVICE_PROFILES
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = RESULTS / "cache" / "device"
-MARKDOWN = ROOT / "RESULTS-device.md"
+MARKDOWN = ROOT / "RESULTS.md"
 BEGIN, END = "<!-- benchmarks.device: begin (generated) -->", "<!-- benchmarks.device: end -->"
 MODEL = "smollm2-135m"
 STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)

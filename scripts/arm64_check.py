@@ -2,7 +2,7 @@
 
     python scripts/arm64_check.py export DIR        # host, torch + executorch: tiny random LLaMA
     python scripts/arm64_check.py train DIR OUT     # host or arm64 root: ExecuTorch steps + ORT eval
-    python scripts/arm64_check.py compare X86 ARM --markdown benchmarks/RESULTS-device.md
+    python scripts/arm64_check.py compare X86 ARM --markdown benchmarks/RESULTS.md
 
 `train` runs where only the edge part is installed (numpy, onnxruntime inference, executorch
 and the torch it links): it imports edge_runtime, never export/ or server_sdk/. It trains the

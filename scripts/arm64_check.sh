@@ -26,7 +26,7 @@
 #   5. host: export a tiny random LLaMA stage (hidden 64, 2 layers) as ExecuTorch artifacts plus a
 #      forward ONNX graph (scripts/arm64_check.py export), train it on x86_64 and in the arm64
 #      root with the same script (ExecuTorch SGD steps, then ONNX Runtime evaluation of the
-#      trained LoRA), compare the losses and write the result into benchmarks/RESULTS-device.md.
+#      trained LoRA), compare the losses and write the result into benchmarks/RESULTS.md.
 #   6. run `python -m edge_runtime.bench` (devft-edge bench) in the root on the ExecuTorch artifacts;
 #      its row lands in $WORK/arm64-bench.json, not in the results (emulated timings).
 # Exit status 0 = PASS, 1 = FAIL (losses differ or did not fall), other = setup error.
@@ -135,4 +135,4 @@ torch 2.13.0 (the CUDA 13 aarch64 build from PyPI) with only the nvidia-* librar
 (venv $(du -sh "$ROOTFS/opt/devft/venv" | cut -f1), of which nvidia-* \
 $(du -sh "$ROOTFS"/opt/devft/venv/lib/python3*/site-packages/nvidia | cut -f1) that CPU training never uses)."
 cd "$REPO" && "$HOST_PY" scripts/arm64_check.py compare "$WORK/x86_64.json" "$WORK/arm64.json" \
-  --markdown "$REPO/benchmarks/RESULTS-device.md" --setup-note "$NOTE"
+  --markdown "$REPO/benchmarks/RESULTS.md" --setup-note "$NOTE"
