@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime import protocol as P
+from edge_runtime.batching import IGNORE_INDEX, collate, join
 from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
@@ -45,7 +46,6 @@ from edge_runtime.transfer import ArtifactCache, FetchError
 
 log = logging.getLogger("devft.edge")
 
-IGNORE_INDEX = -100
 BACKENDS = ("ort", "executorch", "auto")
 
 
@@ -84,24 +84,9 @@ def read_shard(path: str | Path) -> Shard:
 
 
 def encode(tokenizer: Any, shard: Shard, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels (prompt masked with -100), truncated to seq_len: server_sdk.data.encode, torch-free."""
-    out = []
-    for prompt, completion in zip(shard.prompts, shard.completions):
-        p = tokenizer.encode(prompt, add_special_tokens=False).ids
-        c = tokenizer.encode(completion, add_special_tokens=False).ids
-        out.append(((p + c)[:seq_len], ([IGNORE_INDEX] * len(p) + c)[:seq_len]))
-    return out
-
-
-def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int64 [B, T]; pads labelled -100 (exact under causal attention, no mask needed)."""
-    width = max(len(ids) for ids, _ in encoded)
-    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
-    labels = np.full((len(encoded), width), IGNORE_INDEX, dtype=np.int64)
-    for i, (x, y) in enumerate(encoded):
-        ids[i, : len(x)] = x
-        labels[i, : len(y)] = y
-    return ids, labels
+    """Token ids and labels per example, exactly as the server builds them (edge_runtime.batching)."""
+    return [join(tokenizer.encode(p, add_special_tokens=False).ids, tokenizer.encode(c, add_special_tokens=False).ids,
+                 seq_len) for p, c in zip(shard.prompts, shard.completions)]
 
 
 # --------------------------------------------------------------------------- backends

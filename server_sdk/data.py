@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.batching import join
+
 from .config import TASKS, DataSettings
 
-IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
@@ -143,21 +144,7 @@ def encode(tokenizer, ex: Example, seq_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (prompt masked with -100), truncated to seq_len."""
     p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
-    ids = (p + c)[:seq_len]
-    labels = ([IGNORE_INDEX] * len(p) + c)[:seq_len]
-    return ids, labels
-
-
-def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded [B, T] int64 arrays. Right padding needs no attention mask under causal
-    attention (pads come after every real token), which keeps device graphs mask-free."""
-    width = max(len(ids) for ids, _ in encoded)
-    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
-    labels = np.full((len(encoded), width), IGNORE_INDEX, dtype=np.int64)
-    for i, (x, y) in enumerate(encoded):
-        ids[i, :len(x)] = x
-        labels[i, :len(y)] = y
-    return ids, labels
+    return join(p, c, seq_len)
 
 
 def score(task: str, prediction: str, ex: Example) -> float:

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from .data import IGNORE_INDEX, Example, collate, encode, score
+from edge_runtime.batching import IGNORE_INDEX, collate
+
+from .data import Example, encode, score
 from .lora import LoraState, read_lora
 
 

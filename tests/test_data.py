@@ -1,17 +1,8 @@
 import numpy as np
 
+from edge_runtime.batching import IGNORE_INDEX, collate
 from server_sdk.config import DataSettings
-from server_sdk.data import (
-    IGNORE_INDEX,
-    build_client_data,
-    build_eval_data,
-    client_task_counts,
-    collate,
-    encode,
-    read_jsonl,
-    score,
-    write_jsonl,
-)
+from server_sdk.data import build_client_data, build_eval_data, client_task_counts, encode, read_jsonl, score, write_jsonl
 
 
 def test_partitions_have_the_promised_shape():

@@ -1,0 +1,30 @@
+"""Training inputs from a chat-formatted example, written once for the server and the device.
+
+A record holds the rendered `prompt` (chat template applied) and the `completion`; the loss
+falls on completion tokens only. Batches are right-padded with pads labelled -100, which is
+exact under causal attention, so device graphs need no attention mask. Torch-free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+def join(prompt_ids: list[int], completion_ids: list[int], seq_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (prompt masked with -100), truncated to seq_len."""
+    ids = (prompt_ids + completion_ids)[:seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:seq_len]
+    return ids, labels
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded [B, T] int64 arrays of ids and labels."""
+    width = max(len(ids) for ids, _ in encoded)
+    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    labels = np.full((len(encoded), width), IGNORE_INDEX, dtype=np.int64)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, : len(x)] = x
+        labels[i, : len(y)] = y
+    return ids, labels
