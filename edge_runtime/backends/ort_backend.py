@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.backends import check_lora_set
 from edge_runtime.manifest import Manifest, TensorSpec, load_manifest
 
 TRAINING_MODEL = "training_model.onnx"
@@ -100,19 +101,7 @@ class OrtTrainer:
 
     def set_lora(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Replace every LoRA tensor; a partial or foreign set is refused before anything is written."""
-        unknown = sorted(set(tensors) - set(self._specs))
-        missing = sorted(set(self._specs) - set(tensors))
-        if unknown or missing:
-            raise ValueError(
-                f"set_lora needs exactly the {len(self._specs)} LoRA tensors of these artifacts "
-                f"(run {self.manifest.run_id!r}, stage {self.manifest.stage}): unknown {unknown[:5]}, "
-                f"missing {missing[:5]}"
-            )
-        for name, value in tensors.items():
-            spec = self._specs[name]
-            if not isinstance(value, np.ndarray) or value.shape != spec.shape or value.dtype.name != spec.dtype:
-                got = (getattr(value, "shape", None), getattr(getattr(value, "dtype", None), "name", type(value)))
-                raise ValueError(f"{name}: expected ndarray {spec.shape} {spec.dtype}, got {got[0]} {got[1]}")
+        check_lora_set(tensors, self._specs, self.manifest)
         for name, value in tensors.items():
             self._state.parameters[self._specs[name].name] = np.ascontiguousarray(value)
 
