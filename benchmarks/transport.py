@@ -164,13 +164,15 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
             "published": {k: {"messages": v[0], "bytes": v[1]} for k, v in ex.published.items()},
             "server_chunks": {"chunks": ex.artifacts.chunks_sent, "bytes": ex.artifacts.bytes_sent},
             "events": [json.loads(line) for line in (run_dir / "fleet_events.jsonl").read_text().splitlines()],
-            "eval_loss": [r.get("eval_loss") for r in report["records"]]}
+            "eval_loss": [r.get("eval_loss") for r in report["records"]],
+            "round_loop_wall_s": [r["wall_seconds"] for r in report["records"] if r["stage"] >= 0]}
 
 
 def analyse(raw: dict) -> dict:
     accepted_t = {(e["round"], e["device"]): e["t"] for e in raw["events"] if e["event"] == "accepted"}
     rounds = []
-    for r in raw["rounds"]:
+    loop_walls = raw.get("round_loop_wall_s") or [None] * len(raw["rounds"])
+    for r, loop_wall in zip(raw["rounds"], loop_walls):
         devs = r["devices"]
         crit = max(devs, key=lambda d: accepted_t[(r["round"], d)])
         tel = devs[crit]
@@ -187,6 +189,11 @@ def analyse(raw: dict) -> dict:
                               "setup_s": tel["setup_s"], "upload_and_validate_s": upload},
             "median_device_train_s": float(np.median([d["train_s"] - d["fetch_s"] for d in devs.values()])),
             "max_fetch_in_round_s": max(d["fetch_s"] for d in devs.values()),
+            # the simulation's round loop around W: sampling, FedAvg, held-out eval, checkpoint
+            "coordinator_outside_w_s": None if loop_wall is None else loop_wall - r["wall_s"],
+            # the critical device finishing the stage's prefetch (and rebuilding the checkpoint) after the
+            # train control came: part of its start lag in a stage's first round
+            "critical_prefetch_s": tel["stage_fetch_s"] - tel["fetch_s"],
         })
 
     # artifact fetch: per stage and device, the last report of its process holds the stage totals
