@@ -234,7 +234,30 @@ def analyse(raw: dict) -> dict:
     pub = raw["published"]
     payload_in = raw_updates + raw_globals + sum(s["needed_bytes"] for s in stages)  # one copy of each file up
     payload_out = raw_updates + raw_globals * n_dev + needed_files
+    update_hdr = update_msgs - raw_updates
+    glob_msgs = pub.get("global", {}).get("bytes", 0)
+    ctrl_msgs = pub.get("control", {}).get("bytes", 0)
+    # what is left once every known message body is subtracted: MQTT fixed headers, topics and
+    # properties, PUBACKs, CONNECT/SUBSCRIBE/PING, fetch requests and device status, the $SYS readings
+    other_in = wire_in - (chunks_published + update_msgs + glob_msgs + ctrl_msgs)
+    # payload bytes the devices' MQTT clients took in (last report of each device process); what is not a
+    # counted chunk, global or control message is chunks that came after the device stopped listening
+    # for that file (its cache never saw them)
+    last_seen: dict[tuple, int] = {}
+    for r in raw["rounds"]:
+        for d, tel in r["devices"].items():
+            last_seen[(d, tel.get("process"))] = tel.get("mqtt_payload_bytes_received") or 0
+    device_payload = sum(last_seen.values())
+    late_chunks = max(0, device_payload - chunks_delivered - (glob_msgs + ctrl_msgs) * n_dev) if device_payload else 0
+    other_out = wire_out - (chunks_delivered + late_chunks + update_msgs + (glob_msgs + ctrl_msgs) * n_dev)
     wire = {
+        "by_cause_in": {"duplicate_chunk_publishes": chunks_published - sum(s["needed_bytes"] for s in stages),
+                        "protocol_headers": update_hdr + (glob_msgs - raw_globals) + ctrl_msgs,
+                        "mqtt_and_small_messages": other_in},
+        "by_cause_out": {"unrequested_chunks_received": chunks_delivered - needed_files,
+                         "chunks_after_unsubscribe": late_chunks,
+                         "protocol_headers": update_hdr + (glob_msgs - raw_globals + ctrl_msgs) * n_dev,
+                         "mqtt_and_small_messages": other_out},
         "broker_received_bytes": wire_in, "broker_sent_bytes": wire_out,
         "raw_payload_in_bytes": payload_in, "raw_payload_out_bytes": payload_out,
         "overhead_in": wire_in / payload_in - 1, "overhead_out": wire_out / payload_out - 1,
@@ -264,6 +287,10 @@ def _first_rounds(raw: dict) -> set[int]:
     for r in raw["rounds"]:
         first.setdefault(r["stage"], r["round"])
     return set(first.values())
+
+
+def _rate(bytes_per_s: float | None) -> str:
+    return "none" if not bytes_per_s else f"{bytes_per_s / 1e6:g} MB/s"
 
 
 def _mb(b: float | None) -> str:
@@ -298,6 +325,17 @@ def table(result: dict) -> str:
               f"{w['overhead_in']:+.2%} |",
               f"| out of the broker | {w['broker_sent_bytes']:,} | {w['raw_payload_out_bytes']:,} | "
               f"{w['overhead_out']:+.2%} |",
+              "", "| overhead by cause | into the broker | out of the broker |", "|---|---|---|",
+              *(f"| {label} | {w['by_cause_in'].get(kin, 0):,} | {w['by_cause_out'].get(kout, 0):,} |"
+                for label, kin, kout in (
+                    ("artifact chunks published again / received unrequested", "duplicate_chunk_publishes",
+                     "unrequested_chunks_received"),
+                    ("artifact chunks queued to a device after it stopped listening", "-",
+                     "chunks_after_unsubscribe"),
+                    ("protocol headers (frame JSON, safetensors header, control JSON)", "protocol_headers",
+                     "protocol_headers"),
+                    ("MQTT framing, acks, fetch requests, status, connects", "mqtt_and_small_messages",
+                     "mqtt_and_small_messages"))),
               "", "| message kind | count | raw bytes | message bytes (protocol) |", "|---|---|---|---|",
               f"| update | {b['updates']['count']} | {b['updates']['raw_tensor_bytes']:,} | "
               f"{b['updates']['message_bytes']:,} |",
@@ -321,7 +359,7 @@ def write_markdown(path: Path, result: dict, command: str) -> None:
         f"{result['raw']['hidden']} hidden, {cfg['model']}, stages {cfg['stages']} x {cfg['rounds_per_stage']} "
         f"rounds, {cfg['local_steps']} local steps of batch {cfg['batch_size']} x seq {cfg['seq_len']}, LoRA r "
         f"{cfg['lora']['r']}; broker mosquitto with TLS, passwords and the fleet ACL; artifact upload rate limit "
-        f"{result['artifact_rate']} B/s. Total run {result['raw']['total_s']:.0f} s.  ",
+        f"{_rate(result['artifact_rate'])}. Total run {result['raw']['total_s']:.0f} s.  ",
         f"Transport+coordination share of round wall time: mean {s['transport_share_mean']:.1%}, "
         f"max {s['transport_share_max']:.1%} (goal <= 5%: "
         f"{'met every round' if s['goal_met_every_round'] else 'met on the mean only' if s['goal_met_on_mean'] else 'not met'}).",
@@ -349,28 +387,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact-rate", type=float, default=FleetSettings.artifact_bytes_per_s,
                    help="ArtifactServer upload limit in bytes/s (default: the fleet's default)")
     p.add_argument("--out", type=Path, default=RESULTS / "transport.json")
-    p.add_argument("--markdown", type=Path, default=Path(__file__).parent / "RESULTS-transport.md")
+    p.add_argument("--markdown", default=str(Path(__file__).parent / "RESULTS-transport.md"),
+                   help="results page to update ('' for none)")
     p.add_argument("--keep", type=Path, help="keep the run directory here instead of a temporary one")
+    p.add_argument("--from-json", type=Path, help="analyse the raw measurements of an earlier run again; no run")
     args = p.parse_args(argv)
 
-    work = args.keep or Path(tempfile.mkdtemp(prefix="devft-transport-"))
-    try:
-        raw = run_fleet(args, work)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
-    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": f"{_cpu_name()} ({platform.machine()}, "
-                         f"{os.cpu_count()} logical CPUs, shared with other jobs)",
-              "artifact_rate": args.artifact_rate, "analysis": analyse(raw), "raw": raw}
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        result["analysis"] = analyse(result["raw"])
+    else:
+        work = args.keep or Path(tempfile.mkdtemp(prefix="devft-transport-"))
+        try:
+            raw = run_fleet(args, work)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                  "command": " ".join(["python -m benchmarks.transport", *(sys.argv[1:] if argv is None else argv)]),
+                  "machine": f"{_cpu_name()} ({platform.machine()}, "
+                             f"{os.cpu_count()} logical CPUs, shared with other jobs)",
+                  "artifact_rate": args.artifact_rate, "analysis": analyse(raw), "raw": raw}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
     print(table(result))
     s = result["analysis"]["summary"]
     print(f"\ntransport+coordination share: mean {s['transport_share_mean']:.1%}, max {s['transport_share_max']:.1%}")
     if args.markdown:
-        cmd = " ".join(["python -m benchmarks.transport", *(sys.argv[1:] if argv is None else argv)])
-        write_markdown(args.markdown, result, cmd)
+        write_markdown(Path(args.markdown), result, result.get("command", "python -m benchmarks.transport"))
     return 0 if not math.isnan(s["transport_share_mean"]) else 1
 
 

@@ -409,7 +409,8 @@ class Device:
                      "download_bytes": downloaded,
                      "stage_download_bytes": self.stage_downloads.get(ctrl.artifact.artifact_id, 0)
                      if ctrl.artifact else 0,
-                     "cache_bytes_downloaded_total": self.cache.bytes_downloaded}
+                     "cache_bytes_downloaded_total": self.cache.bytes_downloaded,
+                     "mqtt_payload_bytes_received": self.client.payload_bytes_received if self.client else None}
         loss = float(np.mean(losses)) if losses else float("nan")
         return P.UpdateMessage(ctrl.run_id, ctrl.stage, ctrl.round, self.device_id, secrets.token_hex(16),
                                len(self.shard), delta, {"train_loss": loss}, telemetry)

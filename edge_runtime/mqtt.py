@@ -105,6 +105,7 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
+        self.payload_bytes_received = 0  # every delivered message, matched by a subscription or not
         self._subs: dict[str, tuple[int, Callback | None]] = {}
         self._unsent: set[str] = set()  # filters added while disconnected
         self._inbox: dict[str, queue.Queue[Message]] = {}
@@ -305,6 +306,7 @@ class MqttClient:
         message = Message(topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos, retain=bool(msg.retain))
         sub_ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
         with self._lock:
+            self.payload_bytes_received += len(message.payload)
             targets = [
                 (f, cb)
                 for f, (_, cb) in self._subs.items()

@@ -291,6 +291,7 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
             assert tel["energy_source"] and tel["backend"] == "ort"
             # timing a transport benchmark splits rounds by: fetch inside the round, and when training began
             assert 0 <= tel["fetch_s"] <= tel["stage_fetch_s"] and 0 < tel["started_unix"] <= time.time()
+            assert tel["mqtt_payload_bytes_received"] >= tel["cache_bytes_downloaded_total"] > 0
     # stage 1 shares tokenizer.json with stage 0: its blob is not downloaded again ...
     stage_bytes = [e["artifact_bytes"] for e in events(job.run_dir) if e["event"] == "stage"]
     for dev in report["fleet"]["devices"].values():
