@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact-rate", type=float, default=FleetSettings.artifact_bytes_per_s,
                    help="ArtifactServer upload limit in bytes/s (default: the fleet's default)")
     p.add_argument("--out", type=Path, default=RESULTS / "transport.json")
-    p.add_argument("--markdown", default=str(Path(__file__).parent / "RESULTS-transport.md"),
+    p.add_argument("--markdown", default=str(Path(__file__).parent / "RESULTS.md"),
                    help="results page to update ('' for none)")
     p.add_argument("--keep", type=Path, help="keep the run directory here instead of a temporary one")
     p.add_argument("--from-json", type=Path, help="analyse the raw measurements of an earlier run again; no run")
