@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# The main job: set up, then run a short DEVFT fine-tuning of SmolLM2-135M-Instruct with
-# simulated clients (about 10 minutes on 2 CPU cores) and print accuracy before and after.
+# The main job: set up, then run a short DEVFT fine-tuning of SmolLM2-135M-Instruct and print
+# held-out accuracy and eval loss before and after.
+#   bash scripts/quickstart.sh              # on a local fleet: a secured Mosquitto, the coordinator
+#                                           # and 4 torch-free devft-edge device processes (ONNX Runtime)
+#   bash scripts/quickstart.sh --simulate   # simulated clients in one process (eager torch)
+# Extra arguments go to `devft run` (e.g. -o rounds_per_stage=2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/devft run --name "quickstart-$(date +%Y%m%d-%H%M%S)" "$@"
+name="quickstart-$(date +%Y%m%d-%H%M%S)"
+if [ "${1:-}" = "--simulate" ]; then
+  shift
+  .venv/bin/devft run --name "$name" "$@"
+else
+  # a generous round deadline: the 4 devices share this machine's cores with the coordinator
+  .venv/bin/devft run --fleet local:4 --round-timeout 900 --name "$name" "$@"
+  .venv/bin/devft report "runs/$name"
+fi

@@ -93,8 +93,9 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     cfg.to_json(run_dir / "config.json")
     clients, held_out = prepare_data(cfg, base, run_dir)
     strategy = make_strategy(cfg)
+    # local steps are visible only where clients train in this process; devices report per round
     steps_bar = tqdm(total=cfg.clients_per_round * cfg.local_steps, desc="local steps", leave=False, position=1,
-                     disable=not progress)
+                     disable=not progress or executor_factory is not None)
     executor = executor_factory(cfg, base, clients) if executor_factory else \
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
     try:
