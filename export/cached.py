@@ -24,9 +24,10 @@ from typing import Any
 
 import onnx
 
-from edge_runtime.manifest import MANIFEST_NAME, load_manifest, write_manifest
+from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 from export import naming
 from export.ort import _json_config, export_ort_artifacts
+from export.publish import publish
 
 GRAPHS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 CHECKPOINT = "checkpoint"
@@ -122,11 +123,7 @@ def export_stage_cached(
         manifest.model_config = _json_config(peft_model)
         manifest.groups = [list(map(int, g)) for g in groups or []]
         manifest.anchors = [int(a) for a in anchors or []]
-        write_manifest(build, manifest)
-        build.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(build, out_dir)
+        publish(build, out_dir, manifest)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return out_dir

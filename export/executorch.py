@@ -37,18 +37,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_runtime.manifest import InputSpec, Manifest, TensorSpec, write_manifest
+from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.ort import _check_exportable, _copy_tokenizer, _eager_attention, _json_config
+from export.publish import publish
 
 IGNORE_INDEX = -100
 PROGRAM = "model.pte"
@@ -278,16 +278,10 @@ def export_executorch_artifacts(
             tokenizer_file="tokenizer.json" if tokenizer_dir is not None else None,
             chat_template=chat_template,
         )
-        write_manifest(build, manifest)
-        build.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(build, out_dir)
+        publish(build, out_dir, manifest)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return out_dir
 
 
-def import_trained_lora(peft_model: Any, trained: Mapping[str, np.ndarray]) -> None:
-    """Load LoRA tensors trained on a device (keyed by PEFT name) back into `peft_model`."""
-    naming.load_lora_into_peft(peft_model, trained)
+import_trained_lora = naming.load_lora_into_peft  # the same import-back as ORT's: one name mapping

@@ -31,8 +31,9 @@ import numpy as np
 import onnx
 import torch
 
-from edge_runtime.manifest import InputSpec, Manifest, TensorSpec, write_manifest
+from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
+from export.publish import publish
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt tokens: assistant-only loss)
 OPTIMIZER_IR_VERSION = 10  # onnx 1.23 writes IR 14 for the optimizer graph; ORT 1.19 reads at most 10
@@ -268,11 +269,7 @@ def export_ort_artifacts(
             tokenizer_file="tokenizer.json" if tokenizer_dir is not None else None,
             chat_template=chat_template,
         )
-        write_manifest(build, manifest)
-        build.chmod(0o755)  # mkdtemp makes it private; the broker may serve it as another user
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(build, out_dir)
+        publish(build, out_dir, manifest)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return out_dir
