@@ -24,3 +24,18 @@ def check_lora_set(tensors: Mapping[str, np.ndarray], specs: Mapping[str, Tensor
         if not isinstance(value, np.ndarray) or value.shape != spec.shape or value.dtype.name != spec.dtype:
             got = (getattr(value, "shape", None), getattr(getattr(value, "dtype", None), "name", type(value)))
             raise ValueError(f"{name}: expected ndarray {spec.shape} {spec.dtype}, got {got[0]} {got[1]}")
+
+
+def check_batch_shape(input_ids: np.ndarray, labels: np.ndarray, min_seq: int, max_seq: int) -> None:
+    """Both int64 [batch, seq] of the same shape, with seq inside what the artifacts were exported for."""
+    for name, a in (("input_ids", input_ids), ("labels", labels)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.ndim != 2:
+            raise ValueError(
+                f"{name} must be an int64 ndarray [batch, seq], got {getattr(a, 'dtype', type(a))} "
+                f"{getattr(a, 'shape', '')}"
+            )
+    if input_ids.shape != labels.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and labels {labels.shape} must have the same shape")
+    seq = input_ids.shape[1]
+    if not min_seq <= seq <= max_seq:
+        raise ValueError(f"sequence length {seq} outside [{min_seq}, {max_seq}] of these artifacts")

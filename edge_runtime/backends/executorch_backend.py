@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends import check_lora_set
+from edge_runtime.backends import check_batch_shape, check_lora_set
 from edge_runtime.manifest import Manifest, TensorSpec, load_manifest
 
 PROGRAM = "model.pte"  # names written by export/executorch.py; the manifest's versions repeat them
@@ -135,19 +135,8 @@ class ExecuTorchTrainer:
         return float(loss)
 
     def _check_batch(self, input_ids: np.ndarray, labels: np.ndarray, *, training: bool) -> None:
-        for name, a in (("input_ids", input_ids), ("labels", labels)):
-            if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.ndim != 2:
-                raise ValueError(
-                    f"{name} must be an int64 ndarray [batch, seq], got {getattr(a, 'dtype', type(a))} "
-                    f"{getattr(a, 'shape', '')}"
-                )
-        if input_ids.shape != labels.shape:
-            raise ValueError(f"input_ids {input_ids.shape} and labels {labels.shape} must have the same shape")
-        batch, seq = input_ids.shape
-        if not self._min_seq <= seq <= self.manifest.max_seq_len:
-            raise ValueError(
-                f"sequence length {seq} outside [{self._min_seq}, {self.manifest.max_seq_len}] of these artifacts"
-            )
+        check_batch_shape(input_ids, labels, self._min_seq, self.manifest.max_seq_len)
+        batch = input_ids.shape[0]
         if not 1 <= batch <= self._max_batch:
             raise ValueError(f"batch size {batch} outside [1, {self._max_batch}] these artifacts were planned for")
         if training and not (labels[:, 1:] != IGNORE_INDEX).any():

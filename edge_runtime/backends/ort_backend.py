@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends import check_lora_set
+from edge_runtime.backends import check_batch_shape, check_lora_set
 from edge_runtime.manifest import Manifest, TensorSpec, load_manifest
 
 TRAINING_MODEL = "training_model.onnx"
@@ -155,17 +155,7 @@ class OrtTrainer:
         return float(self._optimizer.get_learning_rate())
 
     def _check_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
-        for name, a in (("input_ids", input_ids), ("labels", labels)):
-            if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.ndim != 2:
-                raise ValueError(
-                    f"{name} must be an int64 ndarray [batch, seq], got {getattr(a, 'dtype', type(a))} "
-                    f"{getattr(a, 'shape', '')}"
-                )
-        if input_ids.shape != labels.shape:
-            raise ValueError(f"input_ids {input_ids.shape} and labels {labels.shape} must have the same shape")
-        seq = input_ids.shape[1]
-        if not 2 <= seq <= self.manifest.max_seq_len:
-            raise ValueError(f"sequence length {seq} outside [2, {self.manifest.max_seq_len}] of these artifacts")
+        check_batch_shape(input_ids, labels, 2, self.manifest.max_seq_len)
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             # the mean over zero tokens is NaN, and one NaN step ruins the AdamW moments for the round
             raise ValueError("every target label is -100: nothing to learn from this batch; skip it")
