@@ -3,6 +3,9 @@
     python -m benchmarks.convergence --profile smoke       # tiny model, a minute or two (CI)
     python -m benchmarks.convergence --profile standard    # SmolLM2-135M, 3 methods x 3 seeds
     python -m benchmarks.convergence --profile ablations   # DEVFT ablations, 3 seeds each
+    python -m benchmarks.convergence --profile ablations-smoke  # the ablation code path on the tiny model
+
+Add --worker and start one process per core to share a matrix (runs are claimed by lock files).
 
 Every (method, config, seed) run is cached by the hash of its config under
 benchmarks/results/cache/ (git-ignored; holds checkpoints, so an interrupted run resumes)
@@ -99,8 +102,8 @@ def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
     for name, stages in schedules.items():
         variants.append((name, {"stages": stages, "rounds_per_stage": _split_rounds(total, len(stages))}))
     jobs = []
-    for name, kw in variants:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an interrupted matrix still has every row at the first seeds
+        for name, kw in variants:
             cfg = copy.deepcopy(base)
             for k, v in {**kw, "seed": seed}.items():
                 setattr(cfg, k, v)
@@ -113,8 +116,8 @@ def run_job(job: Job, base_model=None, progress: bool = False) -> dict:
     from server_sdk.simulation import run
 
     kept = KEPT / f"{job.key}.json"
-    if kept.exists():
-        return json.loads(kept.read_text())
+    if kept.exists():  # the same config may be kept under another table's label (default ablation = devft)
+        return {**json.loads(kept.read_text()), "label": job.label, "group": job.group}
     run_dir = CACHE / job.key
     resume = (run_dir / "checkpoint").exists()
     if run_dir.exists() and not resume:
@@ -134,18 +137,69 @@ def run_job(job: Job, base_model=None, progress: bool = False) -> dict:
     return compact
 
 
-def run_jobs(jobs: list[Job], desc: str) -> list[dict]:
+def _claim(job: Job) -> Path | None:
+    """Take a job for this process (lock file holding our PID); None if a live process holds it."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lock = CACHE / f"{job.key}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                return None  # another worker is running it
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale lock from a stopped worker: take over (it resumes)
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
+
+
+def run_jobs(jobs: list[Job], desc: str, shared: bool = False) -> list[dict | None]:
+    """Run jobs in order. With ``shared``, several processes may work on one matrix at once: each
+    claims a job before running it and skips jobs claimed by another live process (None in the result)."""
     from server_sdk.model import load_base_model
 
     models: dict[str, object] = {}
-    out = []
+    out: list[dict | None] = []
     bar = tqdm(jobs, desc=desc, unit="run")
     for job in bar:
         bar.set_postfix_str(f"{job.label} seed={job.cfg.seed} lr={job.cfg.lr:g}")
-        if not (KEPT / f"{job.key}.json").exists() and job.cfg.model not in models:
-            models[job.cfg.model] = load_base_model(job.cfg.model)
-        out.append(run_job(job, models.get(job.cfg.model)))
+        if (KEPT / f"{job.key}.json").exists():
+            out.append(run_job(job))
+            continue
+        lock = _claim(job) if shared else None
+        if shared and lock is None:
+            out.append(None)
+            continue
+        try:
+            if job.cfg.model not in models:
+                models[job.cfg.model] = load_base_model(job.cfg.model)
+            out.append(run_job(job, models[job.cfg.model]))
+        finally:
+            if lock is not None:
+                lock.unlink(missing_ok=True)
     return out
+
+
+def run_jobs_waiting(jobs: list[Job], desc: str, shared: bool) -> list[dict]:
+    """Like run_jobs, but when other workers hold some jobs, wait for them: later phases need all results."""
+    while True:
+        reps = run_jobs(jobs, desc, shared)
+        if all(r is not None for r in reps):
+            return reps
+        time.sleep(30)
+
+
+def _all_done(reps: list[dict | None]) -> bool:
+    missing = sum(r is None for r in reps)
+    if missing:
+        print(f"{missing} run(s) are held by other workers; rerun without --worker when they finish "
+              "to write the summary (it only loads cached runs).")
+    return not missing
 
 
 # ---- analysis ----------------------------------------------------------------
@@ -161,35 +215,53 @@ def final_accuracy(rep: dict) -> tuple[float | None, dict]:
     return last[-1]["accuracy"], {t: v.get("accuracy") for t, v in (last[-1]["per_task"] or {}).items()}
 
 
+_KEYS = ("sim_seconds", "compute_seconds", "lora_bytes", "total_bytes")
+
+
+def _to_target(rep: dict, ref: dict, target: float, link: Link) -> dict:
+    """What a run and its FedIT reference need to first reach `target` (inf: never), and the ratios."""
+    got = {k: first_reaching(cumulative(rep["records"], link, COMPUTE_KEY), target, k) for k in _KEYS}
+    base = {k: first_reaching(cumulative(ref["records"], link, COMPUTE_KEY), target, k) for k in _KEYS}
+    return {"target": target, "method": got, "fedit": base, "ratio": {k: ratio(base[k], got[k]) for k in _KEYS}}
+
+
 def headline(reports: dict[str, list[dict]], link: Link) -> dict:
-    """Per method: final loss/accuracy and time/bytes-to-target ratios vs FedIT, seed by seed."""
+    """Per method, seed by seed: final loss/accuracy, and what it takes to reach (a) FedIT's final
+    eval loss (the issue's target) and (b) the common target, the worst final loss of all methods
+    on that seed, which every method reaches, so a ratio exists even where (a) is never reached."""
     by_seed = {m: {r["config"]["seed"]: r for r in reps} for m, reps in reports.items()}
     out: dict = {"link": link.__dict__, "methods": {}}
     for m, reps in by_seed.items():
-        rows = {"final_eval_loss": [], "final_accuracy": [], "time_to_target_s": [], "compute_to_target_s": [],
-                "lora_bytes_to_target": [], "total_bytes_to_target": [], "speedup_time": [], "speedup_compute": [],
-                "bytes_reduction_lora": [], "bytes_reduction_total": [], "seeds": sorted(reps)}
+        rows: dict = {"final_eval_loss": [], "final_accuracy": [], "client_compute_s": [], "lora_bytes": [],
+                      "total_bytes": [], "sim_seconds": [], "time_to_target_s": [], "compute_to_target_s": [],
+                      "lora_bytes_to_target": [], "total_bytes_to_target": [], "speedup_time": [],
+                      "speedup_compute": [], "bytes_reduction_lora": [], "bytes_reduction_total": [],
+                      "common_target": [], "common": {k: [] for k in _KEYS}, "seeds": sorted(reps)}
         for seed, rep in sorted(reps.items()):
-            ref = by_seed.get("fedit", {}).get(seed)
             curve = cumulative(rep["records"], link, COMPUTE_KEY)
             rows["final_eval_loss"].append(final_loss(rep))
-            acc, _ = final_accuracy(rep)
-            rows["final_accuracy"].append(acc)
+            rows["final_accuracy"].append(final_accuracy(rep)[0])
+            rows["client_compute_s"].append(float(curve["compute_seconds"][-1]))
+            rows["lora_bytes"].append(float(curve["lora_bytes"][-1]))
+            rows["total_bytes"].append(float(curve["total_bytes"][-1]))
+            rows["sim_seconds"].append(float(curve["sim_seconds"][-1]))
+            ref = by_seed.get("fedit", {}).get(seed)
             if ref is None:
                 continue
-            target = final_loss(ref)
-            ref_curve = cumulative(ref["records"], link, COMPUTE_KEY)
-            got = {k: first_reaching(curve, target, k) for k in ("sim_seconds", "compute_seconds", "lora_bytes",
-                                                                  "total_bytes")}
-            base = {k: first_reaching(ref_curve, target, k) for k in got}
-            rows["time_to_target_s"].append(got["sim_seconds"])
-            rows["compute_to_target_s"].append(got["compute_seconds"])
-            rows["lora_bytes_to_target"].append(got["lora_bytes"])
-            rows["total_bytes_to_target"].append(got["total_bytes"])
-            rows["speedup_time"].append(ratio(base["sim_seconds"], got["sim_seconds"]))
-            rows["speedup_compute"].append(ratio(base["compute_seconds"], got["compute_seconds"]))
-            rows["bytes_reduction_lora"].append(ratio(base["lora_bytes"], got["lora_bytes"]))
-            rows["bytes_reduction_total"].append(ratio(base["total_bytes"], got["total_bytes"]))
+            t = _to_target(rep, ref, final_loss(ref), link)
+            rows["time_to_target_s"].append(t["method"]["sim_seconds"])
+            rows["compute_to_target_s"].append(t["method"]["compute_seconds"])
+            rows["lora_bytes_to_target"].append(t["method"]["lora_bytes"])
+            rows["total_bytes_to_target"].append(t["method"]["total_bytes"])
+            rows["speedup_time"].append(t["ratio"]["sim_seconds"])
+            rows["speedup_compute"].append(t["ratio"]["compute_seconds"])
+            rows["bytes_reduction_lora"].append(t["ratio"]["lora_bytes"])
+            rows["bytes_reduction_total"].append(t["ratio"]["total_bytes"])
+            common = max(final_loss(by_seed[k][seed]) for k in by_seed if seed in by_seed[k])
+            c = _to_target(rep, ref, common, link)
+            rows["common_target"].append(common)
+            for k in _KEYS:
+                rows["common"][k].append(c["ratio"][k])
         out["methods"][m] = rows
     return out
 
@@ -205,22 +277,51 @@ def _fmt(values: list, pct: bool = False, unit: str = "") -> str:
     return f"{k * m:.3g}{unit} ± {k * s:.2g}" if len(vals) > 1 else f"{k * m:.3g}{unit}"
 
 
+def fmt_ratio(values: list[float]) -> str:
+    """Ratios over seeds, where 0 means the method never reached the target on that seed
+    (see metrics.ratio): the mean over the seeds that reached it, and how many never did."""
+    reached = [v for v in values if v > 0]
+    never = len(values) - len(reached)
+    if not values:
+        return "n/a"
+    if not reached:
+        return f"never reached ({never}/{len(values)} seeds)"
+    text = _fmt(reached, unit="x")
+    return text + (f" (never reached in {never}/{len(values)} seeds)" if never else "")
+
+
 def markdown(summary: dict, lr_choice: dict, profile: str, command: str) -> str:
+    meths = summary["methods"]
     lines = [f"### Convergence, profile `{profile}`", "", f"Command: `{command}`", "",
              f"Link assumption: {summary['link']['up_mbit_s']} Mbit/s up, {summary['link']['down_mbit_s']} Mbit/s down. "
              "Client compute = process CPU seconds of local training (1 torch thread). Learning rate per method picked "
-             f"on seed {min(next(iter(summary['methods'].values()))['seeds'])} from the same grid: "
-             + ", ".join(f"{m} {lr:g}" for m, lr in lr_choice.items()) + ".", "",
-             "| method | seeds | final eval loss | final accuracy | sim. time to target | speed-up vs FedIT (time) | "
-             "speed-up (compute) | LoRA bytes reduction | bytes reduction incl. stage downloads |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for m, r in summary["methods"].items():
-        acc = _fmt(r["final_accuracy"], pct=True, unit="%")
-        lines.append(f"| {m} | {len(r['seeds'])} | {_fmt(r['final_eval_loss'])} | {acc} "
-                     f"| {_fmt(r['time_to_target_s'], unit=' s')} | {_fmt(r['speedup_time'], unit='x')} | "
-                     f"{_fmt(r['speedup_compute'], unit='x')} | {_fmt(r['bytes_reduction_lora'], unit='x')} | "
-                     f"{_fmt(r['bytes_reduction_total'], unit='x')} |")
-    lines += ["", "Target = FedIT's final eval loss with the same seed; a ratio of 0 means the method never reached it."]
+             f"on seed {min(next(iter(meths.values()))['seeds'])} from the same grid: "
+             + ", ".join(f"{m} {lr:g}" for m, lr in lr_choice.items()) + ". Mean ± standard deviation over seeds.", "",
+             "**Equal rounds** (all methods run the same number of rounds):", "",
+             "| method | seeds | final eval loss | final accuracy | client CPU s | LoRA MB (up+down) | "
+             "MB incl. stage downloads | simulated wall time |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in meths.items():
+        lines.append(f"| {m} | {len(r['seeds'])} | {_fmt(r['final_eval_loss'])} | "
+                     f"{_fmt(r['final_accuracy'], pct=True, unit='%')} | {_fmt(r['client_compute_s'])} | "
+                     f"{_fmt([b / 1e6 for b in r['lora_bytes']])} | {_fmt([b / 1e6 for b in r['total_bytes']])} | "
+                     f"{_fmt(r['sim_seconds'], unit=' s')} |")
+    lines += ["", "**To FedIT's final eval loss** (the issue's target, per seed; ratios are FedIT / method, "
+              "so >1 means the method needs less):", "",
+              "| method | sim. time to target | speed-up (sim. time) | speed-up (client compute) | "
+              "LoRA bytes reduction | bytes reduction incl. stage downloads |", "|---|---|---|---|---|---|"]
+    for m, r in meths.items():
+        lines.append(f"| {m} | {_fmt(r['time_to_target_s'], unit=' s')} | {fmt_ratio(r['speedup_time'])} | "
+                     f"{fmt_ratio(r['speedup_compute'])} | {fmt_ratio(r['bytes_reduction_lora'])} | "
+                     f"{fmt_ratio(r['bytes_reduction_total'])} |")
+    common = next(iter(meths.values()))["common_target"]
+    lines += ["", f"**To the common target** (per seed, the worst final eval loss of the three methods, "
+              f"which all of them reach: {_fmt(common)}):", "",
+              "| method | speed-up (sim. time) | speed-up (client compute) | LoRA bytes reduction | "
+              "bytes reduction incl. stage downloads |", "|---|---|---|---|---|"]
+    for m, r in meths.items():
+        c = r["common"]
+        lines.append(f"| {m} | {fmt_ratio(c['sim_seconds'])} | {fmt_ratio(c['compute_seconds'])} | "
+                     f"{fmt_ratio(c['lora_bytes'])} | {fmt_ratio(c['total_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,67 +361,122 @@ def plot_standard(reports: dict[str, list[dict]], link: Link, path: Path) -> Non
     plt.close(fig)
 
 
-def ablation_table(reports: list[dict]) -> tuple[str, dict]:
-    paper = {"grouping": "deconfliction beats random/sequential by 2.4-6.1%",
-             "fusion": "differential beats mean/select by 1.4-11%", "beta": "too high a beta hurts",
-             "growth": "steady (2x) growth beats aggressive (4x)", "capacity": "initial capacity 4 best (8B models)",
-             "stages": "more stages (steady growth) better", "default": "-"}
+PAPER_DIRECTION = {
+    "grouping": "deconfliction beats random/sequential by 2.4-6.1%",
+    "fusion": "differential beats mean/select by 1.4-11%",
+    "beta": "too high a beta hurts (0.1-0.15 best)",
+    "growth": "steady (2x) growth beats aggressive (4x)",
+    "capacity": "initial capacity 4 best (8B models)",
+    "stages": "4 stages (steady growth) best",
+}
+
+
+def paired_delta(variant: dict[int, float], default: dict[int, float]) -> list[float]:
+    """variant - default on the seeds both have (paired by seed, which removes the data/init noise)."""
+    return [variant[s] - default[s] for s in sorted(variant) if s in default and variant[s] is not None
+            and default[s] is not None]
+
+
+def verdict(deltas: list[float], lower_is_better: bool = True) -> str:
+    """Our direction for a variant vs the default: better/worse when the mean paired difference
+    exceeds two standard errors, otherwise within seed noise."""
+    if not deltas:
+        return "n/a"
+    if len(deltas) == 1:
+        return "one seed, no verdict"
+    m = float(np.mean(deltas))
+    se = float(np.std(deltas, ddof=1) / math.sqrt(len(deltas))) if len(deltas) > 1 else math.inf
+    if abs(m) <= 2 * se:
+        return "within noise"
+    return "worse" if (m > 0) == lower_is_better else "better"
+
+
+def ablation_table(reports: list[dict], link: Link | None = None) -> tuple[str, dict]:
+    link = link or Link()
     rows: dict[str, list[dict]] = {}
     for r in reports:
         rows.setdefault(r["label"].split(":", 1)[1], []).append(r)
+    loss = {n: {r["config"]["seed"]: final_loss(r) for r in reps} for n, reps in rows.items()}
+    acc = {n: {r["config"]["seed"]: final_accuracy(r)[0] for r in reps} for n, reps in rows.items()}
     summary = {}
-    lines = ["| ablation | seeds | final eval loss | final accuracy | paper's direction |", "|---|---|---|---|---|"]
+    lines = ["| ablation | seeds | final eval loss | final accuracy | eval loss vs default (paired) | "
+             "accuracy vs default (paired, points) | ours vs default | client CPU s | LoRA MB | paper's direction |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, reps in rows.items():
-        losses = [final_loss(r) for r in reps]
-        accs = [final_accuracy(r)[0] for r in reps]
-        summary[name] = {"eval_loss": losses, "accuracy": accs}
-        family = name.split("=")[0]
-        lines.append(f"| {name} | {len(reps)} | {_fmt(losses)} | {_fmt(accs, pct=True, unit='%')} | {paper.get(family, '')} |")
-    return "\n".join(lines) + "\n", summary
+        curves = [cumulative(r["records"], link, COMPUTE_KEY) for r in reps]
+        dl = paired_delta(loss[name], loss.get("default", {}))
+        da = [100 * d for d in paired_delta(acc[name], acc.get("default", {}))]
+        summary[name] = {"seeds": sorted(loss[name]), "eval_loss": list(loss[name].values()),
+                         "accuracy": list(acc[name].values()), "delta_loss": dl, "delta_accuracy_points": da,
+                         "client_compute_s": [float(c["compute_seconds"][-1]) for c in curves],
+                         "lora_bytes": [float(c["lora_bytes"][-1]) for c in curves]}
+        ours = "-" if name == "default" else f"loss {verdict(dl)}, accuracy {verdict(da, lower_is_better=False)}"
+        lines.append(
+            f"| {name} | {len(reps)} | {_fmt(summary[name]['eval_loss'])} | "
+            f"{_fmt(summary[name]['accuracy'], pct=True, unit='%')} | "
+            f"{'-' if name == 'default' else _fmt(dl)} | {'-' if name == 'default' else _fmt(da)} | {ours} | "
+            f"{_fmt(summary[name]['client_compute_s'])} | {_fmt([b / 1e6 for b in summary[name]['lora_bytes']])} | "
+            f"{PAPER_DIRECTION.get(name.split('=')[0], '-')} |")
+    d = (rows.get("default") or reports)[0]
+    notes = (f"\n`default` is DEVFT as shipped: {d['config']['grouping']} grouping, {d['config']['fusion']} fusion, "
+             f"beta {d['config']['beta']:g}, stages {' -> '.join(map(str, d['stages']))} layers, "
+             f"{d['config']['rounds_per_stage']} rounds each. Every variant changes one thing and keeps the round budget. "
+             "Differences are paired by seed (variant minus default on the same seed); 'better'/'worse' needs the "
+             "mean difference to exceed two standard errors, otherwise 'within noise'.\n")
+    return "\n".join(lines) + "\n" + notes, summary
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=["smoke", "standard", "ablations"], default="smoke")
+    p.add_argument("--profile", choices=["smoke", "standard", "ablations", "ablations-smoke"], default="smoke")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1 smoke, 3 otherwise)")
     p.add_argument("--lrs", default=None, help="comma-separated LR grid searched on the first seed")
     p.add_argument("--up-mbit", type=float, default=10.0, help="device uplink for simulated time (Mbit/s)")
     p.add_argument("--down-mbit", type=float, default=50.0, help="device downlink (Mbit/s)")
     p.add_argument("--partition", choices=["task", "dirichlet", "iid"], default="task")
+    p.add_argument("--worker", action="store_true",
+                   help="share the matrix with other --worker processes (start one per core); "
+                        "each claims runs through lock files in the cache")
     args = p.parse_args(argv)
-    seeds = list(range(args.seeds or (1 if args.profile == "smoke" else 3)))
-    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else ([5e-3] if args.profile == "smoke" else [1e-3, 3e-3])
+    shared = args.worker
+    tiny = args.profile.endswith("smoke")
+    seeds = list(range(args.seeds or (1 if tiny else 3)))
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else ([5e-3] if tiny else [1e-3, 3e-3])
     link = Link(args.up_mbit, args.down_mbit)
     command = "python -m benchmarks.convergence " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     tag = args.profile if args.partition == "task" else f"{args.profile}-{args.partition}"
-    profile_for_cfg = "smoke" if args.profile == "smoke" else "standard"
+    profile_for_cfg = "smoke" if tiny else "standard"
 
     search, meta = standard_jobs(profile_for_cfg, seeds, lrs)
     for job in search:
         job.cfg.data.partition = args.partition
-    if args.profile == "ablations":
+    if args.profile.startswith("ablations"):
         # ablations use DEVFT's LR from the standard search (run it first if missing)
-        done = run_jobs([j for j in search if j.label == "devft"], "lr search (devft)")
+        done = run_jobs_waiting([j for j in search if j.label == "devft"], "lr search (devft)", shared)
         best_lr = min(done, key=final_loss)["config"]["lr"]
         jobs = ablation_jobs(profile_for_cfg, seeds, best_lr)
         for job in jobs:
             job.cfg.data.partition = args.partition
-        reps = run_jobs(jobs, "ablations")
-        table, summary = ablation_table(reps)
+        reps = run_jobs(jobs, "ablations", shared)
+        if not _all_done(reps):
+            return 0
+        table, summary = ablation_table(reps, link)
         _write(tag, {"ablations": summary, "lr": best_lr},
                f"### Ablations (DEVFT, lr {best_lr:g})\n\nCommand: `{command}`\n\n" + table)
         _plot_ablations(summary, RESULTS / f"convergence-{tag}.png")
         print(table)
         return 0
 
-    done = run_jobs(search, "lr search")
+    done = run_jobs_waiting(search, "lr search", shared)
     lr_choice = {}
     for m in ("devft", "fedit", "ffa-lora"):
         lr_choice[m] = min((r for r in done if r["label"] == m), key=final_loss)["config"]["lr"]
     jobs = [Job(m, _method(meta["base"], m, lr=lr_choice[m], seed=s), "standard") for m in lr_choice for s in seeds]
     for job in jobs:
         job.cfg.data.partition = args.partition
-    reps = run_jobs(jobs, f"{tag}: methods x seeds")
+    reps = run_jobs(jobs, f"{tag}: methods x seeds", shared)
+    if not _all_done(reps):
+        return 0
     by_method: dict[str, list[dict]] = {}
     for r in reps:
         by_method.setdefault(r["label"], []).append(r)

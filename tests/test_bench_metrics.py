@@ -62,3 +62,46 @@ def test_smoke_profile_runs_end_to_end(tmp_path, monkeypatch):
     assert [p.stat().st_mtime for p in kept] == mtimes
     monkeypatch.delenv("DEVFT_BENCH_RESULTS")
     importlib.reload(conv)
+
+
+def test_ratio_formatting_separates_never_reached_seeds():
+    from benchmarks.convergence import fmt_ratio
+
+    assert fmt_ratio([2.0, 4.0]) == "3x ± 1.4"
+    assert fmt_ratio([2.0, 0.0, 4.0]) == "3x ± 1.4 (never reached in 1/3 seeds)"  # 0 = never reached, not averaged
+    assert fmt_ratio([0.0, 0.0]) == "never reached (2/2 seeds)"
+
+
+def test_headline_targets_on_synthetic_runs():
+    """FedIT reaches 1.5 at round 3; the method never does, but reaches the common target (its own
+    final loss 1.8) at round 2 where FedIT needs round 3: a ratio exists for the common target only."""
+    from benchmarks.convergence import headline
+
+    def run(losses, secs):
+        recs = [{"stage": -1, "round": 0, "eval_loss": 3.0}] + [
+            _rec(i + 1, loss, [s, s], down=1_000_000, up=1_000_000) for i, (loss, s) in enumerate(zip(losses, secs))]
+        return {"config": {"seed": 0}, "records": recs}
+
+    fedit = run([2.0, 1.9, 1.5], [4.0, 4.0, 4.0])
+    method = run([2.1, 1.8, 1.8], [1.0, 1.0, 1.0])
+    out = headline({"fedit": [fedit], "devft": [method]}, Link(up_mbit_s=8.0, down_mbit_s=8.0))["methods"]
+    assert out["devft"]["speedup_time"] == [0.0] and out["devft"]["time_to_target_s"] == [math.inf]
+    assert out["devft"]["common_target"] == [1.8]
+    # per round: slowest client's compute + 0.5 MB down + 0.5 MB up per client at 1 MB/s each way
+    fedit_time = 3 * (4.0 + 1.0)
+    method_time = 2 * (1.0 + 1.0)
+    assert out["devft"]["common"]["sim_seconds"][0] == pytest.approx(fedit_time / method_time)
+    assert out["devft"]["common"]["compute_seconds"][0] == pytest.approx((3 * 8.0) / (2 * 2.0))
+    assert out["devft"]["common"]["lora_bytes"][0] == pytest.approx(3 / 2)
+    assert out["fedit"]["speedup_time"] == [1.0]
+
+
+def test_ablation_deltas_are_paired_by_seed():
+    from benchmarks.convergence import paired_delta, verdict
+
+    assert paired_delta({0: 2.0, 1: 3.0, 2: 2.5}, {0: 1.0, 1: 2.9}) == pytest.approx([1.0, 0.1])
+    assert verdict([0.5, 0.6, 0.55]) == "worse"
+    assert verdict([0.5, 0.6, 0.55], lower_is_better=False) == "better"
+    assert verdict([0.5, -0.6, 0.1]) == "within noise"
+    assert verdict([]) == "n/a"
+    assert verdict([0.5]) == "one seed, no verdict"
