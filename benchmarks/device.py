@@ -30,7 +30,6 @@ import datetime as dt
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,11 +38,12 @@ from typing import Any
 from edge_runtime.bench import DEFAULT_BATCH, DEFAULT_SEQ, append_rows, machine_info, measure, summary_line
 from edge_runtime.telemetry import DEVICE_PROFILES
 
+from .results_md import RESULTS_MD, replace_block
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = RESULTS / "cache" / "device"
-MARKDOWN = ROOT / "RESULTS.md"
-BEGIN, END = "<!-- benchmarks.device: begin (generated) -->", "<!-- benchmarks.device: end -->"
+MARKDOWN = RESULTS_MD
 MODEL = "smollm2-135m"
 STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
 BACKENDS = ("torch", "ort", "executorch")
@@ -282,7 +282,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def markdown(doc: dict[str, Any]) -> str:
     meta, head = doc["meta"], doc["headline"]
-    lines = [BEGIN, "## Device cost per training step (benchmarks/device.py)", "",
+    lines = ["## Device cost per training step (benchmarks/device.py)", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
              f"Machine: {meta['machine']['cpu_model']} ({meta['machine']['machine']}, "
              f"{meta['machine']['logical_cpus']} logical CPUs, shared with other jobs), {meta['threads']} threads  ",
@@ -311,16 +311,8 @@ def markdown(doc: dict[str, Any]) -> str:
               "process lifetime, against each profile's usable RAM):", ""]
     for n, per_backend in head["fits"].items():
         lines.append(f"- {n} layers: " + "; ".join(f"{b}: {', '.join(p) or 'none'}" for b, p in per_backend.items()))
-    lines += ["", "JSON: `benchmarks/results/device.json`; plot: `benchmarks/results/device.png`.", END]
+    lines += ["", "JSON: `benchmarks/results/device.json`; plot: `benchmarks/results/device.png`."]
     return "\n".join(lines)
-
-
-def write_markdown(section: str, path: Path = MARKDOWN) -> None:
-    """Replace the generated section of `path`, keeping every other section (the ARM check's)."""
-    old = path.read_text() if path.exists() else "# Device benchmarks\n\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    new = pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip() + "\n\n" + section + "\n"
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     append_rows(args.out, rows)
     plot(rows, args.out.with_suffix(".png"))
     section = markdown({**doc, "rows": rows})
-    write_markdown(section, args.markdown)
+    replace_block("device", section, args.markdown)
     print(section)
     return 0
 

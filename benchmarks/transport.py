@@ -49,8 +49,9 @@ from edge_runtime.mqtt import MqttClient
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
 from server_sdk.fleet import FleetExecutor, FleetSettings, mqtt_settings, tokenizer_dir_of
 
+from .results_md import replace_block
+
 RESULTS = Path(__file__).parent / "results"
-MARK_BEGIN, MARK_END = "<!-- benchmarks.transport: begin (generated) -->", "<!-- benchmarks.transport: end -->"
 SYS_TOPICS = ("$SYS/broker/bytes/received", "$SYS/broker/bytes/sent")
 SYS_INTERVAL_S = 10  # mosquitto's default sys_interval
 
@@ -353,7 +354,7 @@ def write_markdown(path: Path, result: dict, command: str) -> None:
     s = result["analysis"]["summary"]
     cfg = result["raw"]["config"]
     section = "\n".join([
-        MARK_BEGIN, "## Transport and coordination cost (benchmarks/transport.py)", "",
+        "## Transport and coordination cost (benchmarks/transport.py)", "",
         f"Command: `{command}`  ", f"Date: {result['date']}  ", f"Machine: {result['machine']}  ",
         f"Workload: {cfg['num_clients']} devices (all sampled every round), tiny random LLaMA "
         f"{result['raw']['hidden']} hidden, {cfg['model']}, stages {cfg['stages']} x {cfg['rounds_per_stage']} "
@@ -363,14 +364,8 @@ def write_markdown(path: Path, result: dict, command: str) -> None:
         f"Transport+coordination share of round wall time: mean {s['transport_share_mean']:.1%}, "
         f"max {s['transport_share_max']:.1%} (goal <= 5%: "
         f"{'met every round' if s['goal_met_every_round'] else 'met on the mean only' if s['goal_met_on_mean'] else 'not met'}).",
-        "", table(result), "", "JSON: `benchmarks/results/transport.json`.", MARK_END])
-    old = path.read_text() if path.exists() else "# Transport benchmark\n\n"
-    if MARK_BEGIN in old:
-        head, rest = old.split(MARK_BEGIN, 1)
-        new = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + section + "\n"
-    path.write_text(new)
+        "", table(result), "", "JSON: `benchmarks/results/transport.json`."])
+    replace_block("transport", section, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,27 @@
+"""RESULTS.md is one page written partly by hand and partly by the benchmarks: each generator owns
+one block between its begin/end markers and replaces only that block, keeping everything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS_MD = Path(__file__).parent / "RESULTS.md"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- benchmarks.{name}: begin (generated) -->", f"<!-- benchmarks.{name}: end -->"
+
+
+def replace_block(name: str, body: str, path: Path = RESULTS_MD) -> None:
+    """Put `body` between the `name` markers of `path` (appended at the end the first time)."""
+    begin, end = markers(name)
+    block = f"{begin}\n{body.strip()}\n{end}"
+    old = path.read_text() if path.exists() else "# devft benchmark results\n"
+    if begin in old and end in old.split(begin, 1)[1]:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
