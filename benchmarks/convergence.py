@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
 
 from .metrics import Link, cumulative, first_reaching, mean_std, ratio
+from .results_md import RESULTS_MD, replace_block
 
 RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
 CACHE = RESULTS / "cache"  # git-ignored: run directories with checkpoints
@@ -512,6 +513,11 @@ def _write(tag: str, data: dict, md: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"convergence-{tag}.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / f"convergence-{tag}.md").write_text(md)
+    if "smoke" not in tag:  # the real profiles also refresh their block of RESULTS.md (beside the results dir)
+        md_path = RESULTS_MD if "DEVFT_BENCH_RESULTS" not in os.environ else RESULTS / "RESULTS.md"
+        replace_block(f"convergence-{tag}", md + f"\nJSON: `benchmarks/results/convergence-{tag}.json` (per-run "
+                      f"records in `benchmarks/results/convergence/`); plot: `benchmarks/results/convergence-{tag}.png`.\n"
+                      f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", md_path)
 
 
 if __name__ == "__main__":
