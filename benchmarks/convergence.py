@@ -490,20 +490,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot_ablations(summary: dict, path: Path) -> None:
+    """Left: final eval loss per variant (mean, std over seeds). Middle/right: the paired difference
+    to the default on the same seed, loss and accuracy, so seed noise shared by both cancels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "eval_loss", "final eval loss"), (axes[1], "accuracy", "final accuracy (%)")):
+    y = np.arange(len(names))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.35 * len(names) + 2), sharey=True)
+    panels = ((axes[0], "eval_loss", 1, "final eval loss"),
+              (axes[1], "delta_loss", 1, "eval loss minus default, same seed (lower is better)"),
+              (axes[2], "delta_accuracy_points", 1, "accuracy minus default, same seed (points)"))
+    for ax, key, k, label in panels:
         vals = [[v for v in summary[n][key] if v is not None] for n in names]
-        k = 100 if key == "accuracy" else 1
-        ax.bar(range(len(names)), [k * np.mean(v) if v else 0 for v in vals],
-               yerr=[k * np.std(v) if v else 0 for v in vals], capsize=3)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel(label)
+        mean = [k * np.mean(v) if v else np.nan for v in vals]
+        err = [k * np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals]
+        ax.barh(y, mean, xerr=err, capsize=3, color=["grey" if n == "default" else "C0" for n in names])
+        if key != "eval_loss":
+            ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel(label, fontsize=9)
+    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("DEVFT ablations: mean and standard deviation over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

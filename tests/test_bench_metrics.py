@@ -105,3 +105,31 @@ def test_ablation_deltas_are_paired_by_seed():
     assert verdict([0.5, -0.6, 0.1]) == "within noise"
     assert verdict([]) == "n/a"
     assert verdict([0.5]) == "one seed, no verdict"
+
+
+def test_ablations_smoke_profile_writes_paired_table(tmp_path, monkeypatch):
+    """The ablation code path end to end on the tiny model: every variant runs, the default row is
+    shared with the standard matrix's DEVFT run (same config hash), deltas are paired by seed."""
+    import importlib
+    import json
+
+    monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
+    import benchmarks.convergence as conv
+
+    conv = importlib.reload(conv)
+    assert conv.main(["--profile", "ablations-smoke"]) == 0
+    summary = json.loads((tmp_path / "convergence-ablations-smoke.json").read_text())["ablations"]
+    expected = {"default", "grouping=random", "grouping=sequential", "fusion=mean", "fusion=select", "beta=0.15",
+                "beta=0.5", "beta=1.0", "growth=4x", "capacity=1", "stages=2"}
+    assert set(summary) == expected
+    assert summary["default"]["delta_loss"] == [0.0]
+    for name in expected - {"default"}:
+        assert summary[name]["delta_loss"] == [summary[name]["eval_loss"][0] - summary["default"]["eval_loss"][0]]
+    # growth=4x and stages=2 are the same schedule on the 6-layer model: one cached run, equal results
+    assert summary["growth=4x"]["eval_loss"] == summary["stages=2"]["eval_loss"]
+    md = (tmp_path / "convergence-ablations-smoke.md").read_text()
+    assert "| default | 1 |" in md and "paper's direction" in md
+    assert (tmp_path / "convergence-ablations-smoke.png").exists()
+    assert not (tmp_path / "RESULTS.md").exists()  # smoke profiles never touch RESULTS.md
+    monkeypatch.delenv("DEVFT_BENCH_RESULTS")
+    importlib.reload(conv)
