@@ -378,16 +378,17 @@ def paired_delta(variant: dict[int, float], default: dict[int, float]) -> list[f
             and default[s] is not None]
 
 
-def verdict(deltas: list[float], lower_is_better: bool = True) -> str:
+def verdict(deltas: list[float], lower_is_better: bool = True, resolution: float = 0.0) -> str:
     """Our direction for a variant vs the default: better/worse when the mean paired difference
-    exceeds two standard errors, otherwise within seed noise."""
+    exceeds two standard errors and the metric's resolution (accuracy moves in steps of one eval
+    example, so two seeds that both lose one example are not a finding), otherwise within noise."""
     if not deltas:
         return "n/a"
     if len(deltas) == 1:
         return "one seed, no verdict"
     m = float(np.mean(deltas))
-    se = float(np.std(deltas, ddof=1) / math.sqrt(len(deltas))) if len(deltas) > 1 else math.inf
-    if abs(m) <= 2 * se:
+    se = float(np.std(deltas, ddof=1) / math.sqrt(len(deltas)))
+    if abs(m) <= max(2 * se, resolution):
         return "within noise"
     return "worse" if (m > 0) == lower_is_better else "better"
 
@@ -411,7 +412,9 @@ def ablation_table(reports: list[dict], link: Link | None = None) -> tuple[str, 
                          "accuracy": list(acc[name].values()), "delta_loss": dl, "delta_accuracy_points": da,
                          "client_compute_s": [float(c["compute_seconds"][-1]) for c in curves],
                          "lora_bytes": [float(c["lora_bytes"][-1]) for c in curves]}
-        ours = "-" if name == "default" else f"loss {verdict(dl)}, accuracy {verdict(da, lower_is_better=False)}"
+        n_eval = reps[0]["config"]["data"]["eval_examples_per_task"] * max(len(final_accuracy(reps[0])[1]), 1)
+        ours = "-" if name == "default" else \
+            f"loss {verdict(dl)}, accuracy {verdict(da, lower_is_better=False, resolution=100 / n_eval)}"
         lines.append(
             f"| {name} | {len(reps)} | {_fmt(summary[name]['eval_loss'])} | "
             f"{_fmt(summary[name]['accuracy'], pct=True, unit='%')} | "
@@ -423,7 +426,8 @@ def ablation_table(reports: list[dict], link: Link | None = None) -> tuple[str, 
              f"beta {d['config']['beta']:g}, stages {' -> '.join(map(str, d['stages']))} layers, "
              f"{d['config']['rounds_per_stage']} rounds each. Every variant changes one thing and keeps the round budget. "
              "Differences are paired by seed (variant minus default on the same seed); 'better'/'worse' needs the "
-             "mean difference to exceed two standard errors, otherwise 'within noise'.\n")
+             "mean difference to exceed two standard errors (and, for accuracy, one eval example), otherwise "
+             "'within noise'.\n")
     return "\n".join(lines) + "\n" + notes, summary
 
 

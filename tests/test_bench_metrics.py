@@ -105,6 +105,8 @@ def test_ablation_deltas_are_paired_by_seed():
     assert verdict([0.5, -0.6, 0.1]) == "within noise"
     assert verdict([]) == "n/a"
     assert verdict([0.5]) == "one seed, no verdict"
+    assert verdict([-1.5625, -1.5625], lower_is_better=False, resolution=1.5625) == "within noise"  # one example
+    assert verdict([-3.125, -3.125], lower_is_better=False, resolution=1.5625) == "worse"
 
 
 def test_ablations_smoke_profile_writes_paired_table(tmp_path, monkeypatch):
