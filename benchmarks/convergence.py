@@ -372,6 +372,15 @@ PAPER_DIRECTION = {
 }
 
 
+def loss_before_last_stage(rep: dict) -> float | None:
+    """Held-out loss of the full model after the early (sub-model) stages, right before the last
+    stage starts: what the small stages taught the full model, before the full-model rounds."""
+    recs = [r for r in rep["records"] if r.get("eval_loss") is not None]
+    last = max(r["stage"] for r in recs)
+    before = [r["eval_loss"] for r in recs if r["stage"] < last]
+    return before[-1] if before else None
+
+
 def paired_delta(variant: dict[int, float], default: dict[int, float]) -> list[float]:
     """variant - default on the seeds both have (paired by seed, which removes the data/init noise)."""
     return [variant[s] - default[s] for s in sorted(variant) if s in default and variant[s] is not None
@@ -401,22 +410,25 @@ def ablation_table(reports: list[dict], link: Link | None = None) -> tuple[str, 
     loss = {n: {r["config"]["seed"]: final_loss(r) for r in reps} for n, reps in rows.items()}
     acc = {n: {r["config"]["seed"]: final_accuracy(r)[0] for r in reps} for n, reps in rows.items()}
     summary = {}
-    lines = ["| ablation | seeds | final eval loss | final accuracy | eval loss vs default (paired) | "
+    lines = ["| ablation | seeds | eval loss before the last stage | final eval loss | final accuracy | "
+             "eval loss vs default (paired) | "
              "accuracy vs default (paired, points) | ours vs default | client CPU s | LoRA MB | paper's direction |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, reps in rows.items():
         curves = [cumulative(r["records"], link, COMPUTE_KEY) for r in reps]
         dl = paired_delta(loss[name], loss.get("default", {}))
         da = [100 * d for d in paired_delta(acc[name], acc.get("default", {}))]
         summary[name] = {"seeds": sorted(loss[name]), "eval_loss": list(loss[name].values()),
                          "accuracy": list(acc[name].values()), "delta_loss": dl, "delta_accuracy_points": da,
+                         "loss_before_last_stage": [loss_before_last_stage(r) for r in reps],
                          "client_compute_s": [float(c["compute_seconds"][-1]) for c in curves],
                          "lora_bytes": [float(c["lora_bytes"][-1]) for c in curves]}
         n_eval = reps[0]["config"]["data"]["eval_examples_per_task"] * max(len(final_accuracy(reps[0])[1]), 1)
         ours = "-" if name == "default" else \
             f"loss {verdict(dl)}, accuracy {verdict(da, lower_is_better=False, resolution=100 / n_eval)}"
         lines.append(
-            f"| {name} | {len(reps)} | {_fmt(summary[name]['eval_loss'])} | "
+            f"| {name} | {len(reps)} | {_fmt(summary[name]['loss_before_last_stage'])} | "
+            f"{_fmt(summary[name]['eval_loss'])} | "
             f"{_fmt(summary[name]['accuracy'], pct=True, unit='%')} | "
             f"{'-' if name == 'default' else _fmt(dl)} | {'-' if name == 'default' else _fmt(da)} | {ours} | "
             f"{_fmt(summary[name]['client_compute_s'])} | {_fmt([b / 1e6 for b in summary[name]['lora_bytes']])} | "

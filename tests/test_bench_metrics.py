@@ -135,3 +135,12 @@ def test_ablations_smoke_profile_writes_paired_table(tmp_path, monkeypatch):
     assert not (tmp_path / "RESULTS.md").exists()  # smoke profiles never touch RESULTS.md
     monkeypatch.delenv("DEVFT_BENCH_RESULTS")
     importlib.reload(conv)
+
+
+def test_loss_before_last_stage():
+    from benchmarks.convergence import loss_before_last_stage
+
+    recs = [{"stage": -1, "eval_loss": 5.0}, {"stage": 0, "eval_loss": 4.8}, {"stage": 1, "eval_loss": 4.5},
+            {"stage": 1, "eval_loss": None}, {"stage": 2, "eval_loss": 2.0}]
+    assert loss_before_last_stage({"records": recs}) == 4.5
+    assert loss_before_last_stage({"records": [{"stage": -1, "eval_loss": 5.0}, {"stage": 0, "eval_loss": 3.0}]}) == 5.0
