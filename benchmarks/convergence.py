@@ -219,10 +219,11 @@ def final_accuracy(rep: dict) -> tuple[float | None, dict]:
 _KEYS = ("sim_seconds", "compute_seconds", "lora_bytes", "total_bytes")
 
 
-def _to_target(rep: dict, ref: dict, target: float, link: Link) -> dict:
-    """What a run and its FedIT reference need to first reach `target` (inf: never), and the ratios."""
-    got = {k: first_reaching(cumulative(rep["records"], link, COMPUTE_KEY), target, k) for k in _KEYS}
-    base = {k: first_reaching(cumulative(ref["records"], link, COMPUTE_KEY), target, k) for k in _KEYS}
+def _to_target(curve: dict, ref_curve: dict, target: float) -> dict:
+    """What a run and its FedIT reference (their `cumulative` curves) need to first reach `target`
+    (inf: never), and the ratios."""
+    got = {k: first_reaching(curve, target, k) for k in _KEYS}
+    base = {k: first_reaching(ref_curve, target, k) for k in _KEYS}
     return {"target": target, "method": got, "fedit": base, "ratio": {k: ratio(base[k], got[k]) for k in _KEYS}}
 
 
@@ -249,7 +250,8 @@ def headline(reports: dict[str, list[dict]], link: Link) -> dict:
             ref = by_seed.get("fedit", {}).get(seed)
             if ref is None:
                 continue
-            t = _to_target(rep, ref, final_loss(ref), link)
+            ref_curve = cumulative(ref["records"], link, COMPUTE_KEY)
+            t = _to_target(curve, ref_curve, final_loss(ref))
             rows["time_to_target_s"].append(t["method"]["sim_seconds"])
             rows["compute_to_target_s"].append(t["method"]["compute_seconds"])
             rows["lora_bytes_to_target"].append(t["method"]["lora_bytes"])
@@ -259,7 +261,7 @@ def headline(reports: dict[str, list[dict]], link: Link) -> dict:
             rows["bytes_reduction_lora"].append(t["ratio"]["lora_bytes"])
             rows["bytes_reduction_total"].append(t["ratio"]["total_bytes"])
             common = max(final_loss(by_seed[k][seed]) for k in by_seed if seed in by_seed[k])
-            c = _to_target(rep, ref, common, link)
+            c = _to_target(curve, ref_curve, common)
             rows["common_target"].append(common)
             for k in _KEYS:
                 rows["common"][k].append(c["ratio"][k])
