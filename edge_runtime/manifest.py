@@ -21,7 +21,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-BACKENDS = ("ort", "executorch")
+BACKENDS = ("onnx", "ort", "executorch")
 
 _REEXPORT = "re-export the stage with `devft export`"
 _REFETCH = "delete the cached artifact dir and fetch it again"

@@ -1,0 +1,204 @@
+"""Train LoRA on a device with the ordinary `onnxruntime` package (the portable format).
+
+The artifacts come from export/onnx.py: `train.onnx` maps (input_ids, labels, LoRA tensors)
+to (loss, LoRA gradients), `eval.onnx` to the loss alone. The LoRA tensors live here, in
+numpy, and so does the optimiser (edge_runtime/optim.py): onnxruntime only evaluates
+graphs, which it does on x86_64 and aarch64 Linux, Jetson, Android, iOS and the web.
+Torch-free: numpy, safetensors and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.backends import check_batch_shape, check_lora_set
+from edge_runtime.manifest import Manifest, TensorSpec, load_manifest
+from edge_runtime.optim import make_optimizer
+
+FORMAT = "onnx"
+TRAIN_GRAPH = "train.onnx"  # names written by export/onnx.py; the manifest's versions repeat them
+EVAL_GRAPH = "eval.onnx"
+INITIAL_LORA = "lora.safetensors"
+LOSS = "loss"
+GRAD_PREFIX = "grad."
+IGNORE_INDEX = -100
+MIN_SEQ_LEN = 3
+# Session choices measured in benchmarks/export.py (RESULTS.md): the CPU arena keeps freed activation
+# memory for reuse, which raises the peak RSS of a training step by about a third for little speed.
+DEFAULT_ARENA = False
+
+
+class RuntimeTooOld(RuntimeError):
+    """This device's onnxruntime cannot run the graphs; the message names the version needed."""
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version, or None if it does not import."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)
+
+
+def check_runtime(required: str) -> None:
+    """Refuse early, with the version needed, when the installed onnxruntime is too old for the graph's opset."""
+    have = onnxruntime_version()
+    if have is None:
+        raise RuntimeTooOld(f"onnxruntime is not installed; install onnxruntime>={required} (pip install 'devft[edge]')")
+    if _version_tuple(have) < _version_tuple(required):
+        raise RuntimeTooOld(f"onnxruntime {have} is too old for these graphs: they need onnxruntime>={required} "
+                            f"(pip install -U 'onnxruntime>={required}')")
+
+
+def session_options(threads: int | None, arena: bool = DEFAULT_ARENA, verbose: bool = False) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = arena
+    options.log_severity_level = 0 if verbose else 3  # errors only, unless asked
+    return options
+
+
+class OnnxTrainer:
+    """A plain LoRA training loop over one portable artifact directory.
+
+    Batches are input_ids and labels, int64 [batch, seq] with seq >= 3; the graph shifts labels
+    itself and ignores -100. Pad on the right and label the padding -100. A batch whose labels
+    are all -100 is refused (its mean loss would be NaN and would poison the AdamW moments).
+
+    `trainable` names the LoRA tensors (PEFT names) the optimiser updates; the others keep
+    their values (FFA-LoRA trains B against a fixed A). Default: all of them.
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | os.PathLike[str],
+        lr: float = 1e-4,
+        threads: int | None = None,
+        expected_trainable: list[TensorSpec] | Mapping[str, Any] | None = None,
+        *,
+        optimizer: str | None = None,
+        trainable: Iterable[str] | None = None,
+        arena: bool = DEFAULT_ARENA,
+    ) -> None:
+        self.dir = Path(artifact_dir)
+        self.manifest: Manifest = load_manifest(self.dir, expected_trainable)
+        if self.manifest.backend != FORMAT:
+            raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not {FORMAT!r}")
+        versions = self.manifest.versions
+        check_runtime(str(versions.get("min_onnxruntime", "1.17.0")))
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._threads, self._arena = threads, arena
+        self._train = ort.InferenceSession(str(self.dir / versions.get("train_graph", TRAIN_GRAPH)),
+                                           session_options(threads, arena), providers=["CPUExecutionProvider"])
+        self._eval: Any = None  # built on first use: a second session holds a second copy of the weights
+        self._specs = {t.peft_name: t for t in self.manifest.trainable}
+        self._check_graph()
+        self._lora = self._initial_lora(versions.get("initial_lora", INITIAL_LORA))
+        names = set(self._specs) if trainable is None else set(trainable)
+        unknown = sorted(names - set(self._specs))
+        if unknown:
+            raise ValueError(f"trainable names tensors these artifacts lack: {unknown[:3]}")
+        self._trainable = sorted(names)
+        self._optimizer_name = optimizer or self.manifest.optimizer
+        self._lr = float(lr)
+        self._optimizer = make_optimizer(self._optimizer_name, self._lr)
+
+    # --- checks ---
+
+    def _check_graph(self) -> None:
+        """The graph's inputs and outputs must be exactly what the manifest describes (else: re-export)."""
+        inputs = [i.name for i in self._train.get_inputs()]
+        outputs = [o.name for o in self._train.get_outputs()]
+        lora = [t.name for t in self.manifest.trainable]
+        want_in = [i.name for i in self.manifest.inputs] + lora
+        want_out = [LOSS] + [GRAD_PREFIX + n for n in lora]
+        if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
+            raise ValueError(
+                f"{self.dir / TRAIN_GRAPH} does not match its manifest: graph inputs {inputs[:4]}..., outputs "
+                f"{outputs[:3]}...; manifest expects {want_in[:4]}... and {want_out[:3]}...; re-export the stage")
+
+    def _initial_lora(self, file_name: str) -> dict[str, np.ndarray]:
+        path = self.dir / file_name
+        if path.is_file():
+            from safetensors.numpy import load_file
+
+            tensors = load_file(str(path))
+            check_lora_set(tensors, self._specs, self.manifest)
+            return {k: np.array(v, dtype=np.float32, copy=True) for k, v in tensors.items()}
+        return {k: np.zeros(t.shape, np.float32) for k, t in self._specs.items()}
+
+    # --- LoRA tensors, keyed by PEFT state_dict name ---
+
+    def get_lora(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._lora.items()}
+
+    def set_lora(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Replace every LoRA tensor; a partial or foreign set is refused before anything is written.
+
+        Optimiser state restarts: its moments belonged to the old tensors."""
+        check_lora_set(tensors, self._specs, self.manifest)
+        self._lora = {k: np.array(v, dtype=np.float32, copy=True) for k, v in tensors.items()}
+        self._optimizer = make_optimizer(self._optimizer_name, self._lr)
+
+    # --- steps ---
+
+    def _feeds(self, input_ids: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids, "labels": labels}
+        feeds.update({self._specs[k].name: v for k, v in self._lora.items()})
+        return feeds
+
+    def loss_and_grads(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Forward and backward without an optimizer step (for checks and gradient-based methods)."""
+        self._check_batch(input_ids, labels)
+        names = [LOSS] + [GRAD_PREFIX + self._specs[k].name for k in self._specs]
+        loss, *grads = self._train.run(names, self._feeds(input_ids, labels))
+        return float(loss), dict(zip(self._specs, grads))
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> float:
+        """One optimiser step on one batch; labels == -100 are left out of the loss."""
+        loss, grads = self.loss_and_grads(input_ids, labels)
+        self._optimizer.step(self._lora, {k: grads[k] for k in self._trainable})
+        return loss
+
+    def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> float:
+        """The loss without gradients, from the forward-only graph."""
+        self._check_batch(input_ids, labels)
+        if self._eval is None:
+            graph = self.dir / self.manifest.versions.get("eval_graph", EVAL_GRAPH)
+            self._eval = self._ort.InferenceSession(str(graph), session_options(self._threads, self._arena),
+                                                    providers=["CPUExecutionProvider"])
+        (loss,) = self._eval.run([LOSS], self._feeds(input_ids, labels))
+        return float(loss)
+
+    def set_lr(self, lr: float) -> None:
+        self._lr = float(lr)
+        self._optimizer.lr = self._lr
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def _check_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
+        check_batch_shape(input_ids, labels, MIN_SEQ_LEN, self.manifest.max_seq_len)
+        if not (labels[:, 1:] != IGNORE_INDEX).any():
+            raise ValueError("every target label is -100: nothing to learn from this batch; skip it")

@@ -1,0 +1,484 @@
+"""The portable device format: a LoRA training step as a standard ONNX graph for plain onnxruntime.
+
+`onnxruntime-training` ships x86_64 wheels only and is frozen since 2024; the ordinary
+`onnxruntime` package runs on x86_64 and aarch64 Linux, Jetson, Android, iOS and the web.
+So the whole training step (forward, masked loss, backward to the LoRA tensors) is exported
+as one plain ONNX graph, and the optimiser runs on the device in numpy
+(edge_runtime/optim.py). Nothing here needs onnxruntime-training.
+
+Artifact directory (format and backend name "onnx"):
+
+    train.onnx          inputs  input_ids [batch, seq] int64, labels [batch, seq] int64,
+                                then every LoRA tensor (manifest.trainable order, artifact names)
+                        outputs loss (float32 scalar: mean cross-entropy over target tokens),
+                                then grad.<artifact name> per LoRA tensor (same order)
+    eval.onnx           the same inputs; outputs loss only (train.onnx pruned to its forward)
+    weights/<name>.bin  every frozen tensor as ONNX external data, one raw little-endian file per
+                        tensor, so the transfer layer's content addressing sends a device only
+                        tensors that are new to it (the embedding once per run, not per stage)
+    lora.safetensors    the stage's initial LoRA (PEFT names): what `devft-edge bench` starts from
+    tokenizer.json      if a tokenizer dir was given
+    manifest.json       edge_runtime/manifest.py; versions.min_onnxruntime says what the graph needs
+
+Labels are input_ids with prompt and padding positions set to -100; the graph shifts them by
+one itself (position t predicts token t + 1). The LM head runs on target positions only
+(gathered in-graph with NonZero), as the server's trainer does. Pad on the right: with
+causal attention the padding never influences a real token, so there is no attention mask.
+
+The route (shared/reference/portable-training.md): torch.export of a module returning the
+loss, torch's joint forward-backward graph (`_export_forward_backward`, private: it stays
+pinned with torch), fix-ups so the ONNX exporter keeps the loss and gradients as outputs and
+the LoRA tensors as inputs, then `torch.onnx.export(dynamo=True)`. The graph depends only on
+the submodel's shape, so `export_onnx_cached` traces once per shape and restamps weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import save_file
+
+from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
+from export import naming
+from export.publish import publish
+
+FORMAT = "onnx"
+TRAIN_GRAPH = "train.onnx"
+EVAL_GRAPH = "eval.onnx"
+WEIGHTS_DIR = "weights"
+INITIAL_LORA = "lora.safetensors"
+LOSS = "loss"
+GRAD_PREFIX = "grad."
+IGNORE_INDEX = -100
+OPSET = 20
+# The oldest onnxruntime that runs opset 20 / IR 10 graphs (1.17 added opset 20); devices check it at hello.
+MIN_ONNXRUNTIME = "1.17.0"
+MIN_SEQ_LEN = 3  # torch.export specialises a sequence of 2 (one shifted position) away
+INPUTS = (InputSpec("input_ids", ("batch", "seq")), InputSpec("labels", ("batch", "seq")))
+INLINE_MAX_BYTES = 1024  # smaller frozen tensors stay inside the graph file
+
+
+class _AnswerLoss(torch.nn.Module):
+    """forward(input_ids, labels) -> (loss,): the server trainer's loss (server_sdk/trainer.py token_losses).
+
+    The decoder runs on every position, the LM head only on positions whose next-token label is
+    not -100, and the loss is the mean of their cross-entropies. The attribute name `model` is
+    naming.ARTIFACT_PREFIX, so parameter FQNs are artifact names.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
+        inner = self.model.get_base_model()
+        hidden = inner.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        target = labels[:, 1:].reshape(-1)
+        idx = (target != IGNORE_INDEX).nonzero().squeeze(-1)
+        torch._check(idx.shape[0] > 0)  # a batch without targets is refused on the device, never a NaN
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+        logits = inner.lm_head(picked).float()
+        return (F.cross_entropy(logits, target.index_select(0, idx)),)
+
+
+@contextlib.contextmanager
+def _eager_attention(peft_model: Any):
+    """Trace with eager attention (SDPA's backward is not in the core ATen opset), in eval mode."""
+    base = peft_model.get_base_model()
+    previous, was_training = base.config._attn_implementation, peft_model.training
+    base.set_attn_implementation("eager")
+    peft_model.eval()  # dropout off; LoRA dropout must be 0 for parity anyway
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
+        peft_model.train(was_training)
+
+
+def _replace_empty_permuted(gm: torch.fx.GraphModule) -> None:
+    """aten.empty_permuted (SiLU's backward) has no ONNX lowering: use aten.empty.memory_format."""
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.empty_permuted.default:
+            node.target = torch.ops.aten.empty.memory_format
+            node.args = (node.args[0],)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _as_user_signature(ep: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """LoRA parameters become user inputs (after input_ids and labels), loss and gradients user outputs.
+
+    The ONNX exporter drops LOSS_OUTPUT and GRADIENT_TO_PARAMETER outputs silently (and then
+    optimises every node away), and would bake the LoRA parameters in as constants. Returns the
+    program and the LoRA artifact names in input (and gradient output) order.
+    """
+    from torch.export.graph_signature import InputKind, OutputKind
+    from torch.export.graph_signature import InputSpec as EInput
+    from torch.export.graph_signature import OutputSpec as EOutput
+
+    sig = ep.graph_signature
+    is_lora = [s.kind == InputKind.PARAMETER and naming.is_lora(s.target) for s in sig.input_specs]
+    lora_specs = [s for s, lo in zip(sig.input_specs, is_lora) if lo]
+    lora = [s.target for s in lora_specs]
+    kept = [s for s, lo in zip(sig.input_specs, is_lora) if not lo and s.kind != InputKind.USER_INPUT]
+    user = [s for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
+    inputs = kept + user + [EInput(InputKind.USER_INPUT, s.arg, None) for s in lora_specs]
+    loss = [s for s in sig.output_specs if s.kind == OutputKind.LOSS_OUTPUT]
+    grads = {s.target: s for s in sig.output_specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
+    if len(loss) != 1 or set(grads) != set(lora):
+        raise RuntimeError(f"the joint graph has {len(loss)} loss outputs and gradients for {sorted(grads)[:3]}..., "
+                           f"expected one loss and a gradient per LoRA tensor ({len(lora)}); is only LoRA "
+                           "requires_grad=True?")
+    outputs = [EOutput(OutputKind.USER_OUTPUT, loss[0].arg, None)]
+    outputs += [EOutput(OutputKind.USER_OUTPUT, grads[name].arg, None) for name in lora]
+
+    graph = ep.graph
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    for spec in inputs:  # placeholders must come in input_specs order
+        anchor.prepend(placeholders[spec.arg.name])
+    by_name = {n.name: n for n in graph.nodes}
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    out_node.args = (tuple(by_name[s.arg.name] for s in outputs),)
+    graph.lint()
+    ep.graph_module.recompile()
+    ep._graph_signature = type(sig)(input_specs=inputs, output_specs=outputs)
+    for name in lora:
+        ep.state_dict.pop(name, None)
+    _patch_call_graph(ep, len(user) + len(lora), len(outputs))
+    return ep, lora
+
+
+def _patch_call_graph(ep: torch.export.ExportedProgram, n_in: int, n_out: int) -> None:
+    """The root module call signature must describe the new user inputs and outputs (pytree specs)."""
+    import torch.utils._pytree as pytree
+    from torch.export.graph_signature import InputKind, TensorArgument
+
+    sig = ep.module_call_graph[0].signature
+    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    sig.inputs = [TensorArgument(n) for n in user_inputs]
+    sig.outputs = [TensorArgument(s.arg.name) for s in ep.graph_signature.output_specs]
+    sig.in_spec = pytree.tree_flatten((tuple(range(n_in)), {}))[1]
+    sig.out_spec = pytree.tree_flatten(tuple(range(n_out)))[1]
+    sig.forward_arg_names = user_inputs
+    ep._example_inputs = None
+
+
+def trace_training_graph(peft_model: Any, max_seq_len: int) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """The joint forward + backward program with LoRA as inputs and loss + gradients as outputs."""
+    from torch.export.experimental import _export_forward_backward
+
+    vocab = peft_model.get_base_model().config.vocab_size
+    example = torch.randint(0, vocab, (2, min(16, max_seq_len)), dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=MIN_SEQ_LEN, max=max_seq_len)
+    shapes = {"input_ids": {0: batch, 1: seq}, "labels": {0: batch, 1: seq}}
+    for n, p in peft_model.named_parameters():
+        p.requires_grad_(naming.is_lora(n))
+    with _eager_attention(peft_model):
+        ep = torch.export.export(_AnswerLoss(peft_model), (example, example.clone()), dynamic_shapes=shapes,
+                                 strict=False)
+        ep = _export_forward_backward(ep, joint_loss_index=0)
+    _replace_empty_permuted(ep.graph_module)
+    return _as_user_signature(ep)
+
+
+def _optimize_keeping_weights(model: Any) -> None:
+    """onnxscript's optimiser (constant folding, rewrites, CSE) minus what would break restamping.
+
+    A folded Transpose(W) would become a new tensor without the model's name, and equal-valued
+    weights (fresh norms are all ones) would be merged into one initializer: either way a later
+    stage could not be restamped by name. onnxruntime folds those at session start on the device.
+    """
+    import onnx_ir.passes.common as common_passes
+    from onnxscript import ir, rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    weights = {name for name, value in model.graph.initializers.items() if value.const_value is not None}
+
+    def should_fold(node: Any) -> bool | None:
+        return False if any(v is not None and v.name in weights for v in node.inputs) else None
+
+    ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [_constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=8192,
+                                                 output_size_limit=262144, should_fold=should_fold),
+             rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+             common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedFunctionsPass(),
+             common_passes.RemoveUnusedOpsetsPass()],
+            steps=2, early_stop=True),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )(model)
+
+
+def to_onnx(ep: torch.export.ExportedProgram, lora: Sequence[str]) -> onnx.ModelProto:
+    """The training program as an ONNX model with our input and output names (weights still inline)."""
+    program = torch.onnx.export(ep, dynamo=True, optimize=False, verbose=False, opset_version=OPSET)
+    _optimize_keeping_weights(program.model)
+    model = program.model_proto
+    graph = model.graph
+    want_in = [i.name for i in INPUTS] + list(lora)
+    if len(graph.input) != len(want_in):
+        raise RuntimeError(f"exported graph has {len(graph.input)} inputs, expected {len(want_in)} "
+                           f"(input_ids, labels and {len(lora)} LoRA tensors)")
+    want_out = [LOSS] + [GRAD_PREFIX + n for n in lora]
+    if len(graph.output) != len(want_out):
+        raise RuntimeError(f"exported graph has {len(graph.output)} outputs, expected {len(want_out)}")
+    rename = {v.name: new for v, new in zip(list(graph.input) + list(graph.output), want_in + want_out)}
+    for node in graph.node:
+        node.input[:] = [rename.get(x, x) for x in node.input]
+        node.output[:] = [rename.get(x, x) for x in node.output]
+        del node.metadata_props[:]  # torch stack traces: most of the graph's bytes, no use on a device
+    for v in list(graph.input) + list(graph.output):
+        v.name = rename[v.name]
+    return model
+
+
+def _safe_file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".bin"
+
+
+def externalize_weights(model: onnx.ModelProto, weights_dir: Path) -> dict[str, str]:
+    """Move every named weight (artifact-prefixed initializer) into its own raw file under weights_dir.
+
+    Returns {initializer name: file path relative to the graph}. Small unnamed constants the
+    exporter made stay inside the graph; they depend on the shape only, never on weight values.
+    """
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for init in model.graph.initializer:
+        if not init.name.startswith(naming.ARTIFACT_PREFIX):
+            continue
+        rel = f"{WEIGHTS_DIR}/{_safe_file_name(init.name)}"
+        array = onnx.numpy_helper.to_array(init)
+        _write_raw(weights_dir.parent / rel, array)
+        _point_to_file(init, rel, array.nbytes)
+        files[init.name] = rel
+    return files
+
+
+def _write_raw(path: Path, array: np.ndarray) -> None:
+    path.write_bytes(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def _point_to_file(init: onnx.TensorProto, rel: str, nbytes: int) -> None:
+    init.ClearField("raw_data")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        init.ClearField(field)
+    del init.external_data[:]
+    for key, value in (("location", rel), ("offset", "0"), ("length", str(nbytes))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    init.data_location = onnx.TensorProto.EXTERNAL
+
+
+def prune_to_outputs(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` computing only the outputs in `keep` (the eval graph: train.onnx minus backward)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    needed = set(keep)
+    nodes = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(i for i in node.input if i)
+    kept_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in reversed(nodes)]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    outputs = [o for o in graph.output if o.name in keep]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    # graph inputs stay (LoRA tensors too), so train and eval take the same feeds
+    del graph.value_info[:]
+    return out
+
+
+def _model_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
+    return {**dict(peft_model.named_buffers()), **peft_model.state_dict()}  # buffers: rotary inv_freq
+
+
+def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path) -> None:
+    """Write `peft_model`'s tensors into the weight files `graph` points to (a cached graph, a new stage)."""
+    state = _model_tensors(peft_model)
+    for init in graph.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        key = naming.to_peft_name(init.name)
+        if key not in state:
+            alias = naming.tied_alias(key)
+            if alias is None or alias not in state:
+                raise KeyError(f"graph weight {init.name!r} has no counterpart {key!r} in the submodel; delete the "
+                               "export template cache and retry")
+            key = alias
+        array = state[key].detach().cpu().numpy()
+        if list(array.shape) != list(init.dims):
+            raise ValueError(f"{key}: the submodel has shape {list(array.shape)}, the cached graph {list(init.dims)}; "
+                             "delete the export template cache and retry")
+        rel = next(e.value for e in init.external_data if e.key == "location")
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        _write_raw(out_dir / rel, array)
+
+
+def template_key(peft_model: Any, *, max_seq_len: int) -> str:
+    """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
+    peft_cfg = {k: {f: x for f, x in _stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
+                for k, v in peft_model.peft_config.items()}
+    shapes = {k: list(v.shape) for k, v in _model_tensors(peft_model).items()}
+    config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
+    blob = json.dumps({"format": FORMAT, "config": config, "peft": peft_cfg, "shapes": shapes, "max_seq_len": max_seq_len,
+                       "opset": OPSET, **{p: version(p) for p in ("torch", "transformers", "peft", "onnx", "onnxscript")}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _stable(value: Any) -> Any:
+    """JSON-able and independent of hash order (PEFT keeps target_modules as a set)."""
+    if isinstance(value, dict):
+        return {str(k): _stable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_stable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def json_config(peft_model: Any) -> dict[str, Any]:
+    """The base model's config as plain JSON (what the manifest carries for the device)."""
+    return json.loads(json.dumps(peft_model.get_base_model().config.to_dict(), default=str))
+
+
+def copy_tokenizer(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> str | None:
+    """Copy tokenizer.json; return the chat template saved beside it, if any."""
+    src = Path(tokenizer_dir)
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {src}; save the tokenizer with save_pretrained() first")
+    shutil.copyfile(src / "tokenizer.json", out_dir / "tokenizer.json")
+    if (src / "chat_template.jinja").is_file():
+        return (src / "chat_template.jinja").read_text()
+    if (src / "tokenizer_config.json").is_file():
+        return json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
+    return None
+
+
+def check_exportable(peft_model: Any, max_seq_len: int) -> None:
+    """Fail before the slow export: devices train float32 on CPU, sequences need a target token."""
+    if max_seq_len < MIN_SEQ_LEN:
+        raise ValueError(f"max_seq_len must be at least {MIN_SEQ_LEN}, got {max_seq_len}")
+    bad = {(str(p.dtype), str(p.device)) for p in peft_model.parameters()} - {("torch.float32", "cpu")}
+    if bad:
+        raise ValueError(f"export needs a float32 CPU model, found parameters as {sorted(bad)}; "
+                         "call peft_model.float().cpu() first")
+    if any(getattr(c, "lora_dropout", 0.0) for c in peft_model.peft_config.values()):
+        raise ValueError("LoRA dropout is not exported (the graph is traced in eval mode) and devices would train "
+                         "without it: set lora.dropout=0")
+
+
+def _trainable_specs(peft_model: Any, lora: Sequence[str]) -> list[TensorSpec]:
+    params = dict(peft_model.named_parameters())
+    specs = []
+    for name in lora:
+        peft = naming.to_peft_name(name)
+        specs.append(TensorSpec(name=name, peft_name=peft, shape=tuple(params[peft].shape),
+                                dtype=str(params[peft].dtype).removeprefix("torch.")))
+    return specs
+
+
+def _versions(model: onnx.ModelProto) -> dict[str, Any]:
+    return {"opset": OPSET, "ir_version": model.ir_version, "min_onnxruntime": MIN_ONNXRUNTIME,
+            "train_graph": TRAIN_GRAPH, "eval_graph": EVAL_GRAPH, "initial_lora": INITIAL_LORA,
+            "exporter": f"torch=={torch.__version__}", "onnx": version("onnx"), "onnxscript": version("onnxscript"),
+            "transformers": version("transformers"), "peft": version("peft")}
+
+
+def export_template(peft_model: Any, out_dir: Path, *, max_seq_len: int) -> Path:
+    """Trace and write the graphs (with this model's weights) into out_dir: the slow part, once per shape."""
+    check_exportable(peft_model, max_seq_len)
+    ep, lora = trace_training_graph(peft_model, max_seq_len)
+    model = to_onnx(ep, lora)
+    del ep
+    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        externalize_weights(model, build / WEIGHTS_DIR)
+        onnx.save(model, str(build / TRAIN_GRAPH))
+        onnx.save(prune_to_outputs(model, [LOSS]), str(build / EVAL_GRAPH))
+        manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
+                            trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), max_seq_len=max_seq_len,
+                            versions=_versions(model), optimizer="adamw")
+        publish(build, out_dir, manifest)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return out_dir
+
+
+def export_onnx_artifacts(
+    peft_model: Any,
+    out_dir: str | os.PathLike[str],
+    template_root: str | os.PathLike[str],
+    *,
+    run_id: str = "",
+    stage: int = 0,
+    groups: Sequence[Sequence[int]] | None = None,
+    anchors: Sequence[int] | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    max_seq_len: int,
+) -> Path:
+    """Write the portable artifacts of `peft_model` into out_dir, tracing only if no graph of its shape is cached.
+
+    Built beside out_dir and renamed into place, so a reader never sees a half-written directory.
+    """
+    from edge_runtime.manifest import MANIFEST_NAME, load_manifest
+
+    check_exportable(peft_model, max_seq_len)
+    out_dir = Path(out_dir).resolve()
+    template = Path(template_root) / template_key(peft_model, max_seq_len=max_seq_len)
+    if not (template / MANIFEST_NAME).is_file():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        export_template(peft_model, template, max_seq_len=max_seq_len)
+    manifest = load_manifest(template, verify_hashes=False)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name in (TRAIN_GRAPH, EVAL_GRAPH):
+            shutil.copyfile(template / name, build / name)
+        restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build)
+        lora = {t.peft_name: peft_model.state_dict()[t.peft_name].detach().cpu().numpy() for t in manifest.trainable}
+        save_file(lora, str(build / INITIAL_LORA))
+        if tokenizer_dir is not None:
+            manifest.chat_template = copy_tokenizer(tokenizer_dir, build)
+            manifest.tokenizer_file = "tokenizer.json"
+        manifest.run_id, manifest.stage = run_id, stage
+        manifest.model_config = json_config(peft_model)
+        manifest.groups = [list(map(int, g)) for g in groups or []]
+        manifest.anchors = [int(a) for a in anchors or []]
+        publish(build, out_dir, manifest)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return out_dir
+
+
+def import_trained_lora(peft_model: Any, trained: Mapping[str, np.ndarray]) -> None:
+    """Load LoRA tensors trained on a device (keyed by PEFT name) back into `peft_model`."""
+    naming.load_lora_into_peft(peft_model, trained)
