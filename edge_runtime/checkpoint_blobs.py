@@ -16,6 +16,8 @@ checkpoint with ORT's own writer from TensorProtos it encodes itself (no onnx
 package) and keeps it only if it hashes to the sha256 in the recipe and the
 manifest, so it never trains on anything the server did not produce.
 
+The server side (splitting a checkpoint) is server_sdk/checkpoint_split.py. This is the legacy
+`ort` format only: the portable `onnx` format keeps every frozen tensor in a file of its own.
 Torch-free: numpy, safetensors and the onnxruntime-training C bindings.
 """
 
@@ -28,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 RECIPE = "checkpoint.recipe.json"
 CHECKPOINT = "checkpoint"
@@ -66,50 +67,13 @@ def tensor_proto(name: str, arr: np.ndarray) -> bytes:
     return out + b"\x4a" + _varint(len(raw)) + raw
 
 
-def _safe_file_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) + ".safetensors"
-
-
-def split_checkpoint(artifact_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                     min_tensor_bytes: int = 256 * 1024) -> dict[str, Path]:
-    """Write recipe and tensor files for `artifact_dir/checkpoint`; returns {path in artifact: file}.
-
-    The result replaces `checkpoint` in what a device downloads; every other file of the
-    artifact directory is included as it is."""
-    from edge_runtime.backends.ort_backend import _training_api
-
-    artifact_dir, out = Path(artifact_dir), Path(out_dir)
-    (out / TENSOR_DIR).mkdir(parents=True, exist_ok=True)
-    state = _training_api().CheckpointState.load_checkpoint(str(artifact_dir / CHECKPOINT))
-    params, rest = [], {}
-    for name, param in state.parameters:
-        arr = np.array(param.data, copy=True)
-        if arr.nbytes >= min_tensor_bytes:
-            file = f"{TENSOR_DIR}/{_safe_file_name(name)}"
-            save_file({name: arr}, str(out / file))
-        else:
-            file = f"{TENSOR_DIR}/{REST}"
-            rest[name] = arr
-        params.append({"name": name, "trainable": bool(param.requires_grad), "file": file})
-    if rest:
-        save_file(rest, str(out / TENSOR_DIR / REST))
-    digest = hashlib.sha256((artifact_dir / CHECKPOINT).read_bytes()).hexdigest()
-    (out / RECIPE).write_text(json.dumps({"version": 1, "sha256": digest, "parameters": params}, indent=1))
-    files = {p.relative_to(artifact_dir).as_posix(): p for p in sorted(artifact_dir.rglob("*"))
-             if p.is_file() and p.name != CHECKPOINT}
-    files[RECIPE] = out / RECIPE
-    for rel in sorted({p["file"] for p in params}):
-        files[rel] = out / rel
-    return files
-
-
 def assemble_checkpoint(artifact_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> str:
     """Rebuild `checkpoint` from the recipe and tensor files in `artifact_dir`; returns its sha256.
 
     Raises CheckpointAssemblyError if the result does not hash to the recipe's sha256."""
-    from edge_runtime.backends.ort_backend import _training_api
+    from edge_runtime.backends.ort_backend import training_api
 
-    _training_api()  # loads the onnxruntime C bindings without onnxruntime.training's torch probe
+    training_api()  # loads the onnxruntime C bindings without onnxruntime.training's torch probe
     from onnxruntime.capi._pybind_state import save_checkpoint
 
     artifact_dir = Path(artifact_dir)

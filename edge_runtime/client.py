@@ -20,7 +20,6 @@ Torch-free: numpy, tokenizers, safetensors, paho-mqtt and onnxruntime only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -38,6 +37,14 @@ from typing import Any
 import numpy as np
 
 from edge_runtime import protocol as P
+from edge_runtime.backends import (
+    FORMATS,
+    Trainer,
+    available_formats,
+    onnx_runtime_problem,
+    open_trainer,
+    runtime_versions,
+)
 from edge_runtime.batching import IGNORE_INDEX, collate, join
 from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError
@@ -46,7 +53,7 @@ from edge_runtime.transfer import ArtifactCache, FetchError
 
 log = logging.getLogger("devft.edge")
 
-BACKENDS = ("ort", "executorch", "auto")
+BACKENDS = (*FORMATS, "auto")
 
 
 class DeviceError(RuntimeError):
@@ -92,42 +99,33 @@ def encode(tokenizer: Any, shard: Shard, seq_len: int) -> list[tuple[list[int], 
 # --------------------------------------------------------------------------- backends
 
 
-def pick_backend(requested: str) -> str:
-    """Check the requested backend can exist here; `auto` is resolved per artifact (`resolve_backend`)."""
+def pick_formats(requested: str) -> list[str]:
+    """The artifact formats this device trains, in preference order (what its hello declares)."""
     if requested not in BACKENDS:
         raise DeviceError(f"backend {requested!r} is not one of {BACKENDS}")
-    if requested == "executorch" and not _has_executorch():
-        raise DeviceError("the ExecuTorch backend (edge_runtime/backends/executorch_backend.py) is not installed; "
-                          "use --backend ort")
-    return requested
+    here = available_formats()
+    if requested == "auto":
+        if not here:
+            raise DeviceError("no training runtime is installed: pip install 'devft[edge]' (plain onnxruntime)")
+        return here
+    if requested == "onnx" and (problem := onnx_runtime_problem()):
+        raise DeviceError(f"--backend onnx: {problem}")
+    if requested not in here:
+        hint = {"onnx": "pip install 'devft[edge]'", "ort": "pip install 'devft[legacy-ort-training]' (x86_64 only)",
+                "executorch": "pip install 'devft[edge-executorch]'"}[requested]
+        raise DeviceError(f"--backend {requested}: its runtime is not installed here ({hint}); this device can run "
+                          f"{here or 'nothing yet'}")
+    return [requested]
 
 
-def _has_executorch() -> bool:
-    return importlib.util.find_spec("edge_runtime.backends.executorch_backend") is not None
-
-
-def resolve_backend(requested: str, artifact_dir: Path) -> str:
-    """The runtime for these artifacts: the one they were exported for (the manifest says which)."""
+def check_artifact_format(fmt: str, artifact_dir: Path) -> None:
+    """The files must be in the format the coordinator announced for them (the manifest says which)."""
     try:
         built_for = json.loads((artifact_dir / MANIFEST_NAME).read_text())["backend"]
     except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise DeviceError(f"cannot read the backend from {artifact_dir / MANIFEST_NAME}: {exc!r}") from None
-    if requested not in ("auto", built_for):
-        raise DeviceError(f"the coordinator sent {built_for!r} artifacts but this device runs --backend {requested}; "
-                          f"restart it with --backend {built_for} or auto")
-    if built_for == "executorch" and not _has_executorch():
-        raise DeviceError("the coordinator sent ExecuTorch artifacts and this device has no ExecuTorch backend")
-    return built_for
-
-
-def make_trainer(backend: str, artifact_dir: Path, lr: float, threads: int) -> Any:
-    if backend == "executorch":  # its bindings import torch when a trainer is built
-        from edge_runtime.backends.executorch_backend import ExecuTorchTrainer
-
-        return ExecuTorchTrainer(artifact_dir, lr=lr, threads=threads)
-    from edge_runtime.backends.ort_backend import OrtTrainer
-
-    return OrtTrainer(artifact_dir, lr=lr, threads=threads)
+        raise DeviceError(f"cannot read the format from {artifact_dir / MANIFEST_NAME}: {exc!r}") from None
+    if built_for != fmt:
+        raise DeviceError(f"the coordinator announced {fmt!r} artifacts but their manifest says {built_for!r}")
 
 
 # --------------------------------------------------------------------------- device
@@ -163,7 +161,7 @@ class Device:
         self.run_id = run_id
         self.shard = shard
         self.cache = ArtifactCache(cache_dir)
-        self.backend = pick_backend(backend)
+        self.formats = pick_formats(backend)
         self.threads = threads
         self.exit_after_rounds = exit_after_rounds
         self.rounds_trained = 0
@@ -213,7 +211,7 @@ class Device:
     def _status(self, state: str, **info: Any) -> None:
         if self.client is None or self.run_id is None:
             return
-        msg = P.StatusMessage(self.device_id, state, time.time(), {"backend": self.backend, **info})
+        msg = P.StatusMessage(self.device_id, state, time.time(), {"formats": self.formats, **runtime_versions(), **info})
         self.client.publish(P.status_topic(self.run_id, self.device_id), P.encode_status(msg), retain=True)
 
     # -- main loop -------------------------------------------------------------------------
@@ -277,13 +275,17 @@ class Device:
             return None
 
     def _act(self, ctrl: P.ControlMessage) -> None:
-        if ctrl.artifact is None:
+        if not ctrl.artifacts:
             return
+        if ctrl.artifact_for(self.formats) is None:
+            raise DeviceError(f"the coordinator offers {sorted(ctrl.artifacts)} artifacts for stage {ctrl.stage}; this "
+                              f"device runs {self.formats}: install the runtime of one of them")
         sampled = ctrl.state == "train" and self.device_id in ctrl.sampled_clients
         if not sampled:
             self._artifact_dir(ctrl)  # prefetch while idle or not sampled
             return
-        key = (ctrl.run_id, ctrl.stage, ctrl.round, ctrl.hyperparams.get("session"))
+        assert ctrl.hyperparams is not None  # decode_control guarantees it for "train"
+        key = (ctrl.run_id, ctrl.stage, ctrl.round, ctrl.hyperparams.session)
         if key in self._answered:
             return
         if ctrl.deadline_unix is not None and time.time() > ctrl.deadline_unix:
@@ -298,8 +300,9 @@ class Device:
 
     def _artifact_dir(self, ctrl: P.ControlMessage) -> tuple[Path, int]:
         """Fetch (or find) the stage's files, verified, laid out as an artifact dir; bytes downloaded now."""
-        desc = ctrl.artifact
-        assert desc is not None
+        chosen = ctrl.artifact_for(self.formats)
+        assert chosen is not None  # _act checked
+        fmt, desc = chosen
         before, t0 = self.cache.bytes_downloaded, time.perf_counter()
         self.cache.fetch(self.client, ctrl.run_id, self.device_id, desc)
         self.stage_fetch_s[desc.artifact_id] = self.stage_fetch_s.get(desc.artifact_id, 0.0) + time.perf_counter() - t0
@@ -313,7 +316,8 @@ class Device:
         if len(manifests) != 1:
             raise DeviceError(f"artifact {desc.artifact_id[:12]} has {len(manifests)} manifests; expected one")
         art_dir = stage_root / Path(manifests[0]).parent
-        if not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
+        check_artifact_format(fmt, art_dir)
+        if fmt == "ort" and not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
             self._rebuild_checkpoint(art_dir)
         return art_dir, got
 
@@ -334,22 +338,27 @@ class Device:
         except OSError:
             shutil.copyfile(self.cache.blob_path(want), art_dir / CHECKPOINT)
 
-    def _open_trainer(self, ctrl: P.ControlMessage, lr: float) -> tuple[Any, Path, int]:
+    def _open_trainer(self, ctrl: P.ControlMessage, hp: P.TrainSettings) -> tuple[Trainer, Path, int]:
         """A trainer on verified files; a cache whose blob rotted since it was fetched is fetched again once."""
+        fmt, desc = ctrl.artifact_for(self.formats) or ("", None)
+        assert desc is not None
+
+        def make(art_dir: Path) -> Trainer:
+            return open_trainer(fmt, art_dir, lr=hp.lr, threads=self.threads, trainable=hp.trainable)
+
         art_dir, got = self._artifact_dir(ctrl)
         try:
-            return make_trainer(resolve_backend(self.backend, art_dir), art_dir, lr, self.threads), art_dir, got
+            return make(art_dir), art_dir, got
         except ManifestError as exc:
             log.warning("%s: cached artifact failed verification (%s); fetching it again", self.device_id, exc)
-            for f in ctrl.artifact.files:  # type: ignore[union-attr]
+            for f in desc.files:
                 self.cache.has(f.sha256, f.size)  # re-hashes; a corrupt blob is deleted
                 path = self.cache.blob_path(f.sha256)
                 if path.exists() and self._hash(path) != f.sha256:
                     path.chmod(0o644)
                     path.unlink()
             art_dir, got2 = self._artifact_dir(ctrl)
-            trainer = make_trainer(resolve_backend(self.backend, art_dir), art_dir, lr, self.threads)
-            return trainer, art_dir, got + got2
+            return make(art_dir), art_dir, got + got2
 
     @staticmethod
     def _hash(path: Path) -> str:
@@ -363,27 +372,28 @@ class Device:
         from edge_runtime.telemetry import TelemetryRecorder
 
         hp = ctrl.hyperparams
-        try:
-            lr, steps, batch = float(hp["lr"]), int(hp["local_steps"]), int(hp["batch_size"])
-            seq_len, seed = int(hp["seq_len"]), int(hp["seeds"][self.device_id])
-            trainable = [str(n) for n in hp["trainable"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DeviceError(f"control message hyperparams incomplete ({exc!r}): {hp}") from None
+        if hp is None or self.device_id not in hp.seeds:
+            raise DeviceError(f"the train control for round {ctrl.round} carries no seed for {self.device_id}")
+        trainable = list(hp.trainable)
         self._status("busy", stage=ctrl.stage, round=ctrl.round)
         started_unix, t0 = time.time(), time.perf_counter()
-        aid = ctrl.artifact.artifact_id if ctrl.artifact else ""
+        fmt, desc = ctrl.artifact_for(self.formats) or ("", None)
+        aid = desc.artifact_id if desc else ""
         fetched_before_s = self.stage_fetch_s.get(aid, 0.0)
-        trainer, art_dir, downloaded = self._open_trainer(ctrl, lr)
+        trainer, art_dir, downloaded = self._open_trainer(ctrl, hp)
         glob = self._global_for(ctrl)
         trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
         received = trainer.get_lora()
         unknown = sorted(set(trainable) - set(received))
         if unknown:
             raise DeviceError(f"control names trainable tensors the artifacts lack: {unknown[:3]}")
-        frozen = {k: v for k, v in received.items() if k not in set(trainable)}
+        # the onnx trainer leaves non-trainable tensors alone; the legacy ones update all, so restore those
+        frozen = {k: v for k, v in received.items() if k not in set(trainable)} if fmt != "onnx" else {}
+        seq_len = trainer.manifest.max_seq_len  # the run's one sequence length, carried in the manifest
         encoded = self._encoded_shard(art_dir, trainer, seq_len)
         pad = _pad_id(trainer.manifest.model_config)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(hp.seeds[self.device_id])
+        steps, batch = hp.local_steps, hp.batch_size
         losses: list[float] = []
         setup_s = time.perf_counter() - t0
         with TelemetryRecorder() as rec:
@@ -405,17 +415,15 @@ class Device:
                      "started_unix": started_unix, "fetch_s": self.stage_fetch_s.get(aid, 0.0) - fetched_before_s,
                      "stage_fetch_s": self.stage_fetch_s.get(aid, 0.0),
                      "backend": trainer.manifest.backend, "threads": self.threads, "process": os.getpid(),
-                     "artifact_id": ctrl.artifact.artifact_id if ctrl.artifact else None,
-                     "download_bytes": downloaded,
-                     "stage_download_bytes": self.stage_downloads.get(ctrl.artifact.artifact_id, 0)
-                     if ctrl.artifact else 0,
+                     "artifact_id": aid, "download_bytes": downloaded,
+                     "stage_download_bytes": self.stage_downloads.get(aid, 0),
                      "cache_bytes_downloaded_total": self.cache.bytes_downloaded,
                      "mqtt_payload_bytes_received": self.client.payload_bytes_received if self.client else None}
         loss = float(np.mean(losses)) if losses else float("nan")
         return P.UpdateMessage(ctrl.run_id, ctrl.stage, ctrl.round, self.device_id, secrets.token_hex(16),
                                len(self.shard), delta, {"train_loss": loss}, telemetry)
 
-    def _encoded_shard(self, art_dir: Path, trainer: Any, seq_len: int) -> list:
+    def _encoded_shard(self, art_dir: Path, trainer: Trainer, seq_len: int) -> list:
         from tokenizers import Tokenizer
 
         name = trainer.manifest.tokenizer_file
@@ -465,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="this device's JSONL shard (prompt, completion per line)")
     p.add_argument("--cache", required=True, help="content-addressed artifact cache directory (kept across runs)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="training runtime (default auto: the one the stage artifacts were exported for)")
+                   help="artifact format to train: onnx (portable, plain onnxruntime), ort (legacy ONNX Runtime "
+                   "Training, x86_64), executorch; default auto: every one installed here, onnx first (declared "
+                   "in the hello, so the coordinator serves one of them)")
     p.add_argument("--run", dest="run_id", help="run id to follow (default: the first active run seen)")
     p.add_argument("--host", help="override the broker host from the credentials")
     p.add_argument("--port", type=int, help="override the broker port from the credentials")

@@ -30,7 +30,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping, MutableSet
+from collections.abc import Mapping, MutableSet, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: per-format artifacts and typed hyperparams in the control message
 TOPIC_ROOT = "devft"
 QOS = 1
 
@@ -59,6 +59,8 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_LEN = struct.Struct(">I")
 
 CONTROL_STATES = ("idle", "train", "done")
+ARTIFACT_FORMATS = ("onnx", "ort", "executorch")  # edge_runtime/backends: what a device can train
+OPTIMIZERS = ("adamw", "sgd")
 STATUS_STATES = ("hello", "heartbeat", "busy", "offline")
 
 
@@ -329,8 +331,64 @@ class ArtifactDescriptor:
 
 
 @dataclass(frozen=True)
+class TrainSettings:
+    """What a sampled device trains in a round: the `hyperparams` object of a train control message.
+
+    The device builds a fresh optimiser (`optimizer`, learning rate `lr`) every round from the
+    global adapter it receives, draws `local_steps` batches of `batch_size` examples from its shard
+    with `numpy.random.default_rng(seeds[device_id])` (without replacement within a batch), trains
+    the LoRA tensors named in `trainable` (PEFT names; the others keep their received values),
+    and answers once per (run, stage, round, session): `session` changes when the coordinator
+    restarts, so a repeated round after a crash is trained again. Sequences are truncated to the
+    artifacts' `max_seq_len` (manifest), the one sequence length of a run.
+    """
+
+    lr: float
+    local_steps: int
+    batch_size: int
+    trainable: tuple[str, ...]
+    seeds: Mapping[str, int]
+    session: str
+    optimizer: str = "adamw"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"lr": self.lr, "local_steps": self.local_steps, "batch_size": self.batch_size,
+                "trainable": list(self.trainable), "seeds": dict(self.seeds), "session": self.session,
+                "optimizer": self.optimizer}
+
+    @staticmethod
+    def from_json(obj: Any) -> TrainSettings:
+        what = "control message hyperparams"
+        if not isinstance(obj, Mapping):
+            raise ProtocolError(f"{what} must be an object, got {obj!r}")
+        lr = float(_require(obj, what, "lr", (int, float)))
+        if not (math.isfinite(lr) and lr > 0):
+            raise ProtocolError(f"{what} lr must be a positive finite number, got {lr}")
+        ints = {k: _require(obj, what, k, int) for k in ("local_steps", "batch_size")}
+        if any(v < 1 for v in ints.values()):
+            raise ProtocolError(f"{what} local_steps and batch_size must be at least 1, got {ints}")
+        trainable = _require(obj, what, "trainable", list)
+        if not trainable or not all(isinstance(t, str) for t in trainable):
+            raise ProtocolError(f"{what} trainable must be a non-empty array of tensor names")
+        seeds = _require(obj, what, "seeds", dict)
+        for device, seed in seeds.items():
+            check_name("device_id in seeds", device)
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise ProtocolError(f"{what} seed of {device} must be a non-negative integer, got {seed!r}")
+        optimizer = _optional(obj, what, "optimizer", str, "adamw")
+        if optimizer not in OPTIMIZERS:
+            raise ProtocolError(f"{what} optimizer {optimizer!r} is not one of {OPTIMIZERS}")
+        return TrainSettings(lr=lr, trainable=tuple(trainable), seeds=dict(seeds),
+                             session=_require(obj, what, "session", str), optimizer=optimizer, **ints)
+
+
+@dataclass(frozen=True)
 class ControlMessage:
-    """The server's current instruction to the fleet, retained on the control topic."""
+    """The server's current instruction to the fleet, retained on the control topic.
+
+    `artifacts` maps an artifact format ("onnx", "ort", "executorch") to the stage's files in
+    that format; a device trains the first format of its own preference list that is offered.
+    `hyperparams` is set in the "train" state only."""
 
     run_id: str
     stage: int
@@ -338,13 +396,22 @@ class ControlMessage:
     state: str  # one of CONTROL_STATES
     sampled_clients: tuple[str, ...] = ()
     deadline_unix: float | None = None  # updates after this wall-clock time are ignored
-    hyperparams: dict[str, Any] = field(default_factory=dict)
-    artifact: ArtifactDescriptor | None = None
+    hyperparams: TrainSettings | None = None
+    artifacts: Mapping[str, ArtifactDescriptor] = field(default_factory=dict)
     version: int = PROTOCOL_VERSION
+
+    def artifact_for(self, formats: Sequence[str]) -> tuple[str, ArtifactDescriptor] | None:
+        """(format, descriptor) of the first of `formats` this message offers, or None."""
+        for fmt in formats:
+            if fmt in self.artifacts:
+                return fmt, self.artifacts[fmt]
+        return None
 
 
 def encode_control(msg: ControlMessage) -> bytes:
     check_name("run_id", msg.run_id)
+    if msg.state == "train" and msg.hyperparams is None:
+        raise ProtocolError("a train control message needs hyperparams")
     obj = {
         "version": msg.version,
         "run_id": msg.run_id,
@@ -353,8 +420,8 @@ def encode_control(msg: ControlMessage) -> bytes:
         "state": msg.state,
         "sampled_clients": list(msg.sampled_clients),
         "deadline_unix": msg.deadline_unix,
-        "hyperparams": msg.hyperparams,
-        "artifact": msg.artifact.to_json() if msg.artifact else None,
+        "hyperparams": msg.hyperparams.to_json() if msg.hyperparams else None,
+        "artifacts": {fmt: desc.to_json() for fmt, desc in msg.artifacts.items()},
     }
     data = _dumps(obj)
     if len(data) > MAX_CONTROL_BYTES:
@@ -369,7 +436,13 @@ def decode_control(data: bytes) -> ControlMessage:
     if state not in CONTROL_STATES:
         raise ProtocolError(f"{what} state {state!r} is not one of {CONTROL_STATES}")
     clients = _optional(obj, what, "sampled_clients", list, [])
-    artifact = obj.get("artifact")
+    artifacts = _optional(obj, what, "artifacts", dict, {})
+    unknown = sorted(set(artifacts) - set(ARTIFACT_FORMATS))
+    if unknown:
+        raise ProtocolError(f"{what} offers unknown artifact formats {unknown}; known: {ARTIFACT_FORMATS}")
+    hyper = obj.get("hyperparams")
+    if state == "train" and hyper is None:
+        raise ProtocolError(f"{what} in state 'train' has no hyperparams")
     return ControlMessage(
         run_id=check_name("run_id", _require(obj, what, "run_id", str)),
         stage=_require(obj, what, "stage", int),
@@ -377,8 +450,8 @@ def decode_control(data: bytes) -> ControlMessage:
         state=state,
         sampled_clients=tuple(check_name("sampled client", c) for c in clients),
         deadline_unix=_optional(obj, what, "deadline_unix", (int, float), None),
-        hyperparams=_optional(obj, what, "hyperparams", dict, {}),
-        artifact=ArtifactDescriptor.from_json(artifact) if artifact is not None else None,
+        hyperparams=TrainSettings.from_json(hyper) if hyper is not None else None,
+        artifacts={fmt: ArtifactDescriptor.from_json(desc) for fmt, desc in artifacts.items()},
     )
 
 

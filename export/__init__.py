@@ -1,1 +1,62 @@
-"""Turn a stage submodel into device training artifacts (ONNX Runtime Training, ExecuTorch)."""
+"""Turn a stage submodel into device training artifacts, in one of three formats.
+
+    onnx        portable: one plain ONNX training graph (loss + LoRA gradients) for the ordinary
+                onnxruntime package on every platform; optimiser on the device (export/onnx.py)
+    ort         legacy ONNX Runtime Training artifacts, x86_64 onnxruntime-training (export/ort.py)
+    executorch  ExecuTorch training programs (export/executorch.py)
+
+This package sits below the server: it takes a PEFT submodel and writes files plus a manifest
+(edge_runtime/manifest.py); it never imports server_sdk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("onnx", "ort", "executorch")
+
+
+def export_artifacts(
+    fmt: str,
+    peft_model: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_seq_len: int,
+    template_root: str | os.PathLike[str] | None = None,
+    run_id: str = "",
+    stage: int = 0,
+    groups: Sequence[Sequence[int]] | None = None,
+    anchors: Sequence[int] | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    optimizer: str = "adamw",
+    max_batch: int = 4,
+) -> Path:
+    """Write `peft_model`'s artifacts in format `fmt` into out_dir (atomically) and return it.
+
+    `template_root` caches traced graphs by shape (onnx, ort): a later submodel of the same shape
+    only gets its weights written. ExecuTorch programs embed their weights and are traced each time.
+    """
+    meta: dict[str, Any] = dict(run_id=run_id, stage=stage, groups=groups, anchors=anchors,
+                                tokenizer_dir=tokenizer_dir, max_seq_len=max_seq_len)
+    if fmt == "onnx":
+        from export.onnx import export_onnx_artifacts
+
+        if template_root is None:
+            raise ValueError("the onnx format needs a template_root to cache its traced graphs in")
+        return export_onnx_artifacts(peft_model, out_dir, Path(template_root) / "onnx-templates", **meta)
+    if fmt == "ort":
+        from export.cached import export_stage_cached
+        from export.ort import export_ort_artifacts
+
+        if template_root is None:
+            return export_ort_artifacts(peft_model, out_dir, optimizer=optimizer, **meta)
+        return export_stage_cached(peft_model, out_dir, Path(template_root) / "ort-templates", optimizer=optimizer,
+                                   **meta)
+    if fmt == "executorch":
+        from export.executorch import export_executorch_artifacts
+
+        return export_executorch_artifacts(peft_model, out_dir, max_batch=max_batch, **meta)
+    raise ValueError(f"artifact format {fmt!r} is not one of {FORMATS}")

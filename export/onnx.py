@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import save_file
 
+from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.publish import publish
@@ -65,8 +66,6 @@ LOSS = "loss"
 GRAD_PREFIX = "grad."
 IGNORE_INDEX = -100
 OPSET = 20
-# The oldest onnxruntime that runs opset 20 / IR 10 graphs (1.17 added opset 20); devices check it at hello.
-MIN_ONNXRUNTIME = "1.17.0"
 MIN_SEQ_LEN = 3  # torch.export specialises a sequence of 2 (one shifted position) away
 INPUTS = (InputSpec("input_ids", ("batch", "seq")), InputSpec("labels", ("batch", "seq")))
 INLINE_MAX_BYTES = 1024  # smaller frozen tensors stay inside the graph file

@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,13 +38,16 @@ import torch
 
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
-from edge_runtime.transfer import ArtifactServer
+from edge_runtime.protocol import ARTIFACT_FORMATS
+from export import export_artifacts
 
+from .artifact_server import ArtifactServer
 from .broker import Credentials
 from .config import RunConfig
 from .data import Example
 from .executor import ClientExecutor
 from .lora import LoraState, to_peft_key
+from .model import cache_root
 from .submodel import StagePlan
 from .trainer import ClientResult
 
@@ -79,9 +82,11 @@ class FleetSettings:
     quorum: float = 0.6  # fraction of sampled devices whose accepted updates a round needs
     max_update_norm: float | None = 1e3  # L2 bound on a delta; None = unbounded
     artifact_bytes_per_s: float | None = 20e6  # chunk upload rate limit of the ArtifactServer
-    export_template_dir: str | None = None  # cached per-shape exports (default: DEVFT_CACHE/ort-templates)
-    max_seq_len: int | None = None  # of the exported graphs; default: the run's seq_len
-    per_tensor_checkpoint: bool = True  # send the checkpoint as tensor files (cross-stage dedupe)
+    export_template_dir: str | None = None  # cached per-shape exports (default: DEVFT_CACHE)
+    # artifact formats served each stage: "onnx" (portable, plain onnxruntime), "ort" (legacy ONNX Runtime
+    # Training, x86_64), "executorch"; ["auto"] = onnx plus what hello'd devices that cannot run onnx need
+    formats: list[str] = field(default_factory=lambda: ["auto"])
+    per_tensor_checkpoint: bool = True  # legacy ort format: send the checkpoint as tensor files (cross-stage dedupe)
     device_names: dict[str, str] = field(default_factory=dict)  # client index -> device name overrides
 
     def validate(self) -> FleetSettings:
@@ -89,6 +94,9 @@ class FleetSettings:
             raise ValueError(f"quorum={self.quorum} must lie in (0, 1], e.g. 0.6")
         if self.round_timeout_s <= 0:
             raise ValueError(f"round_timeout_s={self.round_timeout_s} must be positive")
+        bad = [f for f in self.formats if f not in (*ARTIFACT_FORMATS, "auto")]
+        if bad or not self.formats or ("auto" in self.formats and len(self.formats) > 1):
+            raise ValueError(f"formats={self.formats} must be a non-empty list of {ARTIFACT_FORMATS}, or [\"auto\"]")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ValueError(f"max_update_norm={self.max_update_norm} must be positive (or None for no bound)")
         return self
@@ -119,7 +127,7 @@ class FleetExecutor(ClientExecutor):
         self.rejections: Counter[str] = Counter()
         self.device_status: dict[str, dict] = {}
         self._inbox: queue.Queue[Message] = queue.Queue()
-        self._artifact: P.ArtifactDescriptor | None = None
+        self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
         self._last_global: str | None = None
         self._rounds_done = 0
@@ -150,48 +158,62 @@ class FleetExecutor(ClientExecutor):
 
     # -- stage ------------------------------------------------------------------------------
 
+    def stage_formats(self) -> list[str]:
+        """The formats to export this stage: the configured ones, or with "auto" onnx plus whatever
+        devices that said hello and cannot run onnx need (their first preference)."""
+        if self.settings.formats != ["auto"]:
+            return list(self.settings.formats)
+        formats = ["onnx"]
+        for device, status in sorted(self.device_status.items()):
+            offered = [f for f in status.get("formats") or [] if f in ARTIFACT_FORMATS]
+            if offered and "onnx" not in offered and offered[0] not in formats:
+                log.info("%s cannot run the portable format; also exporting %s", device, offered[0])
+                formats.append(offered[0])
+        return formats
+
     def begin_stage(self, stage: int, plan: StagePlan, sub_model) -> int:
-        from export.cached import export_stage_cached
+        """Export the stage's submodel in every format the fleet needs, then serve it."""
+        dirs, seconds = {}, {}
+        for fmt in self.stage_formats():
+            t0 = time.perf_counter()
+            dirs[fmt] = export_artifacts(
+                fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / fmt, max_seq_len=self.cfg.seq_len,
+                template_root=self.settings.export_template_dir or cache_root(), run_id=self.run_id, stage=stage,
+                groups=plan.groups, anchors=plan.anchors, tokenizer_dir=self.tokenizer_dir)
+            seconds[fmt] = round(time.perf_counter() - t0, 2)
+        return self.serve_stage(stage, dirs, export_s=seconds)
 
-        from .model import cache_root
+    def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], **info) -> int:
+        """Register a stage's artifact files (per format) with the chunk server and announce them (state idle).
 
-        out = self.run_dir / "artifacts" / f"stage{stage}"
-        templates = self.settings.export_template_dir or cache_root() / "ort-templates"
-        t0 = time.perf_counter()
-        export_stage_cached(sub_model, out, templates, run_id=self.run_id, stage=stage, groups=plan.groups,
-                            anchors=plan.anchors, tokenizer_dir=self.tokenizer_dir,
-                            max_seq_len=self.settings.max_seq_len or self.cfg.seq_len)
-        return self.serve_stage(stage, out, export_s=round(time.perf_counter() - t0, 2))
+        Returns the bytes of the portable (or first) format: what one device downloads at most.
+        Legacy ort checkpoints travel as tensor files with `per_tensor_checkpoint` (edge_runtime/
+        checkpoint_blobs.py); the onnx format already keeps every frozen tensor in its own file, so
+        tensors unchanged since the last stage (the embedding) are not downloaded again."""
+        self._artifacts = {}
+        for fmt, artifact_dir in artifact_dirs.items():
+            artifact_dir = Path(artifact_dir)
+            if fmt == "ort" and self.settings.per_tensor_checkpoint and (artifact_dir / "checkpoint").is_file():
+                from .checkpoint_split import split_checkpoint
 
-    def serve_stage(self, stage: int, artifact_dir: Path, **info) -> int:
-        """Register a stage's artifact files with the chunk server and announce them (state idle).
-
-        With `per_tensor_checkpoint` the ORT checkpoint travels as tensor files that devices
-        reassemble (edge_runtime/checkpoint_blobs.py), so tensors unchanged since the last
-        stage (the embedding) are not downloaded again."""
-        artifact_dir = Path(artifact_dir)
-        if self.settings.per_tensor_checkpoint and (artifact_dir / "checkpoint").is_file():
-            from edge_runtime.checkpoint_blobs import split_checkpoint
-
-            split_dir = artifact_dir.with_name(artifact_dir.name + ".tensors")
-            local = split_checkpoint(artifact_dir, split_dir)
-        else:
-            local = {p.relative_to(artifact_dir).as_posix(): p for p in sorted(artifact_dir.rglob("*")) if p.is_file()}
-        files = {f"stage{stage}/{rel}": p for rel, p in local.items()}
-        self._artifact = self.artifacts.add_files(files)
+                local = split_checkpoint(artifact_dir, artifact_dir.with_name(artifact_dir.name + ".tensors"))
+            else:
+                local = {p.relative_to(artifact_dir).as_posix(): p for p in sorted(artifact_dir.rglob("*"))
+                         if p.is_file()}
+            self._artifacts[fmt] = self.artifacts.add_files({f"stage{stage}/{rel}": p for rel, p in local.items()})
         self._stage = stage
-        self._event("stage", stage=stage, artifact_id=self._artifact.artifact_id,
-                    artifact_bytes=self._artifact.total_bytes, **info)
+        self._event("stage", stage=stage, artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes}
+                                                     for f, d in self._artifacts.items()}, **info)
         # devices may start downloading while the first round is prepared
         self._publish_control(P.ControlMessage(self.run_id, stage, self.wire_round(stage, 0), "idle",
-                                               artifact=self._artifact))
-        return self._artifact.total_bytes
+                                               artifacts=self._artifacts))
+        return next(iter(self._artifacts.values())).total_bytes
 
     # -- round ------------------------------------------------------------------------------
 
     def train_round(self, stage: int, rnd: int, sampled: list[int], global_lora: LoraState,
                     is_trainable: Callable[[str], bool], seeds: dict[int, int]) -> list[ClientResult]:
-        if stage != self._stage or self._artifact is None:
+        if stage != self._stage or not self._artifacts:
             raise RuntimeError(f"train_round for stage {stage} before begin_stage({stage})")
         wr = self.wire_round(stage, rnd)
         names = {to_peft_key(k): k for k in global_lora}
@@ -207,11 +229,11 @@ class FleetExecutor(ClientExecutor):
         self._last_global = P.global_topic(self.run_id, wr)
         self._drain_stale()
         deadline = time.time() + self.settings.round_timeout_s
-        hyper = {"lr": self.cfg.lr, "local_steps": self.cfg.local_steps, "batch_size": self.cfg.batch_size,
-                 "seq_len": self.cfg.seq_len, "trainable": trained, "session": self.session,
-                 "seeds": {self.device_of(c): int(seeds[c]) for c in sampled}}
+        hyper = P.TrainSettings(lr=self.cfg.lr, local_steps=self.cfg.local_steps, batch_size=self.cfg.batch_size,
+                                trainable=tuple(trained), session=self.session,
+                                seeds={self.device_of(c): int(seeds[c]) for c in sampled})
         self._publish_control(P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper,
-                                               self._artifact))
+                                               self._artifacts))
         self._event("round_start", stage=stage, round=wr, sampled=list(wanted), deadline=deadline)
 
         # an update is at most the expected tensors plus a header; anything larger is refused unread

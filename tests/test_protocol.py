@@ -90,10 +90,27 @@ def test_control_round_trip_with_artifact():
         state="train",
         sampled_clients=("dev1", "dev2"),
         deadline_unix=1.7e9,
-        hyperparams={"lr": 1e-4, "local_steps": 10},
-        artifact=_descriptor(),
+        hyperparams=P.TrainSettings(lr=1e-4, local_steps=10, batch_size=4, trainable=("a", "b"),
+                                    seeds={"dev1": 1, "dev2": 2}, session="s1"),
+        artifacts={"onnx": _descriptor()},
     )
     assert P.decode_control(P.encode_control(msg)) == msg
+
+
+@pytest.mark.parametrize("bad", [{"lr": -1.0}, {"lr": float("inf")}, {"local_steps": 0}, {"trainable": []},
+                                 {"seeds": {"dev 1": 3}}, {"seeds": {"dev1": -2}}, {"optimizer": "lion"},
+                                 {"batch_size": "4"}])
+def test_train_settings_refuse_bad_values(bad):
+    good = {"lr": 1e-3, "local_steps": 2, "batch_size": 2, "trainable": ["a"], "seeds": {"dev1": 3}, "session": "s"}
+    assert P.TrainSettings.from_json(good).seeds == {"dev1": 3}
+    with pytest.raises(P.ProtocolError):
+        P.TrainSettings.from_json({**good, **bad})
+
+
+def test_train_control_without_hyperparams_is_refused():
+    data = P.encode_control(P.ControlMessage(RUN, 0, 0, "idle"))
+    with pytest.raises(P.ProtocolError, match="no hyperparams"):
+        P.decode_control(data.replace(b'"idle"', b'"train"'))
 
 
 def test_status_and_chunk_request_round_trip():
@@ -179,7 +196,7 @@ def test_bad_frames_are_refused():
     global_data = P.encode_global(P.GlobalMessage(run_id=RUN, stage=0, round=0, tensors=_tensors()))
     with pytest.raises(P.ProtocolError, match="expected 'update'"):
         P.decode_update(global_data)
-    header = {"version": 1, "kind": "update"}
+    header = {"version": P.PROTOCOL_VERSION, "kind": "update"}
     with pytest.raises(P.ProtocolError, match="not valid safetensors"):
         P.decode_tensors(b"garbage!garbage!")
     with pytest.raises(P.ProtocolError, match="missing required field"):
@@ -200,7 +217,7 @@ def test_bad_descriptor_is_refused():
 def test_chunk_request_limits():
     with pytest.raises(P.ProtocolError, match="chunks"):
         P.encode_chunk_request(P.ChunkRequest(run_id=RUN, device_id="d", sha256=SHA, chunks=()))
-    bad = json.dumps({"version": 1, "run_id": RUN, "device_id": "d", "sha256": SHA, "chunks": [-1]})
+    bad = json.dumps({"version": P.PROTOCOL_VERSION, "run_id": RUN, "device_id": "d", "sha256": SHA, "chunks": [-1]})
     with pytest.raises(P.ProtocolError, match="non-negative"):
         P.decode_chunk_request(bad.encode())
 
@@ -302,11 +319,14 @@ def _check_against(obj: dict, definition: dict) -> None:
 
 def test_encoders_match_the_documented_schema():
     defs = _schema_defs()
-    control = P.ControlMessage(run_id=RUN, stage=1, round=4, state="train", artifact=_descriptor())
+    hyper = P.TrainSettings(lr=1e-4, local_steps=1, batch_size=1, trainable=("a",), seeds={"dev1": 0}, session="s")
+    control = P.ControlMessage(run_id=RUN, stage=1, round=4, state="train", hyperparams=hyper,
+                               artifacts={"onnx": _descriptor()})
     control_obj = json.loads(P.encode_control(control))
     _check_against(control_obj, defs["ControlMessage"])
-    _check_against(control_obj["artifact"], defs["ArtifactDescriptor"])
-    _check_against(control_obj["artifact"]["files"][0], defs["FileEntry"])
+    _check_against(control_obj["hyperparams"], defs["TrainSettings"])
+    _check_against(control_obj["artifacts"]["onnx"], defs["ArtifactDescriptor"])
+    _check_against(control_obj["artifacts"]["onnx"]["files"][0], defs["FileEntry"])
     status = P.StatusMessage(device_id="dev1", state="busy", timestamp=1.0)
     _check_against(json.loads(P.encode_status(status)), defs["StatusMessage"])
     req = P.ChunkRequest(run_id=RUN, device_id="dev1", sha256=SHA, chunks=(1,))

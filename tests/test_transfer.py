@@ -18,13 +18,13 @@ from edge_runtime import protocol as P
 from edge_runtime.mqtt import Message
 from edge_runtime.transfer import (
     ArtifactCache,
-    ArtifactServer,
     FetchCancelled,
     FetchError,
     describe_file,
     describe_files,
     split_safetensors,
 )
+from server_sdk.artifact_server import ArtifactServer
 
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, broker, clients
 

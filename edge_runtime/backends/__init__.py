@@ -1,13 +1,115 @@
-"""Device-side trainers over exported artifacts; each backend is torch-free (ExecuTorch's
-imports torch lazily, inside the trainer, because its training bindings link it)."""
+"""Device-side trainers over exported artifacts, one per artifact format, behind one `Trainer` protocol.
+
+    onnx        the portable format (export/onnx.py) on plain onnxruntime; optimiser in numpy
+    ort         legacy ONNX Runtime Training artifacts (export/ort.py); x86_64 onnxruntime-training only
+    executorch  ExecuTorch training programs (export/executorch.py); SGD
+
+Each backend is torch-free except ExecuTorch's, which imports torch lazily, inside the trainer,
+because its training bindings link it. `available_formats` is what a device declares in its
+hello, so the coordinator can serve each device a format it runs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib.util
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from edge_runtime.manifest import Manifest, TensorSpec
+from edge_runtime.protocol import ARTIFACT_FORMATS as FORMATS  # in order of preference
+
+
+class Trainer(Protocol):
+    """What a device needs from a backend: LoRA in and out (PEFT names), steps, a loss."""
+
+    manifest: Manifest
+
+    def get_lora(self) -> dict[str, np.ndarray]: ...
+
+    def set_lora(self, tensors: Mapping[str, np.ndarray]) -> None: ...
+
+    def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> float: ...
+
+    def loss_and_grads(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]: ...
+
+    def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> float: ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available_formats() -> list[str]:
+    """The artifact formats this device can train, in order of preference."""
+    formats = []
+    if onnx_runtime_problem() is None:
+        formats.append("onnx")  # plain onnxruntime, or onnxruntime-training's superset of it
+    if _importable("onnxruntime.training"):
+        formats.append("ort")
+    if _importable("executorch") and _importable("torch"):
+        formats.append("executorch")
+    return formats
+
+
+def onnx_runtime_problem() -> str | None:
+    """Why this device cannot train the portable format (no or too old onnxruntime), or None."""
+    from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME, version_tuple
+
+    have = runtime_versions().get("onnxruntime")
+    if have is None or not _importable("onnxruntime"):
+        return f"onnxruntime is not installed: pip install 'onnxruntime>={MIN_ONNXRUNTIME}' (or 'devft[edge]')"
+    if version_tuple(have) < version_tuple(MIN_ONNXRUNTIME):
+        return (f"onnxruntime {have} is too old for the portable training graphs (opset 20): they need "
+                f"onnxruntime>={MIN_ONNXRUNTIME}; pip install -U 'onnxruntime>={MIN_ONNXRUNTIME}'")
+    return None
+
+
+def runtime_versions() -> dict[str, str]:
+    """Installed runtime versions, for the hello (the coordinator refuses a device whose onnxruntime is too old).
+
+    Read from package metadata: importing onnxruntime-training would import torch when present."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist, key in (("onnxruntime", "onnxruntime"), ("onnxruntime-training", "onnxruntime"),
+                      ("onnxruntime-gpu", "onnxruntime"), ("executorch", "executorch")):
+        try:
+            found.setdefault(key, version(dist))
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def open_trainer(fmt: str, artifact_dir: str | os.PathLike[str], *, lr: float, threads: int | None = None,
+                 trainable: Iterable[str] | None = None) -> Trainer:
+    """The trainer for an artifact directory of format `fmt`.
+
+    `trainable` (PEFT names) are the tensors the round trains; the others must keep the values
+    they were given (FFA-LoRA). The onnx trainer skips their update; the legacy trainers update
+    every LoRA tensor, so for them the caller restores the frozen ones after each step."""
+    artifact_dir = Path(artifact_dir)
+    if fmt == "onnx":
+        from edge_runtime.backends.onnx_backend import OnnxTrainer
+
+        return OnnxTrainer(artifact_dir, lr=lr, threads=threads, trainable=trainable)
+    if fmt == "ort":
+        from edge_runtime.backends.ort_backend import OrtTrainer
+
+        return OrtTrainer(artifact_dir, lr=lr, threads=threads)
+    if fmt == "executorch":  # its bindings import torch when a trainer is built
+        from edge_runtime.backends.executorch_backend import ExecuTorchTrainer
+
+        return ExecuTorchTrainer(artifact_dir, lr=lr, threads=threads)
+    raise ValueError(f"artifact format {fmt!r} is not one of {FORMATS}")
 
 
 def check_lora_set(tensors: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec], manifest: Manifest) -> None:

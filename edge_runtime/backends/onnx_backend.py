@@ -28,6 +28,9 @@ LOSS = "loss"
 GRAD_PREFIX = "grad."
 IGNORE_INDEX = -100
 MIN_SEQ_LEN = 3
+# The oldest onnxruntime that runs the exported graphs (opset 20 arrived in 1.17); export/onnx.py records it
+# in the manifest and a device below it refuses at startup, naming the version it needs.
+MIN_ONNXRUNTIME = "1.17.0"
 # Session choices measured in benchmarks/export.py (RESULTS.md): the CPU arena keeps freed activation
 # memory for reuse, which raises the peak RSS of a training step by about a third for little speed.
 DEFAULT_ARENA = False
@@ -37,7 +40,7 @@ class RuntimeTooOld(RuntimeError):
     """This device's onnxruntime cannot run the graphs; the message names the version needed."""
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
         digits = "".join(ch for ch in piece if ch.isdigit())
@@ -59,7 +62,7 @@ def check_runtime(required: str) -> None:
     have = onnxruntime_version()
     if have is None:
         raise RuntimeTooOld(f"onnxruntime is not installed; install onnxruntime>={required} (pip install 'devft[edge]')")
-    if _version_tuple(have) < _version_tuple(required):
+    if version_tuple(have) < version_tuple(required):
         raise RuntimeTooOld(f"onnxruntime {have} is too old for these graphs: they need onnxruntime>={required} "
                             f"(pip install -U 'onnxruntime>={required}')")
 
@@ -103,7 +106,7 @@ class OnnxTrainer:
         if self.manifest.backend != FORMAT:
             raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not {FORMAT!r}")
         versions = self.manifest.versions
-        check_runtime(str(versions.get("min_onnxruntime", "1.17.0")))
+        check_runtime(str(versions.get("min_onnxruntime", MIN_ONNXRUNTIME)))
         import onnxruntime as ort
 
         self._ort = ort

@@ -3,7 +3,7 @@
 The artifacts come from export/ort.py. `onnxruntime.training/__init__.py` imports
 torch (for ORTModule and amp), and so does `import onnxruntime` itself when torch
 happens to be installed (it probes for ORTModule). A device has no torch, and a
-device process that has it installed must not pay for it; `_training_api` loads
+device process that has it installed must not pay for it; `training_api` loads
 only `onnxruntime.training.api`, which needs numpy and the C bindings.
 """
 
@@ -30,7 +30,7 @@ CHECKPOINT = "checkpoint"
 IGNORE_INDEX = -100  # labels excluded from the loss, as in export/ort.py and Hugging Face
 
 
-def _training_api() -> types.ModuleType:
+def training_api() -> types.ModuleType:
     """Import onnxruntime.training.api without running onnxruntime.training/__init__.py.
 
     A stand-in package with the real __path__ lets the submodule import, and a None
@@ -79,8 +79,8 @@ class OrtTrainer:
         self.manifest: Manifest = load_manifest(self.dir, expected_trainable)
         if self.manifest.backend != "ort":
             raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not 'ort'")
-        api = _training_api()
-        from onnxruntime import SessionOptions  # already loaded by _training_api
+        api = training_api()
+        from onnxruntime import SessionOptions  # already loaded by training_api
 
         options = SessionOptions()
         if threads:
