@@ -35,8 +35,9 @@ from edge_runtime.manifest import (
 from export import naming
 from export.ort import export_ort_artifacts, import_trained_lora
 
+pytest.importorskip("onnxruntime.training", reason="legacy ort format: needs onnxruntime-training in its own "
+                    "environment (bash scripts/setup_legacy.sh; .venv-legacy/bin/python -m pytest tests/test_export_ort.py)")
 
-pytest.importorskip("onnxruntime.training", reason="legacy ort format: needs onnxruntime-training in its own environment (bash scripts/setup_legacy.sh; .venv-legacy/bin/python -m pytest tests/test_export_ort.py)")
 REPO = Path(__file__).resolve().parents[1]
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
