@@ -60,7 +60,10 @@ def _add_fleet_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds devices have to answer a round (default 120)")
     p.add_argument("--quorum", type=float, default=None, help="fraction of sampled devices a round needs (default 0.6)")
-    p.add_argument("--max-update-norm", type=float, default=None, help="L2 bound on a device delta (default 1000)")
+    p.add_argument("--max-update-norm", type=float, default=None,
+                   help="hard L2 bound on a device delta, checked on arrival (default 1000)")
+    p.add_argument("--norm-bound-k", type=float, default=None, metavar="K",
+                   help="refuse deltas over K x the round's lower median norm (default 5; 0 turns it off)")
 
 
 def _fleet_settings(args: argparse.Namespace, run_dir: Path):
@@ -74,6 +77,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.quorum = args.quorum
     if args.max_update_norm is not None:
         settings.max_update_norm = args.max_update_norm
+    if args.norm_bound_k is not None:
+        settings.norm_bound_k = args.norm_bound_k or None
     try:
         return settings.validate()
     except ValueError as exc:

@@ -387,3 +387,27 @@ def test_run_wrapper_leaves_no_mosquitto_behind(tmp_path, unused_port, sig):
         if wrapper.poll() is None:
             wrapper.kill()
         wrapper.stdout.close()
+
+
+def test_forbidden_publish_gets_reason_code_0x87_over_mqtt5(fleet, broker):
+    """Mosquitto drops a publish the ACL forbids and says so in the PUBACK: 0x87 Not authorized."""
+    import paho.mqtt.client as paho
+
+    creds = fleet.devices["dev1"]
+    acks: queue.Queue = queue.Queue()
+    client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id="dev1",
+                         protocol=paho.MQTTv5)
+    client.username_pw_set(creds.username, creds.password)
+    client.tls_set(ca_certs=creds.ca_file)
+    client.on_publish = lambda c, userdata, mid, reason, props: acks.put((mid, reason.value))
+    client.connect("localhost", creds.port)
+    client.loop_start()
+    try:
+        forbidden = client.publish(P.update_topic(RUN, "dev2"), b"forged", qos=1).mid
+        allowed = client.publish(P.update_topic(RUN, "dev1"), b"mine", qos=1).mid
+        got = dict(acks.get(timeout=10) for _ in range(2))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert got[forbidden] == 0x87  # Not authorized
+    assert got[allowed] in (0x00, 0x10)  # Success / No matching subscribers

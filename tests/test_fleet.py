@@ -129,7 +129,7 @@ def test_coordinator_refuses_bad_updates_and_aggregates_each_device_once(coordin
     }
     for payload in bad.values():
         dev1.publish(P.update_topic(RUN, "dev1"), payload, wait_s=10)
-    # another device's topic: the broker's ACL drops it (the publisher still gets a PUBACK)
+    # another device's topic: the broker's ACL drops it (its PUBACK carries MQTT 5 reason code 0x87)
     forged = P.encode_update(_update("dev1", 1, {k: v + 0.05 for k, v in good.items()}))
     intruder.publish(P.update_topic(RUN, "dev1"), forged, wait_s=10)
     accepted = P.encode_update(_update("dev1", 1, good, nonce="a" * 32))
