@@ -14,7 +14,8 @@ device's update was accepted or the device was seen offline (its MQTT will, a re
 `offline` status), or at the deadline (`round_timeout_s` after the control message).
 Then updates whose norm is more than `norm_bound_k` times the round's lower median
 norm are refused (`norm_outlier`), and each update's weight is its claimed
-`num_samples` capped by the shard the coordinator wrote for that client.
+`num_samples` capped by the shard the coordinator wrote for that client (or
+`max_samples_per_update`, or else the round's lower median claim).
 With fewer than `ceil(quorum * sampled)` accepted updates the round fails
 with `QuorumNotReached`; the checkpoint still holds the previous round, so
 `devft serve --resume` (or `devft run --resume`) repeats it. Retrying in-process would
@@ -34,7 +35,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from edge_runtime import protocol as P
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.transfer import ArtifactServer
 
-from .aggregation import adaptive_norm_bound, cap_samples
+from .aggregation import adaptive_norm_bound, cap_samples, lower_median
 from .broker import Credentials, artifact_credentials
 from .config import RunConfig
 from .data import Example
@@ -252,11 +253,12 @@ class FleetExecutor(ClientExecutor):
                 accepted[self.device_of(result.client)] = result
                 norms[self.device_of(result.client)] = norm
         self._refuse_norm_outliers(accepted, norms, wr)
+        self._cap_unknown_weights(accepted)
         missing = sorted(set(wanted) - set(accepted))
         need = math.ceil(self.settings.quorum * len(wanted))
         offline = sorted(set(missing) & self._offline_now())
         self._event("round_end", stage=stage, round=wr, accepted=sorted(accepted), missing=missing, offline=offline,
-                    quorum=need)
+                    quorum=need, weights={d: r.num_samples for d, r in sorted(accepted.items())})
         if len(accepted) < need:
             raise QuorumNotReached(
                 f"stage {stage} round {rnd} (wire round {wr}): {len(accepted)} of {len(wanted)} sampled devices "
@@ -307,7 +309,7 @@ class FleetExecutor(ClientExecutor):
         telemetry = dict(update.telemetry)
         loss = update.metrics.get("train_loss")
         client = wanted[sender]
-        weight = cap_samples(update.num_samples, self.shard_sizes.get(client, self.settings.max_samples_per_update))
+        weight = cap_samples(update.num_samples, self._weight_cap(client))
         self._event("accepted", device=sender, round=wr, bytes=len(msg.payload), norm=norm, weight=weight,
                     **({"claimed_samples": update.num_samples} if weight != update.num_samples else {}))
         return ClientResult(
@@ -317,6 +319,18 @@ class FleetExecutor(ClientExecutor):
             train_loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
             seconds=float(telemetry.get("train_s", telemetry.get("duration_s", 0.0)) or 0.0),
             payload_bytes=len(msg.payload), telemetry={"device": sender, **telemetry}), norm
+
+    def _cap_unknown_weights(self, accepted: dict[str, ClientResult]) -> None:
+        """A client without a known shard or cap weighs at most the round's lower median claim."""
+        unknown = [d for d, r in accepted.items() if self._weight_cap(r.client) is None]
+        if not unknown:
+            return
+        cap = int(lower_median([float(r.num_samples) for r in accepted.values()]))
+        for d in unknown:
+            accepted[d] = replace(accepted[d], num_samples=min(accepted[d].num_samples, cap))
+
+    def _weight_cap(self, client: int) -> int | None:
+        return self.shard_sizes.get(client, self.settings.max_samples_per_update)
 
     def _refuse_norm_outliers(self, accepted: dict[str, ClientResult], norms: dict[str, float], wr: int) -> None:
         """Refuse updates longer than `norm_bound_k` x the round's lower median norm (the fleet's own scale)."""
