@@ -11,7 +11,8 @@ fleet provisioned as `dev1`, `dev2` maps to clients 1 and 2.
 
 Round policy (docs/protocol.md, "Coordinator"): a round ends when every sampled
 device's update was accepted or the device was seen offline (its MQTT will, a retained
-`offline` status), or at the deadline (`round_timeout_s` after the control message).
+`offline` status) and the quorum is met, or at the deadline (`round_timeout_s` after
+the control message).
 Then updates whose norm is more than `norm_bound_k` times the round's lower median
 norm are refused (`norm_outlier`), and each update's weight is its claimed
 `num_samples` capped by the shard the coordinator wrote for that client (or
@@ -57,6 +58,15 @@ from .trainer import ClientResult
 log = logging.getLogger(__name__)
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+# An "offline" status (a device's will) lets a round stop waiting for that device OFFLINE_CONFIRM_S after it
+# arrived, unless the device said hello meanwhile. A restarting broker publishes the wills of every device,
+# though devices come straight back; so while our own connection is down no device counts as offline, and
+# a will that arrived within RESTART_GRACE_S of our own reconnect counts only RESTART_GRACE_S after it
+# (a device killed during a broker restart costs that, not the deadline).
+OFFLINE_CONFIRM_S = 1.0
+RESTART_GRACE_S = 10.0
 
 
 class QuorumNotReached(RuntimeError):
@@ -133,7 +143,7 @@ class FleetExecutor(ClientExecutor):
         self.rejections: Counter[str] = Counter()
         self.device_status: dict[str, dict] = {}
         self.shard_sizes = dict(shard_sizes or {})  # client -> examples in the shard this coordinator wrote
-        self._offline: set[str] = set()  # devices whose last status is "offline" (their will)
+        self._offline: dict[str, float] = {}  # device whose last status is "offline" -> when that arrived
         self._status_lock = threading.Lock()
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._artifact: P.ArtifactDescriptor | None = None
@@ -239,7 +249,8 @@ class FleetExecutor(ClientExecutor):
         accepted: dict[str, ClientResult] = {}
         norms: dict[str, float] = {}
         nonces = self._nonces
-        while set(wanted) - set(accepted) - self._offline_now():  # someone may still answer
+        need = math.ceil(self.settings.quorum * len(wanted))
+        while self._still_waiting(wanted, accepted, need):
             left = deadline - time.time()
             if left <= 0:
                 break
@@ -255,7 +266,6 @@ class FleetExecutor(ClientExecutor):
         self._refuse_norm_outliers(accepted, norms, wr)
         self._cap_unknown_weights(accepted)
         missing = sorted(set(wanted) - set(accepted))
-        need = math.ceil(self.settings.quorum * len(wanted))
         offline = sorted(set(missing) & self._offline_now())
         self._event("round_end", stage=stage, round=wr, accepted=sorted(accepted), missing=missing, offline=offline,
                     quorum=need, weights={d: r.num_samples for d, r in sorted(accepted.items())})
@@ -320,6 +330,16 @@ class FleetExecutor(ClientExecutor):
             seconds=float(telemetry.get("train_s", telemetry.get("duration_s", 0.0)) or 0.0),
             payload_bytes=len(msg.payload), telemetry={"device": sender, **telemetry}), norm
 
+    def _still_waiting(self, wanted: dict[str, int], accepted: dict[str, ClientResult], need: int) -> bool:
+        """Wait while a sampled device may still answer: it has not answered and was not seen offline.
+
+        Offline devices end the wait early only once the quorum is met: a round that would fail anyway
+        waits out its deadline, in case the devices come back (after a broker restart, say)."""
+        unanswered = set(wanted) - set(accepted)
+        if not unanswered:
+            return False
+        return bool(unanswered - self._offline_now()) or len(accepted) < need
+
     def _cap_unknown_weights(self, accepted: dict[str, ClientResult]) -> None:
         """A client without a known shard or cap weighs at most the round's lower median claim."""
         unknown = [d for d, r in accepted.items() if self._weight_cap(r.client) is None]
@@ -378,8 +398,21 @@ class FleetExecutor(ClientExecutor):
         self._publish(P.control_topic(self.run_id), P.encode_control(msg), retain=True)
 
     def _offline_now(self) -> set[str]:
+        """Devices the current round need not wait for (see OFFLINE_CONFIRM_S and RESTART_GRACE_S)."""
+        if not self.client.connected:
+            return set()
+        now = time.time()
+        reconnected = self.client.connected_at if self.client.reconnects else None
         with self._status_lock:
-            return set(self._offline)
+            arrivals = dict(self._offline)
+        gone = set()
+        for device, arrived in arrivals.items():
+            counts_from = arrived + OFFLINE_CONFIRM_S
+            if reconnected is not None and abs(reconnected - arrived) < RESTART_GRACE_S:
+                counts_from = max(counts_from, reconnected + RESTART_GRACE_S)
+            if counts_from <= now:
+                gone.add(device)
+        return gone
 
     def _on_status(self, msg: Message) -> None:
         """Record a device's status; an `offline` one (its will) lets a round stop waiting for it.
@@ -399,10 +432,10 @@ class FleetExecutor(ClientExecutor):
             return
         with self._status_lock:
             was_offline = status.device_id in self._offline
-            if status.state == "offline":
-                self._offline.add(status.device_id)
-            else:
-                self._offline.discard(status.device_id)
+            if status.state == "offline" and not was_offline:
+                self._offline[status.device_id] = time.time()
+            elif status.state != "offline":
+                self._offline.pop(status.device_id, None)
             self.device_status[status.device_id] = {"state": status.state, "timestamp": status.timestamp,
                                                     **status.info}
         if (status.state == "offline") != was_offline:
