@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import secrets
@@ -411,3 +412,27 @@ def test_forbidden_publish_gets_reason_code_0x87_over_mqtt5(fleet, broker):
         client.disconnect()
     assert got[forbidden] == 0x87  # Not authorized
     assert got[allowed] in (0x00, 0x10)  # Success / No matching subscribers
+
+
+def test_a_fleet_from_before_server_users_gets_the_artifact_login_at_start(tmp_path, unused_port, clients):
+    """Fleets provisioned before client ids were bound to usernames had one server login only."""
+    port = unused_port()
+    fleet_dir = tmp_path / "old"
+    server = B.fleet_init(fleet_dir, hostnames=["localhost"], port=port)
+    settings = json.loads((fleet_dir / "fleet.json").read_text())
+    del settings["server_users"]
+    (fleet_dir / "fleet.json").write_text(json.dumps(settings))
+    passwd = fleet_dir / "passwd"
+    passwd.write_text("".join(line + "\n" for line in passwd.read_text().splitlines()
+                              if not line.startswith("server-artifacts:")))
+    acl = fleet_dir / "acl"
+    acl.write_text(acl.read_text().replace("user server-artifacts\n", "").replace(
+        "topic readwrite devft/#\n\ntopic readwrite devft/#\n", "topic readwrite devft/#\n"))
+    assert "server-artifacts" not in passwd.read_text() + acl.read_text()
+    proc = B.start_broker(fleet_dir)
+    try:
+        clients(server)
+        clients(B.artifact_credentials(server))
+    finally:
+        proc.stop()
+    assert json.loads((fleet_dir / "fleet.json").read_text())["server_users"] == ["server", "server-artifacts"]
