@@ -93,15 +93,14 @@ def test_robust_rules_on_a_tiny_run_stay_within_seed_noise(tiny_base, tiny_cfg, 
     from server_sdk.simulation import run
 
     def final_loss(**kw) -> float:
-        cfg = tiny_cfg(stages=[2, 6], rounds_per_stage=[2, 2], num_clients=4, clients_per_round=4, local_steps=3,
-                       lr=2e-2, **kw)
+        cfg = tiny_cfg(stages=[6], rounds_per_stage=[4], num_clients=4, clients_per_round=4, local_steps=5,
+                       lr=5e-2, **kw)
         name = "-".join(f"{k}{v}" for k, v in kw.items())
         records = run(cfg, tmp_path / name, base=tiny_base, progress=False)["records"]
         return [r["eval_loss"] for r in records if r.get("eval_loss") is not None][-1]
 
     fedavg = {seed: final_loss(seed=seed) for seed in (0, 1, 2)}
-    base_loss = [r for r in fedavg.values()]
-    noise = max(base_loss) - min(base_loss)
+    noise = max(fedavg.values()) - min(fedavg.values())  # measured: 0.035 (8.051 .. 8.086)
     for method in ("median", "trimmed-mean"):
-        got = final_loss(seed=0, aggregation=method)
-        assert abs(got - fedavg[0]) <= max(noise, 0.02), (method, got, fedavg)
+        got = final_loss(seed=0, aggregation=method)  # measured: 8.077 and 8.076 against FedAvg's 8.072
+        assert abs(got - fedavg[0]) <= noise, (method, got, fedavg)
