@@ -137,11 +137,15 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
     settings = FleetSettings(round_timeout_s=args.round_timeout, artifact_bytes_per_s=args.artifact_rate)
     box: dict = {}
     with LocalFleet(run_dir / "fleet", args.devices) as fleet:
-        # test-only: the server user may read the broker's byte counters
+        # test-only: a login of its own (client ids are bound to usernames) that may read the byte counters
+        from server_sdk.broker import Credentials, add_operator
+
+        saved = fleet.dir / "credentials" / "bench-sys.json"  # --keep may reuse a fleet
+        sys_creds = Credentials.load(saved) if saved.exists() else add_operator(fleet.dir, "bench-sys")
         with open(fleet.dir / "acl", "a") as f:
-            f.write("\n# benchmarks.transport: byte counters\nuser server\ntopic read $SYS/broker/bytes/#\n")
+            f.write("\n# benchmarks.transport: byte counters\nuser bench-sys\ntopic read $SYS/broker/bytes/#\n")
         fleet.start_broker()
-        counters = SysBytes(fleet.server, fleet.port)
+        counters = SysBytes(sys_creds, fleet.port)
         before = counters.read_fresh()
 
         def make(cfg, base, clients):

@@ -49,6 +49,10 @@ class MqttSettings:
     will_topic: str | None = None  # published by the broker if we vanish
     will_payload: bytes = b""
     will_retain: bool = True
+    # published (retained, QoS 1) on every successful (re)connect: after a broker restart the broker may
+    # have published our will, and this puts the record straight ("birth and will")
+    birth_topic: str | None = None
+    birth_payload: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class MqttClient:
         self._suback: dict[int, tuple[threading.Event, list]] = {}
         self._initial_subs: list[int] = []
         self.reconnects = 0
+        self.connected_at: float | None = None  # wall-clock time of the last successful (re)connect
         self.session_present = False
 
     # -- connection ------------------------------------------------------------
@@ -283,6 +288,7 @@ class MqttClient:
             self._first_result.set()
             return
         first = not self._first_result.is_set()
+        self.connected_at = time.time()
         if not first:
             self.reconnects += 1
         self.session_present = bool(flags.session_present)
@@ -295,6 +301,8 @@ class MqttClient:
             self._unsent.clear()
             self._connected.set()
         self._initial_subs = self._send_subscribe(filters, track=first)
+        if self.settings.birth_topic is not None:
+            client.publish(self.settings.birth_topic, self.settings.birth_payload, qos=QOS, retain=True)
         self._first_result.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -474,6 +474,23 @@ def encode_status(msg: StatusMessage) -> bytes:
     return data
 
 
+class StatusRejected(ProtocolError):
+    """A well-formed status the server must not store; `reason` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"status rejected ({reason}): {detail}")
+        self.reason = reason
+
+
+def validate_status(msg: StatusMessage, sender: str) -> StatusMessage:
+    """The status must speak for the device whose topic it came on (the ACL binds that topic to the login).
+
+    Raises `StatusRejected("device_mismatch", ...)` otherwise; returns the message unchanged."""
+    if msg.device_id != sender:
+        raise StatusRejected("device_mismatch", f"status on {sender!r}'s topic claims to come from {msg.device_id!r}")
+    return msg
+
+
 def decode_status(data: bytes) -> StatusMessage:
     what = "status message"
     obj = _loads(data, what, MAX_STATUS_BYTES)

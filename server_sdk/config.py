@@ -20,6 +20,7 @@ ANCHORS = ("medoid", "first")
 TRANSFERS = ("copy", "delta")
 PARTITIONS = ("task", "dirichlet", "iid")
 ACCURACY_EVERY = ("round", "stage", "never")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # server_sdk/aggregation.py
 DEFAULT_TASKS = ("chain_sum", "basic_arithmetic", "spell_backward", "word_sequence_reversal")
 
 
@@ -69,6 +70,7 @@ class RunConfig:
     eval_every: int = 1  # held-out loss every N rounds (and at every stage end)
     accuracy_every: str = "stage"  # exact-match generation: every eval "round", at "stage" ends, or "never"
     gen_max_new_tokens: int = 16
+    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (robust to outlier clients)
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
 
@@ -152,6 +154,7 @@ class RunConfig:
         _choice("transfer", self.transfer, TRANSFERS)
         _choice("data.partition", self.data.partition, PARTITIONS)
         _choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
         for name in ("num_clients", "clients_per_round", "local_steps", "batch_size", "eval_every",
                      "gen_max_new_tokens"):
             _positive_int(name, getattr(self, name))

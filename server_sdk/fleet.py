@@ -10,8 +10,14 @@ is the device named `dev-{c:03d}`; `client_index` reads any trailing number, so 
 fleet provisioned as `dev1`, `dev2` maps to clients 1 and 2.
 
 Round policy (docs/protocol.md, "Coordinator"): a round ends when every sampled
-device's update was accepted or at the deadline (`round_timeout_s` after the control
-message). With fewer than `ceil(quorum * sampled)` accepted updates the round fails
+device's update was accepted or the device was seen offline (its MQTT will, a retained
+`offline` status) and the quorum is met, or at the deadline (`round_timeout_s` after
+the control message).
+Then updates whose norm is more than `norm_bound_k` times the round's lower median
+norm are refused (`norm_outlier`), and each update's weight is its claimed
+`num_samples` capped by the shard the coordinator wrote for that client (or
+`max_samples_per_update`, or else the round's lower median claim).
+With fewer than `ceil(quorum * sampled)` accepted updates the round fails
 with `QuorumNotReached`; the checkpoint still holds the previous round, so
 `devft serve --resume` (or `devft run --resume`) repeats it. Retrying in-process would
 only wait for the same absent devices again.
@@ -30,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +47,9 @@ from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.protocol import ARTIFACT_FORMATS
 from export import export_artifacts
 
+from .aggregation import adaptive_norm_bound, cap_samples, lower_median
 from .artifact_server import ArtifactServer
-from .broker import Credentials
+from .broker import Credentials, artifact_credentials
 from .config import RunConfig
 from .data import Example
 from .executor import ClientExecutor
@@ -54,6 +61,15 @@ from .trainer import ClientResult
 log = logging.getLogger(__name__)
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+# An "offline" status (a device's will) lets a round stop waiting for that device OFFLINE_CONFIRM_S after it
+# arrived, unless the device said hello meanwhile. A restarting broker publishes the wills of every device,
+# though devices come straight back; so while our own connection is down no device counts as offline, and
+# a will that arrived within RESTART_GRACE_S of our own reconnect counts only RESTART_GRACE_S after it
+# (a device killed during a broker restart costs that, not the deadline).
+OFFLINE_CONFIRM_S = 1.0
+RESTART_GRACE_S = 10.0
 
 
 class QuorumNotReached(RuntimeError):
@@ -80,7 +96,9 @@ class FleetSettings:
     run_id: str = ""  # default: the run directory's name
     round_timeout_s: float = 120.0  # deadline of a round, from its control message
     quorum: float = 0.6  # fraction of sampled devices whose accepted updates a round needs
-    max_update_norm: float | None = 1e3  # L2 bound on a delta; None = unbounded
+    max_update_norm: float | None = 1e3  # hard L2 bound on a delta, checked on arrival; None = unbounded
+    norm_bound_k: float | None = 5.0  # refuse deltas over k x the round's lower median norm; None = off
+    max_samples_per_update: int | None = None  # cap on an update's weight where no shard size is known
     artifact_bytes_per_s: float | None = 20e6  # chunk upload rate limit of the ArtifactServer
     export_template_dir: str | None = None  # cached per-shape exports (default: DEVFT_CACHE)
     # artifact formats served each stage: "onnx" (portable, plain onnxruntime), "ort" (legacy ONNX Runtime
@@ -99,6 +117,11 @@ class FleetSettings:
             raise ValueError(f"formats={self.formats} must be a non-empty list of {ARTIFACT_FORMATS}, or [\"auto\"]")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ValueError(f"max_update_norm={self.max_update_norm} must be positive (or None for no bound)")
+        if self.norm_bound_k is not None and self.norm_bound_k < 1:
+            raise ValueError(f"norm_bound_k={self.norm_bound_k} must be at least 1 (e.g. 5), or None to turn the "
+                             "adaptive norm bound off")
+        if self.max_samples_per_update is not None and self.max_samples_per_update < 1:
+            raise ValueError(f"max_samples_per_update={self.max_samples_per_update} must be a positive integer")
         return self
 
 
@@ -114,7 +137,8 @@ class FleetExecutor(ClientExecutor):
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, creds: Credentials, stage_rounds: list[int],
                  settings: FleetSettings | None = None, *, host: str | None = None, port: int | None = None,
-                 tokenizer_dir: str | Path | None = None, connect_timeout_s: float = 30.0):
+                 tokenizer_dir: str | Path | None = None, connect_timeout_s: float = 30.0,
+                 shard_sizes: Mapping[int, int] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.settings = (settings or FleetSettings()).validate()
@@ -126,6 +150,9 @@ class FleetExecutor(ClientExecutor):
         self.events_path = self.run_dir / "fleet_events.jsonl"
         self.rejections: Counter[str] = Counter()
         self.device_status: dict[str, dict] = {}
+        self.shard_sizes = dict(shard_sizes or {})  # client -> examples in the shard this coordinator wrote
+        self._offline: dict[str, float] = {}  # device whose last status is "offline" -> when that arrived
+        self._status_lock = threading.Lock()
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
@@ -141,8 +168,10 @@ class FleetExecutor(ClientExecutor):
         self.client.subscribe(P.update_topic(self.run_id, "+"), self._inbox.put)
         self.client.subscribe(P.status_topic(self.run_id, "+"), self._on_status)
         self.client.connect(connect_timeout_s)
-        # chunks go out on their own connection so they never delay control messages or updates
-        self._art_client = MqttClient(mqtt_settings(creds, f"{creds.username}-{self.run_id}-artifacts", host, port))
+        # chunks go out on their own connection so they never delay control messages or updates; the broker
+        # binds client ids to usernames, so that connection logs in as the coordinator's second user
+        art_creds = artifact_credentials(creds)
+        self._art_client = MqttClient(mqtt_settings(art_creds, f"{art_creds.username}-{self.run_id}", host, port))
         self._art_client.connect(connect_timeout_s)
         self.artifacts = ArtifactServer(self._art_client, self.run_id,
                                         max_bytes_per_s=self.settings.artifact_bytes_per_s).start()
@@ -240,8 +269,10 @@ class FleetExecutor(ClientExecutor):
         limit = len(P.encode_tensors({p: np.zeros(s, np.float32) for p, (s, _) in expected.items()})) \
             + P.MAX_HEADER_BYTES + 4
         accepted: dict[str, ClientResult] = {}
+        norms: dict[str, float] = {}
         nonces = self._nonces
-        while len(accepted) < len(wanted):
+        need = math.ceil(self.settings.quorum * len(wanted))
+        while self._still_waiting(wanted, accepted, need):
             left = deadline - time.time()
             if left <= 0:
                 break
@@ -249,12 +280,17 @@ class FleetExecutor(ClientExecutor):
                 msg = self._inbox.get(timeout=min(left, 0.5))
             except queue.Empty:
                 continue
-            result = self._handle_update(msg, stage, wr, wanted, expected, nonces, accepted, limit)
-            if result is not None:
+            answer = self._handle_update(msg, stage, wr, wanted, expected, nonces, accepted, limit)
+            if answer is not None:
+                result, norm = answer
                 accepted[self.device_of(result.client)] = result
+                norms[self.device_of(result.client)] = norm
+        self._refuse_norm_outliers(accepted, norms, wr)
+        self._cap_unknown_weights(accepted)
         missing = sorted(set(wanted) - set(accepted))
-        need = math.ceil(self.settings.quorum * len(wanted))
-        self._event("round_end", stage=stage, round=wr, accepted=sorted(accepted), missing=missing, quorum=need)
+        offline = sorted(set(missing) & self._offline_now())
+        self._event("round_end", stage=stage, round=wr, accepted=sorted(accepted), missing=missing, offline=offline,
+                    quorum=need, weights={d: r.num_samples for d, r in sorted(accepted.items())})
         if len(accepted) < need:
             raise QuorumNotReached(
                 f"stage {stage} round {rnd} (wire round {wr}): {len(accepted)} of {len(wanted)} sampled devices "
@@ -268,8 +304,9 @@ class FleetExecutor(ClientExecutor):
         return sorted(accepted.values(), key=lambda r: r.client)
 
     def _handle_update(self, msg: Message, stage: int, wr: int, wanted: dict[str, int], expected: dict,
-                       nonces: set[str], accepted: dict[str, ClientResult], limit: int) -> ClientResult | None:
-        """Validate one update message; log and count a refusal, never raise."""
+                       nonces: set[str], accepted: dict[str, ClientResult],
+                       limit: int) -> tuple[ClientResult, float] | None:
+        """Validate one update message, returning it with its norm; log and count a refusal, never raise."""
         try:
             sender = P.parse_topic(msg.topic)[2][0]
         except (P.ProtocolError, IndexError):
@@ -303,14 +340,51 @@ class FleetExecutor(ClientExecutor):
             return None
         telemetry = dict(update.telemetry)
         loss = update.metrics.get("train_loss")
-        self._event("accepted", device=sender, round=wr, bytes=len(msg.payload), norm=norm)
+        client = wanted[sender]
+        weight = cap_samples(update.num_samples, self._weight_cap(client))
+        self._event("accepted", device=sender, round=wr, bytes=len(msg.payload), norm=norm, weight=weight,
+                    **({"claimed_samples": update.num_samples} if weight != update.num_samples else {}))
         return ClientResult(
-            client=wanted[sender], num_samples=update.num_samples,
+            client=client, num_samples=weight,
             delta={k: torch.from_numpy(np.array(update.tensors[p], dtype=np.float32))
                    for p, k in ((p, _canonical(p)) for p in expected)},
             train_loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
             seconds=float(telemetry.get("train_s", telemetry.get("duration_s", 0.0)) or 0.0),
-            payload_bytes=len(msg.payload), telemetry={"device": sender, **telemetry})
+            payload_bytes=len(msg.payload), telemetry={"device": sender, **telemetry}), norm
+
+    def _still_waiting(self, wanted: dict[str, int], accepted: dict[str, ClientResult], need: int) -> bool:
+        """Wait while a sampled device may still answer: it has not answered and was not seen offline.
+
+        Offline devices end the wait early only once the quorum is met: a round that would fail anyway
+        waits out its deadline, in case the devices come back (after a broker restart, say)."""
+        unanswered = set(wanted) - set(accepted)
+        if not unanswered:
+            return False
+        return bool(unanswered - self._offline_now()) or len(accepted) < need
+
+    def _cap_unknown_weights(self, accepted: dict[str, ClientResult]) -> None:
+        """A client without a known shard or cap weighs at most the round's lower median claim."""
+        unknown = [d for d, r in accepted.items() if self._weight_cap(r.client) is None]
+        if not unknown:
+            return
+        cap = int(lower_median([float(r.num_samples) for r in accepted.values()]))
+        for d in unknown:
+            accepted[d] = replace(accepted[d], num_samples=min(accepted[d].num_samples, cap))
+
+    def _weight_cap(self, client: int) -> int | None:
+        return self.shard_sizes.get(client, self.settings.max_samples_per_update)
+
+    def _refuse_norm_outliers(self, accepted: dict[str, ClientResult], norms: dict[str, float], wr: int) -> None:
+        """Refuse updates longer than `norm_bound_k` x the round's lower median norm (the fleet's own scale)."""
+        k = self.settings.norm_bound_k
+        if k is None or len(accepted) < 2:
+            return
+        bound = adaptive_norm_bound(list(norms.values()), k)
+        for device in sorted(accepted):
+            if norms[device] > bound:
+                result = accepted.pop(device)
+                self._reject("norm_outlier", device, f"update L2 norm {norms[device]:.4g} is over {k:g} x the "
+                             f"round's lower median norm ({bound:.4g}) in round {wr}", result.payload_bytes or 0)
 
     def _drain_stale(self) -> None:
         """Updates still queued from earlier rounds: refuse them now, with their reason, before the new round."""
@@ -345,14 +419,49 @@ class FleetExecutor(ClientExecutor):
     def _publish_control(self, msg: P.ControlMessage) -> None:
         self._publish(P.control_topic(self.run_id), P.encode_control(msg), retain=True)
 
+    def _offline_now(self) -> set[str]:
+        """Devices the current round need not wait for (see OFFLINE_CONFIRM_S and RESTART_GRACE_S)."""
+        if not self.client.connected:
+            return set()
+        now = time.time()
+        reconnected = self.client.connected_at if self.client.reconnects else None
+        with self._status_lock:
+            arrivals = dict(self._offline)
+        gone = set()
+        for device, arrived in arrivals.items():
+            counts_from = arrived + OFFLINE_CONFIRM_S
+            if reconnected is not None and abs(reconnected - arrived) < RESTART_GRACE_S:
+                counts_from = max(counts_from, reconnected + RESTART_GRACE_S)
+            if counts_from <= now:
+                gone.add(device)
+        return gone
+
     def _on_status(self, msg: Message) -> None:
+        """Record a device's status; an `offline` one (its will) lets a round stop waiting for it.
+
+        The status must name the device its topic names (the broker's ACL binds the topic to the
+        login), otherwise it is logged as rejected and dropped."""
         try:
-            status = P.decode_status(msg.payload)
-        except P.ProtocolError as exc:
-            log.warning("ignoring malformed status on %s: %s", msg.topic, exc)
+            sender = P.parse_topic(msg.topic)[2][0]
+            status = P.validate_status(P.decode_status(msg.payload), sender)
+        except (P.ProtocolError, IndexError) as exc:
+            reason = exc.reason if isinstance(exc, P.StatusRejected) else "malformed"
+            device = msg.topic.rsplit("/", 1)[-1]
+            self.rejections[reason] += 1
+            log.warning("status from %s rejected (%s): %s", device, reason, exc)
+            self._event("rejected", device=device, reason=reason, detail=str(exc), bytes=len(msg.payload),
+                        message="status")
             return
-        self.device_status[status.device_id] = {"state": status.state, "timestamp": status.timestamp,
-                                                **status.info}
+        with self._status_lock:
+            was_offline = status.device_id in self._offline
+            if status.state == "offline" and not was_offline:
+                self._offline[status.device_id] = time.time()
+            elif status.state != "offline":
+                self._offline.pop(status.device_id, None)
+            self.device_status[status.device_id] = {"state": status.state, "timestamp": status.timestamp,
+                                                    **status.info}
+        if (status.state == "offline") != was_offline:
+            self._event("status", device=status.device_id, state=status.state)
 
     def _reject(self, reason: str, device: str, detail: str, nbytes: int) -> None:
         self.rejections[reason] += 1
@@ -398,7 +507,8 @@ def fleet_executor_factory(run_dir: str | Path, creds: Credentials, settings: Fl
 
         stages = make_strategy(cfg).stage_sizes(base.n_layers)
         executor = FleetExecutor(cfg, run_dir, creds, cfg.resolved_rounds(len(stages)), settings, host=host,
-                                 port=port, tokenizer_dir=tokenizer_dir_of(base))
+                                 port=port, tokenizer_dir=tokenizer_dir_of(base),
+                                 shard_sizes={c: len(shard) for c, shard in enumerate(clients)})
         if on_ready is not None:
             on_ready(executor)
         return executor

@@ -44,11 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("dir")
     q.add_argument("--hostname", action="append", help="broker hostname or IP devices connect to (repeatable)")
     q.add_argument("--port", type=int, default=8883)
+    q.add_argument("--bind", metavar="ADDRESS",
+                   help="address the broker listens on (default: all interfaces; 127.0.0.1 keeps it on this machine)")
     q.set_defaults(func=cmd_fleet_init)
-    q = fsub.add_parser("add-device", help="register a device and print the credentials JSON it needs")
+    q = fsub.add_parser("add-device", help="register a device and write the credentials file it needs (mode 0600)")
     q.add_argument("dir")
     q.add_argument("name", help="device name; dev-003 trains client shard 3 (data/client_003.jsonl)")
     q.add_argument("--host", help="hostname the device should connect to (default: the first from init)")
+    q.add_argument("--out", metavar="PATH",
+                   help="also write the credentials here (mode 0600), e.g. onto the device's provisioning media")
     q.set_defaults(func=cmd_fleet_add_device)
 
 
@@ -56,7 +60,10 @@ def _add_fleet_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds devices have to answer a round (default 120)")
     p.add_argument("--quorum", type=float, default=None, help="fraction of sampled devices a round needs (default 0.6)")
-    p.add_argument("--max-update-norm", type=float, default=None, help="L2 bound on a device delta (default 1000)")
+    p.add_argument("--max-update-norm", type=float, default=None,
+                   help="hard L2 bound on a device delta, checked on arrival (default 1000)")
+    p.add_argument("--norm-bound-k", type=float, default=None, metavar="K",
+                   help="refuse deltas over K x the round's lower median norm (default 5; 0 turns it off)")
 
 
 def _fleet_settings(args: argparse.Namespace, run_dir: Path):
@@ -70,6 +77,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.quorum = args.quorum
     if args.max_update_norm is not None:
         settings.max_update_norm = args.max_update_norm
+    if args.norm_bound_k is not None:
+        settings.norm_bound_k = args.norm_bound_k or None
     try:
         return settings.validate()
     except ValueError as exc:
@@ -152,19 +161,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_fleet_init(args: argparse.Namespace) -> int:
     from .broker import fleet_init
 
-    fleet_init(args.dir, hostnames=args.hostname, port=args.port)
+    fleet_init(args.dir, hostnames=args.hostname, port=args.port, bind_address=args.bind)
     print(f"fleet ready in {args.dir}: run the broker with `python -m server_sdk.broker run {args.dir}`, add devices "
           f"with `devft fleet add-device {args.dir} dev-000` (device dev-NNN trains data shard NNN)")
     return 0
 
 
 def cmd_fleet_add_device(args: argparse.Namespace) -> int:
+    import os
+
     from .broker import add_device
 
     creds = add_device(args.dir, args.name, host=args.host)
-    print(creds.to_json())
-    print("# copy the JSON above to the device as creds.json (it holds a password), then run there:\n"
+    path = Path(args.dir) / "credentials" / f"{creds.username}.json"
+    if args.out:  # never through the shell: a redirect would create the file world-readable
+        path = Path(args.out)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(creds.to_json())
+        os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    print(path)
+    print(f"# {path} holds the device's password (mode 0600): copy it to the device as creds.json, then run "
+          "there:\n"
           "#   devft-edge run --credentials creds.json --data client_NNN.jsonl --cache ~/.cache/devft-edge "
           "--run RUN_NAME\n"
-          "# a running broker picks the device up after SIGHUP (BrokerProcess.reload)", file=sys.stderr)
+          "# a running broker picks the device up after SIGHUP (`kill -HUP` the `python -m server_sdk.broker run` "
+          "process)", file=sys.stderr)
     return 0

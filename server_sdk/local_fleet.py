@@ -38,7 +38,8 @@ class LocalFleet:
         self.dir = Path(fleet_dir).resolve()
         self.n_devices = n_devices
         if not (self.dir / "fleet.json").exists():
-            fleet_init(self.dir, hostnames=["localhost", "127.0.0.1"], port=port or free_port())
+            fleet_init(self.dir, hostnames=["localhost", "127.0.0.1"], port=port or free_port(),
+                       bind_address="127.0.0.1")  # devices run here: nothing else need reach the broker
         self.names = [device_name(c) for c in range(n_devices)]
         for name in self.names:
             if not (self.dir / "credentials" / f"{name}.json").exists():

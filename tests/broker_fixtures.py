@@ -6,7 +6,10 @@ Tests never use a system broker (apt's mosquitto service on 1883 is ignored).
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +48,21 @@ def settings_for(creds: Credentials, **overrides: object) -> MqttSettings:
         reconnect_max_s=0.5,
     )
     return replace(base, **overrides)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_runtime_dir() -> Iterator[Path]:
+    """Where a broker started by root keeps its staged files: one throwaway directory per test session."""
+    path = Path(tempfile.mkdtemp(prefix="devft-broker-tests-"))
+    path.chmod(0o755)  # the broker's own user must reach its subdirectory
+    old = os.environ.get("DEVFT_BROKER_RUNTIME")
+    os.environ["DEVFT_BROKER_RUNTIME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DEVFT_BROKER_RUNTIME", None)
+    else:
+        os.environ["DEVFT_BROKER_RUNTIME"] = old
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -161,12 +164,21 @@ def test_fleet_files_and_config(fleet):
     assert "persistence true" in conf
     assert f"listener {fleet.port}\n" in conf
     assert "127.0.0.1" not in conf  # loopback plaintext listener is off by default
-    assert (fleet.dir / "ca.key").stat().st_mode & 0o077 == 0
-    assert "pattern write devft/+/update/%u" in (fleet.dir / "acl").read_text()
+    assert "use_username_as_clientid true" in conf
+    assert "user root" not in conf
+    # the CA key is in its own private directory, which nothing in the broker's config points to
+    assert not (fleet.dir / "ca.key").exists()
+    assert (fleet.dir / "ca" / "ca.key").stat().st_mode & 0o077 == 0
+    assert (fleet.dir / "ca").stat().st_mode & 0o077 == 0
+    assert "ca.key" not in conf and f"{fleet.dir / 'ca'}" not in conf
+    assert (fleet.dir / "credentials" / "dev1.json").stat().st_mode & 0o077 == 0
+    acl = (fleet.dir / "acl").read_text()
+    assert "pattern write devft/+/update/%u" in acl and "user server-artifacts" in acl
     with pytest.raises(B.BrokerError, match="already holds a fleet"):
         B.fleet_init(fleet.dir)
-    with pytest.raises(B.BrokerError, match="reserved"):
-        B.add_device(fleet.dir, "server")
+    for name in ("server", "server-artifacts"):
+        with pytest.raises(B.BrokerError, match="reserved"):
+            B.add_device(fleet.dir, name)
 
 
 def test_missing_mosquitto_names_the_install_command(monkeypatch):
@@ -261,7 +273,9 @@ def test_cli_and_plaintext_loopback_listener(tmp_path, clients, unused_port, cap
         ]
     )
     B.main(["add-device", str(fleet_dir), "phone1"])
-    creds = B.Credentials(**json.loads(capsys.readouterr().out.split("\n", 1)[1]))
+    printed = capsys.readouterr().out.splitlines()[-1]
+    creds = B.Credentials.load(printed)
+    assert creds.password not in printed and Path(printed).stat().st_mode & 0o077 == 0
     assert creds.username == "phone1" and creds.port == tls_port
     proc = B.start_broker(fleet_dir)
     try:
@@ -270,3 +284,155 @@ def test_cli_and_plaintext_loopback_listener(tmp_path, clients, unused_port, cap
             clients(creds, port=plain_port, ca_file=None, password="wrong", client_id="x")
     finally:
         proc.stop()
+
+
+# --------------------------------------------------------------------------- hardening (issue 13)
+
+
+def _still_connected(client, wait_s: float = 1.5) -> bool:
+    time.sleep(wait_s)
+    return client.connected and client.reconnects == 0
+
+
+def test_a_client_id_of_another_login_disconnects_nobody(fleet, broker, clients):
+    """The broker takes the client id from the username, so borrowing one takes over no session."""
+    server = clients(fleet.server, client_id="server")
+    artifacts = clients(B.artifact_credentials(fleet.server))  # the coordinator's second login coexists
+    dev2 = clients(fleet.devices["dev2"], connect=False)
+    dev2.subscribe(P.control_topic(RUN))
+    dev2.connect()
+    for borrowed in ("server", "server-artifacts", "dev2"):
+        hijacker = clients(fleet.devices["dev1"], client_id=borrowed)
+        assert hijacker.connected
+        hijacker.close()  # two connections of one login would push each other out (the same client id)
+    assert _still_connected(server) and _still_connected(artifacts, 0) and _still_connected(dev2, 0)
+    server.publish(P.control_topic(RUN), b"still here", wait_s=5)
+    assert dev2.get(P.control_topic(RUN), 5).payload == b"still here"
+
+
+def _proc_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("State:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return " Z " in state + " "  # a zombie has exited; only its exit status waits to be collected
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_mosquitto_never_runs_as_root(fleet, broker, clients):
+    assert _proc_uid(broker.proc.pid) != 0
+    if os.geteuid() == 0:
+        assert _proc_uid(broker.proc.pid) == __import__("pwd").getpwnam(B.broker_user()).pw_uid
+        assert broker.runtime_dir != fleet.dir  # copies of just what it reads, owned by its user
+        staged = sorted(p.name for p in broker.runtime_dir.iterdir() if p.is_file())
+        assert staged == sorted([*B.BROKER_FILES, "mosquitto.conf"]), staged
+    clients(fleet.devices["dev1"])  # and it still reads its certificates, passwords and ACL
+
+
+def _non_loopback_ipv4() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.254", 9))  # no packet is sent; this only picks the outgoing interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_listener_binds_to_the_configured_address(tmp_path, unused_port):
+    port = unused_port()
+    B.fleet_init(tmp_path / "f", hostnames=["localhost"], port=port, bind_address="127.0.0.1")
+    assert f"listener {port} 127.0.0.1\n" in B.write_config(tmp_path / "f").read_text()
+    with pytest.raises(B.BrokerError, match="not an IP address"):
+        B.fleet_init(tmp_path / "g", hostnames=["localhost"], port=port, bind_address="everywhere")
+    proc = B.start_broker(tmp_path / "f")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+        other = _non_loopback_ipv4()
+        if other is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_run_wrapper_leaves_no_mosquitto_behind(tmp_path, unused_port, sig):
+    port = unused_port()
+    B.fleet_init(tmp_path / "f", hostnames=["localhost"], port=port, bind_address="127.0.0.1")
+    wrapper = subprocess.Popen([sys.executable, "-m", "server_sdk.broker", "run", str(tmp_path / "f")],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        line = wrapper.stdout.readline()
+        assert "listening" in line, line
+        pid = int(line.split("pid ")[1].split(")")[0])
+        assert not _gone(pid)
+        wrapper.send_signal(sig)
+        wrapper.wait(15)
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid), f"mosquitto {pid} still runs after the wrapper got signal {sig}"
+        if sig != signal.SIGKILL:
+            assert wrapper.returncode == 0
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        wrapper.stdout.close()
+
+
+def test_forbidden_publish_gets_reason_code_0x87_over_mqtt5(fleet, broker):
+    """Mosquitto drops a publish the ACL forbids and says so in the PUBACK: 0x87 Not authorized."""
+    import paho.mqtt.client as paho
+
+    creds = fleet.devices["dev1"]
+    acks: queue.Queue = queue.Queue()
+    client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id="dev1",
+                         protocol=paho.MQTTv5)
+    client.username_pw_set(creds.username, creds.password)
+    client.tls_set(ca_certs=creds.ca_file)
+    client.on_publish = lambda c, userdata, mid, reason, props: acks.put((mid, reason.value))
+    client.connect("localhost", creds.port)
+    client.loop_start()
+    try:
+        forbidden = client.publish(P.update_topic(RUN, "dev2"), b"forged", qos=1).mid
+        allowed = client.publish(P.update_topic(RUN, "dev1"), b"mine", qos=1).mid
+        got = dict(acks.get(timeout=10) for _ in range(2))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert got[forbidden] == 0x87  # Not authorized
+    assert got[allowed] in (0x00, 0x10)  # Success / No matching subscribers
+
+
+def test_a_fleet_from_before_server_users_gets_the_artifact_login_at_start(tmp_path, unused_port, clients):
+    """Fleets provisioned before client ids were bound to usernames had one server login only."""
+    port = unused_port()
+    fleet_dir = tmp_path / "old"
+    server = B.fleet_init(fleet_dir, hostnames=["localhost"], port=port)
+    settings = json.loads((fleet_dir / "fleet.json").read_text())
+    del settings["server_users"]
+    (fleet_dir / "fleet.json").write_text(json.dumps(settings))
+    passwd = fleet_dir / "passwd"
+    passwd.write_text("".join(line + "\n" for line in passwd.read_text().splitlines()
+                              if not line.startswith("server-artifacts:")))
+    acl = fleet_dir / "acl"
+    acl.write_text(acl.read_text().replace("user server-artifacts\n", "").replace(
+        "topic readwrite devft/#\n\ntopic readwrite devft/#\n", "topic readwrite devft/#\n"))
+    assert "server-artifacts" not in passwd.read_text() + acl.read_text()
+    proc = B.start_broker(fleet_dir)
+    try:
+        clients(server)
+        clients(B.artifact_credentials(server))
+    finally:
+        proc.stop()
+    assert json.loads((fleet_dir / "fleet.json").read_text())["server_users"] == ["server", "server-artifacts"]

@@ -236,3 +236,13 @@ def test_device_loop_is_torch_free(exported):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert np.isfinite(float(done.stdout.strip().splitlines()[-1]))
+
+
+def test_device_with_too_old_onnxruntime_refuses_at_startup(monkeypatch):
+    """`devft-edge --backend onnx` on onnxruntime 1.16 stops before connecting, naming the version needed."""
+    from edge_runtime import backends, client
+
+    monkeypatch.setattr(backends, "runtime_versions", lambda: {"onnxruntime": "1.16.3"})
+    assert "onnx" not in backends.available_formats()
+    with pytest.raises(client.DeviceError, match=r"onnxruntime 1\.16\.3 is too old .* onnxruntime>=1\.17"):
+        client.pick_formats("onnx")

@@ -12,6 +12,9 @@ import json
 import os
 import queue
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +25,8 @@ import torch
 
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import MqttClient, MqttConnectError
-from server_sdk.broker import BrokerProcess, Credentials, add_device
+from server_sdk.aggregation import aggregate, update_norm
+from server_sdk.broker import BrokerProcess, Credentials, add_device, add_operator
 from server_sdk.config import RunConfig
 from server_sdk.fleet import FleetExecutor, FleetSettings, QuorumNotReached, client_index, device_name
 from tests.broker_fixtures import settings_for
@@ -62,9 +66,10 @@ def test_device_names_map_to_shards():
 
 @pytest.fixture
 def coordinator(fleet, tmp_path):
-    """A FleetExecutor on a broker with dev1, dev2 (sampled as clients 1, 2) and dev3 (an intruder)."""
-    add_device(fleet.dir, "dev3")
-    fleet.devices["dev3"] = Credentials.load(fleet.dir / "credentials" / "dev3.json")
+    """A FleetExecutor on a broker with dev1, dev2 (sampled as clients 1, 2), dev3 (an intruder), dev4, dev5."""
+    for name in ("dev3", "dev4", "dev5"):
+        add_device(fleet.dir, name)
+        fleet.devices[name] = Credentials.load(fleet.dir / "credentials" / f"{name}.json")
     broker = BrokerProcess(fleet.dir, fleet.port).start()
     (tmp_path / "art").mkdir()
     (tmp_path / "art" / "manifest.json").write_text("{}")
@@ -101,6 +106,7 @@ def test_coordinator_refuses_bad_updates_and_aggregates_each_device_once(coordin
     with pytest.raises(MqttConnectError, match="refused|not authori"):  # bad credentials: the broker refuses
         clients(fleet.devices["dev1"], password="wrong", client_id="dev1-bad")
 
+    ex.shard_sizes = {1: 4, 2: 16}  # claims up to the shard the coordinator wrote count in full
     box: dict = {}
     worker = threading.Thread(target=lambda: box.update(results=ex.train_round(
         0, 1, [1, 2], global_lora, lambda k: True, {1: 11, 2: 22})))
@@ -125,7 +131,7 @@ def test_coordinator_refuses_bad_updates_and_aggregates_each_device_once(coordin
     }
     for payload in bad.values():
         dev1.publish(P.update_topic(RUN, "dev1"), payload, wait_s=10)
-    # another device's topic: the broker's ACL drops it (the publisher still gets a PUBACK)
+    # another device's topic: the broker's ACL drops it (its PUBACK carries MQTT 5 reason code 0x87)
     forged = P.encode_update(_update("dev1", 1, {k: v + 0.05 for k, v in good.items()}))
     intruder.publish(P.update_topic(RUN, "dev1"), forged, wait_s=10)
     accepted = P.encode_update(_update("dev1", 1, good, nonce="a" * 32))
@@ -157,6 +163,130 @@ def test_round_without_quorum_fails_clearly(coordinator):
         coordinator.train_round(0, 0, [1, 2], {A: torch.zeros(2, 8), B: torch.zeros(8, 2)}, lambda k: True,
                                 {1: 1, 2: 2})
     assert events(coordinator.run_dir)[-1]["missing"] == ["dev1", "dev2"]
+
+
+def _run_round(ex, rnd: int, sampled: list[int]) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["results"] = ex.train_round(0, rnd, sampled, {A: torch.zeros(2, 8), B: torch.zeros(8, 2)},
+                                            lambda k: True, {c: c for c in sampled})
+        except BaseException as exc:  # re-raised by the test
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    wait_for(lambda: any(e["event"] == "round_start" and e["round"] == rnd for e in events(ex.run_dir)), 20,
+             f"round {rnd} to start")
+    return worker, box
+
+
+def _lora(delta: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {A: torch.from_numpy(delta[PA]), B: torch.from_numpy(delta[PB])}
+
+
+def test_num_samples_poisoning_moves_the_model_less_than_one_honest_update(coordinator, fleet, clients):
+    """The attack from issue 13: 10^12 claimed samples and norm 990 (under the fixed bound of 1000)."""
+    ex = coordinator
+    ex.settings.max_update_norm = 1e3
+    ex.settings.device_names.update({"3": "dev3", "4": "dev4", "5": "dev5"})
+    ex.shard_sizes = {c: 4 for c in range(1, 6)}  # what the coordinator wrote for each client
+    honest = {f"dev{c}": _good(c) for c in (1, 2, 4, 5)}
+    direction = _good(99)
+    scale = 990 / update_norm(_lora(direction))
+    attack = {k: v * scale for k, v in direction.items()}
+    conns = {name: clients(fleet.devices[name]) for name in ("dev1", "dev2", "dev3", "dev4", "dev5")}
+    glob = {A: torch.zeros(2, 8), B: torch.zeros(8, 2)}
+    honest_results = list(_honest_results(honest))
+    honest_shift = aggregate("fedavg", glob, honest_results)
+    smallest = min(update_norm(_lora(d)) for d in honest.values())
+
+    for rnd, (k, method) in enumerate([(5.0, "fedavg"), (None, "median")], start=1):
+        ex.settings.norm_bound_k = k  # round 2: the adaptive bound is off, the weight cap and the median remain
+        worker, box = _run_round(ex, rnd, [1, 2, 3, 4, 5])
+        for name, conn in conns.items():
+            delta, n = (attack, 10**12) if name == "dev3" else (honest[name], 4)
+            conn.publish(P.update_topic(RUN, name), P.encode_update(_update(name, rnd, delta, num_samples=n)),
+                         wait_s=10)
+        worker.join(30)
+        assert "error" not in box, box.get("error")
+        new = aggregate(method, glob, box["results"])
+        moved = update_norm({key: new[key] - honest_shift[key] for key in new})
+        assert moved < smallest, (rnd, method, moved, smallest)
+        log = events(ex.run_dir)
+        arrival = next(e for e in log if e["event"] == "accepted" and e["device"] == "dev3" and e["round"] == rnd)
+        assert arrival["weight"] == 4 and arrival["claimed_samples"] == 10**12  # never more than its shard
+    refused = [e for e in events(ex.run_dir) if e["event"] == "rejected"]
+    assert [(e["device"], e["reason"]) for e in refused] == [("dev3", "norm_outlier")]  # round 1 only
+
+
+def _honest_results(honest: dict[str, dict[str, np.ndarray]]):
+    from server_sdk.trainer import ClientResult
+
+    for name, delta in sorted(honest.items()):
+        yield ClientResult(client=client_index(name), num_samples=4, delta=_lora(delta), train_loss=0.0, seconds=0.0)
+
+
+def test_status_must_name_the_device_of_its_topic(coordinator, fleet, clients):
+    ex = coordinator
+    dev1 = clients(fleet.devices["dev1"])
+    forged = P.StatusMessage(device_id="dev2", state="offline", timestamp=time.time())
+    dev1.publish(P.status_topic(RUN, "dev1"), P.encode_status(forged), wait_s=10)
+    own = P.StatusMessage(device_id="dev1", state="busy", timestamp=time.time())
+    dev1.publish(P.status_topic(RUN, "dev1"), P.encode_status(own), wait_s=10)
+    wait_for(lambda: ex.device_status.get("dev1", {}).get("state") == "busy", 10, "dev1's own status")
+    refused = [e for e in events(ex.run_dir) if e["event"] == "rejected"]
+    assert [(e["device"], e["reason"], e["message"]) for e in refused] == [("dev1", "device_mismatch", "status")]
+    assert "dev2" not in ex.device_status and "dev2" not in ex._offline_now()
+
+
+DEVICE_WITH_WILL = """
+import sys, time
+from edge_runtime import protocol as P
+from edge_runtime.mqtt import MqttClient, MqttSettings
+name, port, password, ca, run = sys.argv[1:6]
+offline = P.encode_status(P.StatusMessage(device_id=name, state="offline", timestamp=time.time()))
+c = MqttClient(MqttSettings(host="localhost", port=int(port), username=name, password=password, ca_file=ca,
+                            client_id=name, will_topic=P.status_topic(run, name), will_payload=offline))
+c.connect()
+c.publish(P.status_topic(run, name), P.encode_status(P.StatusMessage(name, "busy", time.time())), retain=True,
+          wait_s=5)
+print("training", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_device_costs_seconds_not_the_deadline(coordinator, fleet, clients):
+    """dev2 is SIGKILLed mid-round: its will arrives and the round closes without waiting 40 s."""
+    ex = coordinator
+    ex.settings.round_timeout_s = 40.0
+    ex.settings.quorum = 0.5
+    creds = fleet.devices["dev2"]
+    proc = subprocess.Popen([sys.executable, "-c", DEVICE_WITH_WILL, "dev2", str(creds.port), creds.password,
+                             creds.ca_file, RUN], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "training"
+        wait_for(lambda: ex.device_status.get("dev2", {}).get("state") == "busy", 10, "dev2's busy status")
+        worker, box = _run_round(ex, 1, [1, 2])
+        clients(fleet.devices["dev1"]).publish(P.update_topic(RUN, "dev1"), P.encode_update(_update("dev1", 1,
+                                               _good(1))), wait_s=10)
+        wait_for(lambda: any(e["event"] == "accepted" for e in events(ex.run_dir)), 10, "dev1's update")
+        killed_at = time.time()
+        proc.send_signal(signal.SIGKILL)
+        worker.join(45)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert "error" not in box, box.get("error")
+    assert [r.client for r in box["results"]] == [1]
+    log = events(ex.run_dir)
+    end = next(e for e in log if e["event"] == "round_end")
+    assert end["missing"] == ["dev2"] and end["offline"] == ["dev2"]
+    assert end["t"] - killed_at < 5.0, f"the round waited {end['t'] - killed_at:.1f}s after the kill"
+    assert any(e["event"] == "status" and e["device"] == "dev2" and e["state"] == "offline" for e in log)
 
 
 def _get(q: queue.Queue):
@@ -211,6 +341,7 @@ class FleetRun:
 
         self.run_dir = run_dir
         self.fleet = LocalFleet(run_dir / "fleet", n)
+        self.observer_creds = add_operator(self.fleet.dir, "observer")  # every connection needs its own login
         self.fleet.start_broker()
         self.shards: dict[str, Path] = {}
 
@@ -238,8 +369,7 @@ class FleetRun:
 
     def observer(self) -> tuple[MqttClient, queue.Queue]:
         """A server-side MQTT connection that sees every control message of the run."""
-        client = MqttClient(settings_for(self.fleet.server, client_id=f"observer-{secrets.token_hex(3)}",
-                                         port=self.fleet.port))
+        client = MqttClient(settings_for(self.observer_creds, port=self.fleet.port))
         controls: queue.Queue = queue.Queue()
         client.subscribe(P.control_topic(self.run_dir.name), lambda m: controls.put(P.decode_control(m.payload)))
         client.connect(10)
@@ -307,18 +437,38 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
     assert (job.run_dir / "adapter").exists() and report["fleet"]["rejected"] == {}
 
 
+DELAY_ROUND_1 = """
+import sys, time
+from edge_runtime import client
+train = client.Device.train_round
+def slow(self, ctrl):
+    if ctrl.round == 1:
+        print("training round 1", flush=True)
+        time.sleep(60)  # killed meanwhile
+    return train(self, ctrl)
+client.Device.train_round = slow
+sys.exit(client.main(sys.argv[1:]))
+"""
+
+
 def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(tiny4, tmp_path):
-    settings = FleetSettings(round_timeout_s=20, artifact_bytes_per_s=None)
-    job = FleetRun(tmp_path / "kill", fleet_cfg(rounds_per_stage=[3, 1]), tiny4, 3, settings)
+    """A device SIGKILLed mid-round costs seconds (its will closes the round), not the 40 s deadline."""
+    settings = FleetSettings(round_timeout_s=40, artifact_bytes_per_s=None)
+    job = FleetRun(tmp_path / "kill", fleet_cfg(rounds_per_stage=[3, 1]), tiny4, 3, settings,
+                   device_code={"dev-002": DELAY_ROUND_1})
+    log_path = job.fleet.device_dir("dev-002") / "device.log"
     observer, controls = job.observer()
     try:
         wait_control(controls, lambda c: c.state == "train" and c.round == 1)
+        wait_for(lambda: log_path.exists() and "training round 1" in log_path.read_text(), 60,
+                 "dev-002 to start round 1")
+        killed_at = time.time()
         job.fleet.kill_device("dev-002")  # 1 of 3 devices, mid-round
         wait_for(lambda: any(e["event"] == "round_end" and e["round"] == 1 for e in events(job.run_dir)), 60,
                  "round 1 to end")
         blobs = job.fleet.device_dir("dev-002") / "cache" / "blobs"
-        big = [p for p in blobs.iterdir() if p.stat().st_size > 1_000_000]  # embedding, tokenizer, checkpoint
-        assert len(big) == 3
+        big = [p for p in blobs.iterdir() if p.stat().st_size > 1_000_000]  # the embedding's file, the tokenizer
+        assert len(big) == 2
         for blob in big:
             blob.chmod(0o644)
             with open(blob, "r+b") as f:
@@ -328,11 +478,20 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
         report = job.finish()
     finally:
         observer.close()
+    log = events(job.run_dir)
+    end1 = next(e for e in log if e["event"] == "round_end" and e["round"] == 1)
+    last_answer = max([killed_at] + [e["t"] for e in log if e["event"] == "accepted" and e["round"] == 1])
+    assert end1["offline"] == ["dev-002"]
+    assert end1["t"] - last_answer < 5.0, f"round 1 waited {end1['t'] - last_answer:.1f}s for the dead device"
     by_round = accepted_by_round(job.run_dir)
     assert sorted(by_round[1]) == ["dev-000", "dev-001"]
-    assert sorted(by_round[2]) == sorted(by_round[3]) == ["dev-000", "dev-001", "dev-002"]
+    # round 2 may close before the restarted device is back (it was seen offline); round 3 waits for it
+    assert {"dev-000", "dev-001"} <= set(by_round[2])
+    assert sorted(by_round[3]) == ["dev-000", "dev-001", "dev-002"]
+    recs = [r for r in report["records"] if r["stage"] >= 0]  # in wire-round order
+    back = next(r for r in recs[2:] if "2" in (r.get("telemetry") or {}))  # dev-002's first round after the kill
+    assert back["telemetry"]["2"]["download_bytes"] > 1_000_000  # the embedding file fetched again
     rec2 = [r for r in report["records"] if r["stage"] == 0][2]
-    assert rec2["telemetry"]["2"]["download_bytes"] > 1_000_000  # the embedding file fetched again
     assert rec2["telemetry"]["0"]["download_bytes"] == 0
     log = (job.fleet.device_dir("dev-002") / "device.log").read_text()
     assert "corrupt" in log
@@ -423,11 +582,15 @@ def test_cli_fleet_init_and_add_device_print_what_a_device_needs(tmp_path, capsy
     except MosquittoNotFound as exc:
         pytest.skip(str(exc))
     assert main(["fleet", "init", str(tmp_path / "f"), "--hostname", "broker.lan", "--port", "9883"]) == 0
-    assert main(["fleet", "add-device", str(tmp_path / "f"), "dev-007"]) == 0
+    assert main(["fleet", "add-device", str(tmp_path / "f"), "dev-007", "--out", str(tmp_path / "d7.json")]) == 0
     out, err = capsys.readouterr()
-    creds = json.loads(out[out.index("{"):])
+    path = Path(out.strip().splitlines()[-1])  # the credentials file, never the password itself
+    assert path == tmp_path / "d7.json" and path.stat().st_mode & 0o777 == 0o600
+    creds = json.loads(path.read_text())
+    assert creds["password"] not in out + err
     assert creds["username"] == "dev-007" and creds["host"] == "broker.lan" and creds["port"] == 9883
     assert "BEGIN CERTIFICATE" in creds["ca_pem"] and "devft-edge run --credentials" in err
+    assert json.loads((tmp_path / "f" / "credentials" / "dev-007.json").read_text()) == creds
     assert main(["run", "--fleet", "cloud:3"]) == 2  # a clear error, not a traceback
 
 

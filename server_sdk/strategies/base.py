@@ -39,8 +39,10 @@ class Strategy(ABC):
         return "lora_" in name
 
     def aggregate_train(self, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-        """FedAvg over client deltas, weighted by each client's sample count."""
-        return fedavg(global_lora, results)
+        """FedAvg over client deltas weighted by sample count, or the robust rule `cfg.aggregation` names."""
+        from ..aggregation import aggregate
+
+        return aggregate(self.cfg.aggregation, global_lora, results)
 
     @abstractmethod
     def finish_stage(self, full_lora: LoraState, trained: LoraState, initial: LoraState,

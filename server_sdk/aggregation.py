@@ -1,0 +1,154 @@
+"""Aggregation rules that no single client can dominate, and the bounds the fleet applies before them.
+
+FedAvg weights every delta by the sample count its client reports. Over a real fleet that
+count is a claim: one device saying it trained on 10^12 examples would own the round. So the
+coordinator bounds each weight by what it knows itself (`cap_samples`: the shard it wrote for
+that client), and bounds each delta's norm relative to the fleet (`adaptive_norm_bound`: k times
+the lower median norm of the round) instead of by a fixed constant.
+
+The robust rules follow Flower's reference strategies, unweighted as there:
+
+- `coordinate_median` (Flower's FedMedian): the coordinate-wise median of the deltas;
+- `trimmed_mean` (Flower's FedTrimmedAvg, beta = 0.2): per coordinate, drop the
+  `int(beta * n)` smallest and largest values and average the rest.
+
+Both first clip every delta to `ROBUST_CLIP_K` times the round's lower median norm, so a
+device's influence on the coordinates the median or mean does keep is bounded too.
+
+Everything here is a pure function over `LoraState` / `ClientResult`; `aggregate` picks the
+rule named by `RunConfig.aggregation`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from .lora import LoraState
+from .trainer import ClientResult
+
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+TRIM_FRACTION = 0.2  # Flower's FedTrimmedAvg default `beta`
+ROBUST_CLIP_K = 3.0  # the robust rules clip deltas to this many lower-median norms
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def update_norm(delta: LoraState) -> float:
+    """L2 norm of a whole delta (all tensors as one vector), in float64."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The median, taking the lower middle value for an even count.
+
+    With two values it is the smaller one, so one outlier beside one honest value cannot
+    lift the bound; in general the bound holds while at most half the values are outliers.
+    """
+    if not values:
+        raise ValueError("lower_median of an empty list")
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def adaptive_norm_bound(norms: Sequence[float], k: float) -> float:
+    """k times the lower median of the round's update norms: the norm bound that follows the fleet."""
+    if k <= 0:
+        raise ValueError(f"norm bound factor k={k} must be positive, e.g. 5")
+    return k * lower_median(norms)
+
+
+def clip_delta(delta: LoraState, bound: float) -> LoraState:
+    """The delta scaled down to L2 norm `bound` if it is longer; otherwise unchanged."""
+    norm = update_norm(delta)
+    if norm <= bound or norm == 0.0:
+        return delta
+    scale = bound / norm
+    return {k: v * scale for k, v in delta.items()}
+
+
+def cap_samples(claimed: int, cap: int | None) -> int:
+    """The weight an update gets: what the device claims, never more than what the coordinator knows."""
+    if claimed <= 0:
+        raise ValueError(f"num_samples={claimed} must be positive")
+    return claimed if cap is None else min(claimed, cap)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _check(results: list[ClientResult], rule: str) -> list[str]:
+    if not results:
+        raise ValueError(f"{rule} needs at least one client result")
+    keys = list(results[0].delta)
+    for r in results[1:]:
+        if set(r.delta) != set(keys):
+            raise ValueError(f"{rule}: client {r.client} sent tensors {sorted(set(r.delta) ^ set(keys))[:3]} "
+                             f"that client {results[0].client} did not; every client must send the same tensors")
+    return keys
+
+
+def fedavg(global_lora: LoraState, results: list[ClientResult]) -> LoraState:
+    """global + sum_k (n_k / N) * delta_k (the arithmetic of strategies.base.fedavg, bit for bit)."""
+    keys = _check(results, "FedAvg")
+    total = sum(r.num_samples for r in results)
+    if total <= 0:
+        raise ValueError("FedAvg: client sample counts sum to zero")
+    out = {k: v.clone() for k, v in global_lora.items()}
+    for key in keys:
+        acc = torch.zeros_like(out[key])
+        for r in results:
+            acc += (r.num_samples / total) * r.delta[key]
+        out[key] = out[key] + acc
+    return out
+
+
+def _stacked(results: list[ClientResult], key: str) -> torch.Tensor:
+    return torch.stack([r.delta[key].float() for r in results])
+
+
+def coordinate_median(global_lora: LoraState, results: list[ClientResult]) -> LoraState:
+    """global + the coordinate-wise median of the deltas (mean of the two middle values for even n)."""
+    keys = _check(results, "coordinate median")
+    n = len(results)
+    out = {k: v.clone() for k, v in global_lora.items()}
+    for key in keys:
+        ordered = _stacked(results, key).sort(dim=0).values
+        med = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        out[key] = out[key] + med.to(out[key].dtype)
+    return out
+
+
+def trimmed_mean(global_lora: LoraState, results: list[ClientResult], beta: float = TRIM_FRACTION) -> LoraState:
+    """global + per coordinate the mean after dropping the int(beta * n) lowest and highest values."""
+    keys = _check(results, "trimmed mean")
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"trim fraction beta={beta} must lie in [0, 0.5)")
+    n = len(results)
+    cut = int(beta * n)
+    out = {k: v.clone() for k, v in global_lora.items()}
+    for key in keys:
+        ordered = _stacked(results, key).sort(dim=0).values
+        out[key] = out[key] + ordered[cut:n - cut].mean(dim=0).to(out[key].dtype)
+    return out
+
+
+def clip_results(results: list[ClientResult], k: float) -> list[ClientResult]:
+    """Every delta clipped to k times the lower median norm of the results."""
+    bound = adaptive_norm_bound([update_norm(r.delta) for r in results], k)
+    return [replace(r, delta=clip_delta(r.delta, bound)) for r in results]
+
+
+def aggregate(method: str, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
+    """The new global LoRA under the rule `method` (one of AGGREGATIONS)."""
+    if method == "fedavg":
+        return fedavg(global_lora, results)
+    if method == "median":
+        return coordinate_median(global_lora, clip_results(results, ROBUST_CLIP_K))
+    if method == "trimmed-mean":
+        return trimmed_mean(global_lora, clip_results(results, ROBUST_CLIP_K))
+    raise ValueError(f"aggregation {method!r} is not one of {list(AGGREGATIONS)}")
