@@ -223,7 +223,8 @@ class Device:
         if self.run_id:
             from dataclasses import replace
 
-            hello = P.StatusMessage(self.device_id, "hello", time.time(), {"formats": self.formats, **runtime_versions(), "reconnected": True})
+            hello = P.StatusMessage(self.device_id, "hello", time.time(),
+                                    {"formats": self.formats, **runtime_versions(), "reconnected": True})
             settings = replace(settings, will_topic=P.status_topic(self.run_id, self.device_id),
                                birth_topic=P.status_topic(self.run_id, self.device_id),
                                birth_payload=P.encode_status(hello))
