@@ -90,9 +90,11 @@ def standard_jobs(profile: str, seeds: list[int], lrs: list[float]) -> tuple[lis
 
 
 def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
+    from server_sdk.strategies import make_strategy
+
     base = _method(_base(profile), "devft", lr=lr)
     n = 6 if profile == "smoke" else 30
-    total = sum(base.resolved_rounds(len(base.resolved_stages(n))))
+    total = sum(base.resolved_rounds(len(make_strategy(base).stage_sizes(n))))
     variants: list[tuple[str, dict]] = [("default", {})]
     variants += [(f"grouping={g}", {"grouping": g}) for g in ("random", "sequential")]
     variants += [(f"fusion={f}", {"fusion": f}) for f in ("mean", "select")]

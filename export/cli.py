@@ -94,14 +94,15 @@ def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = 
     from server_sdk.config import RunConfig
     from server_sdk.model import load_base_model
     from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import StagePlan, build_submodel, identity_plan
+    from server_sdk.submodel import StagePlan, identity_plan
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ExportError(f"{run_dir} is not a devft run directory (no config.json); pass --run runs/<name>")
     cfg = RunConfig.from_file(run_dir / "config.json")
     base = load_base_model(cfg.model)
-    stages = make_strategy(cfg).stage_sizes(base.n_layers)
+    strategy = make_strategy(cfg)
+    stages = strategy.stage_sizes(base.n_layers)
     last = len(stages) - 1
     if not 0 <= stage <= last:
         raise ExportError(f"run {run_dir} has stages 0..{last} ({stages} layers); got --stage {stage}")
@@ -112,10 +113,10 @@ def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = 
     meta, tensors = loaded if loaded else ({}, {})
     current = meta.get("stage")
     if kept is not None:
-        plan, full = StagePlan(**kept[0]), kept[1]
+        plan, full = StagePlan.from_dict(kept[0]), kept[1]
         note = f"stage {stage}: its plan and starting full LoRA kept in {run_dir / 'stages'}"
     elif current == stage and meta.get("plan") is not None:
-        plan = StagePlan(**meta["plan"])
+        plan = StagePlan.from_dict(meta["plan"])
         full, note = tensors["full"], f"stage {stage} in progress: its plan and starting full LoRA from the checkpoint"
     elif stage == last and (current == len(stages) or (run_dir / "adapter").is_dir()):
         plan = identity_plan(base.n_layers, stage)
@@ -126,7 +127,7 @@ def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = 
             f"run {run_dir}: the full LoRA at the start of stage {stage} is not kept ({where}); a run keeps only the "
             f"starting LoRA of the stage in progress and the final adapter, which goes with the last stage (--stage {last})"
         )
-    sub, _ = build_submodel(base.model, full, plan, cfg.beta, cfg.fusion, cfg.lora)
+    sub, _ = strategy.build_submodel(base.model, full, plan)
     return StageSource(sub.float(), base.tokenizer, run_dir.resolve().name, stage, plan.groups, plan.anchors, note)
 
 
@@ -148,15 +149,16 @@ def fresh_stage_source(model: str, layers: int) -> StageSource:
     from server_sdk.lora import attach_lora, read_lora
     from server_sdk.model import load_base_model
     from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import build_submodel, copy_model
+    from server_sdk.submodel import copy_model
 
     cfg = RunConfig(model=model)
     base = load_base_model(model)
     if not 1 <= layers <= base.n_layers:
         raise ExportError(f"--layers must be in 1..{base.n_layers} for {base.name}, got {layers}")
     lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
-    plan, _ = make_strategy(cfg).configure_stage(0, base.model, lora, layers)
-    sub, _ = build_submodel(base.model, lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+    strategy = make_strategy(cfg)
+    plan, _ = strategy.configure_stage(0, base.model, lora, layers)
+    sub, _ = strategy.build_submodel(base.model, lora, plan)
     return StageSource(sub.float(), base.tokenizer, f"fresh-{base.name}", 0, plan.groups, plan.anchors,
                        f"fresh {layers}-layer first-stage submodel of {base.name}")
 

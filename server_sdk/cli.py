@@ -39,7 +39,7 @@ def _load_config(args: argparse.Namespace) -> RunConfig:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML or JSON run config (default: built-in defaults)")
     p.add_argument("--model", help="smollm2-135m (default), a local HF model directory, or tiny-random-L<n>")
-    p.add_argument("--strategy", choices=["devft", "fedit", "ffa-lora"], help="federated method (default devft)")
+    p.add_argument("--strategy", help="federated method (default devft); an unknown name lists the choices")
     p.add_argument("-o", "--override", action="append", metavar="FIELD=VALUE",
                    help="override a config field, e.g. -o rounds_per_stage=2 -o lora.r=4 (repeatable)")
 
@@ -51,14 +51,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .submodel import copy_model
 
     cfg = _load_config(args)
-    base = load_base_model(cfg.model)
-    cfg.validate(base.n_layers)
     strategy = make_strategy(cfg)
+    base = load_base_model(cfg.model)
     stages = strategy.stage_sizes(base.n_layers)
+    rounds = cfg.resolved_rounds(len(stages))
     lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
     plan, _ = strategy.configure_stage(0, base.model, lora, stages[0])
     out = {"model": base.name, "n_layers": base.n_layers, "strategy": cfg.strategy, "stages": stages,
-           "rounds_per_stage": cfg.resolved_rounds(len(stages)), "stage_1": plan.to_dict()}
+           "rounds_per_stage": rounds, "stage_1": plan.to_dict()}
     print(json.dumps(out, indent=1) if args.json else _plan_text(out))
     return 0
 

@@ -25,7 +25,7 @@ from .executor import ClientExecutor, InProcessExecutor
 from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
 from .model import BaseModel, describe, load_base_model
 from .strategies import make_strategy
-from .submodel import StagePlan, build_submodel, copy_model
+from .submodel import StagePlan, copy_model
 from .trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,12 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+    strategy = make_strategy(cfg)
     base = base or load_base_model(cfg.model)
-    cfg.validate(base.n_layers)
+    cfg.resolved_rounds(len(strategy.stage_sizes(base.n_layers)))  # the schedule fits the model
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_json(run_dir / "config.json")
     clients, held_out = prepare_data(cfg, base, run_dir)
-    strategy = make_strategy(cfg)
     # local steps are visible only where clients train in this process; devices report per round
     steps_bar = tqdm(total=cfg.clients_per_round * cfg.local_steps, desc="local steps", leave=False, position=1,
                      disable=not progress or executor_factory is not None)
@@ -139,14 +139,14 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
     for s in range(state.stage, len(stages)):
         if state.plan is None or state.plan["stage"] != s:
             plan, sim = strategy.configure_stage(s, base.model, state.full_lora, stages[s])
-            sub_model, init_sub = build_submodel(base.model, state.full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+            sub_model, init_sub = strategy.build_submodel(base.model, state.full_lora, plan)
             state.plan, state.stage_initial, state.stage_global = plan.to_dict(), init_sub, init_sub
             state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None})
             checkpoint.save_stage_start(run_dir, s, plan.to_dict(), state.full_lora)
             state.devices_with_stage, state.next_round = [], 0
         else:
-            plan = StagePlan(**state.plan)
-            sub_model, _ = build_submodel(base.model, state.full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+            plan = StagePlan.from_dict(state.plan)
+            sub_model, _ = strategy.build_submodel(base.model, state.full_lora, plan)
         stage_artifact = executor.begin_stage(s, plan, sub_model)
 
         for r in range(state.next_round, rounds[s]):
