@@ -116,7 +116,7 @@ def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
 
 def run_job(job: Job, base_model=None, progress: bool = False) -> dict:
     """Run (or resume, or load) one job; returns its compact report."""
-    from server_sdk.simulation import run
+    from server_sdk.rounds import run
 
     kept = KEPT / f"{job.key}.json"
     if kept.exists():  # the same config may be kept under another table's label (default ablation = devft)

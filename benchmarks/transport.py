@@ -4,7 +4,7 @@
 
 A real local fleet (server_sdk.local_fleet: mosquitto with TLS, passwords and the fleet ACL,
 N `devft-edge` processes) runs a short DEVFT schedule through the normal round loop
-(`simulation.run`) with a `FleetExecutor` that only adds stopwatches and byte counters.
+(`rounds.run`) with a `FleetExecutor` that only adds stopwatches and byte counters.
 
 Definitions (per round; every device is sampled in every round):
 
@@ -128,7 +128,7 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
 def run_fleet(args: argparse.Namespace, work: Path) -> dict:
     from server_sdk.local_fleet import LocalFleet
     from server_sdk.model import tiny_random_model
-    from server_sdk.simulation import run
+    from server_sdk.rounds import run
     from server_sdk.strategies import make_strategy
 
     cfg = bench_config(args)

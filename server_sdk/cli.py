@@ -73,7 +73,7 @@ def _plan_text(out: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .simulation import run
+    from .rounds import run
 
     run_dir = Path(args.runs_dir) / args.name if not args.resume else Path(args.resume)
     cfg = RunConfig.from_file(run_dir / "config.json") if args.resume else _load_config(args)

@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import server_credentials
     from .cli import _summary
     from .fleet import QuorumNotReached, fleet_executor_factory
-    from .simulation import run
+    from .rounds import run
 
     url = urlparse(args.broker_url)
     if url.scheme not in ("mqtts", "ssl", "tls") or not url.hostname:
