@@ -39,6 +39,7 @@ import torch
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.transfer import ArtifactServer
+from export.cached import export_stage_cached
 
 from .broker import Credentials
 from .config import RunConfig
@@ -151,8 +152,6 @@ class FleetExecutor(ClientExecutor):
     # -- stage ------------------------------------------------------------------------------
 
     def begin_stage(self, stage: int, plan: StagePlan, sub_model) -> int:
-        from export.cached import export_stage_cached
-
         from .model import cache_root
 
         out = self.run_dir / "artifacts" / f"stage{stage}"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.manifest import load_manifest
-from export.cli import ExportError, export_stage
 from server_sdk import checkpoint
 from server_sdk.cli import main
+from server_sdk.export_cli import ExportError, export_stage
 from server_sdk.lora import to_peft_key
 
 
