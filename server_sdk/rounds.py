@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 from tqdm.auto import tqdm
 
 from . import checkpoint
@@ -125,6 +126,8 @@ class RoundLoop:
     base: BaseModel
     held_out: list[Example]
     strategy: Strategy
+    stages: list[int]  # submodel layers per stage (the strategy's schedule)
+    rounds: list[int]  # rounds per stage
     executor: ClientExecutor
     steps_bar: tqdm  # local steps of in-process clients
     progress: bool = True
@@ -176,7 +179,8 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
         torch.set_num_threads(cfg.torch_threads)
     strategy = make_strategy(cfg)
     base = base or load_base_model(cfg.model)
-    cfg.resolved_rounds(len(strategy.stage_sizes(base.n_layers)))  # the schedule fits the model
+    stages = strategy.stage_sizes(base.n_layers)
+    rounds = cfg.resolved_rounds(len(stages))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_json(run_dir / "config.json")
     clients, held_out = prepare_data(cfg, base, run_dir)
@@ -186,8 +190,8 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     executor = executor_factory(cfg, base, clients) if executor_factory else \
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
     try:
-        return _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, executor, steps_bar, progress,
-                                   stop_after_rounds), resume)
+        return _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
+                                   progress, stop_after_rounds), resume)
     finally:
         steps_bar.close()
         executor.close()
@@ -195,8 +199,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
 
 def _run_loop(loop: RoundLoop, resume: bool) -> dict:
     cfg, base, strategy, executor = loop.cfg, loop.base, loop.strategy, loop.executor
-    stages = strategy.stage_sizes(base.n_layers)
-    rounds = cfg.resolved_rounds(len(stages))
+    stages, rounds = loop.stages, loop.rounds
 
     # the full model with LoRA attached, used to seed the initial LoRA and to evaluate
     torch.manual_seed(cfg.seed)
@@ -277,16 +280,16 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                 bar.close()
                 return {"interrupted": True, "records": state.records}
     bar.close()
-    return _finish(loop, stages, rounds, state, eval_model)
+    return _finish(loop, state, eval_model)
 
 
-def _finish(loop: RoundLoop, stages: list[int], rounds: list[int], state: RunState, eval_model) -> dict:
+def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> dict:
     """The run's adapter (the full model's final LoRA), report.json and its plots."""
     write_lora(eval_model, state.full_lora)
     adapter_dir = loop.run_dir / "adapter"
     eval_model.save_pretrained(adapter_dir)
     report = {"config": loop.cfg.to_dict(), "model": describe(loop.base), "strategy": loop.cfg.strategy,
-              "stages": stages, "rounds_per_stage": rounds, "stage_plans": state.stage_plans,
+              "stages": loop.stages, "rounds_per_stage": loop.rounds, "stage_plans": state.stage_plans,
               "records": state.records, "before": state.records[0], "after": state.records[-1],
               "adapter": str(adapter_dir)}
     (loop.run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -295,7 +298,7 @@ def _finish(loop: RoundLoop, stages: list[int], rounds: list[int], state: RunSta
     return report
 
 
-def _full_eval_model(base: BaseModel, cfg: RunConfig):
+def _full_eval_model(base: BaseModel, cfg: RunConfig) -> tuple[PeftModel, LoraState]:
     """The full model with freshly initialised (seeded) LoRA: the run's starting adapter."""
     model = attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed)
     return model, read_lora(model)
