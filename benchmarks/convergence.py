@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds or (1 if tiny else 3)))
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else ([5e-3] if tiny else [1e-3, 3e-3])
     link = Link(args.up_mbit, args.down_mbit)
-    command = "python -m benchmarks.convergence " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m benchmarks.convergence " + " ".join(argv if argv is not None else sys.argv[1:])
     tag = args.profile if args.partition == "task" else f"{args.profile}-{args.partition}"
     profile_for_cfg = "smoke" if tiny else "standard"
 
