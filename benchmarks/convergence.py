@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +91,11 @@ def standard_jobs(profile: str, seeds: list[int], lrs: list[float]) -> tuple[lis
 
 
 def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
+    from server_sdk.strategies import make_strategy
+
     base = _method(_base(profile), "devft", lr=lr)
     n = 6 if profile == "smoke" else 30
-    total = sum(base.resolved_rounds(len(base.resolved_stages(n))))
+    total = sum(base.resolved_rounds(len(make_strategy(base).stage_sizes(n))))
     variants: list[tuple[str, dict]] = [("default", {})]
     variants += [(f"grouping={g}", {"grouping": g}) for g in ("random", "sequential")]
     variants += [(f"fusion={f}", {"fusion": f}) for f in ("mean", "select")]
@@ -114,7 +117,7 @@ def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
 
 def run_job(job: Job, base_model=None, progress: bool = False) -> dict:
     """Run (or resume, or load) one job; returns its compact report."""
-    from server_sdk.simulation import run
+    from server_sdk.rounds import run
 
     kept = KEPT / f"{job.key}.json"
     if kept.exists():  # the same config may be kept under another table's label (default ablation = devft)
@@ -462,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds or (1 if tiny else 3)))
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else ([5e-3] if tiny else [1e-3, 3e-3])
     link = Link(args.up_mbit, args.down_mbit)
-    command = "python -m benchmarks.convergence " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m benchmarks.convergence " + " ".join(argv if argv is not None else sys.argv[1:])
     tag = args.profile if args.partition == "task" else f"{args.profile}-{args.partition}"
     profile_for_cfg = "smoke" if tiny else "standard"
 

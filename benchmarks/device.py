@@ -10,7 +10,7 @@ what devft's simulated clients run) one measurement runs in its own process, so 
 memory is that backend's alone: edge_runtime/bench.py for the artifact backends (the same code
 `devft-edge bench` runs on a board), `--worker-torch` here for torch.
 
-Submodels are built as DEVFT stage 1 builds them (server_sdk.submodel.plan_stage with the
+Submodels are built as DEVFT stage 1 builds them (the DevFT strategy's configure_stage with the
 default RunConfig: deconfliction grouping, medoid anchors, differential fusion, seed 0) on the
 base model with freshly initialised LoRA (r=8 on q,k,v,o,gate,up,down). The 30-layer stage is
 the full model (identity plan). Cost depends on the number of layers, not on which layers were
@@ -97,19 +97,18 @@ def _build(todo: dict[int, list[str]]) -> None:
     from server_sdk.config import RunConfig
     from server_sdk.lora import attach_lora, read_lora
     from server_sdk.model import load_base_model
-    from server_sdk.submodel import build_submodel, copy_model, identity_plan, plan_stage, submodel_bytes
+    from server_sdk.strategies import make_strategy
+    from server_sdk.submodel import copy_model, submodel_bytes
 
     torch.manual_seed(0)
     cfg = RunConfig()
     base = load_base_model(MODEL)
+    strategy = make_strategy(cfg)
     full_lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
     for n, backends in tqdm(todo.items(), desc="build + export stages", unit="stage"):
         d = stage_dir(n)
-        if n >= base.n_layers:
-            plan = identity_plan(base.n_layers)
-        else:
-            plan, _ = plan_stage(base.model, full_lora, cfg.lora, 0, n, cfg.grouping, cfg.anchor, cfg.seed)
-        sub, _ = build_submodel(base.model, full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+        plan, _ = strategy.configure_stage(0, base.model, full_lora, min(n, base.n_layers))
+        sub, _ = strategy.build_submodel(base.model, full_lora, plan)
         sub.float()
         for b in backends:
             if b == "ort" and not (d / "ort" / "manifest.json").exists():
@@ -362,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"command": "python -m benchmarks.device" + (" --quick" if args.quick else ""),
                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
                  "threads": args.threads, "steps": steps, "warmup": warmup, "batch": DEFAULT_BATCH, "seq": DEFAULT_SEQ,
-                 "submodels": "DEVFT stage-1 plan (server_sdk.submodel.plan_stage, default RunConfig) for sub-full "
+                 "submodels": "DEVFT stage-1 plan (DevFT.configure_stage, default RunConfig) for sub-full "
                               "sizes, identity plan for the full model", "stages": stages_info},
         "headline": headline(rows, stages_info),
         "rows": [],

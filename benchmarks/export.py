@@ -54,7 +54,8 @@ def child_export(backend: str, layers: int, out: Path, seq: int, batch: int, thr
     import torch
 
     torch.set_num_threads(threads)
-    from export.cli import export_submodel, fresh_stage_source
+    from export.stage import export_submodel
+    from server_sdk.export_cli import fresh_stage_source
 
     t0 = time.perf_counter()
     source = fresh_stage_source(MODEL, layers)

@@ -8,6 +8,11 @@ from pathlib import Path
 RESULTS_MD = Path(__file__).parent / "RESULTS.md"
 
 
+def md_table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """A markdown table's lines: the header, its separator, one line per row (cells as given)."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
 def markers(name: str) -> tuple[str, str]:
     return f"<!-- benchmarks.{name}: begin (generated) -->", f"<!-- benchmarks.{name}: end -->"
 

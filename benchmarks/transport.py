@@ -4,7 +4,7 @@
 
 A real local fleet (server_sdk.local_fleet: mosquitto with TLS, passwords and the fleet ACL,
 N `devft-edge` processes) runs a short DEVFT schedule through the normal round loop
-(`simulation.run`) with a `FleetExecutor` that only adds stopwatches and byte counters.
+(`rounds.run`) with a `FleetExecutor` that only adds stopwatches and byte counters.
 
 Definitions (per round; every device is sampled in every round):
 
@@ -49,7 +49,7 @@ from edge_runtime.mqtt import MqttClient
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
 from server_sdk.fleet import FleetExecutor, FleetSettings, mqtt_settings, tokenizer_dir_of
 
-from .results_md import replace_block
+from .results_md import md_table, replace_block
 
 RESULTS = Path(__file__).parent / "results"
 SYS_TOPICS = ("$SYS/broker/bytes/received", "$SYS/broker/bytes/sent")
@@ -128,7 +128,7 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
 def run_fleet(args: argparse.Namespace, work: Path) -> dict:
     from server_sdk.local_fleet import LocalFleet
     from server_sdk.model import tiny_random_model
-    from server_sdk.simulation import run
+    from server_sdk.rounds import run
     from server_sdk.strategies import make_strategy
 
     cfg = bench_config(args)
@@ -304,25 +304,24 @@ def _mb(b: float | None) -> str:
 
 def table(result: dict) -> str:
     a = result["analysis"]
-    lines = ["| stage | wire round | W (s) | critical device | its training (s) | its steps (s) | transport+coord (s) "
-             "| share of W | start lag (s) | fetch in round (s) | upload+validate (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in a["rounds"]:
-        cp = r["critical_path"]
-        lines.append(f"| {r['stage']} | {r['round']} | {r['wall_s']:.2f} | {r['critical_device']} | "
-                     f"{r['device_train_s']:.2f} | {r['device_steps_s']:.2f} | {r['transport_s']:.2f} | "
-                     f"{r['transport_share']:.1%} | {cp['start_lag_s']:.2f} | {cp['fetch_in_round_s']:.2f} | "
-                     f"{cp['upload_and_validate_s']:.2f} |")
-    lines += ["", "| stage | artifact (MB) | needed per device (MB) | received per device (MB, median) | "
-              "fetch s per device (median) | device throughput MB/s (median / min) | fleet goodput MB/s |",
-              "|---|---|---|---|---|---|---|"]
+    lines = md_table(
+        ["stage", "wire round", "W (s)", "critical device", "its training (s)", "its steps (s)",
+         "transport+coord (s)", "share of W", "start lag (s)", "fetch in round (s)", "upload+validate (s)"],
+        [[r["stage"], r["round"], f"{r['wall_s']:.2f}", r["critical_device"], f"{r['device_train_s']:.2f}",
+          f"{r['device_steps_s']:.2f}", f"{r['transport_s']:.2f}", f"{r['transport_share']:.1%}",
+          f"{r['critical_path']['start_lag_s']:.2f}", f"{r['critical_path']['fetch_in_round_s']:.2f}",
+          f"{r['critical_path']['upload_and_validate_s']:.2f}"] for r in a["rounds"]])
+    stage_rows = []
     for s in a["stages"]:
         rec = list(s["received_bytes_per_device"].values())
         fs = list(s["fetch_s_per_device"].values())
         tp = s["device_throughput_bytes_per_s"]
-        lines.append(f"| {s['stage']} | {_mb(s['artifact_bytes'])} | {_mb(s['needed_bytes'])} | "
-                     f"{_mb(float(np.median(rec)) if rec else None)} | {np.median(fs) if fs else 0:.2f} | "
-                     f"{_mb(tp['median'])} / {_mb(tp['min'])} | {_mb(s['fleet_goodput_bytes_per_s'])} |")
+        stage_rows.append([s["stage"], _mb(s["artifact_bytes"]), _mb(s["needed_bytes"]),
+                           _mb(float(np.median(rec)) if rec else None), f"{np.median(fs) if fs else 0:.2f}",
+                           f"{_mb(tp['median'])} / {_mb(tp['min'])}", _mb(s["fleet_goodput_bytes_per_s"])])
+    lines += ["", *md_table(["stage", "artifact (MB)", "needed per device (MB)", "received per device (MB, median)",
+                             "fetch s per device (median)", "device throughput MB/s (median / min)",
+                             "fleet goodput MB/s"], stage_rows)]
     w = a["wire"]
     b = w["breakdown"]
     lines += ["", "| direction | MQTT bytes at the broker | raw payload | overhead |", "|---|---|---|---|",

@@ -26,7 +26,7 @@ import onnx
 
 from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 from export import naming
-from export.ort import _json_config, export_ort_artifacts
+from export.ort import copy_tokenizer, export_ort_artifacts, json_config
 from export.publish import publish
 
 GRAPHS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
@@ -38,7 +38,7 @@ def template_key(peft_model: Any, *, optimizer: str, max_seq_len: int) -> str:
     peft_cfg = {k: {f: x for f, x in _stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
                 for k, v in peft_model.peft_config.items()}
     shapes = {k: list(v.shape) for k, v in peft_model.state_dict().items()}
-    config = {k: v for k, v in _json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
+    config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
     blob = json.dumps({"config": config, "peft": peft_cfg, "shapes": shapes, "optimizer": optimizer,
                        "max_seq_len": max_seq_len, "ort": version("onnxruntime-training"), "torch": version("torch"),
                        "transformers": version("transformers"), "onnx": version("onnx")},
@@ -115,12 +115,10 @@ def export_stage_cached(
             shutil.copyfile(template / name, build / name)
         write_checkpoint(peft_model, build / CHECKPOINT, trainable, frozen)
         if tokenizer_dir is not None:
-            from export.ort import _copy_tokenizer
-
-            manifest.chat_template = _copy_tokenizer(tokenizer_dir, build)
+            manifest.chat_template = copy_tokenizer(tokenizer_dir, build)
             manifest.tokenizer_file = "tokenizer.json"
         manifest.run_id, manifest.stage = run_id, stage
-        manifest.model_config = _json_config(peft_model)
+        manifest.model_config = json_config(peft_model)
         manifest.groups = [list(map(int, g)) for g in groups or []]
         manifest.anchors = [int(a) for a in anchors or []]
         publish(build, out_dir, manifest)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.ort import _check_exportable, _copy_tokenizer, _eager_attention, _json_config
+from export.ort import check_exportable, copy_tokenizer, eager_attention, json_config
 from export.publish import publish
 
 IGNORE_INDEX = -100
@@ -168,7 +168,7 @@ def lower(peft_model: Any, *, max_batch: int, max_seq_len: int) -> tuple[Any, li
     example = (torch.randint(0, vocab, shape), torch.randint(0, vocab, shape))
     lora = {n: p.detach().clone() for n, p in peft_model.named_parameters() if naming.is_lora(n)}
     lora = dict(sorted(lora.items(), key=lambda kv: naming.to_artifact_name(kv[0])))
-    with _eager_attention(peft_model):  # SDPA's backward is not in the core ATen opset
+    with eager_attention(peft_model):  # SDPA's backward is not in the core ATen opset
         joint = _joint_program(peft_model, example, max_batch, max_seq_len)
         evaluate = _eval_program(peft_model, example, lora, max_batch, max_seq_len)
     edge = to_edge({TRAIN_METHOD: joint, EVAL_METHOD: evaluate})
@@ -243,7 +243,7 @@ def export_executorch_artifacts(
     Built beside `out_dir` and renamed into place, as export_ort_artifacts does. The optimizer
     is the runtime's SGD (the only one ExecuTorch exposes), so the manifest says "sgd".
     """
-    _check_exportable(peft_model, "sgd", max_seq_len)
+    check_exportable(peft_model, "sgd", max_seq_len)
     if max_seq_len < MIN_SEQ_LEN:
         raise ValueError(f"max_seq_len must be at least {MIN_SEQ_LEN} for the ExecuTorch export, got {max_seq_len}")
     if max_batch < 1:
@@ -257,14 +257,14 @@ def export_executorch_artifacts(
         _check_trainable(program, peft_model)
         _write_program(program, build)
         if tokenizer_dir is not None:
-            saved_template = _copy_tokenizer(tokenizer_dir, build)
+            saved_template = copy_tokenizer(tokenizer_dir, build)
             chat_template = chat_template if chat_template is not None else saved_template
         state = peft_model.state_dict()
         manifest = Manifest(
             run_id=run_id,
             stage=stage,
             backend="executorch",
-            model_config=_json_config(peft_model),
+            model_config=json_config(peft_model),
             trainable=[
                 TensorSpec(naming.to_artifact_name(n), n, tuple(state[n].shape), str(state[n].dtype).removeprefix("torch."))
                 for n in order

@@ -65,7 +65,7 @@ class _ShiftedLogits(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _eager_attention(peft_model: Any):
+def eager_attention(peft_model: Any):
     """Export with eager attention: the SDPA decomposition contains CastLike, which has no ORT gradient."""
     base = peft_model.get_base_model()
     previous, was_training = base.config._attn_implementation, peft_model.training
@@ -78,7 +78,7 @@ def _eager_attention(peft_model: Any):
         peft_model.train(was_training)
 
 
-def _check_exportable(peft_model: Any, optimizer: str, max_seq_len: int) -> None:
+def check_exportable(peft_model: Any, optimizer: str, max_seq_len: int) -> None:
     """Fail before the slow export. Devices train in float32 on CPU: bf16 or CUDA graphs would not run."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -111,7 +111,7 @@ def export_onnx(peft_model: Any, path: Path, *, max_seq_len: int, opset: int) ->
     vocab = peft_model.get_base_model().config.vocab_size
     example = torch.randint(0, vocab, (2, min(16, max_seq_len)), dtype=torch.long)
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2, max=max_seq_len)
-    with _eager_attention(peft_model), torch.no_grad():
+    with eager_attention(peft_model), torch.no_grad():
         program = torch.onnx.export(
             wrapper,
             (example, example.clone()),
@@ -192,7 +192,7 @@ def _trainable_specs(model: onnx.ModelProto, trainable: list[str]) -> list[Tenso
     ]
 
 
-def _copy_tokenizer(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> str | None:
+def copy_tokenizer(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> str | None:
     """Copy tokenizer.json; return the chat template saved beside it, if any."""
     src = Path(tokenizer_dir)
     if not (src / "tokenizer.json").is_file():
@@ -217,7 +217,8 @@ def _versions(model: onnx.ModelProto, opset: int) -> dict[str, Any]:
     }
 
 
-def _json_config(peft_model: Any) -> dict[str, Any]:
+def json_config(peft_model: Any) -> dict[str, Any]:
+    """The base model's config as plain JSON, as manifests record it (shared by every exporter)."""
     return json.loads(json.dumps(peft_model.get_base_model().config.to_dict(), default=str))
 
 
@@ -241,7 +242,7 @@ def export_ort_artifacts(
     reader (the broker serving files) never sees a half-written or stale mix.
     Changes the process cwd while generating (generate_artifacts writes temp.onnx there).
     """
-    _check_exportable(peft_model, optimizer, max_seq_len)
+    check_exportable(peft_model, optimizer, max_seq_len)
     _check_size(peft_model)
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -252,13 +253,13 @@ def export_ort_artifacts(
             trainable, frozen = split_parameters(model, peft_model)
             generate(model, build, trainable, frozen, optimizer)
         if tokenizer_dir is not None:
-            saved_template = _copy_tokenizer(tokenizer_dir, build)
+            saved_template = copy_tokenizer(tokenizer_dir, build)
             chat_template = chat_template if chat_template is not None else saved_template
         manifest = Manifest(
             run_id=run_id,
             stage=stage,
             backend="ort",
-            model_config=_json_config(peft_model),
+            model_config=json_config(peft_model),
             trainable=_trainable_specs(model, trainable),
             inputs=list(INPUTS),
             max_seq_len=max_seq_len,

@@ -22,7 +22,7 @@ rule named by `RunConfig.aggregation`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -30,7 +30,6 @@ import torch
 from .lora import LoraState
 from .trainer import ClientResult
 
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 TRIM_FRACTION = 0.2  # Flower's FedTrimmedAvg default `beta`
 ROBUST_CLIP_K = 3.0  # the robust rules clip deltas to this many lower-median norms
 
@@ -143,12 +142,15 @@ def clip_results(results: list[ClientResult], k: float) -> list[ClientResult]:
     return [replace(r, delta=clip_delta(r.delta, bound)) for r in results]
 
 
+AGGREGATIONS: dict[str, Callable[[LoraState, list[ClientResult]], LoraState]] = {
+    "fedavg": fedavg,
+    "median": lambda g, results: coordinate_median(g, clip_results(results, ROBUST_CLIP_K)),
+    "trimmed-mean": lambda g, results: trimmed_mean(g, clip_results(results, ROBUST_CLIP_K)),
+}
+
+
 def aggregate(method: str, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-    """The new global LoRA under the rule `method` (one of AGGREGATIONS)."""
-    if method == "fedavg":
-        return fedavg(global_lora, results)
-    if method == "median":
-        return coordinate_median(global_lora, clip_results(results, ROBUST_CLIP_K))
-    if method == "trimmed-mean":
-        return trimmed_mean(global_lora, clip_results(results, ROBUST_CLIP_K))
-    raise ValueError(f"aggregation {method!r} is not one of {list(AGGREGATIONS)}")
+    """The new global LoRA under the rule `method` (a key of AGGREGATIONS, the one registry of rules)."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"aggregation {method!r} is not one of {list(AGGREGATIONS)}")
+    return AGGREGATIONS[method](global_lora, results)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import yaml
 
+from . import export_cli, fleet_cli, report_cli
 from .config import ConfigError, RunConfig
 
 EPILOG = "Config fields are documented in README.md; any of them can be overridden with -o FIELD=VALUE."
 
 
 def _load_config(args: argparse.Namespace) -> RunConfig:
+    """The config of --config and -o overrides (and --model/--strategy), validated."""
     cfg = RunConfig.from_file(args.config) if getattr(args, "config", None) else RunConfig()
     overrides = {}
     for item in getattr(args, "override", None) or []:
@@ -39,9 +41,15 @@ def _load_config(args: argparse.Namespace) -> RunConfig:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML or JSON run config (default: built-in defaults)")
     p.add_argument("--model", help="smollm2-135m (default), a local HF model directory, or tiny-random-L<n>")
-    p.add_argument("--strategy", choices=["devft", "fedit", "ffa-lora"], help="federated method (default devft)")
+    p.add_argument("--strategy", help="federated method (default devft); an unknown name lists the choices")
     p.add_argument("-o", "--override", action="append", metavar="FIELD=VALUE",
                    help="override a config field, e.g. -o rounds_per_stage=2 -o lora.r=4 (repeatable)")
+
+
+def _add_run_dir_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -51,14 +59,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .submodel import copy_model
 
     cfg = _load_config(args)
-    base = load_base_model(cfg.model)
-    cfg.validate(base.n_layers)
     strategy = make_strategy(cfg)
+    base = load_base_model(cfg.model)
     stages = strategy.stage_sizes(base.n_layers)
+    rounds = cfg.resolved_rounds(len(stages))
     lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
     plan, _ = strategy.configure_stage(0, base.model, lora, stages[0])
     out = {"model": base.name, "n_layers": base.n_layers, "strategy": cfg.strategy, "stages": stages,
-           "rounds_per_stage": cfg.resolved_rounds(len(stages)), "stage_1": plan.to_dict()}
+           "rounds_per_stage": rounds, "stage_1": plan.to_dict()}
     print(json.dumps(out, indent=1) if args.json else _plan_text(out))
     return 0
 
@@ -72,35 +80,29 @@ def _plan_text(out: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .simulation import run
-
-    run_dir = Path(args.runs_dir) / args.name if not args.resume else Path(args.resume)
+def _run_dir_and_config(args: argparse.Namespace) -> tuple[Path, RunConfig]:
+    """--resume RUN_DIR continues with the config saved there; otherwise RUNS_DIR/NAME and a new config."""
+    run_dir = Path(args.resume) if args.resume else Path(args.runs_dir) / args.name
     cfg = RunConfig.from_file(run_dir / "config.json") if args.resume else _load_config(args)
+    return run_dir, cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    run_dir, cfg = _run_dir_and_config(args)
+    if args.fleet:
+        return fleet_cli.run_local_fleet(args, run_dir, cfg)
+    from .report import summary_text
+    from .rounds import run
+
     report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     if report.get("interrupted"):
         return 0
-    print(_summary(report, run_dir))
+    print(summary_text(report, run_dir))
     return 0
 
 
-def _summary(report: dict, run_dir: Path) -> str:
-    b, a = report["before"], report["after"]
-    acc = lambda r: "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"  # noqa: E731
-    recs = [r for r in report["records"] if r["stage"] >= 0]
-    up = sum(r["bytes_up"] for r in recs)
-    down = sum(r["bytes_down"] for r in recs)
-    lines = [f"run {run_dir} ({report['strategy']}, stages {report['stages']})",
-             f"{'':14}{'eval loss':>10}{'accuracy':>10}",
-             f"{'base model':14}{b['eval_loss']:>10.4f}{acc(b):>10}",
-             f"{'fine-tuned':14}{a['eval_loss']:>10.4f}{acc(a):>10}",
-             "per task accuracy (before -> after): " + ", ".join(
-                 f"{t} {100 * b['per_task'][t].get('accuracy', 0):.0f}->{100 * v.get('accuracy', 0):.0f}%"
-                 for t, v in (a["per_task"] or {}).items()),
-             f"LoRA traffic: {down / 1e6:.1f} MB down, {up / 1e6:.1f} MB up; client compute "
-             f"{sum(sum(r['client_seconds']) for r in recs):.0f} s",
-             f"report: {run_dir / 'report.json'}, plots: curves.png, groups.png, adapter: {run_dir / 'adapter'}"]
-    return "\n".join(lines)
+def cmd_serve(args: argparse.Namespace) -> int:
+    return fleet_cli.serve(args, *_run_dir_and_config(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -144,13 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="run a federated fine-tuning with simulated clients", epilog=EPILOG)
+    p = sub.add_parser("run", help="run a federated fine-tuning with simulated clients (or --fleet local:N devices)",
+                       epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--name", default="default", help="run name; output goes to RUNS_DIR/NAME (default: default)")
-    p.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_dir_args(p)
+    p.add_argument("--fleet", metavar="local:N", help=fleet_cli.FLEET_HELP)
+    fleet_cli.add_fleet_settings(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="coordinate a real fleet over an existing broker (no local devices)")
+    _add_config_args(p)
+    p.add_argument("--broker-url", required=True, help="mqtts://HOST:PORT of the fleet's mosquitto")
+    p.add_argument("--fleet-dir", required=True, help="fleet directory from `devft fleet init` (server credentials)")
+    p.add_argument("--name", default="default", help="run name; output goes to RUNS_DIR/NAME and is the run id")
+    _add_run_dir_args(p)
+    fleet_cli.add_fleet_settings(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="evaluate a run's adapter against the base model on its held-out set")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/default")
@@ -158,21 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
-    for register in _extensions():
-        register(sub)
+    export_cli.register(sub)
+    fleet_cli.register(sub)
+    report_cli.register(sub)
     return parser
-
-
-def _extensions():
-    """Subcommands contributed by other parts (export, fleet) when their dependencies are installed."""
-    found = []
-    for mod, attr in (("export.cli", "register"), ("server_sdk.fleet_cli", "register"), ("server_sdk.report_cli", "register")):
-        try:
-            module = __import__(mod, fromlist=[attr])
-            found.append(getattr(module, attr))
-        except ImportError:
-            continue
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,26 +1,25 @@
 """Run configuration: one validated dataclass, YAML/JSON in, JSON out.
 
 Every value is checked once, before any model is loaded, so a typo costs a
-second instead of a 20-second model load (or a half-finished run).
+second instead of a 20-second model load (or a half-finished run). The named options
+(`grouping`, `anchor`, `fusion`, `transfer`) are checked against the registries of the
+modules that implement them (grouping.py, fusion.py), `strategy` against the strategies'
+registry when the strategy is made (strategies/__init__.py), and a strategy checks its own
+stage schedule against the model (`Strategy.stage_sizes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STRATEGIES = ("devft", "fedit", "ffa-lora")
-GROUPINGS = ("deconfliction", "random", "sequential")
-FUSIONS = ("differential", "mean", "select")
-ANCHORS = ("medoid", "first")
-TRANSFERS = ("copy", "delta")
 PARTITIONS = ("task", "dirichlet", "iid")
 ACCURACY_EVERY = ("round", "stage", "never")
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # server_sdk/aggregation.py
 DEFAULT_TASKS = ("chain_sum", "basic_arithmetic", "spell_backward", "word_sequence_reversal")
 
 
@@ -132,29 +131,29 @@ class RunConfig:
         return RunConfig.from_dict(raw)
 
     # ---- validation --------------------------------------------------------
-    def resolved_stages(self, n_layers: int) -> list[int]:
-        """The stage schedule for a model with n_layers; the last stage is always the full model."""
-        if self.strategy != "devft":
-            return [n_layers]
-        if self.stages is not None:
-            return list(self.stages)
-        return default_schedule(n_layers)
-
     def resolved_rounds(self, n_stages: int) -> list[int]:
+        """Rounds of each of the strategy's n_stages stages."""
         if isinstance(self.rounds_per_stage, int):
             return [self.rounds_per_stage] * n_stages
+        if len(self.rounds_per_stage) != n_stages:
+            raise ConfigError(f"rounds_per_stage has {len(self.rounds_per_stage)} entries but there are {n_stages} "
+                              "stages; give one per stage or a single int")
         return list(self.rounds_per_stage)
 
-    def validate(self, n_layers: int | None = None) -> RunConfig:
-        """Raise ConfigError naming the first bad field; pass n_layers once the model is known."""
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("grouping", self.grouping, GROUPINGS)
-        _choice("fusion", self.fusion, FUSIONS)
-        _choice("anchor", self.anchor, ANCHORS)
-        _choice("transfer", self.transfer, TRANSFERS)
-        _choice("data.partition", self.data.partition, PARTITIONS)
-        _choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
+    def validate(self) -> RunConfig:
+        """Raise ConfigError naming the first bad field."""
+        # imported on use: the rule modules need torch, which `devft --help` should not load
+        from .aggregation import AGGREGATIONS
+        from .fusion import ANCHORS, FUSIONS, TRANSFERS
+        from .grouping import GROUPINGS
+
+        check_choice("grouping", self.grouping, GROUPINGS)
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("anchor", self.anchor, ANCHORS)
+        check_choice("transfer", self.transfer, TRANSFERS)
+        check_choice("data.partition", self.data.partition, PARTITIONS)
+        check_choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
         for name in ("num_clients", "clients_per_round", "local_steps", "batch_size", "eval_every",
                      "gen_max_new_tokens"):
             _positive_int(name, getattr(self, name))
@@ -200,15 +199,6 @@ class RunConfig:
         for r in [rounds] if isinstance(rounds, int) else rounds:
             if not isinstance(r, int) or r < 1:
                 raise ConfigError(f"rounds_per_stage={rounds!r}: every stage needs at least 1 round")
-        if n_layers is not None:
-            stages = self.resolved_stages(n_layers)
-            if stages[-1] > n_layers:
-                raise ConfigError(f"stages={stages}: stage of {stages[-1]} layers is larger than the model's {n_layers} layers")
-            if stages[-1] != n_layers:
-                raise ConfigError(f"stages={stages}: the last stage must be the full model ({n_layers} layers); "
-                                  f"append {n_layers}")
-            if isinstance(rounds, list) and len(rounds) != len(stages):
-                raise ConfigError(f"rounds_per_stage has {len(rounds)} entries but there are {len(stages)} stages {stages}")
         return self
 
 
@@ -226,16 +216,8 @@ TASKS: dict[str, dict[str, Any]] = {
 TASK_NAMES = frozenset(TASKS)
 
 
-def default_schedule(n_layers: int) -> list[int]:
-    """4 -> 8 -> 16 -> ... -> n_layers (doubling, capped, always ending at the full model)."""
-    stages, s = [], 4
-    while s < n_layers:
-        stages.append(s)
-        s *= 2
-    return [*stages, n_layers] if n_layers >= 1 else [n_layers]
-
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, options: Iterable[str]) -> None:
+    """ConfigError naming the field, the value and the choices unless value is one of options."""
     if value not in options:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(options)}")
 

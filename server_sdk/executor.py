@@ -1,4 +1,4 @@
-"""Where client training happens. The round loop (simulation.run) is the same for a
+"""Where client training happens. The round loop (rounds.run) is the same for a
 simulated fleet and a real one; only the executor differs:
 
 - InProcessExecutor: clients train one after another in this process (eager torch);

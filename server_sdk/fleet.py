@@ -1,6 +1,6 @@
 """The coordinator side of a real fleet: stage artifacts and global LoRA out over MQTT, device updates in.
 
-`FleetExecutor` plugs into the one round loop (`simulation.run`) in place of the
+`FleetExecutor` plugs into the one round loop (`rounds.run`) in place of the
 in-process executor. Per stage it exports the submodel as ONNX Runtime Training
 artifacts and serves them chunk by chunk; per round it publishes the global LoRA
 and a control message, then collects, validates and returns the device updates.
@@ -54,7 +54,7 @@ from .config import RunConfig
 from .data import Example
 from .executor import ClientExecutor
 from .lora import LoraState, to_peft_key
-from .model import cache_root
+from .model import cache_root, smollm2_cache_dir
 from .submodel import StagePlan
 from .trainer import ClientResult
 
@@ -497,7 +497,7 @@ def _canonical(peft_key: str) -> str:
 def fleet_executor_factory(run_dir: str | Path, creds: Credentials, settings: FleetSettings | None = None, *,
                            host: str | None = None, port: int | None = None,
                            on_ready: Callable[[FleetExecutor], None] | None = None):
-    """An `executor_factory` for `simulation.run` that coordinates a real fleet.
+    """An `executor_factory` for `rounds.run` that coordinates a real fleet.
 
     `on_ready` runs once the executor is connected and the client shards exist (e.g. to start
     local device processes)."""
@@ -518,10 +518,9 @@ def fleet_executor_factory(run_dir: str | Path, creds: Credentials, settings: Fl
 
 def tokenizer_dir_of(base) -> Path:
     """A directory with the base model's tokenizer.json (saved once under the run cache if needed)."""
-    from .model import _smollm2_cache_dir, cache_root
 
     src = getattr(base.tokenizer, "name_or_path", "") or ""
-    for cand in (Path(src), _smollm2_cache_dir()):
+    for cand in (Path(src), smollm2_cache_dir()):
         if (cand / "tokenizer.json").is_file():
             return cand
     out = cache_root() / "tokenizers" / base.name

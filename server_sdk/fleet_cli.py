@@ -1,6 +1,7 @@
-"""`devft` subcommands for real fleets: `serve`, `fleet init|add-device`, and `run --fleet local:N`.
+"""The fleet side of the `devft` command line.
 
-Loaded by server_sdk.cli through `register(subparsers)`.
+cli.py defines `run` (with `--fleet local:N` and the fleet settings added here) and `serve`,
+and calls `run_local_fleet` / `serve` below; `register(subparsers)` adds `fleet init|add-device`.
 """
 
 from __future__ import annotations
@@ -18,26 +19,6 @@ FLEET_HELP = ("train on devices instead of simulated clients: local:N starts a s
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import _add_config_args
-
-    run_parser = sub.choices.get("run")
-    if run_parser is not None:
-        run_parser.add_argument("--fleet", metavar="local:N", help=FLEET_HELP)
-        _add_fleet_settings(run_parser)
-        plain_run = run_parser.get_default("func")
-        run_parser.set_defaults(func=lambda args: cmd_run_fleet(args) if args.fleet else plain_run(args))
-
-    p = sub.add_parser("serve", help="coordinate a real fleet over an existing broker (no local devices)")
-    _add_config_args(p)
-    p.add_argument("--broker-url", required=True, help="mqtts://HOST:PORT of the fleet's mosquitto")
-    p.add_argument("--fleet-dir", required=True, help="fleet directory from `devft fleet init` (server credentials)")
-    p.add_argument("--name", default="default", help="run name; output goes to RUNS_DIR/NAME and is the run id")
-    p.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_fleet_settings(p)
-    p.set_defaults(func=cmd_serve)
-
     p = sub.add_parser("fleet", help="provision a fleet: CA, broker certificate, device credentials")
     fsub = p.add_subparsers(dest="fleet_command", required=True)
     q = fsub.add_parser("init", help="create the CA, the broker certificate, ACL and the server user in DIR")
@@ -56,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_fleet_add_device)
 
 
-def _add_fleet_settings(p: argparse.ArgumentParser) -> None:
+def add_fleet_settings(p: argparse.ArgumentParser) -> None:
+    """The round policy options of `run --fleet` and `serve` (defaults: FleetSettings)."""
     p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds devices have to answer a round (default 120)")
     p.add_argument("--quorum", type=float, default=None, help="fraction of sampled devices a round needs (default 0.6)")
@@ -85,18 +67,11 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         raise ConfigError(str(exc)) from None
 
 
-def _run_dir_and_config(args: argparse.Namespace) -> tuple[Path, RunConfig]:
-    from .cli import _load_config
-
-    run_dir = Path(args.resume) if args.resume else Path(args.runs_dir) / args.name
-    cfg = RunConfig.from_file(run_dir / "config.json") if args.resume else _load_config(args)
-    return run_dir, cfg
-
-
-def cmd_run_fleet(args: argparse.Namespace) -> int:
-    from .cli import _summary
+def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
+    """`devft run --fleet local:N`: a secured broker, the coordinator and N devices on this machine."""
     from .fleet import QuorumNotReached
     from .local_fleet import run_local
+    from .report import summary_text
 
     kind, _, count = args.fleet.partition(":")
     if kind != "local" or not count.isdigit() or int(count) < 1:
@@ -109,7 +84,6 @@ def cmd_run_fleet(args: argparse.Namespace) -> int:
     except MosquittoNotFound as exc:
         raise ConfigError(f"--fleet local needs mosquitto: {exc}") from None
     n = int(count)
-    run_dir, cfg = _run_dir_and_config(args)
     if cfg.num_clients != n and not args.resume:
         print(f"devft: --fleet local:{n}: num_clients set to {n} (one data shard per device)", file=sys.stderr)
         cfg = cfg.with_overrides({"num_clients": n}).validate()
@@ -121,7 +95,7 @@ def cmd_run_fleet(args: argparse.Namespace) -> int:
         return 1
     if report.get("interrupted"):
         return 0
-    print(_summary(report, run_dir))
+    print(summary_text(report, run_dir))
     for name, d in sorted(report["fleet"]["devices"].items()):
         down = ", ".join(f"stage {s}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
         print(f"  {name}: {d['rounds']} rounds, peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB, "
@@ -131,16 +105,16 @@ def cmd_run_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
+    """`devft serve`: coordinate a fleet over an existing broker."""
     from .broker import server_credentials
-    from .cli import _summary
     from .fleet import QuorumNotReached, fleet_executor_factory
-    from .simulation import run
+    from .report import summary_text
+    from .rounds import run
 
     url = urlparse(args.broker_url)
     if url.scheme not in ("mqtts", "ssl", "tls") or not url.hostname:
         raise ConfigError(f"--broker-url {args.broker_url!r} must look like mqtts://HOST:PORT (TLS only)")
-    run_dir, cfg = _run_dir_and_config(args)
     creds = server_credentials(args.fleet_dir)
     factory = fleet_executor_factory(run_dir, creds, _fleet_settings(args, run_dir), host=url.hostname,
                                      port=url.port or 8883)
@@ -154,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .local_fleet import add_fleet_summary
 
     report = add_fleet_summary(run_dir, report)
-    print(_summary(report, run_dir))
+    print(summary_text(report, run_dir))
     return 0
 
 

@@ -1,46 +1,22 @@
 """Deconfliction-guided layer grouping (DEVFT §3.2) and its ablations.
 
 Layers whose effective weights point the same way conflict least when fused, so we
-cluster the cosine-similarity graph of layers spectrally into as many groups as the
-stage has layers. `random` and `sequential` sit behind the same interface.
+cluster the cosine-similarity graph of layers (`similarity.layer_similarity`) spectrally
+into as many groups as the stage has layers. `random` and `sequential` sit behind the
+same interface: `GROUPINGS` maps each config name to its rule, so a new grouping is one
+function registered there plus its test.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.cluster.vq
 import scipy.linalg
-import torch
-from transformers import LlamaForCausalLM
-
-from .lora import LoraState, layer_slice
 
 Groups = list[list[int]]
-
-
-def layer_similarity(model: LlamaForCausalLM, lora: LoraState | None = None, scaling: float = 1.0) -> np.ndarray:
-    """Cosine similarity between decoder layers' effective adapted weights W + scaling * B @ A.
-
-    Accumulated tensor by tensor as a Gram matrix, so the full model is never flattened at once."""
-    layers = model.model.layers
-    n = len(layers)
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    names = [name for name, _ in layers[0].named_parameters()]
-    for name in names:
-        rows = []
-        for i, layer in enumerate(layers):
-            w = layer.get_parameter(name).detach().to(torch.float64)
-            module = name.removesuffix(".weight")
-            if lora is not None and name.endswith(".weight"):
-                sl = layer_slice(lora, i)
-                a, b = sl.get(f"{module}.lora_A"), sl.get(f"{module}.lora_B")
-                if a is not None and b is not None:
-                    w = w + scaling * (b.to(torch.float64) @ a.to(torch.float64))
-            rows.append(w.reshape(-1))
-        x = torch.stack(rows)
-        gram += x @ x.T
-    norms = torch.sqrt(torch.clamp(torch.diag(gram), min=1e-30))
-    return (gram / norms[:, None] / norms[None, :]).numpy()
+GroupingRule = Callable[[np.ndarray, int, int], Groups]  # (similarity, k, seed) -> k groups
 
 
 def spectral_groups(similarity: np.ndarray, k: int, seed: int = 0, restarts: int = 10) -> Groups:
@@ -98,15 +74,18 @@ def sort_groups(groups: Groups) -> Groups:
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
+GROUPINGS: dict[str, GroupingRule] = {
+    "deconfliction": lambda similarity, k, seed: spectral_groups(similarity, k, seed=seed),
+    "random": lambda similarity, k, seed: random_groups(similarity.shape[0], k, seed=seed),
+    "sequential": lambda similarity, k, seed: sequential_groups(similarity.shape[0], k),
+}
+
+
 def make_groups(method: str, similarity: np.ndarray, k: int, seed: int) -> Groups:
-    n = similarity.shape[0]
-    if method == "deconfliction":
-        return spectral_groups(similarity, k, seed=seed)
-    if method == "random":
-        return random_groups(n, k, seed=seed)
-    if method == "sequential":
-        return sequential_groups(n, k)
-    raise ValueError(f"unknown grouping method {method!r}; use deconfliction, random or sequential")
+    """Split the layers of `similarity` into k groups with the rule registered as `method`."""
+    if method not in GROUPINGS:
+        raise ValueError(f"unknown grouping method {method!r}; use one of {list(GROUPINGS)}")
+    return GROUPINGS[method](similarity, k, seed)
 
 
 def _check_k(n: int, k: int) -> None:

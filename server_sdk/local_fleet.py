@@ -129,7 +129,7 @@ class LocalFleet:
 def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False, progress: bool = True,
               settings: FleetSettings | None = None, base=None) -> dict:
     """`devft run --fleet local:N`: broker, coordinator and N devices on this machine."""
-    from .simulation import run
+    from .rounds import run
 
     run_dir = Path(run_dir)
     with LocalFleet(run_dir / "fleet", n_devices) as fleet:

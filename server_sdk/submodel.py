@@ -1,19 +1,19 @@
-"""Stage submodels: group the full model's layers, fuse each group into one layer, and
-send the trained LoRA back to every member when the stage ends."""
+"""Stage submodels: given a stage's plan (which full-model layers each submodel layer stands
+for), fuse each group into one layer, and send the trained LoRA back to every member when
+the stage ends. The strategy (strategies/) makes the plan and picks the rules."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .config import LoraSettings
-from .fusion import choose_anchor, fuse_group
-from .grouping import Groups, layer_similarity, make_groups
-from .lora import LoraState, attach_lora, layer_slice, scaling, with_layer, write_lora
+from .fusion import TRANSFERS, fuse_group, pick
+from .grouping import Groups
+from .lora import LoraState, attach_lora, layer_slice, with_layer, write_lora
 
 
 @dataclass
@@ -26,17 +26,12 @@ class StagePlan:
     anchors: list[int]
 
     def to_dict(self) -> dict:
+        """JSON form, for the checkpoint, the kept stage starts and report.json."""
         return asdict(self)
 
-
-def plan_stage(model: LlamaForCausalLM, full_lora: LoraState, lora_settings: LoraSettings, stage: int,
-               n_sub_layers: int, grouping: str, anchor_rule: str, seed: int) -> tuple[StagePlan, np.ndarray]:
-    """Group the current (adapted) full model into n_sub_layers groups, ordered by anchor depth."""
-    sim = layer_similarity(model, full_lora, scaling(lora_settings))
-    groups = make_groups(grouping, sim, n_sub_layers, seed=seed + 1000 * stage)
-    anchors = [choose_anchor(g, sim, anchor_rule) for g in groups]
-    order = sorted(range(len(groups)), key=lambda i: anchors[i])
-    return StagePlan(stage, n_sub_layers, [groups[i] for i in order], [anchors[i] for i in order]), sim
+    @classmethod
+    def from_dict(cls, raw: dict) -> StagePlan:
+        return cls(raw["stage"], raw["n_layers"], raw["groups"], raw["anchors"])
 
 
 def identity_plan(n_layers: int, stage: int = 0) -> StagePlan:
@@ -99,16 +94,16 @@ def transfer_lora_back(full_lora: LoraState, trained: LoraState, initial: LoraSt
                        mode: str = "copy") -> LoraState:
     """Send each fused layer's trained LoRA back to every member of its group.
 
-    copy: members get the trained tensors; delta: members add (trained - initial) to their own."""
-    if mode not in ("copy", "delta"):
-        raise ValueError(f"unknown transfer mode {mode!r}; use copy or delta")
+    `mode` names a rule of fusion.TRANSFERS (copy: members get the trained tensors; delta:
+    members add (trained - initial) to their own)."""
+    rule = pick(TRANSFERS, "transfer mode", mode)
     out = {k: v.clone() for k, v in full_lora.items()}
     for i, group in enumerate(plan.groups):
         trained_i, initial_i = layer_slice(trained, i), layer_slice(initial, i)
         for member in group:
             for name, t in trained_i.items():
                 key = f"layers.{member}.{name}"
-                out[key] = t.clone() if mode == "copy" else out[key] + (t - initial_i[name])
+                out[key] = rule(out[key], t, initial_i[name])
     return out
 
 

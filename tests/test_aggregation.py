@@ -90,7 +90,7 @@ def test_a_stealthy_attacker_under_the_norm_bound_moves_robust_rules_less_than_o
 
 def test_robust_rules_on_a_tiny_run_stay_within_seed_noise(tiny_base, tiny_cfg, tmp_path):
     """Median and trimmed mean on an honest run end where FedAvg does, within the spread of seeds."""
-    from server_sdk.simulation import run
+    from server_sdk.rounds import run
 
     def final_loss(**kw) -> float:
         cfg = tiny_cfg(stages=[6], rounds_per_stage=[4], num_clients=4, clients_per_round=4, local_steps=5,

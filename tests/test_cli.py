@@ -17,6 +17,21 @@ def test_help_lists_the_commands(capsys):
         assert cmd in out
 
 
+def test_every_command_is_wired_explicitly():
+    # subcommands are imported, not discovered: a broken import fails here instead of a command vanishing
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == {"plan", "run", "eval", "serve", "fleet", "export", "report"}
+    run = sub.choices["run"].parse_args(["--fleet", "local:2", "--quorum", "0.5", "--round-timeout", "9"])
+    assert (run.fleet, run.quorum, run.round_timeout, run.max_update_norm) == ("local:2", 0.5, 9.0, None)
+    serve = sub.choices["serve"].parse_args(["--broker-url", "mqtts://b:8883", "--fleet-dir", "f", "--quorum", "1"])
+    assert serve.quorum == 1.0 and serve.fleet_dir == "f"
+
+
+def test_unknown_strategy_names_the_registered_ones(capsys):
+    assert main(["plan", "--strategy", "fedprox"]) == 2
+    assert "strategy='fedprox' is not valid; choose one of ['devft', 'fedit', 'ffa-lora']" in capsys.readouterr().err
+
+
 def test_plan_run_eval_on_a_tiny_model(tmp_path, capsys):
     assert main(["plan", *TINY, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)

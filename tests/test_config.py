@@ -4,6 +4,7 @@ import pytest
 
 from server_sdk.config import ConfigError, RunConfig
 from server_sdk.model import ModelError, load_base_model
+from server_sdk.strategies import make_strategy
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -14,7 +15,6 @@ from server_sdk.model import ModelError, load_base_model
     ({"lora": {"target_modules": ["q_proj", "qkv"]}}, "unknown target module 'qkv'"),
     ({"rounds_per_stage": 0}, "rounds_per_stage=0: every stage needs at least 1 round"),
     ({"rounds_per_stage": [1, 0]}, "every stage needs at least 1 round"),
-    ({"strategy": "fedprox"}, "strategy='fedprox' is not valid"),
     ({"grouping": "kmeans"}, "grouping='kmeans'"),
     ({"fusion": "sum"}, "fusion='sum'"),
     ({"transfer": "move"}, "transfer='move'"),
@@ -31,15 +31,34 @@ def test_bad_values_are_rejected_naming_field_and_value(overrides, match):
         RunConfig.from_dict(overrides).validate()
 
 
+def test_unknown_strategy_is_rejected_with_the_registered_names():
+    # strategy names live in one registry (server_sdk.strategies.STRATEGIES); make_strategy checks them
+    with pytest.raises(ConfigError, match=r"strategy='fedprox' is not valid; choose one of \['devft', 'fedit', 'ffa-lora'\]"):
+        make_strategy(RunConfig(strategy="fedprox").validate())
+
+
+def test_option_names_come_from_the_rule_registries():
+    from server_sdk.fusion import ANCHORS, FUSIONS, TRANSFERS
+    from server_sdk.grouping import GROUPINGS
+
+    for field, registry in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
+                            ("transfer", TRANSFERS)):
+        for name in registry:
+            RunConfig.from_dict({field: name}).validate()
+        with pytest.raises(ConfigError, match=f"choose one of {list(registry)}".replace("[", r"\[")):
+            RunConfig.from_dict({field: "nope"}).validate()
+
+
 def test_stage_schedule_checked_against_the_model():
+    # the schedule is the strategy's (DEVFT's `stages`; FedIT trains the full model in one stage)
     with pytest.raises(ConfigError, match="larger than the model's 30 layers"):
-        RunConfig(stages=[4, 8, 32]).validate(30)
+        make_strategy(RunConfig(stages=[4, 8, 32])).stage_sizes(30)
     with pytest.raises(ConfigError, match="last stage must be the full model"):
-        RunConfig(stages=[4, 8, 16]).validate(30)
+        make_strategy(RunConfig(stages=[4, 8, 16])).stage_sizes(30)
     with pytest.raises(ConfigError, match="rounds_per_stage has 2 entries but there are 4 stages"):
-        RunConfig(rounds_per_stage=[1, 2]).validate(30)
-    assert RunConfig().resolved_stages(30) == [4, 8, 16, 30]
-    assert RunConfig(strategy="fedit").resolved_stages(30) == [30]
+        RunConfig(rounds_per_stage=[1, 2]).resolved_rounds(len(make_strategy(RunConfig()).stage_sizes(30)))
+    assert make_strategy(RunConfig()).stage_sizes(30) == [4, 8, 16, 30]
+    assert make_strategy(RunConfig(strategy="fedit")).stage_sizes(30) == [30]
 
 
 def test_unknown_fields_and_roundtrip(tmp_path):

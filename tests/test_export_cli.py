@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.manifest import load_manifest
-from export.cli import ExportError, export_stage
 from server_sdk import checkpoint
 from server_sdk.cli import main
+from server_sdk.export_cli import ExportError, export_stage
 from server_sdk.lora import to_peft_key
 
 
@@ -28,7 +28,7 @@ def _same(canonical: dict, artifact: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_cfg):
     """A finished 2-stage run on tiny-random-L4 and one stopped inside stage 0."""
-    from server_sdk.simulation import run
+    from server_sdk.rounds import run
 
     root = tmp_path_factory.mktemp("runs")
     cfg = tiny_cfg(model="tiny-random-L4", stages=[2, 4], rounds_per_stage=2, num_clients=2, local_steps=1)

@@ -331,13 +331,13 @@ def fleet_cfg(**kw) -> RunConfig:
 
 
 class FleetRun:
-    """simulation.run over a LocalFleet in a background thread, so a test can break things meanwhile."""
+    """rounds.run over a LocalFleet in a background thread, so a test can break things meanwhile."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, base, n: int, settings: FleetSettings,
                  device_code: dict[str, str] | None = None, resume: bool = False):
         from server_sdk.fleet import fleet_executor_factory
         from server_sdk.local_fleet import LocalFleet
-        from server_sdk.simulation import run
+        from server_sdk.rounds import run
 
         self.run_dir = run_dir
         self.fleet = LocalFleet(run_dir / "fleet", n)

@@ -94,3 +94,42 @@ def test_fedavg_weights_by_sample_count():
     assert out["a"].tolist() == [1.0, 3.0]
     with pytest.raises(ValueError):
         fedavg(g, [])
+
+
+def test_a_registered_fusion_rule_is_valid_config_and_the_strategy_fuses_with_it(full, monkeypatch):
+    # the extension point: one function in fusion.FUSIONS, nothing else to touch
+    from server_sdk import fusion
+    from server_sdk.config import ConfigError, RunConfig
+    from server_sdk.strategies import make_strategy
+
+    model, lora = full
+    with pytest.raises(ConfigError, match="fusion='deepest'"):
+        RunConfig(fusion="deepest").validate()
+    monkeypatch.setitem(fusion.FUSIONS, "deepest", lambda members, anchor_pos, beta: fusion.fuse_select(members, -1, beta))
+    strategy = make_strategy(RunConfig(fusion="deepest", lora=LORA).validate())
+    plan = StagePlan(0, 2, [[0, 2, 3], [1, 4, 5]], [2, 4])
+    sub, sub_lora = strategy.build_submodel(model, lora, plan)
+    inner = sub.get_base_model()
+    for i, group in enumerate(plan.groups):
+        deepest = _layer(model, group[-1])
+        weights = {k.replace(".base_layer", ""): v for k, v in inner.model.layers[i].state_dict().items() if "lora_" not in k}
+        assert set(weights) == set(deepest)
+        assert all(torch.equal(v, deepest[k]) for k, v in weights.items())
+        assert not torch.equal(weights["self_attn.q_proj.weight"], _layer(model, group[0])["self_attn.q_proj.weight"])
+        for name, value in layer_slice(sub_lora, i).items():
+            assert torch.equal(value, layer_slice(lora, group[-1])[name])
+
+
+def test_strategies_own_their_transfer(full):
+    from server_sdk.config import RunConfig
+    from server_sdk.strategies import make_strategy
+
+    _, lora = full
+    plan = StagePlan(0, 2, [[0, 2, 3], [1, 4, 5]], [0, 1])
+    initial = {k: v for k, v in lora.items() if k.startswith(("layers.0.", "layers.1."))}
+    trained = {k: v + 1.0 for k, v in initial.items()}
+    devft_delta = make_strategy(RunConfig(transfer="delta")).finish_stage(lora, trained, initial, plan)
+    fedit = make_strategy(RunConfig(strategy="fedit", transfer="delta")).finish_stage(lora, trained, initial, plan)
+    key = "layers.2.self_attn.q_proj.lora_A"
+    torch.testing.assert_close(devft_delta[key], lora[key] + 1.0)
+    assert torch.equal(fedit[key], trained["layers.0.self_attn.q_proj.lora_A"])  # FedIT always copies

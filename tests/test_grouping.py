@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from server_sdk.grouping import layer_similarity, random_groups, sequential_groups, spectral_groups
+from server_sdk.grouping import random_groups, sequential_groups, spectral_groups
 from server_sdk.model import tiny_random_model
+from server_sdk.similarity import layer_similarity
 
 
 def _is_partition(groups, n, k):

@@ -8,7 +8,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from server_sdk.lora import read_lora
-from server_sdk.simulation import run
+from server_sdk.rounds import run
 from server_sdk.submodel import copy_model
 
 

@@ -1,6 +1,9 @@
-"""Federated strategies behind one interface; a new method is a new file."""
+"""Federated strategies behind one interface; a new method is a new file registered here.
 
-from ..config import RunConfig
+`STRATEGIES` is the one list of strategy names: the config's `strategy` field and the
+command line take their choices from it."""
+
+from ..config import RunConfig, check_choice
 from .base import Strategy, fedavg
 from .devft import DevFT
 from .fedit import FedIT
@@ -10,6 +13,8 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (DevFT, FedIT, FFALo
 
 
 def make_strategy(cfg: RunConfig) -> Strategy:
+    """The strategy the config names; ConfigError (with the choices) for an unknown name."""
+    check_choice("strategy", cfg.strategy, STRATEGIES)
     return STRATEGIES[cfg.strategy](cfg)
 
 

@@ -1,8 +1,11 @@
 """The strategy interface every federated method implements (after Flower's Strategy).
 
 A run is a list of stages; each stage trains one submodel for some rounds. A strategy
-decides the stages, the submodel of each stage, which LoRA tensors clients train, how
-their results are aggregated, and what the full model's LoRA becomes when a stage ends.
+decides the stages, the submodel of each stage (its layer groups and how a group becomes
+one layer), which LoRA tensors clients train, how their results are aggregated, and what
+the full model's LoRA becomes when a stage ends. Callers (the round loop, `devft plan`,
+`devft export`, the benchmarks) ask the strategy for each of these and never apply a
+rule themselves.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
+from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from ..config import RunConfig
 from ..lora import LoraState
-from ..submodel import StagePlan
+from ..submodel import StagePlan, build_submodel
 from ..trainer import ClientResult
 
 
@@ -27,12 +31,18 @@ class Strategy(ABC):
 
     @abstractmethod
     def stage_sizes(self, n_layers: int) -> list[int]:
-        """Submodel depth of each stage; the last is the full model."""
+        """Submodel depth of each stage; the last is the full model. ConfigError if the
+        configured schedule does not fit a model of n_layers layers."""
 
     @abstractmethod
     def configure_stage(self, stage: int, model: LlamaForCausalLM, full_lora: LoraState,
                         n_sub_layers: int) -> tuple[StagePlan, np.ndarray | None]:
         """Group the full model's layers for this stage (and the similarity matrix used, if any)."""
+
+    def build_submodel(self, model: LlamaForCausalLM, full_lora: LoraState,
+                       plan: StagePlan) -> tuple[PeftModel, LoraState]:
+        """The stage's submodel with its initial LoRA. Without fusion, each group is one layer as it is."""
+        return build_submodel(model, full_lora, plan, 0.0, "select", self.cfg.lora)
 
     def is_trainable(self, name: str) -> bool:
         """Which LoRA tensors clients train and send back."""

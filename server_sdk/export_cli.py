@@ -1,8 +1,9 @@
 """`devft export`: turn a stage submodel into device artifacts (ORT or ExecuTorch).
 
-Two sources of a submodel:
+The server builds the submodel (through the run's strategy) and export.stage writes and
+verifies the artifacts; export/ never imports the server. Two sources of a submodel:
 - a run directory (`--run runs/NAME --stage N`): the stage's plan from the run and the
-  full LoRA at that stage's start, rebuilt with server_sdk.submodel.build_submodel;
+  full LoRA at that stage's start, rebuilt by the run's strategy (`Strategy.build_submodel`);
 - a base model (`--model smollm2-135m --layers K`): a fresh first-stage submodel of K
   layers, for benchmarks and smoke tests.
 
@@ -20,88 +21,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.manifest import BACKENDS, Manifest, load_manifest
+from edge_runtime.manifest import BACKENDS, load_manifest
+from export.stage import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, ExportError, StageSource, export_submodel
 
-DEFAULT_MAX_SEQ_LEN = 256
-DEFAULT_MAX_BATCH = 4  # ExecuTorch plans activation memory for this batch size
-
-
-@dataclass
-class StageSource:
-    """A rebuilt stage submodel and what it was built from (recorded in the manifest)."""
-
-    peft_model: Any
-    tokenizer: Any
-    run_id: str
-    stage: int
-    groups: list[list[int]]
-    anchors: list[int]
-    note: str
-
-
-class ExportError(ValueError):
-    """The requested stage cannot be exported from what is on disk; the message says why."""
-
-
-def export_submodel(
-    source: StageSource,
-    backend: str,
-    out_dir: str | os.PathLike[str],
-    *,
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    optimizer: str = "adamw",
-) -> Path:
-    """Export `source` with `backend` into `out_dir`, then reload and verify its manifest."""
-    if backend not in BACKENDS:
-        raise ExportError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    meta = dict(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors)
-    with tempfile.TemporaryDirectory() as tok_dir:
-        source.tokenizer.save_pretrained(tok_dir)
-        if backend == "ort":
-            from export.ort import export_ort_artifacts
-
-            out = export_ort_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir, optimizer=optimizer,
-                                       max_seq_len=max_seq_len, **meta)
-        else:
-            from export.executorch import export_executorch_artifacts
-
-            out = export_executorch_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir,
-                                              max_seq_len=max_seq_len, max_batch=max_batch, **meta)
-    verify(out, source.peft_model)
-    return out
-
-
-def verify(out_dir: Path, peft_model: Any) -> Manifest:
-    """Load the written manifest back, with hashes and the model's LoRA shapes, as a device would."""
-    from export import naming
-
-    state = peft_model.state_dict()
-    shapes = {k: tuple(state[k].shape) for k in naming.lora_peft_names(state)}
-    return load_manifest(out_dir, expected_trainable=shapes)
+from .config import RunConfig
 
 
 def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = False) -> StageSource:
     """Rebuild stage `stage` of a run: its plan and the full LoRA at its start (see module docstring).
 
     final=True (last stage only): the full model with the run's final LoRA instead."""
-    from server_sdk import checkpoint
-    from server_sdk.config import RunConfig
-    from server_sdk.model import load_base_model
-    from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import StagePlan, build_submodel, identity_plan
+    # the server's model code is loaded only when a command needs it, so `devft --help` stays quick
+    from . import checkpoint
+    from .model import load_base_model
+    from .strategies import make_strategy
+    from .submodel import StagePlan, identity_plan
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ExportError(f"{run_dir} is not a devft run directory (no config.json); pass --run runs/<name>")
     cfg = RunConfig.from_file(run_dir / "config.json")
     base = load_base_model(cfg.model)
-    stages = make_strategy(cfg).stage_sizes(base.n_layers)
+    strategy = make_strategy(cfg)
+    stages = strategy.stage_sizes(base.n_layers)
     last = len(stages) - 1
     if not 0 <= stage <= last:
         raise ExportError(f"run {run_dir} has stages 0..{last} ({stages} layers); got --stage {stage}")
@@ -112,31 +58,31 @@ def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = 
     meta, tensors = loaded if loaded else ({}, {})
     current = meta.get("stage")
     if kept is not None:
-        plan, full = StagePlan(**kept[0]), kept[1]
+        plan, full = StagePlan.from_dict(kept[0]), kept[1]
         note = f"stage {stage}: its plan and starting full LoRA kept in {run_dir / 'stages'}"
     elif current == stage and meta.get("plan") is not None:
-        plan = StagePlan(**meta["plan"])
+        plan = StagePlan.from_dict(meta["plan"])
         full, note = tensors["full"], f"stage {stage} in progress: its plan and starting full LoRA from the checkpoint"
     elif stage == last and (current == len(stages) or (run_dir / "adapter").is_dir()):
         plan = identity_plan(base.n_layers, stage)
-        full, note = _final_lora(run_dir, base, cfg, tensors if current == len(stages) else None)
+        full, note = _final_lora(run_dir, base, tensors if current == len(stages) else None)
     else:
         where = "the run has no checkpoint" if current is None else f"the checkpoint is at stage {current}"
         raise ExportError(
             f"run {run_dir}: the full LoRA at the start of stage {stage} is not kept ({where}); a run keeps only the "
             f"starting LoRA of the stage in progress and the final adapter, which goes with the last stage (--stage {last})"
         )
-    sub, _ = build_submodel(base.model, full, plan, cfg.beta, cfg.fusion, cfg.lora)
+    sub, _ = strategy.build_submodel(base.model, full, plan)
     return StageSource(sub.float(), base.tokenizer, run_dir.resolve().name, stage, plan.groups, plan.anchors, note)
 
 
-def _final_lora(run_dir: Path, base: Any, cfg: Any, tensors: dict | None) -> tuple[dict, str]:
+def _final_lora(run_dir: Path, base: Any, tensors: dict | None) -> tuple[dict, str]:
     if tensors is not None:
         return tensors["full"], "last stage (full model) with the final LoRA from the checkpoint"
     from peft import PeftModel
 
-    from server_sdk.lora import read_lora
-    from server_sdk.submodel import copy_model
+    from .lora import read_lora
+    from .submodel import copy_model
 
     model = PeftModel.from_pretrained(copy_model(base.model), run_dir / "adapter")
     return read_lora(model), "last stage (full model) with the final adapter"
@@ -144,19 +90,19 @@ def _final_lora(run_dir: Path, base: Any, cfg: Any, tensors: dict | None) -> tup
 
 def fresh_stage_source(model: str, layers: int) -> StageSource:
     """The first-stage submodel of `layers` layers of a base model with fresh LoRA (B = 0), default config."""
-    from server_sdk.config import RunConfig
-    from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.model import load_base_model
-    from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import build_submodel, copy_model
+    from .lora import attach_lora, read_lora
+    from .model import load_base_model
+    from .strategies import make_strategy
+    from .submodel import copy_model
 
     cfg = RunConfig(model=model)
     base = load_base_model(model)
     if not 1 <= layers <= base.n_layers:
         raise ExportError(f"--layers must be in 1..{base.n_layers} for {base.name}, got {layers}")
     lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
-    plan, _ = make_strategy(cfg).configure_stage(0, base.model, lora, layers)
-    sub, _ = build_submodel(base.model, lora, plan, cfg.beta, cfg.fusion, cfg.lora)
+    strategy = make_strategy(cfg)
+    plan, _ = strategy.configure_stage(0, base.model, lora, layers)
+    sub, _ = strategy.build_submodel(base.model, lora, plan)
     return StageSource(sub.float(), base.tokenizer, f"fresh-{base.name}", 0, plan.groups, plan.anchors,
                        f"fresh {layers}-layer first-stage submodel of {base.name}")
 
@@ -211,8 +157,6 @@ def register(sub: Any) -> None:
 
 
 def _guarded(args: argparse.Namespace) -> int:
-    import sys
-
     try:
         return cmd_export(args)
     except ExportError as err:

@@ -1,0 +1,73 @@
+"""Export one stage submodel with a chosen backend (ONNX Runtime Training or ExecuTorch)
+and check the written manifest as a device would.
+
+The submodel comes from the caller (`devft export` builds it from a run or a base model
+through the run's strategy: server_sdk/export_cli.py); this package never needs the server.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.manifest import BACKENDS, Manifest, load_manifest
+from export import naming
+
+DEFAULT_MAX_SEQ_LEN = 256
+DEFAULT_MAX_BATCH = 4  # ExecuTorch plans activation memory for this batch size
+
+
+@dataclass
+class StageSource:
+    """A rebuilt stage submodel and what it was built from (recorded in the manifest)."""
+
+    peft_model: Any
+    tokenizer: Any
+    run_id: str
+    stage: int
+    groups: list[list[int]]
+    anchors: list[int]
+    note: str
+
+
+class ExportError(ValueError):
+    """The requested stage cannot be exported from what is on disk; the message says why."""
+
+
+def export_submodel(
+    source: StageSource,
+    backend: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    optimizer: str = "adamw",
+) -> Path:
+    """Export `source` with `backend` into `out_dir`, then reload and verify its manifest."""
+    if backend not in BACKENDS:
+        raise ExportError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    meta = dict(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        source.tokenizer.save_pretrained(tok_dir)
+        if backend == "ort":
+            from export.ort import export_ort_artifacts  # each backend's toolchain is loaded only when used
+
+            out = export_ort_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir, optimizer=optimizer,
+                                       max_seq_len=max_seq_len, **meta)
+        else:
+            from export.executorch import export_executorch_artifacts
+
+            out = export_executorch_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir,
+                                              max_seq_len=max_seq_len, max_batch=max_batch, **meta)
+    verify(out, source.peft_model)
+    return out
+
+
+def verify(out_dir: Path, peft_model: Any) -> Manifest:
+    """Load the written manifest back, with hashes and the model's LoRA shapes, as a device would."""
+    state = peft_model.state_dict()
+    shapes = {k: tuple(state[k].shape) for k in naming.lora_peft_names(state)}
+    return load_manifest(out_dir, expected_trainable=shapes)
