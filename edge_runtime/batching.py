@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 IGNORE_INDEX = -100
+# The one sequence length of a run (tokens per example after truncation): the run config's `seq_len`
+# default, what exporters trace for and write into the manifest, and what devices truncate to.
+DEFAULT_SEQ_LEN = 128
 
 
 def join(prompt_ids: list[int], completion_ids: list[int], seq_len: int) -> tuple[list[int], list[int]]:

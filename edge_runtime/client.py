@@ -393,7 +393,7 @@ class Device:
             raise DeviceError(f"control names trainable tensors the artifacts lack: {unknown[:3]}")
         # the onnx trainer leaves non-trainable tensors alone; the legacy ones update all, so restore those
         frozen = {k: v for k, v in received.items() if k not in set(trainable)} if fmt != "onnx" else {}
-        seq_len = trainer.manifest.max_seq_len  # the run's one sequence length, carried in the manifest
+        seq_len = trainer.manifest.seq_len  # the run's one sequence length, carried in the manifest
         encoded = self._encoded_shard(art_dir, trainer, seq_len)
         pad = _pad_id(trainer.manifest.model_config)
         rng = np.random.default_rng(hp.seeds[self.device_id])

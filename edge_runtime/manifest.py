@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "onnx" backend; `max_seq_len` renamed `seq_len` (the run's one sequence length)
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("onnx", "ort", "executorch")
 
@@ -80,7 +80,7 @@ class Manifest:
     model_config: dict[str, Any]
     trainable: list[TensorSpec]
     inputs: list[InputSpec]
-    max_seq_len: int
+    seq_len: int
     groups: list[list[int]] = field(default_factory=list)
     anchors: list[int] = field(default_factory=list)
     versions: dict[str, Any] = field(default_factory=dict)  # opset, ir_version, runtime, exporter...

@@ -340,7 +340,7 @@ class TrainSettings:
     the LoRA tensors named in `trainable` (PEFT names; the others keep their received values),
     and answers once per (run, stage, round, session): `session` changes when the coordinator
     restarts, so a repeated round after a crash is trained again. Sequences are truncated to the
-    artifacts' `max_seq_len` (manifest), the one sequence length of a run.
+    artifacts' `seq_len` (manifest), the one sequence length of a run.
     """
 
     lr: float

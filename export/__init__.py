@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.batching import DEFAULT_SEQ_LEN
+
 FORMATS = ("onnx", "ort", "executorch")
 
 
@@ -24,7 +26,7 @@ def export_artifacts(
     peft_model: Any,
     out_dir: str | os.PathLike[str],
     *,
-    max_seq_len: int,
+    seq_len: int = DEFAULT_SEQ_LEN,
     template_root: str | os.PathLike[str] | None = None,
     run_id: str = "",
     stage: int = 0,
@@ -40,13 +42,14 @@ def export_artifacts(
     only gets its weights written. ExecuTorch programs embed their weights and are traced each time.
     """
     meta: dict[str, Any] = dict(run_id=run_id, stage=stage, groups=groups, anchors=anchors,
-                                tokenizer_dir=tokenizer_dir, max_seq_len=max_seq_len)
+                                tokenizer_dir=tokenizer_dir, seq_len=seq_len)
     if fmt == "onnx":
         from export.onnx import export_onnx_artifacts
 
         if template_root is None:
             raise ValueError("the onnx format needs a template_root to cache its traced graphs in")
-        return export_onnx_artifacts(peft_model, out_dir, Path(template_root) / "onnx-templates", **meta)
+        return export_onnx_artifacts(peft_model, out_dir, Path(template_root) / "onnx-templates", optimizer=optimizer,
+                                     **meta)
     if fmt == "ort":
         from export.cached import export_stage_cached
         from export.ort import export_ort_artifacts

@@ -2,7 +2,7 @@
 
 `export_ort_artifacts` traces the model, builds gradient and optimizer graphs and
 writes the checkpoint; for a tiny model that is ~30 s, for SmolLM2 minutes. The
-graphs depend only on the submodel's shape (config, LoRA config, max_seq_len,
+graphs depend only on the submodel's shape (config, LoRA config, seq_len,
 optimizer, tool versions), never on weight values: weights live in the
 checkpoint. A DEVFT run builds a new submodel per stage with fused weights, and a
 resumed run rebuilds the same one, so we keep one full export per shape under
@@ -24,6 +24,7 @@ from typing import Any
 
 import onnx
 
+from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 from export import naming
 from export.ort import copy_tokenizer, export_ort_artifacts, json_config
@@ -33,14 +34,14 @@ GRAPHS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 CHECKPOINT = "checkpoint"
 
 
-def template_key(peft_model: Any, *, optimizer: str, max_seq_len: int) -> str:
+def template_key(peft_model: Any, *, optimizer: str, seq_len: int) -> str:
     """Hash of everything the exported graphs depend on (not the weight values)."""
     peft_cfg = {k: {f: x for f, x in _stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
                 for k, v in peft_model.peft_config.items()}
     shapes = {k: list(v.shape) for k, v in peft_model.state_dict().items()}
     config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
     blob = json.dumps({"config": config, "peft": peft_cfg, "shapes": shapes, "optimizer": optimizer,
-                       "max_seq_len": max_seq_len, "ort": version("onnxruntime-training"), "torch": version("torch"),
+                       "seq_len": seq_len, "ort": version("onnxruntime-training"), "torch": version("torch"),
                        "transformers": version("transformers"), "onnx": version("onnx")},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -98,14 +99,14 @@ def export_stage_cached(
     anchors: Sequence[int] | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
     optimizer: str = "adamw",
-    max_seq_len: int = 512,
+    seq_len: int = DEFAULT_SEQ_LEN,
 ) -> Path:
     """Same directory as `export_ort_artifacts`, reusing a cached export of the same model shape."""
     out_dir = Path(out_dir).resolve()
-    template = Path(template_root) / template_key(peft_model, optimizer=optimizer, max_seq_len=max_seq_len)
+    template = Path(template_root) / template_key(peft_model, optimizer=optimizer, seq_len=seq_len)
     if not (template / MANIFEST_NAME).is_file():
         template.parent.mkdir(parents=True, exist_ok=True)
-        export_ort_artifacts(peft_model, template, optimizer=optimizer, max_seq_len=max_seq_len)
+        export_ort_artifacts(peft_model, template, optimizer=optimizer, seq_len=seq_len)
     manifest = load_manifest(template)
     trainable, frozen = _checkpoint_names(template / CHECKPOINT)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ Artifact directory:
     tokenizer.json if a tokenizer dir was given
     manifest.json  see edge_runtime/manifest.py
 
-Both methods are planned for inputs up to [max_batch, max_seq_len]: ExecuTorch allocates
+Both methods are planned for inputs up to [max_batch, seq_len]: ExecuTorch allocates
 activation memory for that upper bound when it loads a method, so pick the bounds the device
 will use, not generous ones.
 
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.ort import check_exportable, copy_tokenizer, eager_attention, json_config
@@ -128,22 +129,22 @@ def _replace_empty_permuted(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _dynamic_shapes(names: Sequence[str], max_batch: int, max_seq_len: int) -> dict[str, Any]:
+def _dynamic_shapes(names: Sequence[str], max_batch: int, seq_len: int) -> dict[str, Any]:
     """Symbolic batch and seq up to their bounds; a bound equal to its minimum is a static size."""
     dims = {}
     if max_batch > 1:
         dims[0] = torch.export.Dim("batch", min=1, max=max_batch)
-    if max_seq_len > MIN_SEQ_LEN:
-        dims[1] = torch.export.Dim("seq", min=MIN_SEQ_LEN, max=max_seq_len)
+    if seq_len > MIN_SEQ_LEN:
+        dims[1] = torch.export.Dim("seq", min=MIN_SEQ_LEN, max=seq_len)
     return {n: dict(dims) for n in names}
 
 
-def _joint_program(peft_model: Any, example: tuple[torch.Tensor, torch.Tensor], max_batch: int, max_seq_len: int):
+def _joint_program(peft_model: Any, example: tuple[torch.Tensor, torch.Tensor], max_batch: int, seq_len: int):
     """The exported joint forward + backward program: the one place that uses the private API."""
     from torch.export.experimental import _export_forward_backward
 
     ep = torch.export.export(
-        _TrainLoss(peft_model), example, dynamic_shapes=_dynamic_shapes(("input_ids", "labels"), max_batch, max_seq_len)
+        _TrainLoss(peft_model), example, dynamic_shapes=_dynamic_shapes(("input_ids", "labels"), max_batch, seq_len)
     )
     ep = _export_forward_backward(ep)
     _replace_empty_permuted(ep.graph_module)
@@ -151,26 +152,26 @@ def _joint_program(peft_model: Any, example: tuple[torch.Tensor, torch.Tensor], 
 
 
 def _eval_program(peft_model: Any, example: tuple[torch.Tensor, torch.Tensor], lora: dict[str, torch.Tensor],
-                  max_batch: int, max_seq_len: int):
+                  max_batch: int, seq_len: int):
     wrapper = _EvalWithLora(peft_model, list(lora))
-    shapes = _dynamic_shapes(("input_ids", "labels"), max_batch, max_seq_len)
+    shapes = _dynamic_shapes(("input_ids", "labels"), max_batch, seq_len)
     shapes["lora"] = tuple({} for _ in lora)
     with torch.no_grad():
         return torch.export.export(wrapper, (*example, *lora.values()), dynamic_shapes=shapes)
 
 
-def lower(peft_model: Any, *, max_batch: int, max_seq_len: int) -> tuple[Any, list[str]]:
+def lower(peft_model: Any, *, max_batch: int, seq_len: int) -> tuple[Any, list[str]]:
     """ExecutorchProgramManager with both methods, and the trainable PEFT names in evaluate's input order."""
     from executorch.exir import ExecutorchBackendConfig, to_edge
 
     vocab = peft_model.get_base_model().config.vocab_size
-    shape = (min(2, max_batch), min(16, max_seq_len))  # not 1: export would specialise a size-1 dim
+    shape = (min(2, max_batch), min(16, seq_len))  # not 1: export would specialise a size-1 dim
     example = (torch.randint(0, vocab, shape), torch.randint(0, vocab, shape))
     lora = {n: p.detach().clone() for n, p in peft_model.named_parameters() if naming.is_lora(n)}
     lora = dict(sorted(lora.items(), key=lambda kv: naming.to_artifact_name(kv[0])))
     with eager_attention(peft_model):  # SDPA's backward is not in the core ATen opset
-        joint = _joint_program(peft_model, example, max_batch, max_seq_len)
-        evaluate = _eval_program(peft_model, example, lora, max_batch, max_seq_len)
+        joint = _joint_program(peft_model, example, max_batch, seq_len)
+        evaluate = _eval_program(peft_model, example, lora, max_batch, seq_len)
     edge = to_edge({TRAIN_METHOD: joint, EVAL_METHOD: evaluate})
     program = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
     return program, list(lora)
@@ -235,7 +236,7 @@ def export_executorch_artifacts(
     anchors: Sequence[int] | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
     chat_template: str | None = None,
-    max_seq_len: int = 256,
+    seq_len: int = DEFAULT_SEQ_LEN,
     max_batch: int = 4,
 ) -> Path:
     """Write the ExecuTorch training program, LoRA data and manifest into `out_dir` and return it.
@@ -243,9 +244,9 @@ def export_executorch_artifacts(
     Built beside `out_dir` and renamed into place, as export_ort_artifacts does. The optimizer
     is the runtime's SGD (the only one ExecuTorch exposes), so the manifest says "sgd".
     """
-    check_exportable(peft_model, "sgd", max_seq_len)
-    if max_seq_len < MIN_SEQ_LEN:
-        raise ValueError(f"max_seq_len must be at least {MIN_SEQ_LEN} for the ExecuTorch export, got {max_seq_len}")
+    check_exportable(peft_model, "sgd", seq_len)
+    if seq_len < MIN_SEQ_LEN:
+        raise ValueError(f"seq_len must be at least {MIN_SEQ_LEN} for the ExecuTorch export, got {seq_len}")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     _check_size(peft_model)
@@ -253,7 +254,7 @@ def export_executorch_artifacts(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        program, order = lower(peft_model, max_batch=max_batch, max_seq_len=max_seq_len)
+        program, order = lower(peft_model, max_batch=max_batch, seq_len=seq_len)
         _check_trainable(program, peft_model)
         _write_program(program, build)
         if tokenizer_dir is not None:
@@ -270,7 +271,7 @@ def export_executorch_artifacts(
                 for n in order
             ],
             inputs=list(INPUTS),
-            max_seq_len=max_seq_len,
+            seq_len=seq_len,
             groups=[list(map(int, g)) for g in groups or []],
             anchors=[int(a) for a in anchors or []],
             versions={**_versions(), "max_batch": max_batch, "min_seq_len": MIN_SEQ_LEN},

@@ -177,14 +177,14 @@ def _patch_call_graph(ep: torch.export.ExportedProgram, n_in: int, n_out: int) -
     ep._example_inputs = None
 
 
-def trace_training_graph(peft_model: Any, max_seq_len: int) -> tuple[torch.export.ExportedProgram, list[str]]:
+def trace_training_graph(peft_model: Any, seq_len: int) -> tuple[torch.export.ExportedProgram, list[str]]:
     """The joint forward + backward program with LoRA as inputs and loss + gradients as outputs."""
     from torch.export.experimental import _export_forward_backward
 
     vocab = peft_model.get_base_model().config.vocab_size
-    example = torch.randint(0, vocab, (2, min(16, max_seq_len)), dtype=torch.long)
+    example = torch.randint(0, vocab, (2, min(16, seq_len)), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=MIN_SEQ_LEN, max=max_seq_len)
+    seq = torch.export.Dim("seq", min=MIN_SEQ_LEN, max=seq_len)
     shapes = {"input_ids": {0: batch, 1: seq}, "labels": {0: batch, 1: seq}}
     for n, p in peft_model.named_parameters():
         p.requires_grad_(naming.is_lora(n))
@@ -341,13 +341,14 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path) -> N
         _write_raw(out_dir / rel, array)
 
 
-def template_key(peft_model: Any, *, max_seq_len: int) -> str:
+def template_key(peft_model: Any, *, seq_len: int) -> str:
     """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
     peft_cfg = {k: {f: x for f, x in _stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
                 for k, v in peft_model.peft_config.items()}
     shapes = {k: list(v.shape) for k, v in _model_tensors(peft_model).items()}
     config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
-    blob = json.dumps({"format": FORMAT, "config": config, "peft": peft_cfg, "shapes": shapes, "max_seq_len": max_seq_len,
+    # "max_seq_len" is the key templates were first cached under; kept so existing caches stay valid
+    blob = json.dumps({"format": FORMAT, "config": config, "peft": peft_cfg, "shapes": shapes, "max_seq_len": seq_len,
                        "opset": OPSET, **{p: version(p) for p in ("torch", "transformers", "peft", "onnx", "onnxscript")}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -382,10 +383,10 @@ def copy_tokenizer(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> str 
     return None
 
 
-def check_exportable(peft_model: Any, max_seq_len: int) -> None:
+def check_exportable(peft_model: Any, seq_len: int) -> None:
     """Fail before the slow export: devices train float32 on CPU, sequences need a target token."""
-    if max_seq_len < MIN_SEQ_LEN:
-        raise ValueError(f"max_seq_len must be at least {MIN_SEQ_LEN}, got {max_seq_len}")
+    if seq_len < MIN_SEQ_LEN:
+        raise ValueError(f"seq_len must be at least {MIN_SEQ_LEN}, got {seq_len}")
     bad = {(str(p.dtype), str(p.device)) for p in peft_model.parameters()} - {("torch.float32", "cpu")}
     if bad:
         raise ValueError(f"export needs a float32 CPU model, found parameters as {sorted(bad)}; "
@@ -412,10 +413,10 @@ def _versions(model: onnx.ModelProto) -> dict[str, Any]:
             "transformers": version("transformers"), "peft": version("peft")}
 
 
-def export_template(peft_model: Any, out_dir: Path, *, max_seq_len: int) -> Path:
+def export_template(peft_model: Any, out_dir: Path, *, seq_len: int) -> Path:
     """Trace and write the graphs (with this model's weights) into out_dir: the slow part, once per shape."""
-    check_exportable(peft_model, max_seq_len)
-    ep, lora = trace_training_graph(peft_model, max_seq_len)
+    check_exportable(peft_model, seq_len)
+    ep, lora = trace_training_graph(peft_model, seq_len)
     model = to_onnx(ep, lora)
     del ep
     build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -424,7 +425,7 @@ def export_template(peft_model: Any, out_dir: Path, *, max_seq_len: int) -> Path
         onnx.save(model, str(build / TRAIN_GRAPH))
         onnx.save(prune_to_outputs(model, [LOSS]), str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
-                            trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), max_seq_len=max_seq_len,
+                            trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
                             versions=_versions(model), optimizer="adamw")
         publish(build, out_dir, manifest)
     finally:
@@ -442,7 +443,8 @@ def export_onnx_artifacts(
     groups: Sequence[Sequence[int]] | None = None,
     anchors: Sequence[int] | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
-    max_seq_len: int,
+    seq_len: int,
+    optimizer: str = "adamw",
 ) -> Path:
     """Write the portable artifacts of `peft_model` into out_dir, tracing only if no graph of its shape is cached.
 
@@ -450,12 +452,12 @@ def export_onnx_artifacts(
     """
     from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 
-    check_exportable(peft_model, max_seq_len)
+    check_exportable(peft_model, seq_len)
     out_dir = Path(out_dir).resolve()
-    template = Path(template_root) / template_key(peft_model, max_seq_len=max_seq_len)
+    template = Path(template_root) / template_key(peft_model, seq_len=seq_len)
     if not (template / MANIFEST_NAME).is_file():
         template.parent.mkdir(parents=True, exist_ok=True)
-        export_template(peft_model, template, max_seq_len=max_seq_len)
+        export_template(peft_model, template, seq_len=seq_len)
     manifest = load_manifest(template, verify_hashes=False)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -468,7 +470,7 @@ def export_onnx_artifacts(
         if tokenizer_dir is not None:
             manifest.chat_template = copy_tokenizer(tokenizer_dir, build)
             manifest.tokenizer_file = "tokenizer.json"
-        manifest.run_id, manifest.stage = run_id, stage
+        manifest.run_id, manifest.stage, manifest.optimizer = run_id, stage, optimizer
         manifest.model_config = json_config(peft_model)
         manifest.groups = [list(map(int, g)) for g in groups or []]
         manifest.anchors = [int(a) for a in anchors or []]

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import torch
 
+from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.publish import publish
@@ -78,12 +79,12 @@ def eager_attention(peft_model: Any):
         peft_model.train(was_training)
 
 
-def check_exportable(peft_model: Any, optimizer: str, max_seq_len: int) -> None:
+def check_exportable(peft_model: Any, optimizer: str, seq_len: int) -> None:
     """Fail before the slow export. Devices train in float32 on CPU: bf16 or CUDA graphs would not run."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be at least 2 (one input and one target token), got {max_seq_len}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (one input and one target token), got {seq_len}")
     bad = {(str(p.dtype), str(p.device)) for p in peft_model.parameters()} - {("torch.float32", "cpu")}
     if bad:
         raise ValueError(
@@ -105,12 +106,12 @@ def _check_size(peft_model: Any) -> None:
         )
 
 
-def export_onnx(peft_model: Any, path: Path, *, max_seq_len: int, opset: int) -> onnx.ModelProto:
+def export_onnx(peft_model: Any, path: Path, *, seq_len: int, opset: int) -> onnx.ModelProto:
     """Dynamo export with dynamic batch and seq; optimize=False keeps the LoRA initializer names."""
     wrapper = _ShiftedLogits(peft_model).eval()
     vocab = peft_model.get_base_model().config.vocab_size
-    example = torch.randint(0, vocab, (2, min(16, max_seq_len)), dtype=torch.long)
-    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2, max=max_seq_len)
+    example = torch.randint(0, vocab, (2, min(16, seq_len)), dtype=torch.long)
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2, max=seq_len)
     with eager_attention(peft_model), torch.no_grad():
         program = torch.onnx.export(
             wrapper,
@@ -233,7 +234,7 @@ def export_ort_artifacts(
     tokenizer_dir: str | os.PathLike[str] | None = None,
     chat_template: str | None = None,
     optimizer: str = "adamw",
-    max_seq_len: int = 512,
+    seq_len: int = DEFAULT_SEQ_LEN,
     opset: int = 18,
 ) -> Path:
     """Write ORT training artifacts and manifest for `peft_model` into `out_dir` and return it.
@@ -242,14 +243,14 @@ def export_ort_artifacts(
     reader (the broker serving files) never sees a half-written or stale mix.
     Changes the process cwd while generating (generate_artifacts writes temp.onnx there).
     """
-    check_exportable(peft_model, optimizer, max_seq_len)
+    check_exportable(peft_model, optimizer, seq_len)
     _check_size(peft_model)
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         with tempfile.TemporaryDirectory() as work, contextlib.chdir(work):
-            model = export_onnx(peft_model, Path(work) / "model.onnx", max_seq_len=max_seq_len, opset=opset)
+            model = export_onnx(peft_model, Path(work) / "model.onnx", seq_len=seq_len, opset=opset)
             trainable, frozen = split_parameters(model, peft_model)
             generate(model, build, trainable, frozen, optimizer)
         if tokenizer_dir is not None:
@@ -262,7 +263,7 @@ def export_ort_artifacts(
             model_config=json_config(peft_model),
             trainable=_trainable_specs(model, trainable),
             inputs=list(INPUTS),
-            max_seq_len=max_seq_len,
+            seq_len=seq_len,
             groups=[list(map(int, g)) for g in groups or []],
             anchors=[int(a) for a in anchors or []],
             versions=_versions(model, opset),

@@ -1,5 +1,5 @@
-"""Export one stage submodel with a chosen backend (ONNX Runtime Training or ExecuTorch)
-and check the written manifest as a device would.
+"""Export one stage submodel in a chosen artifact format (onnx, ort, executorch) and check the
+written manifest as a device would.
 
 The submodel comes from the caller (`devft export` builds it from a run or a base model
 through the run's strategy: server_sdk/export_cli.py); this package never needs the server.
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import BACKENDS, Manifest, load_manifest
-from export import naming
+from export import export_artifacts, naming
 
-DEFAULT_MAX_SEQ_LEN = 256
 DEFAULT_MAX_BATCH = 4  # ExecuTorch plans activation memory for this batch size
 
 
@@ -42,26 +42,23 @@ def export_submodel(
     backend: str,
     out_dir: str | os.PathLike[str],
     *,
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    seq_len: int = DEFAULT_SEQ_LEN,
     max_batch: int = DEFAULT_MAX_BATCH,
     optimizer: str = "adamw",
+    template_root: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Export `source` with `backend` into `out_dir`, then reload and verify its manifest."""
+    """Export `source` in format `backend` into `out_dir`, then reload and verify its manifest.
+
+    `template_root` caches traced graphs by shape (needed by onnx; optional for ort)."""
     if backend not in BACKENDS:
         raise ExportError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    meta = dict(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors)
+    if backend == "onnx" and template_root is None:
+        raise ExportError("the onnx format needs a template_root to cache its traced graphs in")
     with tempfile.TemporaryDirectory() as tok_dir:
         source.tokenizer.save_pretrained(tok_dir)
-        if backend == "ort":
-            from export.ort import export_ort_artifacts  # each backend's toolchain is loaded only when used
-
-            out = export_ort_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir, optimizer=optimizer,
-                                       max_seq_len=max_seq_len, **meta)
-        else:
-            from export.executorch import export_executorch_artifacts
-
-            out = export_executorch_artifacts(source.peft_model, out_dir, tokenizer_dir=tok_dir,
-                                              max_seq_len=max_seq_len, max_batch=max_batch, **meta)
+        out = export_artifacts(backend, source.peft_model, out_dir, seq_len=seq_len, template_root=template_root,
+                               run_id=source.run_id, stage=source.stage, groups=source.groups,
+                               anchors=source.anchors, tokenizer_dir=tok_dir, optimizer=optimizer, max_batch=max_batch)
     verify(out, source.peft_model)
     return out
 

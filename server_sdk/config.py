@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.batching import DEFAULT_SEQ_LEN
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTITIONS = ("task", "dirichlet", "iid")
 ACCURACY_EVERY = ("round", "stage", "never")
@@ -57,7 +59,7 @@ class RunConfig:
     clients_per_round: int = 2
     local_steps: int = 5
     batch_size: int = 4
-    seq_len: int = 128
+    seq_len: int = DEFAULT_SEQ_LEN  # tokens per example; exported into every stage manifest
     lr: float = 1e-3
     lora: LoraSettings = field(default_factory=LoraSettings)
     beta: float = 0.1

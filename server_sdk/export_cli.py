@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.manifest import BACKENDS, load_manifest
-from export.stage import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, ExportError, StageSource, export_submodel
+from export.stage import DEFAULT_MAX_BATCH, DEFAULT_SEQ_LEN, ExportError, StageSource, export_submodel
 
 from .config import RunConfig
+from .model import cache_root
 
 
 def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = False) -> StageSource:
@@ -109,10 +110,11 @@ def fresh_stage_source(model: str, layers: int) -> StageSource:
 
 def export_stage(run_dir: str | os.PathLike[str], stage: int, backend: str, out_dir: str | os.PathLike[str],
                  final: bool = False, **options: Any) -> Path:
-    """Export stage `stage` of the run in `run_dir` with `backend` ("ort" or "executorch") into `out_dir`.
+    """Export stage `stage` of the run in `run_dir` in format `backend` (onnx, ort, executorch) into `out_dir`.
 
-    options: max_seq_len, max_batch (ExecuTorch), optimizer (ORT). Returns the verified artifact dir.
+    options: seq_len, max_batch (ExecuTorch), optimizer (ORT). Returns the verified artifact dir.
     """
+    options.setdefault("template_root", cache_root())
     return export_submodel(run_stage_source(run_dir, stage, final), backend, out_dir, **options)
 
 
@@ -127,8 +129,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.layers is None:
             raise ExportError("--model needs --layers K (the submodel depth)")
         source = fresh_stage_source(args.model, args.layers)
-    out = export_submodel(source, args.backend, args.out, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                          optimizer=args.optimizer)
+    out = export_submodel(source, args.backend, args.out, seq_len=args.seq_len, max_batch=args.max_batch,
+                          optimizer=args.optimizer, template_root=cache_root())
     manifest = load_manifest(out, verify_hashes=False)  # verified in export_submodel
     summary = {"out": str(out), "backend": manifest.backend, "run_id": manifest.run_id, "stage": manifest.stage,
                "layers": len(manifest.groups), "trainable_tensors": len(manifest.trainable), "source": source.note,
@@ -138,17 +140,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("export", help="export a stage submodel as device training artifacts (ORT or ExecuTorch)")
+    p = sub.add_parser("export", help="export a stage submodel as device training artifacts (onnx: portable, "
+                       "plain onnxruntime; ort: legacy ONNX Runtime Training; executorch)")
     p.add_argument("--run", help="run directory, e.g. runs/default (with --stage)")
     p.add_argument("--stage", type=int, help="stage index from 0, as in report.json's stage_plans")
     p.add_argument("--final", action="store_true",
                    help="with --run and the last stage: export the full model with the run's final adapter")
     p.add_argument("--model", help="instead of a run: a base model name or directory (with --layers)")
     p.add_argument("--layers", type=int, help="with --model: depth of the fresh first-stage submodel")
-    p.add_argument("--backend", choices=BACKENDS, default="ort", help="artifact format (default ort)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnx",
+                   help="artifact format (default onnx: runs on plain onnxruntime on x86_64, aarch64, Android, iOS)")
     p.add_argument("--out", required=True, help="artifact directory to write (replaced if it exists)")
-    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
-                   help=f"longest training sequence (default {DEFAULT_MAX_SEQ_LEN})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per example, the run's seq_len (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"ExecuTorch only: largest batch; memory is planned for it (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",

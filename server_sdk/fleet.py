@@ -206,7 +206,7 @@ class FleetExecutor(ClientExecutor):
         for fmt in self.stage_formats():
             t0 = time.perf_counter()
             dirs[fmt] = export_artifacts(
-                fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / fmt, max_seq_len=self.cfg.seq_len,
+                fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / fmt, seq_len=self.cfg.seq_len,
                 template_root=self.settings.export_template_dir or cache_root(), run_id=self.run_id, stage=stage,
                 groups=plan.groups, anchors=plan.anchors, tokenizer_dir=self.tokenizer_dir)
             seconds[fmt] = round(time.perf_counter() - t0, 2)

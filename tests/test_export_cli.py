@@ -15,9 +15,9 @@ from server_sdk.lora import to_peft_key
 
 
 def _artifact_lora(out) -> dict[str, np.ndarray]:
-    from edge_runtime.backends.ort_backend import OrtTrainer
+    from edge_runtime.backends.onnx_backend import OnnxTrainer
 
-    return OrtTrainer(out, threads=1).get_lora()
+    return OnnxTrainer(out, threads=1).get_lora()
 
 
 def _same(canonical: dict, artifact: dict) -> float:
@@ -40,9 +40,9 @@ def runs(tmp_path_factory, tiny_cfg):
 def test_stage_in_progress_uses_its_plan_and_starting_lora(runs, tmp_path):
     meta, tensors = checkpoint.load(runs / "cut")
     assert (meta["stage"], meta["next_round"]) == (0, 1)
-    out = export_stage(runs / "cut", 0, "ort", tmp_path / "s0", max_seq_len=32)
+    out = export_stage(runs / "cut", 0, "onnx", tmp_path / "s0", seq_len=32)
     m = load_manifest(out)
-    assert (m.backend, m.stage, m.run_id) == ("ort", 0, "cut")
+    assert (m.backend, m.stage, m.run_id, m.seq_len) == ("onnx", 0, "cut", 32)
     assert m.groups == meta["plan"]["groups"] and m.anchors == meta["plan"]["anchors"] and len(m.groups) == 2
     assert m.tokenizer_file == "tokenizer.json"
     # the submodel's LoRA is the stage's fused starting LoRA, not the round's aggregate
@@ -52,7 +52,7 @@ def test_stage_in_progress_uses_its_plan_and_starting_lora(runs, tmp_path):
 def test_finished_run_exports_last_stage_with_final_lora(runs, tmp_path):
     meta, tensors = checkpoint.load(runs / "done")
     report = json.loads((runs / "done" / "report.json").read_text())
-    out = export_stage(runs / "done", 1, "ort", tmp_path / "last", final=True, max_seq_len=32)
+    out = export_stage(runs / "done", 1, "onnx", tmp_path / "last", final=True, seq_len=32)
     m = load_manifest(out)
     assert m.groups == [[0], [1], [2], [3]] == report["stage_plans"][1]["groups"]
     assert _same(tensors["full"], _artifact_lora(out)) < 1e-7
@@ -67,7 +67,7 @@ def test_every_stage_of_a_finished_run_exports_with_its_starting_lora(runs, tmp_
     for stage in (0, 1):
         plan, full = checkpoint.load_stage_start(runs / "done", stage)
         assert plan["groups"] == report["stage_plans"][stage]["groups"]
-        out = export_stage(runs / "done", stage, "ort", tmp_path / f"s{stage}", max_seq_len=32)
+        out = export_stage(runs / "done", stage, "onnx", tmp_path / f"s{stage}", seq_len=32)
         assert load_manifest(out).groups == plan["groups"]
         want = fuse_lora(full, StagePlan(**plan), cfg.beta, cfg.fusion)
         assert _same(want, _artifact_lora(out)) < 1e-7
@@ -85,21 +85,21 @@ def _without_stage_records(runs, tmp_path):
 def test_stage_whose_starting_lora_is_gone_is_refused(runs, tmp_path):
     old = _without_stage_records(runs, tmp_path)
     with pytest.raises(ExportError, match="stage 0 is not kept.*--stage 1"):
-        export_stage(old, 0, "ort", tmp_path / "x")
+        export_stage(old, 0, "onnx", tmp_path / "x")
     with pytest.raises(ExportError, match="--final exports the last stage"):
-        export_stage(runs / "done", 0, "ort", tmp_path / "x", final=True)
+        export_stage(runs / "done", 0, "onnx", tmp_path / "x", final=True)
     with pytest.raises(ExportError, match="stages 0..1"):
-        export_stage(runs / "done", 2, "ort", tmp_path / "x")
+        export_stage(runs / "done", 2, "onnx", tmp_path / "x")
     with pytest.raises(ExportError, match="not a devft run directory"):
-        export_stage(tmp_path, 0, "ort", tmp_path / "x")
+        export_stage(tmp_path, 0, "onnx", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_cli_export_and_error_exit(runs, tmp_path, capsys):
-    assert main(["export", "--run", str(runs / "cut"), "--stage", "0", "--backend", "ort", "--out",
-                 str(tmp_path / "cli"), "--max-seq-len", "32", "--optimizer", "sgd"]) == 0
+    assert main(["export", "--run", str(runs / "cut"), "--stage", "0", "--out",
+                 str(tmp_path / "cli"), "--seq-len", "32", "--optimizer", "sgd"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["backend"] == "ort" and summary["layers"] == 2 and "checkpoint" in summary["files"]
+    assert summary["backend"] == "onnx" and summary["layers"] == 2 and "train.onnx" in summary["files"]
     assert load_manifest(tmp_path / "cli").optimizer == "sgd"
     old = _without_stage_records(runs, tmp_path)
     assert main(["export", "--run", str(old), "--stage", "0", "--out", str(tmp_path / "bad")]) == 2
@@ -110,14 +110,14 @@ def test_cli_export_and_error_exit(runs, tmp_path, capsys):
 def test_cli_executorch_backend_from_base_model(tmp_path, capsys):
     pytest.importorskip("executorch", reason="executorch is not installed")
     assert main(["export", "--model", "tiny-random-L4", "--layers", "2", "--backend", "executorch", "--out",
-                 str(tmp_path / "et"), "--max-seq-len", "16", "--max-batch", "1"]) == 0
+                 str(tmp_path / "et"), "--seq-len", "16", "--max-batch", "1"]) == 0
     m = load_manifest(tmp_path / "et")
     assert m.backend == "executorch" and len(m.groups) == 2 and set(m.files) >= {"model.pte", "lora.ptd"}
 
 
 @pytest.mark.parametrize("backend", ["ort", "executorch"])
 def test_submodel_over_the_size_limit_fails_before_export(backend, tmp_path, monkeypatch):
-    from test_export_ort import make_peft_model
+    from test_export_onnx import make_peft_model
 
     if backend == "ort":
         from export import ort as module

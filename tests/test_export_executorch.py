@@ -47,7 +47,7 @@ def tiny(tmp_path_factory):
         groups=[[0], [1]],
         anchors=[0, 1],
         tokenizer_dir=tokenizer_dir,
-        max_seq_len=64,
+        seq_len=64,
         max_batch=4,
     )
     return peft_model, out

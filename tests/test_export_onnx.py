@@ -76,7 +76,7 @@ def exported(tmp_path_factory):
     model = make_peft_model()
     root = tmp_path_factory.mktemp("onnx")
     out = export_onnx_artifacts(model, root / "stage0", root / "templates", run_id="r", stage=0, groups=[[0], [1]],
-                                anchors=[0, 1], max_seq_len=64)
+                                anchors=[0, 1], seq_len=64)
     return model, out, root
 
 
@@ -177,8 +177,8 @@ def test_cached_template_restamps_new_weights(exported, tmp_path):
     """A second submodel of the same shape reuses the traced graphs; only weight files change."""
     model, out, root = exported
     other = make_peft_model(seed=7)
-    assert template_key(other, max_seq_len=64) == template_key(model, max_seq_len=64)
-    out2 = export_onnx_artifacts(other, tmp_path / "stage1", root / "templates", run_id="r", stage=1, max_seq_len=64)
+    assert template_key(other, seq_len=64) == template_key(model, seq_len=64)
+    out2 = export_onnx_artifacts(other, tmp_path / "stage1", root / "templates", run_id="r", stage=1, seq_len=64)
     assert (out2 / TRAIN_GRAPH).read_bytes() == (out / TRAIN_GRAPH).read_bytes()
     manifest = load_manifest(out2)
     assert manifest.stage == 1

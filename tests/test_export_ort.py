@@ -119,7 +119,7 @@ def tiny(tmp_path_factory):
         groups=[[0], [1]],
         anchors=[0, 1],
         tokenizer_dir=tokenizer_dir,
-        max_seq_len=64,
+        seq_len=64,
     )
     return peft_model, out
 
@@ -149,13 +149,13 @@ def test_manifest_round_trip_covers_nested_files(tmp_path):
         model_config={"hidden_size": 8},
         trainable=[spec],
         inputs=[InputSpec("input_ids", ("batch", "seq"))],
-        max_seq_len=32,
+        seq_len=32,
     )
     write_manifest(tmp_path, m)
     loaded = load_manifest(tmp_path, expected_trainable=[spec])
     assert loaded == m and set(loaded.files) == {"a.bin", "sub/b.bin"}
     with pytest.raises(ManifestError, match="backend"):
-        Manifest(run_id="r", stage=0, backend="tflite", model_config={}, trainable=[], inputs=[], max_seq_len=8)
+        Manifest(run_id="r", stage=0, backend="tflite", model_config={}, trainable=[], inputs=[], seq_len=8)
     (tmp_path / MANIFEST_NAME).unlink()
     with pytest.raises(ManifestError, match="no manifest.json"):
         load_manifest(tmp_path)
@@ -371,7 +371,7 @@ def test_sgd_optimizer(tmp_path):
     peft_model = make_peft_model(seed=3, targets=("q_proj", "up_proj"), num_hidden_layers=1)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         export_ort_artifacts(peft_model, tmp_path / "adam", optimizer="adam")
-    out = export_ort_artifacts(peft_model, tmp_path / "sgd", optimizer="sgd", max_seq_len=32)
+    out = export_ort_artifacts(peft_model, tmp_path / "sgd", optimizer="sgd", seq_len=32)
     ids, labels = make_batch(256, seq=12)
     trainer = OrtTrainer(out, lr=0.1)
     before = trainer.get_lora()
@@ -451,7 +451,7 @@ SMOLLM2_SLICE = dict(
 
 def test_smollm2_shaped_slice_first_step_parity(tmp_path):
     peft_model = make_peft_model(seed=7, targets=ALL_TARGETS, **SMOLLM2_SLICE)
-    out = export_ort_artifacts(peft_model, tmp_path / "smol", max_seq_len=64)
+    out = export_ort_artifacts(peft_model, tmp_path / "smol", seq_len=64)
     ids, labels = make_batch(49152, seq=32)
     ort_loss, ort_grads = OrtTrainer(out).loss_and_grads(ids, labels)
     ref_loss, ref_grads = torch_loss_and_grads(peft_model, ids, labels)

@@ -490,7 +490,8 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
     assert sorted(by_round[3]) == ["dev-000", "dev-001", "dev-002"]
     recs = [r for r in report["records"] if r["stage"] >= 0]  # in wire-round order
     back = next(r for r in recs[2:] if "2" in (r.get("telemetry") or {}))  # dev-002's first round after the kill
-    assert back["telemetry"]["2"]["download_bytes"] > 1_000_000  # the embedding file fetched again
+    # the rotten embedding and tokenizer files fetched again by the new process (before or in this round)
+    assert back["telemetry"]["2"]["stage_download_bytes"] > 1_000_000
     rec2 = [r for r in report["records"] if r["stage"] == 0][2]
     assert rec2["telemetry"]["0"]["download_bytes"] == 0
     log = (job.fleet.device_dir("dev-002") / "device.log").read_text()
@@ -653,7 +654,7 @@ def test_checkpoint_travels_as_tensor_files_and_is_rebuilt_byte_for_byte(tiny4, 
     layouts = []
     for seed in (0, 1):  # two "stages": different LoRA, same embedding
         model = attach_lora(copy_model(tiny4.model), LoraSettings(r=2, alpha=4), seed=seed)
-        art = export_stage_cached(model, tmp_path / f"art{seed}", cache_root() / "ort-templates", max_seq_len=64)
+        art = export_stage_cached(model, tmp_path / f"art{seed}", cache_root() / "ort-templates", seq_len=64)
         files = split_checkpoint(art, tmp_path / f"split{seed}")
         assert "checkpoint" not in files and RECIPE in files
         device = tmp_path / f"device{seed}"

@@ -31,7 +31,7 @@ class ExecuTorchTrainer:
     """A plain LoRA training loop over one ExecuTorch artifact directory.
 
     Batches are input_ids and labels, int64 [batch, seq], with batch <= the exported
-    max_batch and min_seq_len <= seq <= max_seq_len; the program shifts labels itself and
+    max_batch and min_seq_len <= seq <= seq_len; the program shifts labels itself and
     ignores -100. Pad on the right and label the padding -100.
 
     ExecuTorch only hands out its parameter tensors after a first forward/backward, so the
@@ -135,7 +135,7 @@ class ExecuTorchTrainer:
         return float(loss)
 
     def _check_batch(self, input_ids: np.ndarray, labels: np.ndarray, *, training: bool) -> None:
-        check_batch_shape(input_ids, labels, self._min_seq, self.manifest.max_seq_len)
+        check_batch_shape(input_ids, labels, self._min_seq, self.manifest.seq_len)
         batch = input_ids.shape[0]
         if not 1 <= batch <= self._max_batch:
             raise ValueError(f"batch size {batch} outside [1, {self._max_batch}] these artifacts were planned for")

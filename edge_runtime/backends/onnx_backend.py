@@ -202,6 +202,6 @@ class OnnxTrainer:
         return self._lr
 
     def _check_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
-        check_batch_shape(input_ids, labels, MIN_SEQ_LEN, self.manifest.max_seq_len)
+        check_batch_shape(input_ids, labels, MIN_SEQ_LEN, self.manifest.seq_len)
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             raise ValueError("every target label is -100: nothing to learn from this batch; skip it")

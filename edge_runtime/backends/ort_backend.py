@@ -155,7 +155,7 @@ class OrtTrainer:
         return float(self._optimizer.get_learning_rate())
 
     def _check_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
-        check_batch_shape(input_ids, labels, 2, self.manifest.max_seq_len)
+        check_batch_shape(input_ids, labels, 2, self.manifest.seq_len)
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             # the mean over zero tokens is NaN, and one NaN step ruins the AdamW moments for the round
             raise ValueError("every target label is -100: nothing to learn from this batch; skip it")
