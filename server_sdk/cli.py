@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import yaml
@@ -177,11 +175,9 @@ def _extensions():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:  # executorch's torchao warns about CUDA kernels it cannot load on a CPU machine
-        for noisy in ("torchao", "torch.utils._pytree"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from .quiet import configure
+
+    configure(args.verbose)  # known library noise off unless --verbose (server_sdk/quiet.py)
     try:
         return args.func(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as err:
