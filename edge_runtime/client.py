@@ -328,7 +328,7 @@ class Device:
                 raise DeviceError(str(exc)) from None
             self.cache.add_file(tmp)
             tmp.unlink()
-            log.info("%s: rebuilt checkpoint %s from tensor files", self.device_id, want[:12])
+            log.debug("%s: rebuilt checkpoint %s from tensor files", self.device_id, want[:12])
         try:
             os.link(self.cache.blob_path(want), art_dir / CHECKPOINT)
         except OSError:
@@ -435,8 +435,12 @@ class Device:
             if time.time() > wait_until or self._stop.is_set():
                 log.error("%s: broker never acknowledged the update for round %d", self.device_id, ctrl.round)
                 return
-        log.info("%s: sent round %d update (%d bytes, loss %.4f)", self.device_id, ctrl.round, len(data),
-                 update.metrics["train_loss"])
+        tel = update.telemetry
+        # the one line a device prints per round (stage and round 1-based, as the coordinator counts them)
+        log.info("%s: stage %d round %d: %d steps in %.1f s (CPU %.1f s), submodel train loss %.4f, sent %.1f kB; "
+                 "stage artifacts downloaded %.1f MB", self.device_id, ctrl.stage + 1, ctrl.round + 1,
+                 tel.get("steps", 0), tel.get("train_s", 0.0), tel.get("cpu_time_s") or 0.0,
+                 update.metrics["train_loss"], len(data) / 1e3, (tel.get("stage_download_bytes") or 0) / 1e6)
         self._status("hello", stage=ctrl.stage, round=ctrl.round)
 
     def stop(self) -> None:
@@ -486,8 +490,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":
         return args.func(args)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # one line per round from this device; library logs (ONNX Runtime, telemetry probes) only with -v
+    # (or DEVFT_VERBOSE=1, which `devft --verbose` passes on to the devices of a local fleet)
+    verbose = args.verbose or os.environ.get("DEVFT_VERBOSE", "") not in ("", "0")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose:
+        os.environ["DEVFT_VERBOSE"] = "1"  # ONNX Runtime sessions log at INFO (backends/ort_backend.py)
+    else:
+        log.setLevel(logging.INFO)
     try:
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)

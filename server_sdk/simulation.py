@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import RunConfig
 from .data import Example, build_client_data, build_eval_data, read_jsonl, write_jsonl
+from .eval_cache import base_evaluation
 from .executor import ClientExecutor, InProcessExecutor
 from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
 from .model import BaseModel, describe, load_base_model
+from .progress import phase, round_postfix
 from .strategies import make_strategy
 from .submodel import StagePlan, build_submodel, copy_model
 from .trainer import evaluate
@@ -129,7 +131,8 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
 
     gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens)
     if not state.records:
-        before = evaluate(eval_model, base.tokenizer, held_out, generate=cfg.accuracy_every != "never", **gen)
+        before = base_evaluation(eval_model, base, held_out, generate=cfg.accuracy_every != "never",
+                                 progress=progress, **gen)
         state.records.append(_record(-1, 0, 0, base.n_layers, [], None, before, 0, 0, 0, [], 0.0))
 
     total_rounds = sum(rounds)
@@ -147,7 +150,8 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
         else:
             plan = StagePlan(**state.plan)
             sub_model, _ = build_submodel(base.model, state.full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
-        stage_artifact = executor.begin_stage(s, plan, sub_model)
+        with phase(f"stage {s + 1}/{len(stages)}: preparing the {stages[s]}-layer submodel", enabled=progress):
+            stage_artifact = executor.begin_stage(s, plan, sub_model)
 
         for r in range(state.next_round, rounds[s]):
             t_round = time.perf_counter()
@@ -157,7 +161,9 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
             state.devices_with_stage += new_devices
             seeds = {c: client_seed(cfg.seed, s, r, c) for c in sampled}
             steps_bar.reset()
-            results = executor.train_round(s, r, sampled, state.stage_global, strategy.is_trainable, seeds)
+            with phase(f"round {done_rounds + 1}: waiting for {len(sampled)} devices",
+                       enabled=progress and steps_bar.disable):
+                results = executor.train_round(s, r, sampled, state.stage_global, strategy.is_trainable, seeds)
             if not results:
                 raise RuntimeError(f"stage {s} round {r}: no client result arrived; the round cannot be aggregated")
             bytes_up = sum(res.payload_bytes or nbytes(res.delta) for res in results)
@@ -171,7 +177,8 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
                 projected = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
                 write_lora(eval_model, projected)
                 want_acc = cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
-                metrics = evaluate(eval_model, base.tokenizer, held_out, generate=want_acc, **gen)
+                metrics = evaluate(eval_model, base.tokenizer, held_out, generate=want_acc, **gen,
+                                   progress=f"evaluating after round {done_rounds + 1}" if progress else None)
             rec = _record(s, len([x for x in state.records if x["stage"] >= 0]) + 1, r, stages[s], sampled,
                           results, metrics, bytes_down, bytes_up, stage_artifact * len(new_devices),
                           [res.seconds for res in results], time.perf_counter() - t_round)
@@ -185,8 +192,8 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
                 state.stage, state.next_round, state.plan = s + 1, 0, None
             _save_checkpoint(run_dir, state)
             bar.update(1)
-            bar.set_postfix(stage=f"{s + 1}/{len(stages)}", layers=stages[s],
-                            loss=f"{rec['train_loss']:.3f}")
+            done_rounds += 1
+            bar.set_postfix_str(round_postfix(s, len(stages), stages[s], state.records))
             rounds_this_call += 1
             if stop_after_rounds is not None and rounds_this_call >= stop_after_rounds and not is_last:
                 bar.close()
