@@ -142,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="run a federated fine-tuning with simulated clients", epilog=EPILOG)
+    p = sub.add_parser("run", help="run a federated fine-tuning: simulated clients in this process, or devices "
+                       "with --fleet local:N", description="Run a federated fine-tuning of the base model's LoRA "
+                       "(DEVFT stages by default) and write runs/NAME/: report.json, curves.png, groups.png, the "
+                       "PEFT adapter. Clients train in this process (eager torch) unless --fleet local:N starts a "
+                       "secured Mosquitto and N torch-free device processes here (ONNX Runtime); `devft serve` "
+                       "coordinates real devices.", epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--name", default="default", help="run name; output goes to RUNS_DIR/NAME (default: default)")
     p.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")

@@ -114,7 +114,8 @@ def cmd_run_fleet(args: argparse.Namespace) -> int:
         return 0
     print(_summary(report, run_dir))
     for name, d in sorted(report["fleet"]["devices"].items()):
-        down = ", ".join(f"stage {s}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
+        # report.json keys stages from 0 (as records do); people count them from 1
+        down = ", ".join(f"stage {int(s) + 1}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
         print(f"  {name}: {d['rounds']} rounds, peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB, "
               f"{d['energy_j']:.1f} J, downloaded {down}")
     if report["fleet"]["rejected"]:

@@ -185,7 +185,8 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
             rec["client_cpu_seconds"] = [res.cpu_seconds for res in results]
             rec["stage_new_devices"] = len(new_devices)
             if any(res.telemetry for res in results):
-                rec["telemetry"] = {str(res.client): res.telemetry for res in results if res.telemetry}
+                rec["telemetry"] = {res.telemetry.get("device") or str(res.client): res.telemetry
+                                    for res in results if res.telemetry}  # keyed by device name (dev-000)
             state.records.append(rec)
             if stage_end:  # stage done: transfer back into the full model
                 state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)

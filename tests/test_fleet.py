@@ -285,7 +285,7 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
     recs = [r for r in report["records"] if r["stage"] >= 0]
     assert [r["layers"] for r in recs] == [2, 2, 4] and all(r["clients"] == [0, 1, 2] for r in recs)
     for rec in recs:
-        assert sorted(rec["telemetry"]) == ["0", "1", "2"]
+        assert sorted(rec["telemetry"]) == ["dev-000", "dev-001", "dev-002"]  # keyed by device name
         for tel in rec["telemetry"].values():
             assert tel["peak_rss_bytes"] > 0 and tel["steps"] == 2 and tel["step_latency_s"]["p50"] > 0
             assert tel["energy_source"] and tel["backend"] == "ort"
@@ -296,8 +296,8 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
     stage_bytes = [e["artifact_bytes"] for e in events(job.run_dir) if e["event"] == "stage"]
     for dev in report["fleet"]["devices"].values():
         assert dev["rounds"] == 3
-    downloads = {name: max(rec["telemetry"][str(c)]["stage_download_bytes"] for rec in recs if rec["stage"] == 1)
-                 for c, name in enumerate(job.fleet.names)}
+    downloads = {name: max(rec["telemetry"][name]["stage_download_bytes"] for rec in recs if rec["stage"] == 1)
+                 for name in job.fleet.names}
     # ... nor is the embedding, whose tensor file is the same in both stages
     assert all(0 < b < 0.25 * stage_bytes[1] for b in downloads.values()), (downloads, stage_bytes)
     assert job.codes == {"dev-000": 0, "dev-001": 0, "dev-002": 0}
@@ -331,8 +331,8 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
     assert sorted(by_round[1]) == ["dev-000", "dev-001"]
     assert sorted(by_round[2]) == sorted(by_round[3]) == ["dev-000", "dev-001", "dev-002"]
     rec2 = [r for r in report["records"] if r["stage"] == 0][2]
-    assert rec2["telemetry"]["2"]["download_bytes"] > 1_000_000  # the embedding file fetched again
-    assert rec2["telemetry"]["0"]["download_bytes"] == 0
+    assert rec2["telemetry"]["dev-002"]["download_bytes"] > 1_000_000  # the embedding file fetched again
+    assert rec2["telemetry"]["dev-000"]["download_bytes"] == 0
     log = (job.fleet.device_dir("dev-002") / "device.log").read_text()
     assert "corrupt" in log
 
