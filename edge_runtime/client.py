@@ -158,11 +158,11 @@ class Device:
 
     def __init__(self, settings: MqttSettings, device_id: str, shard: Shard, cache_dir: str | Path, *,
                  run_id: str | None = None, backend: str = "auto", threads: int = 1,
-                 exit_after_rounds: int | None = None) -> None:
+                 exit_after_rounds: int | None = None, shared_blobs: str | Path | None = None) -> None:
         self.device_id = P.check_name("device_id", device_id)
         self.run_id = run_id
         self.shard = shard
-        self.cache = ArtifactCache(cache_dir)
+        self.cache = ArtifactCache(cache_dir, shared=shared_blobs)
         self.backend = pick_backend(backend)
         self.threads = threads
         self.exit_after_rounds = exit_after_rounds
@@ -476,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1; fixed for "
                    "reproducible deltas)")
     p.add_argument("--exit-after-rounds", type=int, help="stop after training this many rounds (tests)")
+    p.add_argument("--shared-blobs", metavar="DIR", help="content-addressed store shared with other devices on this "
+                   "machine (same filesystem): each blob is kept once on disk, hard-linked into every cache")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     try:  # `devft-edge bench` (edge_runtime/bench.py), when present
         from edge_runtime.bench import register
@@ -504,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         cache.mkdir(parents=True, exist_ok=True)
         settings, device_id = settings_from_credentials(args.credentials, cache, args.host, args.port)
         device = Device(settings, device_id, read_shard(args.data), cache, run_id=args.run_id,
-                        backend=args.backend, threads=args.threads, exit_after_rounds=args.exit_after_rounds)
+                        backend=args.backend, threads=args.threads, exit_after_rounds=args.exit_after_rounds,
+                        shared_blobs=args.shared_blobs)
     except DeviceError as exc:
         print(f"devft-edge: error: {exc}", file=sys.stderr)
         return 2

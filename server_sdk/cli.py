@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Subcommands contributed by other parts (export, fleet) when their dependencies are installed."""
     found = []
-    for mod, attr in (("export.cli", "register"), ("server_sdk.fleet_cli", "register"), ("server_sdk.report_cli", "register")):
+    for mod, attr in (("export.cli", "register"), ("server_sdk.fleet_cli", "register"), ("server_sdk.report_cli", "register"),
+                        ("server_sdk.disk", "register")):
         try:
             module = __import__(mod, fromlist=[attr])
             found.append(getattr(module, attr))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,11 +58,17 @@ def _add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    help="seconds devices have to answer a round (default 120)")
     p.add_argument("--quorum", type=float, default=None, help="fraction of sampled devices a round needs (default 0.6)")
     p.add_argument("--max-update-norm", type=float, default=None, help="L2 bound on a device delta (default 1000)")
+    p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
+                   "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
 
 def _fleet_settings(args: argparse.Namespace, run_dir: Path):
     from .fleet import FleetSettings
 
+    if args.keep_artifacts:
+        from .disk import KEEP_ENV
+
+        os.environ[KEEP_ENV] = "1"  # read where stages end (disk.prune_finished_stages)
     saved = run_dir / "fleet.json"
     settings = FleetSettings(**json.loads(saved.read_text())) if saved.exists() else FleetSettings()
     if args.round_timeout is not None:

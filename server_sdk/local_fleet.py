@@ -4,7 +4,8 @@
 devices and the broker through it. Everything lives under one directory:
 
     <fleet_dir>/                 fleet_init output (CA, certs, passwd, acl, credentials/)
-    <fleet_dir>/devices/<name>/  cache/ (content-addressed artifacts) and device.log
+    <fleet_dir>/devices/<name>/  cache/ (content-addressed artifacts, hard links) and device.log
+    <fleet_dir>/blobs/           the devices' shared blob store: each artifact file once on disk
 
 While a run goes on, `LogRelay` prints each device's one line per round (and its errors)
 above the progress bar; everything else a device logs stays in its device.log
@@ -88,7 +89,8 @@ class LocalFleet:
         ddir.mkdir(parents=True, exist_ok=True)
         # the device runs in its own directory, so a relative shard path (runs/NAME/data/...) must be resolved
         args = ["run", "--credentials", str(self.device_credentials(name)), "--data", str(Path(shard).resolve()),
-                "--cache", str(ddir / "cache"), "--run", run_id, "--host", "localhost", *(extra or [])]
+                "--cache", str(ddir / "cache"), "--shared-blobs", str(self.dir / "blobs"), "--run", run_id,
+                "--host", "localhost", *(extra or [])]
         cmd = [sys.executable, "-c", python_code, *args] if python_code else \
             [sys.executable, "-m", "edge_runtime.client", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

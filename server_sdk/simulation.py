@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import RunConfig
 from .data import Example, build_client_data, build_eval_data, read_jsonl, write_jsonl
+from .disk import prune_finished_stages
 from .eval_cache import base_evaluation
 from .executor import ClientExecutor, InProcessExecutor
 from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
@@ -152,6 +153,7 @@ def _run_loop(cfg, run_dir, base, clients, held_out, strategy, executor, resume,
             sub_model, _ = build_submodel(base.model, state.full_lora, plan, cfg.beta, cfg.fusion, cfg.lora)
         with phase(f"stage {s + 1}/{len(stages)}: preparing the {stages[s]}-layer submodel", enabled=progress):
             stage_artifact = executor.begin_stage(s, plan, sub_model)
+        prune_finished_stages(run_dir, s)  # devices moved on; --keep-artifacts keeps them
 
         for r in range(state.next_round, rounds[s]):
             t_round = time.perf_counter()
