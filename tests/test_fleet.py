@@ -319,10 +319,12 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
         big = [p for p in blobs.iterdir() if p.stat().st_size > 1_000_000]  # embedding, tokenizer, checkpoint
         assert len(big) == 3
         for blob in big:
-            blob.chmod(0o644)
-            with open(blob, "r+b") as f:
-                f.seek(100)
-                f.write(b"bitrot")
+            # local devices hard-link one shared copy (server_sdk/local_fleet.py); bit rot on this device's own
+            # disk is a private copy going bad, so break the link first
+            data = bytearray(blob.read_bytes())
+            data[100:106] = b"bitrot"
+            blob.unlink()
+            blob.write_bytes(bytes(data))
         job.start_device("dev-002")
         report = job.finish()
     finally:
