@@ -315,6 +315,11 @@ class Device:
         art_dir = stage_root / Path(manifests[0]).parent
         if not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
             self._rebuild_checkpoint(art_dir)
+        # earlier stages' files are dead weight now (what this stage shares with them is kept)
+        keep = {f.sha256 for f in desc.files}
+        if (art_dir / RECIPE).exists():
+            keep.add(json.loads((art_dir / RECIPE).read_text())["sha256"])
+        self.cache.prune(keep, self.cache.root / "stages", desc.artifact_id)
         return art_dir, got
 
     def _rebuild_checkpoint(self, art_dir: Path) -> None:

@@ -493,6 +493,40 @@ class ArtifactCache:
             client.unsubscribe(topic)
         return self.assemble(entry)
 
+    def prune(self, keep: set[str], stages_dir: Path | None = None, keep_stage: str | None = None) -> int:
+        """Delete blobs not in `keep` (and laid-out stage dirs other than `keep_stage`); bytes freed here.
+
+        A device calls it once a new stage's files are all present: whatever the new stage
+        shares with the old one is in `keep`, the rest of the old stage is dead weight (a
+        SmolLM2 stage is hundreds of MB). Partial downloads of kept files stay."""
+        freed = 0
+        if stages_dir is not None and stages_dir.is_dir():
+            for d in stages_dir.iterdir():
+                if d.name != keep_stage:
+                    shutil.rmtree(d, ignore_errors=True)
+        for p in list(self.blobs.iterdir()):
+            if len(p.name) == 64 and p.name not in keep:
+                try:
+                    st = p.stat()
+                    p.unlink()
+                except FileNotFoundError:
+                    continue
+                self._verified.pop(p.name, None)
+                freed += st.st_size if st.st_nlink <= 1 else 0
+        for d in list(self.partial.iterdir()):
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+        if self.shared is not None:  # a shared blob no device links to any more (one link left: its own)
+            for p in list(self.shared.iterdir()):
+                try:
+                    st = p.stat()
+                    if len(p.name) == 64 and p.name not in keep and st.st_nlink == 1:
+                        p.unlink()
+                        freed += st.st_size
+                except FileNotFoundError:
+                    continue
+        return freed
+
     def materialize(self, descriptor: ArtifactDescriptor, dest: str | Path) -> Path:
         """Lay out an artifact's files under `dest` by path (hard links, else copies)."""
         dest = Path(dest)

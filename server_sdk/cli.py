@@ -105,6 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     from .data import read_jsonl
+    from .eval_cache import base_evaluation
     from .model import load_base_model
     from .submodel import copy_model
     from .trainer import evaluate
@@ -116,11 +117,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = load_base_model(cfg.model)
     held_out = read_jsonl(run_dir / "data" / "eval.jsonl")
     kw = dict(seq_len=cfg.seq_len, generate=not args.no_generate, max_new_tokens=cfg.gen_max_new_tokens)
-    rows = {"base model": evaluate(base.model, base.tokenizer, held_out, **kw)}
+    rows = {"base model": base_evaluation(base.model, base, held_out, progress=True, **kw)}  # cached per machine
     adapter = run_dir / "adapter"
     if adapter.exists():
         tuned = PeftModel.from_pretrained(copy_model(base.model), adapter)
-        rows["fine-tuned"] = evaluate(tuned, base.tokenizer, held_out, **kw)
+        rows["fine-tuned"] = evaluate(tuned, base.tokenizer, held_out, progress="evaluating the adapter", **kw)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

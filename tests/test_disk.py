@@ -98,3 +98,21 @@ def test_clean_lists_then_frees_artifacts_and_device_caches_only(tmp_path, monke
     for kept in ("config.json", "report.json", "data", "fleet/credentials"):
         assert (run / kept).exists()
     assert main(["clean"]) == 0 and "nothing to clean" in capsys.readouterr().out
+
+
+def test_a_device_prunes_earlier_stages_but_keeps_what_the_new_stage_shares(tmp_path):
+    shared = tmp_path / "blobs"
+    dev0, dev1 = (ArtifactCache(tmp_path / d, shared=shared) for d in ("dev0", "dev1"))
+    embedding, old_layer, new_layer = (os.urandom(50_000) for _ in range(3))
+    for cache in (dev0, dev1):
+        for data in (embedding, old_layer):
+            cache.add_bytes(data)
+    keep = {sha256_bytes(embedding), sha256_bytes(new_layer)}
+    dev0.add_bytes(new_layer)
+    dev0.prune(keep)
+    assert sorted(p.name for p in dev0.blobs.iterdir()) == sorted(keep)
+    assert (shared / sha256_bytes(old_layer)).exists()  # dev1 still links it
+    dev1.add_bytes(new_layer)
+    assert dev1.prune(keep) >= 50_000  # the last link to the old layer: the shared copy goes too
+    assert sorted(p.name for p in shared.iterdir()) == sorted(keep)
+    assert dev1.path(sha256_bytes(embedding)).read_bytes() == embedding
