@@ -108,6 +108,9 @@ def table(rows: list[DeviceStage]) -> str:
             f"{r.energy_j:>10.4g}  {', '.join(r.energy_sources) or 'n/a':<26}{r.carbon_g:>9.3g}  "
             f"{'n/a' if r.fits is None else ('yes' if r.fits else 'NO')}"
         )
+    if any(not r.device_profiles for r in rows):
+        lines.append('profile "-": the device declared no board (start it with DEVFT_DEVICE_PROFILE=<name>, see '
+                     '`devft report --help`); fits "n/a": no board RAM to judge its peak memory against')
     labels = {s for r in rows for s in r.energy_sources}
     if any(s.startswith("estimated:") for s in labels):
         lines.append("energy labelled estimated:<model> is CPU time x a power model, not a measurement")
@@ -134,7 +137,7 @@ def plot(rows: list[DeviceStage], run_dir: Path) -> list[Path]:
         (paths[1], "peak memory (GiB)", lambda r: r.peak_rss_bytes / 2**30,
          "Peak memory of local training, by stage and device"),
     ):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for i, d in enumerate(devices):
             vals = [value(by[(d, s)]) if (d, s) in by else np.nan for s, _ in stages]
             vals = [np.nan if v is None else v for v in vals]
@@ -144,11 +147,14 @@ def plot(rows: list[DeviceStage], run_dir: Path) -> list[Path]:
             _profile_lines(ax)
         ax.set_xticks(x, labels)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8, title="device (energy source)" if path == paths[0] else "device")
-        ax.set_title(title)
+        handles, names = ax.get_legend_handles_labels()
         if path == paths[1]:
-            ax.text(0.0, 1.01, "dotted: usable RAM of each device profile", transform=ax.transAxes, fontsize=7,
-                    color="grey", va="bottom")
+            from matplotlib.lines import Line2D
+
+            handles.append(Line2D([], [], ls=":", lw=1, color="grey"))
+            names.append("usable RAM of a\ndevice profile")
+        ax.legend(handles, names, fontsize=8, title="device (energy source)" if path == paths[0] else "device")
+        ax.set_title(title)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -189,11 +195,12 @@ def _profile_lines(ax: Any) -> None:
         ax.axhline(ram, ls=":", lw=1, color="grey")
     lo, hi = ax.get_ylim()
     hi = max(hi, rams[-1] * 1.08)
-    gap = 0.045 * (hi - lo)  # about one 7-pt label on a 4.5-inch axis
+    gap = 0.06 * (hi - lo)  # a 7-pt label and some air on a 4.5-inch axis
     heights = profile_label_positions(rams, gap)
-    for ram, y in zip(rams, heights):
-        ax.annotate(", ".join(by_ram[ram]), (1.0, y), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
-                    ha="right", va="bottom")
+    for ram, y in zip(rams, heights):  # outside the axes on the right, joined to their line when moved
+        ax.annotate(", ".join(by_ram[ram]), xy=(1.0, ram), xycoords=("axes fraction", "data"), xytext=(1.02, y),
+                    textcoords=("axes fraction", "data"), fontsize=7, color="grey", ha="left", va="center",
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.5), annotation_clip=False)
     ax.set_ylim(lo, max(hi, heights[-1] + gap))
 
 
@@ -230,7 +237,8 @@ Per device and stage of a fleet run: what local training cost, from the telemetr
 sent with its updates (report.json). Columns:
   device         the device's name (dev-000 trains data shard 000)
   profile        the board the device declared (DEVFT_DEVICE_PROFILE=<name> in the device's
-                 environment when it starts `devft-edge run`); "-" = it declared none
+                 environment when it starts `devft-edge run`; the devices of a local fleet
+                 inherit it from `devft run --fleet local:N`); "-" = it declared none
   stage, layers  the DEVFT stage (1-based) and its submodel's decoder layers
   rounds         rounds of that stage the device trained
   peak MiB       peak resident memory of the device process while training
@@ -239,8 +247,9 @@ sent with its updates (report.json). Columns:
                  energy, labelled measured:<sensor> or estimated:<power model> (CPU time x watts)
   CO2 g          carbon from the energy and the grid's intensity
   fits           whether peak memory fits the declared profile's usable RAM; "n/a" = no profile
-Profiles: {profiles}. Writes telemetry_energy.png, telemetry_memory.png and
-telemetry_latency.png into the run directory."""
+Profiles: {profiles}.
+Writes telemetry_energy.png, telemetry_memory.png and telemetry_latency.png into the run
+directory."""
 
 
 def register(subparsers: Any) -> None:
