@@ -156,11 +156,11 @@ class Device:
 
     def __init__(self, settings: MqttSettings, device_id: str, shard: Shard, cache_dir: str | Path, *,
                  run_id: str | None = None, backend: str = "auto", threads: int = 1,
-                 exit_after_rounds: int | None = None) -> None:
+                 exit_after_rounds: int | None = None, shared_blobs: str | Path | None = None) -> None:
         self.device_id = P.check_name("device_id", device_id)
         self.run_id = run_id
         self.shard = shard
-        self.cache = ArtifactCache(cache_dir)
+        self.cache = ArtifactCache(cache_dir, shared=shared_blobs)
         self.formats = pick_formats(backend)
         self.threads = threads
         self.exit_after_rounds = exit_after_rounds
@@ -323,6 +323,11 @@ class Device:
         check_artifact_format(fmt, art_dir)
         if fmt == "ort" and not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
             self._rebuild_checkpoint(art_dir)
+        # earlier stages' files are dead weight now (what this stage shares with them is kept)
+        keep = {f.sha256 for f in desc.files}
+        if (art_dir / RECIPE).exists():
+            keep.add(json.loads((art_dir / RECIPE).read_text())["sha256"])
+        self.cache.prune(keep, self.cache.root / "stages", desc.artifact_id)
         return art_dir, got
 
     def _rebuild_checkpoint(self, art_dir: Path) -> None:
@@ -336,7 +341,7 @@ class Device:
                 raise DeviceError(str(exc)) from None
             self.cache.add_file(tmp)
             tmp.unlink()
-            log.info("%s: rebuilt checkpoint %s from tensor files", self.device_id, want[:12])
+            log.debug("%s: rebuilt checkpoint %s from tensor files", self.device_id, want[:12])
         try:
             os.link(self.cache.blob_path(want), art_dir / CHECKPOINT)
         except OSError:
@@ -447,8 +452,12 @@ class Device:
             if time.time() > wait_until or self._stop.is_set():
                 log.error("%s: broker never acknowledged the update for round %d", self.device_id, ctrl.round)
                 return
-        log.info("%s: sent round %d update (%d bytes, loss %.4f)", self.device_id, ctrl.round, len(data),
-                 update.metrics["train_loss"])
+        tel = update.telemetry
+        # the one line a device prints per round (stage and round 1-based, as the coordinator counts them)
+        log.info("%s: stage %d round %d: %d steps in %.1f s (CPU %.1f s), submodel train loss %.4f, sent %.1f kB; "
+                 "stage artifacts downloaded %.1f MB", self.device_id, ctrl.stage + 1, ctrl.round + 1,
+                 tel.get("steps", 0), tel.get("train_s", 0.0), tel.get("cpu_time_s") or 0.0,
+                 update.metrics["train_loss"], len(data) / 1e3, (tel.get("stage_download_bytes") or 0) / 1e6)
         self._status("hello", stage=ctrl.stage, round=ctrl.round)
 
     def stop(self) -> None:
@@ -486,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1; fixed for "
                    "reproducible deltas)")
     p.add_argument("--exit-after-rounds", type=int, help="stop after training this many rounds (tests)")
+    p.add_argument("--shared-blobs", metavar="DIR", help="content-addressed store shared with other devices on this "
+                   "machine (same filesystem): each blob is kept once on disk, hard-linked into every cache")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     try:  # `devft-edge bench` (edge_runtime/bench.py), when present
         from edge_runtime.bench import register
@@ -500,14 +511,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":
         return args.func(args)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # one line per round from this device; library logs (ONNX Runtime, telemetry probes) only with -v
+    # (or DEVFT_VERBOSE=1, which `devft --verbose` passes on to the devices of a local fleet)
+    verbose = args.verbose or os.environ.get("DEVFT_VERBOSE", "") not in ("", "0")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose:
+        os.environ["DEVFT_VERBOSE"] = "1"  # ONNX Runtime sessions log at INFO (backends/ort_backend.py)
+    else:
+        log.setLevel(logging.INFO)
     try:
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
         settings, device_id = settings_from_credentials(args.credentials, cache, args.host, args.port)
         device = Device(settings, device_id, read_shard(args.data), cache, run_id=args.run_id,
-                        backend=args.backend, threads=args.threads, exit_after_rounds=args.exit_after_rounds)
+                        backend=args.backend, threads=args.threads, exit_after_rounds=args.exit_after_rounds,
+                        shared_blobs=args.shared_blobs)
     except DeviceError as exc:
         print(f"devft-edge: error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,16 @@ Device side, `ArtifactCache` keeps:
 
 A file already in `blobs/` is never fetched again, so a frozen tensor shared by
 two stages travels once if the server publishes it as its own file (see
-`split_safetensors`). Every write goes to a temp file, is fsynced and renamed,
+`split_safetensors`).
+
+Several devices on one machine (a local fleet) can share one store for the bytes:
+with `shared=DIR`, each device still fetches what it lacks (so its download counts
+are those of a real device), but a finished blob becomes one inode under
+`DIR/<sha256>` hard-linked into every device's `blobs/`, so N devices hold one copy
+on disk. A blob is linked into the shared store under its final name with
+`os.link`, which fails if another device got there first; the loser verifies the
+existing copy and links to it, so devices writing the same blob at once never see
+a partial file. Every write goes to a temp file, is fsynced and renamed,
 so a crash leaves either nothing or a whole verified piece. Verified chunks of a
 partial file survive restarts and are not downloaded again. A blob whose bytes
 no longer match its name (bit rot, truncation, tampering) is deleted on first
@@ -152,6 +161,18 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that is writing `tmp` (named by _tmp_name: .NAME.PID.HEX.tmp) still runs."""
+    try:
+        pid = int(tmp.name.rsplit(".", 3)[-3])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
@@ -168,12 +189,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class ArtifactCache:
     """Content-addressed blob store on the device, filled chunk by chunk."""
 
-    def __init__(self, root: str | Path, verify_on_start: bool = False) -> None:
+    def __init__(self, root: str | Path, verify_on_start: bool = False, shared: str | Path | None = None) -> None:
         self.root = Path(root)
         self.blobs = self.root / "blobs"
         self.partial = self.root / "partial"
+        self.shared = Path(shared) if shared is not None else None
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.partial.mkdir(parents=True, exist_ok=True)
+        if self.shared is not None:
+            self.shared.mkdir(parents=True, exist_ok=True)
+            for tmp in list(self.shared.glob(".*.tmp")):  # other devices may be writing: only dead writers' files
+                if not _writer_alive(tmp):
+                    tmp.unlink(missing_ok=True)
         self.bytes_downloaded = 0  # chunk payload bytes received from the network
         self.chunks_downloaded = 0
         self.chunks_rejected = 0  # received chunks whose hash did not match
@@ -240,8 +267,12 @@ class ArtifactCache:
     def add_bytes(self, data: bytes) -> str:
         sha = sha256_bytes(data)
         if not self.has(sha, len(data)):
-            _atomic_write(self.blob_path(sha), data)
-            os.chmod(self.blob_path(sha), 0o444)
+            tmp = _tmp_name(self.blob_path(sha))
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._install(tmp, sha)
         return sha
 
     def add_file(self, src: str | Path) -> str:
@@ -253,10 +284,41 @@ class ArtifactCache:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, dst)
-            os.chmod(dst, 0o444)
-            _fsync_dir(self.blobs)
+            self._install(tmp, sha)
         return sha
+
+    def _install(self, tmp: Path, sha: str) -> Path:
+        """Move a complete, verified temp file (in blobs/) to blobs/<sha>, read-only.
+
+        With a shared store the bytes end up once on disk: ours become the shared copy, or we
+        link to the copy another device finished first (after checking it) and drop ours."""
+        dst = self.blob_path(sha)
+        os.chmod(tmp, 0o444)
+        if self.shared is not None:
+            common = self.shared / sha
+            try:
+                os.link(tmp, common)  # atomic: fails if the name exists, never exposes a partial file
+            except FileExistsError:
+                if sha256_file(common) == sha:
+                    theirs = _tmp_name(dst)
+                    try:
+                        os.link(common, theirs)
+                    except OSError:  # removed meanwhile (devft clean) or another filesystem: keep ours
+                        pass
+                    else:
+                        tmp.unlink()
+                        tmp = theirs
+                else:  # a corrupt shared copy: ours replaces it, atomically
+                    ours = _tmp_name(common)
+                    os.link(tmp, ours)
+                    os.replace(ours, common)
+            except OSError as exc:  # e.g. the shared store is on another filesystem
+                log.debug("not sharing blob %s: %s", sha[:12], exc)
+        os.replace(tmp, dst)
+        _fsync_dir(self.blobs)
+        st = dst.stat()
+        self._verified[sha] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        return dst
 
     # -- partial files -------------------------------------------------------------
 
@@ -326,9 +388,7 @@ class ArtifactCache:
                 f"{entry.path}: chunks hash correctly but the file hashes to {whole.hexdigest()}, "
                 f"not {entry.sha256}; the descriptor is inconsistent - regenerate it on the server"
             )
-        os.replace(tmp, dst)
-        os.chmod(dst, 0o444)
-        _fsync_dir(self.blobs)
+        self._install(tmp, entry.sha256)
         shutil.rmtree(d, ignore_errors=True)
         return dst
 
@@ -427,6 +487,40 @@ class ArtifactCache:
         finally:
             client.unsubscribe(topic)
         return self.assemble(entry)
+
+    def prune(self, keep: set[str], stages_dir: Path | None = None, keep_stage: str | None = None) -> int:
+        """Delete blobs not in `keep` (and laid-out stage dirs other than `keep_stage`); bytes freed here.
+
+        A device calls it once a new stage's files are all present: whatever the new stage
+        shares with the old one is in `keep`, the rest of the old stage is dead weight (a
+        SmolLM2 stage is hundreds of MB). Partial downloads of kept files stay."""
+        freed = 0
+        if stages_dir is not None and stages_dir.is_dir():
+            for d in stages_dir.iterdir():
+                if d.name != keep_stage:
+                    shutil.rmtree(d, ignore_errors=True)
+        for p in list(self.blobs.iterdir()):
+            if len(p.name) == 64 and p.name not in keep:
+                try:
+                    st = p.stat()
+                    p.unlink()
+                except FileNotFoundError:
+                    continue
+                self._verified.pop(p.name, None)
+                freed += st.st_size if st.st_nlink <= 1 else 0
+        for d in list(self.partial.iterdir()):
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+        if self.shared is not None:  # a shared blob no device links to any more (one link left: its own)
+            for p in list(self.shared.iterdir()):
+                try:
+                    st = p.stat()
+                    if len(p.name) == 64 and p.name not in keep and st.st_nlink == 1:
+                        p.unlink()
+                        freed += st.st_size
+                except FileNotFoundError:
+                    continue
+        return freed
 
     def materialize(self, descriptor: ArtifactDescriptor, dest: str | Path) -> Path:
         """Lay out an artifact's files under `dest` by path (hard links, else copies)."""

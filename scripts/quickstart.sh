@@ -16,4 +16,6 @@ else
   # a generous round deadline: the 4 devices share this machine's cores with the coordinator
   .venv/bin/devft run --fleet local:4 --round-timeout 900 --name "$name" "$@"
   .venv/bin/devft report "runs/$name"
+  # what the run left on disk (stage artifacts, the devices' shared blob store); `devft clean` frees it
+  .venv/bin/devft clean --dry-run "runs/$name"
 fi

@@ -2,3 +2,9 @@
 submodels, aggregates client LoRA deltas and transfers them back to the full model."""
 
 __version__ = "0.1.0"
+
+from . import quiet as _quiet
+
+# before any submodule imports transformers (whose quantizer registry imports torchao, which logs
+# CUDA kernels it cannot load on a CPU machine): known library noise stays off unless --verbose
+_quiet.install()

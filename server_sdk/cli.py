@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import yaml
 
-from . import export_cli, fleet_cli, report_cli
+from . import disk, export_cli, fleet_cli, report_cli
 from .config import ConfigError, RunConfig
 
 EPILOG = "Config fields are documented in README.md; any of them can be overridden with -o FIELD=VALUE."
@@ -109,6 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     from .data import read_jsonl
+    from .eval_cache import base_evaluation
     from .model import load_base_model
     from .submodel import copy_model
     from .trainer import evaluate
@@ -120,11 +119,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = load_base_model(cfg.model)
     held_out = read_jsonl(run_dir / "data" / "eval.jsonl")
     kw = dict(seq_len=cfg.seq_len, generate=not args.no_generate, max_new_tokens=cfg.gen_max_new_tokens)
-    rows = {"base model": evaluate(base.model, base.tokenizer, held_out, **kw)}
+    rows = {"base model": base_evaluation(base.model, base, held_out, progress=True, **kw)}  # cached per machine
     adapter = run_dir / "adapter"
     if adapter.exists():
         tuned = PeftModel.from_pretrained(copy_model(base.model), adapter)
-        rows["fine-tuned"] = evaluate(tuned, base.tokenizer, held_out, **kw)
+        rows["fine-tuned"] = evaluate(tuned, base.tokenizer, held_out, progress="evaluating the adapter", **kw)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -146,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="run a federated fine-tuning with simulated clients (or --fleet local:N devices)",
-                       epilog=EPILOG)
+    p = sub.add_parser("run", help="run a federated fine-tuning: simulated clients in this process, or devices "
+                       "with --fleet local:N", description="Run a federated fine-tuning of the base model's LoRA "
+                       "(DEVFT stages by default) and write runs/NAME/: report.json, curves.png, groups.png, the "
+                       "PEFT adapter. Clients train in this process (eager torch) unless --fleet local:N starts a "
+                       "secured Mosquitto and N torch-free device processes here (plain onnxruntime); `devft serve` "
+                       "coordinates real devices.", epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--name", default="default", help="run name; output goes to RUNS_DIR/NAME (default: default)")
     _add_run_dir_args(p)
@@ -173,16 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.register(sub)
     fleet_cli.register(sub)
     report_cli.register(sub)
+    disk.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:  # executorch's torchao warns about CUDA kernels it cannot load on a CPU machine
-        for noisy in ("torchao", "torch.utils._pytree"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from .quiet import configure
+
+    configure(args.verbose)  # known library noise off unless --verbose (server_sdk/quiet.py)
     try:
         return args.func(args)
     except (ConfigError, FileExistsError, FileNotFoundError) as err:

@@ -350,6 +350,7 @@ class FleetExecutor(ClientExecutor):
                    for p, k in ((p, _canonical(p)) for p in expected)},
             train_loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
             seconds=float(telemetry.get("train_s", telemetry.get("duration_s", 0.0)) or 0.0),
+            cpu_seconds=cpu if isinstance(cpu := telemetry.get("cpu_time_s"), (int, float)) and 0 <= cpu < 1e7 else None,
             payload_bytes=len(msg.payload), telemetry={"device": sender, **telemetry}), norm
 
     def _still_waiting(self, wanted: dict[str, int], accepted: dict[str, ClientResult], need: int) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -46,11 +47,17 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    help="hard L2 bound on a device delta, checked on arrival (default 1000)")
     p.add_argument("--norm-bound-k", type=float, default=None, metavar="K",
                    help="refuse deltas over K x the round's lower median norm (default 5; 0 turns it off)")
+    p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
+                   "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
 
 def _fleet_settings(args: argparse.Namespace, run_dir: Path):
     from .fleet import FleetSettings
 
+    if args.keep_artifacts:
+        from .disk import KEEP_ENV
+
+        os.environ[KEEP_ENV] = "1"  # read where stages end (disk.prune_finished_stages)
     saved = run_dir / "fleet.json"
     settings = FleetSettings(**json.loads(saved.read_text())) if saved.exists() else FleetSettings()
     if args.round_timeout is not None:
@@ -97,7 +104,8 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
         return 0
     print(summary_text(report, run_dir))
     for name, d in sorted(report["fleet"]["devices"].items()):
-        down = ", ".join(f"stage {s}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
+        # report.json keys stages from 0 (as records do); people count them from 1
+        down = ", ".join(f"stage {int(s) + 1}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
         print(f"  {name}: {d['rounds']} rounds, peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB, "
               f"{d['energy_j']:.1f} J, downloaded {down}")
     if report["fleet"]["rejected"]:

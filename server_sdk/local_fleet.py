@@ -4,7 +4,12 @@
 devices and the broker through it. Everything lives under one directory:
 
     <fleet_dir>/                 fleet_init output (CA, certs, passwd, acl, credentials/)
-    <fleet_dir>/devices/<name>/  cache/ (content-addressed artifacts) and device.log
+    <fleet_dir>/devices/<name>/  cache/ (content-addressed artifacts, hard links) and device.log
+    <fleet_dir>/blobs/           the devices' shared blob store: each artifact file once on disk
+
+While a run goes on, `LogRelay` prints each device's one line per round (and its errors)
+above the progress bar; everything else a device logs stays in its device.log
+(`--verbose` relays all of it).
 """
 
 from __future__ import annotations
@@ -12,14 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .broker import BrokerProcess, Credentials, add_device, fleet_init, server_credentials
 from .fleet import FleetSettings, device_name, fleet_executor_factory
+from .progress import note
+from .quiet import is_verbose
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +90,8 @@ class LocalFleet:
         ddir.mkdir(parents=True, exist_ok=True)
         # the device runs in its own directory, so a relative shard path (runs/NAME/data/...) must be resolved
         args = ["run", "--credentials", str(self.device_credentials(name)), "--data", str(Path(shard).resolve()),
-                "--cache", str(ddir / "cache"), "--run", run_id, "--host", "localhost", *(extra or [])]
+                "--cache", str(ddir / "cache"), "--shared-blobs", str(self.dir / "blobs"), "--run", run_id,
+                "--host", "localhost", *(extra or [])]
         cmd = [sys.executable, "-c", python_code, *args] if python_code else \
             [sys.executable, "-m", "edge_runtime.client", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -126,6 +137,71 @@ class LocalFleet:
         self.close()
 
 
+# devft-edge's log format: "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_DEVICE_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING|ERROR|CRITICAL) devft\.edge: (.*)$")
+
+
+class LogRelay:
+    """Follows the devices' device.log files and hands chosen lines to `write` (e.g. tqdm.write).
+
+    By default only the device's own INFO lines (one per round, plus connect and done) and its
+    errors pass; with `everything` every line does. Polling the files, rather than piping the
+    devices' output through this process, means a stalled terminal never blocks a device."""
+
+    def __init__(self, fleet: LocalFleet, write: Callable[[str], None], *, everything: bool = False,
+                 interval_s: float = 0.5) -> None:
+        self.fleet, self.write, self.everything, self.interval_s = fleet, write, everything, interval_s
+        self._offsets: dict[Path, int] = {}
+        for name in fleet.names:  # a resumed run: earlier lines were shown by the earlier process
+            log_path = fleet.device_dir(name) / "device.log"
+            self._offsets[log_path] = log_path.stat().st_size if log_path.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="device-log-relay", daemon=True)
+
+    def start(self) -> LogRelay:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.poll()  # the devices' last lines
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the relay is a convenience; the run must go on
+                log.debug("device log relay failed", exc_info=True)
+
+    def poll(self) -> None:
+        for path, offset in list(self._offsets.items()):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            complete = data[:data.rfind(b"\n") + 1]  # a half-written line waits for the next poll
+            self._offsets[path] = offset + len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                shown = self.select(line)
+                if shown is not None:
+                    self.write(shown)
+
+    def select(self, line: str) -> str | None:
+        """The text to show for one device.log line, or None to keep it in the file only."""
+        if self.everything:
+            return line
+        m = _DEVICE_LINE.match(line)
+        if m is None:
+            return line if line.startswith("devft-edge: error") else None
+        level, message = m.groups()
+        if level == "INFO":
+            return message
+        return f"{level.lower()}: {message}" if level in ("ERROR", "CRITICAL") else None
+
+
 def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False, progress: bool = True,
               settings: FleetSettings | None = None, base=None) -> dict:
     """`devft run --fleet local:N`: broker, coordinator and N devices on this machine."""
@@ -141,8 +217,13 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
 
         factory = fleet_executor_factory(run_dir, fleet.server, settings, host="localhost",
                                          on_ready=start_devices)
-        report = run(cfg, run_dir, resume=resume, progress=progress, base=base, executor_factory=factory)
-        codes = fleet.wait_devices(30)
+        relay = LogRelay(fleet, note, everything=is_verbose()).start() if progress else None
+        try:
+            report = run(cfg, run_dir, resume=resume, progress=progress, base=base, executor_factory=factory)
+            codes = fleet.wait_devices(30)
+        finally:
+            if relay is not None:
+                relay.stop()
     if not report.get("interrupted"):
         report = add_fleet_summary(run_dir, report, codes)
     return report

@@ -95,7 +95,15 @@ def _build_smollm2_cache(dest: Path) -> None:
 
     A GGUF-loaded model carries a quantization_config and cannot save_pretrained, so we rebuild
     the model from its config without it and copy the state dict across."""
+    from .progress import note, phase
+
     gguf = find_smollm2_gguf()
+    note(f"first use of SmolLM2 on this machine: converting its GGUF to safetensors under {dest} (once, ~20 s-2 min)")
+    with phase("converting SmolLM2 GGUF -> safetensors"):
+        _convert_gguf(gguf, dest)
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     cfg_dict = loaded.config.to_dict()

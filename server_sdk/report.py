@@ -10,6 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+N_GROUP_COLOURS = 40  # tab20 + tab20b: distinct colours for up to 40 groups in a stage
+
+
+def group_colours() -> ListedColormap:
+    """One colour per group index, so no two groups of a stage look alike (tab20's colours, then
+    tab20b's). Used with vmin=-0.5, vmax=N_GROUP_COLOURS-0.5: group i gets colour i exactly;
+    without vmin/vmax imshow rescales each figure's range and neighbouring groups share colours."""
+    return ListedColormap(list(plt.get_cmap("tab20").colors) + list(plt.get_cmap("tab20b").colors))
 
 
 def summary_text(report: dict, run_dir: Path) -> str:
@@ -77,8 +87,9 @@ def plot_groups(report: dict, path: Path) -> None:
     grid = np.full((len(plans), n), np.nan)
     for si, p in enumerate(plans):
         for gi, group in enumerate(p["groups"]):
-            grid[si, group] = gi
-    axes[1].imshow(grid, aspect="auto", cmap="tab20", interpolation="nearest")
+            grid[si, group] = gi % N_GROUP_COLOURS
+    axes[1].imshow(grid, aspect="auto", cmap=group_colours(), vmin=-0.5, vmax=N_GROUP_COLOURS - 0.5,
+                   interpolation="nearest")
     for si, p in enumerate(plans):
         for a in p["anchors"]:
             axes[1].plot(a, si, "k*", ms=6)

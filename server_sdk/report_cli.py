@@ -1,7 +1,8 @@
 """`devft report RUN_DIR`: what local training cost each device, per stage, from a run's telemetry.
 
-A run over a fleet stores, in every round record of report.json, ``telemetry: {client_id:
-TelemetryRecorder report}`` (edge_runtime/telemetry). This command folds those per-round
+A run over a fleet stores, in every round record of report.json, ``telemetry: {device name:
+TelemetryRecorder report}`` (edge_runtime/telemetry; runs before device names were keys used
+the client index, and every report names its device in its own ``device`` field). This command folds those per-round
 reports into one row per (device, stage): peak memory, step latency p50/p95, energy with its
 source label and carbon, prints the table and writes three plots into the run directory:
 
@@ -72,8 +73,9 @@ def device_stages(report: dict[str, Any]) -> list[DeviceStage]:
     """Fold each round's per-client telemetry into rows keyed by (device, stage)."""
     rows: dict[tuple[str, int], DeviceStage] = {}
     for rec in report.get("records", []):
-        for device, tel in (rec.get("telemetry") or {}).items():
-            key = (str(device), int(rec["stage"]))
+        for key_name, tel in (rec.get("telemetry") or {}).items():
+            device = str(tel.get("device") or key_name)
+            key = (device, int(rec["stage"]))
             row = rows.setdefault(key, DeviceStage(str(device), int(rec["stage"]), int(rec.get("layers") or 0)))
             row.rounds += 1
             row.steps += int(tel.get("steps") or 0)
@@ -106,6 +108,9 @@ def table(rows: list[DeviceStage]) -> str:
             f"{r.energy_j:>10.4g}  {', '.join(r.energy_sources) or 'n/a':<26}{r.carbon_g:>9.3g}  "
             f"{'n/a' if r.fits is None else ('yes' if r.fits else 'NO')}"
         )
+    if any(not r.device_profiles for r in rows):
+        lines.append('profile "-": the device declared no board (start it with DEVFT_DEVICE_PROFILE=<name>, see '
+                     '`devft report --help`); fits "n/a": no board RAM to judge its peak memory against')
     labels = {s for r in rows for s in r.energy_sources}
     if any(s.startswith("estimated:") for s in labels):
         lines.append("energy labelled estimated:<model> is CPU time x a power model, not a measurement")
@@ -126,25 +131,30 @@ def plot(rows: list[DeviceStage], run_dir: Path) -> list[Path]:
     by = {(r.device, r.stage): r for r in rows}
     paths = [run_dir / name for name in PLOTS]
 
-    for path, ylabel, value in (
-        (paths[0], "energy per local step (J)", lambda r: r.energy_j_per_step),
-        (paths[1], "peak memory (GiB)", lambda r: r.peak_rss_bytes / 2**30),
+    for path, ylabel, value, title in (
+        (paths[0], "energy per local step (J)", lambda r: r.energy_j_per_step,
+         "Energy per local training step, by stage and device"),
+        (paths[1], "peak memory (GiB)", lambda r: r.peak_rss_bytes / 2**30,
+         "Peak memory of local training, by stage and device"),
     ):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for i, d in enumerate(devices):
             vals = [value(by[(d, s)]) if (d, s) in by else np.nan for s, _ in stages]
             vals = [np.nan if v is None else v for v in vals]
             src = ", ".join(sorted({e for r in rows if r.device == d for e in r.energy_sources}))
             ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{d} ({src})" if path == paths[0] else d)
         if path == paths[1]:
-            for name, prof in DEVICE_PROFILES.items():
-                ax.axhline(prof.usable_ram_bytes / 2**30, ls=":", lw=1, color="grey")
-                ax.annotate(name, (1.0, prof.usable_ram_bytes / 2**30), xycoords=("axes fraction", "data"),
-                            fontsize=7, color="grey", ha="right", va="bottom")
+            _profile_lines(ax)
         ax.set_xticks(x, labels)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        ax.set_title("dotted: usable RAM of each device profile" if path == paths[1] else "energy source in the legend")
+        handles, names = ax.get_legend_handles_labels()
+        if path == paths[1]:
+            from matplotlib.lines import Line2D
+
+            handles.append(Line2D([], [], ls=":", lw=1, color="grey"))
+            names.append("usable RAM of a\ndevice profile")
+        ax.legend(handles, names, fontsize=8, title="device (energy source)" if path == paths[0] else "device")
+        ax.set_title(title)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -156,11 +166,42 @@ def plot(rows: list[DeviceStage], run_dir: Path) -> list[Path]:
         data.append(pooled or [np.nan])
     ax.boxplot(data, tick_labels=labels)
     ax.set_ylabel("step latency (s)")
-    ax.set_title("per step where devices sent every latency, else per-round p50; all devices pooled")
+    ax.set_title("Local training step latency, by stage (all devices)")
+    ax.text(0.0, 1.01, "every step where devices sent each latency, else per-round medians", transform=ax.transAxes,
+            fontsize=7, color="grey", va="bottom")
     fig.tight_layout()
     fig.savefig(paths[2], dpi=110)
     plt.close(fig)
     return paths
+
+
+def profile_label_positions(values: list[float], min_gap: float) -> list[float]:
+    """Label heights for lines at `values` (ascending), pushed up so no two are closer than min_gap."""
+    out: list[float] = []
+    for v in values:
+        out.append(max(v, out[-1] + min_gap) if out else v)
+    return out
+
+
+def _profile_lines(ax: Any) -> None:
+    """A dotted line per device profile's usable RAM, labelled at the right edge without overlaps.
+
+    Profiles with the same usable RAM share a label; labels of close values are spread apart."""
+    by_ram: dict[float, list[str]] = {}
+    for name, prof in DEVICE_PROFILES.items():
+        by_ram.setdefault(prof.usable_ram_bytes / 2**30, []).append(name)
+    rams = sorted(by_ram)
+    for ram in rams:
+        ax.axhline(ram, ls=":", lw=1, color="grey")
+    lo, hi = ax.get_ylim()
+    hi = max(hi, rams[-1] * 1.08)
+    gap = 0.06 * (hi - lo)  # a 7-pt label and some air on a 4.5-inch axis
+    heights = profile_label_positions(rams, gap)
+    for ram, y in zip(rams, heights):  # outside the axes on the right, joined to their line when moved
+        ax.annotate(", ".join(by_ram[ram]), xy=(1.0, ram), xycoords=("axes fraction", "data"), xytext=(1.02, y),
+                    textcoords=("axes fraction", "data"), fontsize=7, color="grey", ha="left", va="center",
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.5), annotation_clip=False)
+    ax.set_ylim(lo, max(hi, heights[-1] + gap))
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
@@ -191,8 +232,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_DESCRIPTION = """\
+Per device and stage of a fleet run: what local training cost, from the telemetry each device
+sent with its updates (report.json). Columns:
+  device         the device's name (dev-000 trains data shard 000)
+  profile        the board the device declared (DEVFT_DEVICE_PROFILE=<name> in the device's
+                 environment when it starts `devft-edge run`; the devices of a local fleet
+                 inherit it from `devft run --fleet local:N`); "-" = it declared none
+  stage, layers  the DEVFT stage (1-based) and its submodel's decoder layers
+  rounds         rounds of that stage the device trained
+  peak MiB       peak resident memory of the device process while training
+  p50 s, p95 s   local step latency, median and 95th percentile
+  J/step, J total, energy source
+                 energy, labelled measured:<sensor> or estimated:<power model> (CPU time x watts)
+  CO2 g          carbon from the energy and the grid's intensity
+  fits           whether peak memory fits the declared profile's usable RAM; "n/a" = no profile
+Profiles: {profiles}.
+Writes telemetry_energy.png, telemetry_memory.png and telemetry_latency.png into the run
+directory."""
+
+
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("report", help="per-device, per-stage memory, latency, energy and carbon of a run")
+    p = subparsers.add_parser("report", help="per-device, per-stage memory, latency, energy and carbon of a run",
+                              description=REPORT_DESCRIPTION.format(profiles=", ".join(sorted(DEVICE_PROFILES))),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory, e.g. runs/default")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--no-plots", action="store_true", help="do not write the telemetry_*.png plots")

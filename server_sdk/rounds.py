@@ -26,9 +26,12 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import RunConfig
 from .data import Example, build_client_data, build_eval_data, read_jsonl, write_jsonl
+from .disk import prune_finished_stages
+from .eval_cache import base_evaluation
 from .executor import ClientExecutor, InProcessExecutor
 from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
 from .model import BaseModel, describe, load_base_model
+from .progress import phase, round_postfix
 from .report import plot_curves, plot_groups
 from .strategies import Strategy, make_strategy
 from .submodel import StagePlan, copy_model
@@ -215,7 +218,8 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
 
     gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens)
     if not state.records:
-        before = evaluate(eval_model, base.tokenizer, loop.held_out, generate=cfg.accuracy_every != "never", **gen)
+        before = base_evaluation(eval_model, base, loop.held_out, generate=cfg.accuracy_every != "never",
+                                 progress=loop.progress, **gen)
         state.records.append(RoundRecord.base_model(base.n_layers, before).to_dict())
 
     total_rounds = sum(rounds)
@@ -234,7 +238,9 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
         else:
             plan = state.plan
             sub_model, _ = strategy.build_submodel(base.model, state.full_lora, plan)
-        stage_artifact = executor.begin_stage(s, plan, sub_model)
+        with phase(f"stage {s + 1}/{len(stages)}: preparing the {stages[s]}-layer submodel", enabled=loop.progress):
+            stage_artifact = executor.begin_stage(s, plan, sub_model)
+        prune_finished_stages(loop.run_dir, s)  # devices moved on; --keep-artifacts keeps them
 
         for r in range(state.next_round, rounds[s]):
             t_round = time.perf_counter()
@@ -244,7 +250,9 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
             state.devices_with_stage += new_devices
             seeds = {c: client_seed(cfg.seed, s, r, c) for c in sampled}
             loop.steps_bar.reset()
-            results = executor.train_round(s, r, sampled, state.stage_global, strategy.is_trainable, seeds)
+            with phase(f"round {done_rounds + 1}: waiting for {len(sampled)} devices",
+                       enabled=loop.progress and loop.steps_bar.disable):
+                results = executor.train_round(s, r, sampled, state.stage_global, strategy.is_trainable, seeds)
             if not results:
                 raise RuntimeError(f"stage {s} round {r}: no client result arrived; the round cannot be aggregated")
             bytes_up = sum(res.payload_bytes or nbytes(res.delta) for res in results)
@@ -258,7 +266,8 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                 projected = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
                 write_lora(eval_model, projected)
                 want_acc = cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
-                metrics = evaluate(eval_model, base.tokenizer, loop.held_out, generate=want_acc, **gen)
+                metrics = evaluate(eval_model, base.tokenizer, loop.held_out, generate=want_acc, **gen,
+                                   progress=f"evaluating after round {done_rounds + 1}" if loop.progress else None)
             rec = RoundRecord(
                 stage=s, round=len([x for x in state.records if x["stage"] >= 0]) + 1, stage_round=r,
                 layers=stages[s], clients=sampled, train_loss=float(np.mean([res.train_loss for res in results])),
@@ -266,7 +275,8 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                 client_seconds=[res.seconds for res in results], wall_seconds=time.perf_counter() - t_round,
                 client_samples=[res.num_samples for res in results],
                 client_cpu_seconds=[res.cpu_seconds for res in results], stage_new_devices=len(new_devices),
-                telemetry={str(res.client): res.telemetry for res in results if res.telemetry} or None,
+                telemetry={res.telemetry.get("device") or str(res.client): res.telemetry  # keyed by device name
+                           for res in results if res.telemetry} or None,
             ).with_metrics(metrics)
             state.records.append(rec.to_dict())
             if stage_end:  # stage done: transfer back into the full model
@@ -274,7 +284,8 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                 state.stage, state.next_round, state.plan = s + 1, 0, None
             state.save(loop.run_dir)
             bar.update(1)
-            bar.set_postfix(stage=f"{s + 1}/{len(stages)}", layers=stages[s], loss=f"{rec.train_loss:.3f}")
+            done_rounds += 1
+            bar.set_postfix_str(round_postfix(s, len(stages), stages[s], state.records))
             rounds_this_call += 1
             if loop.stop_after_rounds is not None and rounds_this_call >= loop.stop_after_rounds and not is_last:
                 bar.close()

@@ -92,10 +92,20 @@ def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: 
     return ClientResult(client, len(examples), delta, float(np.mean(losses)), seconds, cpu_seconds=cpu_seconds)
 
 
-@torch.no_grad()
 def evaluate(model, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,
-             max_new_tokens: int = 24, batch_size: int = 16) -> dict:
-    """Held-out loss (mean per-example token loss) and exact-match accuracy (reasoning-gym scorer)."""
+             max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None) -> dict:
+    """Held-out loss (mean per-example token loss) and exact-match accuracy (reasoning-gym scorer).
+
+    `progress` names a bar over the examples (generation makes this the slowest phase of a run)."""
+    from .progress import counting_bar
+
+    with counting_bar(progress or "", len(examples), enabled=progress is not None, unit="ex") as bar:
+        return _evaluate(model, tokenizer, examples, seq_len, generate, max_new_tokens, batch_size, bar.update)
+
+
+@torch.no_grad()
+def _evaluate(model, tokenizer, examples: list[Example], seq_len: int, generate: bool, max_new_tokens: int,
+              batch_size: int, done: Callable[[int], object]) -> dict:
     model.eval()
     pad = tokenizer.pad_token_id
     losses: dict[str, list[float]] = defaultdict(list)
@@ -112,6 +122,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, seq_len: int, generat
         if generate:
             for ex, text in zip(batch, generate_answers(model, tokenizer, batch, max_new_tokens)):
                 correct[ex.task].append(float(score(ex.task, text, ex) >= 1.0))
+        done(len(batch))
     per_task = {t: {"eval_loss": float(np.mean(v)), **({"accuracy": float(np.mean(correct[t]))} if generate else {})}
                 for t, v in sorted(losses.items())}
     all_losses = [x for v in losses.values() for x in v]

@@ -416,7 +416,7 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
     recs = [r for r in report["records"] if r["stage"] >= 0]
     assert [r["layers"] for r in recs] == [2, 2, 4] and all(r["clients"] == [0, 1, 2] for r in recs)
     for rec in recs:
-        assert sorted(rec["telemetry"]) == ["0", "1", "2"]
+        assert sorted(rec["telemetry"]) == ["dev-000", "dev-001", "dev-002"]  # keyed by device name
         for tel in rec["telemetry"].values():
             assert tel["peak_rss_bytes"] > 0 and tel["steps"] == 2 and tel["step_latency_s"]["p50"] > 0
             assert tel["energy_source"] and tel["backend"] == "onnx"
@@ -427,8 +427,8 @@ def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
     stage_bytes = [e["artifacts"]["onnx"]["bytes"] for e in events(job.run_dir) if e["event"] == "stage"]
     for dev in report["fleet"]["devices"].values():
         assert dev["rounds"] == 3
-    downloads = {name: max(rec["telemetry"][str(c)]["stage_download_bytes"] for rec in recs if rec["stage"] == 1)
-                 for c, name in enumerate(job.fleet.names)}
+    downloads = {name: max(rec["telemetry"][name]["stage_download_bytes"] for rec in recs if rec["stage"] == 1)
+                 for name in job.fleet.names}
     # ... nor is the embedding, whose tensor file is the same in both stages
     assert all(0 < b < 0.25 * stage_bytes[1] for b in downloads.values()), (downloads, stage_bytes)
     assert job.codes == {"dev-000": 0, "dev-001": 0, "dev-002": 0}
@@ -470,10 +470,12 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
         big = [p for p in blobs.iterdir() if p.stat().st_size > 1_000_000]  # the embedding's file, the tokenizer
         assert len(big) == 2
         for blob in big:
-            blob.chmod(0o644)
-            with open(blob, "r+b") as f:
-                f.seek(100)
-                f.write(b"bitrot")
+            # local devices hard-link one shared copy (server_sdk/local_fleet.py); bit rot on this device's own
+            # disk is a private copy going bad, so break the link first
+            data = bytearray(blob.read_bytes())
+            data[100:106] = b"bitrot"
+            blob.unlink()
+            blob.write_bytes(bytes(data))
         job.start_device("dev-002")
         report = job.finish()
     finally:
@@ -489,11 +491,11 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
     assert {"dev-000", "dev-001"} <= set(by_round[2])
     assert sorted(by_round[3]) == ["dev-000", "dev-001", "dev-002"]
     recs = [r for r in report["records"] if r["stage"] >= 0]  # in wire-round order
-    back = next(r for r in recs[2:] if "2" in (r.get("telemetry") or {}))  # dev-002's first round after the kill
+    back = next(r for r in recs[2:] if "dev-002" in (r.get("telemetry") or {}))  # its first round after the kill
     # the rotten embedding and tokenizer files fetched again by the new process (before or in this round)
-    assert back["telemetry"]["2"]["stage_download_bytes"] > 1_000_000
+    assert back["telemetry"]["dev-002"]["stage_download_bytes"] > 1_000_000
     rec2 = [r for r in report["records"] if r["stage"] == 0][2]
-    assert rec2["telemetry"]["0"]["download_bytes"] == 0
+    assert rec2["telemetry"]["dev-000"]["download_bytes"] == 0
     log = (job.fleet.device_dir("dev-002") / "device.log").read_text()
     assert "corrupt" in log
 

@@ -97,3 +97,42 @@ def test_simulation_run_without_telemetry_says_so(tmp_path, capsys):
 def test_missing_report_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no report.json" in capsys.readouterr().err
+
+
+def test_devices_are_named_by_their_own_name_even_in_old_reports(tmp_path, telemetry):
+    tel = {**telemetry["pi5"][0], "device": "dev-003"}
+    run = _write_run(tmp_path, [_record(0, 1, 4, {"3": tel})])  # an older run keyed telemetry by client index
+    assert [r.device for r in device_stages(json.loads((run / "report.json").read_text()))] == ["dev-003"]
+
+
+def test_report_help_explains_the_columns_and_how_to_set_a_profile(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert '"-" = it declared none' in out and '"n/a" = no profile' in out
+    assert "DEVFT_DEVICE_PROFILE=<name>" in out and "raspberry-pi-5-8gb" in out
+
+
+def test_device_profile_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DEVFT_DEVICE_PROFILE", "android-6gb")
+    with TelemetryRecorder() as rec:
+        with rec.step():
+            pass
+    assert rec.report()["device_profile"] == "android-6gb" and rec.report()["fits_device_profile"] is not None
+    monkeypatch.setenv("DEVFT_DEVICE_PROFILE", "toaster")
+    with pytest.raises(ValueError, match="unknown device profile 'toaster'"):
+        TelemetryRecorder()
+
+
+def test_profile_labels_do_not_overlap_and_groups_get_distinct_colours():
+    from matplotlib.colors import Normalize
+
+    from server_sdk.report import N_GROUP_COLOURS, group_colours
+    from server_sdk.report_cli import profile_label_positions
+
+    heights = profile_label_positions([3.0, 3.2, 6.0, 7.2], min_gap=0.4)
+    assert heights[0] == 3.0 and all(b - a >= 0.4 - 1e-9 for a, b in zip(heights, heights[1:]))
+    cmap, norm = group_colours(), Normalize(-0.5, N_GROUP_COLOURS - 0.5)
+    for n_groups in (4, 8, 16, 30):
+        colours = {cmap(norm(g)) for g in range(n_groups)}
+        assert len(colours) == n_groups

@@ -67,15 +67,19 @@ def check_runtime(required: str) -> None:
                             f"(pip install -U 'onnxruntime>={required}')")
 
 
-def session_options(threads: int | None, arena: bool = DEFAULT_ARENA, verbose: bool = False) -> Any:
+def session_options(threads: int | None, arena: bool = DEFAULT_ARENA, verbose: bool | None = None) -> Any:
+    """Session options for both graphs; `verbose` defaults to DEVFT_VERBOSE (set by `--verbose`)."""
     import onnxruntime as ort
+
+    if verbose is None:
+        verbose = os.environ.get("DEVFT_VERBOSE", "") not in ("", "0")
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.enable_cpu_mem_arena = arena
-    options.log_severity_level = 0 if verbose else 3  # errors only, unless asked
+    options.log_severity_level = 1 if verbose else 3  # INFO with --verbose, else errors only
     return options
 
 

@@ -83,6 +83,7 @@ class OrtTrainer:
         from onnxruntime import SessionOptions  # already loaded by training_api
 
         options = SessionOptions()
+        options.log_severity_level = 1 if os.environ.get("DEVFT_VERBOSE", "") not in ("", "0") else 3  # INFO / ERROR
         if threads:
             options.intra_op_num_threads = threads
         self._state = api.CheckpointState.load_checkpoint(str(self.dir / CHECKPOINT))

@@ -9,6 +9,7 @@ payload = rec.report()   # JSON-serialisable dict, every energy figure labelled
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from edge_runtime.telemetry.detect import detect_meter
 from edge_runtime.telemetry.memory import PeakRss, PeakRssSampler
 from edge_runtime.telemetry.meters import EnergyMeter, process_cpu_time
 from edge_runtime.telemetry.profiles import DeviceProfile, device_profile, fits
+
+PROFILE_ENV = "DEVFT_DEVICE_PROFILE"
 
 
 def latency_summary(latencies_s: list[float], include_all: bool = False) -> dict[str, Any]:
@@ -49,6 +52,9 @@ class TelemetryRecorder:
 
     ``meter`` defaults to ``detect_meter`` with the device profile's power model (or
     ``x86-laptop``). ``clock`` and ``cpu_time`` are injectable so tests control time.
+    Without ``device_profile`` the environment variable DEVFT_DEVICE_PROFILE names it: that is
+    how a fleet device (``devft-edge run``) declares which board it is, so `devft report` can
+    judge its peak memory against that board's usable RAM.
     """
 
     def __init__(
@@ -62,7 +68,7 @@ class TelemetryRecorder:
         clock: Callable[[], float] = time.perf_counter,
         cpu_time: Callable[[], float] = process_cpu_time,
     ) -> None:
-        self.profile = _as_profile(device_profile)
+        self.profile = _as_profile(device_profile or os.environ.get(PROFILE_ENV) or None)
         if meter is None:
             meter = detect_meter(power_model=self.profile.power_model if self.profile else "x86-laptop")
         self.meter = meter
