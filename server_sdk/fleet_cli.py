@@ -47,6 +47,9 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    help="hard L2 bound on a device delta, checked on arrival (default 1000)")
     p.add_argument("--norm-bound-k", type=float, default=None, metavar="K",
                    help="refuse deltas over K x the round's lower median norm (default 5; 0 turns it off)")
+    p.add_argument("--formats", metavar="FMT[,FMT]", default=None,
+                   help="artifact formats served each stage: onnx (portable, plain onnxruntime), ort (legacy ONNX "
+                   "Runtime Training), executorch; default auto: onnx plus what hello'd devices that cannot run it need")
     p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
@@ -68,6 +71,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.max_update_norm = args.max_update_norm
     if args.norm_bound_k is not None:
         settings.norm_bound_k = args.norm_bound_k or None
+    if args.formats is not None:
+        settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     try:
         return settings.validate()
     except ValueError as exc:
