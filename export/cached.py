@@ -12,13 +12,10 @@ writing a fresh checkpoint from the submodel's tensors.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,8 @@ import onnx
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 from export import naming
-from export.ort import copy_tokenizer, export_ort_artifacts, json_config
+from export.common import copy_tokenizer, json_config, shape_key
+from export.ort import export_ort_artifacts
 from export.publish import publish
 
 GRAPHS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
@@ -36,26 +34,8 @@ CHECKPOINT = "checkpoint"
 
 def template_key(peft_model: Any, *, optimizer: str, seq_len: int) -> str:
     """Hash of everything the exported graphs depend on (not the weight values)."""
-    peft_cfg = {k: {f: x for f, x in _stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
-                for k, v in peft_model.peft_config.items()}
-    shapes = {k: list(v.shape) for k, v in peft_model.state_dict().items()}
-    config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
-    blob = json.dumps({"config": config, "peft": peft_cfg, "shapes": shapes, "optimizer": optimizer,
-                       "seq_len": seq_len, "ort": version("onnxruntime-training"), "torch": version("torch"),
-                       "transformers": version("transformers"), "onnx": version("onnx")},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _stable(value: Any) -> Any:
-    """JSON-able and independent of hash order (PEFT keeps target_modules as a set)."""
-    if isinstance(value, dict):
-        return {str(k): _stable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_stable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_stable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return shape_key(peft_model, ("onnxruntime-training", "torch", "transformers", "onnx"), format="ort",
+                     optimizer=optimizer, seq_len=seq_len)
 
 
 def _checkpoint_names(checkpoint: Path) -> tuple[list[str], list[str]]:

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.ort import check_exportable, copy_tokenizer, eager_attention, json_config
+from export.common import copy_tokenizer, eager_attention, json_config
+from export.ort import check_exportable
 from export.publish import publish
 
 IGNORE_INDEX = -100

@@ -34,9 +34,6 @@ the submodel's shape, so `export_onnx_cached` traces once per shape and restamps
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -55,6 +52,7 @@ from safetensors.numpy import save_file
 from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
+from export.common import copy_tokenizer, eager_attention, json_config, shape_key
 from export.publish import publish
 
 FORMAT = "onnx"
@@ -92,20 +90,6 @@ class _AnswerLoss(torch.nn.Module):
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
         logits = inner.lm_head(picked).float()
         return (F.cross_entropy(logits, target.index_select(0, idx)),)
-
-
-@contextlib.contextmanager
-def _eager_attention(peft_model: Any):
-    """Trace with eager attention (SDPA's backward is not in the core ATen opset), in eval mode."""
-    base = peft_model.get_base_model()
-    previous, was_training = base.config._attn_implementation, peft_model.training
-    base.set_attn_implementation("eager")
-    peft_model.eval()  # dropout off; LoRA dropout must be 0 for parity anyway
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(previous)
-        peft_model.train(was_training)
 
 
 def _replace_empty_permuted(gm: torch.fx.GraphModule) -> None:
@@ -188,7 +172,7 @@ def trace_training_graph(peft_model: Any, seq_len: int) -> tuple[torch.export.Ex
     shapes = {"input_ids": {0: batch, 1: seq}, "labels": {0: batch, 1: seq}}
     for n, p in peft_model.named_parameters():
         p.requires_grad_(naming.is_lora(n))
-    with _eager_attention(peft_model):
+    with eager_attention(peft_model):
         ep = torch.export.export(_AnswerLoss(peft_model), (example, example.clone()), dynamic_shapes=shapes,
                                  strict=False)
         ep = _export_forward_backward(ep, joint_loss_index=0)
@@ -343,44 +327,8 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path) -> N
 
 def template_key(peft_model: Any, *, seq_len: int) -> str:
     """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
-    peft_cfg = {k: {f: x for f, x in _stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
-                for k, v in peft_model.peft_config.items()}
-    shapes = {k: list(v.shape) for k, v in _model_tensors(peft_model).items()}
-    config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
-    # "max_seq_len" is the key templates were first cached under; kept so existing caches stay valid
-    blob = json.dumps({"format": FORMAT, "config": config, "peft": peft_cfg, "shapes": shapes, "max_seq_len": seq_len,
-                       "opset": OPSET, **{p: version(p) for p in ("torch", "transformers", "peft", "onnx", "onnxscript")}},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _stable(value: Any) -> Any:
-    """JSON-able and independent of hash order (PEFT keeps target_modules as a set)."""
-    if isinstance(value, dict):
-        return {str(k): _stable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_stable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_stable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-
-
-def json_config(peft_model: Any) -> dict[str, Any]:
-    """The base model's config as plain JSON (what the manifest carries for the device)."""
-    return json.loads(json.dumps(peft_model.get_base_model().config.to_dict(), default=str))
-
-
-def copy_tokenizer(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> str | None:
-    """Copy tokenizer.json; return the chat template saved beside it, if any."""
-    src = Path(tokenizer_dir)
-    if not (src / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {src}; save the tokenizer with save_pretrained() first")
-    shutil.copyfile(src / "tokenizer.json", out_dir / "tokenizer.json")
-    if (src / "chat_template.jinja").is_file():
-        return (src / "chat_template.jinja").read_text()
-    if (src / "tokenizer_config.json").is_file():
-        return json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
-    return None
+    return shape_key(peft_model, ("torch", "transformers", "peft", "onnx", "onnxscript"), format=FORMAT,
+                     seq_len=seq_len, opset=OPSET)
 
 
 def check_exportable(peft_model: Any, seq_len: int) -> None:

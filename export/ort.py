@@ -17,7 +17,6 @@ Artifact directory:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ import torch
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
+from export.common import copy_tokenizer, eager_attention, json_config
 from export.publish import publish
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt tokens: assistant-only loss)
@@ -63,20 +63,6 @@ class _ShiftedLogits(torch.nn.Module):
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         vocab = logits.shape[-1]
         return logits[:, :-1, :].reshape(-1, vocab), labels[:, 1:].reshape(-1)
-
-
-@contextlib.contextmanager
-def eager_attention(peft_model: Any):
-    """Export with eager attention: the SDPA decomposition contains CastLike, which has no ORT gradient."""
-    base = peft_model.get_base_model()
-    previous, was_training = base.config._attn_implementation, peft_model.training
-    base.set_attn_implementation("eager")
-    peft_model.eval()  # dropout off; LoRA dropout must be 0 for parity anyway
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(previous)
-        peft_model.train(was_training)
 
 
 def check_exportable(peft_model: Any, optimizer: str, seq_len: int) -> None:
@@ -193,19 +179,6 @@ def _trainable_specs(model: onnx.ModelProto, trainable: list[str]) -> list[Tenso
     ]
 
 
-def copy_tokenizer(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> str | None:
-    """Copy tokenizer.json; return the chat template saved beside it, if any."""
-    src = Path(tokenizer_dir)
-    if not (src / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {src}; save the tokenizer with save_pretrained() first")
-    shutil.copyfile(src / "tokenizer.json", out_dir / "tokenizer.json")
-    if (src / "chat_template.jinja").is_file():
-        return (src / "chat_template.jinja").read_text()
-    if (src / "tokenizer_config.json").is_file():
-        return json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
-    return None
-
-
 def _versions(model: onnx.ModelProto, opset: int) -> dict[str, Any]:
     return {
         "opset": opset,
@@ -216,11 +189,6 @@ def _versions(model: onnx.ModelProto, opset: int) -> dict[str, Any]:
         "transformers": version("transformers"),
         "peft": version("peft"),
     }
-
-
-def json_config(peft_model: Any) -> dict[str, Any]:
-    """The base model's config as plain JSON, as manifests record it (shared by every exporter)."""
-    return json.loads(json.dumps(peft_model.get_base_model().config.to_dict(), default=str))
 
 
 def export_ort_artifacts(

@@ -117,7 +117,7 @@ def test_cli_executorch_backend_from_base_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("backend", ["ort", "executorch"])
 def test_submodel_over_the_size_limit_fails_before_export(backend, tmp_path, monkeypatch):
-    from test_export_onnx import make_peft_model
+    from tests.export_helpers import make_peft_model
 
     if backend == "ort":
         from export import ort as module

@@ -19,7 +19,10 @@ import torch
 
 pytest.importorskip("executorch", reason="executorch is not installed: pip install executorch==1.5.1 (see pyproject extras)")
 
-from test_export_ort import (  # noqa: E402
+from edge_runtime.backends.executorch_backend import ExecuTorchTrainer  # noqa: E402
+from edge_runtime.manifest import load_manifest  # noqa: E402
+from export.executorch import export_executorch_artifacts, import_trained_lora  # noqa: E402
+from tests.export_helpers import (  # noqa: E402
     REPO,
     lora_shapes,
     make_batch,
@@ -27,10 +30,6 @@ from test_export_ort import (  # noqa: E402
     save_tiny_tokenizer,
     torch_loss_and_grads,
 )
-
-from edge_runtime.backends.executorch_backend import ExecuTorchTrainer  # noqa: E402
-from edge_runtime.manifest import load_manifest  # noqa: E402
-from export.executorch import export_executorch_artifacts, import_trained_lora  # noqa: E402
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
 

@@ -19,8 +19,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from edge_runtime.backends.onnx_backend import OnnxTrainer, RuntimeTooOld, check_runtime
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
@@ -28,6 +26,8 @@ from edge_runtime.optim import AdamW
 from export import naming
 from export.onnx import EVAL_GRAPH, TRAIN_GRAPH, WEIGHTS_DIR, export_onnx_artifacts, template_key
 from server_sdk.trainer import token_losses
+from tests.export_helpers import ALL_TARGETS, make_batch
+from tests.export_helpers import make_peft_model as _make_peft_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,28 +37,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def make_peft_model(seed: int = 0, **shape) -> torch.nn.Module:
-    """A random Llama with LoRA on every projection; lora_B nonzero so gradients w.r.t. lora_A are too."""
-    torch.manual_seed(seed)
-    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-              intermediate_size=128, tie_word_embeddings=True, use_cache=False)
-    kw.update(shape)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return peft_model
-
-
-def make_batch(vocab: int, batch: int = 2, seq: int = 16, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
-    labels = ids.copy()
-    labels[0, :5] = -100  # prompt tokens: assistant-only loss
-    labels[-1, -3:] = -100  # right padding
-    return ids, labels
+    """LoRA on every projection, lora_B nonzero (so gradients w.r.t. lora_A are too)."""
+    return _make_peft_model(seed, targets=ALL_TARGETS, **shape)
 
 
 def torch_loss_and_grads(peft_model, ids, labels) -> tuple[float, dict[str, np.ndarray]]:

@@ -19,73 +19,27 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from edge_runtime.backends.ort_backend import OrtTrainer
 from edge_runtime.manifest import (
     MANIFEST_NAME,
-    InputSpec,
-    Manifest,
     ManifestError,
-    TensorSpec,
     load_manifest,
-    write_manifest,
 )
 from export import naming
 from export.ort import export_ort_artifacts, import_trained_lora
+from tests.export_helpers import (
+    ALL_TARGETS,
+    REPO,
+    lora_shapes,
+    make_batch,
+    make_peft_model,
+    save_tiny_tokenizer,
+    torch_loss_and_grads,
+)
 
 pytest.importorskip("onnxruntime.training", reason="legacy ort format: needs onnxruntime-training in its own "
                     "environment (bash scripts/setup_legacy.sh; .venv-legacy/bin/python -m pytest tests/test_export_ort.py)")
-
-REPO = Path(__file__).resolve().parents[1]
-ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_peft_model(seed: int = 0, targets=("q_proj", "v_proj", "o_proj", "down_proj"), **shape) -> torch.nn.Module:
-    """A random Llama with LoRA; lora_B is made nonzero so gradients w.r.t. lora_A are too."""
-    torch.manual_seed(seed)
-    kw = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        intermediate_size=128,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
-    kw.update(shape)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets)))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return peft_model
-
-
-def make_batch(vocab: int, batch: int = 2, seq: int = 16, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
-    labels = ids.copy()
-    labels[0, :5] = -100  # prompt tokens: assistant-only loss
-    labels[-1, -2] = -100
-    return ids, labels
-
-
-def lora_shapes(peft_model) -> dict[str, tuple[int, ...]]:
-    state = peft_model.state_dict()
-    return {k: tuple(state[k].shape) for k in naming.lora_peft_names(state)}
-
-
-def torch_loss_and_grads(peft_model, ids, labels) -> tuple[float, dict[str, np.ndarray]]:
-    peft_model.zero_grad()
-    loss = peft_model(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels)).loss
-    loss.backward()
-    grads = {n: p.grad.detach().numpy().copy() for n, p in peft_model.named_parameters() if naming.is_lora(n)}
-    return loss.item(), grads
-
 
 def hf_adamw_step(p, g, m, v, t, lr, beta1=0.9, beta2=0.999, eps=1e-6):
     """Hugging Face AdamW (ORT adam_mode=1): eps added to sqrt(v), bias correction folded into the step."""
@@ -93,18 +47,6 @@ def hf_adamw_step(p, g, m, v, t, lr, beta1=0.9, beta2=0.999, eps=1e-6):
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     step_size = lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
     p.sub_(step_size * m / (v.sqrt() + eps))
-
-
-def save_tiny_tokenizer(directory: Path) -> Path:
-    """A word-level tokenizer.json plus a chat template, laid out as save_pretrained() does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)} | {"<unk>": 0}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    directory.mkdir(parents=True)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -124,50 +66,13 @@ def tiny(tmp_path_factory):
     return peft_model, out
 
 
-# --- naming and manifest, no export needed ------------------------------------------------------
-
-
-def test_naming_round_trip_and_tied_embedding():
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
-    assert naming.to_peft_name(naming.to_artifact_name(key)) == key and naming.is_lora(key)
-    assert naming.tied_alias("base_model.model.lm_head.weight") == "base_model.model.model.embed_tokens.weight"
-    assert naming.tied_alias("base_model.model.model.embed_tokens.weight") == "base_model.model.lm_head.weight"
-    assert naming.tied_alias(key) is None
-    with pytest.raises(ValueError, match="devft export"):
-        naming.to_peft_name("onnx::MatMul_123")
-
-
-def test_manifest_round_trip_covers_nested_files(tmp_path):
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.bin").write_bytes(b"abc")
-    (tmp_path / "sub" / "b.bin").write_bytes(b"")
-    spec = TensorSpec("model.x.lora_A.default.weight", "x.lora_A.default.weight", (4, 8))
-    m = Manifest(
-        run_id="r",
-        stage=2,
-        backend="executorch",
-        model_config={"hidden_size": 8},
-        trainable=[spec],
-        inputs=[InputSpec("input_ids", ("batch", "seq"))],
-        seq_len=32,
-    )
-    write_manifest(tmp_path, m)
-    loaded = load_manifest(tmp_path, expected_trainable=[spec])
-    assert loaded == m and set(loaded.files) == {"a.bin", "sub/b.bin"}
-    with pytest.raises(ManifestError, match="backend"):
-        Manifest(run_id="r", stage=0, backend="tflite", model_config={}, trainable=[], inputs=[], seq_len=8)
-    (tmp_path / MANIFEST_NAME).unlink()
-    with pytest.raises(ManifestError, match="no manifest.json"):
-        load_manifest(tmp_path)
-
-
 # --- manifest of real artifacts ------------------------------------------------------------------
 
 
 def test_manifest_describes_artifacts(tiny):
     peft_model, out = tiny
     m = load_manifest(out, expected_trainable=lora_shapes(peft_model))
-    assert (m.format_version, m.backend, m.run_id, m.stage) == (1, "ort", "run-test", 1)
+    assert (m.format_version, m.backend, m.run_id, m.stage) == (2, "ort", "run-test", 1)
     assert m.groups == [[0], [1]] and m.anchors == [0, 1]
     assert m.tokenizer_file == "tokenizer.json" and m.chat_template.startswith("{% for m in messages %}")
     assert {t.peft_name for t in m.trainable} == set(lora_shapes(peft_model))

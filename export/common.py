@@ -1,0 +1,72 @@
+"""What every exporter shares: tracing mode, the manifest's model config, the tokenizer, and the
+key under which traced graphs are cached (they depend on the submodel's shape, never its weights)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def eager_attention(peft_model: Any) -> Iterator[None]:
+    """Trace with eager attention (SDPA's decomposition has no ORT gradient and its backward is not in the
+    core ATen opset), in eval mode: dropout off; LoRA dropout must be 0 for parity anyway."""
+    base = peft_model.get_base_model()
+    previous, was_training = base.config._attn_implementation, peft_model.training
+    base.set_attn_implementation("eager")
+    peft_model.eval()
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
+        peft_model.train(was_training)
+
+
+def json_config(peft_model: Any) -> dict[str, Any]:
+    """The base model's config as plain JSON, as manifests record it."""
+    return json.loads(json.dumps(peft_model.get_base_model().config.to_dict(), default=str))
+
+
+def copy_tokenizer(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> str | None:
+    """Copy tokenizer.json; return the chat template saved beside it, if any."""
+    src = Path(tokenizer_dir)
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {src}; save the tokenizer with save_pretrained() first")
+    shutil.copyfile(src / "tokenizer.json", out_dir / "tokenizer.json")
+    if (src / "chat_template.jinja").is_file():
+        return (src / "chat_template.jinja").read_text()
+    if (src / "tokenizer_config.json").is_file():
+        return json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
+    return None
+
+
+def stable(value: Any) -> Any:
+    """JSON-able and independent of hash order (PEFT keeps target_modules as a set)."""
+    if isinstance(value, dict):
+        return {str(k): stable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(stable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [stable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def shape_key(peft_model: Any, tools: tuple[str, ...], **extra: Any) -> str:
+    """Hash of everything a traced graph depends on: model config, LoRA config (rank, alpha, targets:
+    the scaling is a constant in the graph), tensor shapes, the versions of `tools`, and `extra`."""
+    import torch  # export side only
+
+    peft_cfg = {k: {f: x for f, x in stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
+                for k, v in peft_model.peft_config.items()}
+    tensors: dict[str, torch.Tensor] = {**dict(peft_model.named_buffers()), **peft_model.state_dict()}
+    config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
+    blob = json.dumps({"config": config, "lora_config": peft_cfg, "shapes": {k: list(v.shape) for k, v in tensors.items()},
+                       "versions": {t: version(t) for t in tools}, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
