@@ -11,10 +11,10 @@ bash scripts/setup.sh
 name="quickstart-$(date +%Y%m%d-%H%M%S)"
 if [ "${1:-}" = "--simulate" ]; then
   shift
-  .venv/bin/devft run --name "$name" "$@"
+  .venv/bin/devft run -o accuracy_every=end --name "$name" "$@"
 else
   # a generous round deadline: the 4 devices share this machine's cores with the coordinator
-  .venv/bin/devft run --fleet local:4 --round-timeout 900 --name "$name" "$@"
+  .venv/bin/devft run --fleet local:4 --round-timeout 900 -o accuracy_every=end --name "$name" "$@"
   .venv/bin/devft report "runs/$name"
   # what the run left on disk (stage artifacts, the devices' shared blob store); `devft clean` frees it
   .venv/bin/devft clean --dry-run "runs/$name"

@@ -21,7 +21,7 @@ from edge_runtime.batching import DEFAULT_SEQ_LEN
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTITIONS = ("task", "dirichlet", "iid")
-ACCURACY_EVERY = ("round", "stage", "never")
+ACCURACY_EVERY = ("round", "stage", "end", "never")
 DEFAULT_TASKS = ("chain_sum", "basic_arithmetic", "spell_backward", "word_sequence_reversal")
 
 
@@ -69,7 +69,7 @@ class RunConfig:
     transfer: str = "copy"
     data: DataSettings = field(default_factory=DataSettings)
     eval_every: int = 1  # held-out loss every N rounds (and at every stage end)
-    accuracy_every: str = "stage"  # exact-match generation: every eval "round", at "stage" ends, or "never"
+    accuracy_every: str = "stage"  # exact-match generation: every eval "round", at "stage" ends, at the "end", "never"
     gen_max_new_tokens: int = 16
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (robust to outlier clients)
     seed: int = 0

@@ -81,3 +81,11 @@ def test_bad_model_path_names_the_fix(tmp_path):
         load_base_model(str(tmp_path / "nope"))
     with pytest.raises(ModelError, match="no config.json"):
         load_base_model(str(tmp_path))
+
+
+def test_accuracy_only_at_the_end_is_a_valid_choice():
+    from server_sdk.config import ConfigError, RunConfig
+
+    RunConfig(accuracy_every="end").validate()
+    with pytest.raises(ConfigError, match="accuracy_every"):
+        RunConfig(accuracy_every="sometimes").validate()

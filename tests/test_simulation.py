@@ -79,3 +79,12 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_base, tiny_cfg, t
     ra = json.loads((tmp_path / "full" / "report.json").read_text())["records"]
     rb = json.loads((tmp_path / "cut" / "report.json").read_text())["records"]
     assert [r["eval_loss"] for r in ra] == [r["eval_loss"] for r in rb]
+
+
+def test_accuracy_at_the_end_only_generates_for_the_base_model_and_the_last_round(tiny_base, tiny_cfg, tmp_path):
+    cfg = tiny_cfg(stages=[2, 6], rounds_per_stage=[2, 1], num_clients=2, local_steps=1, accuracy_every="end",
+                   gen_max_new_tokens=2)
+    report = run(cfg, tmp_path / "r", base=tiny_base, progress=False)
+    recs = [r for r in report["records"] if r["stage"] >= 0]
+    assert report["before"]["accuracy"] is not None and recs[-1]["accuracy"] is not None
+    assert [r["accuracy"] for r in recs[:-1]] == [None, None] and all(r["eval_loss"] for r in recs)
