@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,37 @@ MIN_SEQ_LEN = 3
 # The oldest onnxruntime that runs the exported graphs (opset 20 arrived in 1.17); export/onnx.py records it
 # in the manifest and a device below it refuses at startup, naming the version it needs.
 MIN_ONNXRUNTIME = "1.17.0"
-# Session choices measured in benchmarks/export.py (RESULTS.md): the CPU arena keeps freed activation
-# memory for reuse, which raises the peak RSS of a training step by about a third for little speed.
-DEFAULT_ARENA = False
+
+
+@dataclass(frozen=True)
+class SessionChoices:
+    """How onnxruntime runs the graphs: the levers that trade step time against peak memory.
+
+    arena        the CPU memory arena keeps freed activation buffers for reuse (its high-water mark stays)
+    optimization graph optimisation level: "all", "extended", "basic" or "disabled"
+    folding      constant folding (part of every level but "disabled"); it folds Transpose(W) of frozen
+                 weights into new initializers, a transposed copy of each weight the backward uses
+    prepacking   MLAS prepacks constant MatMul weights into its own layout (one more copy of them)
+    The defaults come from benchmarks/export.py's sweep (`--onnx-sweep`, RESULTS.md section 2).
+    """
+
+    arena: bool = False
+    optimization: str = "all"
+    folding: bool = True
+    prepacking: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {self.optimization!r}")
+
+    def label(self) -> str:
+        return (f"arena {'on' if self.arena else 'off'}, opt {self.optimization}"
+                f"{'' if self.folding else ' no-fold'}, prepack {'on' if self.prepacking else 'off'}")
+
+
+OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+                       "disabled": "ORT_DISABLE_ALL"}
+DEFAULT_SESSION = SessionChoices()
 
 
 class RuntimeTooOld(RuntimeError):
@@ -67,16 +96,29 @@ def check_runtime(required: str) -> None:
                             f"(pip install -U 'onnxruntime>={required}')")
 
 
-def session_options(threads: int | None, arena: bool = DEFAULT_ARENA, verbose: bool = False) -> Any:
+def session_options(threads: int | None, choices: SessionChoices = DEFAULT_SESSION, verbose: bool = False) -> Any:
+    """onnxruntime SessionOptions for `choices`; `threads` intra-op threads (None: the runtime's choice)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = arena
+    options.enable_cpu_mem_arena = choices.arena
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[choices.optimization])
+    if not choices.prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 0 if verbose else 3  # errors only, unless asked
     return options
+
+
+def open_session(graph: Path, threads: int | None, choices: SessionChoices = DEFAULT_SESSION) -> Any:
+    """An InferenceSession on the CPU for one of the graphs, with `choices` applied."""
+    import onnxruntime as ort
+
+    disabled = [] if choices.folding else ["ConstantFolding"]
+    return ort.InferenceSession(str(graph), session_options(threads, choices), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
 
 
 class OnnxTrainer:
@@ -99,7 +141,7 @@ class OnnxTrainer:
         *,
         optimizer: str | None = None,
         trainable: Iterable[str] | None = None,
-        arena: bool = DEFAULT_ARENA,
+        session: SessionChoices = DEFAULT_SESSION,
     ) -> None:
         self.dir = Path(artifact_dir)
         self.manifest: Manifest = load_manifest(self.dir, expected_trainable)
@@ -107,12 +149,8 @@ class OnnxTrainer:
             raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not {FORMAT!r}")
         versions = self.manifest.versions
         check_runtime(str(versions.get("min_onnxruntime", MIN_ONNXRUNTIME)))
-        import onnxruntime as ort
-
-        self._ort = ort
-        self._threads, self._arena = threads, arena
-        self._train = ort.InferenceSession(str(self.dir / versions.get("train_graph", TRAIN_GRAPH)),
-                                           session_options(threads, arena), providers=["CPUExecutionProvider"])
+        self._threads, self.session_choices = threads, session
+        self._train = open_session(self.dir / versions.get("train_graph", TRAIN_GRAPH), threads, session)
         self._eval: Any = None  # built on first use: a second session holds a second copy of the weights
         self._specs = {t.peft_name: t for t in self.manifest.trainable}
         self._check_graph()
@@ -188,8 +226,7 @@ class OnnxTrainer:
         self._check_batch(input_ids, labels)
         if self._eval is None:
             graph = self.dir / self.manifest.versions.get("eval_graph", EVAL_GRAPH)
-            self._eval = self._ort.InferenceSession(str(graph), session_options(self._threads, self._arena),
-                                                    providers=["CPUExecutionProvider"])
+            self._eval = open_session(graph, self._threads, self.session_choices)
         (loss,) = self._eval.run([LOSS], self._feeds(input_ids, labels))
         return float(loss)
 
