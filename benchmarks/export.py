@@ -55,17 +55,20 @@ SUBMODEL = "submodel.pt"
 # the portable backend's session options compared by --onnx-sweep (SessionChoices fields; "eval_at_load" opens
 # the eval session before training instead of on first use)
 SWEEP = [
-    {},  # the current defaults
-    {"arena": True},
-    {"optimization": "extended"},
-    {"optimization": "basic"},
+    {},  # the current defaults (edge_runtime/backends/onnx_backend.py DEFAULT_SESSION)
+    {"arena": "on", "folding": True, "prepacking": True},  # onnxruntime's own defaults
+    {"folding": True, "prepacking": True},
+    {"optimization": "extended", "folding": True, "prepacking": True},
+    {"optimization": "basic", "folding": True, "prepacking": True},
+    {"optimization": "disabled", "prepacking": True},
     {"optimization": "disabled"},
-    {"folding": False},
-    {"prepacking": False},
-    {"folding": False, "prepacking": False},
-    {"optimization": "disabled", "prepacking": False},
-    {"arena": True, "folding": False, "prepacking": False},
+    {"folding": True},
+    {"prepacking": True},
+    {"arena": "on"},
+    {"arena": "exact"},
+    {"arena": "exact", "folding": True, "prepacking": True},
     {"eval_at_load": True},
+    {"eval_at_load": True, "folding": True, "prepacking": True},
 ]
 
 
@@ -203,13 +206,15 @@ def child_train(backend: str, stage_dir: Path, batch: int, seq: int, warmup: int
         trainer.eval_loss(ids, labels)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(trainer.train_step(ids, labels))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     out = {"backend": backend, "options": options, "step_s": statistics.median(times), "step_times": times,
+           "cpu_step_s": statistics.median(cpu_times), "cpu_step_times": cpu_times,
            "losses": losses, "load_s": load_s, "rss_start_mb": rss_start, "rss_after_load_mb": rss_loaded,
            "rss_after_steps_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
            "supervised_positions": int((labels[:, 1:] != -100).sum()), "torch_imported": "torch" in sys.modules}
@@ -356,7 +361,8 @@ def ratios(train: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     for b in ARTIFACT_BACKENDS:
         o = train.get(b, {})
         if "step_s" in t and "step_s" in o:
-            out[b] = {"speedup": t["step_s"] / o["step_s"], "peak_rss_ratio": o["peak_rss_mb"] / t["peak_rss_mb"],
+            out[b] = {"speedup": t["step_s"] / o["step_s"], "speedup_cpu": t["cpu_step_s"] / o["cpu_step_s"],
+                      "peak_rss_ratio": o["peak_rss_mb"] / t["peak_rss_mb"],
                       "rss_after_load_ratio": o["rss_after_load_mb"] / t["rss_after_load_mb"]}
     return out
 
@@ -372,8 +378,8 @@ def _mb(by: dict[str, int], key: str) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per depth and backend, then the ratios to eager torch."""
     lines = ["| layers | backend | export s | traced | export peak RSS MB | weights MB | graph MB | LoRA MB "
-             "| step s (median) | RSS after load MB | peak RSS MB | peak RSS with eval session MB |",
-             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step s (median) | CPU s/step | RSS after load MB | peak RSS MB | peak RSS with eval session MB |",
+             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for b in BACKENDS:
             e, t = r["export"].get(b), r["train"].get(b)
@@ -382,20 +388,21 @@ def table(rows: list[dict[str, Any]]) -> str:
             e, t = e or {}, t or {}
             why = e.get("error") or e.get("skipped") or t.get("error") or t.get("skipped")
             if why and "step_s" not in t:
-                lines.append(f"| {r['layers']} | {b} | not measured: {why} | | | | | | | | | |")
+                lines.append(f"| {r['layers']} | {b} | not measured: {why} | | | | | | | | | | |")
                 continue
             by = e.get("bytes", {})
             traced = "-" if not e else ("yes" if e.get("traced") else "no (cached)")
             lines.append(
                 f"| {r['layers']} | {b} | {_f(e.get('export_s'), '.1f')} | {traced} | {_f(e.get('peak_rss_mb'), '.0f')} "
                 f"| {_mb(by, 'weights')} | {_mb(by, 'graph')} | {_mb(by, 'lora')} | {_f(t.get('step_s'), '.3f')} "
+                f"| {_f(t.get('cpu_step_s'), '.3f')} "
                 f"| {_f(t.get('rss_after_load_mb'), '.0f')} | {_f(t.get('peak_rss_mb'), '.0f')} "
                 f"| {_f(t.get('peak_rss_with_eval_mb'), '.0f')} |")
-    lines += ["", "| layers | backend vs eager torch | speed-up (median step) | peak RSS ratio | RSS after load ratio |",
-              "|---:|---|---:|---:|---:|"]
+    lines += ["", "| layers | backend vs eager torch | speed-up (median wall step) | speed-up (median CPU s/step) "
+              "| peak RSS ratio | RSS after load ratio |", "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         for b, v in r.get("ratios", {}).items():
-            lines.append(f"| {r['layers']} | {b} | {v['speedup']:.2f}x | {v['peak_rss_ratio']:.2f}x "
+            lines.append(f"| {r['layers']} | {b} | {v['speedup']:.2f}x | {v['speedup_cpu']:.2f}x | {v['peak_rss_ratio']:.2f}x "
                          f"| {v['rss_after_load_ratio']:.2f}x |")
     return "\n".join(lines)
 
@@ -467,19 +474,22 @@ def sweep(n: int, settings: dict[str, Any], envs: Envs, work: Path) -> dict[str,
 
 def sweep_table(result: dict[str, Any]) -> str:
     torch_runs = [r for r in result["runs"] if r["backend"] == "torch" and "step_s" in r]
-    t_step = statistics.median(r["step_s"] for r in torch_runs) if torch_runs else None
-    t_peak = statistics.median(r["peak_rss_mb"] for r in torch_runs) if torch_runs else None
-    lines = ["| run | session options | step s | speed-up vs torch | RSS after load MB | peak RSS MB | peak / torch "
-             "| peak with eval session MB | load avg |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    t_step = statistics.mean(r["step_s"] for r in torch_runs) if torch_runs else None
+    t_cpu = statistics.mean(r["cpu_step_s"] for r in torch_runs) if torch_runs else None
+    t_peak = statistics.mean(r["peak_rss_mb"] for r in torch_runs) if torch_runs else None
+    lines = ["| run | session options | step s (wall) | CPU s/step | speed-up vs torch (wall / CPU) "
+             "| RSS after load MB | peak RSS MB | peak / torch | peak with eval session MB | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for i, r in enumerate(result["runs"], 1):
         if "step_s" not in r:
-            lines.append(f"| {i} | {r['backend']} {r['options']} | failed: {r.get('error')} | | | | | | |")
+            lines.append(f"| {i} | {r['backend']} {r['options']} | failed: {r.get('error')} | | | | | | | |")
             continue
         what = "eager torch (token_losses)" if r["backend"] == "torch" else (
             r.get("session", "") + (", eval session at load" if r["options"].get("eval_at_load") else ""))
-        speed = "-" if r["backend"] == "torch" or not t_step else f"{t_step / r['step_s']:.2f}x"
+        speed = ("-" if r["backend"] == "torch" or not t_step else
+                 f"{t_step / r['step_s']:.2f}x / {t_cpu / r['cpu_step_s']:.2f}x")
         peak = "-" if r["backend"] == "torch" or not t_peak else f"{r['peak_rss_mb'] / t_peak:.2f}x"
-        lines.append(f"| {i} | {what} | {r['step_s']:.3f} | {speed} | {r['rss_after_load_mb']:.0f} | "
+        lines.append(f"| {i} | {what} | {r['step_s']:.3f} | {r['cpu_step_s']:.3f} | {speed} | {r['rss_after_load_mb']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {peak} | {_f(r.get('peak_rss_with_eval_mb'), '.0f')} | "
                      f"{' '.join(map(str, r['load_average']))} |")
     return "\n".join(lines)
