@@ -52,23 +52,22 @@ BACKENDS = ("torch", "onnx", "ort", "executorch")
 ARTIFACT_BACKENDS = ("onnx", "ort", "executorch")
 DEFAULT_LEGACY_PYTHON = REPO / ".venv-legacy" / "bin" / "python"
 SUBMODEL = "submodel.pt"
-# the portable backend's session options compared by --onnx-sweep (SessionChoices fields; "eval_at_load" opens
-# the eval session before training instead of on first use)
+# the portable backend's session options compared by --onnx-sweep (SessionChoices fields, relative to its
+# defaults; "eval_at_load" opens the eval session before training instead of on first use)
 SWEEP = [
     {},  # the current defaults (edge_runtime/backends/onnx_backend.py DEFAULT_SESSION)
-    {"arena": "on", "folding": True, "prepacking": True},  # onnxruntime's own defaults
-    {"folding": True, "prepacking": True},
-    {"optimization": "extended", "folding": True, "prepacking": True},
-    {"optimization": "basic", "folding": True, "prepacking": True},
-    {"optimization": "disabled", "prepacking": True},
-    {"optimization": "disabled"},
+    {"order": "default"},
+    {"folding": True, "prepacking": True, "order": "default"},  # the defaults before this sweep
+    {"arena": "on", "folding": True, "prepacking": True, "order": "default"},  # onnxruntime's own defaults
     {"folding": True},
     {"prepacking": True},
+    {"optimization": "extended"},
+    {"optimization": "basic"},
+    {"optimization": "disabled"},
     {"arena": "on"},
     {"arena": "exact"},
-    {"arena": "exact", "folding": True, "prepacking": True},
     {"eval_at_load": True},
-    {"eval_at_load": True, "folding": True, "prepacking": True},
+    {"eval_at_load": True, "folding": True, "prepacking": True, "order": "default"},
 ]
 
 
@@ -449,15 +448,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def sweep(n: int, settings: dict[str, Any], envs: Envs, work: Path) -> dict[str, Any]:
-    """The onnx backend under each session-option variant, between two eager-torch runs, at one depth."""
+def sweep(n: int, settings: dict[str, Any], envs: Envs, work: Path, variants: list[dict[str, Any]] | None = None,
+          repeat: int = 1) -> dict[str, Any]:
+    """The onnx backend under each session-option variant after an eager-torch run, `repeat` rounds, one depth."""
     stage = work / f"L{n}"
     stage.mkdir(parents=True, exist_ok=True)
     export_rec = _export(envs, "onnx", n, stage, settings)
     if "error" in export_rec:
         raise SystemExit(f"onnx export failed: {export_rec['error']}")
     runs = []
-    for options in [None, *SWEEP, None]:
+    for options in [*([None, *(SWEEP if variants is None else variants)] * repeat), None]:
         backend = "torch" if options is None else "onnx"
         print(f"[L{n}] {backend} {options or ''} ...", flush=True)
         load = load_average()
@@ -469,7 +469,30 @@ def sweep(n: int, settings: dict[str, Any], envs: Envs, work: Path) -> dict[str,
             print(f"  step {res['step_s']:.3f} s, after load {res['rss_after_load_mb']:.0f} MB, "
                   f"peak {res['peak_rss_mb']:.0f} MB", flush=True)
     return {"model": MODEL, "layers": n, **settings, "machine": machine(), "versions": versions(envs),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "export": export_rec, "runs": runs}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "export": export_rec, "runs": runs,
+            "repeat": repeat}
+
+
+def sweep_summary(result: dict[str, Any]) -> str:
+    """Medians per variant over the repeated rounds, against the median eager-torch run."""
+    ok = [r for r in result["runs"] if "step_s" in r]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in ok:
+        groups.setdefault(json.dumps(r["options"], sort_keys=True) if r["backend"] == "onnx" else "torch", []).append(r)
+    torch_runs = groups.pop("torch", [])
+    if not torch_runs:
+        return ""
+    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    t_wall, t_cpu, t_peak = med(torch_runs, "step_s"), med(torch_runs, "cpu_step_s"), med(torch_runs, "peak_rss_mb")
+    lines = [f"Medians over {len(torch_runs)} eager-torch runs (wall {t_wall:.3f} s, CPU {t_cpu:.3f} s/step, peak "
+             f"{t_peak:.0f} MB) and each variant's runs:", "",
+             "| session options | runs | speed-up, wall | speed-up, CPU | peak RSS / torch | RSS after load MB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for rs in groups.values():
+        what = rs[0].get("session", "") + (", eval session at load" if rs[0]["options"].get("eval_at_load") else "")
+        lines.append(f"| {what} | {len(rs)} | {t_wall / med(rs, 'step_s'):.2f}x | {t_cpu / med(rs, 'cpu_step_s'):.2f}x "
+                     f"| {med(rs, 'peak_rss_mb') / t_peak:.2f}x | {med(rs, 'rss_after_load_mb'):.0f} |")
+    return "\n".join(lines)
 
 
 def sweep_table(result: dict[str, Any]) -> str:
@@ -525,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx-sweep", action="store_true",
                    help="instead: the onnx backend's session options (arena, optimisation level, folding, "
                         "prepacking, eval session) against eager torch at the first --layers depth")
+    p.add_argument("--variants", type=json.loads,
+                   help="with --onnx-sweep: a JSON list of SessionChoices overrides instead of the built-in list")
+    p.add_argument("--repeat", type=int, default=1, help="with --onnx-sweep: rounds of torch + every variant")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--prompt-fraction", type=float, default=0.5,
@@ -549,11 +575,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.export " + " ".join(argv)
     start_load = load_average()
     if args.onnx_sweep:
-        result = {**sweep(args.layers[0], settings, envs, args.work), "load_average_start": start_load,
-                  "command": command}
-        (args.out / "export-onnx-sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+        result = {**sweep(args.layers[0], settings, envs, args.work, args.variants, args.repeat),
+                  "load_average_start": start_load, "command": command}
+        name = "export-onnx-sweep" if args.variants is None else "export-onnx-sweep-repeat"
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         body = markdown(result, command) + "\n\n" + sweep_table(result)
-        replace_block("export-onnx-sweep", body, args.markdown)
+        if args.repeat > 1:
+            body += "\n\n" + sweep_summary(result)
+        replace_block(name, body, args.markdown)
         print(body)
         return 0
     result = {**run(args.layers, args.executorch_layers, settings, envs, args.work), "load_average_start": start_load,
