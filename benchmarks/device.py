@@ -215,8 +215,26 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
     return {**json.loads(proc.stdout), "load_average_before": load}
 
 
+def carried_over(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the previous results file for (backend, stage) pairs this run did not measure, marked as such.
+
+    A run over some stages or backends replaces only what it re-measures; the table says which rows are older."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    measured = {(r["backend"], r["stage_layers"]) for r in rows}
+    kept = []
+    for r in old.get("rows", []):
+        if (r.get("backend"), r.get("stage_layers")) in measured or "error" in r or "unavailable" in r:
+            continue
+        kept.append({**r, "carried_over_from": r.get("carried_over_from") or old.get("meta", {}).get("date", "?"),
+                     "carried_over_threads": r.get("carried_over_threads") or r.get("threads")})
+    return kept
+
+
 def headline(rows: list[dict[str, Any]], stages_info: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    ok = {(r["backend"], r["stage_layers"]): r for r in rows if "error" not in r and "unavailable" not in r}
+    ok = {(r["backend"], r["stage_layers"]): r for r in rows
+          if "error" not in r and "unavailable" not in r and "carried_over_from" not in r}
     peak = lambda r: max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0)  # noqa: E731
     p50 = lambda r: r["step_latency_s"]["p50"]  # noqa: E731
     out: dict[str, Any] = {"stage1_vs_full": {}, "vs_torch": {}, "fits": {}}
@@ -259,11 +277,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         lat, mib = r["step_latency_s"], max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0) / 2**20
         fit = ", ".join(p for p, yes in r["fits"].items() if yes) or "none"
         on = r["measured_on"]
+        when = (f"; earlier run {r['carried_over_from']}, {r['carried_over_threads']} threads"
+                if "carried_over_from" in r else "")
         loaded = f"{r['rss_after_load_bytes'] / 2**20:.0f}" if r.get("rss_after_load_bytes") else "-"
         lines.append(f"| {r['stage_layers']} | {r['backend']} | {loaded} | {mib:.0f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
                      f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['energy_j_per_step']:.2f} ({r['energy_source']}) | {fit} | "
-                     f"{on['machine']}, {on['cpu_model']}, {on['logical_cpus']} CPUs |")
+                     f"{on['machine']}, {on['cpu_model']}, {on['logical_cpus']} CPUs{when} |")
     return "\n".join(lines)
 
 
@@ -414,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline(rows, stages_info),
         "rows": [],
     }
+    rows += carried_over(args.out, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     append_rows(args.out, rows)
