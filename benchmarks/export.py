@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 30])
-    p.add_argument("--executorch-layers", type=int, nargs="*", default=[],
+    p.add_argument("--executorch-layers", type=int, nargs="*", default=[4],
                    help="depths also exported and trained with ExecuTorch (its export takes minutes per 4 layers)")
     p.add_argument("--onnx-sweep", action="store_true",
                    help="instead: the onnx backend's session options (arena, optimisation level, folding, "
