@@ -376,8 +376,8 @@ def _mb(by: dict[str, int], key: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per depth and backend, then the ratios to eager torch."""
-    lines = ["| layers | backend | export s | traced | export peak RSS MB | weights MB | graph MB | LoRA MB "
-             "| step s (median) | CPU s/step | RSS after load MB | peak RSS MB | peak RSS with eval session MB |",
+    lines = ["| layers | backend | export s | traced | export peak RSS MiB | weights MB | graph MB | LoRA MB "
+             "| step s (median) | CPU s/step | RSS after load MiB | peak RSS MiB | peak RSS with eval session MiB |",
              "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for b in BACKENDS:
@@ -423,7 +423,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axes[1].plot(xs, [p[1]["rss_after_load_mb"] for p in pts], marker=marker, ls=":", label=f"{b} after load")
     axes[0].set(title=f"step time, batch {result['batch']} x {result['seq']}, {result['threads']} thread(s)",
                 xlabel="submodel layers", ylabel="s")
-    axes[1].set(title="RSS of the training process", xlabel="submodel layers", ylabel="MB")
+    axes[1].set(title="RSS of the training process", xlabel="submodel layers", ylabel="MiB")
     labels, kinds = [], ("weights", "graph", "lora")
     stacks: dict[str, list[float]] = {k: [] for k in kinds}
     for r in rows:
@@ -485,8 +485,8 @@ def sweep_summary(result: dict[str, Any]) -> str:
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     t_wall, t_cpu, t_peak = med(torch_runs, "step_s"), med(torch_runs, "cpu_step_s"), med(torch_runs, "peak_rss_mb")
     lines = [f"Medians over {len(torch_runs)} eager-torch runs (wall {t_wall:.3f} s, CPU {t_cpu:.3f} s/step, peak "
-             f"{t_peak:.0f} MB) and each variant's runs:", "",
-             "| session options | runs | speed-up, wall | speed-up, CPU | peak RSS / torch | RSS after load MB |",
+             f"{t_peak:.0f} MiB) and each variant's runs:", "",
+             "| session options | runs | speed-up, wall | speed-up, CPU | peak RSS / torch | RSS after load MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for rs in groups.values():
         what = rs[0].get("session", "") + (", eval session at load" if rs[0]["options"].get("eval_at_load") else "")
@@ -501,7 +501,7 @@ def sweep_table(result: dict[str, Any]) -> str:
     t_cpu = statistics.mean(r["cpu_step_s"] for r in torch_runs) if torch_runs else None
     t_peak = statistics.mean(r["peak_rss_mb"] for r in torch_runs) if torch_runs else None
     lines = ["| run | session options | step s (wall) | CPU s/step | speed-up vs torch (wall / CPU) "
-             "| RSS after load MB | peak RSS MB | peak / torch | peak with eval session MB | load avg |",
+             "| RSS after load MiB | peak RSS MiB | peak / torch | peak with eval session MiB | load avg |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for i, r in enumerate(result["runs"], 1):
         if "step_s" not in r:
