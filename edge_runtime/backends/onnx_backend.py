@@ -51,10 +51,10 @@ class SessionChoices:
     4-layer stage, batch 4 x 128, one thread). Folding and prepacking each make a second, private copy of the
     frozen weights (folded transposes, packed MatMul operands) beside the weights onnxruntime maps from the
     external-data files; without them the weights stay file-backed pages that the train and eval sessions
-    share, and the optimiser still fuses the transposes into FusedMatMul(transB). Peak RSS 582 MB instead of
-    929 MB for about 14% more CPU time per step; the priority-based order takes off another ~40 MB. The arena
-    would cut the step's CPU time by ~45% (fresh big buffers cost page faults) but keeps its high-water mark:
-    peak 922 MB.
+    share, and the optimiser still fuses the transposes into FusedMatMul(transB): peak RSS 544 instead of
+    ~830 MiB (eager torch: 926) at the same CPU time per step, medians of three rounds; the priority-based
+    order takes another 40-50 MiB off. The arena would cut 25-45% of the step's CPU time (without it every
+    big buffer is fresh, zero-filled pages each step) but keeps its high-water mark: peak 826 MiB.
     """
 
     arena: str = "off"
