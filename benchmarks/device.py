@@ -3,24 +3,28 @@
     python -m benchmarks.device            # stages 4, 8, 16, 30 x every available backend (~20 min)
     python -m benchmarks.device --quick    # stages 4 and 30, fewer steps
 
-For each stage submodel of SmolLM2-135M and each backend (ONNX Runtime Training, ExecuTorch
-when its exporter and device backend are installed -- by default for the 4-layer stage only,
-because its export takes minutes per stage --, and the eager torch reference, which is
-what devft's simulated clients run) one measurement runs in its own process, so a row's peak
-memory is that backend's alone: edge_runtime/bench.py for the artifact backends (the same code
-`devft-edge bench` runs on a board), `--worker-torch` here for torch.
+For each stage submodel of SmolLM2-135M and each backend (the portable `onnx` format on plain
+onnxruntime, legacy ONNX Runtime Training, ExecuTorch when its exporter and device backend are
+installed -- by default for the 4-layer stage only, because its export takes minutes per stage --,
+and the eager torch reference, which is what devft's simulated clients run) one measurement runs
+in its own process, so a row's peak memory is that backend's alone: edge_runtime/bench.py for the
+artifact backends (the same code `devft-edge bench` runs on a board), `--worker-torch` here for
+torch. Legacy ORT Training owns the same `onnxruntime` module as plain onnxruntime, so its export
+and measurement run with --legacy-python (default .venv-legacy/bin/python, scripts/setup_legacy.sh)
+and PYTHONPATH set to this repository only; without one its rows say so.
 
 Submodels are built as DEVFT stage 1 builds them (the DevFT strategy's configure_stage with the
 default RunConfig: deconfliction grouping, medoid anchors, differential fusion, seed 0) on the
 base model with freshly initialised LoRA (r=8 on q,k,v,o,gate,up,down). The 30-layer stage is
 the full model (identity plan). Cost depends on the number of layers, not on which layers were
 grouped. Batch 4 x seq 128 of random tokens with every position supervised (the LM head runs
-over all 4 x 127 positions), AdamW for ORT and torch, lr 1e-4, threads = logical CPUs.
+over all 4 x 127 positions; --prompt-fraction masks a prompt, and the LM head of torch and onnx then
+runs on the answer positions only), AdamW for onnx, ORT and torch, lr 1e-4, threads = logical CPUs.
 
-Artifacts and submodels are cached under benchmarks/results/cache/device/ (git-ignored), so a
-rerun only measures. Results: benchmarks/results/device.json (rows in the format of
-edge_runtime.bench), benchmarks/results/device.png, and the generated section of
-benchmarks/RESULTS.md (other sections of that file are kept).
+Artifacts and submodels are cached under benchmarks/results/cache/device/ (git-ignored), and the
+onnx and ORT graphs per shape under DEVFT_CACHE's templates, so a rerun only measures. Results:
+benchmarks/results/device.json (rows in the format of edge_runtime.bench), benchmarks/results/device.png,
+and the generated section of benchmarks/RESULTS.md (other sections of that file are kept).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 from edge_runtime.bench import DEFAULT_BATCH, DEFAULT_SEQ, append_rows, machine_info, measure, summary_line
 from edge_runtime.telemetry import DEVICE_PROFILES
 
+from .export import DEFAULT_LEGACY_PYTHON, Envs, load_average
 from .results_md import RESULTS_MD, replace_block
 
 ROOT = Path(__file__).resolve().parent
@@ -46,7 +51,8 @@ CACHE = RESULTS / "cache" / "device"
 MARKDOWN = RESULTS_MD
 MODEL = "smollm2-135m"
 STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
-BACKENDS = ("torch", "ort", "executorch")
+BACKENDS = ("torch", "onnx", "ort", "executorch")
+ARTIFACT_BACKENDS = ("onnx", "ort", "executorch")
 LR = 1e-4
 CACHE_VERSION = 1  # bump when the submodel recipe or export settings change
 
@@ -74,12 +80,21 @@ def stage_dir(n_layers: int) -> Path:
     return CACHE / f"{MODEL}-L{n_layers}-b{DEFAULT_BATCH}-s{DEFAULT_SEQ}-v{CACHE_VERSION}"
 
 
-def prepare(stages: list[int], backends: list[str], et_stages: list[int]) -> dict[int, dict[str, Any]]:
-    """Build each stage submodel once and export it for every artifact backend; reuse the cache."""
+def prepare(stages: list[int], backends: list[str], et_stages: list[int], envs: Envs) -> dict[int, dict[str, Any]]:
+    """Build each stage submodel once and export it for every artifact backend; reuse the cache.
+
+    The legacy ORT export runs in a child with the legacy interpreter (its onnxruntime-training)."""
     wanted = {n: [b for b in backends if b != "executorch" or n in et_stages] for n in stages}
-    todo = {n: bs for n, bs in wanted.items() if not _prepared(n, bs)}
+    todo = {n: [b for b in bs if b != "ort"] for n, bs in wanted.items() if not _prepared(n, [b for b in bs if b != "ort"])}
     if todo:
         _build(todo)
+    legacy = [n for n, bs in wanted.items() if "ort" in bs and not _prepared(n, ["ort"])]
+    if legacy:
+        python, env = envs.command("ort")
+        cmd = python + ["-m", "benchmarks.device", "--worker-export-ort", ",".join(map(str, legacy))]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT.parent, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            print(f"ORT export failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
     return {n: json.loads((stage_dir(n) / "stage.json").read_text()) for n in stages}
 
 
@@ -94,9 +109,10 @@ def _build(todo: dict[int, list[str]]) -> None:
     import torch
     from tqdm import tqdm
 
+    import export
     from server_sdk.config import RunConfig
     from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.model import load_base_model
+    from server_sdk.model import cache_root, load_base_model
     from server_sdk.strategies import make_strategy
     from server_sdk.submodel import copy_model, submodel_bytes
 
@@ -111,16 +127,12 @@ def _build(todo: dict[int, list[str]]) -> None:
         sub, _ = strategy.build_submodel(base.model, full_lora, plan)
         sub.float()
         for b in backends:
-            if b == "ort" and not (d / "ort" / "manifest.json").exists():
-                from export.ort import export_ort_artifacts
-
-                export_ort_artifacts(sub, d / "ort", stage=0, groups=plan.groups, anchors=plan.anchors,
-                                     max_seq_len=DEFAULT_SEQ)
-            if b == "executorch" and not (d / "executorch" / "manifest.json").exists():
-                from export.executorch import export_executorch_artifacts
-
-                export_executorch_artifacts(sub, d / "executorch", stage=0, groups=plan.groups, anchors=plan.anchors,
-                                            max_seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH)
+            if b in ARTIFACT_BACKENDS and not (d / b / "manifest.json").exists():
+                export.export_artifacts(b, sub, d / b, seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH, stage=0,
+                                        groups=plan.groups, anchors=plan.anchors,
+                                        template_root=None if b == "executorch" else cache_root())
+        if (d / "stage.json").exists():  # torch and the stage record are already there (an added backend)
+            continue
         inner = sub.get_base_model()
         emb = inner.model.embed_tokens.weight
         shares = {
@@ -166,12 +178,14 @@ class TorchTrainer:
         return float(loss.detach())
 
 
-def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None) -> dict[str, Any]:
+def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None, prompt_fraction: float = 0.0,
+              ) -> dict[str, Any]:
     import torch
     import transformers
 
     config = json.loads((model_dir / "base" / "config.json").read_text())
     return measure(model_dir, backend="torch", steps=steps, warmup=warmup, threads=threads, lr=LR,
+                   prompt_fraction=prompt_fraction,
                    make_trainer=lambda: TorchTrainer(model_dir, threads), model_config=config,
                    versions={"runtime": f"torch=={torch.__version__}", "transformers": transformers.__version__,
                              "attention": "eager (as devft's simulated clients)"})
@@ -180,42 +194,70 @@ def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None) -> 
 # --------------------------------------------------------------------------- orchestration
 
 
-def run_one(backend: str, n: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: Envs,
+            prompt_fraction: float = 0.0) -> dict[str, Any]:
     """One measurement in a fresh process; returns its row, or a row saying why it failed."""
     d = stage_dir(n)
+    python, env = envs.command(backend)
     if backend == "torch":
-        cmd = [sys.executable, "-m", "benchmarks.device", "--worker-torch", str(d / "torch")]
+        cmd = python + ["-m", "benchmarks.device", "--worker-torch", str(d / "torch")]
     else:
-        cmd = [sys.executable, "-m", "edge_runtime.bench", str(d / backend), "--backend", backend, "--lr", str(LR)]
-    cmd += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        cmd = python + ["-m", "edge_runtime.bench", str(d / backend), "--backend", backend, "--lr", str(LR)]
+    cmd += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
+            "--prompt-fraction", str(prompt_fraction)]
+    env = {**env, "OMP_NUM_THREADS": str(threads)}
+    load = load_average()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT.parent, timeout=900)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         return {"backend": backend, "stage_layers": n, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    return json.loads(proc.stdout)
+    return {**json.loads(proc.stdout), "load_average_before": load}
+
+
+def carried_over(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the previous results file for (backend, stage) pairs this run did not measure, marked as such.
+
+    A run over some stages or backends replaces only what it re-measures; the table says which rows are older."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    measured = {(r["backend"], r["stage_layers"]) for r in rows}
+    kept = []
+    for r in old.get("rows", []):
+        if (r.get("backend"), r.get("stage_layers")) in measured or "error" in r or "unavailable" in r:
+            continue
+        kept.append({**r, "carried_over_from": r.get("carried_over_from") or old.get("meta", {}).get("date", "?"),
+                     "carried_over_threads": r.get("carried_over_threads") or r.get("threads")})
+    return kept
 
 
 def headline(rows: list[dict[str, Any]], stages_info: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    ok = {(r["backend"], r["stage_layers"]): r for r in rows if "error" not in r and "unavailable" not in r}
+    ok = {(r["backend"], r["stage_layers"]): r for r in rows
+          if "error" not in r and "unavailable" not in r and "carried_over_from" not in r}
     peak = lambda r: max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0)  # noqa: E731
     p50 = lambda r: r["step_latency_s"]["p50"]  # noqa: E731
-    out: dict[str, Any] = {"stage1_vs_full": {}, "ort_vs_torch": {}, "fits": {}}
+    out: dict[str, Any] = {"stage1_vs_full": {}, "vs_torch": {}, "fits": {}}
     stages = sorted({n for _, n in ok})
     first, full = (stages[0], stages[-1]) if stages else (None, None)
+    if full is not None and not str(stages_info.get(full, {}).get("grouping", "")).startswith("identity"):
+        full = None  # the largest stage measured is not the full model: no stage-1-vs-full ratio
     for b in BACKENDS:
-        if (b, first) in ok and (b, full) in ok and first != full:
+        if full is not None and (b, first) in ok and (b, full) in ok and first != full:
             s, f = ok[(b, first)], ok[(b, full)]
             out["stage1_vs_full"][b] = {"stage": first, "full": full, "memory_ratio": peak(s) / peak(f),
                                         "time_ratio": p50(s) / p50(f),
                                         "cpu_time_ratio": s["cpu_s_per_step"] / f["cpu_s_per_step"]}
-    for n in stages:
-        if ("ort", n) in ok and ("torch", n) in ok:
-            o, t = ok[("ort", n)], ok[("torch", n)]
+    for b in ARTIFACT_BACKENDS:
+        for n in stages:
+            if (b, n) not in ok or ("torch", n) not in ok:
+                continue
+            o, t = ok[(b, n)], ok[("torch", n)]
             speedup, mem = p50(t) / p50(o), peak(o) / peak(t)
             info = stages_info.get(n, {})
-            out["ort_vs_torch"][n] = {
+            out["vs_torch"].setdefault(b, {})[n] = {
                 "speedup": speedup, "speedup_cpu_time": t["cpu_s_per_step"] / o["cpu_s_per_step"], "memory_ratio": mem,
+                "rss_after_load_ratio": (o["rss_after_load_bytes"] / t["rss_after_load_bytes"]
+                                         if o.get("rss_after_load_bytes") and t.get("rss_after_load_bytes") else None),
                 "speed_goal_met": speedup >= 1.5, "memory_goal_met": mem <= 0.6,
                 "frozen_mib": info.get("frozen_bytes", 0) / 2**20,
                 "embedding_share_of_frozen": info["embedding_bytes"] / info["frozen_bytes"] if info.get("frozen_bytes") else None,
@@ -226,20 +268,23 @@ def headline(rows: list[dict[str, Any]], stages_info: dict[int, dict[str, Any]])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| stage layers | backend | peak RSS (MiB) | p50 step (s) | p95 step (s) | CPU s/step | tokens/s "
-             "| J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage layers | backend | RSS after load (MiB) | peak RSS (MiB) | p50 step (s) | p95 step (s) | CPU s/step "
+             "| tokens/s | J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["stage_layers"], BACKENDS.index(r["backend"]))):
         if "error" in r or "unavailable" in r:
             why = r.get("unavailable") or f"failed: {r['error']}"
-            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | |")
+            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | | |")
             continue
         lat, mib = r["step_latency_s"], max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0) / 2**20
         fit = ", ".join(p for p, yes in r["fits"].items() if yes) or "none"
         on = r["measured_on"]
-        lines.append(f"| {r['stage_layers']} | {r['backend']} | {mib:.0f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
+        when = (f"; earlier run {r['carried_over_from']}, {r['carried_over_threads']} threads"
+                if "carried_over_from" in r else "")
+        loaded = f"{r['rss_after_load_bytes'] / 2**20:.0f}" if r.get("rss_after_load_bytes") else "-"
+        lines.append(f"| {r['stage_layers']} | {r['backend']} | {loaded} | {mib:.0f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
                      f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['energy_j_per_step']:.2f} ({r['energy_source']}) | {fit} | "
-                     f"{on['machine']}, {on['cpu_model']}, {on['logical_cpus']} CPUs |")
+                     f"{on['machine']}, {on['cpu_model']}, {on['logical_cpus']} CPUs{when} |")
     return "\n".join(lines)
 
 
@@ -279,13 +324,28 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _ratio_line(backend: str, n: int, v: dict[str, Any]) -> str:
+    verdict = ("reached" if v["speed_goal_met"] and v["memory_goal_met"] else
+               "not reached (" + ", ".join(g for g, met in (("speed", v["speed_goal_met"]), ("memory", v["memory_goal_met"]))
+                                           if not met) + ")")
+    share = v["embedding_share_of_frozen"]
+    loaded = f", RSS after load x{v['rss_after_load_ratio']:.2f}" if v.get("rss_after_load_ratio") else ""
+    return (f"- {n} layers, {backend} vs eager torch: {v['speedup']:.2f}x faster (wall p50; "
+            f"{v['speedup_cpu_time']:.2f}x by CPU time per step), peak memory x{v['memory_ratio']:.2f}{loaded} "
+            f"(goal >=1.5x and <=0.6x: {verdict}); frozen weights {v['frozen_mib']:.0f} MiB, of which the "
+            f"tied embedding/LM head is {100 * share:.0f}%")
+
+
 def markdown(doc: dict[str, Any]) -> str:
     meta, head = doc["meta"], doc["headline"]
     lines = ["## Device cost per training step (benchmarks/device.py)", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
              f"Machine: {meta['machine']['cpu_model']} ({meta['machine']['machine']}, "
-             f"{meta['machine']['logical_cpus']} logical CPUs, shared with other jobs), {meta['threads']} threads  ",
-             f"Workload: batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ} random tokens, all positions supervised; "
+             f"{meta['machine']['logical_cpus']} logical CPUs, shared with other jobs: load average "
+             f"{meta.get('load_average_start')} at the start), {meta['threads']} threads  ",
+             f"Workload: batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ} random tokens, "
+             + (f"the first {meta['prompt_fraction']:.0%} of each row masked as prompt; " if meta.get("prompt_fraction")
+                else "all positions supervised; ") +
              f"{meta['warmup']} warm-up + {meta['steps']} timed steps, each measurement in its own process.  ",
              f"Submodels: {meta['submodels']}.", "",
              "**Rows measured on this x86_64 machine are not ARM timings.** Memory carries over to a board "
@@ -297,15 +357,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- {b}: stage-1 submodel ({v['stage']} layers) vs full ({v['full']}): peak memory x"
                      f"{v['memory_ratio']:.2f}, time per step x{v['time_ratio']:.2f} (wall p50), "
                      f"x{v['cpu_time_ratio']:.2f} (CPU time)")
-    for n, v in head["ort_vs_torch"].items():
-        verdict = ("reached" if v["speed_goal_met"] and v["memory_goal_met"] else
-                   "not reached (" + ", ".join(g for g, met in (("speed", v["speed_goal_met"]), ("memory", v["memory_goal_met"]))
-                                               if not met) + ")")
-        share = v["embedding_share_of_frozen"]
-        lines.append(f"- {n} layers, ORT vs eager torch: {v['speedup']:.2f}x faster (wall p50; "
-                     f"{v['speedup_cpu_time']:.2f}x by CPU time per step), peak memory x{v['memory_ratio']:.2f} "
-                     f"(goal >=1.5x and <=0.6x: {verdict}); frozen weights {v['frozen_mib']:.0f} MiB, of which the "
-                     f"tied embedding/LM head is {100 * share:.0f}%")
+    for b, per_stage in head["vs_torch"].items():
+        for n, v in per_stage.items():
+            lines.append(_ratio_line(b, n, v))
     lines += ["", "Which stage fits which device profile (measured peak RSS, the larger of training loop and "
               "process lifetime, against each profile's usable RAM):", ""]
     for n, per_backend in head["fits"].items():
@@ -324,16 +378,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executorch-stages", default="4",
                    help="stages measured with ExecuTorch (default 4: its export takes >10 min a stage on 2 busy cores)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prompt-fraction", type=float, default=0.0,
+                   help="share of each row masked as prompt (default 0: every position supervised)")
+    p.add_argument("--legacy-python", type=Path,
+                   default=DEFAULT_LEGACY_PYTHON if DEFAULT_LEGACY_PYTHON.exists() else None,
+                   help="interpreter with onnxruntime-training for the ort rows (default .venv-legacy/bin/python)")
     p.add_argument("--out", type=Path, default=RESULTS / "device.json")
     p.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose generated section is replaced")
     p.add_argument("--worker-torch", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker-export-ort", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     steps = args.steps or (3 if args.quick else 6)
     warmup = args.warmup if args.warmup is not None else 1
     if args.worker_torch:
-        print(json.dumps(torch_row(args.worker_torch, steps, warmup, args.threads)))
+        print(json.dumps(torch_row(args.worker_torch, steps, warmup, args.threads, args.prompt_fraction)))
         return 0
+    if args.worker_export_ort:  # in the legacy environment: onnxruntime-training exports the ORT artifacts
+        _build({int(n): ["ort"] for n in args.worker_export_ort.split(",")})
+        return 0
+    envs = Envs(args.legacy_python)
+    start_load = load_average()
 
     from tqdm import tqdm
 
@@ -342,23 +407,27 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(wanted) - set(BACKENDS)):
         p.error(f"unknown backends {unknown}; choose from {BACKENDS}")
     et_reason = executorch_unavailable() if "executorch" in wanted else None
-    backends = [b for b in wanted if not (b == "executorch" and et_reason)]
+    backends = [b for b in wanted if not (b == "executorch" and et_reason) and not (b == "ort" and envs.legacy_problem)]
     et_stages = [int(s) for s in args.executorch_stages.split(",") if s]
-    stages_info = prepare(stages, backends, et_stages)
+    stages_info = prepare(stages, backends, et_stages, envs)
     rows: list[dict[str, Any]] = []
     # per stage side by side: drift on a shared machine hits every backend of a stage alike
     jobs = [(b, n) for n in stages for b in backends if b != "executorch" or n in et_stages]
     for b, n in tqdm(jobs, desc="measure", unit="run"):
-        row = run_one(b, n, steps, warmup, args.threads)
+        row = run_one(b, n, steps, warmup, args.threads, envs, args.prompt_fraction)
         tqdm.write(summary_line(row) if "error" not in row else f"{b} {n} layers failed: {row['error']}")
         rows.append(row)
+    if "ort" in wanted and envs.legacy_problem:
+        rows += [{"backend": "ort", "stage_layers": n, "unavailable": envs.legacy_problem} for n in stages]
     if et_reason:
         rows += [{"backend": "executorch", "stage_layers": n, "unavailable": et_reason} for n in stages]
     elif "executorch" in backends:
         rows += [{"backend": "executorch", "stage_layers": n, "unavailable": "not measured in this run (export takes "
                   "minutes per stage here); add it with --executorch-stages"} for n in stages if n not in et_stages]
     doc = {
-        "meta": {"command": "python -m benchmarks.device" + (" --quick" if args.quick else ""),
+        "meta": {"command": "python -m benchmarks.device " + " ".join(sys.argv[1:] if argv is None else argv),
+                 "load_average_start": start_load, "prompt_fraction": args.prompt_fraction,
+                 "legacy": envs.legacy_problem or str(envs.legacy_python),
                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
                  "threads": args.threads, "steps": steps, "warmup": warmup, "batch": DEFAULT_BATCH, "seq": DEFAULT_SEQ,
                  "submodels": "DEVFT stage-1 plan (DevFT.configure_stage, default RunConfig) for sub-full "
@@ -366,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline(rows, stages_info),
         "rows": [],
     }
+    rows += carried_over(args.out, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     append_rows(args.out, rows)

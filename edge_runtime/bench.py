@@ -10,8 +10,9 @@ appended there beside the rows measured on the development machine:
 The run: load the trainer (timed), train ``--warmup`` steps untimed (first-step allocations,
 thread pools), then ``--steps`` steps inside a TelemetryRecorder: p50/p95 step latency,
 tokens/s, energy from the best meter the device has (labelled ``measured:<src>`` or
-``estimated:<model>``). Batches are random token ids with every position supervised, so the
-LM head runs over all positions, the worst case for a given batch x seq.
+``estimated:<model>``). Batches are random token ids; by default every position is supervised, so
+the LM head runs over all positions, the worst case for a given batch x seq; ``--prompt-fraction``
+masks the start of each row as a prompt (the portable graph runs its LM head on answers only).
 
 Peak memory comes twice: ``peak_rss_bytes`` is the training loop's (TelemetryRecorder), and
 ``process_peak_rss_bytes`` the process's lifetime peak (getrusage), loading included; whether a
@@ -19,7 +20,9 @@ stage fits a device profile is judged on the larger of the two, because a device
 the artifacts too. Run one measurement per process: both figures include whatever the process
 held before.
 
-Torch-free for the ORT backend; the ExecuTorch backend imports torch itself (its bindings link it).
+Any format edge_runtime.backends.open_trainer opens: ``onnx`` (the portable format, plain
+onnxruntime), ``ort`` (legacy ONNX Runtime Training), ``executorch``. Torch-free for onnx and
+ort; the ExecuTorch backend imports torch itself (its bindings link it).
 """
 
 from __future__ import annotations
@@ -39,13 +42,17 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.backends import FORMATS, open_trainer
+from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import load_manifest
 from edge_runtime.telemetry import DEVICE_PROFILES, TelemetryRecorder, fits
-from edge_runtime.telemetry.memory import ru_maxrss_bytes
+from edge_runtime.telemetry.memory import current_rss_bytes, ru_maxrss_bytes
 
 ROW_FORMAT = 1  # bump when a field of a row changes meaning
-DEFAULT_BATCH, DEFAULT_SEQ = 4, 128
-BACKENDS = ("ort", "executorch")
+DEFAULT_BATCH = 4
+DEFAULT_SEQ = DEFAULT_SEQ_LEN  # the run's one sequence length (edge_runtime/batching.py)
+BACKENDS = FORMATS  # every artifact format a device can train
+IGNORE_INDEX = -100
 
 
 def cpu_model() -> str:
@@ -94,27 +101,26 @@ def process_peak_rss_bytes() -> int | None:
     return ru_maxrss_bytes()
 
 
-def random_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and labels (a copy: every position supervised), int64 [batch, seq]."""
+def random_batch(vocab_size: int, batch: int, seq: int, seed: int = 0,
+                 prompt_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and labels, int64 [batch, seq]: the first `prompt_fraction` of each row is prompt (-100)."""
+    if not 0.0 <= prompt_fraction < 1.0:
+        raise ValueError(f"prompt_fraction must be in [0, 1), got {prompt_fraction}")
     ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, seq), dtype=np.int64)
-    return ids, ids.copy()
+    labels = ids.copy()
+    labels[:, : min(int(seq * prompt_fraction), seq - 1)] = IGNORE_INDEX  # keep at least one target per row
+    return ids, labels
 
 
 def load_trainer(backend: str, artifact_dir: Path, lr: float, threads: int | None) -> Any:
-    """A trainer with ``train_step(input_ids, labels) -> loss`` for ``backend``."""
-    if backend == "ort":
-        from edge_runtime.backends.ort_backend import OrtTrainer
-
-        return OrtTrainer(artifact_dir, lr=lr, threads=threads)
-    if backend == "executorch":
-        try:
-            from edge_runtime.backends import executorch_backend
-        except ImportError as err:
-            raise RuntimeError(
-                f"the ExecuTorch backend cannot be imported ({err}); pip install 'devft[edge-executorch]'"
-            ) from err
-        return executorch_backend.ExecuTorchTrainer(artifact_dir, lr=lr, threads=threads)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    """A trainer with ``train_step(input_ids, labels) -> loss`` for ``backend`` (edge_runtime.backends)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    try:
+        return open_trainer(backend, artifact_dir, lr=lr, threads=threads)
+    except ImportError as err:
+        extra = {"onnx": "edge", "ort": "legacy-ort-training", "executorch": "edge-executorch"}[backend]
+        raise RuntimeError(f"the {backend} backend cannot be imported ({err}); pip install 'devft[{extra}]'") from err
 
 
 def measure(
@@ -133,6 +139,7 @@ def measure(
     make_trainer: Callable[[], Any] | None = None,
     model_config: dict[str, Any] | None = None,
     versions: dict[str, Any] | None = None,
+    prompt_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """One benchmark row for the artifacts in `artifact_dir` (backend from the manifest if not given).
 
@@ -152,11 +159,12 @@ def measure(
         if model_config is None or backend is None:
             raise ValueError("a custom trainer needs backend= and model_config= (there is no manifest to read)")
         cfg, stage, versions = model_config, None, versions or {}
-    ids, labels = random_batch(int(cfg["vocab_size"]), batch, seq)
+    ids, labels = random_batch(int(cfg["vocab_size"]), batch, seq, prompt_fraction=prompt_fraction)
 
     t0 = time.perf_counter()
     trainer = make_trainer() if make_trainer else load_trainer(backend, artifact_dir, lr, threads)
     load_s = time.perf_counter() - t0
+    rss_after_load = current_rss_bytes()
     warm_losses = [trainer.train_step(ids, labels) for _ in range(warmup)]
     losses = []
     with TelemetryRecorder(device_profile=device_profile, carbon_intensity=carbon_intensity) as rec:
@@ -180,6 +188,8 @@ def measure(
         "steps": steps,
         "threads": threads,
         "load_s": load_s,
+        "rss_after_load_bytes": rss_after_load,
+        "supervised_positions": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "step_latency_s": tel["step_latency_s"],
         "tokens_per_s": tel["tokens_per_s"],
         # CPU seconds per step: steadier than wall time when other jobs share the CPUs
@@ -229,6 +239,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="default: the manifest's backend")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"batch size (default {DEFAULT_BATCH})")
     p.add_argument("--seq", type=int, default=DEFAULT_SEQ, help=f"sequence length (default {DEFAULT_SEQ})")
+    p.add_argument("--prompt-fraction", type=float, default=0.0,
+                   help="share of each row masked as prompt (label -100); default 0: every position supervised")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
@@ -249,6 +261,7 @@ def main_bench(args: argparse.Namespace) -> int:
         backend=args.backend,
         batch=args.batch,
         seq=args.seq,
+        prompt_fraction=args.prompt_fraction,
         steps=args.steps,
         warmup=args.warmup,
         threads=args.threads,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import queue
 import secrets
 import signal
@@ -330,7 +331,7 @@ def _gone(pid: int) -> bool:
 def test_mosquitto_never_runs_as_root(fleet, broker, clients):
     assert _proc_uid(broker.proc.pid) != 0
     if os.geteuid() == 0:
-        assert _proc_uid(broker.proc.pid) == __import__("pwd").getpwnam(B.broker_user()).pw_uid
+        assert _proc_uid(broker.proc.pid) == pwd.getpwnam(B.broker_user()).pw_uid
         assert broker.runtime_dir != fleet.dir  # copies of just what it reads, owned by its user
         staged = sorted(p.name for p in broker.runtime_dir.iterdir() if p.is_file())
         assert staged == sorted([*B.BROKER_FILES, "mosquitto.conf"]), staged

@@ -8,6 +8,7 @@ Numbers are printed (run with -s to see them).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ from tests.export_helpers import make_peft_model as _make_peft_model
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("onnxruntime.training") is not None,
+    importlib.util.find_spec("onnxruntime.training") is not None,
     reason="this environment has onnxruntime-training, which replaces plain onnxruntime's module")
 
 

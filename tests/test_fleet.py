@@ -8,6 +8,7 @@ first run on a machine pays the export (~1 min per stage shape).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -34,7 +35,7 @@ from tests.broker_fixtures import settings_for
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, clients
 
 RUN = "fleetrun"
-HAS_ORT_TRAINING = __import__("importlib").util.find_spec("onnxruntime.training") is not None
+HAS_ORT_TRAINING = importlib.util.find_spec("onnxruntime.training") is not None
 A, B = "layers.0.self_attn.q_proj.lora_A", "layers.0.self_attn.q_proj.lora_B"
 PA = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
 PB = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,55 @@ MIN_SEQ_LEN = 3
 # The oldest onnxruntime that runs the exported graphs (opset 20 arrived in 1.17); export/onnx.py records it
 # in the manifest and a device below it refuses at startup, naming the version it needs.
 MIN_ONNXRUNTIME = "1.17.0"
-# Session choices measured in benchmarks/export.py (RESULTS.md): the CPU arena keeps freed activation
-# memory for reuse, which raises the peak RSS of a training step by about a third for little speed.
-DEFAULT_ARENA = False
+
+
+@dataclass(frozen=True)
+class SessionChoices:
+    """How onnxruntime runs the graphs: the levers that trade step time against peak memory.
+
+    arena        "off": every buffer from malloc; "on": onnxruntime's CPU arena, which keeps freed buffers for reuse
+                 and grows by powers of two (its high-water mark stays); "exact": one process-wide arena that
+                 grows by exactly what is asked (kSameAsRequested), shared by the train and eval sessions
+    optimization graph optimisation level: "all", "extended", "basic" or "disabled"
+    folding      constant folding (part of every level but "disabled"); it folds Transpose(W) of frozen
+                 weights into new initializers, a transposed copy of each weight the backward uses
+    prepacking   MLAS prepacks constant MatMul weights into its own layout (one more copy of them)
+    order        node execution order: "default" (topological) or "priority" (onnxruntime's priority-based
+                 order, which here frees the LM head's vocabulary-sized activations sooner)
+    The defaults come from benchmarks/export.py's sweep (`--onnx-sweep`, RESULTS.md section 2; SmolLM2's
+    4-layer stage, batch 4 x 128, one thread). Folding and prepacking each make a second, private copy of the
+    frozen weights (folded transposes, packed MatMul operands) beside the weights onnxruntime maps from the
+    external-data files; without them the weights stay file-backed pages that the train and eval sessions
+    share, and the optimiser still fuses the transposes into FusedMatMul(transB): peak RSS 544 instead of
+    ~830 MiB (eager torch: 926) at the same CPU time per step, medians of three rounds; the priority-based
+    order takes another 40-50 MiB off. The arena would cut 25-45% of the step's CPU time (without it every
+    big buffer is fresh, zero-filled pages each step) but keeps its high-water mark: peak 826 MiB.
+    """
+
+    arena: str = "off"
+    optimization: str = "all"
+    folding: bool = False
+    prepacking: bool = False
+    order: str = "priority"
+
+    def __post_init__(self) -> None:
+        if self.arena not in ARENAS:
+            raise ValueError(f"arena must be one of {ARENAS}, got {self.arena!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {sorted(ORDERS)}, got {self.order!r}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {self.optimization!r}")
+
+    def label(self) -> str:
+        return (f"arena {self.arena}, opt {self.optimization}, fold {'on' if self.folding else 'off'}, "
+                f"prepack {'on' if self.prepacking else 'off'}, order {self.order}")
+
+
+ARENAS = ("off", "on", "exact")
+ORDERS = {"default": "DEFAULT", "priority": "PRIORITY_BASED"}
+OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+                       "disabled": "ORT_DISABLE_ALL"}
+DEFAULT_SESSION = SessionChoices()
 
 
 class RuntimeTooOld(RuntimeError):
@@ -67,8 +114,9 @@ def check_runtime(required: str) -> None:
                             f"(pip install -U 'onnxruntime>={required}')")
 
 
-def session_options(threads: int | None, arena: bool = DEFAULT_ARENA, verbose: bool | None = None) -> Any:
-    """Session options for both graphs; `verbose` defaults to DEVFT_VERBOSE (set by `--verbose`)."""
+def session_options(threads: int | None, choices: SessionChoices = DEFAULT_SESSION, verbose: bool | None = None) -> Any:
+    """onnxruntime SessionOptions for `choices`; `threads` intra-op threads (None: the runtime's choice);
+    `verbose` defaults to DEVFT_VERBOSE (set by `--verbose`)."""
     import onnxruntime as ort
 
     if verbose is None:
@@ -78,9 +126,40 @@ def session_options(threads: int | None, arena: bool = DEFAULT_ARENA, verbose: b
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = arena
+    options.enable_cpu_mem_arena = choices.arena != "off"
+    if choices.arena == "exact":
+        _register_exact_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[choices.optimization])
+    if not choices.prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    options.execution_order = getattr(ort.ExecutionOrder, ORDERS[choices.order])
     options.log_severity_level = 1 if verbose else 3  # INFO with --verbose, else errors only
     return options
+
+
+_EXACT_ARENA_REGISTERED = False
+
+
+def _register_exact_arena() -> None:
+    """Register (once per process) a CPU arena that extends by exactly the requested size."""
+    global _EXACT_ARENA_REGISTERED
+    if _EXACT_ARENA_REGISTERED:
+        return
+    import onnxruntime as ort
+
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+    _EXACT_ARENA_REGISTERED = True
+
+
+def open_session(graph: Path, threads: int | None, choices: SessionChoices = DEFAULT_SESSION) -> Any:
+    """An InferenceSession on the CPU for one of the graphs, with `choices` applied."""
+    import onnxruntime as ort
+
+    disabled = [] if choices.folding else ["ConstantFolding"]
+    return ort.InferenceSession(str(graph), session_options(threads, choices), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
 
 
 class OnnxTrainer:
@@ -103,7 +182,7 @@ class OnnxTrainer:
         *,
         optimizer: str | None = None,
         trainable: Iterable[str] | None = None,
-        arena: bool = DEFAULT_ARENA,
+        session: SessionChoices = DEFAULT_SESSION,
     ) -> None:
         self.dir = Path(artifact_dir)
         self.manifest: Manifest = load_manifest(self.dir, expected_trainable)
@@ -111,12 +190,8 @@ class OnnxTrainer:
             raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not {FORMAT!r}")
         versions = self.manifest.versions
         check_runtime(str(versions.get("min_onnxruntime", MIN_ONNXRUNTIME)))
-        import onnxruntime as ort
-
-        self._ort = ort
-        self._threads, self._arena = threads, arena
-        self._train = ort.InferenceSession(str(self.dir / versions.get("train_graph", TRAIN_GRAPH)),
-                                           session_options(threads, arena), providers=["CPUExecutionProvider"])
+        self._threads, self.session_choices = threads, session
+        self._train = open_session(self.dir / versions.get("train_graph", TRAIN_GRAPH), threads, session)
         self._eval: Any = None  # built on first use: a second session holds a second copy of the weights
         self._specs = {t.peft_name: t for t in self.manifest.trainable}
         self._check_graph()
@@ -192,8 +267,7 @@ class OnnxTrainer:
         self._check_batch(input_ids, labels)
         if self._eval is None:
             graph = self.dir / self.manifest.versions.get("eval_graph", EVAL_GRAPH)
-            self._eval = self._ort.InferenceSession(str(graph), session_options(self._threads, self._arena),
-                                                    providers=["CPUExecutionProvider"])
+            self._eval = open_session(graph, self._threads, self.session_choices)
         (loss,) = self._eval.run([LOSS], self._feeds(input_ids, labels))
         return float(loss)
 
