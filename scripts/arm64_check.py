@@ -247,6 +247,8 @@ def compare_case(x86: dict[str, Any], arm: dict[str, Any]) -> dict[str, Any]:
                         "x86_64_delta_norm": nx, "arm64_delta_norm": na}
                        for a, b, d, (nx, na) in zip(x86["rounds"], arm["rounds"], diffs, norms)],
             "max_loss_diff": max(diffs) if diffs else None,
+            # AdamW divides by the root of the second moment, so deltas agree less tightly than losses: reported
+            "max_delta_norm_rel_diff": max((abs(nx - na) / nx for nx, na in norms if nx), default=None),
             "lora_state_max_abs_diff": gap, "lora_state_diff_l2": gap_norm,
             "accepted_events": {"x86_64": len(x86["accepted"]), "arm64": len(arm["accepted"])},
             "rejected_events": {"x86_64": len(x86["rejected"]), "arm64": len(arm["rejected"])},
@@ -293,12 +295,17 @@ def _markdown(doc: dict[str, Any]) -> str:
              "`edge` extra only), once an x86_64 `python -m edge_runtime.client run`.  ",
              f"arm64 environment: {doc['arm64_environment']}", ""]
     for c in doc["cases"]:
+        stopped = (f" (the coordinator stops after stage 1's {len(c['rounds'])} rounds, as configured; the device, "
+                   "waiting for stage 2, is then terminated: exit code None)" if c["interrupted_after_rounds"] else "")
         lines += [f"**{c['model']}**: {'PASS' if c['passed'] else 'FAIL'}; max loss diff {c['max_loss_diff']:.1e}; "
+                  f"max relative difference of the delta norms {c['max_delta_norm_rel_diff']:.1e}; "
                   f"accepted updates x86_64 {c['accepted_events']['x86_64']}, arm64 {c['accepted_events']['arm64']}; "
                   f"rejected {c['rejected_events']['arm64']}; LoRA state after the run differs by at most "
                   f"{c['lora_state_max_abs_diff']:.1e} (L2 {c['lora_state_diff_l2']:.1e}); device training time "
                   f"x86_64 {c['device_train_s']['x86_64']:.1f} s, arm64 {c['device_train_s']['arm64_emulated']:.1f} s "
-                  f"emulated; whole run {c['wall_s']['x86_64']:.0f} s vs {c['wall_s']['arm64_emulated']:.0f} s emulated.",
+                  f"emulated; whole run {c['wall_s']['x86_64']:.0f} s vs {c['wall_s']['arm64_emulated']:.0f} s emulated; "
+                  f"device exit codes x86_64 {c['device_exit_code']['x86_64']}, arm64 {c['device_exit_code']['arm64']}"
+                  f"{stopped}.",
                   "", "| stage | round | layers | x86_64 loss | arm64 loss | abs diff | delta L2 x86_64 | delta L2 arm64 |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in c["rounds"]:
