@@ -95,10 +95,14 @@ CASES = {
                            accuracy_every="never", lora={"r": 2, "alpha": 4}, data=_DATA),
                       stop_after_rounds=None, round_timeout_s=900.0, tiny_hidden=32),
     # SmolLM2-135M's stage-1 submodel (4 layers; LoRA r=8 on all 7 projections; max_seq_len 128, the shape whose
-    # export template is usually cached): the 2 rounds of stage 1, then the coordinator stops (interrupted run)
+    # export template is usually cached): the 2 rounds of stage 1, then the coordinator stops (interrupted run).
+    # One local step per round: a round's loss is then the forward pass at the received adapter, which both
+    # machines compute from identical inputs. With 2 steps the second step's loss differed by 3.5e-5 (> 1e-5):
+    # AdamW's first step moves every entry by about lr*sign(grad), so entries whose gradient is ~0 go either way
+    # depending on float summation order (benchmarks/results/arm64-smollm2-local-steps-2.json).
     "smollm2": FleetCase("smollm2", "SmolLM2-135M stage-1 submodel (4 of 30 layers, LoRA r=8 on all 7 "
-                         "projections), 2 rounds of stage 1", dict(model="smollm2-135m", stages=[4, 30],
-                         rounds_per_stage=[2, 1], num_clients=1, clients_per_round=1, local_steps=2,
+                         "projections), 2 rounds of stage 1, 1 local step each", dict(model="smollm2-135m", stages=[4, 30],
+                         rounds_per_stage=[2, 1], num_clients=1, clients_per_round=1, local_steps=1,
                          batch_size=1, seq_len=128, lr=1e-3, seed=0, accuracy_every="never", data=_DATA),
                          stop_after_rounds=2, round_timeout_s=1800.0),
 }
