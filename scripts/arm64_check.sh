@@ -42,7 +42,7 @@ EXECUTORCH=0
 for arg in "$@"; do
   case $arg in
     --executorch) EXECUTORCH=1 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "unknown argument $arg (use --executorch or nothing)" >&2; exit 2 ;;
   esac
 done
