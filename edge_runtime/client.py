@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,20 +401,16 @@ class Device:
         frozen = {k: v for k, v in received.items() if k not in set(trainable)} if fmt != "onnx" else {}
         seq_len = trainer.manifest.seq_len  # the run's one sequence length, carried in the manifest
         encoded = self._encoded_shard(art_dir, trainer, seq_len)
-        pad = _pad_id(trainer.manifest.model_config)
-        rng = np.random.default_rng(hp.seeds[self.device_id])
-        steps, batch = hp.local_steps, hp.batch_size
+        pad = pad_id(trainer.manifest.model_config)
         losses: list[float] = []
         setup_s = time.perf_counter() - t0
         with TelemetryRecorder() as rec:
-            for _ in range(steps):
-                idx = rng.choice(len(encoded), size=min(batch, len(encoded)), replace=False)
-                ids, labels = collate([encoded[i] for i in idx], pad)
+            for ids, labels, tokens in round_batches(encoded, hp, self.device_id, pad):
                 if not (labels[:, 1:] != IGNORE_INDEX).any():
                     log.warning("%s: a batch has no completion tokens within seq_len %d; skipped", self.device_id,
                                 seq_len)
                     continue
-                with rec.step(tokens=int(sum(len(encoded[i][0]) for i in idx))):
+                with rec.step(tokens=tokens):
                     losses.append(trainer.train_step(ids, labels))
                     if frozen:  # e.g. FFA-LoRA: A stays at the received value, B trains against it
                         trainer.set_lora({**trainer.get_lora(), **frozen})
@@ -464,7 +461,20 @@ class Device:
         self._stop.set()
 
 
-def _pad_id(model_config: dict) -> int:
+def round_batches(encoded: list[tuple[list[int], list[int]]], hp: P.TrainSettings, device_id: str,
+                  pad: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """The round's batches as every device draws them: (input_ids, labels, real tokens) per local step.
+
+    numpy's default_rng(seed) picks `batch_size` distinct examples per step; a batch whose labels are all
+    -100 after the first position is still yielded (the caller skips it, and says so)."""
+    rng = np.random.default_rng(hp.seeds[device_id])
+    for _ in range(hp.local_steps):
+        idx = rng.choice(len(encoded), size=min(hp.batch_size, len(encoded)), replace=False)
+        ids, labels = collate([encoded[i] for i in idx], pad)
+        yield ids, labels, int(sum(len(encoded[i][0]) for i in idx))
+
+
+def pad_id(model_config: dict) -> int:
     """Pads are labelled -100 and come after every real token, so any valid id is exact."""
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = model_config.get(key)

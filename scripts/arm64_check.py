@@ -4,7 +4,7 @@
     python scripts/arm64_check.py compare --work DIR --out benchmarks/results/arm64.json --markdown
 
 `fleet` runs, on this machine, a secured Mosquitto (TLS on loopback) and the devft coordinator
-(`server_sdk.simulation.run` with the fleet executor, what `devft serve` runs) for a one-device
+(`server_sdk.rounds.run` with the fleet executor, what `devft serve` runs) for a one-device
 fleet, and starts that device: for `--arch x86_64` a `python -m edge_runtime.client run` process
 here, for `--arch arm64` `devft-edge run` inside the arm64 Debian root (chroot; qemu-user runs its
 aarch64 binaries and shares the host network, so the device reaches the broker on 127.0.0.1).
@@ -153,7 +153,7 @@ def run_fleet(case: FleetCase, arch: str, work: Path, rootfs: Path | None) -> di
     from server_sdk import checkpoint
     from server_sdk.fleet import FleetSettings, fleet_executor_factory
     from server_sdk.local_fleet import LocalFleet, add_fleet_summary
-    from server_sdk.simulation import run
+    from server_sdk.rounds import run
 
     run_dir = work / "fleet" / f"{case.name}-{arch}"
     if run_dir.exists():
@@ -269,8 +269,8 @@ def replay_rounds(run_dir: Path, device_cache: Path) -> list[float | None]:
 
     from edge_runtime import protocol as P
     from edge_runtime.backends import open_trainer
-    from edge_runtime.batching import IGNORE_INDEX, collate
-    from edge_runtime.client import _pad_id, encode, read_shard
+    from edge_runtime.batching import IGNORE_INDEX
+    from edge_runtime.client import encode, pad_id, read_shard, round_batches
 
     shard = read_shard(run_dir / "data" / "client_000.jsonl")
     losses: list[float | None] = []
@@ -289,15 +289,10 @@ def replay_rounds(run_dir: Path, device_cache: Path) -> list[float | None]:
         trainer = open_trainer("onnx", art_dir, lr=hp.lr, threads=1, trainable=hp.trainable)
         trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
         encoded = encode(Tokenizer.from_file(str(art_dir / trainer.manifest.tokenizer_file)), shard,
-                         trainer.manifest.max_seq_len)
-        pad = _pad_id(trainer.manifest.model_config)
-        rng = np.random.default_rng(hp.seeds[DEVICE])
-        step_losses = []
-        for _ in range(hp.local_steps):
-            idx = rng.choice(len(encoded), size=min(hp.batch_size, len(encoded)), replace=False)
-            ids, labels = collate([encoded[i] for i in idx], pad)
-            if (labels[:, 1:] != IGNORE_INDEX).any():
-                step_losses.append(trainer.train_step(ids, labels))
+                         trainer.manifest.seq_len)
+        pad = pad_id(trainer.manifest.model_config)
+        step_losses = [trainer.train_step(ids, labels) for ids, labels, _ in round_batches(encoded, hp, DEVICE, pad)
+                       if (labels[:, 1:] != IGNORE_INDEX).any()]
         losses.append(float(np.mean(step_losses)) if step_losses else None)
         rnd += 1
     return losses
@@ -469,8 +464,8 @@ def et_export(out: Path) -> None:
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
     out.mkdir(parents=True, exist_ok=True)
-    export_executorch_artifacts(peft_model, out / "executorch", max_seq_len=SEQ, max_batch=BATCH)
-    export_onnx(peft_model, out / "forward.onnx", max_seq_len=SEQ, opset=18)
+    export_executorch_artifacts(peft_model, out / "executorch", seq_len=SEQ, max_batch=BATCH)
+    export_onnx(peft_model, out / "forward.onnx", seq_len=SEQ, opset=18)
     ids = np.random.default_rng(SEED).integers(0, VOCAB, size=(BATCH, SEQ), dtype=np.int64)
     np.save(out / "input_ids.npy", ids)
 
