@@ -5,6 +5,9 @@ memory); readers map it (`read_frozen`), so every process on a machine that read
 the same page-cache pages instead of holding its own fp32 copy. The Ray executor reads it
 once per stage into Ray's object store, from where its workers (on any node) map it again.
 Only frozen tensors are written: LoRA tensors travel separately, every round.
+
+Reading needs numpy only (torch is imported where tensors are written), so the Ray task that
+maps a stage file into the object store does not pay for a torch import.
 """
 
 from __future__ import annotations
@@ -13,18 +16,21 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from peft import PeftModel
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+if TYPE_CHECKING:
+    import torch
+
 _NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
-def frozen_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+def frozen_state(peft_model) -> dict[str, torch.Tensor]:
     """The submodel's frozen tensors under the plain LlamaForCausalLM names (no PEFT wrappers,
     no LoRA), each tensor once: a tied LM head is left out (the reader ties it again)."""
+    from peft import PeftModel
+
     inner = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -40,9 +46,12 @@ def frozen_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 
 def write_frozen(path: Path, state: dict[str, torch.Tensor]) -> int:
     """Write `state` as a safetensors file (atomically), one tensor at a time; returns its bytes."""
+    import torch
+
+    _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.float64: "F64"}
     header, offset = {}, 0
     for k, t in state.items():
-        if t.dtype not in _DTYPES or _DTYPES[t.dtype] not in _NUMPY:
+        if t.dtype not in _DTYPES:
             raise TypeError(f"frozen tensor {k} has dtype {t.dtype}; the stage file holds float32/16/64 tensors")
         n = t.numel() * t.element_size()
         header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
@@ -71,3 +80,8 @@ def read_frozen(path: Path) -> dict[str, np.ndarray]:
         start, end = info["data_offsets"]
         out[k] = data[start:end].view(_NUMPY[info["dtype"]]).reshape(info["shape"])
     return out
+
+
+def map_stage_file(path: str) -> dict[str, np.ndarray]:
+    """The Ray task of server_sdk.ray_executor: the file's arrays, which Ray copies into its object store."""
+    return read_frozen(Path(path))

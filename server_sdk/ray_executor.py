@@ -37,7 +37,7 @@ from .config import LoraSettings, RunConfig
 from .data import Example
 from .executor import ClientExecutor
 from .fleet import QuorumNotReached
-from .frozen import frozen_state, read_frozen, write_frozen
+from .frozen import frozen_state, map_stage_file, write_frozen
 from .lora import LoraState, attach_lora, write_lora
 from .submodel import StagePlan, empty_model, load_frozen, submodel_bytes
 from .trainer import ClientResult, local_train
@@ -98,11 +98,6 @@ class ClientWorker:
         return os.getpid()
 
 
-def _map_stage_file(path: str) -> dict:
-    """Ray task on the coordinator's node: the stage file's arrays, which Ray stores in its object store."""
-    return read_frozen(Path(path))
-
-
 class RayExecutor(ClientExecutor):
     """Sampled clients train in parallel Ray actors, each with the stage submodel loaded once per stage."""
 
@@ -119,7 +114,7 @@ class RayExecutor(ClientExecutor):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
         self.threads = cfg.torch_threads or 1
         self._worker_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(ClientWorker)
-        self._mapper = ray.remote(num_cpus=0)(_map_stage_file)
+        self._mapper = ray.remote(num_cpus=0)(map_stage_file)
         self._shared = (ray.put(tokenizer), ray.put(clients))
         self._tmp = Path(tempfile.mkdtemp(prefix="devft-ray-stage-"))
         self._stage: tuple | None = None  # (stage, config, n_layers, object ref of the frozen arrays)
