@@ -109,3 +109,31 @@ def test_cli_runs_on_ray_and_refuses_ray_options_without_it(local_ray, tmp_path,
     assert "--workers and --ray-address need --executor ray" in capsys.readouterr().err
     assert main(["run", *tiny, "--name", "y", "--runs-dir", str(tmp_path), "--executor", "ray", "--workers", "0"]) == 2
     assert "workers=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_round_deadline_counts_slow_clients_as_missing_and_replaces_their_workers(local_ray, tiny_base, tiny_cfg,
+                                                                                tmp_path):
+    from server_sdk.ray_executor import RayExecutor
+    from server_sdk.rounds import prepare_data
+    from server_sdk.strategies import make_strategy
+
+    cfg = tiny_cfg(strategy="fedit", torch_threads=1)
+    clients, _ = prepare_data(cfg, tiny_base, tmp_path)
+    strategy = make_strategy(cfg)
+    ex = RayExecutor(cfg, tiny_base.tokenizer, clients, RaySettings(workers=2, quorum=0.5, round_timeout_s=1e-3))
+    try:
+        from server_sdk.lora import attach_lora, read_lora
+        from server_sdk.submodel import copy_model
+
+        lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+        plan, _ = strategy.configure_stage(0, tiny_base.model, lora, tiny_base.n_layers)
+        sub, init = strategy.build_submodel(tiny_base.model, lora, plan)
+        ex.begin_stage(0, plan, sub)
+        with pytest.raises(QuorumNotReached, match=r"0 of 2 sampled clients answered"):
+            ex.train_round(0, 0, [0, 1], init, strategy.is_trainable, {0: 1, 1: 2})
+        # with time to answer, the replaced workers train the stage again
+        ex.settings.round_timeout_s = None
+        results = ex.train_round(0, 1, [0, 1], init, strategy.is_trainable, {0: 1, 1: 2})
+        assert [r.client for r in results] == [0, 1]
+    finally:
+        ex.close()
