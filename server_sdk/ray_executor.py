@@ -167,8 +167,8 @@ class RayExecutor(ClientExecutor):
         pending = {}
         for i, c in enumerate(sampled):
             worker = i % len(self.workers)
-            ref = self.workers[worker].train.remote(stage, c, lora_ref, seeds[c], trainable_ref, cfg.local_steps, cfg.batch_size,
-                                      cfg.lr, cfg.seq_len)
+            ref = self.workers[worker].train.remote(stage, c, lora_ref, seeds[c], trainable_ref, cfg.local_steps,
+                                                    cfg.batch_size, cfg.lr, cfg.seq_len)
             pending[ref] = (c, worker)
         if self.after_submit:
             self.after_submit(self.workers)
