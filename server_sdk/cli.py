@@ -88,15 +88,38 @@ def _run_dir_and_config(args: argparse.Namespace) -> tuple[Path, RunConfig]:
 def cmd_run(args: argparse.Namespace) -> int:
     run_dir, cfg = _run_dir_and_config(args)
     if args.fleet:
+        if args.executor != "in-process":
+            raise ConfigError("--fleet trains on devices; --executor applies to simulated clients only")
         return fleet_cli.run_local_fleet(args, run_dir, cfg)
     from .report import summary_text
     from .rounds import run
 
-    report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
+                 executor_factory=_executor_factory(args))
     if report.get("interrupted"):
         return 0
     print(summary_text(report, run_dir))
     return 0
+
+
+def _executor_factory(args: argparse.Namespace):
+    """--executor ray: clients train in parallel Ray workers; in-process (None) otherwise."""
+    if args.executor != "ray":
+        if args.workers is not None or args.ray_address:
+            raise ConfigError("--workers and --ray-address need --executor ray")
+        return None
+    try:
+        from .ray_executor import RaySettings, ray_executor_factory
+    except ImportError as exc:
+        raise ConfigError(f"--executor ray needs Ray: pip install -e '.[sim]' ({exc})") from None
+    workers = 2 if args.workers is None else args.workers
+    settings = RaySettings(workers=workers, address=args.ray_address, round_timeout_s=args.round_timeout)
+    if args.quorum is not None:
+        settings.quorum = args.quorum
+    try:
+        return ray_executor_factory(settings.validate())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -156,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir_args(p)
     p.add_argument("--fleet", metavar="local:N", help=fleet_cli.FLEET_HELP)
     fleet_cli.add_fleet_settings(p)
+    p.add_argument("--executor", choices=("in-process", "ray"), default="in-process",
+                   help="where simulated clients train: one after another in this process (default), or in "
+                   "parallel Ray workers (needs the [sim] extra); --quorum and --round-timeout apply to Ray rounds")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (one CPU each; default 2)")
+    p.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster (e.g. auto or HEAD:6379) "
+                   "instead of starting Ray here; see README")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="coordinate a real fleet over an existing broker (no local devices)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from accelerate import init_empty_weights
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,28 +48,49 @@ def fuse_lora(full_lora: LoraState, plan: StagePlan, beta: float, method: str) -
     return out
 
 
-def assemble(model: LlamaForCausalLM, layer_states: list[dict[str, torch.Tensor]]) -> LlamaForCausalLM:
-    """A new frozen LlamaForCausalLM with the given decoder layers and the model's embeddings,
-    final norm and LM head (copied)."""
-    cfg_dict = model.config.to_dict()
-    cfg_dict["num_hidden_layers"] = len(layer_states)
+def empty_model(config_dict: dict, n_layers: int) -> LlamaForCausalLM:
+    """A LlamaForCausalLM of `n_layers` decoder layers whose parameters are not allocated yet
+    (meta tensors; buffers such as the rotary frequencies are real): load_state_dict(assign=True)
+    then makes the given tensors its parameters, without a copy."""
+    cfg_dict = dict(config_dict)
+    cfg_dict["num_hidden_layers"] = n_layers
     for key in ("layer_types", "quantization_config"):
         cfg_dict.pop(key, None)
     config = LlamaConfig.from_dict(cfg_dict)
     config.use_cache = False
-    sub = LlamaForCausalLM(config)
+    with init_empty_weights(include_buffers=False):
+        return LlamaForCausalLM(config)
+
+
+def assemble(model: LlamaForCausalLM, layer_states: list[dict[str, torch.Tensor]]) -> LlamaForCausalLM:
+    """A new frozen LlamaForCausalLM with the given decoder layers and the model's embeddings,
+    final norm and LM head.
+
+    The tensors are shared, not copied: the new model's parameters are the given tensors (and
+    the model's own embeddings, norm and head), so the base model, the evaluation model and a
+    stage submodel hold one copy of every frozen weight they have in common. Nothing writes
+    frozen weights in place (training updates LoRA tensors only), so sharing is safe."""
+    sub = empty_model(model.config.to_dict(), len(layer_states))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
     for i, layer_state in enumerate(layer_states):
         state.update({f"model.layers.{i}.{k}": v for k, v in layer_state.items()})
-    missing, unexpected = sub.load_state_dict(state, strict=False)
+    load_frozen(sub, state)
+    return sub
+
+
+def load_frozen(sub: LlamaForCausalLM, state: dict[str, torch.Tensor]) -> None:
+    """Make `state`'s tensors the (frozen) parameters of an empty_model(), tying the LM head to the
+    embeddings where the config says so; RuntimeError if the tensors do not fit the model."""
+    missing, unexpected = sub.load_state_dict(state, strict=False, assign=True)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"submodel state mismatch: missing={missing[:4]} unexpected={unexpected[:4]}")
-    if config.tie_word_embeddings:
+    if sub.config.tie_word_embeddings:
         sub.tie_weights()
+    elif "lm_head.weight" in missing:
+        raise RuntimeError("submodel state has no lm_head.weight and the model does not tie it to the embeddings")
     sub.eval()
     for p in sub.parameters():
         p.requires_grad_(False)
-    return sub
 
 
 def copy_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
@@ -81,7 +103,9 @@ def build_submodel(model: LlamaForCausalLM, full_lora: LoraState, plan: StagePla
     wrapped with PEFT LoRA that holds the group members' fused LoRA."""
     layers = model.model.layers
     with torch.no_grad():
-        fused_layers = [fuse_group([{k: v.detach() for k, v in layers[m].state_dict().items()} for m in group],
+        # a group of one is its layer as it is: shared with the base model, not copied
+        fused_layers = [layers[group[0]].state_dict() if len(group) == 1 else
+                        fuse_group([{k: v.detach() for k, v in layers[m].state_dict().items()} for m in group],
                                    group.index(anchor), beta, method)
                         for group, anchor in zip(plan.groups, plan.anchors)]
     peft_model = attach_lora(assemble(model, fused_layers), lora_settings)

@@ -1,0 +1,236 @@
+"""Simulated clients trained in parallel Ray actors (`devft run --executor ray --workers N`).
+
+Each worker is a Ray actor that holds the stage submodel, built once per stage from frozen
+weights that cross Ray's object store once per stage: the coordinator writes them to a
+memory-mapped safetensors file (server_sdk.frozen), a Ray task on the coordinator's node
+maps it and puts it in the object store, and every worker maps that object (zero-copy on
+the same node; Ray moves it to other nodes). Per round only the global LoRA is put once
+and the sampled clients' tasks go to the workers in turn; each runs the same `local_train`
+with the same seed as the in-process executor, with the same torch thread count, so the
+results are bit-identical to it. Results come back ordered by client.
+
+A worker that dies mid-round (crash, OOM kill, lost node, `ray.kill`) is a missing client,
+like a missing device of a real fleet: the round aggregates the survivors if at least
+ceil(quorum * sampled) answered, else raises QuorumNotReached (the checkpoint holds the
+previous round; `devft run --resume` repeats it). With a round deadline, clients not done
+by then are cancelled and count as missing too. Dead workers are replaced before the next
+round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from .config import LoraSettings, RunConfig
+from .data import Example
+from .executor import ClientExecutor
+from .fleet import QuorumNotReached
+from .frozen import frozen_state, map_stage_file, write_frozen
+from .lora import LoraState, attach_lora, write_lora
+from .submodel import StagePlan, empty_model, load_frozen, submodel_bytes
+from .trainer import ClientResult, local_train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RaySettings:
+    """Where and how the Ray workers run."""
+
+    workers: int = 2  # Ray actors training clients in parallel (one CPU each)
+    address: str | None = None  # an existing Ray cluster ("auto", "HOST:PORT"); None = start Ray here
+    quorum: float = 0.6  # fraction of sampled clients a round needs (as for a real fleet)
+    round_timeout_s: float | None = None  # a round's deadline; None = wait for every live worker
+
+    def validate(self) -> RaySettings:
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be at least 1")
+        if not 0 < self.quorum <= 1:
+            raise ValueError(f"quorum={self.quorum} must lie in (0, 1], e.g. 0.6")
+        if self.round_timeout_s is not None and self.round_timeout_s <= 0:
+            raise ValueError(f"round_timeout_s={self.round_timeout_s} must be positive")
+        return self
+
+
+class ClientWorker:
+    """One Ray actor: the stage submodel (frozen weights mapped from the object store) and the
+    client shards; trains one client per call."""
+
+    def __init__(self, tokenizer, clients: list[list[Example]], lora: LoraSettings, threads: int):
+        torch.set_num_threads(threads)
+        self.tokenizer, self.clients, self.lora = tokenizer, clients, lora
+        self.stage: int | None = None
+        self.model: PeftModel | None = None
+
+    def load_stage(self, stage: int, config: dict, n_layers: int, frozen: dict) -> int:
+        """Build the stage submodel around the mapped frozen arrays (no copy); returns its pid."""
+        with warnings.catch_warnings():  # the arrays are read-only shared memory; nothing writes them
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            state = {k: torch.from_numpy(v) for k, v in frozen.items()}
+        self.model = None
+        sub = empty_model(config, n_layers)
+        load_frozen(sub, state)
+        self.model, self.stage = attach_lora(sub, self.lora), stage
+        return os.getpid()
+
+    def train(self, stage: int, client: int, global_lora: LoraState, seed: int,
+              is_trainable: Callable[[str], bool], steps: int, batch_size: int, lr: float,
+              seq_len: int) -> ClientResult:
+        if self.model is None or self.stage != stage:
+            raise RuntimeError(f"worker holds stage {self.stage}, asked to train stage {stage}")
+        write_lora(self.model, global_lora)
+        return local_train(self.model, self.tokenizer, self.clients[client], steps=steps, batch_size=batch_size,
+                           lr=lr, seq_len=seq_len, seed=seed, is_trainable=is_trainable, client=client)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayExecutor(ClientExecutor):
+    """Sampled clients train in parallel Ray actors, each with the stage submodel loaded once per stage."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, clients: list[list[Example]], settings: RaySettings,
+                 after_submit: Callable[[list], None] | None = None):
+        """after_submit(workers) is called once a round's tasks are submitted (tests kill a worker there)."""
+        import ray
+
+        self.ray, self.cfg, self.settings = ray, cfg, settings.validate()
+        self.after_submit = after_submit
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            kw = {"address": settings.address} if settings.address else {"num_cpus": max(settings.workers, 1)}
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+        self.threads = cfg.torch_threads or 1
+        self._worker_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(ClientWorker)
+        self._mapper = ray.remote(num_cpus=0)(map_stage_file)
+        self._shared = (ray.put(tokenizer), ray.put(clients))
+        self._tmp = Path(tempfile.mkdtemp(prefix="devft-ray-stage-"))
+        self._stage: tuple | None = None  # (stage, config, n_layers, object ref of the frozen arrays)
+        self.workers = [self._new_worker() for _ in range(settings.workers)]
+        self._dead: set[int] = set()  # indices of workers lost in the last round, replaced before the next
+        self.worker_pids = ray.get([w.pid.remote() for w in self.workers])
+
+    def _new_worker(self):
+        tok_ref, clients_ref = self._shared
+        return self._worker_cls.remote(tok_ref, clients_ref, self.cfg.lora, self.threads)
+
+    def begin_stage(self, stage: int, plan: StagePlan, sub_model: PeftModel) -> int:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        path = self._tmp / f"stage-{stage}.safetensors"
+        for old in self._tmp.glob("stage-*.safetensors"):
+            old.unlink()
+        write_frozen(path, frozen_state(sub_model))
+        here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=False)
+        frozen_ref = self._mapper.options(scheduling_strategy=here).remote(str(path))
+        inner = sub_model.get_base_model()
+        self._stage = (stage, inner.config.to_dict(), len(inner.model.layers), frozen_ref)
+        self._load_stage(range(len(self.workers)))
+        return submodel_bytes(sub_model)
+
+    def _load_stage(self, indices) -> None:
+        """Give the stage to these workers; one that is dead (or dies loading) is replaced once."""
+        from ray.exceptions import RayActorError
+
+        refs = {i: self.workers[i].load_stage.remote(*self._stage) for i in indices}
+        for i, ref in refs.items():
+            try:
+                self.ray.get(ref)
+            except RayActorError:
+                log.warning("Ray worker %d is dead; starting a replacement", i)
+                self.workers[i] = self._new_worker()
+                self.ray.get(self.workers[i].load_stage.remote(*self._stage))
+
+    def train_round(self, stage, rnd, sampled, global_lora, is_trainable, seeds):
+        if self._stage is None or self._stage[0] != stage:
+            raise RuntimeError(f"train_round for stage {stage} before begin_stage({stage})")
+        if self._dead:  # workers lost in an earlier round: fresh ones, given the stage
+            for i in sorted(self._dead):
+                self.ray.kill(self.workers[i])
+                self.workers[i] = self._new_worker()
+            self._load_stage(sorted(self._dead))
+            self._dead.clear()
+        ray, cfg = self.ray, self.cfg
+        lora_ref, trainable_ref = ray.put(global_lora), ray.put(is_trainable)
+        pending = {}
+        for i, c in enumerate(sampled):
+            worker = i % len(self.workers)
+            ref = self.workers[worker].train.remote(stage, c, lora_ref, seeds[c], trainable_ref, cfg.local_steps,
+                                                    cfg.batch_size, cfg.lr, cfg.seq_len)
+            pending[ref] = (c, worker)
+        if self.after_submit:
+            self.after_submit(self.workers)
+        results, failed = self._collect(pending)
+        need = math.ceil(self.settings.quorum * len(sampled))
+        if len(results) < need:
+            raise QuorumNotReached(
+                f"stage {stage} round {rnd}: {len(results)} of {len(sampled)} sampled clients answered, quorum is "
+                f"{need} ({self.settings.quorum:.0%}); lost {failed}. Check the Ray workers (`ray status`, their "
+                "logs under /tmp/ray/session_latest/logs), lower --quorum or raise --round-timeout, then resume "
+                "with --resume (the checkpoint holds the previous round)")
+        if failed:
+            log.warning("stage %d round %d: lost %s; aggregating %d of %d", stage, rnd, failed, len(results),
+                        len(sampled))
+        return sorted(results, key=lambda r: r.client)
+
+    def _collect(self, pending: dict) -> tuple[list[ClientResult], dict[int, str]]:
+        """Every result that arrives (by the deadline, if any); the lost clients with the reason.
+
+        A worker still busy at the deadline is killed (Ray cannot interrupt a running actor task)
+        and replaced before the next round."""
+        ray = self.ray
+        from ray.exceptions import RayActorError, RayError
+
+        deadline = None if self.settings.round_timeout_s is None else time.time() + self.settings.round_timeout_s
+        results, failed = [], {}
+        waiting = list(pending)
+        while waiting:
+            left = None if deadline is None else max(deadline - time.time(), 0.0)
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            if not done:  # the deadline passed
+                for ref in waiting:
+                    client, worker = pending[ref]
+                    ray.kill(self.workers[worker])
+                    self._dead.add(worker)
+                    failed[client] = "no result by the round deadline"
+                break
+            client, worker = pending[done[0]]
+            try:
+                results.append(ray.get(done[0]))
+            except RayActorError as err:  # the worker died: its client is missing, the worker replaced
+                self._dead.add(worker)
+                failed[client] = type(err).__name__
+            except RayError as err:  # the client's training raised: missing, with the cause logged
+                log.warning("client %d failed on a Ray worker: %s", client, err)
+                failed[client] = str(err).strip().splitlines()[-1][:200]
+        return results, failed
+
+    def close(self) -> None:
+        for w in getattr(self, "workers", []):
+            self.ray.kill(w)
+        self.workers = []
+        self._stage = None
+        shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
+        if getattr(self, "_started_ray", False):
+            self.ray.shutdown()
+
+
+def ray_executor_factory(settings: RaySettings, after_submit: Callable[[list], None] | None = None):
+    """An executor_factory for rounds.run: clients train on Ray workers."""
+
+    def make(cfg: RunConfig, base, clients: list[list[Example]]) -> RayExecutor:
+        return RayExecutor(cfg, base.tokenizer, clients, settings, after_submit=after_submit)
+
+    return make

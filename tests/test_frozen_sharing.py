@@ -1,0 +1,55 @@
+"""One copy of the frozen weights: evaluation model and stage submodels share the base's tensors."""
+
+import torch
+
+from server_sdk.frozen import frozen_state, read_frozen, write_frozen
+from server_sdk.lora import attach_lora, read_lora
+from server_sdk.strategies import make_strategy
+from server_sdk.submodel import StagePlan, copy_model
+
+
+def _frozen_ptrs(model) -> dict[str, int]:
+    return {k: t.data_ptr() for k, t in frozen_state(model).items()}
+
+
+def test_eval_model_and_fedit_submodel_share_every_frozen_tensor(tiny_base, tiny_cfg):
+    cfg = tiny_cfg(strategy="fedit")
+    base_ptrs = _frozen_ptrs(tiny_base.model)
+    eval_model = attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0)
+    assert _frozen_ptrs(eval_model) == base_ptrs
+    strategy = make_strategy(cfg)
+    plan, _ = strategy.configure_stage(0, tiny_base.model, read_lora(eval_model), tiny_base.n_layers)
+    sub, _ = strategy.build_submodel(tiny_base.model, read_lora(eval_model), plan)
+    assert _frozen_ptrs(sub) == base_ptrs
+    # training still reaches only LoRA: the shared tensors are frozen
+    assert not any(p.requires_grad for n, p in sub.named_parameters() if "lora_" not in n)
+
+
+def test_devft_submodel_shares_unfused_layers_and_owns_fused_ones(tiny_base, tiny_cfg):
+    cfg = tiny_cfg(strategy="devft", beta=0.2)
+    lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+    plan = StagePlan(0, 3, [[0], [1, 2, 3], [4, 5]], [0, 2, 4])
+    sub, _ = make_strategy(cfg).build_submodel(tiny_base.model, lora, plan)
+    base, ours = _frozen_ptrs(tiny_base.model), _frozen_ptrs(sub)
+    assert ours["model.embed_tokens.weight"] == base["model.embed_tokens.weight"]
+    assert ours["model.norm.weight"] == base["model.norm.weight"]
+    assert ours["model.layers.0.self_attn.q_proj.weight"] == base["model.layers.0.self_attn.q_proj.weight"]
+    fused = sub.get_base_model().model.layers[1].self_attn.q_proj.base_layer.weight
+    assert ours["model.layers.1.self_attn.q_proj.weight"] not in base.values()
+    layers = tiny_base.model.model.layers
+    anchor, others = layers[2].self_attn.q_proj.weight, [layers[1].self_attn.q_proj.weight, layers[3].self_attn.q_proj.weight]
+    assert torch.allclose(fused, anchor + 0.2 * sum(o - anchor for o in others))
+
+
+def test_stage_file_round_trips_exactly_and_maps_instead_of_copying(tiny_base, tmp_path):
+    state = frozen_state(tiny_base.model)
+    assert "lm_head.weight" not in state  # tied to the embeddings: stored once
+    size = write_frozen(tmp_path / "s.safetensors", state)
+    assert size == (tmp_path / "s.safetensors").stat().st_size
+    back = read_frozen(tmp_path / "s.safetensors")
+    assert back.keys() == state.keys()
+    assert all(torch.equal(torch.from_numpy(back[k].copy()), state[k]) for k in state)
+    assert all(not a.flags.owndata for a in back.values())  # views of the mapped file
+    from safetensors.torch import load_file  # the file is plain safetensors
+
+    assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["model.norm.weight"], state["model.norm.weight"])

@@ -1,0 +1,139 @@
+"""The Ray executor: real Ray actors on this machine, the tiny model, the real round loop."""
+
+import json
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install -e .[sim]`")
+
+from server_sdk.fleet import QuorumNotReached  # noqa: E402
+from server_sdk.ray_executor import RaySettings, ray_executor_factory  # noqa: E402
+from server_sdk.rounds import run  # noqa: E402
+
+METRICS = ("stage", "round", "clients", "train_loss", "eval_loss", "per_task", "bytes_down", "bytes_up",
+           "stage_download_bytes", "client_samples")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the module (the executor leaves a Ray it did not start running)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _metrics(report: dict) -> str:
+    """The report's metrics as JSON text: exact float comparison, and a NaN equals a NaN."""
+    return json.dumps([{k: r.get(k) for k in METRICS} for r in report["records"]])
+
+
+def _adapter(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _kill_once(at_call: int, worker: int = 0):
+    """after_submit hook: kill one worker while the `at_call`-th round's tasks are in flight."""
+    calls = {"n": 0}
+
+    def hook(workers):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            ray.kill(workers[worker])
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def in_process_run(tiny_base, tiny_cfg, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("inproc") / "run"
+    report = run(tiny_cfg(strategy="devft", torch_threads=1), run_dir, base=tiny_base, progress=False)
+    return run_dir, report
+
+
+def test_ray_run_is_bit_identical_to_in_process(local_ray, in_process_run, tiny_base, tiny_cfg, tmp_path):
+    ref_dir, ref = in_process_run
+    report = run(tiny_cfg(strategy="devft", torch_threads=1), tmp_path / "ray", base=tiny_base, progress=False,
+                 executor_factory=ray_executor_factory(RaySettings(workers=2)))
+    assert _metrics(report) == _metrics(ref)
+    ours, theirs = _adapter(tmp_path / "ray"), _adapter(ref_dir)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_killed_worker_round_aggregates_the_survivor(local_ray, tiny_base, tiny_cfg, tmp_path):
+    report = run(tiny_cfg(strategy="devft", torch_threads=1), tmp_path / "run", base=tiny_base, progress=False,
+                 executor_factory=ray_executor_factory(RaySettings(workers=2, quorum=0.5), after_submit=_kill_once(1)))
+    rounds = [r for r in report["records"] if r["stage"] >= 0]
+    assert len(rounds) == 3
+    assert len(rounds[0]["clients"]) == 2 and len(rounds[0]["client_samples"]) == 1  # one of two answered
+    # the dead worker was replaced: later rounds have both clients again
+    assert [len(r["client_samples"]) for r in rounds[1:]] == [2, 2]
+
+
+def test_killed_worker_below_quorum_fails_clearly_and_resumes(local_ray, in_process_run, tiny_base, tiny_cfg,
+                                                              tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg(strategy="devft", torch_threads=1)
+    with pytest.raises(QuorumNotReached, match=r"1 of 2 sampled clients answered, quorum is 2.*--resume"):
+        run(cfg, run_dir, base=tiny_base, progress=False,
+            executor_factory=ray_executor_factory(RaySettings(workers=2, quorum=1.0), after_submit=_kill_once(2)))
+    meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
+    assert (meta["stage"], meta["next_round"]) == (1, 0)  # the failed round (stage 1, round 0) is not in it
+    report = run(cfg, run_dir, resume=True, base=tiny_base, progress=False,
+                 executor_factory=ray_executor_factory(RaySettings(workers=2, quorum=1.0)))
+    ref_dir, ref = in_process_run
+    assert _metrics(report) == _metrics(ref)
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(run_dir).values(), _adapter(ref_dir).values()))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="workers=0"):
+        RaySettings(workers=0).validate()
+    with pytest.raises(ValueError, match="quorum=1.5"):
+        RaySettings(quorum=1.5).validate()
+
+
+def test_cli_runs_on_ray_and_refuses_ray_options_without_it(local_ray, tmp_path, capsys):
+    from server_sdk.cli import main
+
+    tiny = ["--model", "tiny-random-L4", "-o", "stages=[2, 4]", "-o", "rounds_per_stage=1", "-o", "num_clients=2",
+            "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=64", "-o", "lora.r=2",
+            "-o", "data.examples_per_client=4", "-o", "data.eval_examples_per_task=1", "-o", "accuracy_every=never"]
+    assert main(["run", *tiny, "--name", "r", "--runs-dir", str(tmp_path), "--quiet", "--executor", "ray",
+                 "--workers", "2"]) == 0
+    assert "fine-tuned" in capsys.readouterr().out
+    assert main(["run", *tiny, "--name", "x", "--runs-dir", str(tmp_path), "--workers", "2"]) == 2
+    assert "--workers and --ray-address need --executor ray" in capsys.readouterr().err
+    assert main(["run", *tiny, "--name", "y", "--runs-dir", str(tmp_path), "--executor", "ray", "--workers", "0"]) == 2
+    assert "workers=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_round_deadline_counts_slow_clients_as_missing_and_replaces_their_workers(local_ray, tiny_base, tiny_cfg,
+                                                                                tmp_path):
+    from server_sdk.ray_executor import RayExecutor
+    from server_sdk.rounds import prepare_data
+    from server_sdk.strategies import make_strategy
+
+    cfg = tiny_cfg(strategy="fedit", torch_threads=1)
+    clients, _ = prepare_data(cfg, tiny_base, tmp_path)
+    strategy = make_strategy(cfg)
+    ex = RayExecutor(cfg, tiny_base.tokenizer, clients, RaySettings(workers=2, quorum=0.5, round_timeout_s=1e-3))
+    try:
+        from server_sdk.lora import attach_lora, read_lora
+        from server_sdk.submodel import copy_model
+
+        lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+        plan, _ = strategy.configure_stage(0, tiny_base.model, lora, tiny_base.n_layers)
+        sub, init = strategy.build_submodel(tiny_base.model, lora, plan)
+        ex.begin_stage(0, plan, sub)
+        with pytest.raises(QuorumNotReached, match=r"0 of 2 sampled clients answered"):
+            ex.train_round(0, 0, [0, 1], init, strategy.is_trainable, {0: 1, 1: 2})
+        # with time to answer, the replaced workers train the stage again
+        ex.settings.round_timeout_s = None
+        results = ex.train_round(0, 1, [0, 1], init, strategy.is_trainable, {0: 1, 1: 2})
+        assert [r.client for r in results] == [0, 1]
+    finally:
+        ex.close()
