@@ -55,6 +55,7 @@ from edge_runtime.transfer import ArtifactCache, FetchError
 log = logging.getLogger("devft.edge")
 
 BACKENDS = (*FORMATS, "auto")
+PARENT_ENV = "DEVFT_EXIT_WITH_PARENT"  # a pid: stop when it is no longer this process's parent
 
 
 class DeviceError(RuntimeError):
@@ -242,7 +243,12 @@ class Device:
             self.client.close()
 
     def _loop(self) -> int:
+        # a device of a local fleet (`devft run --fleet local:N`) ends with its coordinator, even a killed one
+        parent = int(os.environ.get(PARENT_ENV, "0") or 0)
         while not self._stop.is_set():
+            if parent and os.getppid() != parent:
+                log.warning("%s: the coordinator process %d is gone; stopping", self.device_id, parent)
+                return 1
             try:
                 msg = self._controls.get(timeout=0.5)
             except queue.Empty:

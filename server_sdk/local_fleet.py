@@ -95,6 +95,7 @@ class LocalFleet:
         cmd = [sys.executable, "-c", python_code, *args] if python_code else \
             [sys.executable, "-m", "edge_runtime.client", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "DEVFT_EXIT_WITH_PARENT": str(os.getpid()),  # devices stop if this coordinator dies
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         with open(ddir / "device.log", "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ddir))

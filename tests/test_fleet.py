@@ -737,3 +737,48 @@ def test_ffa_lora_over_the_fleet_trains_only_B(tiny4, tmp_path):
     assert set(final) == set(initial)
     for k in final:
         assert torch.equal(final[k], initial[k]) == ("lora_A" in k), k
+
+
+ORPHAN_PARENT = """
+import sys, time
+from server_sdk.local_fleet import LocalFleet
+fleet = LocalFleet(sys.argv[1], 1)
+broker = fleet.start_broker()
+device = fleet.start_device("dev-000", sys.argv[2], "orphanrun")
+print(device.pid, broker.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_local_fleet_devices_stop_when_their_coordinator_is_killed(tmp_path):
+    """`kill -9` of the coordinator must not leave device processes waiting for control messages forever."""
+    import signal
+    import subprocess
+    import sys
+
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text(json.dumps({"prompt": "Q: 1+1?", "completion": "2"}) + "\n")
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_PARENT, str(tmp_path / "fleet"), str(shard)],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    device_pid, broker_pid = map(int, parent.stdout.readline().split())
+    try:
+        log = tmp_path / "fleet" / "devices" / "dev-000" / "device.log"
+        wait_for(lambda: log.exists() and "connected" in log.read_text(), 60, "the device to connect")
+        parent.kill()
+        parent.wait(10)
+
+        def gone() -> bool:
+            try:
+                os.kill(device_pid, 0)
+            except ProcessLookupError:
+                return True
+            return Path(f"/proc/{device_pid}/stat").read_text().split()[2] == "Z"
+
+        wait_for(gone, 15, "the orphaned device to stop")
+        assert "coordinator process" in log.read_text()
+    finally:
+        for pid in (device_pid, broker_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
