@@ -557,45 +557,48 @@ class UpdateMessage:
 
 
 def encode_update(msg: UpdateMessage) -> bytes:
-    check_name("run_id", msg.run_id)
     check_name("device_id", msg.device_id)
-    header = {
-        "version": msg.version,
-        "kind": "update",
-        "run_id": msg.run_id,
-        "stage": msg.stage,
-        "round": msg.round,
-        "device_id": msg.device_id,
-        "nonce": msg.nonce,
-        "num_samples": msg.num_samples,
-        "metrics": msg.metrics,
-        "telemetry": msg.telemetry,
-    }
-    data = frame(header, encode_tensors(msg.tensors))
-    if len(data) > MAX_UPDATE_BYTES:
-        raise ProtocolError(f"update is {len(data)} bytes, over {MAX_UPDATE_BYTES}; send a smaller adapter")
-    return data
+    fields = {"device_id": msg.device_id, "nonce": msg.nonce, "num_samples": msg.num_samples,
+              "metrics": msg.metrics, "telemetry": msg.telemetry}
+    return _encode_framed("update", msg, fields, msg.tensors, "; send a smaller adapter")
 
 
 def decode_update(data: bytes) -> UpdateMessage:
-    what = "update message"
-    header, body = unframe(data, what)
-    if header.get("kind") != "update":
-        raise ProtocolError(f"{what} header kind is {header.get('kind')!r}, expected 'update'")
+    header, common, what = _decode_framed(data, "update")
     nonce = _require(header, what, "nonce", str)
     if not 8 <= len(nonce) <= 128:
         raise ProtocolError(f"{what} nonce must be 8-128 characters, got {len(nonce)}")
     return UpdateMessage(
-        run_id=check_name("run_id", _require(header, what, "run_id", str)),
-        stage=_require(header, what, "stage", int),
-        round=_require(header, what, "round", int),
+        **common,
         device_id=check_name("device_id", _require(header, what, "device_id", str)),
         nonce=nonce,
         num_samples=_require(header, what, "num_samples", int),
-        tensors=decode_tensors(body),
-        metrics=_optional(header, what, "metrics", dict, {}),
         telemetry=_optional(header, what, "telemetry", dict, {}),
     )
+
+
+def _encode_framed(kind: str, msg: Any, fields: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+                   hint: str = "") -> bytes:
+    """A framed message of `kind` (update, global): the shared header fields, `fields`, then the tensors."""
+    check_name("run_id", msg.run_id)
+    header = {"version": msg.version, "kind": kind, "run_id": msg.run_id, "stage": msg.stage, "round": msg.round,
+              **fields}
+    data = frame(header, encode_tensors(tensors))
+    if len(data) > MAX_UPDATE_BYTES:
+        raise ProtocolError(f"{kind} message is {len(data)} bytes, over {MAX_UPDATE_BYTES}{hint}")
+    return data
+
+
+def _decode_framed(data: bytes, kind: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(header, the fields every framed message has, a name for errors) of a framed message of `kind`."""
+    what = f"{kind} message"
+    header, body = unframe(data, what)
+    if header.get("kind") != kind:
+        raise ProtocolError(f"{what} header kind is {header.get('kind')!r}, expected {kind!r}")
+    common = {"run_id": check_name("run_id", _require(header, what, "run_id", str)),
+              "stage": _require(header, what, "stage", int), "round": _require(header, what, "round", int),
+              "tensors": decode_tensors(body), "metrics": _optional(header, what, "metrics", dict, {})}
+    return header, common, what
 
 
 @dataclass(frozen=True)
@@ -611,33 +614,11 @@ class GlobalMessage:
 
 
 def encode_global(msg: GlobalMessage) -> bytes:
-    check_name("run_id", msg.run_id)
-    header = {
-        "version": msg.version,
-        "kind": "global",
-        "run_id": msg.run_id,
-        "stage": msg.stage,
-        "round": msg.round,
-        "metrics": msg.metrics,
-    }
-    data = frame(header, encode_tensors(msg.tensors))
-    if len(data) > MAX_UPDATE_BYTES:
-        raise ProtocolError(f"global message is {len(data)} bytes, over {MAX_UPDATE_BYTES}")
-    return data
+    return _encode_framed("global", msg, {"metrics": msg.metrics}, msg.tensors)
 
 
 def decode_global(data: bytes) -> GlobalMessage:
-    what = "global message"
-    header, body = unframe(data, what)
-    if header.get("kind") != "global":
-        raise ProtocolError(f"{what} header kind is {header.get('kind')!r}, expected 'global'")
-    return GlobalMessage(
-        run_id=check_name("run_id", _require(header, what, "run_id", str)),
-        stage=_require(header, what, "stage", int),
-        round=_require(header, what, "round", int),
-        tensors=decode_tensors(body),
-        metrics=_optional(header, what, "metrics", dict, {}),
-    )
+    return GlobalMessage(**_decode_framed(data, "global")[1])
 
 
 # --------------------------------------------------------------------------- validation
