@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ import onnx
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 from export import naming
-from export.common import copy_tokenizer, json_config, shape_key
+from export.common import shape_key
 from export.ort import export_ort_artifacts
-from export.publish import publish
+from export.publish import publish_stage, staging
 
 GRAPHS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 CHECKPOINT = "checkpoint"
@@ -82,27 +81,15 @@ def export_stage_cached(
     seq_len: int = DEFAULT_SEQ_LEN,
 ) -> Path:
     """Same directory as `export_ort_artifacts`, reusing a cached export of the same model shape."""
-    out_dir = Path(out_dir).resolve()
     template = Path(template_root) / template_key(peft_model, optimizer=optimizer, seq_len=seq_len)
     if not (template / MANIFEST_NAME).is_file():
         template.parent.mkdir(parents=True, exist_ok=True)
         export_ort_artifacts(peft_model, template, optimizer=optimizer, seq_len=seq_len)
     manifest = load_manifest(template)
     trainable, frozen = _checkpoint_names(template / CHECKPOINT)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staging(out_dir) as (out, build):
         for name in GRAPHS:
             shutil.copyfile(template / name, build / name)
         write_checkpoint(peft_model, build / CHECKPOINT, trainable, frozen)
-        if tokenizer_dir is not None:
-            manifest.chat_template = copy_tokenizer(tokenizer_dir, build)
-            manifest.tokenizer_file = "tokenizer.json"
-        manifest.run_id, manifest.stage = run_id, stage
-        manifest.model_config = json_config(peft_model)
-        manifest.groups = [list(map(int, g)) for g in groups or []]
-        manifest.anchors = [int(a) for a in anchors or []]
-        publish(build, out_dir, manifest)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return out_dir
+        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
+                             anchors=anchors, tokenizer_dir=tokenizer_dir)

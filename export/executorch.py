@@ -35,8 +35,6 @@ everything that touches it is in `_joint_program`, so an API change touches one 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -48,9 +46,9 @@ import torch.nn.functional as F
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import copy_tokenizer, eager_attention, json_config
+from export.common import eager_attention
 from export.ort import check_exportable
-from export.publish import publish
+from export.publish import publish_stage, staging
 
 IGNORE_INDEX = -100
 PROGRAM = "model.pte"
@@ -251,39 +249,18 @@ def export_executorch_artifacts(
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     _check_size(peft_model)
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staging(out_dir) as (out, build):
         program, order = lower(peft_model, max_batch=max_batch, seq_len=seq_len)
         _check_trainable(program, peft_model)
         _write_program(program, build)
-        if tokenizer_dir is not None:
-            saved_template = copy_tokenizer(tokenizer_dir, build)
-            chat_template = chat_template if chat_template is not None else saved_template
         state = peft_model.state_dict()
-        manifest = Manifest(
-            run_id=run_id,
-            stage=stage,
-            backend="executorch",
-            model_config=json_config(peft_model),
-            trainable=[
-                TensorSpec(naming.to_artifact_name(n), n, tuple(state[n].shape), str(state[n].dtype).removeprefix("torch."))
-                for n in order
-            ],
-            inputs=list(INPUTS),
-            seq_len=seq_len,
-            groups=[list(map(int, g)) for g in groups or []],
-            anchors=[int(a) for a in anchors or []],
-            versions={**_versions(), "max_batch": max_batch, "min_seq_len": MIN_SEQ_LEN},
-            optimizer="sgd",
-            tokenizer_file="tokenizer.json" if tokenizer_dir is not None else None,
-            chat_template=chat_template,
-        )
-        publish(build, out_dir, manifest)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return out_dir
+        trainable = [TensorSpec(naming.to_artifact_name(n), n, tuple(state[n].shape),
+                                str(state[n].dtype).removeprefix("torch.")) for n in order]
+        manifest = Manifest(run_id="", stage=0, backend="executorch", model_config={}, trainable=trainable,
+                            inputs=list(INPUTS), seq_len=seq_len, optimizer="sgd",
+                            versions={**_versions(), "max_batch": max_batch, "min_seq_len": MIN_SEQ_LEN})
+        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
+                             anchors=anchors, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
 
 
 import_trained_lora = naming.load_lora_into_peft  # the same import-back as ORT's: one name mapping

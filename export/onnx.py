@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -52,8 +51,8 @@ from safetensors.numpy import save_file
 from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import copy_tokenizer, eager_attention, json_config, shape_key
-from export.publish import publish
+from export.common import eager_attention, json_config, shape_key
+from export.publish import publish, publish_stage, staging
 
 FORMAT = "onnx"
 TRAIN_GRAPH = "train.onnx"
@@ -367,18 +366,14 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int) -> Path:
     ep, lora = trace_training_graph(peft_model, seq_len)
     model = to_onnx(ep, lora)
     del ep
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staging(out_dir) as (out, build):
         externalize_weights(model, build / WEIGHTS_DIR)
         onnx.save(model, str(build / TRAIN_GRAPH))
         onnx.save(prune_to_outputs(model, [LOSS]), str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
                             trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
                             versions=_versions(model), optimizer="adamw")
-        publish(build, out_dir, manifest)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return out_dir
+        return publish(build, out, manifest)
 
 
 def export_onnx_artifacts(
@@ -401,31 +396,20 @@ def export_onnx_artifacts(
     from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 
     check_exportable(peft_model, seq_len)
-    out_dir = Path(out_dir).resolve()
     template = Path(template_root) / template_key(peft_model, seq_len=seq_len)
     if not (template / MANIFEST_NAME).is_file():
         template.parent.mkdir(parents=True, exist_ok=True)
         export_template(peft_model, template, seq_len=seq_len)
     manifest = load_manifest(template, verify_hashes=False)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    manifest.optimizer = optimizer
+    with staging(out_dir) as (out, build):
         for name in (TRAIN_GRAPH, EVAL_GRAPH):
             shutil.copyfile(template / name, build / name)
         restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build)
         lora = {t.peft_name: peft_model.state_dict()[t.peft_name].detach().cpu().numpy() for t in manifest.trainable}
         save_file(lora, str(build / INITIAL_LORA))
-        if tokenizer_dir is not None:
-            manifest.chat_template = copy_tokenizer(tokenizer_dir, build)
-            manifest.tokenizer_file = "tokenizer.json"
-        manifest.run_id, manifest.stage, manifest.optimizer = run_id, stage, optimizer
-        manifest.model_config = json_config(peft_model)
-        manifest.groups = [list(map(int, g)) for g in groups or []]
-        manifest.anchors = [int(a) for a in anchors or []]
-        publish(build, out_dir, manifest)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return out_dir
+        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
+                             anchors=anchors, tokenizer_dir=tokenizer_dir)
 
 
 def import_trained_lora(peft_model: Any, trained: Mapping[str, np.ndarray]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -33,8 +32,8 @@ import torch
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import copy_tokenizer, eager_attention, json_config
-from export.publish import publish
+from export.common import eager_attention
+from export.publish import publish_stage, staging
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt tokens: assistant-only loss)
 OPTIMIZER_IR_VERSION = 10  # onnx 1.23 writes IR 14 for the optimizer graph; ORT 1.19 reads at most 10
@@ -213,36 +212,16 @@ def export_ort_artifacts(
     """
     check_exportable(peft_model, optimizer, seq_len)
     _check_size(peft_model)
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staging(out_dir) as (out, build):
         with tempfile.TemporaryDirectory() as work, contextlib.chdir(work):
             model = export_onnx(peft_model, Path(work) / "model.onnx", seq_len=seq_len, opset=opset)
             trainable, frozen = split_parameters(model, peft_model)
             generate(model, build, trainable, frozen, optimizer)
-        if tokenizer_dir is not None:
-            saved_template = copy_tokenizer(tokenizer_dir, build)
-            chat_template = chat_template if chat_template is not None else saved_template
-        manifest = Manifest(
-            run_id=run_id,
-            stage=stage,
-            backend="ort",
-            model_config=json_config(peft_model),
-            trainable=_trainable_specs(model, trainable),
-            inputs=list(INPUTS),
-            seq_len=seq_len,
-            groups=[list(map(int, g)) for g in groups or []],
-            anchors=[int(a) for a in anchors or []],
-            versions=_versions(model, opset),
-            optimizer=optimizer,
-            tokenizer_file="tokenizer.json" if tokenizer_dir is not None else None,
-            chat_template=chat_template,
-        )
-        publish(build, out_dir, manifest)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return out_dir
+        manifest = Manifest(run_id="", stage=0, backend="ort", model_config={}, seq_len=seq_len,
+                            trainable=_trainable_specs(model, trainable), inputs=list(INPUTS),
+                            versions=_versions(model, opset), optimizer=optimizer)
+        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
+                             anchors=anchors, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
 
 
 def import_trained_lora(peft_model: Any, trained: Mapping[str, np.ndarray]) -> None:

@@ -1,15 +1,49 @@
-"""The last step of every export: write the manifest and swap the finished directory into place.
+"""The last step of every export: stamp the manifest with where the submodel comes from, then swap the
+finished directory into place.
 
-Artifacts are built in a temporary directory beside `out_dir` and renamed into place at the
-end, so a device, a cache or a coordinator never sees a half-written artifact directory."""
+Artifacts are built in a temporary directory beside `out_dir` (`staging`) and renamed into place at the
+end (`publish`), so a device, a cache or a coordinator never sees a half-written artifact directory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.manifest import Manifest, write_manifest
+from export.common import copy_tokenizer, json_config
+
+
+@contextlib.contextmanager
+def staging(out_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, Path]]:
+    """(resolved out_dir, an empty build directory beside it); the build directory is gone afterwards."""
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield out, build
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def publish_stage(build: Path, out_dir: Path, manifest: Manifest, peft_model: Any, *, run_id: str = "",
+                  stage: int = 0, groups: Sequence[Sequence[int]] | None = None,
+                  anchors: Sequence[int] | None = None, tokenizer_dir: str | os.PathLike[str] | None = None,
+                  chat_template: str | None = None) -> Path:
+    """Record run, stage, layer groups, the model config and the tokenizer in `manifest`, then publish."""
+    if tokenizer_dir is not None:
+        saved_template = copy_tokenizer(tokenizer_dir, build)
+        manifest.chat_template = chat_template if chat_template is not None else saved_template
+        manifest.tokenizer_file = "tokenizer.json"
+    manifest.run_id, manifest.stage = run_id, stage
+    manifest.model_config = json_config(peft_model)
+    manifest.groups = [list(map(int, g)) for g in groups or []]
+    manifest.anchors = [int(a) for a in anchors or []]
+    return publish(build, out_dir, manifest)
 
 
 def publish(build: Path, out_dir: Path, manifest: Manifest) -> Path:
