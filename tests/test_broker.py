@@ -225,7 +225,9 @@ def test_one_round_over_the_wire(fleet, broker, clients):
     adapter = {"l0.lora_A": rng.standard_normal((2, 8)).astype(np.float32)}
     server = clients(fleet.server)
     server.subscribe(P.update_topic(RUN, "+"))
-    control = P.ControlMessage(run_id=RUN, stage=0, round=1, state="train", sampled_clients=("dev1",))
+    hyper = P.TrainSettings(lr=1e-3, local_steps=1, batch_size=1, trainable=("a",), seeds={"dev1": 0}, session="s")
+    control = P.ControlMessage(run_id=RUN, stage=0, round=1, state="train", sampled_clients=("dev1",),
+                               hyperparams=hyper)
     server.publish(P.control_topic(RUN), P.encode_control(control), retain=True, wait_s=5)
     glob = P.GlobalMessage(run_id=RUN, stage=0, round=1, tensors=adapter)
     server.publish(P.global_topic(RUN, 1), P.encode_global(glob), retain=True, wait_s=5)
