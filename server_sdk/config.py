@@ -240,8 +240,8 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 TASK_NAMES = frozenset(TASKS)
 # fields added after the first benchmark runs were cached, with their defaults (RunConfig.identity)
-ADDED_LATER: dict[str, Any] = {"schedule": "fixed", "schedule_expected_gain": 0.05, "heal": "none", "heal_steps": 60,
-                               "heal_lr": 3e-4, "heal_examples": 64}
+ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
+                               "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64}
 
 
 def check_choice(name: str, value: Any, options: Iterable[str]) -> None:
