@@ -82,9 +82,9 @@ def heal_submodel(sub: PeftModel, full_model: LlamaForCausalLM, full_lora: LoraS
     batches = []
     with torch.no_grad():
         for b in range(0, len(prompts), batch_size):
-            ids, _ = collate([(p, [-100] * len(p)) for p in prompts[b:b + batch_size]], pad_id)
-            ids = torch.from_numpy(ids)
-            mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(p) for p in prompts[b:b + batch_size]])[:, None]).long()
+            chunk = prompts[b:b + batch_size]
+            ids = torch.from_numpy(collate([(p, [-100] * len(p)) for p in chunk], pad_id)[0])
+            mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(p) for p in chunk])[:, None]).long()
             batches.append((ids, mask, _final_hidden(teacher, ids, mask)))
     del teacher
     inner = sub.get_base_model()
