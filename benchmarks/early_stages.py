@@ -28,6 +28,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -99,9 +100,10 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None) 
     run_dir = CACHE / f"early-{key}"
     resume = (run_dir / "checkpoint").exists()
     if run_dir.exists() and not resume:
-        import shutil
-
         shutil.rmtree(run_dir)
+    if not resume and base_model is not None:  # every run of one seed shares its data: generate it once
+        shared = _shared_data(cfg, base_model)
+        shutil.copytree(shared / "data", run_dir / "data")
     c0, t0 = time.process_time(), time.perf_counter()
     out = run(cfg, run_dir, resume=resume, base=base_model, progress=False, stop_after_rounds=stop_after)
     state = RunState.load(run_dir)
@@ -115,6 +117,17 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None) 
     tmp.write_text(json.dumps(compact) + "\n")
     tmp.replace(kept)
     return compact
+
+
+def _shared_data(cfg: RunConfig, base_model) -> Path:
+    """Client shards and held-out set for this data config and seed, made once (reasoning-gym's
+    generators take minutes on a busy machine) under CACHE/data-<hash>/data."""
+    from server_sdk.rounds import prepare_data
+
+    ident = {"data": cfg.to_dict()["data"], "num_clients": cfg.num_clients, "seed": cfg.seed, "model": cfg.model}
+    shared = CACHE / f"data-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]}"
+    prepare_data(cfg, base_model, shared)
+    return shared
 
 
 def _final_loss(rep: dict) -> float:
