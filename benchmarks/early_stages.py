@@ -69,7 +69,8 @@ def base_config(profile: str, partition: str = "task") -> RunConfig:
                         accuracy_every="stage" if profile == "full" else "never",
                         data=DataSettings(eval_examples_per_task=64))
     cfg.data.partition = partition
-    cfg.eval_every = cfg.rounds_per_stage if isinstance(cfg.rounds_per_stage, int) else 1  # stage ends only
+    # screens evaluate at stage ends only; whole runs every round, for time-to-target
+    cfg.eval_every = 1 if profile == "full" else cfg.rounds_per_stage
     return cfg
 
 
