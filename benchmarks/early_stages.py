@@ -216,15 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_base_model(base.model)
     link = Link()
     fedit: dict[int, dict] = {}
-    summaries = []
-    for seed in range(args.seeds):
+    reps: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in range(args.seeds):  # seed-major: an interrupted matrix has every variant at the first seeds
         if not args.no_fedit:
             fedit[seed] = run_one("fedit", variant_config(base, "fedit", seed), stop, model)
-    if fedit:
-        summaries.append(summarize("fedit", list(fedit.values()), fedit, full, link))
-    for name in names:
-        reps = [run_one(name, variant_config(base, name, seed), stop, model) for seed in range(args.seeds)]
-        summaries.append(summarize(name, reps, fedit, full, link))
+        for name in names:
+            reps[name].append(run_one(name, variant_config(base, name, seed), stop, model))
+    summaries = [summarize("fedit", list(fedit.values()), fedit, full, link)] if fedit else []
+    summaries += [summarize(name, reps[name], fedit, full, link) for name in names]
     tag = "" if args.profile == "screen" else f"-{args.profile}"
     tag += "" if args.partition == "task" else f"-{args.partition}"
     out_path = RESULTS / f"early-stages{tag}.json"
