@@ -49,7 +49,7 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "heal=hidden": {"heal": "hidden"},
     "heal=logits": {"heal": "logits"},
-    "heal=hidden,steps=200": {"heal": "hidden", "heal_steps": 200},
+    "heal=hidden/200steps": {"heal": "hidden", "heal_steps": 200},
     "first-last": {"grouping": "first-last", "anchor": "last", "fusion": "select", "transfer": "anchor"},
     "first-last+heal=hidden": {"grouping": "first-last", "anchor": "last", "fusion": "select", "transfer": "anchor",
                                "heal": "hidden"},
