@@ -93,6 +93,9 @@ def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base,
     assert report["stage_transfer"][1]["loss_change"] == pytest.approx(evaluated[-1] - evaluated[1])
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
     assert saved["stage_transfer"] == report["stage_transfer"]
+    from server_sdk.report import summary_text
+
+    assert "full-model eval loss change per small stage: 2 layers" in summary_text(report, tmp_path / "a")
     cut = run(cfg, tmp_path / "b", base=tiny_base, progress=False, stop_after_rounds=2)
     assert cut["interrupted"]
     resumed = run(cfg, tmp_path / "b", base=tiny_base, progress=False, resume=True)
