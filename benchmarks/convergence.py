@@ -49,7 +49,7 @@ class Job:
 
     @property
     def key(self) -> str:
-        blob = json.dumps(self.cfg.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(self.cfg.identity(), sort_keys=True).encode()
         return f"{self.cfg.strategy}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 

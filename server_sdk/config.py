@@ -67,6 +67,13 @@ class RunConfig:
     fusion: str = "differential"
     anchor: str = "medoid"
     transfer: str = "copy"
+    # issue #12 hypotheses, each one value away from the paper's method ("fixed", "none"):
+    schedule: str = "fixed"  # fixed: rounds_per_stage as given | auto: end a stage whose transfer stops paying
+    schedule_expected_gain: float = 0.05  # auto: relative loss drop a full-model round is expected to buy
+    heal: str = "none"  # none | hidden | logits: distil the fused submodel toward the full model before a stage
+    heal_steps: int = 60  # server optimisation steps of the heal, per stage
+    heal_lr: float = 3e-4
+    heal_examples: int = 64  # generic task prompts (no client data) the heal distils on
     data: DataSettings = field(default_factory=DataSettings)
     eval_every: int = 1  # held-out loss every N rounds (and at every stage end)
     accuracy_every: str = "stage"  # exact-match generation: every eval "round", at "stage" ends, at the "end", "never"
@@ -78,6 +85,11 @@ class RunConfig:
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """to_dict() without the fields added after runs were first cached by config hash, where they
+        hold their defaults: an old run's hash (benchmarks' cache keys) stays what it was."""
+        return {k: v for k, v in self.to_dict().items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -156,6 +168,17 @@ class RunConfig:
         check_choice("data.partition", self.data.partition, PARTITIONS)
         check_choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        from .heal import HEALS
+        from .schedule import SCHEDULES
+
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("heal", self.heal, HEALS)
+        if not isinstance(self.schedule_expected_gain, (int, float)) or not 0 < self.schedule_expected_gain < 1:
+            raise ConfigError(f"schedule_expected_gain={self.schedule_expected_gain!r} must lie in (0, 1), e.g. 0.05")
+        if not isinstance(self.heal_lr, (int, float)) or not 0 < self.heal_lr < 1:
+            raise ConfigError(f"heal_lr={self.heal_lr!r} must be a number in (0, 1), e.g. 3e-4")
+        _positive_int("heal_steps", self.heal_steps)
+        _positive_int("heal_examples", self.heal_examples)
         for name in ("num_clients", "clients_per_round", "local_steps", "batch_size", "eval_every",
                      "gen_max_new_tokens"):
             _positive_int(name, getattr(self, name))
@@ -216,6 +239,9 @@ TASKS: dict[str, dict[str, Any]] = {
     "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 2, "max_value": 60},
 }
 TASK_NAMES = frozenset(TASKS)
+# fields added after the first benchmark runs were cached, with their defaults (RunConfig.identity)
+ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
+                               "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64}
 
 
 def check_choice(name: str, value: Any, options: Iterable[str]) -> None:

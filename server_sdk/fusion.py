@@ -44,7 +44,12 @@ def first_anchor(group: Sequence[int], similarity: np.ndarray) -> int:
     return group[0]
 
 
-ANCHORS: dict[str, AnchorRule] = {"medoid": medoid_anchor, "first": first_anchor}
+def last_anchor(group: Sequence[int], similarity: np.ndarray) -> int:
+    """The deepest member (with `first-last` grouping: the model's last layer stands for the tail)."""
+    return group[-1]
+
+
+ANCHORS: dict[str, AnchorRule] = {"medoid": medoid_anchor, "first": first_anchor, "last": last_anchor}
 
 
 def choose_anchor(group: Sequence[int], similarity: np.ndarray, rule: str = "medoid") -> int:
@@ -100,4 +105,6 @@ def transfer_delta(own: torch.Tensor, trained: torch.Tensor, initial: torch.Tens
     return own + (trained - initial)
 
 
-TRANSFERS: dict[str, TransferRule] = {"copy": transfer_copy, "delta": transfer_delta}
+# "anchor": only each group's anchor takes the trained tensors, the other members keep theirs
+# (the strategy narrows the groups to their anchors, then copies: strategies/devft.py)
+TRANSFERS: dict[str, TransferRule] = {"copy": transfer_copy, "delta": transfer_delta, "anchor": transfer_copy}

@@ -70,6 +70,14 @@ def sequential_groups(n: int, k: int) -> Groups:
     return [[int(x) for x in chunk] for chunk in np.array_split(np.arange(n), k)]
 
 
+def first_last_groups(n: int, k: int) -> Groups:
+    """The first k-1 layers alone, then one group of every other layer (with the `last` anchor and
+    `select` fusion: a submodel of the first k-1 layers plus the last one, the contiguous layers
+    that layer-pruning studies find keep a model's output closest; issue #12)."""
+    _check_k(n, k)
+    return [[i] for i in range(k - 1)] + [list(range(k - 1, n))]
+
+
 def sort_groups(groups: Groups) -> Groups:
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
@@ -78,6 +86,7 @@ GROUPINGS: dict[str, GroupingRule] = {
     "deconfliction": lambda similarity, k, seed: spectral_groups(similarity, k, seed=seed),
     "random": lambda similarity, k, seed: random_groups(similarity.shape[0], k, seed=seed),
     "sequential": lambda similarity, k, seed: sequential_groups(similarity.shape[0], k),
+    "first-last": lambda similarity, k, seed: first_last_groups(similarity.shape[0], k),
 }
 
 

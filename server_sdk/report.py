@@ -39,6 +39,10 @@ def summary_text(report: dict, run_dir: Path) -> str:
              f"LoRA traffic: {down / 1e6:.1f} MB down, {up / 1e6:.1f} MB up; client compute "
              f"{sum(sum(r['client_seconds']) for r in recs):.0f} s",
              f"report: {run_dir / 'report.json'}, plots: curves.png, groups.png, adapter: {run_dir / 'adapter'}"]
+    moved = [e for e in report.get("stage_transfer", [])[:-1] if e["loss_change"] is not None]
+    if moved:  # what the small stages taught the full model (issue #12's metric)
+        lines.insert(-1, "full-model eval loss change per small stage: " + ", ".join(
+            f"{e['layers']} layers {e['loss_change']:+.3f} for {e['client_cpu_seconds']:.0f} client CPU s" for e in moved))
     return "\n".join(lines)
 
 

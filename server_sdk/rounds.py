@@ -33,6 +33,7 @@ from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lo
 from .model import BaseModel, describe, load_base_model
 from .progress import phase, round_postfix
 from .report import plot_curves, plot_groups
+from .stage_transfer import stage_transfer
 from .strategies import Strategy, make_strategy
 from .submodel import StagePlan, copy_model
 from .trainer import evaluate
@@ -54,11 +55,13 @@ class RunState:
     records: list[dict] = field(default_factory=list)  # report.json's rows (RoundRecord.to_dict())
     stage_plans: list[dict] = field(default_factory=list)  # report.json's: each stage's plan and similarity
     devices_with_stage: list[int] = field(default_factory=list)
+    rounds: list[int] | None = None  # rounds per stage, once a strategy re-planned them at runtime
 
     def save(self, run_dir: Path) -> None:
         meta = {"stage": self.stage, "next_round": self.next_round,
                 "plan": self.plan.to_dict() if self.plan is not None else None, "records": self.records,
-                "stage_plans": self.stage_plans, "devices_with_stage": self.devices_with_stage}
+                "stage_plans": self.stage_plans, "devices_with_stage": self.devices_with_stage,
+                "rounds": self.rounds}
         tensors = {"full": self.full_lora}
         if self.plan is not None:
             tensors.update(initial=self.stage_initial, **{"global": self.stage_global})
@@ -74,7 +77,7 @@ class RunState:
                    stage_initial=tensors.get("initial", {}), stage_global=tensors.get("global", {}),
                    plan=StagePlan.from_dict(meta["plan"]) if meta["plan"] is not None else None,
                    records=meta["records"], stage_plans=meta["stage_plans"],
-                   devices_with_stage=meta["devices_with_stage"])
+                   devices_with_stage=meta["devices_with_stage"], rounds=meta.get("rounds"))
 
 
 @dataclass
@@ -182,6 +185,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
         torch.set_num_threads(cfg.torch_threads)
     strategy = make_strategy(cfg)
     base = base or load_base_model(cfg.model)
+    strategy.tokenizer = base.tokenizer
     stages = strategy.stage_sizes(base.n_layers)
     rounds = cfg.resolved_rounds(len(stages))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +219,8 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
         log.info("resuming %s at stage %d round %d", loop.run_dir, state.stage, state.next_round)
     elif resume:
         log.warning("no checkpoint in %s: starting from the beginning", loop.run_dir)
+    if state.rounds is not None:  # the strategy re-planned the schedule before the interruption
+        rounds[:] = state.rounds
 
     gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens)
     if not state.records:
@@ -228,11 +234,14 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                disable=not loop.progress)
     rounds_this_call = 0
     for s in range(state.stage, len(stages)):
+        if rounds[s] == 0:  # skipped by the strategy's runtime schedule
+            continue
         if state.plan is None or state.plan.stage != s:
             plan, sim = strategy.configure_stage(s, base.model, state.full_lora, stages[s])
             sub_model, init_sub = strategy.build_submodel(base.model, state.full_lora, plan)
             state.plan, state.stage_initial, state.stage_global = plan, init_sub, init_sub
-            state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None})
+            state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None,
+                                      **strategy.stage_notes(s)})
             checkpoint.save_stage_start(loop.run_dir, s, plan.to_dict(), state.full_lora)
             state.devices_with_stage, state.next_round = [], 0
         else:
@@ -260,7 +269,6 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
             state.next_round = r + 1
 
             metrics = None
-            is_last = s == len(stages) - 1 and r == rounds[s] - 1
             stage_end = r == rounds[s] - 1
             if (r + 1) % cfg.eval_every == 0 or stage_end:
                 projected = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
@@ -280,6 +288,12 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                            for res in results if res.telemetry} or None,
             ).with_metrics(metrics)
             state.records.append(rec.to_dict())
+            if metrics is not None and s < len(stages) - 1:  # the strategy may end this stage now
+                planned = strategy.replan_rounds(s, r, state.records, rounds)
+                if planned != rounds:
+                    rounds[:], state.rounds = planned, list(planned)
+                stage_end = r == rounds[s] - 1
+            is_last = s == len(stages) - 1 and r == rounds[s] - 1
             if stage_end:  # stage done: transfer back into the full model
                 state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
                 state.stage, state.next_round, state.plan = s + 1, 0, None
@@ -291,6 +305,8 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
             if loop.stop_after_rounds is not None and rounds_this_call >= loop.stop_after_rounds and not is_last:
                 bar.close()
                 return {"interrupted": True, "records": state.records}
+            if stage_end:
+                break
     bar.close()
     return _finish(loop, state, eval_model)
 
@@ -303,6 +319,7 @@ def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> dict:
     report = {"config": loop.cfg.to_dict(), "model": describe(loop.base), "strategy": loop.cfg.strategy,
               "stages": loop.stages, "rounds_per_stage": loop.rounds, "stage_plans": state.stage_plans,
               "records": state.records, "before": state.records[0], "after": state.records[-1],
+              "stage_transfer": stage_transfer(state.records),
               "adapter": str(adapter_dir)}
     (loop.run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_curves(report, loop.run_dir / "curves.png")

@@ -25,6 +25,7 @@ from ..trainer import ClientResult
 
 class Strategy(ABC):
     name: str = "base"
+    tokenizer = None  # the base model's tokenizer, for strategies whose server work needs text (heal)
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -43,6 +44,17 @@ class Strategy(ABC):
                        plan: StagePlan) -> tuple[PeftModel, LoraState]:
         """The stage's submodel with its initial LoRA. Without fusion, each group is one layer as it is."""
         return build_submodel(model, full_lora, plan, 0.0, "select", self.cfg.lora)
+
+    def replan_rounds(self, stage: int, stage_round: int, records: list[dict], rounds: list[int]) -> list[int]:
+        """Rounds per stage from now on, asked after every evaluated round of a non-final stage
+        (records end with that round). Returning rounds[stage] == stage_round + 1 ends the stage now;
+        a stage given 0 rounds is skipped. Default: the schedule as configured."""
+        return list(rounds)
+
+    def stage_notes(self, stage: int) -> dict:
+        """Extra facts about the stage just built (e.g. server seconds spent preparing it), kept
+        in report.json's stage_plans."""
+        return {}
 
     def is_trainable(self, name: str) -> bool:
         """Which LoRA tensors clients train and send back."""

@@ -2,14 +2,20 @@
 and differential fusion, with the trained LoRA transferred back to every group member.
 
 The config's `grouping`, `anchor`, `fusion`, `beta` and `transfer` pick the rules from
-their registries (grouping.py, fusion.py); `stages` is the schedule (default: doubling)."""
+their registries (grouping.py, fusion.py); `stages` is the schedule (default: doubling).
+Issue #12's hypotheses are config values too: `heal` (heal.py: distil each fused submodel
+toward the full model before devices train it), `schedule` (schedule.py: `auto` ends a stage
+whose transfer to the full model stops paying) and the `first-last` grouping with the `last`
+anchor, `select` fusion and `anchor` transfer (a submodel of the first layers plus the last)."""
 
 from __future__ import annotations
 
 from ..config import ConfigError
 from ..fusion import choose_anchor
 from ..grouping import make_groups
+from ..heal import heal_prompts, heal_submodel
 from ..lora import scaling
+from ..schedule import SCHEDULES
 from ..similarity import layer_similarity
 from ..submodel import StagePlan, build_submodel, identity_plan, transfer_lora_back
 from .base import Strategy
@@ -27,6 +33,12 @@ def default_schedule(n_layers: int) -> list[int]:
 class DevFT(Strategy):
     name = "devft"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._layers: list[int] = []  # the schedule, once stage_sizes was asked
+        self._notes: dict[int, dict] = {}  # per stage: what healing cost and did
+        self._prompts: list[list[int]] | None = None
+
     def stage_sizes(self, n_layers):
         stages = list(self.cfg.stages) if self.cfg.stages is not None else default_schedule(n_layers)
         if stages[-1] > n_layers:
@@ -34,6 +46,7 @@ class DevFT(Strategy):
         if stages[-1] != n_layers:
             raise ConfigError(f"stages={stages}: the last stage must be the full model ({n_layers} layers); "
                               f"append {n_layers}")
+        self._layers = stages
         return stages
 
     def configure_stage(self, stage, model, full_lora, n_sub_layers):
@@ -49,7 +62,26 @@ class DevFT(Strategy):
         return StagePlan(stage, n_sub_layers, [groups[i] for i in order], [anchors[i] for i in order]), sim
 
     def build_submodel(self, model, full_lora, plan):
-        return build_submodel(model, full_lora, plan, self.cfg.beta, self.cfg.fusion, self.cfg.lora)
+        sub, sub_lora = build_submodel(model, full_lora, plan, self.cfg.beta, self.cfg.fusion, self.cfg.lora)
+        if self.cfg.heal != "none" and plan.n_layers < len(model.model.layers):
+            if self.tokenizer is None:
+                raise ValueError(f"heal={self.cfg.heal!r} needs the tokenizer: set strategy.tokenizer before "
+                                 "building submodels (the round loop does)")
+            if self._prompts is None:
+                self._prompts = heal_prompts(self.tokenizer, self.cfg)
+            self._notes[plan.stage] = heal_submodel(sub, model, full_lora, self._prompts, self.cfg,
+                                                    self.tokenizer.pad_token_id)
+        return sub, sub_lora
+
+    def stage_notes(self, stage):
+        return self._notes.get(stage, {})
+
+    def replan_rounds(self, stage, stage_round, records, rounds):
+        rule = SCHEDULES[self.cfg.schedule]
+        return rule(stage, stage_round, records, rounds, self._layers, self.cfg.schedule_expected_gain)
 
     def finish_stage(self, full_lora, trained, initial, plan):
+        if self.cfg.transfer == "anchor":  # only each group's anchor takes the trained LoRA
+            plan = StagePlan(plan.stage, plan.n_layers, [[a] for a in plan.anchors], plan.anchors)
+            return transfer_lora_back(full_lora, trained, initial, plan, "copy")
         return transfer_lora_back(full_lora, trained, initial, plan, self.cfg.transfer)

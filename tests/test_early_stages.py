@@ -1,0 +1,189 @@
+"""Issue #12: the stage-transfer metric, the auto schedule, healed and first-last submodels, and the
+screening harness (tiny models only)."""
+
+import json
+
+import pytest
+import torch
+
+from server_sdk.config import ConfigError
+from server_sdk.schedule import auto_rounds, fixed_rounds
+from server_sdk.stage_transfer import relative_rate, stage_transfer
+
+
+def _rec(stage, rnd, loss, cpu, layers=4, down=100, up=50):
+    return {"stage": stage, "round": rnd, "layers": layers, "eval_loss": loss, "client_cpu_seconds": list(cpu),
+            "client_seconds": [9.0] * len(cpu), "bytes_down": down, "bytes_up": up}
+
+
+BASE = {"stage": -1, "round": 0, "layers": 6, "eval_loss": 5.0, "client_seconds": [], "bytes_down": 0, "bytes_up": 0}
+
+
+def test_stage_transfer_measures_each_stage_from_the_previous_evaluation():
+    records = [BASE, _rec(0, 1, None, [1.0, 1.0]), _rec(0, 2, 4.8, [2.0, 1.0]),  # stage 0: 5.0 -> 4.8 for 5 s
+               _rec(1, 3, 4.5, [3.0, 3.0], layers=6), _rec(1, 4, None, [1.0, 1.0], layers=6)]  # last round unevaluated
+    out = stage_transfer(records)
+    assert [e["stage"] for e in out] == [0, 1] and [e["layers"] for e in out] == [4, 6]
+    s0, s1 = out
+    assert s0["loss_start"] == 5.0 and s0["loss_end"] == 4.8 and s0["rounds"] == 2
+    assert s0["loss_change"] == pytest.approx(-0.2) and s0["client_cpu_seconds"] == pytest.approx(5.0)
+    assert s0["loss_change_per_client_cpu_s"] == pytest.approx(-0.04) and s0["lora_bytes"] == 300
+    # stage 1 counts cost only up to its last evaluation (a screen stopped mid-stage)
+    assert s1["loss_start"] == 4.8 and s1["loss_end"] == 4.5 and s1["client_cpu_seconds"] == pytest.approx(6.0)
+    assert s1["loss_change_per_client_cpu_s"] == pytest.approx(-0.05) and s1["rounds"] == 2
+    # FedIT bought -0.04/s here: stage 1 is 1.25x FedIT's rate, a stage that made things worse is negative
+    assert relative_rate(s1["loss_change_per_client_cpu_s"], -0.04) == pytest.approx(1.25)
+    assert relative_rate(0.01, -0.04) == pytest.approx(-0.25)
+    assert relative_rate(None, -0.04) is None and relative_rate(-0.1, 0.0) is None
+
+
+def test_stage_transfer_without_evaluations_or_cpu_times():
+    out = stage_transfer([BASE, _rec(0, 1, None, [1.0])])
+    assert out[0]["loss_end"] is None and out[0]["loss_change_per_client_cpu_s"] is None
+    # records without CPU times (old reports) fall back to wall seconds per client
+    rec = _rec(0, 1, 4.0, [1.0])
+    del rec["client_cpu_seconds"]
+    assert stage_transfer([BASE, rec])[0]["client_cpu_seconds"] == pytest.approx(9.0)
+
+
+LAYERS = [4, 8, 16, 30]
+
+
+def test_auto_schedule_jumps_to_the_full_model_when_the_first_round_transfers_nothing():
+    records = [BASE, _rec(0, 1, 4.999, [1.0, 1.0])]  # 0.02% gain, needs 0.05 * 4/30 = 0.67%
+    new = auto_rounds(0, 0, records, [3, 3, 3, 3], LAYERS, 0.05)
+    assert new == [1, 0, 0, 11] and sum(new) == 12
+    assert fixed_rounds(0, 0, records, [3, 3, 3, 3], LAYERS, 0.05) == [3, 3, 3, 3]
+
+
+def test_auto_schedule_keeps_a_paying_stage_and_grows_when_it_stops_paying():
+    paying = [BASE, _rec(0, 1, 4.9, [1.0])]  # 2% gain > 0.67%
+    assert auto_rounds(0, 0, paying, [3, 3, 3, 3], LAYERS, 0.05) == [3, 3, 3, 3]
+    stalled = paying + [_rec(0, 2, 4.899, [1.0])]  # second round: 0.02%
+    assert auto_rounds(0, 1, stalled, [3, 3, 3, 3], LAYERS, 0.05) == [2, 4, 3, 3]
+    # the stage's last round ends it anyway, and the final stage is never re-planned
+    assert auto_rounds(0, 2, stalled, [3, 3, 3, 3], LAYERS, 0.05) == [3, 3, 3, 3]
+    assert auto_rounds(3, 0, stalled, [3, 3, 3, 3], LAYERS, 0.05) == [3, 3, 3, 3]
+
+
+def test_config_validates_the_hypotheses(tiny_cfg):
+    for bad, word in (({"heal": "magic"}, "heal"), ({"schedule": "sometimes"}, "schedule"),
+                      ({"schedule_expected_gain": 1.5}, "schedule_expected_gain"), ({"heal_steps": 0}, "heal_steps"),
+                      ({"grouping": "last-first"}, "grouping")):
+        with pytest.raises(ConfigError, match=word):
+            tiny_cfg(**bad).validate()
+    cfg = tiny_cfg()
+    # fields added later drop out of the benchmarks' cache identity while they hold their defaults
+    assert "heal" not in cfg.identity() and "heal" in tiny_cfg(heal="hidden").identity()
+
+
+def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base, tiny_cfg, tmp_path):
+    """With an expected full-model gain no small stage can match, stage 1 ends after one round and the
+    full model gets every other round; report.json says so, and an interrupted run resumes the plan."""
+    from server_sdk.rounds import run
+
+    cfg = tiny_cfg(schedule="auto", schedule_expected_gain=0.9, rounds_per_stage=2, lr=2e-2)
+    report = run(cfg, tmp_path / "a", base=tiny_base, progress=False)
+    recs = [r for r in report["records"] if r["stage"] >= 0]
+    assert [r["stage"] for r in recs] == [0, 2, 2, 2, 2, 2]
+    assert report["rounds_per_stage"] == [1, 0, 5] and [p["stage"] for p in report["stage_plans"]] == [0, 2]
+    assert [e["stage"] for e in report["stage_transfer"]] == [0, 2]
+    evaluated = [r["eval_loss"] for r in report["records"]]  # eval_every=1: every round evaluated
+    assert report["stage_transfer"][1]["loss_end"] == evaluated[-1]
+    assert report["stage_transfer"][1]["loss_change"] == pytest.approx(evaluated[-1] - evaluated[1])
+    saved = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert saved["stage_transfer"] == report["stage_transfer"]
+    from server_sdk.report import summary_text
+
+    assert "full-model eval loss change per small stage: 2 layers" in summary_text(report, tmp_path / "a")
+    cut = run(cfg, tmp_path / "b", base=tiny_base, progress=False, stop_after_rounds=2)
+    assert cut["interrupted"]
+    resumed = run(cfg, tmp_path / "b", base=tiny_base, progress=False, resume=True)
+    assert [r["eval_loss"] for r in resumed["records"]] == [r["eval_loss"] for r in report["records"]]
+    # the fixed schedule (the paper's) runs every stage as configured
+    fixed = run(tiny_cfg(rounds_per_stage=2, lr=2e-2), tmp_path / "f", base=tiny_base, progress=False)
+    assert fixed["rounds_per_stage"] == [2, 2, 2]
+
+
+def _hidden(model, ids):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        return inner.model(input_ids=ids).last_hidden_state
+
+
+@pytest.mark.parametrize("rule", ["hidden", "logits"])
+def test_heal_moves_the_fused_submodel_toward_the_full_model(tiny_base, tiny_cfg, rule):
+    """The heal trains only the fused layers' frozen weights (LoRA untouched) and brings the submodel's
+    output closer to the full model's on prompts it did not train on."""
+    from server_sdk.heal import heal_prompts
+    from server_sdk.lora import attach_lora, read_lora
+    from server_sdk.strategies import make_strategy
+    from server_sdk.submodel import copy_model
+
+    cfg = tiny_cfg(heal=rule, heal_steps=30, heal_lr=3e-3, heal_examples=16)
+    strategy = make_strategy(cfg)
+    strategy.stage_sizes(tiny_base.n_layers)
+    full_lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+    plan, _ = strategy.configure_stage(0, tiny_base.model, full_lora, 2)
+    plain, _ = make_strategy(tiny_cfg()).build_submodel(tiny_base.model, full_lora, plan)
+    with pytest.raises(ValueError, match="tokenizer"):  # the round loop sets it; a bare strategy has none
+        strategy.build_submodel(tiny_base.model, full_lora, plan)
+    strategy.tokenizer = tiny_base.tokenizer
+    healed, lora = strategy.build_submodel(tiny_base.model, full_lora, plan)
+    notes = strategy.stage_notes(0)
+    assert notes["heal"] == rule and notes["heal_loss_last"] < notes["heal_loss_first"]
+    assert notes["server_cpu_seconds"] > 0
+    assert all(not p.requires_grad for p in healed.parameters())
+    assert all(torch.equal(v, lora[k]) for k, v in read_lora(healed).items())  # the LoRA is the fused one
+    unseen = tiny_cfg(seed=5, heal_examples=8)  # other generator seeds than the heal's
+    prompts = heal_prompts(tiny_base.tokenizer, unseen)
+    n = min(map(len, prompts))
+    ids = torch.tensor([p[:n] for p in prompts])
+    target = _hidden(tiny_base.model, ids)
+    err = lambda m: float(((_hidden(m, ids) - target) ** 2).mean())  # noqa: E731
+    assert err(healed) < 0.9 * err(plain)
+
+
+def test_first_last_submodel_keeps_the_first_layers_and_the_last_and_transfers_to_them_only(tiny_base, tiny_cfg):
+    from server_sdk.grouping import first_last_groups
+    from server_sdk.lora import attach_lora, read_lora
+    from server_sdk.strategies import make_strategy
+    from server_sdk.submodel import copy_model
+
+    assert first_last_groups(6, 3) == [[0], [1], [2, 3, 4, 5]] and first_last_groups(6, 6)[-1] == [5]
+    cfg = tiny_cfg(grouping="first-last", anchor="last", fusion="select", transfer="anchor")
+    strategy = make_strategy(cfg)
+    full_lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+    plan, _ = strategy.configure_stage(0, tiny_base.model, full_lora, 3)
+    assert plan.groups == [[0], [1], [2, 3, 4, 5]] and plan.anchors == [0, 1, 5]
+    sub, init = strategy.build_submodel(tiny_base.model, full_lora, plan)
+    want = tiny_base.model.model.layers[5].state_dict()
+    got = sub.get_base_model().model.layers[2].state_dict()
+    assert all(torch.equal(got[k.replace(".weight", ".base_layer.weight")] if k.replace(".weight", ".base_layer.weight")
+                           in got else got[k], v) for k, v in want.items())
+    trained = {k: v + 1.0 for k, v in init.items()}
+    after = strategy.finish_stage(full_lora, trained, init, plan)
+    changed = sorted({int(k.split(".")[1]) for k in after if not torch.equal(after[k], full_lora[k])})
+    assert changed == [0, 1, 5]  # layers 2-4, dropped from the submodel, keep their LoRA
+
+
+def test_screening_harness_smoke(tmp_path, monkeypatch):
+    """The harness end to end on the tiny model: FedIT and two variants, the issue's JSON fields."""
+    import benchmarks.early_stages as es
+
+    monkeypatch.setattr(es, "RESULTS", tmp_path)
+    monkeypatch.setattr(es, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(es, "KEPT", tmp_path / "early-stages")
+    assert es.main(["--profile", "smoke", "--variants", "default,auto"]) == 0
+    out = json.loads((tmp_path / "early-stages-smoke.json").read_text())
+    assert out["eval_examples"] == 16 and [v["name"] for v in out["variants"]] == ["fedit", "default", "auto"]
+    for v in out["variants"]:
+        assert v["seeds"] == [0] and v["client_cpu_speedup_to_fedit_final"] is None
+        assert v["lora_bytes_reduction_to_fedit_final"] is None and v["stage_transfer"]
+    fedit, default = out["variants"][0]["stage_transfer"][0], out["variants"][1]["stage_transfer"][0]
+    assert fedit["relative_to_fedit"] == pytest.approx(1.0) and fedit["layers"] == 6
+    assert default["layers"] == 2 and default["rounds"] == 2 and default["loss_change"] is not None
+    assert len(list((tmp_path / "early-stages").glob("*.json"))) == 3  # one kept record per run
+    assert es.main(["--profile", "smoke", "--variants", "default"]) == 0  # cached: loads, merges the summary
+    again = json.loads((tmp_path / "early-stages-smoke.json").read_text())
+    assert [v["name"] for v in again["variants"]] == ["fedit", "default", "auto"]
