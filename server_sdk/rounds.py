@@ -273,8 +273,9 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
             if (r + 1) % cfg.eval_every == 0 or stage_end:
                 projected = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
                 write_lora(eval_model, projected)
+                run_end = s == len(stages) - 1 and stage_end  # the final stage is never re-planned
                 want_acc = (cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
-                            or (cfg.accuracy_every == "end" and is_last))
+                            or (cfg.accuracy_every == "end" and run_end))
                 metrics = evaluate(eval_model, base.tokenizer, loop.held_out, generate=want_acc, **gen,
                                    progress=f"evaluating after round {done_rounds + 1}" if loop.progress else None)
             rec = RoundRecord(
