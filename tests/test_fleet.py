@@ -376,7 +376,7 @@ class FleetRun:
         client.connect(10)
         return client, controls
 
-    def finish(self, timeout_s: float = 240) -> dict:
+    def finish(self, timeout_s: float = 600) -> dict:
         self.thread.join(timeout_s)
         try:
             assert not self.thread.is_alive(), "the run did not finish in time"
