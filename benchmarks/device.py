@@ -114,13 +114,13 @@ def _build(todo: dict[int, list[str]]) -> None:
     from server_sdk.lora import attach_lora, read_lora
     from server_sdk.model import cache_root, load_base_model
     from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import copy_model, submodel_bytes
+    from server_sdk.submodel import share_model, submodel_bytes
 
     torch.manual_seed(0)
     cfg = RunConfig()
     base = load_base_model(MODEL)
     strategy = make_strategy(cfg)
-    full_lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
+    full_lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
     for n, backends in tqdm(todo.items(), desc="build + export stages", unit="stage"):
         d = stage_dir(n)
         plan, _ = strategy.configure_stage(0, base.model, full_lora, min(n, base.n_layers))

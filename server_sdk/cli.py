@@ -54,14 +54,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .lora import attach_lora, read_lora
     from .model import load_base_model
     from .strategies import make_strategy
-    from .submodel import copy_model
+    from .submodel import share_model
 
     cfg = _load_config(args)
     strategy = make_strategy(cfg)
     base = load_base_model(cfg.model)
     stages = strategy.stage_sizes(base.n_layers)
     rounds = cfg.resolved_rounds(len(stages))
-    lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
+    lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
     plan, _ = strategy.configure_stage(0, base.model, lora, stages[0])
     out = {"model": base.name, "n_layers": base.n_layers, "strategy": cfg.strategy, "stages": stages,
            "rounds_per_stage": rounds, "stage_1": plan.to_dict()}
@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import read_jsonl
     from .eval_cache import base_evaluation
     from .model import load_base_model
-    from .submodel import copy_model
+    from .submodel import share_model
     from .trainer import evaluate
 
     run_dir = Path(args.run)
@@ -145,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = {"base model": base_evaluation(base.model, base, held_out, progress=True, **kw)}  # cached per machine
     adapter = run_dir / "adapter"
     if adapter.exists():
-        tuned = PeftModel.from_pretrained(copy_model(base.model), adapter)
+        tuned = PeftModel.from_pretrained(share_model(base.model), adapter)
         rows["fine-tuned"] = evaluate(tuned, base.tokenizer, held_out, progress="evaluating the adapter", **kw)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -83,9 +83,9 @@ def _final_lora(run_dir: Path, base: Any, tensors: dict | None) -> tuple[dict, s
     from peft import PeftModel
 
     from .lora import read_lora
-    from .submodel import copy_model
+    from .submodel import share_model
 
-    model = PeftModel.from_pretrained(copy_model(base.model), run_dir / "adapter")
+    model = PeftModel.from_pretrained(share_model(base.model), run_dir / "adapter")
     return read_lora(model), "last stage (full model) with the final adapter"
 
 
@@ -94,13 +94,13 @@ def fresh_stage_source(model: str, layers: int) -> StageSource:
     from .lora import attach_lora, read_lora
     from .model import load_base_model
     from .strategies import make_strategy
-    from .submodel import copy_model
+    from .submodel import share_model
 
     cfg = RunConfig(model=model)
     base = load_base_model(model)
     if not 1 <= layers <= base.n_layers:
         raise ExportError(f"--layers must be in 1..{base.n_layers} for {base.name}, got {layers}")
-    lora = read_lora(attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed))
+    lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
     strategy = make_strategy(cfg)
     plan, _ = strategy.configure_stage(0, base.model, lora, layers)
     sub, _ = strategy.build_submodel(base.model, lora, plan)

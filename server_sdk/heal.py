@@ -28,7 +28,7 @@ from edge_runtime.batching import collate
 
 from .config import RunConfig
 from .lora import LoraState, attach_lora, write_lora
-from .submodel import copy_model
+from .submodel import share_model
 
 HEAL_SEED_BASE = 20_000_003  # generator seeds of heal prompts: disjoint from shards (seed*7919+t) and eval (1e7+)
 HealLoss = Callable[[torch.Tensor, torch.Tensor, torch.nn.Module], torch.Tensor]
@@ -76,7 +76,7 @@ def heal_submodel(sub: PeftModel, full_model: LlamaForCausalLM, full_lora: LoraS
     if loss_fn is None:
         return {}
     t0, c0 = time.perf_counter(), time.process_time()
-    teacher = attach_lora(copy_model(full_model), cfg.lora)
+    teacher = attach_lora(share_model(full_model), cfg.lora)
     write_lora(teacher, full_lora)
     teacher.eval()
     batches = []
@@ -89,6 +89,12 @@ def heal_submodel(sub: PeftModel, full_model: LlamaForCausalLM, full_lora: LoraS
     del teacher
     inner = sub.get_base_model()
     head = inner.lm_head
+    # the submodel's unfused layers share their tensors with the base model (submodel.share_model): give every
+    # weight healing trains a private copy first, or the base model itself would be trained in place
+    for module in inner.model.layers.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if "lora_" not in name:
+                setattr(module, name, torch.nn.Parameter(p.detach().clone()))
     params = []
     for name, p in inner.model.layers.named_parameters():
         on = "lora_" not in name

@@ -35,7 +35,7 @@ from .progress import phase, round_postfix
 from .report import plot_curves, plot_groups
 from .stage_transfer import stage_transfer
 from .strategies import Strategy, make_strategy
-from .submodel import StagePlan, copy_model
+from .submodel import StagePlan, share_model
 from .trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -330,5 +330,5 @@ def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> dict:
 
 def _full_eval_model(base: BaseModel, cfg: RunConfig) -> tuple[PeftModel, LoraState]:
     """The full model with freshly initialised (seeded) LoRA: the run's starting adapter."""
-    model = attach_lora(copy_model(base.model), cfg.lora, seed=cfg.seed)
+    model = attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed)
     return model, read_lora(model)

@@ -93,7 +93,10 @@ def load_frozen(sub: LlamaForCausalLM, state: dict[str, torch.Tensor]) -> None:
         p.requires_grad_(False)
 
 
-def copy_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
+def share_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A new frozen model object over the same weight tensors (no copy: one set of frozen weights in memory).
+
+    Attaching LoRA to it leaves `model` untouched; writing into its frozen weights in place would not."""
     return assemble(model, [layer.state_dict() for layer in model.model.layers])
 
 

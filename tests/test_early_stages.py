@@ -118,18 +118,21 @@ def test_heal_moves_the_fused_submodel_toward_the_full_model(tiny_base, tiny_cfg
     from server_sdk.heal import heal_prompts
     from server_sdk.lora import attach_lora, read_lora
     from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import copy_model
+    from server_sdk.submodel import share_model
 
     cfg = tiny_cfg(heal=rule, heal_steps=30, heal_lr=3e-3, heal_examples=16)
     strategy = make_strategy(cfg)
     strategy.stage_sizes(tiny_base.n_layers)
-    full_lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+    full_lora = read_lora(attach_lora(share_model(tiny_base.model), cfg.lora, seed=0))
     plan, _ = strategy.configure_stage(0, tiny_base.model, full_lora, 2)
     plain, _ = make_strategy(tiny_cfg()).build_submodel(tiny_base.model, full_lora, plan)
     with pytest.raises(ValueError, match="tokenizer"):  # the round loop sets it; a bare strategy has none
         strategy.build_submodel(tiny_base.model, full_lora, plan)
     strategy.tokenizer = tiny_base.tokenizer
+    before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
     healed, lora = strategy.build_submodel(tiny_base.model, full_lora, plan)
+    # submodels share the base's frozen tensors: healing must never train the base model in place
+    assert all(torch.equal(v, before[k]) for k, v in tiny_base.model.state_dict().items())
     notes = strategy.stage_notes(0)
     assert notes["heal"] == rule and notes["heal_loss_last"] < notes["heal_loss_first"]
     assert notes["server_cpu_seconds"] > 0
@@ -148,12 +151,12 @@ def test_first_last_submodel_keeps_the_first_layers_and_the_last_and_transfers_t
     from server_sdk.grouping import first_last_groups
     from server_sdk.lora import attach_lora, read_lora
     from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import copy_model
+    from server_sdk.submodel import share_model
 
     assert first_last_groups(6, 3) == [[0], [1], [2, 3, 4, 5]] and first_last_groups(6, 6)[-1] == [5]
     cfg = tiny_cfg(grouping="first-last", anchor="last", fusion="select", transfer="anchor")
     strategy = make_strategy(cfg)
-    full_lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+    full_lora = read_lora(attach_lora(share_model(tiny_base.model), cfg.lora, seed=0))
     plan, _ = strategy.configure_stage(0, tiny_base.model, full_lora, 3)
     assert plan.groups == [[0], [1], [2, 3, 4, 5]] and plan.anchors == [0, 1, 5]
     sub, init = strategy.build_submodel(tiny_base.model, full_lora, plan)

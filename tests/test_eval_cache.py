@@ -8,7 +8,7 @@ from server_sdk.config import DataSettings, LoraSettings
 from server_sdk.data import build_client_data, build_eval_data
 from server_sdk.eval_cache import base_evaluation, cache_dir, eval_key
 from server_sdk.lora import attach_lora
-from server_sdk.submodel import copy_model
+from server_sdk.submodel import share_model
 from server_sdk.trainer import evaluate
 
 KW = dict(seq_len=64, generate=True, max_new_tokens=3)
@@ -18,7 +18,7 @@ def test_base_evaluation_is_cached_and_keyed_by_everything_it_depends_on(tiny_ba
     monkeypatch.setenv("DEVFT_CACHE", str(tmp_path))
     data = DataSettings(tasks=["chain_sum", "basic_arithmetic"], examples_per_client=2, eval_examples_per_task=2)
     held_out = build_eval_data(tiny_base.tokenizer, data, 0, build_client_data(tiny_base.tokenizer, data, 2, 0))
-    model = attach_lora(copy_model(tiny_base.model), LoraSettings(r=2, alpha=4), seed=0)
+    model = attach_lora(share_model(tiny_base.model), LoraSettings(r=2, alpha=4), seed=0)
 
     direct = evaluate(tiny_base.model, tiny_base.tokenizer, held_out, **KW)
     first = base_evaluation(model, tiny_base, held_out, **KW)
@@ -32,9 +32,8 @@ def test_base_evaluation_is_cached_and_keyed_by_everything_it_depends_on(tiny_ba
     assert eval_key(tiny_base, held_out[:-1], batch_size=16, **KW) != eval_key(tiny_base, held_out, batch_size=16, **KW)
     assert eval_key(tiny_base, held_out, batch_size=16, **{**KW, "max_new_tokens": 4}) != \
         eval_key(tiny_base, held_out, batch_size=16, **KW)
-    other = copy_model(tiny_base.model)
-    with torch.no_grad():
-        other.model.norm.weight.add_(1e-3)
+    other = share_model(tiny_base.model)  # shares the session's tensors: replace one, never write into it
+    other.model.norm.weight = torch.nn.Parameter(other.model.norm.weight.detach() + 1e-3, requires_grad=False)
     moved = type(tiny_base)(model=other, tokenizer=tiny_base.tokenizer, name=tiny_base.name, source="test")
     assert eval_key(moved, held_out, batch_size=16, **KW) != eval_key(tiny_base, held_out, batch_size=16, **KW)
 
@@ -51,7 +50,7 @@ def test_a_damaged_cache_entry_is_recomputed(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setenv("DEVFT_CACHE", str(tmp_path))
     data = DataSettings(tasks=["chain_sum"], examples_per_client=2, eval_examples_per_task=2)
     held_out = build_eval_data(tiny_base.tokenizer, data, 0, build_client_data(tiny_base.tokenizer, data, 1, 0))
-    model = attach_lora(copy_model(tiny_base.model), LoraSettings(r=2, alpha=4), seed=0)
+    model = attach_lora(share_model(tiny_base.model), LoraSettings(r=2, alpha=4), seed=0)
     good = base_evaluation(model, tiny_base, held_out, **KW)
     (entry,) = cache_dir().glob("*.json")
     entry.write_text("{not json")

@@ -649,14 +649,14 @@ def test_checkpoint_travels_as_tensor_files_and_is_rebuilt_byte_for_byte(tiny4, 
     from server_sdk.config import LoraSettings
     from server_sdk.lora import attach_lora
     from server_sdk.model import cache_root
-    from server_sdk.submodel import copy_model
+    from server_sdk.submodel import share_model
 
     def sha(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
     layouts = []
     for seed in (0, 1):  # two "stages": different LoRA, same embedding
-        model = attach_lora(copy_model(tiny4.model), LoraSettings(r=2, alpha=4), seed=seed)
+        model = attach_lora(share_model(tiny4.model), LoraSettings(r=2, alpha=4), seed=seed)
         art = export_stage_cached(model, tmp_path / f"art{seed}", cache_root() / "ort-templates", seq_len=64)
         files = split_checkpoint(art, tmp_path / f"split{seed}")
         assert "checkpoint" not in files and RECIPE in files
@@ -724,7 +724,7 @@ def test_ffa_lora_over_the_fleet_trains_only_B(tiny4, tmp_path):
     from safetensors.torch import load_file
 
     from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.submodel import copy_model
+    from server_sdk.submodel import share_model
 
     cfg = fleet_cfg(strategy="ffa-lora", stages=None, rounds_per_stage=2, num_clients=2, clients_per_round=2,
                     lr=2e-2)
@@ -733,7 +733,7 @@ def test_ffa_lora_over_the_fleet_trains_only_B(tiny4, tmp_path):
     assert all(r["clients"] == [0, 1] for r in report["records"] if r["stage"] >= 0)
     ckpt = load_file(job.run_dir / "checkpoint" / "state.safetensors")
     final = {k.split("/", 1)[1]: v for k, v in ckpt.items() if k.startswith("full/")}
-    initial = read_lora(attach_lora(copy_model(tiny4.model), cfg.lora, seed=cfg.seed))
+    initial = read_lora(attach_lora(share_model(tiny4.model), cfg.lora, seed=cfg.seed))
     assert set(final) == set(initial)
     for k in final:
         assert torch.equal(final[k], initial[k]) == ("lora_A" in k), k

@@ -5,7 +5,7 @@ import torch
 from server_sdk.frozen import frozen_state, read_frozen, write_frozen
 from server_sdk.lora import attach_lora, read_lora
 from server_sdk.strategies import make_strategy
-from server_sdk.submodel import StagePlan, copy_model
+from server_sdk.submodel import StagePlan, share_model
 
 
 def _frozen_ptrs(model) -> dict[str, int]:
@@ -15,7 +15,7 @@ def _frozen_ptrs(model) -> dict[str, int]:
 def test_eval_model_and_fedit_submodel_share_every_frozen_tensor(tiny_base, tiny_cfg):
     cfg = tiny_cfg(strategy="fedit")
     base_ptrs = _frozen_ptrs(tiny_base.model)
-    eval_model = attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0)
+    eval_model = attach_lora(share_model(tiny_base.model), cfg.lora, seed=0)
     assert _frozen_ptrs(eval_model) == base_ptrs
     strategy = make_strategy(cfg)
     plan, _ = strategy.configure_stage(0, tiny_base.model, read_lora(eval_model), tiny_base.n_layers)
@@ -27,7 +27,7 @@ def test_eval_model_and_fedit_submodel_share_every_frozen_tensor(tiny_base, tiny
 
 def test_devft_submodel_shares_unfused_layers_and_owns_fused_ones(tiny_base, tiny_cfg):
     cfg = tiny_cfg(strategy="devft", beta=0.2)
-    lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+    lora = read_lora(attach_lora(share_model(tiny_base.model), cfg.lora, seed=0))
     plan = StagePlan(0, 3, [[0], [1, 2, 3], [4, 5]], [0, 2, 4])
     sub, _ = make_strategy(cfg).build_submodel(tiny_base.model, lora, plan)
     base, ours = _frozen_ptrs(tiny_base.model), _frozen_ptrs(sub)

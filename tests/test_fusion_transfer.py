@@ -6,7 +6,7 @@ from server_sdk.config import LoraSettings
 from server_sdk.fusion import choose_anchor, fuse_group
 from server_sdk.lora import attach_lora, layer_slice, read_lora
 from server_sdk.strategies.base import fedavg
-from server_sdk.submodel import StagePlan, build_submodel, copy_model, identity_plan, transfer_lora_back
+from server_sdk.submodel import StagePlan, build_submodel, identity_plan, share_model, transfer_lora_back
 from server_sdk.trainer import ClientResult
 
 LORA = LoraSettings(r=2, alpha=4)
@@ -15,7 +15,7 @@ LORA = LoraSettings(r=2, alpha=4)
 @pytest.fixture()
 def full(tiny_base):
     """The tiny base model and a random (non-zero B) full-model LoRA state."""
-    lora = read_lora(attach_lora(copy_model(tiny_base.model), LORA, seed=1))
+    lora = read_lora(attach_lora(share_model(tiny_base.model), LORA, seed=1))
     g = torch.Generator().manual_seed(2)
     lora = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora.items()}
     return tiny_base.model, lora
@@ -62,7 +62,7 @@ def test_one_layer_per_group_submodel_equals_full_model(full):
     model, lora = full
     n = len(model.model.layers)
     sub, _ = build_submodel(model, lora, identity_plan(n), 0.3, "differential", LORA)
-    ref = attach_lora(copy_model(model), LORA)
+    ref = attach_lora(share_model(model), LORA)
     from server_sdk.lora import write_lora
 
     write_lora(ref, lora)

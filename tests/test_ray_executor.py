@@ -123,9 +123,9 @@ def test_round_deadline_counts_slow_clients_as_missing_and_replaces_their_worker
     ex = RayExecutor(cfg, tiny_base.tokenizer, clients, RaySettings(workers=2, quorum=0.5, round_timeout_s=1e-3))
     try:
         from server_sdk.lora import attach_lora, read_lora
-        from server_sdk.submodel import copy_model
+        from server_sdk.submodel import share_model
 
-        lora = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=0))
+        lora = read_lora(attach_lora(share_model(tiny_base.model), cfg.lora, seed=0))
         plan, _ = strategy.configure_stage(0, tiny_base.model, lora, tiny_base.n_layers)
         sub, init = strategy.build_submodel(tiny_base.model, lora, plan)
         ex.begin_stage(0, plan, sub)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from server_sdk.lora import read_lora
 from server_sdk.rounds import run
-from server_sdk.submodel import copy_model
+from server_sdk.submodel import share_model
 
 
 def test_devft_run_lowers_training_loss_and_writes_outputs(tiny_base, tiny_cfg, tmp_path):
@@ -34,10 +34,10 @@ def test_adapter_reloads_with_peft_and_gives_identical_logits(tiny_base, tiny_cf
     adapter = tmp_path / "r" / "adapter"
     ckpt_full = load_file(tmp_path / "r" / "checkpoint" / "state.safetensors")
     full = {k.split("/", 1)[1]: v for k, v in ckpt_full.items() if k.startswith("full/")}
-    reloaded = PeftModel.from_pretrained(copy_model(tiny_base.model), adapter)
+    reloaded = PeftModel.from_pretrained(share_model(tiny_base.model), adapter)
     got = read_lora(reloaded)
     assert set(got) == set(full) and all(torch.equal(got[k], full[k]) for k in full)
-    again = PeftModel.from_pretrained(copy_model(tiny_base.model), adapter)
+    again = PeftModel.from_pretrained(share_model(tiny_base.model), adapter)
     ids = torch.randint(0, 1000, (2, 10))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, again(input_ids=ids).logits)
@@ -48,11 +48,11 @@ def test_adapter_reloads_with_peft_and_gives_identical_logits(tiny_base, tiny_cf
 def test_ffa_lora_never_changes_A(tiny_base, tiny_cfg, tmp_path):
     cfg = tiny_cfg(strategy="ffa-lora", rounds_per_stage=2, lr=2e-2)
     report = run(cfg, tmp_path / "r", base=tiny_base, progress=False)
-    final = read_lora(PeftModel.from_pretrained(copy_model(tiny_base.model), tmp_path / "r" / "adapter"))
+    final = read_lora(PeftModel.from_pretrained(share_model(tiny_base.model), tmp_path / "r" / "adapter"))
     torch.manual_seed(cfg.seed)
     from server_sdk.lora import attach_lora
 
-    initial = read_lora(attach_lora(copy_model(tiny_base.model), cfg.lora, seed=cfg.seed))
+    initial = read_lora(attach_lora(share_model(tiny_base.model), cfg.lora, seed=cfg.seed))
     for k in final:
         if "lora_A" in k:
             assert torch.equal(final[k], initial[k]), k

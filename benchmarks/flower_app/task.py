@@ -17,7 +17,7 @@ from server_sdk.config import RunConfig
 from server_sdk.data import Example, read_jsonl
 from server_sdk.lora import LoraState, attach_lora, read_lora
 from server_sdk.model import BaseModel, load_base_model
-from server_sdk.submodel import copy_model
+from server_sdk.submodel import share_model
 
 SETTINGS_ENV = "DEVFT_FLOWER_SETTINGS"
 
@@ -48,7 +48,7 @@ def base_model() -> BaseModel:
 def fedit_model():
     """The full model with LoRA on every layer (FedIT), seeded like devft's run start."""
     cfg = run_config()
-    return attach_lora(copy_model(base_model().model), cfg.lora, seed=cfg.seed)
+    return attach_lora(share_model(base_model().model), cfg.lora, seed=cfg.seed)
 
 
 def initial_lora() -> LoraState:
