@@ -393,14 +393,17 @@ def export_onnx_artifacts(
 
     Built beside out_dir and renamed into place, so a reader never sees a half-written directory.
     """
-    from edge_runtime.manifest import MANIFEST_NAME, load_manifest
+    from edge_runtime.manifest import ManifestError, load_manifest
 
     check_exportable(peft_model, seq_len)
     template = Path(template_root) / template_key(peft_model, seq_len=seq_len)
-    if not (template / MANIFEST_NAME).is_file():
+    try:
+        manifest = load_manifest(template, verify_hashes=False)
+    except ManifestError:  # none yet, or written by an older devft (another manifest format): trace anew
+        shutil.rmtree(template, ignore_errors=True)
         template.parent.mkdir(parents=True, exist_ok=True)
         export_template(peft_model, template, seq_len=seq_len)
-    manifest = load_manifest(template, verify_hashes=False)
+        manifest = load_manifest(template, verify_hashes=False)
     manifest.optimizer = optimizer
     with staging(out_dir) as (out, build):
         for name in (TRAIN_GRAPH, EVAL_GRAPH):

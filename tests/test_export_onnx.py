@@ -227,3 +227,15 @@ def test_device_with_too_old_onnxruntime_refuses_at_startup(monkeypatch):
     assert "onnx" not in backends.available_formats()
     with pytest.raises(client.DeviceError, match=r"onnxruntime 1\.16\.3 is too old .* onnxruntime>=1\.17"):
         client.pick_formats("onnx")
+
+
+def test_template_from_an_older_manifest_format_is_traced_again(exported, tmp_path):
+    """A graph cache written by an older devft must not break (or be trusted by) a newer one."""
+    model, out, root = exported
+    template = root / "templates" / template_key(model, seq_len=64)
+    manifest_path = template / MANIFEST_NAME
+    old = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**old, "format_version": 1}))
+    again = export_onnx_artifacts(model, tmp_path / "again", root / "templates", seq_len=64)
+    assert load_manifest(again).format_version == load_manifest(out).format_version
+    assert json.loads(manifest_path.read_text())["format_version"] == old["format_version"]
