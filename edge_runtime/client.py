@@ -368,19 +368,9 @@ class Device:
         except ManifestError as exc:
             log.warning("%s: cached artifact failed verification (%s); fetching it again", self.device_id, exc)
             for f in desc.files:
-                self.cache.has(f.sha256, f.size)  # re-hashes; a corrupt blob is deleted
-                path = self.cache.blob_path(f.sha256)
-                if path.exists() and self._hash(path) != f.sha256:
-                    path.chmod(0o644)
-                    path.unlink()
+                self.cache.recheck(f.sha256, f.size)  # a corrupt blob is deleted, so it is fetched again
             art_dir, got2 = self._artifact_dir(ctrl)
             return make(art_dir), art_dir, got + got2
-
-    @staticmethod
-    def _hash(path: Path) -> str:
-        from edge_runtime.transfer import sha256_file
-
-        return sha256_file(path)
 
     # -- training --------------------------------------------------------------------------
 

@@ -240,6 +240,11 @@ class ArtifactCache:
         self._verified[sha256] = key
         return True
 
+    def recheck(self, sha256: str, size: int | None = None) -> bool:
+        """`has`, hashing the whole file again even if this process verified it before (a manifest check failed)."""
+        self._verified.pop(sha256, None)
+        return self.has(sha256, size)
+
     def path(self, sha256: str, size: int | None = None) -> Path:
         """Path of a verified blob; raises FileNotFoundError if absent or corrupt."""
         if not self.has(sha256, size):

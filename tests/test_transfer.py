@@ -266,3 +266,18 @@ def test_server_ignores_requests_claiming_another_device(fleet, broker, clients,
     server._on_request(Message(P.fetch_topic(RUN, "dev2"), P.encode_chunk_request(req), 1, False))
     assert server.queued == 2  # the same chunk asked twice is sent once
     server._on_request(Message(P.fetch_topic(RUN, "dev2"), b"{oops", 1, False))
+
+
+def test_recheck_rehashes_a_blob_this_process_already_verified(tmp_path):
+    """Rot that keeps size and mtime slips past the cheap check; recheck (after a failed manifest check) finds it."""
+    cache = ArtifactCache(tmp_path / "cache")
+    sha = cache.add_bytes(b"x" * 4096)
+    assert cache.has(sha, 4096)
+    path = cache.blob_path(sha)
+    st = path.stat()
+    path.chmod(0o644)
+    with open(path, "r+b") as f:  # same size, same inode
+        f.write(b"y")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    assert cache.has(sha, 4096)  # the per-process verification is keyed by size, mtime and inode
+    assert not cache.recheck(sha, 4096) and not path.exists()
