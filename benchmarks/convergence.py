@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
 
 from .metrics import Link, cumulative, first_reaching, mean_std, ratio
-from .results_md import RESULTS_MD, replace_block
+from .results_md import RESULTS_MD, replace_block, write_atomic
 
 RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
 CACHE = RESULTS / "cache"  # git-ignored: run directories with checkpoints
@@ -134,10 +134,7 @@ def run_job(job: Job, base_model=None, progress: bool = False) -> dict:
     compact = {"key": job.key, "label": job.label, "group": job.group, "config": report["config"],
                "stages": report["stages"], "stage_plans": report["stage_plans"], "records": report["records"],
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    KEPT.mkdir(parents=True, exist_ok=True)
-    tmp = kept.with_suffix(".tmp")
-    tmp.write_text(json.dumps(compact) + "\n")
-    tmp.replace(kept)
+    write_atomic(kept, json.dumps(compact) + "\n")
     return compact
 
 

@@ -37,7 +37,7 @@ from server_sdk.config import DataSettings, LoraSettings, RunConfig
 from server_sdk.stage_transfer import relative_rate, stage_transfer
 
 from .metrics import Link, cumulative, first_reaching, ratio
-from .results_md import RESULTS_MD, replace_block
+from .results_md import RESULTS_MD, replace_block, write_atomic
 
 RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
 CACHE = RESULTS / "cache"
@@ -114,10 +114,7 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None) 
                "records": out["records"], "stage_plans": plans, "stage_transfer": stage_transfer(out["records"]),
                "process_cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - t0,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    KEPT.mkdir(parents=True, exist_ok=True)
-    tmp = kept.with_suffix(".tmp")
-    tmp.write_text(json.dumps(compact) + "\n")
-    tmp.replace(kept)
+    write_atomic(kept, json.dumps(compact) + "\n")
     return compact
 
 

@@ -27,6 +27,12 @@ def replace_block(name: str, body: str, path: Path = RESULTS_MD) -> None:
         new = head + block + rest.split(end, 1)[1]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
+    write_atomic(path, new)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename it over `path`: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
+    tmp.write_text(text)
     tmp.replace(path)
