@@ -75,27 +75,54 @@ def base_config(profile: str, partition: str = "task") -> RunConfig:
     return cfg
 
 
-def variant_config(base: RunConfig, name: str, seed: int) -> RunConfig:
+def variant_config(base: RunConfig, name: str, seed: int, to_target: bool = False) -> RunConfig:
+    """One run's config. to_target (whole runs): a DEVFT variant's final stage gets as many rounds
+    as FedIT has in all, so it can reach FedIT's final loss; the run stops there (see run_one)."""
     cfg = copy.deepcopy(base)
     overrides = {"strategy": "fedit"} if name == "fedit" else VARIANTS[name]
     for k, v in {**overrides, "seed": seed}.items():
         setattr(cfg, k, v)
+    n_stages = len(base.stages) if base.stages else 4
     if name == "fedit":  # the same round budget, all on the full model
-        n_stages = len(base.stages) if base.stages else 4
         cfg.rounds_per_stage, cfg.stages = base.rounds_per_stage * n_stages, None
+    elif to_target:
+        cfg.rounds_per_stage = [base.rounds_per_stage] * (n_stages - 1) + [base.rounds_per_stage * n_stages]
     return cfg.validate()
 
 
-def run_key(cfg: RunConfig, stop_after: int | None) -> str:
-    blob = json.dumps({"cfg": cfg.identity(), "stop_after": stop_after}, sort_keys=True).encode()
+def reached(target: float, cpu_budget: float):
+    """stop_when for a run toward FedIT's final eval loss: stop at the first evaluated round at or
+    below it, or once the run's client CPU passes cpu_budget (then it never got there in budget)."""
+    def stop(records: list[dict]) -> bool:
+        rounds = [r for r in records if r["stage"] >= 0]
+        spent = sum(c for r in rounds for c in (r.get(COMPUTE_KEY) or []) if c is not None)
+        last = rounds[-1].get("eval_loss") if rounds else None
+        return (last is not None and last <= target + 1e-12) or spent > cpu_budget
+    return stop
+
+
+def run_key(cfg: RunConfig, stop_after: int | None, target: dict | None = None) -> str:
+    ident = {"cfg": cfg.identity(), "stop_after": stop_after, **({"target": target} if target else {})}
+    blob = json.dumps(ident, sort_keys=True).encode()
     return f"{cfg.strategy}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None) -> dict:
-    """Run (or resume, or load) one run; its compact record is kept under KEPT."""
+# whole runs stop once past this multiple of FedIT's client CPU (the goal is <= 1.0x; 1.1x is "much worse")
+CPU_BUDGET_X_FEDIT = 1.5
+
+
+def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, fedit_ref: dict | None = None) -> dict:
+    """Run (or resume, or load) one run; its compact record is kept under KEPT. With fedit_ref
+    (whole runs of DEVFT variants) the run goes toward FedIT's final eval loss and stops there, or
+    at CPU_BUDGET_X_FEDIT times FedIT's client CPU."""
     from server_sdk.rounds import RunState, run
 
-    key = run_key(cfg, stop_after)
+    target = stop_when = None
+    if fedit_ref is not None:
+        fedit_cpu = sum(c for r in fedit_ref["records"] if r["stage"] >= 0 for c in (r.get(COMPUTE_KEY) or []) if c)
+        target = {"eval_loss": _final_loss(fedit_ref), "cpu_budget": CPU_BUDGET_X_FEDIT * fedit_cpu}
+        stop_when = reached(target["eval_loss"], target["cpu_budget"])
+    key = run_key(cfg, stop_after, target)
     kept = KEPT / f"{key}.json"
     if kept.exists():
         return json.loads(kept.read_text())
@@ -107,10 +134,12 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None) 
         shared = _shared_data(cfg, base_model)
         shutil.copytree(shared / "data", run_dir / "data")
     c0, t0 = time.process_time(), time.perf_counter()
-    out = run(cfg, run_dir, resume=resume, base=base_model, progress=False, stop_after_rounds=stop_after)
+    out = run(cfg, run_dir, resume=resume, base=base_model, progress=False, stop_after_rounds=stop_after,
+              stop_when=stop_when)
     state = RunState.load(run_dir)
     plans = [{k: v for k, v in p.items() if k != "similarity"} for p in (state.stage_plans if state else [])]
     compact = {"key": key, "name": name, "config": cfg.to_dict(), "stop_after_rounds": stop_after,
+               "target": target, "stopped_early": bool(out.get("stopped_early")),
                "records": out["records"], "stage_plans": plans, "stage_transfer": stage_transfer(out["records"]),
                "process_cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - t0,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -157,7 +186,7 @@ def summarize(name: str, reps: list[dict], fedit: dict[int, dict], full: bool, l
                                                "loss_change_per_client_cpu_s", "fedit_loss_change_per_client_cpu_s",
                                                "relative_to_fedit", "server_cpu_seconds")},
                        "per_seed": rows})
-    speed, bytes_ = [], []
+    speed, bytes_, wall = [], [], []
     if full:
         for rep in reps:
             ref = fedit.get(rep["config"]["seed"])
@@ -165,16 +194,19 @@ def summarize(name: str, reps: list[dict], fedit: dict[int, dict], full: bool, l
                 continue
             target = _final_loss(ref)
             mine, theirs = cumulative(rep["records"], link, COMPUTE_KEY), cumulative(ref["records"], link, COMPUTE_KEY)
-            got = {k: first_reaching(mine, target, k) for k in ("compute_seconds", "lora_bytes")}
-            base = {k: first_reaching(theirs, target, k) for k in ("compute_seconds", "lora_bytes")}
+            got = {k: first_reaching(mine, target, k) for k in ("compute_seconds", "lora_bytes", "sim_seconds")}
+            base = {k: first_reaching(theirs, target, k) for k in ("compute_seconds", "lora_bytes", "sim_seconds")}
             speed.append(ratio(base["compute_seconds"], got["compute_seconds"]) or None)
             bytes_.append(ratio(base["lora_bytes"], got["lora_bytes"]) or None)
+            wall.append(ratio(base["sim_seconds"], got["sim_seconds"]) or None)
     return {"name": name, "seeds": sorted(r["config"]["seed"] for r in reps),
             "overrides": {} if name == "fedit" else VARIANTS.get(name, {}), "stage_transfer": stages,
             "final_eval_loss": [_final_loss(r) for r in reps] if full else None,
             # FedIT / variant to FedIT's final eval loss, per seed; None = not measured (screens) or never reached
             "client_cpu_speedup_to_fedit_final": speed or None,
-            "lora_bytes_reduction_to_fedit_final": bytes_ or None}
+            "lora_bytes_reduction_to_fedit_final": bytes_ or None,
+            "simulated_wall_speedup_to_fedit_final": wall or None,
+            "rounds_run": [sum(1 for r in rep["records"] if r["stage"] >= 0) for r in reps] if full else None}
 
 
 def markdown(summary: dict, command: str) -> str:
@@ -198,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="default", help=f"comma-separated, from {list(VARIANTS)}")
     p.add_argument("--stages", type=int, default=1, help="screen: how many stages to run (default 1)")
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seed-list", default=None,
+                   help="comma-separated seeds to run instead of 0..--seeds-1 (parallel workers take disjoint seeds)")
     p.add_argument("--partition", choices=["task", "dirichlet", "iid"], default="task")
     p.add_argument("--no-fedit", action="store_true", help="skip the FedIT reference run")
+    p.add_argument("--whole", action="store_true",
+                   help="whole runs toward FedIT's final loss with the headline ratios (always on in `full`)")
     args = p.parse_args(argv)
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
@@ -208,21 +244,27 @@ def main(argv: list[str] | None = None) -> int:
     from server_sdk.model import load_base_model
 
     base = base_config(args.profile, args.partition)
-    full = args.profile == "full"
+    full = args.profile == "full" or args.whole
+    if full:  # time-to-target needs the loss after every round
+        base.eval_every = 1
     per = base.rounds_per_stage
     stop = None if full else per * args.stages
     model = load_base_model(base.model)
     link = Link()
     fedit: dict[int, dict] = {}
     reps: dict[str, list[dict]] = {name: [] for name in names}
-    for seed in range(args.seeds):  # seed-major: an interrupted matrix has every variant at the first seeds
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    for seed in seeds:  # seed-major: an interrupted matrix has every variant at the first seeds
         if not args.no_fedit:
             fedit[seed] = run_one("fedit", variant_config(base, "fedit", seed), stop, model)
         for name in names:
-            reps[name].append(run_one(name, variant_config(base, name, seed), stop, model))
+            ref = fedit.get(seed) if full else None
+            reps[name].append(run_one(name, variant_config(base, name, seed, to_target=ref is not None), stop, model,
+                                      fedit_ref=ref))
     summaries = [summarize("fedit", list(fedit.values()), fedit, full, link)] if fedit else []
     summaries += [summarize(name, reps[name], fedit, full, link) for name in names]
     tag = "" if args.profile == "screen" else f"-{args.profile}"
+    tag += "-whole" if args.whole and args.profile != "full" else ""
     tag += "" if args.partition == "task" else f"-{args.partition}"
     out_path = RESULTS / f"early-stages{tag}.json"
     old = json.loads(out_path.read_text()) if out_path.exists() else {"variants": []}

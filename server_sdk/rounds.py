@@ -138,6 +138,7 @@ class RoundLoop:
     steps_bar: tqdm  # local steps of in-process clients
     progress: bool = True
     stop_after_rounds: int | None = None  # end this call early (the checkpoint lets --resume continue)
+    stop_when: Callable[[list[dict]], bool] | None = None  # end the run early once this holds (benchmarks)
 
 
 def client_seed(seed: int, stage: int, rnd: int, client: int) -> int:
@@ -166,12 +167,15 @@ def prepare_data(cfg: RunConfig, base: BaseModel, run_dir: Path) -> tuple[list[l
 
 def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel | None = None,
         progress: bool = True, stop_after_rounds: int | None = None,
-        executor_factory: ExecutorFactory | None = None) -> dict:
+        executor_factory: ExecutorFactory | None = None,
+        stop_when: Callable[[list[dict]], bool] | None = None) -> dict:
     """Run (or resume) a federated fine-tuning; returns the report, also written to run_dir.
 
     stop_after_rounds ends the process early after that many rounds in this call (for
     interruption tests and time-boxed sessions); the checkpoint lets --resume continue.
-    executor_factory picks where clients train (default: in this process)."""
+    executor_factory picks where clients train (default: in this process). stop_when(records)
+    is asked after every evaluated round: True ends the run there (benchmarks that measure the
+    cost to reach a target loss); the report is then marked `stopped_early`."""
     run_dir = Path(run_dir)
     cfg.validate()
     if resume:
@@ -198,7 +202,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
     try:
         return _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
-                                   progress, stop_after_rounds), resume)
+                                   progress, stop_after_rounds, stop_when), resume)
     finally:
         steps_bar.close()
         executor.close()
@@ -306,6 +310,9 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
             if loop.stop_after_rounds is not None and rounds_this_call >= loop.stop_after_rounds and not is_last:
                 bar.close()
                 return {"interrupted": True, "records": state.records}
+            if metrics is not None and not is_last and loop.stop_when is not None and loop.stop_when(state.records):
+                bar.close()
+                return {"interrupted": True, "stopped_early": True, "records": state.records}
             if stage_end:
                 break
     bar.close()

@@ -190,3 +190,31 @@ def test_screening_harness_smoke(tmp_path, monkeypatch):
     assert es.main(["--profile", "smoke", "--variants", "default"]) == 0  # cached: loads, merges the summary
     again = json.loads((tmp_path / "early-stages-smoke.json").read_text())
     assert [v["name"] for v in again["variants"]] == ["fedit", "default", "auto"]
+
+
+def test_whole_runs_go_to_fedits_final_loss_and_stop_there(tmp_path, monkeypatch):
+    """Whole runs: a DEVFT variant's final stage is long enough to reach FedIT's final loss, the run
+    stops at the first evaluated round that does (or past the CPU budget), and the headline ratios
+    come from the records."""
+    import benchmarks.early_stages as es
+
+    monkeypatch.setattr(es, "RESULTS", tmp_path)
+    monkeypatch.setattr(es, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(es, "KEPT", tmp_path / "early-stages")
+    assert es.main(["--profile", "smoke", "--whole", "--variants", "default"]) == 0
+    out = json.loads((tmp_path / "early-stages-smoke-whole.json").read_text())
+    fedit, default = out["variants"]
+    assert fedit["rounds_run"] == [6] and fedit["client_cpu_speedup_to_fedit_final"] == [pytest.approx(1.0)]
+    kept = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (tmp_path / "early-stages").glob("*")}
+    run, ref = kept["default"], kept["fedit"]
+    assert run["config"]["rounds_per_stage"] == [2, 2, 6] and run["target"]["eval_loss"] == ref["records"][-1]["eval_loss"]
+    losses = [r["eval_loss"] for r in run["records"] if r["stage"] >= 0]
+    assert None not in losses  # evaluated every round
+    cpu = sum(c for r in run["records"] if r["stage"] >= 0 for c in r["client_cpu_seconds"])
+    hit = [i for i, v in enumerate(losses) if v <= run["target"]["eval_loss"]]
+    if run["stopped_early"]:  # stopped at the first round at the target, or once over budget
+        assert (hit and hit[0] == len(losses) - 1) or cpu > run["target"]["cpu_budget"]
+    else:
+        assert len(losses) == 10 and hit[:1] in ([], [9])
+    speed = default["client_cpu_speedup_to_fedit_final"][0]
+    assert (speed is None) == (not hit) and default["rounds_run"] == [len(losses)]
