@@ -128,8 +128,8 @@ def _build(todo: dict[int, list[str]]) -> None:
         sub.float()
         for b in backends:
             if b in ARTIFACT_BACKENDS and not (d / b / "manifest.json").exists():
-                export.export_artifacts(b, sub, d / b, seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH, stage=0,
-                                        groups=plan.groups, anchors=plan.anchors,
+                export.export_artifacts(b, sub, d / b, export.StageInfo(stage=0, groups=plan.groups, anchors=plan.anchors),
+                                        seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH,
                                         template_root=None if b == "executorch" else cache_root())
         if (d / "stage.json").exists():  # torch and the stage record are already there (an added backend)
             continue

@@ -127,9 +127,11 @@ def child_export(backend: str, layers: int, out: Path, seq: int, batch: int, thr
     before = {p.name for p in (templates / f"{backend}-templates").glob("*")}
     rss_before = _rss_mb()
     t0 = time.perf_counter()
-    export.export_artifacts(backend, model, out, seq_len=seq, max_batch=batch, optimizer="adamw",
-                            template_root=None if backend == "executorch" else templates, run_id=source.run_id,
-                            stage=source.stage, groups=source.groups, anchors=source.anchors)
+    export.export_artifacts(backend, model, out,
+                            export.StageInfo(run_id=source.run_id, stage=source.stage, groups=source.groups,
+                                             anchors=source.anchors),
+                            seq_len=seq, max_batch=batch, optimizer="adamw",
+                            template_root=None if backend == "executorch" else templates)
     export_s = time.perf_counter() - t0
     traced = backend == "executorch" or {p.name for p in (templates / f"{backend}-templates").glob("*")} != before
     unique = {id(p): p for p in model.parameters()}.values()

@@ -12,54 +12,51 @@ This package sits below the server: it takes a PEFT submodel and writes files pl
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.batching import DEFAULT_SEQ_LEN
+from export.publish import StageInfo
 
 FORMATS = ("onnx", "ort", "executorch")
+
+__all__ = ["FORMATS", "StageInfo", "export_artifacts"]
 
 
 def export_artifacts(
     fmt: str,
     peft_model: Any,
     out_dir: str | os.PathLike[str],
+    info: StageInfo = StageInfo(),
     *,
     seq_len: int = DEFAULT_SEQ_LEN,
     template_root: str | os.PathLike[str] | None = None,
-    run_id: str = "",
-    stage: int = 0,
-    groups: Sequence[Sequence[int]] | None = None,
-    anchors: Sequence[int] | None = None,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
     optimizer: str = "adamw",
     max_batch: int = 4,
 ) -> Path:
-    """Write `peft_model`'s artifacts in format `fmt` into out_dir (atomically) and return it.
+    """Write `peft_model`'s artifacts in format `fmt` into out_dir (atomically) and return it; the manifest
+    records `info` (run, stage, layer groups, anchors, tokenizer).
 
     `template_root` caches traced graphs by shape (onnx, ort): a later submodel of the same shape
     only gets its weights written. ExecuTorch programs embed their weights and are traced each time.
     """
-    meta: dict[str, Any] = dict(run_id=run_id, stage=stage, groups=groups, anchors=anchors,
-                                tokenizer_dir=tokenizer_dir, seq_len=seq_len)
     if fmt == "onnx":
         from export.onnx import export_onnx_artifacts
 
         if template_root is None:
             raise ValueError("the onnx format needs a template_root to cache its traced graphs in")
-        return export_onnx_artifacts(peft_model, out_dir, Path(template_root) / "onnx-templates", optimizer=optimizer,
-                                     **meta)
+        return export_onnx_artifacts(peft_model, out_dir, Path(template_root) / "onnx-templates", info,
+                                     seq_len=seq_len, optimizer=optimizer)
     if fmt == "ort":
         from export.cached import export_stage_cached
         from export.ort import export_ort_artifacts
 
         if template_root is None:
-            return export_ort_artifacts(peft_model, out_dir, optimizer=optimizer, **meta)
-        return export_stage_cached(peft_model, out_dir, Path(template_root) / "ort-templates", optimizer=optimizer,
-                                   **meta)
+            return export_ort_artifacts(peft_model, out_dir, info, optimizer=optimizer, seq_len=seq_len)
+        return export_stage_cached(peft_model, out_dir, Path(template_root) / "ort-templates", info,
+                                   optimizer=optimizer, seq_len=seq_len)
     if fmt == "executorch":
         from export.executorch import export_executorch_artifacts
 
-        return export_executorch_artifacts(peft_model, out_dir, max_batch=max_batch, **meta)
+        return export_executorch_artifacts(peft_model, out_dir, info, seq_len=seq_len, max_batch=max_batch)
     raise ValueError(f"artifact format {fmt!r} is not one of {FORMATS}")

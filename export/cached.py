@@ -13,8 +13,6 @@ writing a fresh checkpoint from the submodel's tensors.
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 from export import naming
 from export.common import shape_key
 from export.ort import export_ort_artifacts
-from export.publish import publish_stage, staging
+from export.publish import StageInfo, publish_from_template
 
 GRAPHS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 CHECKPOINT = "checkpoint"
@@ -71,12 +69,8 @@ def export_stage_cached(
     peft_model: Any,
     out_dir: str | os.PathLike[str],
     template_root: str | os.PathLike[str],
+    info: StageInfo = StageInfo(),
     *,
-    run_id: str = "",
-    stage: int = 0,
-    groups: Sequence[Sequence[int]] | None = None,
-    anchors: Sequence[int] | None = None,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
     optimizer: str = "adamw",
     seq_len: int = DEFAULT_SEQ_LEN,
 ) -> Path:
@@ -87,9 +81,6 @@ def export_stage_cached(
         export_ort_artifacts(peft_model, template, optimizer=optimizer, seq_len=seq_len)
     manifest = load_manifest(template)
     trainable, frozen = _checkpoint_names(template / CHECKPOINT)
-    with staging(out_dir) as (out, build):
-        for name in GRAPHS:
-            shutil.copyfile(template / name, build / name)
-        write_checkpoint(peft_model, build / CHECKPOINT, trainable, frozen)
-        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
-                             anchors=anchors, tokenizer_dir=tokenizer_dir)
+    return publish_from_template(template, GRAPHS,
+                                 lambda build: write_checkpoint(peft_model, build / CHECKPOINT, trainable, frozen),
+                                 out_dir, manifest, peft_model, info)

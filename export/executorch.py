@@ -48,7 +48,7 @@ from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import eager_attention
 from export.ort import check_exportable
-from export.publish import publish_stage, staging
+from export.publish import StageInfo, publish_stage, staging
 
 IGNORE_INDEX = -100
 PROGRAM = "model.pte"
@@ -228,13 +228,8 @@ def _versions() -> dict[str, Any]:
 def export_executorch_artifacts(
     peft_model: Any,
     out_dir: str | os.PathLike[str],
+    info: StageInfo = StageInfo(),
     *,
-    run_id: str = "",
-    stage: int = 0,
-    groups: Sequence[Sequence[int]] | None = None,
-    anchors: Sequence[int] | None = None,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
-    chat_template: str | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     max_batch: int = 4,
 ) -> Path:
@@ -259,8 +254,7 @@ def export_executorch_artifacts(
         manifest = Manifest(run_id="", stage=0, backend="executorch", model_config={}, trainable=trainable,
                             inputs=list(INPUTS), seq_len=seq_len, optimizer="sgd",
                             versions={**_versions(), "max_batch": max_batch, "min_seq_len": MIN_SEQ_LEN})
-        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
-                             anchors=anchors, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
+        return publish_stage(build, out, manifest, peft_model, info)
 
 
 import_trained_lora = naming.load_lora_into_peft  # the same import-back as ORT's: one name mapping

@@ -54,7 +54,7 @@ from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import eager_attention, json_config, shape_key
-from export.publish import publish, publish_stage, staging
+from export.publish import StageInfo, publish, publish_from_template, staging
 
 FORMAT = "onnx"
 TRAIN_GRAPH = "train.onnx"
@@ -438,12 +438,8 @@ def export_onnx_artifacts(
     peft_model: Any,
     out_dir: str | os.PathLike[str],
     template_root: str | os.PathLike[str],
+    info: StageInfo = StageInfo(),
     *,
-    run_id: str = "",
-    stage: int = 0,
-    groups: Sequence[Sequence[int]] | None = None,
-    anchors: Sequence[int] | None = None,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
     seq_len: int,
     optimizer: str = "adamw",
 ) -> Path:
@@ -463,14 +459,14 @@ def export_onnx_artifacts(
         export_template(peft_model, template, seq_len=seq_len)
         manifest = load_manifest(template, verify_hashes=False)
     manifest.optimizer = optimizer
-    with staging(out_dir) as (out, build):
-        for name in (TRAIN_GRAPH, EVAL_GRAPH):
-            shutil.copyfile(template / name, build / name)
+
+    def write_weights(build: Path) -> None:
         restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build)
         lora = {t.peft_name: peft_model.state_dict()[t.peft_name].detach().cpu().numpy() for t in manifest.trainable}
         save_file(lora, str(build / INITIAL_LORA))
-        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
-                             anchors=anchors, tokenizer_dir=tokenizer_dir)
+
+    return publish_from_template(template, (TRAIN_GRAPH, EVAL_GRAPH), write_weights, out_dir, manifest, peft_model,
+                                 info)
 
 
 def import_trained_lora(peft_model: Any, trained: Mapping[str, np.ndarray]) -> None:

@@ -20,7 +20,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import eager_attention
-from export.publish import publish_stage, staging
+from export.publish import StageInfo, publish_stage, staging
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt tokens: assistant-only loss)
 OPTIMIZER_IR_VERSION = 10  # onnx 1.23 writes IR 14 for the optimizer graph; ORT 1.19 reads at most 10
@@ -193,13 +193,8 @@ def _versions(model: onnx.ModelProto, opset: int) -> dict[str, Any]:
 def export_ort_artifacts(
     peft_model: Any,
     out_dir: str | os.PathLike[str],
+    info: StageInfo = StageInfo(),
     *,
-    run_id: str = "",
-    stage: int = 0,
-    groups: Sequence[Sequence[int]] | None = None,
-    anchors: Sequence[int] | None = None,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
-    chat_template: str | None = None,
     optimizer: str = "adamw",
     seq_len: int = DEFAULT_SEQ_LEN,
     opset: int = 18,
@@ -220,8 +215,7 @@ def export_ort_artifacts(
         manifest = Manifest(run_id="", stage=0, backend="ort", model_config={}, seq_len=seq_len,
                             trainable=_trainable_specs(model, trainable), inputs=list(INPUTS),
                             versions=_versions(model, opset), optimizer=optimizer)
-        return publish_stage(build, out, manifest, peft_model, run_id=run_id, stage=stage, groups=groups,
-                             anchors=anchors, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
+        return publish_stage(build, out, manifest, peft_model, info)
 
 
 def import_trained_lora(peft_model: Any, trained: Mapping[str, np.ndarray]) -> None:

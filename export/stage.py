@@ -15,7 +15,7 @@ from typing import Any
 
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import BACKENDS, Manifest, load_manifest
-from export import export_artifacts, naming
+from export import StageInfo, export_artifacts, naming
 
 DEFAULT_MAX_BATCH = 4  # ExecuTorch plans activation memory for this batch size
 
@@ -56,9 +56,10 @@ def export_submodel(
         raise ExportError("the onnx format needs a template_root to cache its traced graphs in")
     with tempfile.TemporaryDirectory() as tok_dir:
         source.tokenizer.save_pretrained(tok_dir)
-        out = export_artifacts(backend, source.peft_model, out_dir, seq_len=seq_len, template_root=template_root,
-                               run_id=source.run_id, stage=source.stage, groups=source.groups,
-                               anchors=source.anchors, tokenizer_dir=tok_dir, optimizer=optimizer, max_batch=max_batch)
+        info = StageInfo(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors,
+                         tokenizer_dir=tok_dir)
+        out = export_artifacts(backend, source.peft_model, out_dir, info, seq_len=seq_len, template_root=template_root,
+                               optimizer=optimizer, max_batch=max_batch)
     verify(out, source.peft_model)
     return out
 

@@ -45,7 +45,7 @@ import torch
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.protocol import ARTIFACT_FORMATS
-from export import export_artifacts
+from export import StageInfo, export_artifacts
 
 from .aggregation import adaptive_norm_bound, cap_samples, lower_median
 from .artifact_server import ArtifactServer
@@ -206,9 +206,10 @@ class FleetExecutor(ClientExecutor):
         for fmt in self.stage_formats():
             t0 = time.perf_counter()
             dirs[fmt] = export_artifacts(
-                fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / fmt, seq_len=self.cfg.seq_len,
-                template_root=self.settings.export_template_dir or cache_root(), run_id=self.run_id, stage=stage,
-                groups=plan.groups, anchors=plan.anchors, tokenizer_dir=self.tokenizer_dir)
+                fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / fmt,
+                StageInfo(run_id=self.run_id, stage=stage, groups=plan.groups, anchors=plan.anchors,
+                          tokenizer_dir=self.tokenizer_dir),
+                seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root())
             seconds[fmt] = round(time.perf_counter() - t0, 2)
         return self.serve_stage(stage, dirs, export_s=seconds)
 

@@ -27,7 +27,7 @@ needs_plain_onnxruntime = pytest.mark.skipif(
 def artifacts(tmp_path_factory):
     # graphs cached per shape under DEVFT_CACHE/onnx-templates: only the first run on a machine traces (~1 min)
     return export.export_artifacts("onnx", make_peft_model(), tmp_path_factory.mktemp("bench") / "stage",
-                                   seq_len=32, stage=2, template_root=cache_root())
+                                   export.StageInfo(stage=2), seq_len=32, template_root=cache_root())
 
 
 def _bench(artifacts: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ pytest.importorskip("executorch", reason="executorch is not installed: pip insta
 
 from edge_runtime.backends.executorch_backend import ExecuTorchTrainer  # noqa: E402
 from edge_runtime.manifest import load_manifest  # noqa: E402
+from export import StageInfo  # noqa: E402
 from export.executorch import export_executorch_artifacts, import_trained_lora  # noqa: E402
 from tests.export_helpers import (  # noqa: E402
     REPO,
@@ -41,11 +42,7 @@ def tiny(tmp_path_factory):
     out = export_executorch_artifacts(
         peft_model,
         tmp_path_factory.mktemp("tiny") / "stage1",
-        run_id="run-test",
-        stage=1,
-        groups=[[0], [1]],
-        anchors=[0, 1],
-        tokenizer_dir=tokenizer_dir,
+        StageInfo(run_id="run-test", stage=1, groups=[[0], [1]], anchors=[0, 1], tokenizer_dir=tokenizer_dir),
         seq_len=64,
         max_batch=4,
     )

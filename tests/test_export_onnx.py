@@ -24,7 +24,7 @@ import torch
 from edge_runtime.backends.onnx_backend import OnnxTrainer, RuntimeTooOld, check_runtime
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from edge_runtime.optim import AdamW
-from export import naming
+from export import StageInfo, naming
 from export.onnx import EVAL_GRAPH, TRAIN_GRAPH, WEIGHTS_DIR, export_onnx_artifacts, template_key
 from server_sdk.trainer import token_losses
 from tests.export_helpers import ALL_TARGETS, make_batch
@@ -56,8 +56,8 @@ def torch_loss_and_grads(peft_model, ids, labels) -> tuple[float, dict[str, np.n
 def exported(tmp_path_factory):
     model = make_peft_model()
     root = tmp_path_factory.mktemp("onnx")
-    out = export_onnx_artifacts(model, root / "stage0", root / "templates", run_id="r", stage=0, groups=[[0], [1]],
-                                anchors=[0, 1], seq_len=64)
+    out = export_onnx_artifacts(model, root / "stage0", root / "templates",
+                                StageInfo(run_id="r", stage=0, groups=[[0], [1]], anchors=[0, 1]), seq_len=64)
     return model, out, root
 
 
@@ -159,7 +159,8 @@ def test_cached_template_restamps_new_weights(exported, tmp_path):
     model, out, root = exported
     other = make_peft_model(seed=7)
     assert template_key(other, seq_len=64) == template_key(model, seq_len=64)
-    out2 = export_onnx_artifacts(other, tmp_path / "stage1", root / "templates", run_id="r", stage=1, seq_len=64)
+    out2 = export_onnx_artifacts(other, tmp_path / "stage1", root / "templates", StageInfo(run_id="r", stage=1),
+                                 seq_len=64)
     assert (out2 / TRAIN_GRAPH).read_bytes() == (out / TRAIN_GRAPH).read_bytes()
     manifest = load_manifest(out2)
     assert manifest.stage == 1

@@ -26,7 +26,7 @@ from edge_runtime.manifest import (
     ManifestError,
     load_manifest,
 )
-from export import naming
+from export import StageInfo, naming
 from export.ort import export_ort_artifacts, import_trained_lora
 from tests.export_helpers import (
     ALL_TARGETS,
@@ -56,11 +56,7 @@ def tiny(tmp_path_factory):
     out = export_ort_artifacts(
         peft_model,
         tmp_path_factory.mktemp("tiny") / "stage1",
-        run_id="run-test",
-        stage=1,
-        groups=[[0], [1]],
-        anchors=[0, 1],
-        tokenizer_dir=tokenizer_dir,
+        StageInfo(run_id="run-test", stage=1, groups=[[0], [1]], anchors=[0, 1], tokenizer_dir=tokenizer_dir),
         seq_len=64,
     )
     return peft_model, out
