@@ -42,7 +42,7 @@ from typing import Any
 from edge_runtime.bench import DEFAULT_BATCH, DEFAULT_SEQ, append_rows, machine_info, measure, summary_line
 from edge_runtime.telemetry import DEVICE_PROFILES
 
-from .export import DEFAULT_LEGACY_PYTHON, Envs, load_average
+from .export import DEFAULT_LEGACY_PYTHON, Envs, TorchStep, load_average
 from .results_md import RESULTS_MD, replace_block
 
 ROOT = Path(__file__).resolve().parent
@@ -151,33 +151,6 @@ def _build(todo: dict[int, list[str]]) -> None:
 # --------------------------------------------------------------------------- eager torch worker
 
 
-class TorchTrainer:
-    """The step devft's simulated clients take (server_sdk.trainer): token losses, AdamW on LoRA."""
-
-    def __init__(self, model_dir: Path, threads: int | None):
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        from server_sdk.trainer import token_losses
-
-        if threads:
-            torch.set_num_threads(threads)
-        base = AutoModelForCausalLM.from_pretrained(model_dir / "base", dtype=torch.float32, attn_implementation="eager")
-        self.model = PeftModel.from_pretrained(base, model_dir / "adapter", is_trainable=True)
-        self.model.train()
-        params = [p for n, p in self.model.named_parameters() if "lora_" in n]
-        self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-        self.torch, self.token_losses = torch, token_losses
-
-    def train_step(self, ids: Any, labels: Any) -> float:
-        loss = self.token_losses(self.model, self.torch.from_numpy(ids), self.torch.from_numpy(labels))[0].mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return float(loss.detach())
-
-
 def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None, prompt_fraction: float = 0.0,
               ) -> dict[str, Any]:
     import torch
@@ -186,7 +159,7 @@ def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None, pro
     config = json.loads((model_dir / "base" / "config.json").read_text())
     return measure(model_dir, backend="torch", steps=steps, warmup=warmup, threads=threads, lr=LR,
                    prompt_fraction=prompt_fraction,
-                   make_trainer=lambda: TorchTrainer(model_dir, threads), model_config=config,
+                   make_trainer=lambda: TorchStep.saved(model_dir, threads, LR), model_config=config,
                    versions={"runtime": f"torch=={torch.__version__}", "transformers": transformers.__version__,
                              "attention": "eager (as devft's simulated clients)"})
 

@@ -154,22 +154,43 @@ def make_batch(vocab: int, batch: int, seq: int, prompt_fraction: float) -> tupl
 
 
 class TorchStep:
-    """devft's simulated client step (server_sdk.trainer): token_losses (answer-only LM head), AdamW on LoRA."""
+    """devft's simulated client step (server_sdk.trainer): token_losses (answer-only LM head), AdamW on LoRA.
 
-    def __init__(self, submodel: Path, threads: int, lr: float = 1e-4):
+    The eager torch reference of this benchmark and of benchmarks/device.py; `pickled` loads the submodel
+    this module's children train, `saved` the base + adapter directories device.py writes."""
+
+    def __init__(self, model: Any, lr: float = 1e-4):
         import torch
 
         from server_sdk.trainer import token_losses
 
-        torch.set_num_threads(threads)
         self.torch, self.token_losses = torch, token_losses
-        self.model = torch.load(submodel, weights_only=False)
+        self.model = model
         self.vocab = self.model.get_base_model().config.vocab_size
         params = [p for n, p in self.model.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.model.train()
+
+    @classmethod
+    def pickled(cls, submodel: Path, threads: int, lr: float = 1e-4) -> TorchStep:
+        import torch
+
+        torch.set_num_threads(threads)
+        return cls(torch.load(submodel, weights_only=False), lr)
+
+    @classmethod
+    def saved(cls, model_dir: Path, threads: int | None, lr: float = 1e-4) -> TorchStep:
+        """From `model_dir`/base (a transformers model) and `model_dir`/adapter (its PEFT LoRA)."""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        base = AutoModelForCausalLM.from_pretrained(model_dir / "base", dtype=torch.float32, attn_implementation="eager")
+        return cls(PeftModel.from_pretrained(base, model_dir / "adapter", is_trainable=True), lr)
 
     def train_step(self, ids: Any, labels: Any) -> float:
         loss = self.token_losses(self.model, self.torch.from_numpy(ids), self.torch.from_numpy(labels))[0].mean()
@@ -186,7 +207,7 @@ def child_train(backend: str, stage_dir: Path, batch: int, seq: int, warmup: int
     t0 = time.perf_counter()
     trainer: Any
     if backend == "torch":
-        trainer = TorchStep(stage_dir / SUBMODEL, threads)
+        trainer = TorchStep.pickled(stage_dir / SUBMODEL, threads)
         vocab = trainer.vocab
     else:
         from edge_runtime.manifest import load_manifest
