@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends import check_batch_shape, check_lora_set
-from edge_runtime.manifest import Manifest, TensorSpec, load_manifest
+from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
+from edge_runtime.manifest import TensorSpec
 
 PROGRAM = "model.pte"  # names written by export/executorch.py; the manifest's versions repeat them
 TRAINABLE_DATA = "lora.ptd"
@@ -46,10 +45,7 @@ class ExecuTorchTrainer:
         expected_trainable: list[TensorSpec] | Mapping[str, Any] | None = None,
         momentum: float = 0.0,
     ):
-        self.dir = Path(artifact_dir)
-        self.manifest: Manifest = load_manifest(self.dir, expected_trainable)
-        if self.manifest.backend != "executorch":
-            raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not 'executorch'")
+        self.dir, self.manifest = open_artifacts(artifact_dir, "executorch", expected_trainable)
         versions = self.manifest.versions
         self._max_batch = int(versions.get("max_batch", 1))
         self._min_seq = int(versions.get("min_seq_len", 3))

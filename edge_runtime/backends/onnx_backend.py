@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends import check_batch_shape, check_lora_set
-from edge_runtime.manifest import Manifest, TensorSpec, load_manifest
+from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
+from edge_runtime.manifest import TensorSpec
 from edge_runtime.optim import make_optimizer
 
 FORMAT = "onnx"
@@ -184,10 +184,7 @@ class OnnxTrainer:
         trainable: Iterable[str] | None = None,
         session: SessionChoices = DEFAULT_SESSION,
     ) -> None:
-        self.dir = Path(artifact_dir)
-        self.manifest: Manifest = load_manifest(self.dir, expected_trainable)
-        if self.manifest.backend != FORMAT:
-            raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not {FORMAT!r}")
+        self.dir, self.manifest = open_artifacts(artifact_dir, FORMAT, expected_trainable)
         versions = self.manifest.versions
         check_runtime(str(versions.get("min_onnxruntime", MIN_ONNXRUNTIME)))
         self._threads, self.session_choices = threads, session

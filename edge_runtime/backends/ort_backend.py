@@ -15,13 +15,12 @@ import os
 import sys
 import types
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends import check_batch_shape, check_lora_set
-from edge_runtime.manifest import Manifest, TensorSpec, load_manifest
+from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
+from edge_runtime.manifest import TensorSpec
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
@@ -75,10 +74,7 @@ class OrtTrainer:
         threads: int | None = None,
         expected_trainable: list[TensorSpec] | Mapping[str, Any] | None = None,
     ):
-        self.dir = Path(artifact_dir)
-        self.manifest: Manifest = load_manifest(self.dir, expected_trainable)
-        if self.manifest.backend != "ort":
-            raise ValueError(f"{self.dir} holds {self.manifest.backend!r} artifacts, not 'ort'")
+        self.dir, self.manifest = open_artifacts(artifact_dir, "ort", expected_trainable)
         api = training_api()
         from onnxruntime import SessionOptions  # already loaded by training_api
 
