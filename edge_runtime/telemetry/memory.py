@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge_runtime.telemetry.poller import Poller
+
 try:
     import psutil
 except ImportError:  # e.g. Android builds without psutil: fall back to /proc
@@ -64,8 +66,7 @@ class PeakRssSampler:
         self.samples = 0
         self._ru_at_start: int | None = None
         self._changed = threading.Condition()
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Poller("PeakRssSampler", self._tick, lambda: 1.0 / self.hz)
 
     def _sample(self) -> None:
         rss = self.read_rss()
@@ -74,12 +75,11 @@ class PeakRssSampler:
             self.samples += 1
             self._changed.notify_all()
 
-    def _run(self) -> None:
-        while not self._stop_event.wait(1.0 / self.hz):
-            try:
-                self._sample()
-            except Exception:  # keep sampling; the report still has start/stop samples
-                log.warning("RSS sample failed", exc_info=True)
+    def _tick(self) -> None:
+        try:
+            self._sample()
+        except Exception:  # keep sampling; the report still has start/stop samples
+            log.warning("RSS sample failed", exc_info=True)
 
     def wait_for_samples(self, n: int = 1, timeout_s: float = 10.0) -> bool:
         """Block until the thread has taken ``n`` more samples; False on timeout."""
@@ -91,17 +91,11 @@ class PeakRssSampler:
         self._ru_at_start = ru_maxrss_bytes()
         self.peak_bytes = 0
         self.samples = 0
-        self._stop_event.clear()
         self._sample()
-        self._thread = threading.Thread(target=self._run, name="rss sampler", daemon=True)
-        self._thread.start()
+        self._poller.start("rss sampler")
 
     def stop(self) -> PeakRss:
-        if self._thread is None:
-            raise RuntimeError("PeakRssSampler.stop() called before start()")
-        self._stop_event.set()
-        self._thread.join()
-        self._thread = None
+        self._poller.stop()
         self._sample()
         ru_end = ru_maxrss_bytes()
         sampled = f"sampled@{self.hz:g}Hz"

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_runtime.telemetry.poller import Poller
 from edge_runtime.telemetry.profiles import PowerModel, power_model
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class SampledPowerMeter(EnergyMeter):
         self.clock = clock
         self.failed_samples = 0
         self._integrator = PowerIntegrator()
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Poller(type(self).__name__, self._tick, lambda: self.interval_s)
 
     @abstractmethod
     def read_watts(self) -> float: ...
@@ -106,28 +106,21 @@ class SampledPowerMeter(EnergyMeter):
         watts = self.read_watts()
         self._integrator.add(self.clock(), watts)
 
-    def _run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            try:
-                self._sample()
-            except Exception:  # a flaky sensor read: log it, integrate across the gap
-                self.failed_samples += 1
-                log.warning("%s: power sample failed, skipping it", self.label, exc_info=True)
+    def _tick(self) -> None:
+        try:
+            self._sample()
+        except Exception:  # a flaky sensor read: log it, integrate across the gap
+            self.failed_samples += 1
+            log.warning("%s: power sample failed, skipping it", self.label, exc_info=True)
 
     def start(self) -> None:
         self._integrator = PowerIntegrator()
-        self._stop_event.clear()
         self.failed_samples = 0
         self._sample()
-        self._thread = threading.Thread(target=self._run, name=f"{self.label} sampler", daemon=True)
-        self._thread.start()
+        self._poller.start(f"{self.label} sampler")
 
     def stop(self) -> float:
-        if self._thread is None:
-            raise RuntimeError(f"{type(self).__name__}.stop() called before start()")
-        self._stop_event.set()
-        self._thread.join()
-        self._thread = None
+        self._poller.stop()
         try:
             self._sample()
         except Exception:
@@ -209,8 +202,7 @@ class RaplMeter(EnergyMeter):
         self._lock = threading.Lock()
         self._last: list[int] = []
         self._total_uj = 0
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Poller("RaplMeter", self._tick, lambda: self.poll_interval_s)
 
     def poll(self) -> None:
         """Fold the counters' increase since the last poll into the total."""
@@ -220,27 +212,20 @@ class RaplMeter(EnergyMeter):
                 self._total_uj += wrapped_delta(before, after, domain.max_energy_range_uj)
             self._last = now
 
-    def _run(self) -> None:
-        while not self._stop_event.wait(self.poll_interval_s):
-            try:
-                self.poll()
-            except OSError:
-                log.warning("RAPL poll failed; a counter wrap may be missed", exc_info=True)
+    def _tick(self) -> None:
+        try:
+            self.poll()
+        except OSError:
+            log.warning("RAPL poll failed; a counter wrap may be missed", exc_info=True)
 
     def start(self) -> None:
         with self._lock:
             self._last = [d.read_uj() for d in self.domains]
             self._total_uj = 0
-        self._stop_event.clear()
-        self._thread = threading.Thread(target=self._run, name="rapl poller", daemon=True)
-        self._thread.start()
+        self._poller.start("rapl poller")
 
     def stop(self) -> float:
-        if self._thread is None:
-            raise RuntimeError("RaplMeter.stop() called before start()")
-        self._stop_event.set()
-        self._thread.join()
-        self._thread = None
+        self._poller.stop()
         self.poll()
         return self._total_uj / 1e6
 
