@@ -21,7 +21,7 @@ import onnx
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import MANIFEST_NAME, load_manifest
 from export import naming
-from export.common import shape_key
+from export.common import model_tensors, shape_key
 from export.ort import export_ort_artifacts
 from export.publish import StageInfo, publish_from_template
 
@@ -50,16 +50,10 @@ def write_checkpoint(peft_model: Any, path: Path, trainable: list[str], frozen: 
     """An ORT checkpoint holding `peft_model`'s current tensors under the template's names."""
     from onnxruntime.capi._pybind_state import save_checkpoint
 
-    state = {**dict(peft_model.named_buffers()), **peft_model.state_dict()}  # buffers: rotary inv_freq
+    state = model_tensors(peft_model)
 
     def proto(name: str) -> bytes:
-        key = naming.to_peft_name(name)
-        if key not in state:
-            alias = naming.tied_alias(key)
-            if alias is None or alias not in state:
-                raise KeyError(f"template tensor {name!r} has no counterpart {key!r} in the submodel; "
-                               "delete the export template cache and retry")
-            key = alias
+        key = naming.state_key(state, name, "template tensor")
         return onnx.numpy_helper.from_array(state[key].detach().cpu().numpy(), name).SerializeToString()
 
     save_checkpoint([proto(n) for n in trainable], [proto(n) for n in frozen], str(path), False)

@@ -58,14 +58,23 @@ def stable(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
+def model_tensors(peft_model: Any) -> dict[str, Any]:
+    """Every tensor of the submodel by PEFT name: the state dict plus buffers (rotary inv_freq)."""
+    return {**dict(peft_model.named_buffers()), **peft_model.state_dict()}
+
+
+def weight_bytes(peft_model: Any) -> int:
+    """Bytes of the submodel's parameters, tied ones counted once."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in peft_model.parameters()}.values())
+
+
 def shape_key(peft_model: Any, tools: tuple[str, ...], **extra: Any) -> str:
     """Hash of everything a traced graph depends on: model config, LoRA config (rank, alpha, targets:
     the scaling is a constant in the graph), tensor shapes, the versions of `tools`, and `extra`."""
-    import torch  # export side only
 
     peft_cfg = {k: {f: x for f, x in stable(v.to_dict()).items() if f not in ("base_model_name_or_path", "revision")}
                 for k, v in peft_model.peft_config.items()}
-    tensors: dict[str, torch.Tensor] = {**dict(peft_model.named_buffers()), **peft_model.state_dict()}
+    tensors = model_tensors(peft_model)
     config = {k: v for k, v in json_config(peft_model).items() if k != "_name_or_path"}  # a path, not a shape
     blob = json.dumps({"config": config, "lora_config": peft_cfg, "shapes": {k: list(v.shape) for k, v in tensors.items()},
                        "versions": {t: version(t) for t in tools}, **extra}, sort_keys=True, default=str)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import eager_attention
+from export.common import eager_attention, weight_bytes
 from export.ort import check_exportable
 from export.publish import StageInfo, publish_stage, staging
 
@@ -204,7 +204,7 @@ def _write_program(program: Any, out_dir: Path) -> None:
 
 
 def _check_size(peft_model: Any) -> None:
-    nbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in peft_model.parameters()}.values())
+    nbytes = weight_bytes(peft_model)
     if nbytes > MAX_PTE_BYTES:
         raise ValueError(
             f"the submodel has {nbytes / 2**30:.2f} GiB of weights, above the {MAX_PTE_BYTES / 2**30:.2f} GiB this "

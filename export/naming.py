@@ -52,6 +52,19 @@ def tied_alias(peft_name: str) -> str | None:
     return None
 
 
+def state_key(state: Mapping[str, Any], artifact_name: str, what: str) -> str:
+    """The key in a submodel's `state` of the exported tensor `artifact_name`: its PEFT name, or the tied
+    embedding it shares storage with. Raises KeyError naming it as `what` when neither is there."""
+    key = to_peft_name(artifact_name)
+    if key not in state:
+        alias = tied_alias(key)
+        if alias is None or alias not in state:
+            raise KeyError(f"{what} {artifact_name!r} has no counterpart {key!r} in the submodel; delete the "
+                           "export template cache and retry")
+        key = alias
+    return key
+
+
 def lora_peft_names(keys: Iterable[str]) -> list[str]:
     """The LoRA keys of a PEFT state_dict, sorted, i.e. the tensors a device trains."""
     return sorted(k for k in keys if is_lora(k))

@@ -53,7 +53,7 @@ from safetensors.numpy import save_file
 from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import eager_attention, json_config, shape_key
+from export.common import eager_attention, json_config, model_tensors, shape_key
 from export.publish import StageInfo, publish, publish_from_template, staging
 
 FORMAT = "onnx"
@@ -356,23 +356,13 @@ def prune_to_outputs(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelP
     return out
 
 
-def _model_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
-    return {**dict(peft_model.named_buffers()), **peft_model.state_dict()}  # buffers: rotary inv_freq
-
-
 def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path) -> None:
     """Write `peft_model`'s tensors into the weight files `graph` points to (a cached graph, a new stage)."""
-    state = _model_tensors(peft_model)
+    state = model_tensors(peft_model)
     for init in graph.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        key = naming.to_peft_name(init.name)
-        if key not in state:
-            alias = naming.tied_alias(key)
-            if alias is None or alias not in state:
-                raise KeyError(f"graph weight {init.name!r} has no counterpart {key!r} in the submodel; delete the "
-                               "export template cache and retry")
-            key = alias
+        key = naming.state_key(state, init.name, "graph weight")
         array = state[key].detach().cpu().numpy()
         if list(array.shape) != list(init.dims):
             raise ValueError(f"{key}: the submodel has shape {list(array.shape)}, the cached graph {list(init.dims)}; "

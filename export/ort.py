@@ -32,7 +32,7 @@ import torch
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import eager_attention
+from export.common import eager_attention, weight_bytes
 from export.publish import StageInfo, publish_stage, staging
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt tokens: assistant-only loss)
@@ -82,7 +82,7 @@ def check_exportable(peft_model: Any, optimizer: str, seq_len: int) -> None:
 
 
 def _check_size(peft_model: Any) -> None:
-    nbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in peft_model.parameters()}.values())
+    nbytes = weight_bytes(peft_model)
     if nbytes > MAX_PROTO_BYTES:
         raise ValueError(
             f"the submodel has {nbytes / 2**30:.2f} GiB of weights, above the {MAX_PROTO_BYTES / 2**30:.2f} GiB "
