@@ -18,6 +18,14 @@ def test_naming_round_trip_and_tied_embedding():
         naming.to_peft_name("onnx::MatMul_123")
 
 
+def test_state_key_finds_a_tensor_or_its_tied_twin_and_names_what_is_missing():
+    head, emb = "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"
+    assert naming.state_key({head: 1}, naming.to_artifact_name(head), "graph weight") == head
+    assert naming.state_key({emb: 1}, naming.to_artifact_name(head), "graph weight") == emb  # tied: stored once
+    with pytest.raises(KeyError, match=r"template tensor 'model\.x' has no counterpart 'x' in the submodel; delete"):
+        naming.state_key({head: 1}, "model.x", "template tensor")
+
+
 def test_manifest_round_trip_covers_nested_files(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.bin").write_bytes(b"abc")
