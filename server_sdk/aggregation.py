@@ -24,11 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from .lora import LoraState
-from .trainer import ClientResult
+if TYPE_CHECKING:
+    from .lora import LoraState
+    from .trainer import ClientResult
 
 TRIM_FRACTION = 0.2  # Flower's FedTrimmedAvg default `beta`
 ROBUST_CLIP_K = 3.0  # the robust rules clip deltas to this many lower-median norms

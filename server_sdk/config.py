@@ -19,6 +19,8 @@ from typing import Any
 
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 
+from .tasks import TASK_NAMES
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTITIONS = ("task", "dirichlet", "iid")
 ACCURACY_EVERY = ("round", "stage", "end", "never")
@@ -227,18 +229,6 @@ class RunConfig:
         return self
 
 
-# Tasks a 135M model can learn in a few hundred steps, with small generator settings
-# (short prompts and answers, so seq_len 128 holds them). Name -> reasoning-gym kwargs.
-TASKS: dict[str, dict[str, Any]] = {
-    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
-    "spell_backward": {"min_word_len": 3, "max_word_len": 6},
-    "word_sequence_reversal": {"min_words": 3, "max_words": 4},
-    "letter_counting": {"min_words": 3, "max_words": 5},
-    "count_bits": {"max_n": 255},
-    "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 2, "max_value": 60},
-}
-TASK_NAMES = frozenset(TASKS)
 # fields added after the first benchmark runs were cached, with their defaults (RunConfig.identity)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64}

@@ -13,13 +13,16 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_runtime.batching import join
 
-from .config import TASKS, DataSettings
+from .tasks import TASKS
+
+if TYPE_CHECKING:
+    from .config import DataSettings
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -26,9 +27,11 @@ from transformers import LlamaForCausalLM
 
 from edge_runtime.batching import collate
 
-from .config import RunConfig
 from .lora import LoraState, attach_lora, write_lora
 from .submodel import share_model
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 HEAL_SEED_BASE = 20_000_003  # generator seeds of heal prompts: disjoint from shards (seed*7919+t) and eval (1e7+)
 HealLoss = Callable[[torch.Tensor, torch.Tensor, torch.nn.Module], torch.Tensor]

@@ -8,6 +8,7 @@ checkpoint; PEFT models are only read from and written to at the edges.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -15,7 +16,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import LlamaForCausalLM
 
-from .config import LoraSettings
+if TYPE_CHECKING:
+    from .config import LoraSettings
 
 LoraState = dict[str, torch.Tensor]
 _CANON = re.compile(r"^layers\.(\d+)\.(.+)\.(lora_[AB])$")

@@ -5,16 +5,19 @@ the stage ends. The strategy (strategies/) makes the plan and picks the rules.""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .config import LoraSettings
 from .fusion import TRANSFERS, fuse_group, pick
 from .grouping import Groups
 from .lora import LoraState, attach_lora, layer_slice, with_layer, write_lora
+
+if TYPE_CHECKING:
+    from .config import LoraSettings
 
 
 @dataclass
