@@ -252,7 +252,8 @@ CLEAN = {
     "export/onnx.py": "from export import LIMIT\nfrom . import naming\n",
     "export/naming.py": "def to_name(x):\n    return x\n",
     "server_sdk/__init__.py": "",
-    "server_sdk/fleet.py": "import export.onnx\nfrom export import naming\nfrom server_sdk.config import Y\n\nX = naming.to_name(Y)\n",
+    "server_sdk/fleet.py": "import export.onnx\nfrom export import naming\nfrom server_sdk.config import Y\n\n"
+                           "X = naming.to_name(Y)\n",
     "server_sdk/config.py": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:  # not a run-time arrow: no cycle\n"
                             "    from server_sdk.fleet import X\n\nY = 1\n",
     "benchmarks/__init__.py": "",
