@@ -63,9 +63,12 @@ def model_tensors(peft_model: Any) -> dict[str, Any]:
     return {**dict(peft_model.named_buffers()), **peft_model.state_dict()}
 
 
-def weight_bytes(peft_model: Any) -> int:
-    """Bytes of the submodel's parameters, tied ones counted once."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in peft_model.parameters()}.values())
+def check_weight_bytes(peft_model: Any, limit: int, what: str) -> None:
+    """Refuse a submodel whose parameters (tied ones counted once) exceed `limit` bytes, before the slow export;
+    `what` names the limit and says what to do."""
+    nbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in peft_model.parameters()}.values())
+    if nbytes > limit:
+        raise ValueError(f"the submodel has {nbytes / 2**30:.2f} GiB of weights, above the {limit / 2**30:.2f} GiB {what}")
 
 
 def shape_key(peft_model: Any, tools: tuple[str, ...], **extra: Any) -> str:

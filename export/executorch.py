@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import eager_attention, weight_bytes
+from export.common import check_weight_bytes, eager_attention
 from export.ort import check_exportable
 from export.publish import StageInfo, publish_stage, staging
 
@@ -204,12 +204,8 @@ def _write_program(program: Any, out_dir: Path) -> None:
 
 
 def _check_size(peft_model: Any) -> None:
-    nbytes = weight_bytes(peft_model)
-    if nbytes > MAX_PTE_BYTES:
-        raise ValueError(
-            f"the submodel has {nbytes / 2**30:.2f} GiB of weights, above the {MAX_PTE_BYTES / 2**30:.2f} GiB this "
-            "exporter writes into one .pte; export fewer layers per stage or use the ORT backend (external data)"
-        )
+    check_weight_bytes(peft_model, MAX_PTE_BYTES, "this exporter writes into one .pte; export fewer layers per stage "
+                       "or use the ORT backend (external data)")
 
 
 def _versions() -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
-from export.common import eager_attention, weight_bytes
+from export.common import check_weight_bytes, eager_attention
 from export.publish import StageInfo, publish_stage, staging
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt tokens: assistant-only loss)
@@ -82,13 +82,9 @@ def check_exportable(peft_model: Any, optimizer: str, seq_len: int) -> None:
 
 
 def _check_size(peft_model: Any) -> None:
-    nbytes = weight_bytes(peft_model)
-    if nbytes > MAX_PROTO_BYTES:
-        raise ValueError(
-            f"the submodel has {nbytes / 2**30:.2f} GiB of weights, above the {MAX_PROTO_BYTES / 2**30:.2f} GiB "
-            "protobuf limit of one ONNX model in memory: export fewer layers per stage, or generate the artifacts "
-            "from a path with external data (needs onnx 1.17.0, see docs/export.md)"
-        )
+    check_weight_bytes(peft_model, MAX_PROTO_BYTES,
+                       "protobuf limit of one ONNX model in memory: export fewer layers per stage, or generate the "
+                       "artifacts from a path with external data (needs onnx 1.17.0, see docs/export.md)")
 
 
 def export_onnx(peft_model: Any, path: Path, *, seq_len: int, opset: int) -> onnx.ModelProto:
