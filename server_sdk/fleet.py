@@ -263,27 +263,32 @@ class FleetExecutor(ClientExecutor):
             self._speculation = None
 
     def _await_ready(self, stage: int) -> None:
-        """Wait until every live device reported this stage's files ready (`info.ready` in a status), at most
-        `stage_ready_timeout_s`, so the stage's first round does not start while devices still download."""
+        """Wait until the live devices and those the stage's first round samples reported this stage's files
+        ready (`info.ready` in a status), at most `stage_ready_timeout_s`, so the stage's first round does not
+        start while devices still download."""
         timeout = self.settings.stage_ready_timeout_s
         if not timeout:
             return
+        from .rounds import sample_clients
+
+        first = {self.device_of(c) for c in sample_clients(self.cfg, stage, 0)}
         t0 = time.time()
-        waiting = self._not_ready()
+        waiting = self._not_ready(first)
         while waiting and time.time() - t0 < timeout:
             time.sleep(0.05)
-            waiting = self._not_ready()
+            waiting = self._not_ready(first)
         self._event("stage_ready", stage=stage, waited_s=round(time.time() - t0, 3), not_ready=sorted(waiting))
         if waiting:
             log.warning("stage %d: %s did not report its files ready within %.0f s; opening the round anyway", stage,
                         sorted(waiting), timeout)
 
-    def _not_ready(self) -> set[str]:
-        """Devices that said hello, are not offline, run a served format, and have not reported its files ready."""
+    def _not_ready(self, expected: set[str]) -> set[str]:
+        """Devices that said hello or are `expected`, are not offline, run a served format (as far as their
+        hello says), and have not reported the stage's files ready."""
         ids = {d.artifact_id for d in self._artifacts.values()}
         offline = self._offline_now()
         with self._status_lock:
-            statuses = dict(self.device_status)
+            statuses = {d: {} for d in expected} | dict(self.device_status)
         waiting = set()
         for device, st in statuses.items():
             formats = st.get("formats")
