@@ -20,7 +20,12 @@ Definitions (per round; every device is sampled in every round):
   Its share of W is the headline number (goal <= 5%). A stricter variant counts only the
   optimizer steps (`duration_s` of the telemetry) as training.
 * artifact throughput: per device, bytes it received for the stage's artifact divided by
-  the seconds it spent in the fetch (prefetch included; `stage_fetch_s`).
+  the seconds it spent in the fetch (`stage_fetch_s`: at the stage start and in its rounds).
+* prefetch (`--no-prefetch` turns it off, for a side-by-side baseline): during a stage's last
+  round the coordinator announces its guess at the next stage's files and devices fetch them
+  when idle; a stage's first round opens once the devices report the stage's files ready
+  (at most `stage_ready_timeout_s`). Per stage: the bytes each device prefetched for it and
+  the coordinator's wait for readiness (part of the stage start, like the export, not of W).
 * bytes on the wire: mosquitto's `$SYS/broker/bytes/received|sent` (MQTT packets, TLS
   records not included), before the coordinator connects and after the devices are gone,
   against the raw payload: tensor bytes of global adapters and updates, and artifact file
@@ -74,9 +79,9 @@ class MeasuredFleetExecutor(FleetExecutor):
     def begin_stage(self, stage, plan, sub_model) -> int:
         sent_before, t0 = self.artifacts.bytes_sent, time.time()
         total = super().begin_stage(stage, plan, sub_model)
-        files = [(f.path, f.sha256, f.size) for f in self._artifact.files]
+        files = [(f.path, f.sha256, f.size) for f in next(iter(self._artifacts.values())).files]
         self.stages.append({"stage": stage, "artifact_bytes": total, "files": files, "announced_unix": time.time(),
-                            "export_and_serve_s": time.time() - t0, "server_chunk_bytes_before": sent_before})
+                            "export_serve_and_ready_s": time.time() - t0, "server_chunk_bytes_before": sent_before})
         return total
 
     def train_round(self, stage, rnd, sampled, global_lora, is_trainable, seeds):
@@ -134,7 +139,8 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
     cfg = bench_config(args)
     base = tiny_random_model(n_layers=args.layers, hidden=args.hidden, seed=0)
     run_dir = work / "transport"
-    settings = FleetSettings(round_timeout_s=args.round_timeout, artifact_bytes_per_s=args.artifact_rate)
+    settings = FleetSettings(round_timeout_s=args.round_timeout, artifact_bytes_per_s=args.artifact_rate,
+                             prefetch_next_stage=args.prefetch, stage_ready_timeout_s=60.0 if args.prefetch else 0.0)
     box: dict = {}
     with LocalFleet(run_dir / "fleet", args.devices) as fleet:
         # test-only: a login of its own (client ids are bound to usernames) that may read the byte counters
@@ -164,7 +170,8 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
         after = counters.read_fresh()
         counters.client.close()
     ex: MeasuredFleetExecutor = box["executor"]
-    return {"config": cfg.to_dict(), "hidden": args.hidden, "total_s": total_s, "exit_codes": codes,
+    return {"config": cfg.to_dict(), "hidden": args.hidden, "prefetch": args.prefetch, "total_s": total_s,
+            "exit_codes": codes,
             "sys_before": before, "sys_after": after, "rounds": ex.rounds, "stages": ex.stages,
             "published": {k: {"messages": v[0], "bytes": v[1]} for k, v in ex.published.items()},
             "server_chunks": {"chunks": ex.artifacts.chunks_sent, "bytes": ex.artifacts.bytes_sent},
@@ -204,6 +211,8 @@ def analyse(raw: dict) -> dict:
     # artifact fetch: per stage and device, the last report of its process holds the stage totals
     seen: set[str] = set()
     stages = []
+    ready_wait = {e["stage"]: e["waited_s"] for e in raw["events"] if e["event"] == "stage_ready"}
+    prefetched = _prefetched_per_stage(raw["rounds"])
     for st in raw["stages"]:
         needed = sum(size for _, sha, size in st["files"] if sha not in seen)
         seen.update(sha for _, sha, _ in st["files"])
@@ -223,7 +232,9 @@ def analyse(raw: dict) -> dict:
                        "device_throughput_bytes_per_s": {"median": float(np.median(rates)) if rates else None,
                                                          "min": min(rates) if rates else None},
                        "fleet_goodput_bytes_per_s": (needed * len(per_dev) / slowest) if slowest else None,
-                       "received_total_bytes": got, "needed_total_bytes": needed * len(per_dev)})
+                       "received_total_bytes": got, "needed_total_bytes": needed * len(per_dev),
+                       "prefetched_bytes_per_device": prefetched.get(st["stage"], {}),
+                       "ready_wait_s": ready_wait.get(st["stage"])})
 
     # bytes: broker counters vs raw payload
     wire_in = raw["sys_after"]["received"] - raw["sys_before"]["received"]
@@ -287,6 +298,19 @@ def analyse(raw: dict) -> dict:
                         "goal_met_on_mean": float(np.mean(shares)) <= 0.05}}
 
 
+def _prefetched_per_stage(rounds: list[dict]) -> dict[int, dict[str, int]]:
+    """{stage: {device: bytes it prefetched for that stage}}: the growth of the device's `prefetch_bytes`
+    (a per-process total) from the previous stage's last report to this stage's first."""
+    last: dict[str, int] = {}
+    out: dict[int, dict[str, int]] = {}
+    for r in rounds:
+        for d, tel in r["devices"].items():
+            total = tel.get("prefetch_bytes") or 0
+            out.setdefault(r["stage"], {}).setdefault(d, total - last.get(d, 0))
+            last[d] = total
+    return out
+
+
 def _first_rounds(raw: dict) -> set[int]:
     first: dict[int, int] = {}
     for r in raw["rounds"]:
@@ -316,12 +340,18 @@ def table(result: dict) -> str:
         rec = list(s["received_bytes_per_device"].values())
         fs = list(s["fetch_s_per_device"].values())
         tp = s["device_throughput_bytes_per_s"]
+        pre = list((s.get("prefetched_bytes_per_device") or {}).values())
+        wait = s.get("ready_wait_s")
         stage_rows.append([s["stage"], _mb(s["artifact_bytes"]), _mb(s["needed_bytes"]),
+                           _mb(float(np.median(pre)) if pre else None),
                            _mb(float(np.median(rec)) if rec else None), f"{np.median(fs) if fs else 0:.2f}",
+                           "-" if wait is None else f"{wait:.2f}",
                            f"{_mb(tp['median'])} / {_mb(tp['min'])}", _mb(s["fleet_goodput_bytes_per_s"])])
-    lines += ["", *md_table(["stage", "artifact (MB)", "needed per device (MB)", "received per device (MB, median)",
-                             "fetch s per device (median)", "device throughput MB/s (median / min)",
-                             "fleet goodput MB/s"], stage_rows)]
+    lines += ["", *md_table(["stage", "artifact (MB)", "needed per device (MB)",
+                             "prefetched per device before the stage (MB, median)",
+                             "received per device at the stage start and in its rounds (MB, median)",
+                             "fetch s per device (median)", "coordinator's wait for ready devices (s)",
+                             "device throughput MB/s (median / min)", "fleet goodput MB/s"], stage_rows)]
     w = a["wire"]
     b = w["breakdown"]
     lines += ["", "| direction | MQTT bytes at the broker | raw payload | overhead |", "|---|---|---|---|",
@@ -363,7 +393,8 @@ def write_markdown(path: Path, result: dict, command: str) -> None:
         f"{result['raw']['hidden']} hidden, {cfg['model']}, stages {cfg['stages']} x {cfg['rounds_per_stage']} "
         f"rounds, {cfg['local_steps']} local steps of batch {cfg['batch_size']} x seq {cfg['seq_len']}, LoRA r "
         f"{cfg['lora']['r']}; broker mosquitto with TLS, passwords and the fleet ACL; artifact upload rate limit "
-        f"{_rate(result['artifact_rate'])}. Total run {result['raw']['total_s']:.0f} s.  ",
+        f"{_rate(result['artifact_rate'])}; next-stage prefetch and stage-ready wait "
+        f"{'on' if result['raw'].get('prefetch', False) else 'off'}. Total run {result['raw']['total_s']:.0f} s.  ",
         f"Transport+coordination share of round wall time: mean {s['transport_share_mean']:.1%}, "
         f"max {s['transport_share_max']:.1%} (goal <= 5%: "
         f"{'met every round' if s['goal_met_every_round'] else 'met on the mean only' if s['goal_met_on_mean'] else 'not met'}).",
@@ -384,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--artifact-rate", type=float, default=FleetSettings.artifact_bytes_per_s,
                    help="ArtifactServer upload limit in bytes/s (default: the fleet's default)")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="baseline: no next-stage prefetch hint and no wait for devices' files at a stage start")
     p.add_argument("--out", type=Path, default=RESULTS / "transport.json")
     p.add_argument("--markdown", default=str(Path(__file__).parent / "RESULTS.md"),
                    help="results page to update ('' for none)")

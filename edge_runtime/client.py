@@ -10,6 +10,14 @@ trains `local_steps` steps with ONNX Runtime on its JSONL shard, and sends the
 delta (trained - received) with a fresh nonce and its telemetry. It repeats until
 the control message says `done`.
 
+When a control message carries a `prefetch` hint (the coordinator's guess at the next
+stage's files, sent during a stage's last round), an idle device fetches those files into
+its cache after it has answered its round; any newer control message cancels that fetch at
+once (what arrived stays, as verified blobs or chunks), so the hint never delays training or
+an upload. After fetching a stage's files on an `idle` or non-sampling control the device
+says so in a `hello` status (`info.ready` = the artifact id), which lets the coordinator open
+a stage's first round when its devices are ready.
+
 Training is deterministic given the control message: batches come from
 `numpy.random.default_rng(seed)` exactly as the simulation draws them, ONNX Runtime
 runs with a fixed thread count, so a repeated round gives the same delta.
@@ -50,7 +58,7 @@ from edge_runtime.batching import IGNORE_INDEX, collate, join
 from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
-from edge_runtime.transfer import ArtifactCache, FetchError
+from edge_runtime.transfer import ArtifactCache, FetchCancelled, FetchError
 
 log = logging.getLogger("devft.edge")
 
@@ -169,7 +177,12 @@ class Device:
         self.rounds_trained = 0
         self.stage_downloads: dict[str, int] = {}  # artifact id -> bytes this process downloaded for it
         self.stage_fetch_s: dict[str, float] = {}  # artifact id -> seconds this process spent fetching it
+        self.prefetch_bytes = 0  # bytes this process fetched for prefetch hints
+        self.prefetch_s = 0.0  # seconds this process spent fetching them
+        self._prefetched: set[str] = set()  # artifact ids of hints fetched completely
+        self._ready_sent: set[str] = set()  # artifact ids this process reported ready
         self._controls: queue.Queue[Message] = queue.Queue()
+        self._control_arrived = threading.Event()  # cancels a prefetch: there is something newer to do
         self._globals: dict[tuple[str, int], bytes] = {}
         self._globals_cond = threading.Condition()
         self._answered: set[tuple] = set()
@@ -179,6 +192,10 @@ class Device:
         self.client: MqttClient | None = None
 
     # -- messages ------------------------------------------------------------------------
+
+    def _on_control(self, msg: Message) -> None:
+        self._controls.put(msg)
+        self._control_arrived.set()
 
     def _on_global(self, msg: Message) -> None:
         if not msg.payload:
@@ -232,7 +249,7 @@ class Device:
                                birth_payload=P.encode_status(hello))
         self.client = MqttClient(settings)
         self.client.subscribe(glob_filter, self._on_global)
-        self.client.subscribe(ctrl_filter, self._controls.put)
+        self.client.subscribe(ctrl_filter, self._on_control)
         self.client.connect(connect_timeout_s)
         self._status("hello", examples=len(self.shard))
         log.info("%s connected to %s:%s, following %s", self.device_id, settings.host, settings.port,
@@ -275,6 +292,7 @@ class Device:
                 self._act(ctrl)
             except (DeviceError, FetchError, ManifestError, P.ProtocolError, ValueError) as exc:
                 log.error("%s: stage %d round %d abandoned: %s", self.device_id, ctrl.stage, ctrl.round, exc)
+            self._prefetch(ctrl)
             if self.exit_after_rounds is not None and self.rounds_trained >= self.exit_after_rounds:
                 return 0
         return 0
@@ -294,6 +312,7 @@ class Device:
         sampled = ctrl.state == "train" and self.device_id in ctrl.sampled_clients
         if not sampled:
             self._artifact_dir(ctrl)  # prefetch while idle or not sampled
+            self._report_ready(ctrl)
             return
         assert ctrl.hyperparams is not None  # decode_control guarantees it for "train"
         key = (ctrl.run_id, ctrl.stage, ctrl.round, ctrl.hyperparams.session)
@@ -308,6 +327,40 @@ class Device:
         self.rounds_trained += 1
 
     # -- artifacts -------------------------------------------------------------------------
+
+    def _report_ready(self, ctrl: P.ControlMessage) -> None:
+        """Tell the coordinator (once per artifact) that this stage's files are here and verified."""
+        chosen = ctrl.artifact_for(self.formats)
+        if chosen is not None and chosen[1].artifact_id not in self._ready_sent:
+            self._ready_sent.add(chosen[1].artifact_id)
+            self._status("hello", ready=chosen[1].artifact_id)
+
+    def _prefetch(self, ctrl: P.ControlMessage) -> None:
+        """Fetch the control's prefetch hint (the likely next stage) into the cache while there is nothing else
+        to do. A newer control message cancels it at once; the hint is never trained on and every file is
+        verified by hash, so a wrong or hostile hint costs bytes, not correctness."""
+        chosen = ctrl.prefetch_for(self.formats)
+        if chosen is None or chosen[1].artifact_id in self._prefetched or ctrl.run_id != self.run_id:
+            return
+        desc = chosen[1]
+        self._control_arrived.clear()
+        if not self._controls.empty() or self._stop.is_set():
+            return  # something newer to act on first
+        before, t0 = self.cache.bytes_downloaded, time.perf_counter()
+        try:
+            self.cache.fetch(self.client, ctrl.run_id, self.device_id, desc, cancel=self._control_arrived)
+        except FetchCancelled:
+            log.debug("%s: prefetch of %s cancelled by a new control message", self.device_id, desc.artifact_id[:12])
+            return
+        except (FetchError, OSError) as exc:
+            log.warning("%s: prefetch of the next stage's files stopped (%s); they will be fetched when the stage "
+                        "starts", self.device_id, exc)
+            return
+        finally:
+            self.prefetch_bytes += self.cache.bytes_downloaded - before
+            self.prefetch_s += time.perf_counter() - t0
+        self._prefetched.add(desc.artifact_id)
+        log.debug("%s: prefetched %s", self.device_id, desc.artifact_id[:12])
 
     def _artifact_dir(self, ctrl: P.ControlMessage) -> tuple[Path, int]:
         """Fetch (or find) the stage's files, verified, laid out as an artifact dir; bytes downloaded now."""
@@ -330,8 +383,9 @@ class Device:
         check_artifact_format(fmt, art_dir)
         if fmt == "ort" and not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
             self._rebuild_checkpoint(art_dir)
-        # earlier stages' files are dead weight now (what this stage shares with them is kept)
-        keep = {f.sha256 for f in desc.files}
+        # earlier stages' files are dead weight now (what this stage shares with them, and the hint, is kept)
+        hint = ctrl.prefetch_for(self.formats)
+        keep = {f.sha256 for f in (*desc.files, *(hint[1].files if hint else ()))}
         if (art_dir / RECIPE).exists():
             keep.add(json.loads((art_dir / RECIPE).read_text())["sha256"])
         self.cache.prune(keep, self.cache.root / "stages", desc.artifact_id)
@@ -419,6 +473,7 @@ class Device:
                      "backend": trainer.manifest.backend, "threads": self.threads, "process": os.getpid(),
                      "artifact_id": aid, "download_bytes": downloaded,
                      "stage_download_bytes": self.stage_downloads.get(aid, 0),
+                     "prefetch_bytes": self.prefetch_bytes, "prefetch_s": self.prefetch_s,
                      "cache_bytes_downloaded_total": self.cache.bytes_downloaded,
                      "mqtt_payload_bytes_received": self.client.payload_bytes_received if self.client else None}
         loss = float(np.mean(losses)) if losses else float("nan")

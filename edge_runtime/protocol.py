@@ -388,7 +388,10 @@ class ControlMessage:
 
     `artifacts` maps an artifact format ("onnx", "ort", "executorch") to the stage's files in
     that format; a device trains the first format of its own preference list that is offered.
-    `hyperparams` is set in the "train" state only."""
+    `hyperparams` is set in the "train" state only. `prefetch` (same shape as `artifacts`, usually
+    empty) is a hint: the coordinator's guess at the next stage's files, announced during the
+    current stage's last round so devices can fetch them while idle. It may be wrong; a device
+    never trains on it, and what it fetched is verified by hash like any other file."""
 
     run_id: str
     stage: int
@@ -398,14 +401,24 @@ class ControlMessage:
     deadline_unix: float | None = None  # updates after this wall-clock time are ignored
     hyperparams: TrainSettings | None = None
     artifacts: Mapping[str, ArtifactDescriptor] = field(default_factory=dict)
+    prefetch: Mapping[str, ArtifactDescriptor] = field(default_factory=dict)
     version: int = PROTOCOL_VERSION
 
     def artifact_for(self, formats: Sequence[str]) -> tuple[str, ArtifactDescriptor] | None:
         """(format, descriptor) of the first of `formats` this message offers, or None."""
-        for fmt in formats:
-            if fmt in self.artifacts:
-                return fmt, self.artifacts[fmt]
-        return None
+        return _first_offered(self.artifacts, formats)
+
+    def prefetch_for(self, formats: Sequence[str]) -> tuple[str, ArtifactDescriptor] | None:
+        """(format, descriptor) of the first of `formats` the prefetch hint offers, or None."""
+        return _first_offered(self.prefetch, formats)
+
+
+def _first_offered(offer: Mapping[str, ArtifactDescriptor],
+                   formats: Sequence[str]) -> tuple[str, ArtifactDescriptor] | None:
+    for fmt in formats:
+        if fmt in offer:
+            return fmt, offer[fmt]
+    return None
 
 
 def encode_control(msg: ControlMessage) -> bytes:
@@ -423,6 +436,8 @@ def encode_control(msg: ControlMessage) -> bytes:
         "hyperparams": msg.hyperparams.to_json() if msg.hyperparams else None,
         "artifacts": {fmt: desc.to_json() for fmt, desc in msg.artifacts.items()},
     }
+    if msg.prefetch:  # omitted when empty: most control messages carry no hint
+        obj["prefetch"] = {fmt: desc.to_json() for fmt, desc in msg.prefetch.items()}
     data = _dumps(obj)
     if len(data) > MAX_CONTROL_BYTES:
         raise ProtocolError(f"control message is {len(data)} bytes, over {MAX_CONTROL_BYTES}")
@@ -436,10 +451,6 @@ def decode_control(data: bytes) -> ControlMessage:
     if state not in CONTROL_STATES:
         raise ProtocolError(f"{what} state {state!r} is not one of {CONTROL_STATES}")
     clients = _optional(obj, what, "sampled_clients", list, [])
-    artifacts = _optional(obj, what, "artifacts", dict, {})
-    unknown = sorted(set(artifacts) - set(ARTIFACT_FORMATS))
-    if unknown:
-        raise ProtocolError(f"{what} offers unknown artifact formats {unknown}; known: {ARTIFACT_FORMATS}")
     hyper = obj.get("hyperparams")
     if state == "train" and hyper is None:
         raise ProtocolError(f"{what} in state 'train' has no hyperparams")
@@ -451,8 +462,18 @@ def decode_control(data: bytes) -> ControlMessage:
         sampled_clients=tuple(check_name("sampled client", c) for c in clients),
         deadline_unix=_optional(obj, what, "deadline_unix", (int, float), None),
         hyperparams=TrainSettings.from_json(hyper) if hyper is not None else None,
-        artifacts={fmt: ArtifactDescriptor.from_json(desc) for fmt, desc in artifacts.items()},
+        artifacts=_decode_artifacts(obj, what, "artifacts"),
+        prefetch=_decode_artifacts(obj, what, "prefetch"),
     )
+
+
+def _decode_artifacts(obj: Mapping[str, Any], what: str, key: str) -> dict[str, ArtifactDescriptor]:
+    """A control message's {format: descriptor} field `key` (artifacts, prefetch); absent or null = {}."""
+    offer = _optional(obj, what, key, dict, {})
+    unknown = sorted(set(offer) - set(ARTIFACT_FORMATS))
+    if unknown:
+        raise ProtocolError(f"{what} {key} offers unknown artifact formats {unknown}; known: {ARTIFACT_FORMATS}")
+    return {fmt: ArtifactDescriptor.from_json(desc) for fmt, desc in offer.items()}
 
 
 @dataclass(frozen=True)

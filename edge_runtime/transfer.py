@@ -46,6 +46,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from edge_runtime.mqtt import Message, MqttClient
@@ -405,10 +406,21 @@ class ArtifactCache:
         run_id: str,
         device_id: str,
         descriptor: ArtifactDescriptor,
+        *,
+        files_at_once: int = 4,
         **kwargs,  # passed to fetch_file
     ) -> dict[str, Path]:
-        """Make every file of an artifact present; returns {relative path: blob path}."""
-        return {e.path: self.fetch_file(client, run_id, device_id, e, **kwargs) for e in descriptor.files}
+        """Make every file of an artifact present; returns {relative path: blob path}.
+
+        Up to `files_at_once` missing files are fetched at the same time (each with its own chunk
+        window): an artifact of many small files (one per frozen tensor) would otherwise pay one
+        request round trip per file. A file listed under several paths is fetched once."""
+        unique = {e.sha256: e for e in descriptor.files}
+        missing = [e for e in unique.values() if not self.has(e.sha256, e.size)]
+        if missing:
+            with ThreadPoolExecutor(max(1, min(files_at_once, len(missing))), thread_name_prefix="fetch") as pool:
+                list(pool.map(lambda e: self.fetch_file(client, run_id, device_id, e, **kwargs), missing))
+        return {e.path: self.blob_path(e.sha256) for e in descriptor.files}
 
     def fetch_file(
         self,

@@ -30,6 +30,11 @@ class ClientExecutor(ABC):
                     is_trainable: Callable[[str], bool], seeds: dict[int, int]) -> list[ClientResult]:
         """Have the sampled clients train from global_lora; return the results that arrived in time."""
 
+    def prefetch_stage(self, stage: int, speculate: Callable[[], tuple[StagePlan, PeftModel] | None]) -> None:
+        """Called before a stage's last round: `speculate()` guesses stage `stage`'s plan and submodel (None: no
+        guess). An executor whose clients download stages may build it meanwhile and let them fetch it early
+        (server_sdk/prefetch.py); the guess never changes what the run trains. Default: ignored."""
+
     def close(self) -> None:
         """Release connections and processes."""
 

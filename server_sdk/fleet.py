@@ -17,6 +17,10 @@ Then updates whose norm is more than `norm_bound_k` times the round's lower medi
 norm are refused (`norm_outlier`), and each update's weight is its claimed
 `num_samples` capped by the shard the coordinator wrote for that client (or
 `max_samples_per_update`, or else the round's lower median claim).
+Stage starts (docs/protocol.md §11, "Prefetch"): during a stage's last round the coordinator
+announces its guess at the next stage's files as a `prefetch` hint (server_sdk/prefetch.py),
+and a stage's first round opens once every live device reported the stage's files ready, or
+after `stage_ready_timeout_s`.
 With fewer than `ceil(quorum * sampled)` accepted updates the round fails
 with `QuorumNotReached`; the checkpoint still holds the previous round, so
 `devft serve --resume` (or `devft run --resume`) repeats it. Retrying in-process would
@@ -55,6 +59,7 @@ from .data import Example
 from .executor import ClientExecutor
 from .lora import LoraState, to_peft_key
 from .model import cache_root, smollm2_cache_dir
+from .prefetch import Speculate, Speculation
 from .submodel import StagePlan
 from .trainer import ClientResult
 
@@ -106,6 +111,8 @@ class FleetSettings:
     formats: list[str] = field(default_factory=lambda: ["auto"])
     per_tensor_checkpoint: bool = True  # legacy ort format: send the checkpoint as tensor files (cross-stage dedupe)
     device_names: dict[str, str] = field(default_factory=dict)  # client index -> device name overrides
+    prefetch_next_stage: bool = True  # announce the guessed next stage's files during a stage's last round
+    stage_ready_timeout_s: float = 60.0  # a stage's first round waits this long for devices' files; 0 = no wait
 
     def validate(self) -> FleetSettings:
         if not 0 < self.quorum <= 1:
@@ -122,6 +129,9 @@ class FleetSettings:
                              "adaptive norm bound off")
         if self.max_samples_per_update is not None and self.max_samples_per_update < 1:
             raise ValueError(f"max_samples_per_update={self.max_samples_per_update} must be a positive integer")
+        if not self.stage_ready_timeout_s >= 0:
+            raise ValueError(f"stage_ready_timeout_s={self.stage_ready_timeout_s} must be 0 (do not wait for devices' "
+                             "files at a stage start) or a positive number of seconds, e.g. 60")
         return self
 
 
@@ -156,6 +166,8 @@ class FleetExecutor(ClientExecutor):
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
+        self._next_guess: tuple[int, Speculate] | None = None  # set by prefetch_stage for the next train_round
+        self._speculation: Speculation | None = None
         self._last_global: str | None = None
         self._rounds_done = 0
         self._nonces: set[str] = set()  # of accepted updates, for the whole run (this process)
@@ -201,36 +213,101 @@ class FleetExecutor(ClientExecutor):
         return formats
 
     def begin_stage(self, stage: int, plan: StagePlan, sub_model) -> int:
-        """Export the stage's submodel in every format the fleet needs, then serve it."""
+        """Export the stage's submodel in every format the fleet needs, serve it, and wait (at most
+        `stage_ready_timeout_s`) until the devices hold it."""
+        dirs, seconds = self._export(stage, plan, sub_model, "")
+        total = self.serve_stage(stage, dirs, export_s=seconds)
+        self._await_ready(stage)
+        return total
+
+    def _export(self, stage: int, plan: StagePlan, sub_model, prefix: str) -> tuple[dict[str, Path], dict]:
+        """The stage's artifacts per format under artifacts/stage<N>/<prefix><format>; seconds each took."""
         dirs, seconds = {}, {}
         for fmt in self.stage_formats():
             t0 = time.perf_counter()
             dirs[fmt] = export_artifacts(
-                fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / fmt,
+                fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / f"{prefix}{fmt}",
                 StageInfo(run_id=self.run_id, stage=stage, groups=plan.groups, anchors=plan.anchors,
                           tokenizer_dir=self.tokenizer_dir),
                 seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root())
             seconds[fmt] = round(time.perf_counter() - t0, 2)
-        return self.serve_stage(stage, dirs, export_s=seconds)
+        return dirs, seconds
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    def prefetch_stage(self, stage: int, speculate: Speculate) -> None:
+        """The next train_round (a stage's last) also guesses stage `stage` and announces its files as a hint."""
+        if self.settings.prefetch_next_stage:
+            self._next_guess = (stage, speculate)
+
+    def _start_speculation(self, control: P.ControlMessage) -> None:
+        if self._next_guess is None:
+            return
+        stage, speculate = self._next_guess
+        self._next_guess = None
+
+        def announce(plan: StagePlan, sub_model) -> None:
+            t0 = time.perf_counter()
+            dirs, _ = self._export(stage, plan, sub_model, "prefetch-")
+            hint = {fmt: self.artifacts.add_files(_served_files(fmt, d, stage, False)) for fmt, d in dirs.items()}
+            self._event("prefetch", stage=stage, groups=plan.groups, seconds=round(time.perf_counter() - t0, 2),
+                        artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes} for f, d in hint.items()})
+            self._publish_control(replace(control, prefetch=hint))
+
+        self._speculation = Speculation(stage, speculate, announce).start()
+
+    def _finish_speculation(self) -> None:
+        """The round ends only once its guess is announced: nothing else in this process runs meanwhile."""
+        if self._speculation is not None:
+            self._speculation.join()
+            self._speculation = None
+
+    def _await_ready(self, stage: int) -> None:
+        """Wait until the live devices and those the stage's first round samples reported this stage's files
+        ready (`info.ready` in a status), at most `stage_ready_timeout_s`, so the stage's first round does not
+        start while devices still download."""
+        timeout = self.settings.stage_ready_timeout_s
+        if not timeout:
+            return
+        from .rounds import sample_clients
+
+        first = {self.device_of(c) for c in sample_clients(self.cfg, stage, 0)}
+        t0 = time.time()
+        waiting = self._not_ready(first)
+        while waiting and time.time() - t0 < timeout:
+            time.sleep(0.05)
+            waiting = self._not_ready(first)
+        self._event("stage_ready", stage=stage, waited_s=round(time.time() - t0, 3), not_ready=sorted(waiting))
+        if waiting:
+            log.warning("stage %d: %s did not report its files ready within %.0f s; opening the round anyway", stage,
+                        sorted(waiting), timeout)
+
+    def _not_ready(self, expected: set[str]) -> set[str]:
+        """Devices that said hello or are `expected`, are not offline, run a served format (as far as their
+        hello says), and have not reported the stage's files ready."""
+        ids = {d.artifact_id for d in self._artifacts.values()}
+        offline = self._offline_now()
+        with self._status_lock:
+            statuses = {d: {} for d in expected} | dict(self.device_status)
+        waiting = set()
+        for device, st in statuses.items():
+            formats = st.get("formats")
+            runs_one = not isinstance(formats, list) or any(f in self._artifacts for f in formats if isinstance(f, str))
+            ready = st.get("ready")
+            if st.get("state") != "offline" and device not in offline and runs_one and not (
+                    isinstance(ready, str) and ready in ids):
+                waiting.add(device)
+        return waiting
 
     def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], **info) -> int:
         """Register a stage's artifact files (per format) with the chunk server and announce them (state idle).
 
         Returns the bytes of the portable (or first) format: what one device downloads at most.
-        Legacy ort checkpoints travel as tensor files with `per_tensor_checkpoint` (edge_runtime/
-        checkpoint_blobs.py); the onnx format already keeps every frozen tensor in its own file, so
-        tensors unchanged since the last stage (the embedding) are not downloaded again."""
-        self._artifacts = {}
-        for fmt, artifact_dir in artifact_dirs.items():
-            artifact_dir = Path(artifact_dir)
-            if fmt == "ort" and self.settings.per_tensor_checkpoint and (artifact_dir / "checkpoint").is_file():
-                from .checkpoint_split import split_checkpoint
-
-                local = split_checkpoint(artifact_dir, artifact_dir.with_name(artifact_dir.name + ".tensors"))
-            else:
-                local = {p.relative_to(artifact_dir).as_posix(): p for p in sorted(artifact_dir.rglob("*"))
-                         if p.is_file()}
-            self._artifacts[fmt] = self.artifacts.add_files({f"stage{stage}/{rel}": p for rel, p in local.items()})
+        Files travel as `_served_files` lays them out, so tensors unchanged since the last stage
+        (the embedding) are not downloaded again."""
+        self._artifacts = {fmt: self.artifacts.add_files(_served_files(fmt, Path(d), stage,
+                                                                       self.settings.per_tensor_checkpoint))
+                           for fmt, d in artifact_dirs.items()}
         self._stage = stage
         self._event("stage", stage=stage, artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes}
                                                      for f, d in self._artifacts.items()}, **info)
@@ -262,10 +339,18 @@ class FleetExecutor(ClientExecutor):
         hyper = P.TrainSettings(lr=self.cfg.lr, local_steps=self.cfg.local_steps, batch_size=self.cfg.batch_size,
                                 trainable=tuple(trained), session=self.session,
                                 seeds={self.device_of(c): int(seeds[c]) for c in sampled})
-        self._publish_control(P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper,
-                                               self._artifacts))
+        control = P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper, self._artifacts)
+        self._publish_control(control)
         self._event("round_start", stage=stage, round=wr, sampled=list(wanted), deadline=deadline)
+        self._start_speculation(control)
+        try:
+            return self._collect(stage, rnd, wr, wanted, expected, deadline)
+        finally:
+            self._finish_speculation()
 
+    def _collect(self, stage: int, rnd: int, wr: int, wanted: dict[str, int], expected: dict,
+                 deadline: float) -> list[ClientResult]:
+        """Take updates until the round may close, then apply the round-level checks and the quorum."""
         # an update is at most the expected tensors plus a header; anything larger is refused unread
         limit = len(P.encode_tensors({p: np.zeros(s, np.float32) for p, (s, _) in expected.items()})) \
             + P.MAX_HEADER_BYTES + 4
@@ -486,6 +571,20 @@ class FleetExecutor(ClientExecutor):
             self.artifacts.stop()
             self._art_client.close()
             self.client.close()
+
+
+def _served_files(fmt: str, artifact_dir: Path, stage: int, per_tensor_checkpoint: bool) -> dict[str, Path]:
+    """{path on the device: local file} of one format's artifact directory, under stage<N>/.
+
+    Legacy ort checkpoints travel as tensor files with `per_tensor_checkpoint` (edge_runtime/
+    checkpoint_blobs.py); the onnx format already keeps every frozen tensor in its own file."""
+    if fmt == "ort" and per_tensor_checkpoint and (artifact_dir / "checkpoint").is_file():
+        from .checkpoint_split import split_checkpoint
+
+        local = split_checkpoint(artifact_dir, artifact_dir.with_name(artifact_dir.name + ".tensors"))
+    else:
+        local = {p.relative_to(artifact_dir).as_posix(): p for p in sorted(artifact_dir.rglob("*")) if p.is_file()}
+    return {f"stage{stage}/{rel}": p for rel, p in local.items()}
 
 
 def _canonical(peft_key: str) -> str:

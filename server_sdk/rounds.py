@@ -262,6 +262,9 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
             new_devices = [c for c in sampled if c not in state.devices_with_stage]
             state.devices_with_stage += new_devices
             seeds = {c: client_seed(cfg.seed, s, r, c) for c in sampled}
+            nxt = next((t for t in range(s + 1, len(stages)) if rounds[t] > 0), None)
+            if r == rounds[s] - 1 and nxt is not None:
+                executor.prefetch_stage(nxt, _guess_stage(loop, state, plan, nxt))
             loop.steps_bar.reset()
             with phase(f"round {done_rounds + 1}: waiting for {len(sampled)} devices",
                        enabled=loop.progress and loop.steps_bar.disable):
@@ -317,6 +320,18 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                 break
     bar.close()
     return _finish(loop, state, eval_model)
+
+
+def _guess_stage(loop: RoundLoop, state: RunState, plan: StagePlan, stage: int) -> Callable[[], tuple | None]:
+    """Stage `stage`'s plan and submodel as they would be if the coming round changed nothing: what the
+    executor may let devices fetch early (executor.prefetch_stage). The real stage is planned at its start."""
+    strategy, model, n_layers = loop.strategy, loop.base.model, loop.stages[stage]
+    full, trained, initial = state.full_lora, state.stage_global, state.stage_initial  # not mutated in place
+
+    def guess() -> tuple | None:
+        return strategy.speculate_stage(stage, model, strategy.finish_stage(full, trained, initial, plan), n_layers)
+
+    return guess
 
 
 def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> dict:

@@ -95,6 +95,20 @@ def test_control_round_trip_with_artifact():
         artifacts={"onnx": _descriptor()},
     )
     assert P.decode_control(P.encode_control(msg)) == msg
+    assert "prefetch" not in json.loads(P.encode_control(msg))  # omitted when there is no hint
+
+
+def test_control_prefetch_hint_round_trips_and_is_validated():
+    hint = _descriptor()
+    msg = P.ControlMessage(RUN, 0, 1, "idle", artifacts={"onnx": _descriptor()}, prefetch={"onnx": hint})
+    back = P.decode_control(P.encode_control(msg))
+    assert back == msg and back.prefetch_for(["ort", "onnx"]) == ("onnx", hint) and back.prefetch_for(["ort"]) is None
+    obj = json.loads(P.encode_control(msg))
+    for bad, match in (({"tflite": obj["prefetch"]["onnx"]}, "prefetch offers unknown artifact formats"),
+                       ({"onnx": {**obj["prefetch"]["onnx"], "files": [{"path": "../x"}]}}, "relative"),
+                       ([1], "'prefetch' must be an object")):
+        with pytest.raises(P.ProtocolError, match=match):
+            P.decode_control(json.dumps({**obj, "prefetch": bad}).encode())
 
 
 @pytest.mark.parametrize("bad", [{"lr": -1.0}, {"lr": float("inf")}, {"local_steps": 0}, {"trainable": []},
@@ -321,12 +335,13 @@ def test_encoders_match_the_documented_schema():
     defs = _schema_defs()
     hyper = P.TrainSettings(lr=1e-4, local_steps=1, batch_size=1, trainable=("a",), seeds={"dev1": 0}, session="s")
     control = P.ControlMessage(run_id=RUN, stage=1, round=4, state="train", hyperparams=hyper,
-                               artifacts={"onnx": _descriptor()})
+                               artifacts={"onnx": _descriptor()}, prefetch={"onnx": _descriptor()})
     control_obj = json.loads(P.encode_control(control))
     _check_against(control_obj, defs["ControlMessage"])
     _check_against(control_obj["hyperparams"], defs["TrainSettings"])
     _check_against(control_obj["artifacts"]["onnx"], defs["ArtifactDescriptor"])
     _check_against(control_obj["artifacts"]["onnx"]["files"][0], defs["FileEntry"])
+    _check_against(control_obj["prefetch"]["onnx"], defs["ArtifactDescriptor"])
     status = P.StatusMessage(device_id="dev1", state="busy", timestamp=1.0)
     _check_against(json.loads(P.encode_status(status)), defs["StatusMessage"])
     req = P.ChunkRequest(run_id=RUN, device_id="dev1", sha256=SHA, chunks=(1,))

@@ -45,6 +45,14 @@ class Strategy(ABC):
         """The stage's submodel with its initial LoRA. Without fusion, each group is one layer as it is."""
         return build_submodel(model, full_lora, plan, 0.0, "select", self.cfg.lora)
 
+    def speculate_stage(self, stage: int, model: LlamaForCausalLM, full_lora: LoraState,
+                        n_sub_layers: int) -> tuple[StagePlan, PeftModel] | None:
+        """What configure_stage and build_submodel would give for this full-model LoRA, for devices to fetch
+        before the stage starts (a guess: the real stage is configured at its start). Must not change the
+        strategy's state. None when no cheap guess exists."""
+        plan, _ = self.configure_stage(stage, model, full_lora, n_sub_layers)
+        return plan, self.build_submodel(model, full_lora, plan)[0]
+
     def replan_rounds(self, stage: int, stage_round: int, records: list[dict], rounds: list[int]) -> list[int]:
         """Rounds per stage from now on, asked after every evaluated round of a non-final stage
         (records end with that round). Returning rounds[stage] == stage_round + 1 ends the stage now;

@@ -73,6 +73,11 @@ class DevFT(Strategy):
                                                     self.tokenizer.pad_token_id)
         return sub, sub_lora
 
+    def speculate_stage(self, stage, model, full_lora, n_sub_layers):
+        if self.cfg.heal != "none" and n_sub_layers < len(model.model.layers):
+            return None  # healing trains the fused weights: a guess would cost a second distillation
+        return super().speculate_stage(stage, model, full_lora, n_sub_layers)
+
     def stage_notes(self, stage):
         return self._notes.get(stage, {})
 

@@ -1,0 +1,104 @@
+"""Devices fetch the next stage's files before it starts (server_sdk/prefetch.py), against a real mosquitto.
+
+Two fleet runs of the tiny model (stages [2, 4], rounds [2, 1], 3 devices): one where the
+coordinator's guess at stage 1 is right (stage 1 is the full model: always right), one where
+the guess is forced wrong. The first must download (nearly) nothing when stage 1 starts; the
+second must train exactly as the first: a wrong guess costs bytes, never correctness.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from server_sdk.fleet import FleetExecutor, FleetSettings
+from server_sdk.strategies.devft import DevFT
+from server_sdk.submodel import StagePlan
+from tests.test_fleet import FleetRun, events, fleet_cfg
+
+pytest_plugins = ("tests.broker_fixtures",)
+
+
+@pytest.fixture(scope="module")
+def tiny4():
+    from server_sdk.model import tiny_random_model
+
+    return tiny_random_model(n_layers=4, hidden=32, seed=0)
+
+
+def _run(run_dir: Path, base) -> tuple[dict, list[dict]]:
+    job = FleetRun(run_dir, fleet_cfg(), base, 3, FleetSettings(round_timeout_s=120))
+    report = job.finish()
+    assert job.codes == {"dev-000": 0, "dev-001": 0, "dev-002": 0}
+    return report, events(run_dir)
+
+
+def _stage1_first_round(report: dict) -> dict[str, dict]:
+    rec = next(r for r in report["records"] if r["stage"] == 1 and r["stage_round"] == 0)
+    return rec["telemetry"]
+
+
+def _files(artifact_dir: Path) -> dict[str, tuple[str, int]]:
+    """{relative path: (sha256, size)} of an exported artifact directory."""
+    from edge_runtime.transfer import sha256_file
+
+    return {p.relative_to(artifact_dir).as_posix(): (sha256_file(p), p.stat().st_size)
+            for p in sorted(artifact_dir.rglob("*")) if p.is_file()}
+
+
+def test_prefetch_makes_a_stage_start_download_nearly_nothing_and_a_wrong_guess_trains_the_same(
+        tiny4, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEVFT_KEEP_ARTIFACTS", "1")  # stage 0's files stay on disk, to compare with
+    begin_stage = FleetExecutor.begin_stage
+
+    def slow_begin_stage(self, stage, plan, sub_model):
+        # between stages a coordinator evaluates, plans and exports: tens of seconds on SmolLM2, a fraction
+        # of a second on this tiny model; 2 s lets the devices finish the prefetch it leaves them time for
+        time.sleep(2 if stage else 0)
+        return begin_stage(self, stage, plan, sub_model)
+
+    monkeypatch.setattr(FleetExecutor, "begin_stage", slow_begin_stage)
+    right, right_events = _run(tmp_path / "right", tiny4)
+
+    # the guess is announced during stage 0's last round (wire round 1; the round ends once it is), before
+    # stage 1 starts
+    kinds = [(e["event"], e.get("stage"), e.get("round")) for e in right_events]
+    assert kinds.index(("round_start", 0, 1)) < kinds.index(("prefetch", 1, None)) < kinds.index(("stage", 1, None))
+    ready = [e for e in right_events if e["event"] == "stage_ready"]
+    assert [e["stage"] for e in ready] == [0, 1] and all(e["not_ready"] == [] for e in ready), ready
+
+    # the guess had every frozen weight and both graphs of the real stage 1; only the files that depend on
+    # the LoRA trained in the last round (the initial LoRA, the manifest listing its hash) differ
+    artifacts = tmp_path / "right" / "artifacts"
+    real, guess = _files(artifacts / "stage1" / "onnx"), _files(artifacts / "stage1" / "prefetch-onnx")
+    had = {sha for sha, _ in _files(artifacts / "stage0" / "onnx").values()}  # devices hold these already
+    new = {p for p, (sha, _) in real.items() if sha not in had}
+    unguessed = {p for p in new if real[p][0] not in {sha for sha, _ in guess.values()}}
+    assert unguessed <= {"manifest.json", "lora.safetensors"}, unguessed
+    new_bytes, unguessed_bytes = (sum(real[p][1] for p in files) for files in (new, unguessed))
+    assert unguessed_bytes < 0.1 * new_bytes, (unguessed_bytes, new_bytes)
+
+    for device, tel in _stage1_first_round(right).items():
+        assert tel["download_bytes"] == 0 and tel["fetch_s"] < 1, (device, tel)  # nothing fetched in the round
+        # at the stage start a device fetched only the unguessable files (a chunk another device asked for
+        # may arrive twice); the rest came with the prefetch during stage 0's last round
+        assert 0 < tel["stage_download_bytes"] <= 3 * unguessed_bytes, (device, tel["stage_download_bytes"])
+        assert tel["prefetch_bytes"] >= new_bytes - unguessed_bytes, (device, tel["prefetch_bytes"])
+
+    def wrong_guess(self, stage, model, full_lora, n_sub_layers):  # a plan the real stage 1 never uses
+        plan = StagePlan(stage, 2, [[0, 3], [1, 2]], [3, 2])
+        return plan, self.build_submodel(model, full_lora, plan)[0]
+
+    monkeypatch.setattr(DevFT, "speculate_stage", wrong_guess)
+    wrong, wrong_events = _run(tmp_path / "wrong", tiny4)
+    hint = next(e for e in wrong_events if e["event"] == "prefetch")
+    assert hint["groups"] == [[0, 3], [1, 2]]
+    for tel in _stage1_first_round(wrong).values():  # the guess cost its bytes; stage 1 was fetched at its start
+        assert tel["prefetch_bytes"] > 0 and tel["stage_download_bytes"] > 0.5 * new_bytes
+
+    # same plans, same aggregation, same numbers: the guess never touches what is trained
+    assert right["stage_plans"] == wrong["stage_plans"]
+    assert [r["eval_loss"] for r in right["records"]] == [r["eval_loss"] for r in wrong["records"]]
+    assert [r["train_loss"] for r in right["records"]] == [r["train_loss"] for r in wrong["records"]]
