@@ -2,7 +2,7 @@
 
     python -m benchmarks.early_stages --profile smoke                 # tiny model, the code path (tests)
     nice -n 10 python -m benchmarks.early_stages --profile screen     # SmolLM2-135M: first stage, seed 0
-    nice -n 10 python -m benchmarks.early_stages --profile screen --variants default,heal=hidden --stages 2
+    nice -n 10 python -m benchmarks.early_stages --profile screen --variants paper,heal=hidden --stages 2
     nice -n 10 python -m benchmarks.early_stages --profile full --variants auto --seeds 3   # whole runs
 
 A screen runs each variant's first stage (or first `--stages` stages), one seed, and a FedIT run
@@ -44,9 +44,9 @@ CACHE = RESULTS / "cache"
 KEPT = RESULTS / "early-stages"
 COMPUTE_KEY = "client_cpu_seconds"
 
-# name -> config overrides of DEVFT (the paper's method is "default")
+# name -> config overrides of DEVFT; the base config is the paper's method ("paper": fixed schedule, no heal)
 VARIANTS: dict[str, dict] = {
-    "default": {},
+    "paper": {},
     "heal=hidden": {"heal": "hidden"},
     "heal=logits": {"heal": "logits"},
     "heal=hidden/200steps": {"heal": "hidden", "heal_steps": 200},
@@ -62,11 +62,11 @@ def base_config(profile: str, partition: str = "task") -> RunConfig:
     if profile == "smoke":
         cfg = RunConfig(model="tiny-random-L6", stages=[2, 4, 6], rounds_per_stage=2, num_clients=4,
                         clients_per_round=2, local_steps=3, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
-                        lora=LoraSettings(r=2, alpha=4), torch_threads=1, heal_steps=4, heal_examples=8,
+                        lora=LoraSettings(r=2, alpha=4), torch_threads=1, heal_steps=4, heal_examples=8, schedule="fixed",
                         data=DataSettings(examples_per_client=8, eval_examples_per_task=4))
     else:
         cfg = RunConfig(model="smollm2-135m", rounds_per_stage=3, num_clients=8, clients_per_round=2, local_steps=5,
-                        batch_size=4, seq_len=128, lr=1e-3, torch_threads=1,
+                        batch_size=4, seq_len=128, lr=1e-3, torch_threads=1, schedule="fixed",
                         accuracy_every="stage" if profile == "full" else "never",
                         data=DataSettings(eval_examples_per_task=64))
     cfg.data.partition = partition
@@ -227,7 +227,7 @@ def markdown(summary: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=["smoke", "screen", "full"], default="smoke")
-    p.add_argument("--variants", default="default", help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--variants", default="paper", help=f"comma-separated, from {list(VARIANTS)}")
     p.add_argument("--stages", type=int, default=1, help="screen: how many stages to run (default 1)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--seed-list", default=None,
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     tag += "" if args.partition == "task" else f"-{args.partition}"
     out_path = RESULTS / f"early-stages{tag}.json"
     old = json.loads(out_path.read_text()) if out_path.exists() else {"variants": []}
-    merged = {v["name"]: v for v in old.get("variants", [])}
+    merged = {v["name"]: v for v in old.get("variants", []) if v["name"] in VARIANTS or v["name"] == "fedit"}
     merged.update({v["name"]: v for v in summaries})  # later screens add variants, keep the earlier ones
     summary = {"profile": args.profile, "partition": args.partition, "stages_screened": None if full else args.stages,
                "eval_examples": base.data.eval_examples_per_task * len(base.data.tasks),

@@ -126,7 +126,7 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(model=f"tiny-random-L{args.layers}", stages=args.stages, rounds_per_stage=args.rounds,
                      num_clients=args.devices, clients_per_round=args.devices, local_steps=args.local_steps,
                      batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-3, accuracy_every="never",
-                     lora=LoraSettings(r=8, alpha=16),
+                     lora=LoraSettings(r=8, alpha=16), schedule="fixed",  # every stage start, as configured
                      data=DataSettings(examples_per_client=32, eval_examples_per_task=2), torch_threads=1)
 
 

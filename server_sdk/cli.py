@@ -81,7 +81,7 @@ def _plan_text(out: dict) -> str:
 def _run_dir_and_config(args: argparse.Namespace) -> tuple[Path, RunConfig]:
     """--resume RUN_DIR continues with the config saved there; otherwise RUNS_DIR/NAME and a new config."""
     run_dir = Path(args.resume) if args.resume else Path(args.runs_dir) / args.name
-    cfg = RunConfig.from_file(run_dir / "config.json") if args.resume else _load_config(args)
+    cfg = RunConfig.of_run(run_dir) if args.resume else _load_config(args)
     return run_dir, cfg
 
 
@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "config.json").exists():
         raise ConfigError(f"{run_dir} is not a devft run directory (no config.json); pass --run runs/<name>")
-    cfg = RunConfig.from_file(run_dir / "config.json")
+    cfg = RunConfig.of_run(run_dir)
     base = load_base_model(cfg.model)
     held_out = read_jsonl(run_dir / "data" / "eval.jsonl")
     kw = dict(seq_len=cfg.seq_len, generate=not args.no_generate, max_new_tokens=cfg.gen_max_new_tokens)

@@ -69,8 +69,9 @@ class RunConfig:
     fusion: str = "differential"
     anchor: str = "medoid"
     transfer: str = "copy"
-    # issue #12 hypotheses, each one value away from the paper's method ("fixed", "none"):
-    schedule: str = "fixed"  # fixed: rounds_per_stage as given | auto: end a stage whose transfer stops paying
+    # issue #12: the paper's method is schedule="fixed", heal="none". The default is "auto" because on
+    # SmolLM2-135M the fused early stages do not transfer (benchmarks/RESULTS.md, early stages)
+    schedule: str = "auto"  # auto: end a stage whose transfer stops paying | fixed: rounds_per_stage as given
     schedule_expected_gain: float = 0.05  # auto: relative loss drop a full-model round is expected to buy
     heal: str = "none"  # none | hidden | logits: distil the fused submodel toward the full model before a stage
     heal_steps: int = 60  # server optimisation steps of the heal, per stage
@@ -114,6 +115,18 @@ class RunConfig:
         except TypeError as err:
             raise ConfigError(f"data: {err}; valid fields are {[f.name for f in dataclasses.fields(DataSettings)]}") from None
         return cls(lora=lora_obj, data=data_obj, **raw)
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> RunConfig:
+        """A run's saved config.json. A field the file lacks was added to devft after the run began,
+        so the run ran with that field's original value (ADDED_LATER), not today's default."""
+        path = Path(run_dir) / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{run_dir} has no config.json; is it a run directory (runs/NAME)?")
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of field: value")
+        return cls.from_dict({**ADDED_LATER, **raw})
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
@@ -229,7 +242,8 @@ class RunConfig:
         return self
 
 
-# fields added after the first benchmark runs were cached, with their defaults (RunConfig.identity)
+# fields added after the first runs were saved and benchmark runs cached, with the value runs had before
+# the field existed (RunConfig.identity, RunConfig.of_run); a default may have changed since (schedule)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64}
 

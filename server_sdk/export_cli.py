@@ -45,7 +45,7 @@ def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ExportError(f"{run_dir} is not a devft run directory (no config.json); pass --run runs/<name>")
-    cfg = RunConfig.from_file(run_dir / "config.json")
+    cfg = RunConfig.of_run(run_dir)
     base = load_base_model(cfg.model)
     strategy = make_strategy(cfg)
     stages = strategy.stage_sizes(base.n_layers)

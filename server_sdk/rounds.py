@@ -179,7 +179,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     run_dir = Path(run_dir)
     cfg.validate()
     if resume:
-        saved = RunConfig.from_file(run_dir / "config.json")
+        saved = RunConfig.of_run(run_dir)
         if saved.to_dict() != cfg.to_dict():
             log.warning("resuming with the config saved in %s (command-line config ignored)", run_dir)
         cfg = saved

@@ -21,8 +21,9 @@ def tiny_cfg():
     from server_sdk.config import DataSettings, LoraSettings, RunConfig
 
     def make(**kw):
-        base = dict(model="tiny-random-L6", stages=[2, 4, 6], rounds_per_stage=1, num_clients=3, clients_per_round=2,
-                    local_steps=2, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
+        # schedule fixed: these tests exercise the stage mechanics (the default `auto` may skip stages)
+        base = dict(model="tiny-random-L6", stages=[2, 4, 6], rounds_per_stage=1, schedule="fixed", num_clients=3,
+                    clients_per_round=2, local_steps=2, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
                     lora=LoraSettings(r=2, alpha=4), data=DataSettings(examples_per_client=6, eval_examples_per_task=2))
         base.update(kw)
         return RunConfig(**base)

@@ -177,9 +177,9 @@ def test_screening_harness_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(es, "RESULTS", tmp_path)
     monkeypatch.setattr(es, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(es, "KEPT", tmp_path / "early-stages")
-    assert es.main(["--profile", "smoke", "--variants", "default,auto"]) == 0
+    assert es.main(["--profile", "smoke", "--variants", "paper,auto"]) == 0
     out = json.loads((tmp_path / "early-stages-smoke.json").read_text())
-    assert out["eval_examples"] == 16 and [v["name"] for v in out["variants"]] == ["fedit", "default", "auto"]
+    assert out["eval_examples"] == 16 and [v["name"] for v in out["variants"]] == ["fedit", "paper", "auto"]
     for v in out["variants"]:
         assert v["seeds"] == [0] and v["client_cpu_speedup_to_fedit_final"] is None
         assert v["lora_bytes_reduction_to_fedit_final"] is None and v["stage_transfer"]
@@ -187,9 +187,9 @@ def test_screening_harness_smoke(tmp_path, monkeypatch):
     assert fedit["relative_to_fedit"] == pytest.approx(1.0) and fedit["layers"] == 6
     assert default["layers"] == 2 and default["rounds"] == 2 and default["loss_change"] is not None
     assert len(list((tmp_path / "early-stages").glob("*.json"))) == 3  # one kept record per run
-    assert es.main(["--profile", "smoke", "--variants", "default"]) == 0  # cached: loads, merges the summary
+    assert es.main(["--profile", "smoke", "--variants", "paper"]) == 0  # cached: loads, merges the summary
     again = json.loads((tmp_path / "early-stages-smoke.json").read_text())
-    assert [v["name"] for v in again["variants"]] == ["fedit", "default", "auto"]
+    assert [v["name"] for v in again["variants"]] == ["fedit", "paper", "auto"]
 
 
 def test_whole_runs_go_to_fedits_final_loss_and_stop_there(tmp_path, monkeypatch):
@@ -201,12 +201,12 @@ def test_whole_runs_go_to_fedits_final_loss_and_stop_there(tmp_path, monkeypatch
     monkeypatch.setattr(es, "RESULTS", tmp_path)
     monkeypatch.setattr(es, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(es, "KEPT", tmp_path / "early-stages")
-    assert es.main(["--profile", "smoke", "--whole", "--variants", "default"]) == 0
+    assert es.main(["--profile", "smoke", "--whole", "--variants", "paper"]) == 0
     out = json.loads((tmp_path / "early-stages-smoke-whole.json").read_text())
     fedit, default = out["variants"]
     assert fedit["rounds_run"] == [6] and fedit["client_cpu_speedup_to_fedit_final"] == [pytest.approx(1.0)]
     kept = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (tmp_path / "early-stages").glob("*")}
-    run, ref = kept["default"], kept["fedit"]
+    run, ref = kept["paper"], kept["fedit"]
     assert run["config"]["rounds_per_stage"] == [2, 2, 6] and run["target"]["eval_loss"] == ref["records"][-1]["eval_loss"]
     losses = [r["eval_loss"] for r in run["records"] if r["stage"] >= 0]
     assert None not in losses  # evaluated every round
@@ -218,3 +218,22 @@ def test_whole_runs_go_to_fedits_final_loss_and_stop_there(tmp_path, monkeypatch
         assert len(losses) == 10 and hit[:1] in ([], [9])
     speed = default["client_cpu_speedup_to_fedit_final"][0]
     assert (speed is None) == (not hit) and default["rounds_run"] == [len(losses)]
+
+
+def test_auto_is_the_default_and_runs_saved_before_it_keep_the_fixed_schedule(tmp_path):
+    """devft's default schedule is `auto` (issue #12's rule: the small stages do not transfer on
+    SmolLM2); the paper's fixed schedule is one value away, and a run saved before the field existed
+    resumes with the schedule it ran with."""
+    from server_sdk.config import ConfigError, RunConfig
+
+    assert RunConfig().schedule == "auto" and RunConfig().with_overrides({"schedule": "fixed"}).schedule == "fixed"
+    old = RunConfig().to_dict()
+    for field in ("schedule", "schedule_expected_gain", "heal", "heal_steps", "heal_lr", "heal_examples"):
+        del old[field]  # a config.json written before issue #12
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    resumed = RunConfig.of_run(tmp_path)
+    assert resumed.schedule == "fixed" and resumed.heal == "none"
+    (tmp_path / "config.json").write_text(json.dumps({**old, "schedule": "auto"}))
+    assert RunConfig.of_run(tmp_path).schedule == "auto"  # a saved field always wins
+    with pytest.raises(ConfigError, match="no config.json"):
+        RunConfig.of_run(tmp_path / "nowhere")

@@ -324,7 +324,7 @@ def fleet_cfg(**kw) -> RunConfig:
 
     base = dict(model="tiny-random-L4", stages=[2, 4], rounds_per_stage=[2, 1], num_clients=3, clients_per_round=3,
                 local_steps=2, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
-                lora=LoraSettings(r=2, alpha=4),
+                lora=LoraSettings(r=2, alpha=4), schedule="fixed",  # every stage runs: these test stage starts
                 data=DataSettings(tasks=["chain_sum", "basic_arithmetic"], tasks_per_client=1, examples_per_client=6,
                                   eval_examples_per_task=2))
     base.update(kw)
