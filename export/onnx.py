@@ -36,6 +36,7 @@ the submodel's shape, so `export_onnx_cached` traces once per shape and restamps
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -424,6 +425,28 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int) -> Path:
         return publish(build, out, manifest)
 
 
+def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, seq_len: int) -> tuple[Path, Manifest]:
+    """The cached graphs of `peft_model`'s shape under template_root (directory, manifest), traced now if
+    there are none yet or they were written by an older devft (another manifest format).
+
+    A lock file per shape makes concurrent callers trace it once: the coordinator waits for its own
+    background warm-up process (server_sdk/warm.py) instead of tracing the same graph beside it."""
+    from edge_runtime.manifest import ManifestError, load_manifest
+
+    check_exportable(peft_model, seq_len)
+    root = Path(template_root)
+    root.mkdir(parents=True, exist_ok=True)
+    template = root / template_key(peft_model, seq_len=seq_len)
+    with open(root / f"{template.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        try:
+            return template, load_manifest(template, verify_hashes=False)
+        except ManifestError:
+            shutil.rmtree(template, ignore_errors=True)
+            export_template(peft_model, template, seq_len=seq_len)
+            return template, load_manifest(template, verify_hashes=False)
+
+
 def export_onnx_artifacts(
     peft_model: Any,
     out_dir: str | os.PathLike[str],
@@ -437,17 +460,7 @@ def export_onnx_artifacts(
 
     Built beside out_dir and renamed into place, so a reader never sees a half-written directory.
     """
-    from edge_runtime.manifest import ManifestError, load_manifest
-
-    check_exportable(peft_model, seq_len)
-    template = Path(template_root) / template_key(peft_model, seq_len=seq_len)
-    try:
-        manifest = load_manifest(template, verify_hashes=False)
-    except ManifestError:  # none yet, or written by an older devft (another manifest format): trace anew
-        shutil.rmtree(template, ignore_errors=True)
-        template.parent.mkdir(parents=True, exist_ok=True)
-        export_template(peft_model, template, seq_len=seq_len)
-        manifest = load_manifest(template, verify_hashes=False)
+    template, manifest = ensure_template(peft_model, template_root, seq_len=seq_len)
     manifest.optimizer = optimizer
 
     def write_weights(build: Path) -> None:

@@ -35,6 +35,11 @@ class ClientExecutor(ABC):
         guess). An executor whose clients download stages may build it meanwhile and let them fetch it early
         (server_sdk/prefetch.py); the guess never changes what the run trains. Default: ignored."""
 
+    def expect_stages(self, config: dict, stage_sizes: list[int]) -> None:
+        """Called once the run's stage sizes are known (`config`: the base model's config dict). An executor
+        that exports stages may prepare their graphs ahead of need (the fleet traces them in a background
+        process: server_sdk/warm.py). Default: ignored."""
+
     def close(self) -> None:
         """Release connections and processes."""
 

@@ -62,6 +62,7 @@ from .model import cache_root, smollm2_cache_dir
 from .prefetch import Speculate, Speculation
 from .submodel import StagePlan
 from .trainer import ClientResult
+from .warm import TemplateWarmer
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class FleetSettings:
     device_names: dict[str, str] = field(default_factory=dict)  # client index -> device name overrides
     prefetch_next_stage: bool = True  # announce the guessed next stage's files during a stage's last round
     stage_ready_timeout_s: float = 60.0  # a stage's first round waits this long for devices' files; 0 = no wait
+    trace_ahead: bool = True  # trace the later stages' onnx graphs in a background process from the run's start
 
     def validate(self) -> FleetSettings:
         if not 0 < self.quorum <= 1:
@@ -168,6 +170,7 @@ class FleetExecutor(ClientExecutor):
         self._stage = -1
         self._next_guess: tuple[int, Speculate] | None = None  # set by prefetch_stage for the next train_round
         self._speculation: Speculation | None = None
+        self._warmer: TemplateWarmer | None = None
         self._last_global: str | None = None
         self._rounds_done = 0
         self._nonces: set[str] = set()  # of accepted updates, for the whole run (this process)
@@ -219,6 +222,13 @@ class FleetExecutor(ClientExecutor):
         total = self.serve_stage(stage, dirs, export_s=seconds)
         self._await_ready(stage)
         return total
+
+    def expect_stages(self, config: dict, stage_sizes: list[int]) -> None:
+        """Trace the graphs of the stages after the first in a background process (server_sdk/warm.py): on a
+        machine's first run that is most of each stage start, and the first stage's rounds hide it."""
+        if self.settings.trace_ahead and "onnx" in self.stage_formats() and len(stage_sizes) > 1:
+            self._warmer = TemplateWarmer(config, stage_sizes[1:], self.cfg.lora, self.cfg.seq_len,
+                                          self.settings.export_template_dir or cache_root()).start()
 
     def _export(self, stage: int, plan: StagePlan, sub_model, prefix: str) -> tuple[dict[str, Path], dict]:
         """The stage's artifacts per format under artifacts/stage<N>/<prefix><format>; seconds each took."""
@@ -568,6 +578,8 @@ class FleetExecutor(ClientExecutor):
                 self._publish_control(P.ControlMessage(self.run_id, max(self._stage, 0), self._rounds_done, "done"))
                 self._event("done", rejections=dict(self.rejections))
         finally:
+            if self._warmer is not None:
+                self._warmer.stop()
             self.artifacts.stop()
             self._art_client.close()
             self.client.close()

@@ -200,6 +200,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
                      disable=not progress or executor_factory is not None)
     executor = executor_factory(cfg, base, clients) if executor_factory else \
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
+    executor.expect_stages(base.model.config.to_dict(), [stages[s] for s in range(len(stages)) if rounds[s] > 0])
     try:
         return _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
                                    progress, stop_after_rounds, stop_when), resume)
