@@ -30,10 +30,14 @@ def shaped_submodel(config: dict, n_layers: int, lora: LoraSettings):
     from .lora import attach_lora
     from .submodel import empty_model
 
-    model = empty_model(config, n_layers).to_empty(device="cpu")
+    model = empty_model(config, n_layers)  # parameters on the meta device, buffers (rotary frequencies) real
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model = model.to_empty(device="cpu")  # uninitialised storage for everything, buffers included
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
+        for name, b in model.named_buffers():  # the graph bakes buffers in as constants: keep their values
+            b.copy_(buffers[name])
     model.tie_weights()
     return attach_lora(model, lora, seed=0)
 

@@ -46,9 +46,17 @@ def test_the_warm_up_process_fills_the_cache_and_stages_then_only_restamp(tiny_b
         raise AssertionError("traced although the warm-up process had cached this shape")
 
     monkeypatch.setattr(ox, "export_template", no_trace)
-    out = ox.export_onnx_artifacts(_stage_submodel(tiny_base, tiny_cfg, 0, 2), tmp_path / "stage0",
-                                   tmp_path / "onnx-templates", seq_len=64)
-    assert (out / ox.TRAIN_GRAPH).exists()
+    sub = _stage_submodel(tiny_base, tiny_cfg, 0, 2)
+    out = ox.export_onnx_artifacts(sub, tmp_path / "stage0", tmp_path / "onnx-templates", seq_len=64)
+    # the graph traced from zero weights computes this submodel: loss and gradients as eager torch's
+    from edge_runtime.backends.onnx_backend import OnnxTrainer
+    from tests.export_helpers import make_batch, torch_loss_and_grads
+
+    ids, labels = make_batch(tiny_base.model.config.vocab_size, 2, 16)
+    ref_loss, ref_grads = torch_loss_and_grads(sub, ids, labels)
+    loss, grads = OnnxTrainer(out).loss_and_grads(ids, labels)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert max(abs(grads[k] - ref_grads[k]).max() / (abs(ref_grads[k]).max() + 1e-12) for k in ref_grads) < 1e-4
 
 
 def test_concurrent_callers_trace_a_shape_once(tiny_base, tmp_path, monkeypatch):
