@@ -98,9 +98,14 @@ def _header(path: Path) -> tuple[int, dict]:
 
 
 def read_frozen(path: Path) -> dict[str, np.ndarray]:
-    """Read-only arrays mapped from a file of write_frozen (or any safetensors file of those dtypes)."""
+    """Read-only arrays mapped from a file of write_frozen (or any safetensors file of those dtypes).
+
+    Plain ndarray views of the mapping, not np.memmap: numpy pickles an ndarray subclass with its
+    bytes in-band, so Ray would copy a memmap into every worker that unpickles it (a private copy of
+    the weights per worker), while a plain array crosses the object store out-of-band and every
+    worker on the node maps the same bytes."""
     data_start, header = _header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+    data = np.asarray(np.memmap(path, dtype=np.uint8, mode="r", offset=data_start))
     out = {}
     for k, info in header.items():
         start, end = info["data_offsets"]

@@ -1,5 +1,7 @@
 """One copy of the frozen weights: evaluation model and stage submodels share the base's tensors."""
 
+import pickle
+
 import torch
 
 from server_sdk.config import LoraSettings
@@ -52,6 +54,9 @@ def test_stage_file_round_trips_exactly_and_maps_instead_of_copying(tiny_base, t
     assert back.keys() == state.keys()
     assert all(torch.equal(torch.from_numpy(back[k].copy()), state[k]) for k in state)
     assert all(not a.flags.owndata for a in back.values())  # views of the mapped file
+    buffers = []  # plain arrays, not np.memmap: pickled out-of-band, so Ray maps them instead of copying
+    pickle.dumps(back, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == len(back)
     from safetensors.torch import load_file  # the file is plain safetensors
 
     assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["model.norm.weight"], state["model.norm.weight"])

@@ -194,3 +194,12 @@ def test_a_stage_of_the_base_models_weights_maps_its_own_file(local_ray, tiny_ba
             assert sorted(p.name for p in ex.stage_dir.iterdir()) == sorted([*written, "stage-1.safetensors"])
         finally:
             ex.close()
+
+
+def test_frozen_arrays_cross_the_object_store_without_a_copy(local_ray, tiny_base, tmp_path):
+    from server_sdk.frozen import frozen_state, map_stage_file, write_frozen
+
+    write_frozen(tmp_path / "s.safetensors", frozen_state(tiny_base.model))
+    arrays = ray.get(ray.remote(num_cpus=0)(map_stage_file).remote(str(tmp_path / "s.safetensors")))
+    # read-only views of the object store's shared memory: each worker maps them, none holds a copy
+    assert all(not a.flags.writeable and not a.flags.owndata for a in arrays.values())
