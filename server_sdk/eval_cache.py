@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,30 @@ def lora_is_identity(model: torch.nn.Module) -> bool:
     return found or not any("lora_" in n for n, _ in model.named_parameters())
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over names, dtypes, shapes and bytes of the base weights (LoRA tensors excluded)."""
+def weights_digest(model: torch.nn.Module, weights_file: Path | None = None) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the base weights (LoRA tensors excluded).
+
+    Where `weights_file` holds exactly the model's frozen tensors (the file it was loaded from,
+    frozen.holds_exactly), their bytes are read from the file instead of from the tensors: the same
+    digest, but the weights stay out of this process's memory (a Ray coordinator never needs them)."""
+    from .frozen import frozen_state, holds_exactly, tensor_bytes
+
+    stored: dict[int, tuple[str, tuple]] = {}  # data_ptr -> (name in the file, shape); a tied head finds its twin
+    if weights_file is not None:
+        frozen = frozen_state(model)
+        if holds_exactly(weights_file, frozen):
+            stored = {t.data_ptr(): (k, tuple(t.shape)) for k, t in frozen.items()}
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue
-        t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        src, shape = stored.get(t.data_ptr(), (None, None))
+        if src is not None and shape == tuple(t.shape) and t.is_contiguous():
+            for block in tensor_bytes(weights_file, src):
+                h.update(block)
+            continue
+        t = t.detach().contiguous().cpu()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
@@ -80,7 +97,7 @@ def eval_key(base: BaseModel, held_out: list[Example], *, seq_len: int, generate
     """The cache key: everything the base model's held-out scores depend on."""
     parts = {
         "schema": SCHEMA,
-        "weights": weights_digest(base.model),
+        "weights": weights_digest(base.model, base.weights_file),
         "tokenizer": tokenizer_digest(base.tokenizer),
         "examples": hashlib.sha256(json.dumps([vars(ex) for ex in held_out], sort_keys=True,
                                               default=str).encode()).hexdigest(),
@@ -93,12 +110,15 @@ def eval_key(base: BaseModel, held_out: list[Example], *, seq_len: int, generate
 
 def base_evaluation(eval_model: torch.nn.Module, base: BaseModel, held_out: list[Example], *, seq_len: int,
                     generate: bool, max_new_tokens: int, batch_size: int = 16, progress: bool = False,
-                    use_cache: bool = True) -> dict:
-    """`evaluate()` of the run's starting model, from the cache when this machine computed it before."""
+                    use_cache: bool = True, evaluator: Callable[..., dict] = evaluate) -> dict:
+    """`evaluate()` of the run's starting model, from the cache when this machine computed it before.
+
+    `evaluator` computes it otherwise, with trainer.evaluate's signature: the round loop passes its
+    executor's `evaluate` (the Ray executor evaluates on a worker)."""
     kw = dict(seq_len=seq_len, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    label = "base model evaluation" if progress else None
     if not use_cache or not lora_is_identity(eval_model):
-        return evaluate(eval_model, base.tokenizer, held_out, progress="base model evaluation" if progress else None,
-                        **kw)
+        return evaluator(eval_model, base.tokenizer, held_out, progress=label, **kw)
     key = eval_key(base, held_out, **kw)
     path = cache_dir() / f"{key}.json"
     try:
@@ -110,8 +130,7 @@ def base_evaluation(eval_model: torch.nn.Module, base: BaseModel, held_out: list
         pass
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged entry is recomputed, not trusted
         log.warning("ignoring unreadable base-evaluation cache %s: %s", path, exc)
-    result = evaluate(eval_model, base.tokenizer, held_out, progress="base model evaluation" if progress else None,
-                      **kw)
+    result = evaluator(eval_model, base.tokenizer, held_out, progress=label, **kw)
     _write_atomic(path, {"model": base.name, "examples": len(held_out), **kw, "result": result})
     return result
 

@@ -2,8 +2,12 @@
 simulated fleet and a real one; only the executor differs:
 
 - InProcessExecutor: clients train one after another in this process (eager torch);
+- the Ray executor (server_sdk.ray_executor): clients train in parallel Ray workers, which
+  also evaluate the full model each round (`evaluate`);
 - a fleet executor (server_sdk.fleet) sends artifacts and global LoRA over MQTT and
   collects device updates.
+
+Evaluation on the held-out set runs where the executor says (`evaluate`): here by default.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from .config import RunConfig
 from .data import Example
 from .lora import LoraState, write_lora
 from .submodel import StagePlan, submodel_bytes
-from .trainer import ClientResult, local_train
+from .trainer import ClientResult, evaluate, local_train
 
 
 class ClientExecutor(ABC):
@@ -39,6 +43,14 @@ class ClientExecutor(ABC):
         """Called once the run's stage sizes are known (`config`: the base model's config dict). An executor
         that exports stages may prepare their graphs ahead of need (the fleet traces them in a background
         process: server_sdk/warm.py). Default: ignored."""
+
+    def evaluate(self, model: PeftModel, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,
+                 max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None) -> dict:
+        """trainer.evaluate of the full model (the base model's frozen weights, with the LoRA it holds now)
+        on the held-out examples. Default: here, on `model`; an executor whose workers hold the frozen
+        weights anyway may evaluate there instead (the Ray executor), with the same numbers."""
+        return evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 
     def close(self) -> None:
         """Release connections and processes."""

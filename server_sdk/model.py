@@ -30,6 +30,9 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     source: str  # where the weights came from, for the report
+    # the one safetensors file the weights were loaded from (transformers maps it), if any: where it holds them
+    # unconverted (frozen.holds_exactly), other processes map it instead of this one copying the weights out
+    weights_file: Path | None = None
 
     @property
     def n_layers(self) -> int:
@@ -83,7 +86,9 @@ def _load_hf_dir(path: Path, name: str, dtype: torch.dtype, source: str) -> Base
                          "decoder-only LLaMA/Qwen2/Mistral-style models")
     tok = AutoTokenizer.from_pretrained(path)
     _prepare(model, tok)
-    return BaseModel(model=model, tokenizer=tok, name=name, source=source)
+    single = path / "model.safetensors"  # a sharded checkpoint (model-0000x-of-...) has no one file
+    return BaseModel(model=model, tokenizer=tok, name=name, source=source,
+                     weights_file=single if single.is_file() else None)
 
 
 def smollm2_cache_dir() -> Path:

@@ -1,20 +1,30 @@
 """Simulated clients trained in parallel Ray actors (`devft run --executor ray --workers N`).
 
 Each worker is a Ray actor that holds the stage submodel, built once per stage from frozen
-weights that cross Ray's object store once per stage: the coordinator writes them to a
-memory-mapped safetensors file (server_sdk.frozen), a Ray task on the coordinator's node
-maps it and puts it in the object store, and every worker maps that object (zero-copy on
-the same node; Ray moves it to other nodes). Per round only the global LoRA is put once
-and the sampled clients' tasks go to the workers in turn; each runs the same `local_train`
-with the same seed as the in-process executor, with the same torch thread count, so the
-results are bit-identical to it. Results come back ordered by client.
+weights that cross Ray's object store once per stage: a Ray task on the coordinator's node
+maps a safetensors file of them (server_sdk.frozen) and puts its arrays in the object store,
+and every worker maps that object (zero-copy on the same node; Ray moves it to other nodes).
+The file is the base model's own when the stage's frozen weights are exactly the base
+model's (FedIT, DEVFT's full-model stage) and the model was loaded from it unconverted; the
+coordinator then never reads those weights. Otherwise (fused layers, a random test model)
+the coordinator writes the stage's frozen weights to a file first.
+
+Per round only the global LoRA is put once and the sampled clients' tasks go to the workers
+in turn; each runs the same `local_train` with the same seed as the in-process executor,
+with the same torch thread count, so the results are bit-identical to it. Results come back
+ordered by client. The full model is evaluated on a worker too (`evaluate`): the first live
+one builds it once over the base model's arrays in the object store (for FedIT the same
+mapped memory as its stage submodel), writes the round's LoRA and runs trainer.evaluate on
+the coordinator's thread count, so the coordinator holds no resident copy of the weights
+and the numbers equal in-process evaluation's.
 
 A worker that dies mid-round (crash, OOM kill, lost node, `ray.kill`) is a missing client,
 like a missing device of a real fleet: the round aggregates the survivors if at least
 ceil(quorum * sampled) answered, else raises QuorumNotReached (the checkpoint holds the
 previous round; `devft run --resume` repeats it). With a round deadline, clients not done
 by then are cancelled and count as missing too. Dead workers are replaced before the next
-round.
+round; an evaluation goes to a live worker (one that dies evaluating is replaced, and the
+next one evaluates).
 """
 
 from __future__ import annotations
@@ -37,10 +47,12 @@ from .config import LoraSettings, RunConfig
 from .data import Example
 from .executor import ClientExecutor
 from .fleet import QuorumNotReached
-from .frozen import frozen_state, map_stage_file, write_frozen
-from .lora import LoraState, attach_lora, write_lora
+from .frozen import frozen_state, holds_exactly, map_stage_file, same_tensors, write_frozen
+from .lora import LoraState, attach_lora, read_lora, write_lora
+from .model import BaseModel
+from .progress import phase
 from .submodel import StagePlan, empty_model, load_frozen, submodel_bytes
-from .trainer import ClientResult, local_train
+from .trainer import ClientResult, evaluate, local_train
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +78,30 @@ class RaySettings:
 
 class ClientWorker:
     """One Ray actor: the stage submodel (frozen weights mapped from the object store) and the
-    client shards; trains one client per call."""
+    client shards; trains one client per call. It also evaluates the full model when asked, on a
+    second model object built once over the base model's mapped frozen weights (for FedIT and
+    DEVFT's full-model stage the very same mapped arrays as the stage submodel's)."""
 
     def __init__(self, tokenizer, clients: list[list[Example]], lora: LoraSettings, threads: int):
         torch.set_num_threads(threads)
         self.tokenizer, self.clients, self.lora = tokenizer, clients, lora
         self.stage: int | None = None
         self.model: PeftModel | None = None
+        self.eval_model: PeftModel | None = None
 
-    def load_stage(self, stage: int, config: dict, n_layers: int, frozen: dict) -> int:
-        """Build the stage submodel around the mapped frozen arrays (no copy); returns its pid."""
+    def _build(self, config: dict, n_layers: int, frozen: dict) -> PeftModel:
+        """A model around the mapped frozen arrays (no copy), with LoRA attached."""
         with warnings.catch_warnings():  # the arrays are read-only shared memory; nothing writes them
             warnings.filterwarnings("ignore", message=".*not writable.*")
             state = {k: torch.from_numpy(v) for k, v in frozen.items()}
-        self.model = None
         sub = empty_model(config, n_layers)
         load_frozen(sub, state)
-        self.model, self.stage = attach_lora(sub, self.lora), stage
+        return attach_lora(sub, self.lora)
+
+    def load_stage(self, stage: int, config: dict, n_layers: int, frozen: dict) -> int:
+        """Build the stage submodel around the mapped frozen arrays; returns its pid."""
+        self.model = None
+        self.model, self.stage = self._build(config, n_layers, frozen), stage
         return os.getpid()
 
     def train(self, stage: int, client: int, global_lora: LoraState, seed: int,
@@ -94,19 +113,34 @@ class ClientWorker:
         return local_train(self.model, self.tokenizer, self.clients[client], steps=steps, batch_size=batch_size,
                            lr=lr, seq_len=seq_len, seed=seed, is_trainable=is_trainable, client=client)
 
+    def evaluate(self, config: dict, n_layers: int, frozen: dict, lora: LoraState, examples: list[Example],
+                 kw: dict, threads: int) -> dict:
+        """trainer.evaluate of the full model (the base model's frozen arrays, built on the first call)
+        with `lora`, on the coordinator's torch thread count: the numbers it would compute itself."""
+        if self.eval_model is None:
+            self.eval_model = self._build(config, n_layers, frozen)
+        write_lora(self.eval_model, lora)
+        own = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return evaluate(self.eval_model, self.tokenizer, examples, **kw)
+        finally:
+            torch.set_num_threads(own)
+
     def pid(self) -> int:
         return os.getpid()
 
 
 class RayExecutor(ClientExecutor):
-    """Sampled clients train in parallel Ray actors, each with the stage submodel loaded once per stage."""
+    """Sampled clients train in parallel Ray actors, each with the stage submodel loaded once per stage;
+    the full model is evaluated on one of them."""
 
-    def __init__(self, cfg: RunConfig, tokenizer, clients: list[list[Example]], settings: RaySettings,
+    def __init__(self, cfg: RunConfig, base: BaseModel, clients: list[list[Example]], settings: RaySettings,
                  after_submit: Callable[[list], None] | None = None):
         """after_submit(workers) is called once a round's tasks are submitted (tests kill a worker there)."""
         import ray
 
-        self.ray, self.cfg, self.settings = ray, cfg, settings.validate()
+        self.ray, self.cfg, self.base, self.settings = ray, cfg, base, settings.validate()
         self.after_submit = after_submit
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
@@ -115,9 +149,11 @@ class RayExecutor(ClientExecutor):
         self.threads = cfg.torch_threads or 1
         self._worker_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(ClientWorker)
         self._mapper = ray.remote(num_cpus=0)(map_stage_file)
-        self._shared = (ray.put(tokenizer), ray.put(clients))
-        self._tmp = Path(tempfile.mkdtemp(prefix="devft-ray-stage-"))
+        self._shared = (ray.put(base.tokenizer), ray.put(clients))
+        self.stage_dir = Path(tempfile.mkdtemp(prefix="devft-ray-stage-"))  # the frozen-weight files written here
         self._stage: tuple | None = None  # (stage, config, n_layers, object ref of the frozen arrays)
+        self._base_arrays: tuple | None = None  # (config, n_layers, object ref of the base model's frozen arrays)
+        self._held_out: tuple | None = None  # (the held-out examples, their object ref)
         self.workers = [self._new_worker() for _ in range(settings.workers)]
         self._dead: set[int] = set()  # indices of workers lost in the last round, replaced before the next
         self.worker_pids = ray.get([w.pid.remote() for w in self.workers])
@@ -126,19 +162,88 @@ class RayExecutor(ClientExecutor):
         tok_ref, clients_ref = self._shared
         return self._worker_cls.remote(tok_ref, clients_ref, self.cfg.lora, self.threads)
 
-    def begin_stage(self, stage: int, plan: StagePlan, sub_model: PeftModel) -> int:
+    def _map(self, path: Path):
+        """The safetensors file's arrays in the object store, read by a Ray task on this node (the file is here)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        path = self._tmp / f"stage-{stage}.safetensors"
-        for old in self._tmp.glob("stage-*.safetensors"):
-            old.unlink()
-        write_frozen(path, frozen_state(sub_model))
         here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=False)
-        frozen_ref = self._mapper.options(scheduling_strategy=here).remote(str(path))
+        return self._mapper.options(scheduling_strategy=here).remote(str(path))
+
+    def _base_frozen(self) -> tuple:
+        """The base model's config, depth and frozen arrays in the object store, put there once: mapped
+        from the file the base model was loaded from where it holds them exactly (this process reads
+        none of them), else from a file written here (e.g. a random test model)."""
+        if self._base_arrays is None:
+            state = frozen_state(self.base.model)
+            path = self.base.weights_file
+            if path is None or not holds_exactly(path, state):
+                path = self.stage_dir / "base.safetensors"
+                write_frozen(path, state)
+            self._base_arrays = (self.base.model.config.to_dict(), self.base.n_layers, self._map(path))
+        return self._base_arrays
+
+    def _is_base(self, model: PeftModel) -> bool:
+        """True when the model's frozen tensors are the base model's own (shared, never written)."""
+        return same_tensors(frozen_state(model), frozen_state(self.base.model))
+
+    def begin_stage(self, stage: int, plan: StagePlan, sub_model: PeftModel) -> int:
+        for old in self.stage_dir.glob("stage-*.safetensors"):
+            old.unlink()
+        if self._is_base(sub_model):  # FedIT, DEVFT's full-model stage: the base model's arrays, already there
+            frozen_ref = self._base_frozen()[2]
+        else:  # fused layers: this stage's own file
+            path = self.stage_dir / f"stage-{stage}.safetensors"
+            write_frozen(path, frozen_state(sub_model))
+            frozen_ref = self._map(path)
         inner = sub_model.get_base_model()
         self._stage = (stage, inner.config.to_dict(), len(inner.model.layers), frozen_ref)
         self._load_stage(range(len(self.workers)))
         return submodel_bytes(sub_model)
+
+    def evaluate(self, model, tokenizer, examples, *, seq_len, generate=True, max_new_tokens=24, batch_size=16,
+                 progress=None):
+        """On a live worker: the full model built there once over the base model's frozen arrays in the
+        object store, with `model`'s LoRA, on this process's torch thread count (the same numbers as
+        evaluating here). A model whose frozen tensors are not the base model's is evaluated here."""
+        if not self._is_base(model):
+            return super().evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        if self._held_out is None or self._held_out[0] is not examples:
+            self._held_out = (examples, self.ray.put(examples))
+        config, n_layers, frozen_ref = self._base_frozen()
+        lora, held_ref, threads = read_lora(model), self._held_out[1], torch.get_num_threads()
+        kw = dict(seq_len=seq_len, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        with phase(progress or "", enabled=progress is not None):
+            return self._on_a_worker(
+                lambda w: w.evaluate.remote(config, n_layers, frozen_ref, lora, held_ref, kw, threads))
+
+    def _on_a_worker(self, call: Callable):
+        """ray.get(call(worker)) on the first live worker; one that dies meanwhile is replaced, and the
+        call goes to the next."""
+        from ray.exceptions import RayActorError
+
+        for _ in range(len(self.workers) + 1):
+            live = [i for i in range(len(self.workers)) if i not in self._dead]
+            if not live:  # every worker was lost in the last round: replace them now
+                self._replace_dead()
+                live = list(range(len(self.workers)))
+            try:
+                return self.ray.get(call(self.workers[live[0]]))
+            except RayActorError:
+                log.warning("Ray worker %d died during an evaluation; trying another", live[0])
+                self._dead.add(live[0])
+        raise RuntimeError("Ray workers kept dying during an evaluation; check their logs under "
+                           "/tmp/ray/session_latest/logs")
+
+    def _replace_dead(self) -> None:
+        """Fresh workers for those lost, given the stage (if one has begun)."""
+        dead = sorted(self._dead)
+        for i in dead:
+            self.ray.kill(self.workers[i])
+            self.workers[i] = self._new_worker()
+        if self._stage is not None:
+            self._load_stage(dead)
+        self._dead.clear()
 
     def _load_stage(self, indices) -> None:
         """Give the stage to these workers; one that is dead (or dies loading) is replaced once."""
@@ -156,12 +261,7 @@ class RayExecutor(ClientExecutor):
     def train_round(self, stage, rnd, sampled, global_lora, is_trainable, seeds):
         if self._stage is None or self._stage[0] != stage:
             raise RuntimeError(f"train_round for stage {stage} before begin_stage({stage})")
-        if self._dead:  # workers lost in an earlier round: fresh ones, given the stage
-            for i in sorted(self._dead):
-                self.ray.kill(self.workers[i])
-                self.workers[i] = self._new_worker()
-            self._load_stage(sorted(self._dead))
-            self._dead.clear()
+        self._replace_dead()  # workers lost in an earlier round
         ray, cfg = self.ray, self.cfg
         lora_ref, trainable_ref = ray.put(global_lora), ray.put(is_trainable)
         pending = {}
@@ -221,16 +321,16 @@ class RayExecutor(ClientExecutor):
         for w in getattr(self, "workers", []):
             self.ray.kill(w)
         self.workers = []
-        self._stage = None
-        shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
+        self._stage = self._base_arrays = self._held_out = None
+        shutil.rmtree(getattr(self, "stage_dir", ""), ignore_errors=True)
         if getattr(self, "_started_ray", False):
             self.ray.shutdown()
 
 
 def ray_executor_factory(settings: RaySettings, after_submit: Callable[[list], None] | None = None):
-    """An executor_factory for rounds.run: clients train on Ray workers."""
+    """An executor_factory for rounds.run: clients train (and the full model is evaluated) on Ray workers."""
 
-    def make(cfg: RunConfig, base, clients: list[list[Example]]) -> RayExecutor:
-        return RayExecutor(cfg, base.tokenizer, clients, settings, after_submit=after_submit)
+    def make(cfg: RunConfig, base: BaseModel, clients: list[list[Example]]) -> RayExecutor:
+        return RayExecutor(cfg, base, clients, settings, after_submit=after_submit)
 
     return make

@@ -4,8 +4,8 @@ The same loop runs every strategy (DEVFT, FedIT, FFA-LoRA) over every executor (
 in this process, or devices over MQTT: server_sdk.fleet). Per stage it asks the strategy
 for the submodel and hands it to the executor; per round it samples clients, has them
 train, aggregates with the strategy, evaluates the full model with the stage's LoRA
-transferred back, and checkpoints. `RunState` is everything the checkpoint holds;
-report.json's rows are `RoundRecord`s.
+transferred back (where the executor says: here, or on its Ray workers), and checkpoints.
+`RunState` is everything the checkpoint holds; report.json's rows are `RoundRecord`s.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from .report import plot_curves, plot_groups
 from .stage_transfer import stage_transfer
 from .strategies import Strategy, make_strategy
 from .submodel import StagePlan, share_model
-from .trainer import evaluate
 
 log = logging.getLogger(__name__)
 ExecutorFactory = Callable[[RunConfig, BaseModel, list[list[Example]]], ClientExecutor]
@@ -230,7 +229,7 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
     gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens)
     if not state.records:
         before = base_evaluation(eval_model, base, loop.held_out, generate=cfg.accuracy_every != "never",
-                                 progress=loop.progress, **gen)
+                                 progress=loop.progress, evaluator=executor.evaluate, **gen)
         state.records.append(RoundRecord.base_model(base.n_layers, before).to_dict())
 
     total_rounds = sum(rounds)
@@ -284,8 +283,9 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                 run_end = s == len(stages) - 1 and stage_end  # the final stage is never re-planned
                 want_acc = (cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
                             or (cfg.accuracy_every == "end" and run_end))
-                metrics = evaluate(eval_model, base.tokenizer, loop.held_out, generate=want_acc, **gen,
-                                   progress=f"evaluating after round {done_rounds + 1}" if loop.progress else None)
+                label = f"evaluating after round {done_rounds + 1}" if loop.progress else None
+                metrics = executor.evaluate(eval_model, base.tokenizer, loop.held_out, generate=want_acc, **gen,
+                                            progress=label)
             rec = RoundRecord(
                 stage=s, round=len([x for x in state.records if x["stage"] >= 0]) + 1, stage_round=r,
                 layers=stages[s], clients=sampled, train_loss=float(np.mean([res.train_loss for res in results])),

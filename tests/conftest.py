@@ -29,3 +29,15 @@ def tiny_cfg():
         return RunConfig(**base)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_base_from_file(tiny_base, tmp_path_factory):
+    """tiny_base saved as a Hugging Face model directory and loaded back, as SmolLM2 is loaded: the
+    weights mapped from its model.safetensors (BaseModel.weights_file). Session-wide; do not mutate."""
+    from server_sdk.model import load_base_model
+
+    path = tmp_path_factory.mktemp("hf-dir") / "tiny-from-file"
+    tiny_base.model.save_pretrained(path)
+    tiny_base.tokenizer.save_pretrained(path)
+    return load_base_model(str(path))

@@ -1,8 +1,12 @@
 """One copy of the frozen weights: evaluation model and stage submodels share the base's tensors."""
 
+import pickle
+
 import torch
 
-from server_sdk.frozen import frozen_state, read_frozen, write_frozen
+from server_sdk.config import LoraSettings
+from server_sdk.eval_cache import weights_digest
+from server_sdk.frozen import frozen_state, holds_exactly, read_frozen, same_tensors, write_frozen
 from server_sdk.lora import attach_lora, read_lora
 from server_sdk.strategies import make_strategy
 from server_sdk.submodel import StagePlan, share_model
@@ -50,6 +54,26 @@ def test_stage_file_round_trips_exactly_and_maps_instead_of_copying(tiny_base, t
     assert back.keys() == state.keys()
     assert all(torch.equal(torch.from_numpy(back[k].copy()), state[k]) for k in state)
     assert all(not a.flags.owndata for a in back.values())  # views of the mapped file
+    buffers = []  # plain arrays, not np.memmap: pickled out-of-band, so Ray maps them instead of copying
+    pickle.dumps(back, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == len(back)
     from safetensors.torch import load_file  # the file is plain safetensors
 
     assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["model.norm.weight"], state["model.norm.weight"])
+
+
+def test_the_base_models_own_file_is_recognised_and_digested_without_mapping_it(tiny_base, tiny_base_from_file):
+    base = tiny_base_from_file
+    assert base.weights_file is not None and base.weights_file.name == "model.safetensors"
+    state = frozen_state(base.model)
+    assert holds_exactly(base.weights_file, state)  # the names workers load (tied head absent), dtypes, shapes
+    assert read_frozen(base.weights_file).keys() == state.keys()
+    assert not holds_exactly(base.weights_file, {k: v.half() for k, v in state.items()})  # a converting load
+    assert not holds_exactly(base.weights_file, dict(list(state.items())[1:]))
+    assert not holds_exactly(base.weights_file.with_name("config.json"), state)
+    # the base-evaluation cache key reads the file instead of the weights, and is the same key
+    assert weights_digest(base.model, base.weights_file) == weights_digest(base.model) == weights_digest(tiny_base.model)
+    # a FedIT submodel is the base model's tensors; a copy of them is not
+    sub = attach_lora(share_model(base.model), LoraSettings(r=2, alpha=4), seed=0)
+    assert same_tensors(frozen_state(sub), state)
+    assert not same_tensors({k: v.clone() for k, v in state.items()}, state)

@@ -120,7 +120,7 @@ def test_round_deadline_counts_slow_clients_as_missing_and_replaces_their_worker
     cfg = tiny_cfg(strategy="fedit", torch_threads=1)
     clients, _ = prepare_data(cfg, tiny_base, tmp_path)
     strategy = make_strategy(cfg)
-    ex = RayExecutor(cfg, tiny_base.tokenizer, clients, RaySettings(workers=2, quorum=0.5, round_timeout_s=1e-3))
+    ex = RayExecutor(cfg, tiny_base, clients, RaySettings(workers=2, quorum=0.5, round_timeout_s=1e-3))
     try:
         from server_sdk.lora import attach_lora, read_lora
         from server_sdk.submodel import share_model
@@ -137,3 +137,69 @@ def test_round_deadline_counts_slow_clients_as_missing_and_replaces_their_worker
         assert [r.client for r in results] == [0, 1]
     finally:
         ex.close()
+
+
+def test_workers_evaluate_with_the_in_process_numbers_and_the_coordinator_runs_no_forward(
+        local_ray, tiny_base, tiny_base_from_file, tiny_cfg, tmp_path, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    calls = {"n": 0}
+    forward = LlamaModel.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", counted)  # this process only: Ray workers import their own
+    cfg = tiny_cfg(strategy="fedit", torch_threads=1, rounds_per_stage=2, accuracy_every="end", gen_max_new_tokens=2)
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache-in-process"))
+    ref = run(cfg, tmp_path / "in-process", base=tiny_base, progress=False)
+    assert calls["n"] > 0  # the counter sees evaluation here
+    calls["n"] = 0
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache-ray"))  # the base model is evaluated again, on Ray
+    report = run(cfg, tmp_path / "ray", base=tiny_base_from_file, progress=False,
+                 executor_factory=ray_executor_factory(RaySettings(workers=2)))
+    assert calls["n"] == 0  # neither the base model's evaluation nor a round's ran a forward pass here
+    assert [r["eval_loss"] is not None for r in report["records"]] == [True, True, True]
+    assert report["records"][-1]["accuracy"] is not None  # generation too
+    assert _metrics(report) == _metrics(ref)
+    assert [r["accuracy"] for r in report["records"]] == [r["accuracy"] for r in ref["records"]]
+
+
+def test_a_stage_of_the_base_models_weights_maps_its_own_file(local_ray, tiny_base, tiny_base_from_file, tiny_cfg,
+                                                              tmp_path):
+    from server_sdk.lora import attach_lora, read_lora
+    from server_sdk.ray_executor import RayExecutor
+    from server_sdk.rounds import prepare_data
+    from server_sdk.strategies import make_strategy
+    from server_sdk.submodel import StagePlan, share_model
+
+    cfg = tiny_cfg(strategy="fedit", torch_threads=1)
+    clients, _ = prepare_data(cfg, tiny_base, tmp_path)
+    # loaded from a file that holds them: nothing written; a random model's weights: written once, as the base's
+    for base, written in ((tiny_base_from_file, []), (tiny_base, ["base.safetensors"])):
+        ex = RayExecutor(cfg, base, clients, RaySettings(workers=1))
+        try:
+            lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=0))
+            strategy = make_strategy(cfg)
+            plan, _ = strategy.configure_stage(0, base.model, lora, base.n_layers)
+            sub, init = strategy.build_submodel(base.model, lora, plan)
+            ex.begin_stage(0, plan, sub)
+            assert sorted(p.name for p in ex.stage_dir.iterdir()) == written
+            assert [r.client for r in ex.train_round(0, 0, [0], init, strategy.is_trainable, {0: 1})] == [0]
+            # fused layers are not the base model's: that stage writes its own file
+            fused = StagePlan(1, 3, [[0, 1], [2, 3], [4, 5]], [0, 2, 4])
+            sub, _ = make_strategy(tiny_cfg(strategy="devft", beta=0.2)).build_submodel(base.model, lora, fused)
+            ex.begin_stage(1, fused, sub)
+            assert sorted(p.name for p in ex.stage_dir.iterdir()) == sorted([*written, "stage-1.safetensors"])
+        finally:
+            ex.close()
+
+
+def test_frozen_arrays_cross_the_object_store_without_a_copy(local_ray, tiny_base, tmp_path):
+    from server_sdk.frozen import frozen_state, map_stage_file, write_frozen
+
+    write_frozen(tmp_path / "s.safetensors", frozen_state(tiny_base.model))
+    arrays = ray.get(ray.remote(num_cpus=0)(map_stage_file).remote(str(tmp_path / "s.safetensors")))
+    # read-only views of the object store's shared memory: each worker maps them, none holds a copy
+    assert all(not a.flags.writeable and not a.flags.owndata for a in arrays.values())
