@@ -111,10 +111,11 @@ def run_key(cfg: RunConfig, stop_after: int | None, target: dict | None = None) 
 CPU_BUDGET_X_FEDIT = 1.5
 
 
-def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, fedit_ref: dict | None = None) -> dict:
+def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, fedit_ref: dict | None = None,
+            kept_only: bool = False) -> dict | None:
     """Run (or resume, or load) one run; its compact record is kept under KEPT. With fedit_ref
     (whole runs of DEVFT variants) the run goes toward FedIT's final eval loss and stops there, or
-    at CPU_BUDGET_X_FEDIT times FedIT's client CPU."""
+    at CPU_BUDGET_X_FEDIT times FedIT's client CPU. kept_only: None instead of running it."""
     from server_sdk.rounds import RunState, run
 
     target = stop_when = None
@@ -126,6 +127,8 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
     kept = KEPT / f"{key}.json"
     if kept.exists():
         return json.loads(kept.read_text())
+    if kept_only:
+        return None
     run_dir = CACHE / f"early-{key}"
     resume = (run_dir / "checkpoint").exists()
     if run_dir.exists() and not resume:
@@ -212,6 +215,9 @@ def summarize(name: str, reps: list[dict], fedit: dict[int, dict], full: bool, l
 def markdown(summary: dict, command: str) -> str:
     lines = [f"Command: `{command}` (profile `{summary['profile']}`, partition `{summary['partition']}`, "
              f"{summary['eval_examples']} held-out examples, loss only)", "",
+             *(["In whole runs \"x FedIT's rate\" divides by FedIT's average rate over its whole run, which "
+                "its diminishing later rounds lower; screens divide by its first stage's rounds.", ""]
+               if summary["stages_screened"] is None else []),
              "| variant | seeds | stage | layers | rounds | full-model eval loss start -> end | client CPU s | "
              "loss change per client CPU s | x FedIT's rate | server CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
@@ -221,6 +227,19 @@ def markdown(summary: dict, command: str) -> str:
                          f"{f(st['loss_start'], '.3f')} -> {f(st['loss_end'], '.3f')} | "
                          f"{f(st['client_cpu_seconds'], '.1f')} | {f(st['loss_change_per_client_cpu_s'], '.2e')} | "
                          f"{f(st['relative_to_fedit'], '.3f')} | {f(st['server_cpu_seconds'], '.0f')} |")
+    whole = [v for v in summary["variants"] if v.get("rounds_run")]
+    if whole:
+        per_seed = lambda vals, fmt: ", ".join("never" if x is None else format(x, fmt) for x in vals)  # noqa: E731
+        lines += ["", "Whole runs to FedIT's final eval loss (FedIT / variant per seed: above 1 is better; `never`: "
+                  f"not within {CPU_BUDGET_X_FEDIT}x FedIT's client CPU):", "",
+                  "| variant | seeds | final eval loss | rounds run | client CPU speedup | LoRA bytes reduction | "
+                  "simulated wall speedup |", "|---|---|---|---|---|---|---|"]
+        for v in whole:
+            lines.append(f"| {v['name']} | {', '.join(map(str, v['seeds']))} | {per_seed(v['final_eval_loss'], '.3f')} | "
+                         f"{', '.join(map(str, v['rounds_run']))} | "
+                         f"{per_seed(v['client_cpu_speedup_to_fedit_final'] or [], '.2f')} | "
+                         f"{per_seed(v['lora_bytes_reduction_to_fedit_final'] or [], '.2f')} | "
+                         f"{per_seed(v['simulated_wall_speedup_to_fedit_final'] or [], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated seeds to run instead of 0..--seeds-1 (parallel workers take disjoint seeds)")
     p.add_argument("--partition", choices=["task", "dirichlet", "iid"], default="task")
     p.add_argument("--no-fedit", action="store_true", help="skip the FedIT reference run")
+    p.add_argument("--kept-only", action="store_true",
+                   help="summarise the runs already kept under results/early-stages/; run nothing")
     p.add_argument("--whole", action="store_true",
                    help="whole runs toward FedIT's final loss with the headline ratios (always on in `full`)")
     args = p.parse_args(argv)
@@ -256,13 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     for seed in seeds:  # seed-major: an interrupted matrix has every variant at the first seeds
         if not args.no_fedit:
-            fedit[seed] = run_one("fedit", variant_config(base, "fedit", seed), stop, model)
+            ref = run_one("fedit", variant_config(base, "fedit", seed), stop, model, kept_only=args.kept_only)
+            if ref is not None:
+                fedit[seed] = ref
         for name in names:
             ref = fedit.get(seed) if full else None
-            reps[name].append(run_one(name, variant_config(base, name, seed, to_target=ref is not None), stop, model,
-                                      fedit_ref=ref))
+            if full and ref is None and not args.no_fedit:
+                continue  # a whole run needs its seed's FedIT target
+            rep = run_one(name, variant_config(base, name, seed, to_target=ref is not None), stop, model,
+                          fedit_ref=ref, kept_only=args.kept_only)
+            if rep is not None:
+                reps[name].append(rep)
     summaries = [summarize("fedit", list(fedit.values()), fedit, full, link)] if fedit else []
-    summaries += [summarize(name, reps[name], fedit, full, link) for name in names]
+    summaries += [summarize(name, reps[name], fedit, full, link) for name in names if reps[name]]
     tag = "" if args.profile == "screen" else f"-{args.profile}"
     tag += "-whole" if args.whole and args.profile != "full" else ""
     tag += "" if args.partition == "task" else f"-{args.partition}"
