@@ -444,12 +444,18 @@ def encode_control(msg: ControlMessage) -> bytes:
     return data
 
 
+def _load_stateful(data: bytes, what: str, limit: int, states: tuple[str, ...]) -> tuple[dict, str]:
+    """A message's JSON object and its `state`, which must be one of `states`."""
+    obj = _loads(data, what, limit)
+    state = _require(obj, what, "state", str)
+    if state not in states:
+        raise ProtocolError(f"{what} state {state!r} is not one of {states}")
+    return obj, state
+
+
 def decode_control(data: bytes) -> ControlMessage:
     what = "control message"
-    obj = _loads(data, what, MAX_CONTROL_BYTES)
-    state = _require(obj, what, "state", str)
-    if state not in CONTROL_STATES:
-        raise ProtocolError(f"{what} state {state!r} is not one of {CONTROL_STATES}")
+    obj, state = _load_stateful(data, what, MAX_CONTROL_BYTES, CONTROL_STATES)
     clients = _optional(obj, what, "sampled_clients", list, [])
     hyper = obj.get("hyperparams")
     if state == "train" and hyper is None:
@@ -514,10 +520,7 @@ def validate_status(msg: StatusMessage, sender: str) -> StatusMessage:
 
 def decode_status(data: bytes) -> StatusMessage:
     what = "status message"
-    obj = _loads(data, what, MAX_STATUS_BYTES)
-    state = _require(obj, what, "state", str)
-    if state not in STATUS_STATES:
-        raise ProtocolError(f"{what} state {state!r} is not one of {STATUS_STATES}")
+    obj, state = _load_stateful(data, what, MAX_STATUS_BYTES, STATUS_STATES)
     return StatusMessage(
         device_id=check_name("device_id", _require(obj, what, "device_id", str)),
         state=state,
