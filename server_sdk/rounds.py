@@ -174,7 +174,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     interruption tests and time-boxed sessions); the checkpoint lets --resume continue.
     executor_factory picks where clients train (default: in this process). stop_when(records)
     is asked after every evaluated round: True ends the run there (benchmarks that measure the
-    cost to reach a target loss); the report is then marked `stopped_early`."""
+    cost to reach a target loss); the returned dict then says `stopped_early` and holds the records."""
     run_dir = Path(run_dir)
     cfg.validate()
     if resume:
@@ -199,8 +199,8 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
                      disable=not progress or executor_factory is not None)
     executor = executor_factory(cfg, base, clients) if executor_factory else \
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
-    executor.expect_stages(base.model.config.to_dict(), [stages[s] for s in range(len(stages)) if rounds[s] > 0])
     try:
+        executor.expect_stages(base.model.config.to_dict(), [n for n, k in zip(stages, rounds) if k > 0])
         return _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
                                    progress, stop_after_rounds, stop_when), resume)
     finally:
