@@ -43,7 +43,7 @@ from edge_runtime.bench import DEFAULT_BATCH, DEFAULT_SEQ, append_rows, machine_
 from edge_runtime.telemetry import DEVICE_PROFILES
 
 from .export import DEFAULT_LEGACY_PYTHON, Envs, TorchStep, load_average
-from .results_md import RESULTS_MD, replace_block
+from .results_md import RESULTS_MD, replace_block, save_figure
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -290,11 +290,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("stage submodel layers")
         ax.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M stages, batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ}, measured on {on['machine']} "
-                 f"{on['cpu_model']} (not ARM timings)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"SmolLM2-135M stages, batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ}, measured on "
+                f"{on['machine']} {on['cpu_model']} (not ARM timings)")
 
 
 def _ratio_line(backend: str, n: int, v: dict[str, Any]) -> str:

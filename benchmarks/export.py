@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .results_md import RESULTS_MD, replace_block
+from .results_md import RESULTS_MD, replace_block, save_figure
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -464,11 +464,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{result['model']} stage submodels on {result['machine']['cpu']} ({result['machine']['cores']} "
-                 f"cores, shared: load {result.get('load_average_start')})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{result['model']} stage submodels on {result['machine']['cpu']} "
+                f"({result['machine']['cores']} cores, shared: load {result.get('load_average_start')})")
 
 
 def sweep(n: int, settings: dict[str, Any], envs: Envs, work: Path, variants: list[dict[str, Any]] | None = None,

@@ -6,17 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from edge_runtime.telemetry.meters import (
-    CombinedMeter,
-    EnergyMeter,
-    EstimatedMeter,
-    ExternalCommandMeter,
-    JetsonIna3221Meter,
-    MeterUnavailable,
-    NvmlMeter,
-    RaplMeter,
-    RaspberryPiPmicMeter,
-)
+from edge_runtime.telemetry import meters
 from edge_runtime.telemetry.profiles import power_model as lookup_power_model
 
 log = logging.getLogger(__name__)
@@ -32,7 +22,7 @@ def detect_meter(
     powercap_root: str | os.PathLike[str] = "/sys/class/powercap",
     hwmon_root: str | os.PathLike[str] = "/sys/class/hwmon",
     vcgencmd: str = "vcgencmd",
-) -> EnergyMeter:
+) -> meters.EnergyMeter:
     """The best available meter, or ``preferred`` (one of ``METER_NAMES``) if it is available.
 
     Order when not forced: a user's external command (they asked for it), then board-level
@@ -45,27 +35,27 @@ def detect_meter(
     if preferred is not None and preferred not in METER_NAMES:
         raise ValueError(f"unknown energy meter {preferred!r}; choose one of {METER_NAMES}")
 
-    def external() -> EnergyMeter:
+    def external() -> meters.EnergyMeter:
         if not external_cmd:
-            raise MeterUnavailable("no external energy command was given (external_cmd)")
-        meter = ExternalCommandMeter(external_cmd)
+            raise meters.MeterUnavailable("no external energy command was given (external_cmd)")
+        meter = meters.ExternalCommandMeter(external_cmd)
         meter.read_joules()  # fail now, with the command's own error, not at the end of a run
         return meter
 
-    builders: dict[str, Callable[[], EnergyMeter]] = {
+    builders: dict[str, Callable[[], meters.EnergyMeter]] = {
         "external": external,
-        "jetson-ina3221": lambda: JetsonIna3221Meter(root=hwmon_root),
-        "rpi5-pmic": lambda: RaspberryPiPmicMeter(vcgencmd=vcgencmd),
-        "rapl": lambda: RaplMeter(root=powercap_root),
-        "nvml": NvmlMeter,
-        "estimate": lambda: EstimatedMeter(model),
+        "jetson-ina3221": lambda: meters.JetsonIna3221Meter(root=hwmon_root),
+        "rpi5-pmic": lambda: meters.RaspberryPiPmicMeter(vcgencmd=vcgencmd),
+        "rapl": lambda: meters.RaplMeter(root=powercap_root),
+        "nvml": meters.NvmlMeter,
+        "estimate": lambda: meters.EstimatedMeter(model),
     }
 
     if preferred is not None:
         try:
             return builders[preferred]()
-        except MeterUnavailable as err:
-            raise MeterUnavailable(f"energy meter {preferred!r} was requested but is not available: {err}") from err
+        except meters.MeterUnavailable as err:
+            raise meters.MeterUnavailable(f"energy meter {preferred!r} was requested but is not available: {err}") from err
 
     if external_cmd:
         return external()
@@ -74,24 +64,24 @@ def detect_meter(
     for name in ("jetson-ina3221", "rpi5-pmic"):
         try:
             return builders[name]()
-        except MeterUnavailable as err:
+        except meters.MeterUnavailable as err:
             reasons.append(f"{name}: {err}")
 
-    found: list[EnergyMeter] = []
+    found: list[meters.EnergyMeter] = []
     for name in ("rapl", "nvml"):
         try:
             found.append(builders[name]())
-        except MeterUnavailable as err:
+        except meters.MeterUnavailable as err:
             reasons.append(f"{name}: {err}")
     if len(found) == 1:
         return found[0]
     if found:
-        return CombinedMeter(found)
+        return meters.CombinedMeter(found)
 
     log.info(
         "no energy meter on this device (%s); estimating from CPU time",
         "; ".join(reasons),
     )
-    meter = EstimatedMeter(model)
+    meter = meters.EstimatedMeter(model)
     meter.detail += "; no meter found: " + "; ".join(reasons)
     return meter
