@@ -90,14 +90,18 @@ def variant_config(base: RunConfig, name: str, seed: int, to_target: bool = Fals
     return cfg.validate()
 
 
+def client_cpu(records: list[dict]) -> float:
+    """Client CPU seconds a run's training rounds spent (report.json's records)."""
+    return sum(c for r in records if r["stage"] >= 0 for c in (r.get(COMPUTE_KEY) or []) if c is not None)
+
+
 def reached(target: float, cpu_budget: float):
     """stop_when for a run toward FedIT's final eval loss: stop at the first evaluated round at or
     below it, or once the run's client CPU passes cpu_budget (then it never got there in budget)."""
     def stop(records: list[dict]) -> bool:
         rounds = [r for r in records if r["stage"] >= 0]
-        spent = sum(c for r in rounds for c in (r.get(COMPUTE_KEY) or []) if c is not None)
         last = rounds[-1].get("eval_loss") if rounds else None
-        return (last is not None and last <= target + 1e-12) or spent > cpu_budget
+        return (last is not None and last <= target + 1e-12) or client_cpu(records) > cpu_budget
     return stop
 
 
@@ -120,8 +124,7 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
 
     target = stop_when = None
     if fedit_ref is not None:
-        fedit_cpu = sum(c for r in fedit_ref["records"] if r["stage"] >= 0 for c in (r.get(COMPUTE_KEY) or []) if c)
-        target = {"eval_loss": _final_loss(fedit_ref), "cpu_budget": CPU_BUDGET_X_FEDIT * fedit_cpu}
+        target = {"eval_loss": _final_loss(fedit_ref), "cpu_budget": CPU_BUDGET_X_FEDIT * client_cpu(fedit_ref["records"])}
         stop_when = reached(target["eval_loss"], target["cpu_budget"])
     key = run_key(cfg, stop_after, target)
     kept = KEPT / f"{key}.json"

@@ -123,26 +123,14 @@ class RunConfig:
         path = Path(run_dir) / "config.json"
         if not path.exists():
             raise ConfigError(f"{run_dir} has no config.json; is it a run directory (runs/NAME)?")
-        raw = json.loads(path.read_text())
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of field: value")
-        return cls.from_dict({**ADDED_LATER, **raw})
+        return cls.from_dict({**ADDED_LATER, **_read_mapping(path)})
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of field: value")
-        return cls.from_dict(raw)
+        return cls.from_dict(_read_mapping(path))
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """Apply dotted overrides such as {"lora.r": 4, "lr": 1e-4}."""
@@ -246,6 +234,20 @@ class RunConfig:
 # the field existed (RunConfig.identity, RunConfig.of_run); a default may have changed since (schedule)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64}
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A config file's field: value mapping (YAML by suffix, else JSON)."""
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+    else:
+        raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    return raw
 
 
 def check_choice(name: str, value: Any, options: Iterable[str]) -> None:
