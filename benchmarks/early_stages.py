@@ -105,8 +105,15 @@ def reached(target: float, cpu_budget: float):
     return stop
 
 
+# bumped when a rule's behaviour changes, so kept runs of the old rule are not reused:
+# auto 2 = rolls back a stage that did not lower the full model's loss, full-model stage draws as FedIT's
+RULE_VERSIONS = {"auto": 2}
+
+
 def run_key(cfg: RunConfig, stop_after: int | None, target: dict | None = None) -> str:
     ident = {"cfg": cfg.identity(), "stop_after": stop_after, **({"target": target} if target else {})}
+    if cfg.strategy == "devft" and cfg.schedule in RULE_VERSIONS:
+        ident["rules"] = RULE_VERSIONS[cfg.schedule]
     blob = json.dumps(ident, sort_keys=True).encode()
     return f"{cfg.strategy}-{hashlib.sha256(blob).hexdigest()[:12]}"
 

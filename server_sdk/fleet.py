@@ -220,7 +220,7 @@ class FleetExecutor(ClientExecutor):
         `stage_ready_timeout_s`) until the devices hold it."""
         dirs, seconds = self._export(stage, plan, sub_model, "")
         total = self.serve_stage(stage, dirs, export_s=seconds)
-        self._await_ready(stage)
+        self._await_ready(stage, plan.draw_key)
         return total
 
     def expect_stages(self, config: dict, stage_sizes: list[int]) -> None:
@@ -272,7 +272,7 @@ class FleetExecutor(ClientExecutor):
             self._speculation.join()
             self._speculation = None
 
-    def _await_ready(self, stage: int) -> None:
+    def _await_ready(self, stage: int, draw_key: int) -> None:
         """Wait until the live devices and those the stage's first round samples reported this stage's files
         ready (`info.ready` in a status), at most `stage_ready_timeout_s`, so the stage's first round does not
         start while devices still download."""
@@ -281,7 +281,7 @@ class FleetExecutor(ClientExecutor):
             return
         from .rounds import sample_clients
 
-        first = {self.device_of(c) for c in sample_clients(self.cfg, stage, 0)}
+        first = {self.device_of(c) for c in sample_clients(self.cfg, draw_key, 0)}
         t0 = time.time()
         waiting = self._not_ready(first)
         while waiting and time.time() - t0 < timeout:

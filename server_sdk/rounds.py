@@ -140,12 +140,15 @@ class RoundLoop:
     stop_when: Callable[[list[dict]], bool] | None = None  # end the run early once this holds (benchmarks)
 
 
-def client_seed(seed: int, stage: int, rnd: int, client: int) -> int:
-    return int(np.random.SeedSequence([seed, stage, rnd, client]).generate_state(1)[0])
+def client_seed(seed: int, key: int, rnd: int, client: int) -> int:
+    """The seed of a client's local training in round `rnd` of the stage whose draw key is `key`
+    (StagePlan.draw_key: 0 for the full model, a submodel stage's index otherwise)."""
+    return int(np.random.SeedSequence([seed, key, rnd, client]).generate_state(1)[0])
 
 
-def sample_clients(cfg: RunConfig, stage: int, rnd: int) -> list[int]:
-    rng = np.random.default_rng([cfg.seed, 17, stage, rnd])
+def sample_clients(cfg: RunConfig, key: int, rnd: int) -> list[int]:
+    """The clients that train round `rnd` of the stage whose draw key is `key` (StagePlan.draw_key)."""
+    rng = np.random.default_rng([cfg.seed, 17, key, rnd])
     return sorted(int(c) for c in rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
 
 
@@ -257,11 +260,11 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
 
         for r in range(state.next_round, rounds[s]):
             t_round = time.perf_counter()
-            sampled = sample_clients(cfg, s, r)
+            sampled = sample_clients(cfg, plan.draw_key, r)
             bytes_down = len(serialize(state.stage_global)) * len(sampled)
             new_devices = [c for c in sampled if c not in state.devices_with_stage]
             state.devices_with_stage += new_devices
-            seeds = {c: client_seed(cfg.seed, s, r, c) for c in sampled}
+            seeds = {c: client_seed(cfg.seed, plan.draw_key, r, c) for c in sampled}
             nxt = next((t for t in range(s + 1, len(stages)) if rounds[t] > 0), None)
             if r == rounds[s] - 1 and nxt is not None:
                 executor.prefetch_stage(nxt, _guess_stage(loop, state, plan, nxt))
@@ -303,8 +306,13 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
                     rounds[:], state.rounds = planned, list(planned)
                 stage_end = r == rounds[s] - 1
             is_last = s == len(stages) - 1 and r == rounds[s] - 1
-            if stage_end:  # stage done: transfer back into the full model
-                state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
+            if stage_end:  # stage done: transfer back into the full model, unless the strategy rolls it back
+                if s < len(stages) - 1 and not strategy.keeps_stage(s, state.records):
+                    state.records[-1]["rolled_back"] = True  # the full model keeps its LoRA from before the stage
+                    log.info("stage %d did not lower the full model's eval loss: its transfer is rolled back", s + 1)
+                else:
+                    state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial,
+                                                            plan)
                 state.stage, state.next_round, state.plan = s + 1, 0, None
             state.save(loop.run_dir)
             bar.update(1)

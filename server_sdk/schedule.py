@@ -14,11 +14,19 @@ When the stage stops paying after its first round, the submodels transfer nothin
 remaining round goes to the full model (so DEVFT costs at most one small round more than
 FedIT); after later rounds, it grows to the next stage with this stage's unused rounds. The
 total round budget never changes. `fixed` keeps the configured rounds (the paper's method).
+
+A stage whose transfer left the full model's held-out loss no lower than at the stage's start is
+rolled back under `auto` (Strategy.keeps_stage; the round loop keeps the full model's LoRA from
+before the stage and marks the stage's last record `rolled_back`). With the full-model stage
+drawing clients and seeds as FedIT does (StagePlan.draw_key), a run whose first small round is
+rejected and rolled back then trains exactly FedIT's rounds, one small round later.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from .stage_transfer import stage_transfer
 
 ScheduleRule = Callable[[int, int, list[dict], list[int], list[int], float], list[int]]
 
@@ -36,6 +44,13 @@ def last_relative_gain(records: list[dict]) -> float | None:
     if len(losses) < 2 or losses[-2] <= 0:
         return None
     return (losses[-2] - losses[-1]) / losses[-2]
+
+
+def lowered_full_loss(records: list[dict], stage: int) -> bool:
+    """True unless `stage`'s last evaluated full-model loss is at or above the loss before the stage
+    (the base model's, or the last kept stage's end: stage_transfer's loss_start); unknown counts as lowered."""
+    entry = next((e for e in stage_transfer(records) if e["stage"] == stage), None)
+    return entry is None or entry["loss_change"] is None or entry["loss_change"] < 0
 
 
 def auto_rounds(stage: int, stage_round: int, records: list[dict], rounds: list[int], layers: list[int],

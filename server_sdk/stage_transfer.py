@@ -31,7 +31,9 @@ def stage_transfer(records: list[dict], compute_key: str = COMPUTE_KEY) -> list[
     loss_change (end - start: negative is good), client_cpu_seconds and lora_bytes spent up to
     that last evaluation, and loss_change_per_client_cpu_s. Loss fields are None when the stage
     has no evaluated round yet, or when nothing before it was evaluated. A run stopped mid-stage
-    (a screen) reports the part it ran, up to its last evaluation."""
+    (a screen) reports the part it ran, up to its last evaluation. A stage whose last record says
+    `rolled_back` (the auto schedule undid its transfer) keeps its own numbers, and the next stage
+    starts from the loss before it."""
     out: list[dict[str, Any]] = []
     last_loss: float | None = None
     stages: dict[int, list[dict]] = {}
@@ -51,7 +53,8 @@ def stage_transfer(records: list[dict], compute_key: str = COMPUTE_KEY) -> list[
         start = last_loss
         entry: dict[str, Any] = {"stage": s, "layers": recs[0]["layers"], "rounds": len(recs), "loss_start": start,
                                  "loss_end": None, "loss_change": None, "client_cpu_seconds": None,
-                                 "lora_bytes": None, "loss_change_per_client_cpu_s": None}
+                                 "lora_bytes": None, "loss_change_per_client_cpu_s": None,
+                                 "rolled_back": bool(recs[-1].get("rolled_back"))}
         if evaluated:
             upto = recs[:evaluated[-1] + 1]
             end = float(recs[evaluated[-1]]["eval_loss"])
@@ -61,7 +64,8 @@ def stage_transfer(records: list[dict], compute_key: str = COMPUTE_KEY) -> list[
             if start is not None:
                 entry["loss_change"] = end - start
                 entry["loss_change_per_client_cpu_s"] = (end - start) / cost if cost > 0 else None
-            last_loss = end
+            if not entry["rolled_back"]:
+                last_loss = end
         out.append(entry)
     return out
 

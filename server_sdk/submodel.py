@@ -28,6 +28,7 @@ class StagePlan:
     n_layers: int
     groups: Groups
     anchors: list[int]
+    full: bool = False  # the full model itself (identity_plan), not a submodel of it
 
     def to_dict(self) -> dict:
         """JSON form, for the checkpoint, the kept stage starts and report.json."""
@@ -35,11 +36,20 @@ class StagePlan:
 
     @classmethod
     def from_dict(cls, raw: dict) -> StagePlan:
-        return cls(raw["stage"], raw["n_layers"], raw["groups"], raw["anchors"])
+        return cls(raw["stage"], raw["n_layers"], raw["groups"], raw["anchors"], bool(raw.get("full", False)))
+
+    @property
+    def draw_key(self) -> int:
+        """Key of the stage's client draws and local-training seeds (rounds.sample_clients, client_seed).
+        The full model's stage draws as FedIT's rounds do (key 0), so on one seed a DEVFT run's full-model
+        rounds and a FedIT run train the same clients on the same batches and compare paired; submodel
+        stages draw by their index. (Checkpoints written before `full` existed resume with their old draws.)"""
+        return 0 if self.full else self.stage
 
 
 def identity_plan(n_layers: int, stage: int = 0) -> StagePlan:
-    return StagePlan(stage, n_layers, [[i] for i in range(n_layers)], list(range(n_layers)))
+    """The full model's plan: every layer its own group."""
+    return StagePlan(stage, n_layers, [[i] for i in range(n_layers)], list(range(n_layers)), full=True)
 
 
 def fuse_lora(full_lora: LoraState, plan: StagePlan, beta: float, method: str) -> LoraState:

@@ -90,7 +90,9 @@ def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base,
     assert [e["stage"] for e in report["stage_transfer"]] == [0, 2]
     evaluated = [r["eval_loss"] for r in report["records"]]  # eval_every=1: every round evaluated
     assert report["stage_transfer"][1]["loss_end"] == evaluated[-1]
-    assert report["stage_transfer"][1]["loss_change"] == pytest.approx(evaluated[-1] - evaluated[1])
+    # the full-model stage starts from stage 1's end, or from the base model where stage 1 was rolled back
+    start = evaluated[0] if report["stage_transfer"][0]["rolled_back"] else evaluated[1]
+    assert report["stage_transfer"][1]["loss_change"] == pytest.approx(evaluated[-1] - start)
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
     assert saved["stage_transfer"] == report["stage_transfer"]
     from server_sdk.report import summary_text
@@ -103,6 +105,30 @@ def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base,
     # the fixed schedule (the paper's) runs every stage as configured
     fixed = run(tiny_cfg(rounds_per_stage=2, lr=2e-2), tmp_path / "f", base=tiny_base, progress=False)
     assert fixed["rounds_per_stage"] == [2, 2, 2]
+
+
+def test_auto_rolls_back_a_harmful_stage_and_then_trains_fedits_rounds(tiny_base, tiny_cfg, tmp_path):
+    """On this seed and learning rate the first 2-layer round makes the full model worse: `auto` ends
+    the stage, rolls its transfer back, and the full-model stage (drawing clients and seeds as FedIT
+    does) reproduces a FedIT run of the same seed round for round, one small round later."""
+    from server_sdk.rounds import run
+
+    auto = run(tiny_cfg(schedule="auto", schedule_expected_gain=0.9, rounds_per_stage=2, lr=0.2, seed=2),
+               tmp_path / "auto", base=tiny_base, progress=False)
+    fedit = run(tiny_cfg(strategy="fedit", stages=None, rounds_per_stage=5, lr=0.2, seed=2),
+                tmp_path / "fedit", base=tiny_base, progress=False)
+    small, full = auto["records"][1], auto["records"][2:]
+    assert small["stage"] == 0 and small["rolled_back"] and small["eval_loss"] > auto["records"][0]["eval_loss"]
+    assert auto["rounds_per_stage"] == [1, 0, 5]
+    theirs = fedit["records"][1:]
+    assert [r["clients"] for r in full] == [r["clients"] for r in theirs]
+    assert [r["eval_loss"] for r in full] == [r["eval_loss"] for r in theirs]  # bit for bit
+    first, last = auto["stage_transfer"]
+    assert first["rolled_back"] and not last["rolled_back"]
+    assert last["loss_start"] == auto["records"][0]["eval_loss"]  # the rolled-back stage left no trace
+    # the fixed schedule never rolls back, even a stage that made the full model worse
+    fixed = run(tiny_cfg(rounds_per_stage=1, lr=0.2, seed=2), tmp_path / "fixed", base=tiny_base, progress=False)
+    assert not any(r.get("rolled_back") for r in fixed["records"])
 
 
 def _hidden(model, ids):

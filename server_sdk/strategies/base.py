@@ -59,6 +59,12 @@ class Strategy(ABC):
         a stage given 0 rounds is skipped. Default: the schedule as configured."""
         return list(rounds)
 
+    def keeps_stage(self, stage: int, records: list[dict]) -> bool:
+        """Asked when a stage ends (records end with its last, evaluated round, whose eval loss is the
+        full model's with the stage's LoRA transferred back): False rolls the full model's LoRA back to
+        what it was before the stage. Default: keep every stage."""
+        return True
+
     def stage_notes(self, stage: int) -> dict:
         """Extra facts about the stage just built (e.g. server seconds spent preparing it), kept
         in report.json's stage_plans."""

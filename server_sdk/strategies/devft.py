@@ -15,7 +15,7 @@ from ..fusion import choose_anchor
 from ..grouping import make_groups
 from ..heal import heal_prompts, heal_submodel
 from ..lora import scaling
-from ..schedule import SCHEDULES
+from ..schedule import SCHEDULES, lowered_full_loss
 from ..similarity import layer_similarity
 from ..submodel import StagePlan, build_submodel, identity_plan, transfer_lora_back
 from .base import Strategy
@@ -85,8 +85,11 @@ class DevFT(Strategy):
         rule = SCHEDULES[self.cfg.schedule]
         return rule(stage, stage_round, records, rounds, self._layers, self.cfg.schedule_expected_gain)
 
+    def keeps_stage(self, stage, records):
+        return self.cfg.schedule != "auto" or lowered_full_loss(records, stage)
+
     def finish_stage(self, full_lora, trained, initial, plan):
         if self.cfg.transfer == "anchor":  # only each group's anchor takes the trained LoRA
-            plan = StagePlan(plan.stage, plan.n_layers, [[a] for a in plan.anchors], plan.anchors)
+            plan = StagePlan(plan.stage, plan.n_layers, [[a] for a in plan.anchors], plan.anchors, plan.full)
             return transfer_lora_back(full_lora, trained, initial, plan, "copy")
         return transfer_lora_back(full_lora, trained, initial, plan, self.cfg.transfer)
