@@ -6,17 +6,18 @@
 #   bash scripts/quickstart.sh --simulate   # simulated clients in one process (eager torch)
 # Extra arguments go to `devft run` (e.g. -o rounds_per_stage=2). It runs the paper's fixed stage
 # schedule (-o schedule=fixed) to show every developmental stage; devft's default schedule is `auto`,
-# which on SmolLM2-135M moves to the full model after one round (README: What to expect).
+# which on SmolLM2-135M moves to the full model after one round (README: What to expect). It evaluates
+# the full model at stage ends (-o eval_every=3), and scores accuracy only at the start and the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 name="quickstart-$(date +%Y%m%d-%H%M%S)"
 if [ "${1:-}" = "--simulate" ]; then
   shift
-  .venv/bin/devft run -o schedule=fixed -o accuracy_every=end --name "$name" "$@"
+  .venv/bin/devft run -o schedule=fixed -o eval_every=3 -o accuracy_every=end --name "$name" "$@"
 else
   # a generous round deadline: the 4 devices share this machine's cores with the coordinator
-  .venv/bin/devft run --fleet local:4 --round-timeout 900 -o schedule=fixed -o accuracy_every=end --name "$name" "$@"
+  .venv/bin/devft run --fleet local:4 --round-timeout 900 -o schedule=fixed -o eval_every=3 -o accuracy_every=end --name "$name" "$@"
   .venv/bin/devft report "runs/$name"
   # what the run left on disk (stage artifacts, the devices' shared blob store); `devft clean` frees it
   .venv/bin/devft clean --dry-run "runs/$name"
