@@ -96,33 +96,82 @@ def evaluate(model, tokenizer, examples: list[Example], *, seq_len: int, generat
              max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None) -> dict:
     """Held-out loss (mean per-example token loss) and exact-match accuracy (reasoning-gym scorer).
 
-    `progress` names a bar over the examples (generation makes this the slowest phase of a run)."""
+    `progress` names a bar over the examples (generation makes this the slowest phase of a run).
+    The same as combine_eval([evaluate_part(...)]) over all the examples; the Ray executor computes
+    the parts of eval_chunks on several workers and combines them, with the same numbers."""
     from .progress import counting_bar
 
     with counting_bar(progress or "", len(examples), enabled=progress is not None, unit="ex") as bar:
-        return _evaluate(model, tokenizer, examples, seq_len, generate, max_new_tokens, batch_size, bar.update)
+        part = evaluate_part(model, tokenizer, examples, seq_len=seq_len, generate=generate,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, done=bar.update)
+    return combine_eval([part], generate=generate)
+
+
+@dataclass
+class EvalPart:
+    """Per-example results of a contiguous run of held-out examples, in example order."""
+
+    tasks: list[str]
+    losses: list[float]  # mean token loss of each example
+    correct: list[float] | None  # 1.0 where the greedy answer scores full marks; None without generation
+
+
+def eval_chunks(n: int, batch_size: int, parts: int) -> list[range]:
+    """Split examples 0..n-1 into at most `parts` contiguous ranges of whole evaluation batches (every
+    size a multiple of batch_size but the last range's), as even as batches allow. Each example is then
+    evaluated in exactly the batch evaluate() puts it in (the same padding, so the same numbers), and
+    combine_eval of the ranges' parts, in order, equals evaluating all n examples at once, bit for bit."""
+    if batch_size < 1 or parts < 1:
+        raise ValueError(f"batch_size={batch_size} and parts={parts} must be at least 1")
+    batches = math.ceil(n / batch_size)
+    q, r = divmod(batches, parts)
+    chunks, start = [], 0
+    for i in range(min(parts, batches)):
+        stop = min(start + (q + (i < r)) * batch_size, n)
+        chunks.append(range(start, stop))
+        start = stop
+    return chunks
 
 
 @torch.no_grad()
-def _evaluate(model, tokenizer, examples: list[Example], seq_len: int, generate: bool, max_new_tokens: int,
-              batch_size: int, done: Callable[[int], object]) -> dict:
+def evaluate_part(model, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,
+                  max_new_tokens: int = 24, batch_size: int = 16,
+                  done: Callable[[int], object] | None = None) -> EvalPart:
+    """Per-example loss (and correctness) of `examples`, evaluated in batches of batch_size from the first
+    (a slice of a held-out set must start at a batch boundary of it for the same numbers: eval_chunks).
+    `done(n)` is called after each batch of n examples."""
     model.eval()
     pad = tokenizer.pad_token_id
-    losses: dict[str, list[float]] = defaultdict(list)
-    correct: dict[str, list[float]] = defaultdict(list)
+    losses: list[float] = []
+    correct: list[float] | None = [] if generate else None
     for b in range(0, len(examples), batch_size):
         batch = examples[b:b + batch_size]
         ids, labels = collate([encode(tokenizer, ex, seq_len) for ex in batch], pad)
         tok_loss, owner = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
         sums = torch.zeros(len(batch)).index_add_(0, owner, tok_loss)
         counts = torch.zeros(len(batch)).index_add_(0, owner, torch.ones_like(tok_loss))
-        per_ex = sums / counts.clamp(min=1)
-        for ex, loss in zip(batch, per_ex.tolist()):
-            losses[ex.task].append(loss)
-        if generate:
-            for ex, text in zip(batch, generate_answers(model, tokenizer, batch, max_new_tokens)):
-                correct[ex.task].append(float(score(ex.task, text, ex) >= 1.0))
-        done(len(batch))
+        losses.extend((sums / counts.clamp(min=1)).tolist())
+        if correct is not None:
+            correct.extend(float(score(ex.task, text, ex) >= 1.0)
+                           for ex, text in zip(batch, generate_answers(model, tokenizer, batch, max_new_tokens)))
+        if done:
+            done(len(batch))
+    return EvalPart([ex.task for ex in examples], losses, correct)
+
+
+def combine_eval(parts: list[EvalPart], *, generate: bool) -> dict:
+    """evaluate()'s result from the parts of consecutive ranges of the held-out set, in order: the loss
+    (and accuracy) per task and over all examples, averaged exactly as evaluating them at once does."""
+    losses: dict[str, list[float]] = defaultdict(list)
+    correct: dict[str, list[float]] = defaultdict(list)
+    for part in parts:
+        if (part.correct is not None) != generate:
+            raise ValueError(f"an evaluation part {'without' if generate else 'with'} generation, "
+                             f"combined with generate={generate}")
+        for i, (task, loss) in enumerate(zip(part.tasks, part.losses, strict=True)):
+            losses[task].append(loss)
+            if generate:
+                correct[task].append(part.correct[i])
     per_task = {t: {"eval_loss": float(np.mean(v)), **({"accuracy": float(np.mean(correct[t]))} if generate else {})}
                 for t, v in sorted(losses.items())}
     all_losses = [x for v in losses.values() for x in v]
