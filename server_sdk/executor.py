@@ -3,7 +3,7 @@ simulated fleet and a real one; only the executor differs:
 
 - InProcessExecutor: clients train one after another in this process (eager torch);
 - the Ray executor (server_sdk.ray_executor): clients train in parallel Ray workers, which
-  also evaluate the full model each round (`evaluate`);
+  also evaluate the full model each round (`evaluate`), the held-out set split across them;
 - a fleet executor (server_sdk.fleet) sends artifacts and global LoRA over MQTT and
   collects device updates.
 
@@ -48,7 +48,8 @@ class ClientExecutor(ABC):
                  max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None) -> dict:
         """trainer.evaluate of the full model (the base model's frozen weights, with the LoRA it holds now)
         on the held-out examples. Default: here, on `model`; an executor whose workers hold the frozen
-        weights anyway may evaluate there instead (the Ray executor), with the same numbers."""
+        weights anyway may evaluate there instead (the Ray executor, split across its workers), with the
+        same numbers."""
         return evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
                         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 

@@ -12,19 +12,23 @@ the coordinator writes the stage's frozen weights to a file first.
 Per round only the global LoRA is put once and the sampled clients' tasks go to the workers
 in turn; each runs the same `local_train` with the same seed as the in-process executor,
 with the same torch thread count, so the results are bit-identical to it. Results come back
-ordered by client. The full model is evaluated on a worker too (`evaluate`): the first live
-one builds it once over the base model's arrays in the object store (for FedIT the same
-mapped memory as its stage submodel), writes the round's LoRA and runs trainer.evaluate on
-the coordinator's thread count, so the coordinator holds no resident copy of the weights
-and the numbers equal in-process evaluation's.
+ordered by client. The full model is evaluated on the workers too (`evaluate`), split across
+all live ones in parallel: each builds it once over the base model's arrays in the object
+store (for FedIT the same mapped memory as its stage submodel), writes the round's LoRA and
+evaluates one range of whole batches of the held-out set (trainer.eval_chunks) on the
+coordinator's thread count; the coordinator combines the per-example parts in example order
+(trainer.combine_eval). It holds no resident copy of the weights, and since every example is
+evaluated in the same batch as in-process, the numbers equal in-process evaluation's bit for
+bit.
 
 A worker that dies mid-round (crash, OOM kill, lost node, `ray.kill`) is a missing client,
 like a missing device of a real fleet: the round aggregates the survivors if at least
 ceil(quorum * sampled) answered, else raises QuorumNotReached (the checkpoint holds the
 previous round; `devft run --resume` repeats it). With a round deadline, clients not done
 by then are cancelled and count as missing too. Dead workers are replaced before the next
-round; an evaluation goes to a live worker (one that dies evaluating is replaced, and the
-next one evaluates).
+round. A worker that dies evaluating loses nothing: its range goes at once to another live
+worker (when none is left, all are replaced), and the evaluation completes with the same
+numbers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +57,7 @@ from .lora import LoraState, attach_lora, read_lora, write_lora
 from .model import BaseModel
 from .progress import phase
 from .submodel import StagePlan, empty_model, load_frozen, submodel_bytes
-from .trainer import ClientResult, evaluate, local_train
+from .trainer import ClientResult, EvalPart, combine_eval, eval_chunks, evaluate_part, local_train
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +83,10 @@ class RaySettings:
 
 class ClientWorker:
     """One Ray actor: the stage submodel (frozen weights mapped from the object store) and the
-    client shards; trains one client per call. It also evaluates the full model when asked, on a
-    second model object built once over the base model's mapped frozen weights (for FedIT and
-    DEVFT's full-model stage the very same mapped arrays as the stage submodel's)."""
+    client shards; trains one client per call. It also evaluates its part of the held-out set when
+    asked, on a second model object, the full model, built once over the base model's mapped frozen
+    weights (for FedIT and DEVFT's full-model stage the very same mapped arrays as the stage
+    submodel's)."""
 
     def __init__(self, tokenizer, clients: list[list[Example]], lora: LoraSettings, threads: int):
         torch.set_num_threads(threads)
@@ -113,17 +119,18 @@ class ClientWorker:
         return local_train(self.model, self.tokenizer, self.clients[client], steps=steps, batch_size=batch_size,
                            lr=lr, seq_len=seq_len, seed=seed, is_trainable=is_trainable, client=client)
 
-    def evaluate(self, config: dict, n_layers: int, frozen: dict, lora: LoraState, examples: list[Example],
-                 kw: dict, threads: int) -> dict:
-        """trainer.evaluate of the full model (the base model's frozen arrays, built on the first call)
-        with `lora`, on the coordinator's torch thread count: the numbers it would compute itself."""
+    def evaluate_part(self, config: dict, n_layers: int, frozen: dict, lora: LoraState, examples: list[Example],
+                      start: int, stop: int, kw: dict, threads: int) -> EvalPart:
+        """trainer.evaluate_part of examples[start:stop] (a range of trainer.eval_chunks) on the full model
+        (the base model's frozen arrays, built on the first call) with `lora`, on the coordinator's torch
+        thread count: the per-example numbers it would compute itself."""
         if self.eval_model is None:
             self.eval_model = self._build(config, n_layers, frozen)
         write_lora(self.eval_model, lora)
         own = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return evaluate(self.eval_model, self.tokenizer, examples, **kw)
+            return evaluate_part(self.eval_model, self.tokenizer, examples[start:stop], **kw)
         finally:
             torch.set_num_threads(own)
 
@@ -133,15 +140,17 @@ class ClientWorker:
 
 class RayExecutor(ClientExecutor):
     """Sampled clients train in parallel Ray actors, each with the stage submodel loaded once per stage;
-    the full model is evaluated on one of them."""
+    the full model's evaluation is split across them."""
 
     def __init__(self, cfg: RunConfig, base: BaseModel, clients: list[list[Example]], settings: RaySettings,
-                 after_submit: Callable[[list], None] | None = None):
-        """after_submit(workers) is called once a round's tasks are submitted (tests kill a worker there)."""
+                 after_submit: Callable[[list], None] | None = None,
+                 after_eval_submit: Callable[[list], None] | None = None):
+        """after_submit(workers) is called once a round's tasks are submitted, after_eval_submit(workers) once
+        an evaluation's parts are (tests kill a worker there)."""
         import ray
 
         self.ray, self.cfg, self.base, self.settings = ray, cfg, base, settings.validate()
-        self.after_submit = after_submit
+        self.after_submit, self.after_eval_submit = after_submit, after_eval_submit
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
             kw = {"address": settings.address} if settings.address else {"num_cpus": max(settings.workers, 1)}
@@ -202,38 +211,67 @@ class RayExecutor(ClientExecutor):
 
     def evaluate(self, model, tokenizer, examples, *, seq_len, generate=True, max_new_tokens=24, batch_size=16,
                  progress=None):
-        """On a live worker: the full model built there once over the base model's frozen arrays in the
-        object store, with `model`'s LoRA, on this process's torch thread count (the same numbers as
-        evaluating here). A model whose frozen tensors are not the base model's is evaluated here."""
+        """Split across the live workers: each evaluates one range of whole batches (trainer.eval_chunks) on
+        the full model built there once over the base model's frozen arrays in the object store, with
+        `model`'s LoRA, on this process's torch thread count; the parts are combined here in example order
+        (trainer.combine_eval), so the numbers are those of evaluating here, bit for bit. The held-out
+        examples are put in the object store once; a worker gets its range's bounds. A model whose frozen
+        tensors are not the base model's is evaluated here."""
         if not self._is_base(model):
             return super().evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
                                     max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         if self._held_out is None or self._held_out[0] is not examples:
             self._held_out = (examples, self.ray.put(examples))
         config, n_layers, frozen_ref = self._base_frozen()
-        lora, held_ref, threads = read_lora(model), self._held_out[1], torch.get_num_threads()
+        lora_ref, held_ref, threads = self.ray.put(read_lora(model)), self._held_out[1], torch.get_num_threads()
         kw = dict(seq_len=seq_len, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        chunks = eval_chunks(len(examples), batch_size, max(len(self._live()), 1))
         with phase(progress or "", enabled=progress is not None):
-            return self._on_a_worker(
-                lambda w: w.evaluate.remote(config, n_layers, frozen_ref, lora, held_ref, kw, threads))
+            parts = self._on_workers(
+                [lambda w, c=c: w.evaluate_part.remote(config, n_layers, frozen_ref, lora_ref, held_ref, c.start,
+                                                       c.stop, kw, threads) for c in chunks],
+                after_submit=self.after_eval_submit)
+        return combine_eval(parts, generate=generate)
 
-    def _on_a_worker(self, call: Callable):
-        """ray.get(call(worker)) on the first live worker; one that dies meanwhile is replaced, and the
-        call goes to the next."""
+    def _live(self) -> list[int]:
+        """Indices of the workers not known to be dead."""
+        return [i for i in range(len(self.workers)) if i not in self._dead]
+
+    def _on_workers(self, calls: list[Callable], after_submit: Callable[[list], None] | None = None) -> list:
+        """[ray.get(call(worker)) for call in calls], all in parallel: each call goes to the least busy live
+        worker (with as many calls as live workers, one each). A call whose worker dies meanwhile goes at
+        once to another live worker (the dead one is replaced before the next round; when none is left, all
+        are replaced now); a call that loses more workers than there are fails."""
         from ray.exceptions import RayActorError
 
-        for _ in range(len(self.workers) + 1):
-            live = [i for i in range(len(self.workers)) if i not in self._dead]
-            if not live:  # every worker was lost in the last round: replace them now
+        results, tries, pending = [None] * len(calls), [0] * len(calls), {}
+
+        def submit(j: int) -> None:
+            if not self._live():  # every worker is lost: replace them now
                 self._replace_dead()
-                live = list(range(len(self.workers)))
+            busy = Counter(i for _, i, worker in pending.values() if self.workers[i] is worker)
+            i = min(self._live(), key=lambda k: busy[k])
+            tries[j] += 1
+            pending[calls[j](self.workers[i])] = (j, i, self.workers[i])
+
+        for j in range(len(calls)):
+            submit(j)
+        if after_submit:
+            after_submit(self.workers)
+        while pending:
+            [ref], _ = self.ray.wait(list(pending), num_returns=1)
+            j, i, worker = pending.pop(ref)
             try:
-                return self.ray.get(call(self.workers[live[0]]))
+                results[j] = self.ray.get(ref)
             except RayActorError:
-                log.warning("Ray worker %d died during an evaluation; trying another", live[0])
-                self._dead.add(live[0])
-        raise RuntimeError("Ray workers kept dying during an evaluation; check their logs under "
-                           "/tmp/ray/session_latest/logs")
+                log.warning("Ray worker %d died during an evaluation; its part goes to another", i)
+                if self.workers[i] is worker:  # not already replaced
+                    self._dead.add(i)
+                if tries[j] > len(self.workers):
+                    raise RuntimeError("Ray workers kept dying during an evaluation; check their logs under "
+                                       "/tmp/ray/session_latest/logs") from None
+                submit(j)
+        return results
 
     def _replace_dead(self) -> None:
         """Fresh workers for those lost, given the stage (if one has begun)."""
@@ -327,10 +365,12 @@ class RayExecutor(ClientExecutor):
             self.ray.shutdown()
 
 
-def ray_executor_factory(settings: RaySettings, after_submit: Callable[[list], None] | None = None):
+def ray_executor_factory(settings: RaySettings, after_submit: Callable[[list], None] | None = None,
+                         after_eval_submit: Callable[[list], None] | None = None):
     """An executor_factory for rounds.run: clients train (and the full model is evaluated) on Ray workers."""
 
     def make(cfg: RunConfig, base: BaseModel, clients: list[list[Example]]) -> RayExecutor:
-        return RayExecutor(cfg, base, clients, settings, after_submit=after_submit)
+        return RayExecutor(cfg, base, clients, settings, after_submit=after_submit,
+                           after_eval_submit=after_eval_submit)
 
     return make

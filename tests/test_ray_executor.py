@@ -139,8 +139,35 @@ def test_round_deadline_counts_slow_clients_as_missing_and_replaces_their_worker
         ex.close()
 
 
-def test_workers_evaluate_with_the_in_process_numbers_and_the_coordinator_runs_no_forward(
-        local_ray, tiny_base, tiny_base_from_file, tiny_cfg, tmp_path, monkeypatch):
+def _eval_cfg(tiny_cfg):
+    """FedIT, two rounds, accuracy at the end; 24 held-out examples: two evaluation batches of 16 and 8,
+    so two workers evaluate one batch each."""
+    from server_sdk.config import DataSettings
+
+    data = DataSettings(examples_per_client=6, eval_examples_per_task=6)
+    return tiny_cfg(strategy="fedit", torch_threads=1, rounds_per_stage=2, accuracy_every="end", gen_max_new_tokens=2,
+                    data=data)
+
+
+@pytest.fixture(scope="module")
+def in_process_eval_run(tiny_base, tiny_cfg, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inproc-eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEVFT_CACHE", str(tmp / "cache"))
+        return run(_eval_cfg(tiny_cfg), tmp / "run", base=tiny_base, progress=False)
+
+
+def _split_evaluations(monkeypatch) -> list:
+    """The chunks of every evaluation the Ray executor splits from now on (recorded on the coordinator)."""
+    import server_sdk.ray_executor as rx
+
+    seen, chunks = [], rx.eval_chunks
+    monkeypatch.setattr(rx, "eval_chunks", lambda *a: seen.append(chunks(*a)) or seen[-1])
+    return seen
+
+
+def test_workers_evaluate_split_with_the_in_process_numbers_and_the_coordinator_runs_no_forward(
+        local_ray, in_process_eval_run, tiny_base, tiny_base_from_file, tiny_cfg, tmp_path, monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaModel
 
     calls = {"n": 0}
@@ -151,17 +178,33 @@ def test_workers_evaluate_with_the_in_process_numbers_and_the_coordinator_runs_n
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(LlamaModel, "forward", counted)  # this process only: Ray workers import their own
-    cfg = tiny_cfg(strategy="fedit", torch_threads=1, rounds_per_stage=2, accuracy_every="end", gen_max_new_tokens=2)
-    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache-in-process"))
-    ref = run(cfg, tmp_path / "in-process", base=tiny_base, progress=False)
-    assert calls["n"] > 0  # the counter sees evaluation here
+    tiny_base.model(input_ids=torch.tensor([[1, 2]]))
+    assert calls["n"] == 1  # the counter sees a forward pass here
     calls["n"] = 0
+    split = _split_evaluations(monkeypatch)
     monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache-ray"))  # the base model is evaluated again, on Ray
-    report = run(cfg, tmp_path / "ray", base=tiny_base_from_file, progress=False,
+    report = run(_eval_cfg(tiny_cfg), tmp_path / "ray", base=tiny_base_from_file, progress=False,
                  executor_factory=ray_executor_factory(RaySettings(workers=2)))
     assert calls["n"] == 0  # neither the base model's evaluation nor a round's ran a forward pass here
+    # the base model's and both rounds' evaluations, each split across the two workers at the batch boundary
+    assert split == [[range(0, 16), range(16, 24)]] * 3
+    ref = in_process_eval_run
     assert [r["eval_loss"] is not None for r in report["records"]] == [True, True, True]
     assert report["records"][-1]["accuracy"] is not None  # generation too
+    assert _metrics(report) == _metrics(ref)  # eval losses and per-task numbers, exactly
+    assert [r["accuracy"] for r in report["records"]] == [r["accuracy"] for r in ref["records"]]
+
+
+def test_a_worker_killed_during_an_evaluation_loses_nothing(local_ray, in_process_eval_run, tiny_base, tiny_cfg,
+                                                            tmp_path, monkeypatch, caplog):
+    split = _split_evaluations(monkeypatch)
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache-ray"))
+    # evaluation 2 (after round 1): worker 0 is killed once both parts are submitted; its part goes to worker 1
+    report = run(_eval_cfg(tiny_cfg), tmp_path / "ray", base=tiny_base, progress=False,
+                 executor_factory=ray_executor_factory(RaySettings(workers=2), after_eval_submit=_kill_once(2)))
+    assert "Ray worker 0 died during an evaluation" in caplog.text
+    assert split == [[range(0, 16), range(16, 24)]] * 3  # replaced before round 2: its evaluation is split again
+    ref = in_process_eval_run
     assert _metrics(report) == _metrics(ref)
     assert [r["accuracy"] for r in report["records"]] == [r["accuracy"] for r in ref["records"]]
 
