@@ -228,6 +228,13 @@ def _require(obj: Mapping[str, Any], what: str, key: str, types: type | tuple[ty
     return value
 
 
+def _float(value: int | float, what: str, key: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ProtocolError(f"{what} field {key!r} is too large for a float") from None
+
+
 def _optional(obj: Mapping[str, Any], what: str, key: str, types: type | tuple[type, ...], default: Any) -> Any:
     if obj.get(key) is None:
         return default
@@ -524,7 +531,7 @@ def decode_status(data: bytes) -> StatusMessage:
     return StatusMessage(
         device_id=check_name("device_id", _require(obj, what, "device_id", str)),
         state=state,
-        timestamp=float(_require(obj, what, "timestamp", (int, float))),
+        timestamp=_float(_require(obj, what, "timestamp", (int, float)), what, "timestamp"),
         info=_optional(obj, what, "info", dict, {}),
     )
 

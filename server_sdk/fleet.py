@@ -95,6 +95,13 @@ def client_index(device: str) -> int:
     return int(m.group(1))
 
 
+def _number(value, low: float, high: float) -> float | None:
+    """A device-sent telemetry number if it is a real number within [low, high), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if low <= value < high else None
+
+
 @dataclass
 class FleetSettings:
     """How the coordinator talks to the fleet; saved as run_dir/fleet.json."""
@@ -209,7 +216,8 @@ class FleetExecutor(ClientExecutor):
             return list(self.settings.formats)
         formats = ["onnx"]
         for device, status in sorted(self.device_status.items()):
-            offered = [f for f in status.get("formats") or [] if f in ARTIFACT_FORMATS]
+            declared = status.get("formats")  # device-sent: anything may be here
+            offered = [f for f in declared if f in ARTIFACT_FORMATS] if isinstance(declared, list) else []
             if offered and "onnx" not in offered and offered[0] not in formats:
                 log.info("%s cannot run the portable format; also exporting %s", device, offered[0])
                 formats.append(offered[0])
@@ -434,8 +442,8 @@ class FleetExecutor(ClientExecutor):
         if sender in accepted:  # a restarted device trained the round again; its first answer stands
             self._event("duplicate", device=sender, round=wr, nonce=update.nonce, reason="second update")
             return None
-        telemetry = dict(update.telemetry)
-        loss = update.metrics.get("train_loss")
+        telemetry = dict(update.telemetry)  # device-sent: what the coordinator reads from it is checked
+        loss = _number(update.metrics.get("train_loss"), -1e30, 1e30)
         client = wanted[sender]
         weight = cap_samples(update.num_samples, self._weight_cap(client))
         self._event("accepted", device=sender, round=wr, bytes=len(msg.payload), norm=norm, weight=weight,
@@ -444,10 +452,10 @@ class FleetExecutor(ClientExecutor):
             client=client, num_samples=weight,
             delta={k: torch.from_numpy(np.array(update.tensors[p], dtype=np.float32))
                    for p, k in ((p, _canonical(p)) for p in expected)},
-            train_loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
-            seconds=float(telemetry.get("train_s", telemetry.get("duration_s", 0.0)) or 0.0),
-            cpu_seconds=cpu if isinstance(cpu := telemetry.get("cpu_time_s"), (int, float)) and 0 <= cpu < 1e7 else None,
-            payload_bytes=len(msg.payload), telemetry={"device": sender, **telemetry}), norm
+            train_loss=float("nan") if loss is None else loss,
+            seconds=_number(telemetry.get("train_s", telemetry.get("duration_s")), 0, 1e7) or 0.0,
+            cpu_seconds=_number(telemetry.get("cpu_time_s"), 0, 1e7),
+            payload_bytes=len(msg.payload), telemetry={**telemetry, "device": sender}), norm
 
     def _still_waiting(self, wanted: dict[str, int], accepted: dict[str, ClientResult], need: int) -> bool:
         """Wait while a sampled device may still answer: it has not answered and was not seen offline.
@@ -555,8 +563,9 @@ class FleetExecutor(ClientExecutor):
                 self._offline[status.device_id] = time.time()
             elif status.state != "offline":
                 self._offline.pop(status.device_id, None)
-            self.device_status[status.device_id] = {"state": status.state, "timestamp": status.timestamp,
-                                                    **status.info}
+            # `info` is the device's to fill; it cannot override the state or the time the status itself carries
+            self.device_status[status.device_id] = {**status.info, "state": status.state,
+                                                    "timestamp": status.timestamp}
         if (status.state == "offline") != was_offline:
             self._event("status", device=status.device_id, state=status.state)
 
