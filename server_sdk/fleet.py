@@ -21,6 +21,11 @@ Stage starts (docs/protocol.md §11, "Prefetch"): during a stage's last round th
 announces its guess at the next stage's files as a `prefetch` hint (server_sdk/prefetch.py),
 and a stage's first round opens once every live device reported the stage's files ready, or
 after `stage_ready_timeout_s`.
+With `replacements` > 0, once sampled devices seen offline leave the round unable to reach its
+quorum, the coordinator samples up to that many replacement devices (`choose_replacements`: live,
+not yet in the round, holding the stage's files first; drawn from the run seed, the stage's draw key
+and the round) and republishes the round's train control with them added, same deadline; their
+updates pass the same checks. The quorum stays `ceil(quorum * sampled)` of the original sample.
 With fewer than `ceil(quorum * sampled)` accepted updates the round fails
 with `QuorumNotReached`; the checkpoint still holds the previous round, so
 `devft serve --resume` (or `devft run --resume`) repeats it. Retrying in-process would
@@ -39,7 +44,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -95,6 +100,21 @@ def client_index(device: str) -> int:
     return int(m.group(1))
 
 
+def replacement_order(seed: int, key: int, rnd: int, num_clients: int) -> list[int]:
+    """Every client, in the order replacements for round `rnd` of the stage whose draw key is `key` are tried
+    (a draw of its own, independent of rounds.sample_clients')."""
+    rng = np.random.default_rng([seed, 23, key, rnd])
+    return [int(c) for c in rng.permutation(num_clients)]
+
+
+def choose_replacements(order: Sequence[str], taken: Collection[str], live: Collection[str],
+                        ready: Collection[str], n: int) -> list[str]:
+    """Up to `n` devices of `order` that are `live` and not `taken` (already in the round), those `ready`
+    (holding the stage's files) first, each group in `order`."""
+    free = [d for d in order if d in live and d not in taken]
+    return ([d for d in free if d in ready] + [d for d in free if d not in ready])[:max(n, 0)]
+
+
 def _number(value, low: float, high: float) -> float | None:
     """A device-sent telemetry number if it is a real number within [low, high), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -122,6 +142,9 @@ class FleetSettings:
     prefetch_next_stage: bool = True  # announce the guessed next stage's files during a stage's last round
     stage_ready_timeout_s: float = 60.0  # a stage's first round waits this long for devices' files; 0 = no wait
     trace_ahead: bool = True  # trace the later stages' onnx graphs in a background process from the run's start
+    # at most this many replacement devices per round, sampled when devices seen offline leave the round unable
+    # to reach its quorum; 0 = off (a round then fails with QuorumNotReached)
+    replacements: int = 0
 
     def validate(self) -> FleetSettings:
         if not 0 < self.quorum <= 1:
@@ -141,6 +164,9 @@ class FleetSettings:
         if not self.stage_ready_timeout_s >= 0:
             raise ValueError(f"stage_ready_timeout_s={self.stage_ready_timeout_s} must be 0 (do not wait for devices' "
                              "files at a stage start) or a positive number of seconds, e.g. 60")
+        if isinstance(self.replacements, bool) or not isinstance(self.replacements, int) or self.replacements < 0:
+            raise ValueError(f"replacements={self.replacements!r} must be a whole number >= 0: at most that many "
+                             "replacement devices per round when sampled devices go offline (0 = none)")
         return self
 
 
@@ -175,6 +201,9 @@ class FleetExecutor(ClientExecutor):
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
+        self._draw_key = 0  # the current stage's StagePlan.draw_key: keys replacement draws and their seeds
+        self._control: P.ControlMessage | None = None  # the current round's train control, as last published
+        self._control_lock = threading.Lock()  # the prefetch hint and replacements both republish it
         self._next_guess: tuple[int, Speculate] | None = None  # set by prefetch_stage for the next train_round
         self._speculation: Speculation | None = None
         self._warmer: TemplateWarmer | None = None
@@ -228,6 +257,7 @@ class FleetExecutor(ClientExecutor):
         `stage_ready_timeout_s`) until the devices hold it."""
         dirs, seconds = self._export(stage, plan, sub_model, "")
         total = self.serve_stage(stage, dirs, export_s=seconds)
+        self._draw_key = plan.draw_key  # rounds.py's key of the stage's client draws and seeds
         self._await_ready(stage, plan.draw_key)
         return total
 
@@ -258,7 +288,7 @@ class FleetExecutor(ClientExecutor):
         if self.settings.prefetch_next_stage:
             self._next_guess = (stage, speculate)
 
-    def _start_speculation(self, control: P.ControlMessage) -> None:
+    def _start_speculation(self) -> None:
         if self._next_guess is None:
             return
         stage, speculate = self._next_guess
@@ -270,7 +300,7 @@ class FleetExecutor(ClientExecutor):
             hint = {fmt: self.artifacts.add_files(_served_files(fmt, d, stage, False)) for fmt, d in dirs.items()}
             self._event("prefetch", stage=stage, groups=plan.groups, seconds=round(time.perf_counter() - t0, 2),
                         artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes} for f, d in hint.items()})
-            self._publish_control(replace(control, prefetch=hint))
+            self._update_control(lambda c: replace(c, prefetch=hint))
 
         self._speculation = Speculation(stage, speculate, announce).start()
 
@@ -309,13 +339,16 @@ class FleetExecutor(ClientExecutor):
             statuses = {d: {} for d in expected} | dict(self.device_status)
         waiting = set()
         for device, st in statuses.items():
-            formats = st.get("formats")
-            runs_one = not isinstance(formats, list) or any(f in self._artifacts for f in formats if isinstance(f, str))
             ready = st.get("ready")
-            if st.get("state") != "offline" and device not in offline and runs_one and not (
+            if st.get("state") != "offline" and device not in offline and self._runs_served(st) and not (
                     isinstance(ready, str) and ready in ids):
                 waiting.add(device)
         return waiting
+
+    def _runs_served(self, status: dict) -> bool:
+        """Whether a device runs a format served this stage, as far as its hello says (none said: assume so)."""
+        formats = status.get("formats")
+        return not isinstance(formats, list) or any(f in self._artifacts for f in formats if isinstance(f, str))
 
     def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], **info) -> int:
         """Register a stage's artifact files (per format) with the chunk server and announce them (state idle).
@@ -327,6 +360,7 @@ class FleetExecutor(ClientExecutor):
                                                                        self.settings.per_tensor_checkpoint))
                            for fmt, d in artifact_dirs.items()}
         self._stage = stage
+        self._draw_key = stage  # begin_stage then sets the plan's (serve_stage alone: tests)
         self._event("stage", stage=stage, artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes}
                                                      for f, d in self._artifacts.items()}, **info)
         # devices may start downloading while the first round is prepared
@@ -357,14 +391,26 @@ class FleetExecutor(ClientExecutor):
         hyper = P.TrainSettings(lr=self.cfg.lr, local_steps=self.cfg.local_steps, batch_size=self.cfg.batch_size,
                                 trainable=tuple(trained), session=self.session,
                                 seeds={self.device_of(c): int(seeds[c]) for c in sampled})
-        control = P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper, self._artifacts)
-        self._publish_control(control)
+        with self._control_lock:
+            self._control = P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper,
+                                             self._artifacts)
+            self._publish_control(self._control)
         self._event("round_start", stage=stage, round=wr, sampled=list(wanted), deadline=deadline)
-        self._start_speculation(control)
+        self._start_speculation()
         try:
             return self._collect(stage, rnd, wr, wanted, expected, deadline)
         finally:
             self._finish_speculation()
+            with self._control_lock:
+                self._control = None
+
+    def _update_control(self, change: Callable[[P.ControlMessage], P.ControlMessage]) -> None:
+        """Republish the round's train control with `change` applied (the prefetch hint, replacements), one change
+        at a time so neither undoes the other."""
+        with self._control_lock:
+            if self._control is not None:
+                self._control = change(self._control)
+                self._publish_control(self._control)
 
     def _collect(self, stage: int, rnd: int, wr: int, wanted: dict[str, int], expected: dict,
                  deadline: float) -> list[ClientResult]:
@@ -375,8 +421,15 @@ class FleetExecutor(ClientExecutor):
         accepted: dict[str, ClientResult] = {}
         norms: dict[str, float] = {}
         nonces = self._nonces
-        need = math.ceil(self.settings.quorum * len(wanted))
-        while self._still_waiting(wanted, accepted, need):
+        sampled = len(wanted)
+        need = math.ceil(self.settings.quorum * sampled)  # of the original sample, replacements or not
+        wanted = dict(wanted)  # replacements join it
+        replaced: dict[str, str] = {}  # replacement device -> the device it stands in for
+        while True:
+            if self.settings.replacements:
+                self._replace_lost(wr, rnd, wanted, accepted, need, replaced)
+            if not self._still_waiting(wanted, accepted, need):
+                break
             left = deadline - time.time()
             if left <= 0:
                 break
@@ -387,6 +440,8 @@ class FleetExecutor(ClientExecutor):
             answer = self._handle_update(msg, stage, wr, wanted, expected, nonces, accepted, limit)
             if answer is not None:
                 result, norm = answer
+                if self.device_of(result.client) in replaced:
+                    result.telemetry["replaces"] = replaced[self.device_of(result.client)]
                 accepted[self.device_of(result.client)] = result
                 norms[self.device_of(result.client)] = norm
         self._refuse_norm_outliers(accepted, norms, wr)
@@ -394,16 +449,20 @@ class FleetExecutor(ClientExecutor):
         missing = sorted(set(wanted) - set(accepted))
         offline = sorted(set(missing) & self._offline_now())
         self._event("round_end", stage=stage, round=wr, accepted=sorted(accepted), missing=missing, offline=offline,
-                    quorum=need, weights={d: r.num_samples for d, r in sorted(accepted.items())})
+                    quorum=need, weights={d: r.num_samples for d, r in sorted(accepted.items())},
+                    **({"replacements": replaced} if replaced else {}))
         if len(accepted) < need:
+            spare = (f", {len(replaced)} replacement(s) {sorted(replaced)} drawn" if replaced else
+                     ", no live device to replace them" if self.settings.replacements else "")
             raise QuorumNotReached(
-                f"stage {stage} round {rnd} (wire round {wr}): {len(accepted)} of {len(wanted)} sampled devices "
-                f"answered by the deadline, quorum is {need} ({self.settings.quorum:.0%}); missing {missing}. "
-                "Check the devices' logs and status, raise round_timeout_s or lower quorum, then resume the run "
+                f"stage {stage} round {rnd} (wire round {wr}): {len(accepted)} of {sampled} sampled devices "
+                f"answered by the deadline{spare}, quorum is {need} ({self.settings.quorum:.0%}); missing {missing}. "
+                "Check the devices' logs and status, raise round_timeout_s or lower quorum"
+                f"{'' if self.settings.replacements else ' (or allow replacements)'}, then resume the run "
                 "with --resume (the checkpoint holds the previous round)")
         if missing:
             log.warning("round %d: no update from %s by the deadline; aggregating %d of %d", wr, missing,
-                        len(accepted), len(wanted))
+                        len(accepted), sampled)
         self._rounds_done = wr + 1
         return sorted(accepted.values(), key=lambda r: r.client)
 
@@ -443,6 +502,7 @@ class FleetExecutor(ClientExecutor):
             self._event("duplicate", device=sender, round=wr, nonce=update.nonce, reason="second update")
             return None
         telemetry = dict(update.telemetry)  # device-sent: what the coordinator reads from it is checked
+        telemetry.pop("replaces", None)  # the coordinator's to say (round_end's replacements)
         loss = _number(update.metrics.get("train_loss"), -1e30, 1e30)
         client = wanted[sender]
         weight = cap_samples(update.num_samples, self._weight_cap(client))
@@ -456,6 +516,46 @@ class FleetExecutor(ClientExecutor):
             seconds=_number(telemetry.get("train_s", telemetry.get("duration_s")), 0, 1e7) or 0.0,
             cpu_seconds=_number(telemetry.get("cpu_time_s"), 0, 1e7),
             payload_bytes=len(msg.payload), telemetry={**telemetry, "device": sender}), norm
+
+    def _replace_lost(self, wr: int, rnd: int, wanted: dict[str, int], accepted: dict[str, ClientResult],
+                      need: int, replaced: dict[str, str]) -> None:
+        """When devices seen offline leave the round unable to reach `need`, sample replacements (at most
+        `replacements` per round) and send them the round's train control; `wanted` and `replaced` grow."""
+        offline = self._offline_now()
+        lost = [d for d in wanted if d not in accepted and d in offline]
+        short = need - (len(wanted) - len(lost))  # accepted + still possible, against the quorum
+        budget = self.settings.replacements - len(replaced)
+        if short <= 0 or budget <= 0:
+            return
+        stand_ins = set(replaced.values())
+        uncovered = [d for d in lost if d not in stand_ins]  # a lost replacement is itself replaced
+        order = [self.device_of(c) for c in replacement_order(self.cfg.seed, self._draw_key, rnd, self.cfg.num_clients)]
+        ids = {d.artifact_id for d in self._artifacts.values()}
+        with self._status_lock:
+            statuses = dict(self.device_status)
+            gone = set(self._offline)
+        live = {d for d, st in statuses.items() if d not in gone and st.get("state") != "offline"
+                and self._runs_served(st)}
+        ready = {d for d, st in statuses.items() if isinstance(st.get("ready"), str) and st["ready"] in ids}
+        chosen = choose_replacements(order, wanted, live, ready, min(short, budget, len(uncovered)))
+        if not chosen:
+            return
+        from .rounds import client_seed
+
+        clients = {self.device_of(c): c for c in range(self.cfg.num_clients)}
+        seeds = {}
+        for device, lost_device in zip(chosen, uncovered):
+            client = clients[device]
+            wanted[device] = client
+            replaced[device] = lost_device
+            seeds[device] = int(client_seed(self.cfg.seed, self._draw_key, rnd, client))
+            self._event("replacement", round=wr, device=device, replaces=lost_device, seed=seeds[device],
+                        ready=device in ready)
+        log.warning("round %d: %s went offline and the quorum of %d is out of reach; sampled %s in their place", wr,
+                    uncovered[:len(chosen)], need, chosen)
+        self._update_control(lambda c: replace(
+            c, sampled_clients=(*c.sampled_clients, *chosen),
+            hyperparams=replace(c.hyperparams, seeds={**c.hyperparams.seeds, **seeds})))
 
     def _still_waiting(self, wanted: dict[str, int], accepted: dict[str, ClientResult], need: int) -> bool:
         """Wait while a sampled device may still answer: it has not answered and was not seen offline.

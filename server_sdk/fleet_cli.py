@@ -43,6 +43,9 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds devices have to answer a round (default 120)")
     p.add_argument("--quorum", type=float, default=None, help="fraction of sampled devices a round needs (default 0.6)")
+    p.add_argument("--replacements", type=int, default=None, metavar="N",
+                   help="sample up to N replacement devices per round when sampled devices go offline and the quorum "
+                   "can no longer be met (default 0: the round fails instead)")
     p.add_argument("--max-update-norm", type=float, default=None,
                    help="hard L2 bound on a device delta, checked on arrival (default 1000)")
     p.add_argument("--norm-bound-k", type=float, default=None, metavar="K",
@@ -67,6 +70,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.round_timeout_s = args.round_timeout
     if args.quorum is not None:
         settings.quorum = args.quorum
+    if args.replacements is not None:
+        settings.replacements = args.replacements
     if args.max_update_norm is not None:
         settings.max_update_norm = args.max_update_norm
     if args.norm_bound_k is not None:
@@ -115,6 +120,9 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
               f"{d['energy_j']:.1f} J, downloaded {down}")
     if report["fleet"]["rejected"]:
         print(f"  rejected updates: {report['fleet']['rejected']} (see {report['fleet']['events']})")
+    for r in report["fleet"]["replacements"]:
+        print(f"  round {r['round'] + 1}: {r['device']} replaced {r['replaces']}, which went offline"
+              f"{'' if r['accepted'] else ' (no update from the replacement either)'}")
     return 0
 
 

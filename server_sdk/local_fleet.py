@@ -231,7 +231,7 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
 
 
 def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = None) -> dict:
-    """report.json gains a `fleet` section: per device rounds, bytes downloaded per stage, refusals."""
+    """report.json gains a `fleet` section: per device rounds, bytes downloaded per stage, refusals, replacements."""
     events = [json.loads(line) for line in (run_dir / "fleet_events.jsonl").read_text().splitlines() if line]
     devices: dict[str, dict] = {}
     for rec in report["records"]:
@@ -249,10 +249,14 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
         for (stage, _), nbytes in d.pop("_by_process", {}).items():
             d["stage_download_bytes"][stage] = d["stage_download_bytes"].get(stage, 0) + nbytes
     rejected: dict[str, int] = {}
+    replacements: list[dict] = []  # who stood in for a device that went offline mid-round
     for e in events:
         if e["event"] == "rejected":
             rejected[e["reason"]] = rejected.get(e["reason"], 0) + 1
-    report["fleet"] = {"devices": devices, "rejected": rejected, "exit_codes": exit_codes or {},
-                       "events": str(run_dir / "fleet_events.jsonl")}
+        elif e["event"] == "round_end":
+            replacements += [{"stage": e["stage"], "round": e["round"], "device": by, "replaces": lost,
+                              "accepted": by in e["accepted"]} for by, lost in (e.get("replacements") or {}).items()]
+    report["fleet"] = {"devices": devices, "rejected": rejected, "replacements": replacements,
+                       "exit_codes": exit_codes or {}, "events": str(run_dir / "fleet_events.jsonl")}
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
