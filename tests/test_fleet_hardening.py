@@ -240,19 +240,6 @@ def test_a_lying_device_that_never_answers_is_missing_per_the_quorum(coordinator
 
 # --------------------------------------------------------------------------- whole runs on device processes
 
-DELAY_ROUND_1 = """
-import sys, time
-from edge_runtime import client
-train = client.Device.train_round
-def slow(self, ctrl):
-    if ctrl.round == 1:
-        print("training round 1", flush=True)
-        time.sleep(120)  # killed meanwhile
-    return train(self, ctrl)
-client.Device.train_round = slow
-sys.exit(client.main(sys.argv[1:]))
-"""
-
 
 def test_a_device_killed_mid_round_is_replaced_and_the_round_closes_before_its_deadline(tiny4, tmp_path):
     """quorum 1.0 and 2 of 3 devices per round: a sampled device dies in round 1; the third device replaces
@@ -262,7 +249,7 @@ def test_a_device_killed_mid_round_is_replaced_and_the_round_closes_before_its_d
     sampled = sample_clients(cfg, 0, 1)  # stage 0, round 1 (a submodel stage draws by its index: key 0)
     victim, (spare,) = f"dev-{sampled[-1]:03d}", set(range(3)) - set(sampled)
     settings = FleetSettings(round_timeout_s=timeout, quorum=1.0, replacements=1, artifact_bytes_per_s=None)
-    job = FleetRun(tmp_path / "repl", cfg, tiny4, 3, settings, device_code={victim: DELAY_ROUND_1})
+    job = FleetRun(tmp_path / "repl", cfg, tiny4, 3, settings, device_code={victim: fleet_tests.DELAY_ROUND_1})
     log_path = job.fleet.device_dir(victim) / "device.log"
     observer, controls = job.observer()
     try:
