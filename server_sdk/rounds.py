@@ -309,7 +309,7 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
             if stage_end:  # stage done: transfer back into the full model, unless the strategy rolls it back
                 if s < len(stages) - 1 and not strategy.keeps_stage(s, state.records):
                     state.records[-1]["rolled_back"] = True  # the full model keeps its LoRA from before the stage
-                    log.info("stage %d did not lower the full model's eval loss: its transfer is rolled back", s + 1)
+                    log.info("stage %d did not pay for itself: its transfer is rolled back", s + 1)
                 else:
                     state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial,
                                                             plan)

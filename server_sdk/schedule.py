@@ -15,11 +15,14 @@ remaining round goes to the full model (so DEVFT costs at most one small round m
 FedIT); after later rounds, it grows to the next stage with this stage's unused rounds. The
 total round budget never changes. `fixed` keeps the configured rounds (the paper's method).
 
-A stage whose transfer left the full model's held-out loss no lower than at the stage's start is
-rolled back under `auto` (Strategy.keeps_stage; the round loop keeps the full model's LoRA from
-before the stage and marks the stage's last record `rolled_back`). With the full-model stage
-drawing clients and seeds as FedIT does (StagePlan.draw_key), a run whose first small round is
-rejected and rolled back then trains exactly FedIT's rounds, one small round later.
+Under `auto` a small stage that did not pay for itself over its rounds (its whole loss drop below
+its cost's share, as above, times its rounds; a stage ended after its first round never did) is
+rolled back (Strategy.keeps_stage): the round loop keeps the full model's LoRA from before the
+stage and marks the stage's last record `rolled_back`. A transfer that buys a sliver of loss can
+still steer the full model's training off its course (seen on SmolLM2-135M: the full model's
+first round ended higher after a kept 0.2-0.5% transfer). With the full-model stage drawing
+clients and seeds as FedIT does (StagePlan.draw_key), a run whose first small round is rolled
+back trains exactly FedIT's rounds, one small round later.
 """
 
 from __future__ import annotations
@@ -46,11 +49,16 @@ def last_relative_gain(records: list[dict]) -> float | None:
     return (losses[-2] - losses[-1]) / losses[-2]
 
 
-def lowered_full_loss(records: list[dict], stage: int) -> bool:
-    """True unless `stage`'s last evaluated full-model loss is at or above the loss before the stage
-    (the base model's, or the last kept stage's end: stage_transfer's loss_start); unknown counts as lowered."""
+def paid_for_itself(records: list[dict], stage: int, layers: list[int], expected_gain: float) -> bool:
+    """Whether `stage` lowered the full model's eval loss (from stage_transfer's loss_start: the base
+    model's, or the last kept stage's end) by at least its cost's share of what as many full-model
+    rounds are expected to buy: relative drop >= expected_gain * layers / n_layers * its rounds.
+    Unknown (nothing evaluated) counts as paid."""
     entry = next((e for e in stage_transfer(records) if e["stage"] == stage), None)
-    return entry is None or entry["loss_change"] is None or entry["loss_change"] < 0
+    if entry is None or entry["loss_change"] is None or not entry["loss_start"]:
+        return True
+    drop = -entry["loss_change"] / entry["loss_start"]
+    return drop >= expected_gain * layers[stage] / layers[-1] * entry["rounds"]
 
 
 def auto_rounds(stage: int, stage_round: int, records: list[dict], rounds: list[int], layers: list[int],

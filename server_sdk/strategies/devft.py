@@ -15,7 +15,7 @@ from ..fusion import choose_anchor
 from ..grouping import make_groups
 from ..heal import heal_prompts, heal_submodel
 from ..lora import scaling
-from ..schedule import SCHEDULES, lowered_full_loss
+from ..schedule import SCHEDULES, paid_for_itself
 from ..similarity import layer_similarity
 from ..submodel import StagePlan, build_submodel, identity_plan, transfer_lora_back
 from .base import Strategy
@@ -86,7 +86,8 @@ class DevFT(Strategy):
         return rule(stage, stage_round, records, rounds, self._layers, self.cfg.schedule_expected_gain)
 
     def keeps_stage(self, stage, records):
-        return self.cfg.schedule != "auto" or lowered_full_loss(records, stage)
+        return self.cfg.schedule != "auto" or paid_for_itself(records, stage, self._layers,
+                                                              self.cfg.schedule_expected_gain)
 
     def finish_stage(self, full_lora, trained, initial, plan):
         if self.cfg.transfer == "anchor":  # only each group's anchor takes the trained LoRA
