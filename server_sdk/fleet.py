@@ -65,6 +65,7 @@ from .executor import ClientExecutor
 from .lora import LoraState, to_peft_key
 from .model import cache_root, smollm2_cache_dir
 from .prefetch import Speculate, Speculation
+from .progress import note
 from .submodel import StagePlan
 from .trainer import ClientResult
 from .warm import TemplateWarmer
@@ -307,7 +308,11 @@ class FleetExecutor(ClientExecutor):
     def _finish_speculation(self) -> None:
         """The round ends only once its guess is announced: nothing else in this process runs meanwhile."""
         if self._speculation is not None:
-            self._speculation.join()
+            self._speculation.join(1.0)
+            if self._speculation.running():  # say why the round is still open although its devices answered
+                note(f"preparing stage {self._speculation.stage + 1}'s files so devices can fetch "
+                     "them early (a machine's first trace of a new graph shape can take minutes; later runs reuse it)")
+                self._speculation.join()
             self._speculation = None
 
     def _await_ready(self, stage: int, draw_key: int) -> None:

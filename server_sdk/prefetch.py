@@ -50,6 +50,9 @@ class Speculation:
     def join(self, timeout_s: float | None = None) -> None:
         self._thread.join(timeout_s)
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             with torch.random.fork_rng(devices=[]):  # the guess leaves the run's random state as it was
