@@ -49,7 +49,7 @@ def torch_loss_and_grads(peft_model, ids, labels) -> tuple[float, dict[str, np.n
     loss = token_losses(peft_model, torch.from_numpy(ids), torch.from_numpy(labels))[0].mean()
     loss.backward()
     grads = {n: p.grad.detach().numpy().copy() for n, p in peft_model.named_parameters() if naming.is_lora(n)}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.fixture(scope="module")
