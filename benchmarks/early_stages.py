@@ -219,7 +219,7 @@ def summarize(name: str, reps: list[dict], fedit: dict[int, dict], full: bool, l
             "client_cpu_speedup_to_fedit_final": speed or None,
             "lora_bytes_reduction_to_fedit_final": bytes_ or None,
             "simulated_wall_speedup_to_fedit_final": wall or None,
-            "rounds_run": [sum(1 for r in rep["records"] if r["stage"] >= 0) for r in reps] if full else None}
+            "rounds_run": [sum(1 for x in r["records"] if x["stage"] >= 0) for r in reps] if full else None}
 
 
 def markdown(summary: dict, command: str) -> str:
