@@ -36,8 +36,9 @@ from pathlib import Path
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
 from server_sdk.stage_transfer import relative_rate, stage_transfer
 
-from .metrics import Link, cumulative, first_reaching, ratio
+from .metrics import Link, client_cpu, cumulative, first_reaching, ratio
 from .results_md import RESULTS_MD, replace_block, write_atomic
+from .shards import shared_data
 
 RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
 CACHE = RESULTS / "cache"
@@ -90,11 +91,6 @@ def variant_config(base: RunConfig, name: str, seed: int, to_target: bool = Fals
     return cfg.validate()
 
 
-def client_cpu(records: list[dict]) -> float:
-    """Client CPU seconds a run's training rounds spent (report.json's records)."""
-    return sum(c for r in records if r["stage"] >= 0 for c in (r.get(COMPUTE_KEY) or []) if c is not None)
-
-
 def reached(target: float, cpu_budget: float):
     """stop_when for a run toward FedIT's final eval loss: stop at the first evaluated round at or
     below it, or once the run's client CPU passes cpu_budget (then it never got there in budget)."""
@@ -144,7 +140,7 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     if not resume and base_model is not None:  # every run of one seed shares its data: generate it once
-        shared = _shared_data(cfg, base_model)
+        shared = shared_data(cfg, base_model, CACHE)
         shutil.copytree(shared / "data", run_dir / "data")
     c0, t0 = time.process_time(), time.perf_counter()
     out = run(cfg, run_dir, resume=resume, base=base_model, progress=False, stop_after_rounds=stop_after,
@@ -158,17 +154,6 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_atomic(kept, json.dumps(compact) + "\n")
     return compact
-
-
-def _shared_data(cfg: RunConfig, base_model) -> Path:
-    """Client shards and held-out set for this data config and seed, made once (reasoning-gym's
-    generators take minutes on a busy machine) under CACHE/data-<hash>/data."""
-    from server_sdk.rounds import prepare_data
-
-    ident = {"data": cfg.to_dict()["data"], "num_clients": cfg.num_clients, "seed": cfg.seed, "model": cfg.model}
-    shared = CACHE / f"data-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]}"
-    prepare_data(cfg, base_model, shared)
-    return shared
 
 
 def _final_loss(rep: dict) -> float:

@@ -25,6 +25,11 @@ def round_records(records: list[dict]) -> list[dict]:
     return [r for r in records if r["stage"] >= 0]
 
 
+def client_cpu(records: list[dict]) -> float:
+    """Client CPU seconds a run's training rounds spent (report.json's `client_cpu_seconds`)."""
+    return sum(c for r in round_records(records) for c in (r.get("client_cpu_seconds") or []) if c is not None)
+
+
 def simulated_round_seconds(rec: dict, link: Link, compute_key: str = "client_seconds",
                             include_stage_download: bool = True) -> float:
     """Clients train in parallel on real devices: a round lasts as long as its slowest client's

@@ -31,7 +31,9 @@ from pathlib import Path
 from server_sdk.aggregation import AGGREGATIONS
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
 
+from .metrics import client_cpu
 from .results_md import RESULTS_MD, md_table, replace_block, save_figure, write_atomic
+from .shards import shared_data
 
 RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
 CACHE = RESULTS / "cache"
@@ -61,16 +63,6 @@ def run_key(cfg: RunConfig) -> str:
     return f"{cfg.aggregation}-s{cfg.seed}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-def _shared_data(cfg: RunConfig, base_model) -> Path:
-    """Client shards and held-out set for this data config and seed, made once for all rules."""
-    from server_sdk.rounds import prepare_data
-
-    ident = {"data": cfg.to_dict()["data"], "num_clients": cfg.num_clients, "seed": cfg.seed, "model": cfg.model}
-    shared = CACHE / f"data-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]}"
-    prepare_data(cfg, base_model, shared)
-    return shared
-
-
 def run_one(cfg: RunConfig, base_model) -> dict:
     """Run (or resume, or load) one run; its compact record is kept under KEPT."""
     from server_sdk.rounds import run
@@ -84,7 +76,7 @@ def run_one(cfg: RunConfig, base_model) -> dict:
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     if not resume:
-        shutil.copytree(_shared_data(cfg, base_model) / "data", run_dir / "data")
+        shutil.copytree(shared_data(cfg, base_model, CACHE) / "data", run_dir / "data")
     c0, t0 = time.process_time(), time.perf_counter()
     out = run(cfg, run_dir, resume=resume, base=base_model, progress=False)
     compact = {"key": key, "rule": cfg.aggregation, "seed": cfg.seed, "config": cfg.to_dict(),
@@ -106,8 +98,7 @@ def summarize(reps: list[dict], rules: list[str], seeds: list[int]) -> dict:
         curve = eval_curve(rep)
         runs.append({"rule": rep["rule"], "seed": rep["seed"], "key": rep["key"], "eval_loss_per_round": curve,
                      "final_eval_loss": curve[-1]["eval_loss"],
-                     "client_cpu_seconds": sum(c for r in rep["records"] if r["stage"] >= 0
-                                               for c in (r.get("client_cpu_seconds") or []) if c is not None)})
+                     "client_cpu_seconds": client_cpu(rep["records"])})
     by = {(r["rule"], r["seed"]): r for r in runs}
     fedavg_final = {s: by[("fedavg", s)]["final_eval_loss"] for s in seeds if ("fedavg", s) in by}
     spread = max(fedavg_final.values()) - min(fedavg_final.values()) if len(fedavg_final) >= 2 else None
