@@ -338,17 +338,16 @@ class FleetExecutor(ClientExecutor):
     def _not_ready(self, expected: set[str]) -> set[str]:
         """Devices that said hello or are `expected`, are not offline, run a served format (as far as their
         hello says), and have not reported the stage's files ready."""
-        ids = {d.artifact_id for d in self._artifacts.values()}
         offline = self._offline_now()
         with self._status_lock:
             statuses = {d: {} for d in expected} | dict(self.device_status)
-        waiting = set()
-        for device, st in statuses.items():
-            ready = st.get("ready")
-            if st.get("state") != "offline" and device not in offline and self._runs_served(st) and not (
-                    isinstance(ready, str) and ready in ids):
-                waiting.add(device)
-        return waiting
+        return {device for device, st in statuses.items() if st.get("state") != "offline" and device not in offline
+                and self._runs_served(st) and not self._holds_stage(st)}
+
+    def _holds_stage(self, status: dict) -> bool:
+        """Whether a device's status reports one of this stage's artifacts ready (`info.ready`, device-sent)."""
+        ready = status.get("ready")
+        return isinstance(ready, str) and ready in {d.artifact_id for d in self._artifacts.values()}
 
     def _runs_served(self, status: dict) -> bool:
         """Whether a device runs a format served this stage, as far as its hello says (none said: assume so)."""
@@ -535,13 +534,12 @@ class FleetExecutor(ClientExecutor):
         stand_ins = set(replaced.values())
         uncovered = [d for d in lost if d not in stand_ins]  # a lost replacement is itself replaced
         order = [self.device_of(c) for c in replacement_order(self.cfg.seed, self._draw_key, rnd, self.cfg.num_clients)]
-        ids = {d.artifact_id for d in self._artifacts.values()}
         with self._status_lock:
             statuses = dict(self.device_status)
             gone = set(self._offline)
         live = {d for d, st in statuses.items() if d not in gone and st.get("state") != "offline"
                 and self._runs_served(st)}
-        ready = {d for d, st in statuses.items() if isinstance(st.get("ready"), str) and st["ready"] in ids}
+        ready = {d for d, st in statuses.items() if self._holds_stage(st)}
         chosen = choose_replacements(order, wanted, live, ready, min(short, budget, len(uncovered)))
         if not chosen:
             return
