@@ -3,6 +3,8 @@
     python -m benchmarks.simulation --profile smoke      # tiny model, 2 rounds (tests the code path)
     python -m benchmarks.simulation --profile standard   # SmolLM2-135M FedIT, 6 rounds, 2 of 8 clients
 
+The Flower configuration needs the `bench-flower` extra (`pip install -e ".[bench-flower]"`).
+
 All three train FedIT on the same shards (the in-process run writes them; the others read
 them), the same client schedule, seeds, LoRA settings and devft's `local_train`, with one
 torch thread per training process. Each configuration runs in its own process while this
@@ -73,7 +75,11 @@ def run_child(config: str, profile: str, out: Path) -> None:
                    "train_loss": r["train_loss"]} for r in report["records"] if r["stage"] >= 0]
         base_eval = report["records"][0]["eval_loss"]
     else:
-        from flwr.simulation import run_simulation
+        try:
+            from flwr.simulation import run_simulation
+        except ImportError:
+            raise SystemExit("flower-ray-2 needs Flower: pip install -e '.[bench-flower]' (flwr 1.42.0) into this "
+                             "environment, or leave it out with --configs devft-in-process devft-ray-2") from None
 
         from .flower_app import client_app, server_app, task
 
