@@ -1,13 +1,17 @@
-"""Simulation engines side by side: devft in-process, devft on Ray (2 workers), Flower on Ray.
+"""Simulation engines side by side: devft in-process, devft on Ray (2 workers), Flower on Ray,
+each in fp32 and in bf16 mixed precision.
 
     python -m benchmarks.simulation --profile smoke      # tiny model, 2 rounds (tests the code path)
     python -m benchmarks.simulation --profile standard   # SmolLM2-135M FedIT, 6 rounds, 2 of 8 clients
+    python -m benchmarks.simulation --configs devft-ray-2 flower-ray-2   # a subset
 
-The Flower configuration needs the `bench-flower` extra (`pip install -e ".[bench-flower]"`).
+The Flower configurations need the `bench-flower` extra (`pip install -e ".[bench-flower]"`).
 
-All three train FedIT on the same shards (the in-process run writes them; the others read
-them), the same client schedule, seeds, LoRA settings and devft's `local_train`, with one
-torch thread per training process. Each configuration runs in its own process while this
+All three engines train FedIT on the same shards (the in-process run of a precision writes them;
+the others read them), the same client schedule, seeds, LoRA settings and devft's `local_train`
+and `evaluate` in the configuration's precision (`-bf16`: RunConfig.precision="bf16", see
+server_sdk/precision.py), with one torch thread per training process. Flower's central
+evaluation runs in its server process, devft's is split across the Ray workers. Each configuration runs in its own process while this
 one samples the memory of that process and every descendant (Ray's raylet, GCS and workers)
 every half second. Each configuration's result is cached as
 benchmarks/results/simulation/<profile>-<config>.json (a rerun only fills the gaps; delete a
@@ -22,6 +26,7 @@ start-up included, is reported beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -40,11 +45,23 @@ from .results_md import md_table, replace_block
 RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
 KEPT = RESULTS / "simulation"
 CACHE = RESULTS / "cache" / "simulation"
-CONFIGS = ("devft-in-process", "devft-ray-2", "flower-ray-2")
+# the fp32 trio, then the same three with bf16 mixed precision (server_sdk/precision.py): Flower's app
+# trains and evaluates with devft's local_train/evaluate, so it gets the same precision
+ENGINES = ("devft-in-process", "devft-ray-2", "flower-ray-2")
+CONFIGS = (*ENGINES, *(f"{e}-bf16" for e in ENGINES))
 MiB = 2**20
 
 
-def profile_config(profile: str) -> RunConfig:
+def split(config: str) -> tuple[str, str]:
+    """"devft-ray-2-bf16" -> ("devft-ray-2", "bf16"); no suffix is fp32."""
+    return (config[:-5], "bf16") if config.endswith("-bf16") else (config, "fp32")
+
+
+def profile_config(profile: str, precision: str = "fp32") -> RunConfig:
+    return dataclasses.replace(_profile_config(profile), precision=precision)
+
+
+def _profile_config(profile: str) -> RunConfig:
     if profile == "smoke":
         return RunConfig(model="tiny-random-L6", strategy="fedit", rounds_per_stage=2, num_clients=4,
                          clients_per_round=2, local_steps=2, batch_size=2, seq_len=64, lr=5e-3,
@@ -57,16 +74,18 @@ def profile_config(profile: str) -> RunConfig:
 # ---- one configuration, in its own process ------------------------------------------------
 def run_child(config: str, profile: str, out: Path) -> None:
     """Run one configuration; write its rounds (eval loss, seconds) and this process's peak RSS."""
-    cfg = profile_config(profile)
-    data_dir = CACHE / profile / "devft-in-process"
+    engine, precision = split(config)
+    cfg = profile_config(profile, precision)
+    # the in-process run of the same precision writes the shards (and the config.json Flower reads)
+    data_dir = CACHE / profile / ("devft-in-process" if precision == "fp32" else f"devft-in-process-{precision}")
     t0 = time.perf_counter()
-    if config.startswith("devft"):
+    if engine.startswith("devft"):
         from server_sdk.rounds import run
 
         run_dir = CACHE / profile / config
         shutil.rmtree(run_dir, ignore_errors=True)
         factory = None
-        if config == "devft-ray-2":
+        if engine == "devft-ray-2":
             from server_sdk.ray_executor import RaySettings, ray_executor_factory
 
             factory = ray_executor_factory(RaySettings(workers=2, quorum=1.0))
@@ -78,13 +97,13 @@ def run_child(config: str, profile: str, out: Path) -> None:
         try:
             from flwr.simulation import run_simulation
         except ImportError:
-            raise SystemExit("flower-ray-2 needs Flower: pip install -e '.[bench-flower]' (flwr 1.42.0) into this "
-                             "environment, or leave it out with --configs devft-in-process devft-ray-2") from None
+            raise SystemExit(f"{config} needs Flower: pip install -e '.[bench-flower]' (flwr 1.42.0) into this "
+                             "environment, or leave the Flower configurations out with --configs") from None
 
         from .flower_app import client_app, server_app, task
 
-        log = CACHE / profile / "flower-rounds.json"
-        settings = CACHE / profile / "flower-settings.json"
+        log = CACHE / profile / f"{config}-rounds.json"
+        settings = CACHE / profile / f"{config}-settings.json"
         settings.write_text(json.dumps({"run_dir": str(data_dir), "log": str(log)}))
         os.environ[task.SETTINGS_ENV] = str(settings)  # Ray workers inherit it
         run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=cfg.num_clients,
@@ -177,9 +196,15 @@ def run_profile(profile: str, configs: tuple[str, ...] = CONFIGS) -> dict:
 
 
 def summarize(results: dict) -> dict:
-    ref = [r["eval_loss"] for r in results["devft-in-process"]["rounds"]]
+    """Per configuration: s/round (rounds 2..), memory, and the largest eval-loss difference from the in-process
+    run of the same precision (bf16 runs also from the fp32 one); s/round against Flower of the same precision
+    and against Flower's fastest configuration."""
     out = {}
     for config, r in results.items():
+        engine, precision = split(config)
+        same = "devft-in-process" if precision == "fp32" else f"devft-in-process-{precision}"
+        ref = [x["eval_loss"] for x in results.get(same, results["devft-in-process"])["rounds"]]
+        fp32 = [x["eval_loss"] for x in results["devft-in-process"]["rounds"]]
         secs = [x["seconds"] for x in r["rounds"]]
         warm = secs[1:] or secs
         workers = [p["peak_rss_mib"] for p in r["processes"] if "worker" in p["label"] or "actor" in p["label"]]
@@ -188,13 +213,20 @@ def summarize(results: dict) -> dict:
             "coordinator_peak_rss_mib": r["coordinator_peak_rss_mib"],
             "max_worker_peak_rss_mib": max(workers) if workers else None,
             "summed_peak_rss_mib": r["summed_peak_rss_mib"], "summed_peak_pss_mib": r["summed_peak_pss_mib"],
+            "precision": precision,
             "max_eval_loss_diff_vs_in_process": max(abs(a["eval_loss"] - b) for a, b in zip(r["rounds"], ref)),
+            "max_eval_loss_diff_vs_fp32_in_process": max(abs(a["eval_loss"] - b) for a, b in zip(r["rounds"], fp32)),
         }
-    flower = out.get("flower-ray-2")
-    if flower:
-        for config in ("devft-in-process", "devft-ray-2"):
-            if config in out:
-                out[config]["seconds_per_round_vs_flower"] = out[config]["seconds_per_round"] / flower["seconds_per_round"]
+    flowers = {c: s["seconds_per_round"] for c, s in out.items() if c.startswith("flower")}
+    best = min(flowers.values(), default=None)
+    for config, s in out.items():
+        if config.startswith("flower"):
+            continue
+        flower = flowers.get("flower-ray-2" + ("" if s["precision"] == "fp32" else f"-{s['precision']}"))
+        if flower:
+            s["seconds_per_round_vs_flower"] = s["seconds_per_round"] / flower
+        if best:
+            s["seconds_per_round_vs_flower_best"] = s["seconds_per_round"] / best
     return out
 
 
@@ -202,13 +234,15 @@ def markdown(profile: str, summary: dict, results: dict) -> str:
     rows = []
     for config, s in summary.items():
         worker = "-" if s["max_worker_peak_rss_mib"] is None else f"{s['max_worker_peak_rss_mib']:.0f}"
-        ratio = s.get("seconds_per_round_vs_flower")
+        ratio, best = s.get("seconds_per_round_vs_flower"), s.get("seconds_per_round_vs_flower_best")
         rows.append([config, f"{s['seconds_per_round']:.1f}", "-" if ratio is None else f"{ratio:.2f}x",
+                     "-" if best is None else f"{best:.2f}x",
                      f"{s['total_seconds']:.0f}", f"{s['coordinator_peak_rss_mib']:.0f}", worker,
                      f"{s['summed_peak_rss_mib']:.0f}", f"{s['summed_peak_pss_mib']:.0f}",
-                     f"{s['max_eval_loss_diff_vs_in_process']:.1e}"])
-    header = ["configuration", "s/round", "vs Flower", "total s", "coordinator peak RSS MiB",
-              "largest worker peak RSS MiB", "summed peak RSS MiB", "summed peak PSS MiB", "max Δ eval loss vs in-process"]
+                     f"{s['max_eval_loss_diff_vs_in_process']:.1e}", f"{s['max_eval_loss_diff_vs_fp32_in_process']:.1e}"])
+    header = ["configuration", "s/round", "vs Flower (same precision)", "vs Flower's fastest", "total s",
+              "coordinator peak RSS MiB", "largest worker peak RSS MiB", "summed peak RSS MiB", "summed peak PSS MiB",
+              "max Δ eval loss vs in-process (same precision)", "max Δ eval loss vs fp32 in-process"]
     loss_rows = [[r["round"], *(f"{results[c]['rounds'][i]['eval_loss']:.6f}" for c in results)]
                  for i, r in enumerate(results["devft-in-process"]["rounds"])]
     lines = [f"### Simulation engines ({profile} profile: `python -m benchmarks.simulation --profile {profile}`)", "",
@@ -255,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         run_child(args.child, args.profile, args.out)
         return 0
-    configs = tuple(c for c in CONFIGS if c in args.configs)
+    configs = [c for c in CONFIGS if c in args.configs]
+    for c in list(configs):  # the in-process run of a precision writes its shards and is its reference
+        ref = "devft-in-process" + ("" if split(c)[1] == "fp32" else f"-{split(c)[1]}")
+        if ref not in configs and not (KEPT / f"{args.profile}-{ref}.json").exists():
+            configs.insert(0, ref)
     if "devft-in-process" not in configs and not (KEPT / f"{args.profile}-devft-in-process.json").exists():
-        configs = ("devft-in-process", *configs)  # its shards and losses are the reference
-    run_profile(args.profile, configs)
+        configs.insert(0, "devft-in-process")
+    run_profile(args.profile, tuple(c for c in CONFIGS if c in configs))
     return 0
 
 

@@ -141,7 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = RunConfig.of_run(run_dir)
     base = load_base_model(cfg.model)
     held_out = read_jsonl(run_dir / "data" / "eval.jsonl")
-    kw = dict(seq_len=cfg.seq_len, generate=not args.no_generate, max_new_tokens=cfg.gen_max_new_tokens)
+    kw = dict(seq_len=cfg.seq_len, generate=not args.no_generate, max_new_tokens=cfg.gen_max_new_tokens,
+              precision=cfg.precision)
     rows = {"base model": base_evaluation(base.model, base, held_out, progress=True, **kw)}  # cached per machine
     adapter = run_dir / "adapter"
     if adapter.exists():

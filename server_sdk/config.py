@@ -84,6 +84,7 @@ class RunConfig:
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (robust to outlier clients)
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
+    precision: str = "fp32"  # fp32 | bf16: simulated training and server evaluation (server_sdk/precision.py)
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +172,7 @@ class RunConfig:
         check_choice("data.partition", self.data.partition, PARTITIONS)
         check_choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("precision", self.precision, ("fp32", "bf16"))
         from .heal import HEALS
         from .schedule import SCHEDULES
 
@@ -233,7 +235,8 @@ class RunConfig:
 # fields added after the first runs were saved and benchmark runs cached, with the value runs had before
 # the field existed (RunConfig.identity, RunConfig.of_run); a default may have changed since (schedule)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
-                               "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64}
+                               "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64,
+                               "precision": "fp32"}
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

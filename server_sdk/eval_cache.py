@@ -93,8 +93,9 @@ def _version(pkg: str) -> str:
 
 
 def eval_key(base: BaseModel, held_out: list[Example], *, seq_len: int, generate: bool, max_new_tokens: int,
-             batch_size: int) -> str:
-    """The cache key: everything the base model's held-out scores depend on."""
+             batch_size: int, precision: str = "fp32") -> str:
+    """The cache key: everything the base model's held-out scores depend on (fp32 keys predate `precision`
+    and leave it out, so their entries stay valid)."""
     parts = {
         "schema": SCHEMA,
         "weights": weights_digest(base.model, base.weights_file),
@@ -102,7 +103,7 @@ def eval_key(base: BaseModel, held_out: list[Example], *, seq_len: int, generate
         "examples": hashlib.sha256(json.dumps([vars(ex) for ex in held_out], sort_keys=True,
                                               default=str).encode()).hexdigest(),
         "settings": {"seq_len": seq_len, "generate": generate, "max_new_tokens": max_new_tokens,
-                     "batch_size": batch_size},
+                     "batch_size": batch_size, **({"precision": precision} if precision != "fp32" else {})},
         "versions": {p: _version(p) for p in ("torch", "transformers", "peft", "reasoning-gym")},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -110,12 +111,13 @@ def eval_key(base: BaseModel, held_out: list[Example], *, seq_len: int, generate
 
 def base_evaluation(eval_model: torch.nn.Module, base: BaseModel, held_out: list[Example], *, seq_len: int,
                     generate: bool, max_new_tokens: int, batch_size: int = 16, progress: bool = False,
-                    use_cache: bool = True, evaluator: Callable[..., dict] = evaluate) -> dict:
+                    use_cache: bool = True, evaluator: Callable[..., dict] = evaluate, precision: str = "fp32") -> dict:
     """`evaluate()` of the run's starting model, from the cache when this machine computed it before.
 
     `evaluator` computes it otherwise, with trainer.evaluate's signature: the round loop passes its
     executor's `evaluate` (the Ray executor evaluates on a worker)."""
-    kw = dict(seq_len=seq_len, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    kw = dict(seq_len=seq_len, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size,
+              precision=precision)
     label = "base model evaluation" if progress else None
     if not use_cache or not lora_is_identity(eval_model):
         return evaluator(eval_model, base.tokenizer, held_out, progress=label, **kw)

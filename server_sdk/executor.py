@@ -45,13 +45,14 @@ class ClientExecutor(ABC):
         process: server_sdk/warm.py). Default: ignored."""
 
     def evaluate(self, model: PeftModel, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,
-                 max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None) -> dict:
+                 max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None,
+                 precision: str = "fp32") -> dict:
         """trainer.evaluate of the full model (the base model's frozen weights, with the LoRA it holds now)
         on the held-out examples. Default: here, on `model`; an executor whose workers hold the frozen
         weights anyway may evaluate there instead (the Ray executor, split across its workers), with the
         same numbers."""
         return evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, precision=precision)
 
     def close(self) -> None:
         """Release connections and processes."""
@@ -77,5 +78,5 @@ class InProcessExecutor(ClientExecutor):
             results.append(local_train(
                 self.sub_model, self.tokenizer, self.clients[c], steps=self.cfg.local_steps,
                 batch_size=self.cfg.batch_size, lr=self.cfg.lr, seq_len=self.cfg.seq_len, seed=seeds[c],
-                is_trainable=is_trainable, client=c, progress=self.on_step))
+                is_trainable=is_trainable, client=c, progress=self.on_step, precision=self.cfg.precision))
         return results

@@ -59,7 +59,7 @@ from export import StageInfo, export_artifacts
 from .aggregation import adaptive_norm_bound, cap_samples, lower_median
 from .artifact_server import ArtifactServer
 from .broker import Credentials, artifact_credentials
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import Example
 from .executor import ClientExecutor
 from .lora import LoraState, to_peft_key
@@ -729,6 +729,10 @@ def fleet_executor_factory(run_dir: str | Path, creds: Credentials, settings: Fl
 
     def make(cfg: RunConfig, base, clients: list[list[Example]]) -> FleetExecutor:
         from .strategies import make_strategy
+
+        if cfg.precision != "fp32":
+            raise ConfigError(f"precision={cfg.precision!r}: fleet devices train their fp32 graphs; precision applies "
+                              "to simulated clients (in-process or --executor ray). Drop -o precision=... for a fleet run")
 
         stages = make_strategy(cfg).stage_sizes(base.n_layers)
         executor = FleetExecutor(cfg, run_dir, creds, cfg.resolved_rounds(len(stages)), settings, host=host,

@@ -112,12 +112,13 @@ class ClientWorker:
 
     def train(self, stage: int, client: int, global_lora: LoraState, seed: int,
               is_trainable: Callable[[str], bool], steps: int, batch_size: int, lr: float,
-              seq_len: int) -> ClientResult:
+              seq_len: int, precision: str = "fp32") -> ClientResult:
         if self.model is None or self.stage != stage:
             raise RuntimeError(f"worker holds stage {self.stage}, asked to train stage {stage}")
         write_lora(self.model, global_lora)
         return local_train(self.model, self.tokenizer, self.clients[client], steps=steps, batch_size=batch_size,
-                           lr=lr, seq_len=seq_len, seed=seed, is_trainable=is_trainable, client=client)
+                           lr=lr, seq_len=seq_len, seed=seed, is_trainable=is_trainable, client=client,
+                           precision=precision)
 
     def evaluate_part(self, config: dict, n_layers: int, frozen: dict, lora: LoraState, examples: list[Example],
                       start: int, stop: int, kw: dict, threads: int) -> EvalPart:
@@ -210,7 +211,7 @@ class RayExecutor(ClientExecutor):
         return submodel_bytes(sub_model)
 
     def evaluate(self, model, tokenizer, examples, *, seq_len, generate=True, max_new_tokens=24, batch_size=16,
-                 progress=None):
+                 progress=None, precision="fp32"):
         """Split across the live workers: each evaluates one range of whole batches (trainer.eval_chunks) on
         the full model built there once over the base model's frozen arrays in the object store, with
         `model`'s LoRA, on this process's torch thread count; the parts are combined here in example order
@@ -219,12 +220,14 @@ class RayExecutor(ClientExecutor):
         tensors are not the base model's is evaluated here."""
         if not self._is_base(model):
             return super().evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
-                                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                    precision=precision)
         if self._held_out is None or self._held_out[0] is not examples:
             self._held_out = (examples, self.ray.put(examples))
         config, n_layers, frozen_ref = self._base_frozen()
         lora_ref, held_ref, threads = self.ray.put(read_lora(model)), self._held_out[1], torch.get_num_threads()
-        kw = dict(seq_len=seq_len, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        kw = dict(seq_len=seq_len, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  precision=precision)
         chunks = eval_chunks(len(examples), batch_size, max(len(self._live()), 1))
         with phase(progress or "", enabled=progress is not None):
             parts = self._on_workers(
@@ -306,7 +309,7 @@ class RayExecutor(ClientExecutor):
         for i, c in enumerate(sampled):
             worker = i % len(self.workers)
             ref = self.workers[worker].train.remote(stage, c, lora_ref, seeds[c], trainable_ref, cfg.local_steps,
-                                                    cfg.batch_size, cfg.lr, cfg.seq_len)
+                                                    cfg.batch_size, cfg.lr, cfg.seq_len, cfg.precision)
             pending[ref] = (c, worker)
         if self.after_submit:
             self.after_submit(self.workers)

@@ -31,6 +31,7 @@ from .eval_cache import base_evaluation
 from .executor import ClientExecutor, InProcessExecutor
 from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
 from .model import BaseModel, describe, load_base_model
+from .precision import warn_if_emulated
 from .progress import phase, round_postfix
 from .report import plot_curves, plot_groups
 from .stage_transfer import stage_transfer
@@ -189,6 +190,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+    warn_if_emulated(cfg.precision)
     strategy = make_strategy(cfg)
     base = base or load_base_model(cfg.model)
     strategy.tokenizer = base.tokenizer
@@ -229,7 +231,7 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
     if state.rounds is not None:  # the strategy re-planned the schedule before the interruption
         rounds[:] = state.rounds
 
-    gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens)
+    gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens, precision=cfg.precision)
     if not state.records:
         before = base_evaluation(eval_model, base, loop.held_out, generate=cfg.accuracy_every != "never",
                                  progress=loop.progress, evaluator=executor.evaluate, **gen)

@@ -20,6 +20,7 @@ from edge_runtime.batching import IGNORE_INDEX, collate
 
 from .data import Example, encode, score
 from .lora import LoraState, read_lora
+from .precision import compute
 
 
 @dataclass
@@ -60,8 +61,10 @@ def trainable_params(model: PeftModel, is_trainable: Callable[[str], bool]) -> l
 
 def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: int, batch_size: int, lr: float,
                 seq_len: int, seed: int, is_trainable: Callable[[str], bool], client: int = 0,
-                progress: Callable[[], None] | None = None) -> ClientResult:
-    """Train the model's LoRA in place for `steps` AdamW steps; return the delta of trained tensors."""
+                progress: Callable[[], None] | None = None, precision: str = "fp32") -> ClientResult:
+    """Train the model's LoRA in place for `steps` AdamW steps; return the delta of trained tensors.
+    `precision` is the forward's compute precision (server_sdk.precision); LoRA weights, their gradients
+    and the optimizer state are float32 either way."""
     if not examples:
         raise ValueError(f"client {client} has no training examples")
     start_state = read_lora(model)
@@ -77,7 +80,8 @@ def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: 
     for _ in range(steps):
         idx = rng.choice(len(encoded), size=min(batch_size, len(encoded)), replace=False)
         ids, labels = collate([encoded[i] for i in idx], pad)
-        tok_loss, _ = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
+        with compute(model, precision):
+            tok_loss, _ = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
         loss = tok_loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,7 +97,8 @@ def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: 
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,
-             max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None) -> dict:
+             max_new_tokens: int = 24, batch_size: int = 16, progress: str | None = None,
+             precision: str = "fp32") -> dict:
     """Held-out loss (mean per-example token loss) and exact-match accuracy (reasoning-gym scorer).
 
     `progress` names a bar over the examples (generation makes this the slowest phase of a run).
@@ -103,7 +108,8 @@ def evaluate(model, tokenizer, examples: list[Example], *, seq_len: int, generat
 
     with counting_bar(progress or "", len(examples), enabled=progress is not None, unit="ex") as bar:
         part = evaluate_part(model, tokenizer, examples, seq_len=seq_len, generate=generate,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size, done=bar.update)
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, done=bar.update,
+                             precision=precision)
     return combine_eval([part], generate=generate)
 
 
@@ -136,10 +142,10 @@ def eval_chunks(n: int, batch_size: int, parts: int) -> list[range]:
 @torch.no_grad()
 def evaluate_part(model, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,
                   max_new_tokens: int = 24, batch_size: int = 16,
-                  done: Callable[[int], object] | None = None) -> EvalPart:
+                  done: Callable[[int], object] | None = None, precision: str = "fp32") -> EvalPart:
     """Per-example loss (and correctness) of `examples`, evaluated in batches of batch_size from the first
     (a slice of a held-out set must start at a batch boundary of it for the same numbers: eval_chunks).
-    `done(n)` is called after each batch of n examples."""
+    `done(n)` is called after each batch of n examples; `precision`: server_sdk.precision."""
     model.eval()
     pad = tokenizer.pad_token_id
     losses: list[float] = []
@@ -147,13 +153,15 @@ def evaluate_part(model, tokenizer, examples: list[Example], *, seq_len: int, ge
     for b in range(0, len(examples), batch_size):
         batch = examples[b:b + batch_size]
         ids, labels = collate([encode(tokenizer, ex, seq_len) for ex in batch], pad)
-        tok_loss, owner = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
+        with compute(model, precision):
+            tok_loss, owner = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
         sums = torch.zeros(len(batch)).index_add_(0, owner, tok_loss)
         counts = torch.zeros(len(batch)).index_add_(0, owner, torch.ones_like(tok_loss))
         losses.extend((sums / counts.clamp(min=1)).tolist())
         if correct is not None:
-            correct.extend(float(score(ex.task, text, ex) >= 1.0)
-                           for ex, text in zip(batch, generate_answers(model, tokenizer, batch, max_new_tokens)))
+            with compute(model, precision):
+                answers = generate_answers(model, tokenizer, batch, max_new_tokens)
+            correct.extend(float(score(ex.task, text, ex) >= 1.0) for ex, text in zip(batch, answers))
         if done:
             done(len(batch))
     return EvalPart([ex.task for ex in examples], losses, correct)

@@ -25,6 +25,7 @@ from server_sdk.strategies import make_strategy
     ({"data": {"partition": "zipf"}}, "data.partition='zipf'"),
     ({"data": {"dirichlet_alpha": 0}}, "dirichlet_alpha=0"),
     ({"lora": {"r": 0}}, "lora.r=0"),
+    ({"precision": "fp16"}, r"precision='fp16' is not valid; choose one of \['fp32', 'bf16'\]"),
 ])
 def test_bad_values_are_rejected_naming_field_and_value(overrides, match):
     with pytest.raises(ConfigError, match=match):

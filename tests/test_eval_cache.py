@@ -32,6 +32,8 @@ def test_base_evaluation_is_cached_and_keyed_by_everything_it_depends_on(tiny_ba
     assert eval_key(tiny_base, held_out[:-1], batch_size=16, **KW) != eval_key(tiny_base, held_out, batch_size=16, **KW)
     assert eval_key(tiny_base, held_out, batch_size=16, **{**KW, "max_new_tokens": 4}) != \
         eval_key(tiny_base, held_out, batch_size=16, **KW)
+    assert eval_key(tiny_base, held_out, batch_size=16, precision="bf16", **KW) != \
+        eval_key(tiny_base, held_out, batch_size=16, precision="fp32", **KW) == eval_key(tiny_base, held_out, batch_size=16, **KW)
     other = share_model(tiny_base.model)  # shares the session's tensors: replace one, never write into it
     other.model.norm.weight = torch.nn.Parameter(other.model.norm.weight.detach() + 1e-3, requires_grad=False)
     moved = type(tiny_base)(model=other, tokenizer=tiny_base.tokenizer, name=tiny_base.name, source="test")

@@ -63,6 +63,15 @@ def test_ray_run_is_bit_identical_to_in_process(local_ray, in_process_run, tiny_
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_bf16_on_ray_is_bit_identical_to_bf16_in_process(local_ray, in_process_run, tiny_base, tiny_cfg, tmp_path):
+    cfg = tiny_cfg(strategy="devft", torch_threads=1, precision="bf16")
+    ref = run(cfg, tmp_path / "inproc", base=tiny_base, progress=False)
+    report = run(cfg, tmp_path / "ray", base=tiny_base, progress=False,
+                 executor_factory=ray_executor_factory(RaySettings(workers=2)))
+    assert _metrics(report) == _metrics(ref)
+    assert _metrics(report) != _metrics(in_process_run[1])  # and it is not the fp32 run
+
+
 def test_killed_worker_round_aggregates_the_survivor(local_ray, tiny_base, tiny_cfg, tmp_path):
     report = run(tiny_cfg(strategy="devft", torch_threads=1), tmp_path / "run", base=tiny_base, progress=False,
                  executor_factory=ray_executor_factory(RaySettings(workers=2, quorum=0.5), after_submit=_kill_once(1)))

@@ -69,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         write_lora(model, task.from_arrays(arrays.to_torch_state_dict()))
-        m = evaluate(model, tok, held_out, seq_len=cfg.seq_len, generate=False)
+        m = evaluate(model, tok, held_out, seq_len=cfg.seq_len, generate=False, precision=cfg.precision)
         now = time.perf_counter()
         rows.append({"round": server_round, "eval_loss": m["eval_loss"], "seconds": now - last[0]})
         last[0] = now
