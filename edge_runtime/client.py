@@ -172,6 +172,7 @@ class Device:
         self.shard = shard
         self.cache = ArtifactCache(cache_dir, shared=shared_blobs)
         self.formats = pick_formats(backend)
+        self.versions = runtime_versions()  # read once: package metadata lookups cost milliseconds per status
         self.threads = threads
         self.exit_after_rounds = exit_after_rounds
         self.rounds_trained = 0
@@ -187,6 +188,7 @@ class Device:
         self._globals_cond = threading.Condition()
         self._answered: set[tuple] = set()
         self._encoded: dict[tuple[str, int], list] = {}
+        self._trainer: Trainer | None = None  # the round's open session, freed once its update is sent
         self._stop = threading.Event()
         self.settings = settings
         self.client: MqttClient | None = None
@@ -230,7 +232,7 @@ class Device:
     def _status(self, state: str, **info: Any) -> None:
         if self.client is None or self.run_id is None:
             return
-        msg = P.StatusMessage(self.device_id, state, time.time(), {"formats": self.formats, **runtime_versions(), **info})
+        msg = P.StatusMessage(self.device_id, state, time.time(), {"formats": self.formats, **self.versions, **info})
         self.client.publish(P.status_topic(self.run_id, self.device_id), P.encode_status(msg), retain=True)
 
     # -- main loop -------------------------------------------------------------------------
@@ -243,7 +245,7 @@ class Device:
             from dataclasses import replace
 
             hello = P.StatusMessage(self.device_id, "hello", time.time(),
-                                    {"formats": self.formats, **runtime_versions(), "reconnected": True})
+                                    {"formats": self.formats, **self.versions, "reconnected": True})
             settings = replace(settings, will_topic=P.status_topic(self.run_id, self.device_id),
                                birth_topic=P.status_topic(self.run_id, self.device_id),
                                birth_payload=P.encode_status(hello))
@@ -321,8 +323,11 @@ class Device:
         if ctrl.deadline_unix is not None and time.time() > ctrl.deadline_unix:
             log.info("%s: round %d deadline already passed; skipping", self.device_id, ctrl.round)
             return
-        update = self.train_round(ctrl)
-        self._send(update, ctrl)
+        try:
+            update = self.train_round(ctrl)
+            self._send(update, ctrl)
+        finally:
+            self._trainer = None  # freeing an ONNX Runtime session takes tens of ms: after the update is out
         self._answered.add(key)
         self.rounds_trained += 1
 
@@ -441,6 +446,7 @@ class Device:
         aid = desc.artifact_id if desc else ""
         fetched_before_s = self.stage_fetch_s.get(aid, 0.0)
         trainer, art_dir, downloaded = self._open_trainer(ctrl, hp)
+        self._trainer = trainer  # kept alive until _act has sent the update
         glob = self._global_for(ctrl)
         trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
         received = trainer.get_lora()

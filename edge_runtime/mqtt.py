@@ -7,12 +7,18 @@ automatic reconnect with backoff, subscriptions that survive reconnects, and
 per-topic-filter callbacks or inbox queues that are safe to use from any thread.
 
 Callbacks run on paho's network thread: keep them short (enqueue, then return).
+
+Every connection turns Nagle's algorithm off (TCP_NODELAY), as the broker does for its side
+(server_sdk/broker.py): otherwise the tail of a message waits for the peer's delayed ACK, about
+40 ms on Linux, before it leaves; a round's control and global adapter and every update would
+each pay that once or twice.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -82,6 +88,14 @@ def wait_published(info: paho.MQTTMessageInfo, timeout_s: float) -> bool:
     return True
 
 
+def _no_delay(client, userdata, sock) -> None:
+    """Send each message's last bytes at once instead of holding them for the peer's delayed ACK (Nagle)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (a unix socket, a websocket wrapper): nothing to do
+        pass
+
+
 def _subscription_id(topic_filter: str) -> int:
     """Stable MQTT v5 subscription identifier (1..268435455) for a filter."""
     return zlib.crc32(topic_filter.encode()) % 268_435_455 + 1
@@ -108,6 +122,7 @@ class MqttClient:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_socket_open = _no_delay
         self._lock = threading.Lock()
         self.payload_bytes_received = 0  # every delivered message, matched by a subscription or not
         self._subs: dict[str, tuple[int, Callback | None]] = {}

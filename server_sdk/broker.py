@@ -36,11 +36,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -90,6 +92,18 @@ def require_mosquitto() -> tuple[str, str]:
             "if you do not want the system service on port 1883."
         )
     return broker, passwd
+
+
+@functools.cache
+def mosquitto_version() -> tuple[int, ...] | None:
+    """The installed mosquitto's version, e.g. (2, 0, 11); None when it is missing or does not say."""
+    try:
+        broker, _ = require_mosquitto()
+        out = subprocess.run([broker, "-h"], capture_output=True, text=True, timeout=10).stdout
+    except (MosquittoNotFound, OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"mosquitto version (\d+(?:\.\d+)*)", out)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
 
 
 @dataclass(frozen=True)
@@ -440,6 +454,8 @@ def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: s
         "autosave_interval 10",
         "max_queued_messages 10000",
         "max_inflight_messages 20",
+        # a message's last segment leaves at once instead of waiting for the client's delayed ACK (40 ms); 2.0+
+        *(["set_tcp_nodelay true"] if (mosquitto_version() or (2,)) >= (2,) else []),
         f"max_packet_size {MAX_UPDATE_BYTES + 64 * 1024}",
         "log_dest stderr",
         "log_type error",

@@ -18,9 +18,10 @@ norm are refused (`norm_outlier`), and each update's weight is its claimed
 `num_samples` capped by the shard the coordinator wrote for that client (or
 `max_samples_per_update`, or else the round's lower median claim).
 Stage starts (docs/protocol.md §11, "Prefetch"): during a stage's last round the coordinator
-announces its guess at the next stage's files as a `prefetch` hint (server_sdk/prefetch.py),
-and a stage's first round opens once every live device reported the stage's files ready, or
-after `stage_ready_timeout_s`.
+announces its guess at the next stage's files as a `prefetch` hint (server_sdk/prefetch.py; a
+guess still exporting when the round's updates are in is announced while the round is aggregated
+and evaluated, and `evaluate` waits for it), and a stage's first round opens once every live
+device reported the stage's files ready, or after `stage_ready_timeout_s`.
 With `replacements` > 0, once sampled devices seen offline leave the round unable to reach its
 quorum, the coordinator samples up to that many replacement devices (`choose_replacements`: live,
 not yet in the round, holding the stage's files first; drawn from the run seed, the stage's draw key
@@ -199,6 +200,7 @@ class FleetExecutor(ClientExecutor):
         self.shard_sizes = dict(shard_sizes or {})  # client -> examples in the shard this coordinator wrote
         self._offline: dict[str, float] = {}  # device whose last status is "offline" -> when that arrived
         self._status_lock = threading.Lock()
+        self._status_arrived = threading.Event()  # set by every accepted status: wakes the stage-ready wait
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
@@ -256,6 +258,7 @@ class FleetExecutor(ClientExecutor):
     def begin_stage(self, stage: int, plan: StagePlan, sub_model) -> int:
         """Export the stage's submodel in every format the fleet needs, serve it, and wait (at most
         `stage_ready_timeout_s`) until the devices hold it."""
+        self._finish_speculation()
         dirs, seconds = self._export(stage, plan, sub_model, "")
         total = self.serve_stage(stage, dirs, export_s=seconds)
         self._draw_key = plan.draw_key  # rounds.py's key of the stage's client draws and seeds
@@ -306,14 +309,28 @@ class FleetExecutor(ClientExecutor):
         self._speculation = Speculation(stage, speculate, announce).start()
 
     def _finish_speculation(self) -> None:
-        """The round ends only once its guess is announced: nothing else in this process runs meanwhile."""
+        """Wait until the guess at the next stage is announced, then let the round's train control go.
+
+        A round's updates do not wait for its guess: the guess may still be exporting while the round loop
+        aggregates and evaluates (which draw no random numbers and only read the frozen weights the guess
+        shares), and `evaluate` calls this before the loop goes on to plan the next stage, so the run's
+        numbers are those of a run without prefetch. `begin_stage`, `train_round` and `close` call it too."""
         if self._speculation is not None:
             self._speculation.join(1.0)
-            if self._speculation.running():  # say why the round is still open although its devices answered
+            if self._speculation.running():  # say why the run does not go on although the round's devices answered
                 note(f"preparing stage {self._speculation.stage + 1}'s files so devices can fetch "
                      "them early (a machine's first trace of a new graph shape can take minutes; later runs reuse it)")
                 self._speculation.join()
             self._speculation = None
+        with self._control_lock:
+            self._control = None  # the round is over: nothing republishes its train control any more
+
+    def evaluate(self, *args, **kwargs) -> dict:
+        """ClientExecutor.evaluate, here; then wait for the guess at the next stage (`_finish_speculation`)."""
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._finish_speculation()
 
     def _await_ready(self, stage: int, draw_key: int) -> None:
         """Wait until the live devices and those the stage's first round samples reported this stage's files
@@ -326,10 +343,15 @@ class FleetExecutor(ClientExecutor):
 
         first = {self.device_of(c) for c in sample_clients(self.cfg, draw_key, 0)}
         t0 = time.time()
-        waiting = self._not_ready(first)
-        while waiting and time.time() - t0 < timeout:
-            time.sleep(0.05)
+        while True:
+            self._status_arrived.clear()
             waiting = self._not_ready(first)
+            left = timeout - (time.time() - t0)
+            if not waiting or left <= 0:
+                break
+            # a device's `ready` status wakes this at once; a device seen offline counts only OFFLINE_CONFIRM_S
+            # after its will arrived, which no message announces: look again at least every 0.25 s
+            self._status_arrived.wait(min(left, 0.25))
         self._event("stage_ready", stage=stage, waited_s=round(time.time() - t0, 3), not_ready=sorted(waiting))
         if waiting:
             log.warning("stage %d: %s did not report its files ready within %.0f s; opening the round anyway", stage,
@@ -360,6 +382,7 @@ class FleetExecutor(ClientExecutor):
         Returns the bytes of the portable (or first) format: what one device downloads at most.
         Files travel as `_served_files` lays them out, so tensors unchanged since the last stage
         (the embedding) are not downloaded again."""
+        self._finish_speculation()  # its late announce must not come after this stage's control
         self._artifacts = {fmt: self.artifacts.add_files(_served_files(fmt, Path(d), stage,
                                                                        self.settings.per_tensor_checkpoint))
                            for fmt, d in artifact_dirs.items()}
@@ -378,6 +401,7 @@ class FleetExecutor(ClientExecutor):
                     is_trainable: Callable[[str], bool], seeds: dict[int, int]) -> list[ClientResult]:
         if stage != self._stage or not self._artifacts:
             raise RuntimeError(f"train_round for stage {stage} before begin_stage({stage})")
+        self._finish_speculation()  # the last round's guess, when no evaluation came in between
         wr = self.wire_round(stage, rnd)
         names = {to_peft_key(k): k for k in global_lora}
         trained = sorted(p for p, k in names.items() if is_trainable(k))
@@ -404,9 +428,11 @@ class FleetExecutor(ClientExecutor):
         try:
             return self._collect(stage, rnd, wr, wanted, expected, deadline)
         finally:
-            self._finish_speculation()
-            with self._control_lock:
-                self._control = None
+            if self._speculation is None:
+                with self._control_lock:
+                    self._control = None
+            # else the guess announces itself on this round's train control when it is ready; see
+            # _finish_speculation for who waits for it
 
     def _update_control(self, change: Callable[[P.ControlMessage], P.ControlMessage]) -> None:
         """Republish the round's train control with `change` applied (the prefetch hint, replacements), one change
@@ -669,6 +695,7 @@ class FleetExecutor(ClientExecutor):
             # `info` is the device's to fill; it cannot override the state or the time the status itself carries
             self.device_status[status.device_id] = {**status.info, "state": status.state,
                                                     "timestamp": status.timestamp}
+        self._status_arrived.set()
         if (status.state == "offline") != was_offline:
             self._event("status", device=status.device_id, state=status.state)
 
@@ -685,6 +712,7 @@ class FleetExecutor(ClientExecutor):
 
     def close(self) -> None:
         """Tell devices the run is over (only when its last round is done), then disconnect."""
+        self._finish_speculation()
         try:
             if self._rounds_done >= self.total_rounds:
                 self._publish_control(P.ControlMessage(self.run_id, max(self._stage, 0), self._rounds_done, "done"))

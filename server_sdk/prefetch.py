@@ -9,11 +9,13 @@ starts, its plan is made as always; the frozen weight files of a right guess (th
 groups; the full-model stage always) are the same blobs, so devices find them cached. A
 wrong guess costs bytes only: devices never train on the hint and verify every file.
 
-`Speculation` runs that guess in a background thread while the round's updates come in. The
-guess runs under its own copy of torch's random state, and the round ends only once the guess
-is announced (the coordinator does nothing else meanwhile), so the run's plans, aggregation
-and numbers are exactly those of a run without prefetch. A guess slower than the devices'
-training delays the round's end by the difference.
+`Speculation` runs that guess in a background thread while the round's updates come in, and
+on while the coordinator aggregates and evaluates the round if it is slower than the devices
+(FleetExecutor._finish_speculation). The guess runs under its own copy of torch's random state,
+what runs beside it draws no random numbers, and the next stage is planned only once the guess
+is announced, so the run's plans, aggregation and numbers are exactly those of a run without
+prefetch. A guess slower than the round and its evaluation delays the stage start by the
+difference.
 """
 
 from __future__ import annotations

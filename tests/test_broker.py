@@ -143,6 +143,27 @@ def test_clients_reconnect_after_broker_restart_and_queued_messages_survive(flee
     assert got == [b"before restart", b"after restart"]
 
 
+def _no_delay(client) -> bool:
+    sock = client._client.socket()  # paho's socket of the current connection (an SSLSocket)
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def test_client_connections_turn_nagle_off_also_after_a_reconnect(fleet, broker, clients):
+    """A message's last TCP segment must not wait for the broker's delayed ACK (40 ms a message on Linux)."""
+    server = clients(fleet.server)
+    device = clients(fleet.devices["dev1"], connect=False)
+    device.subscribe(P.control_topic(RUN))
+    device.connect()
+    assert _no_delay(server) and _no_delay(device)
+    first = device._client.socket()
+    broker.restart()
+    assert server.wait_connected(15) and device.wait_connected(15)
+    assert device._client.socket() is not first  # a new connection, set up the same way
+    assert _no_delay(server) and _no_delay(device)
+    server.publish(P.control_topic(RUN), b"after restart", wait_s=5)
+    assert device.get(P.control_topic(RUN), 5).payload == b"after restart"
+
+
 def test_device_added_while_running_connects_after_reload(fleet, broker, clients):
     creds = B.add_device(fleet.dir, "dev3")
     broker.reload()
@@ -166,6 +187,8 @@ def test_fleet_files_and_config(fleet):
     assert f"listener {fleet.port}\n" in conf
     assert "127.0.0.1" not in conf  # loopback plaintext listener is off by default
     assert "use_username_as_clientid true" in conf
+    if (B.mosquitto_version() or (2,)) >= (2,):  # the broker's side of every connection sends without Nagle's delay
+        assert "set_tcp_nodelay true\n" in conf
     assert "user root" not in conf
     # the CA key is in its own private directory, which nothing in the broker's config points to
     assert not (fleet.dir / "ca.key").exists()

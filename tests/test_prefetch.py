@@ -8,6 +8,7 @@ second must train exactly as the first: a wrong guess costs bytes, never correct
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -62,8 +63,7 @@ def test_prefetch_makes_a_stage_start_download_nearly_nothing_and_a_wrong_guess_
     monkeypatch.setattr(FleetExecutor, "begin_stage", slow_begin_stage)
     right, right_events = _run(tmp_path / "right", tiny4)
 
-    # the guess is announced during stage 0's last round (wire round 1; the round ends once it is), before
-    # stage 1 starts
+    # the guess is announced during stage 0's last round (wire round 1), before stage 1 starts
     kinds = [(e["event"], e.get("stage"), e.get("round")) for e in right_events]
     assert kinds.index(("round_start", 0, 1)) < kinds.index(("prefetch", 1, None)) < kinds.index(("stage", 1, None))
     ready = [e for e in right_events if e["event"] == "stage_ready"]
@@ -87,15 +87,37 @@ def test_prefetch_makes_a_stage_start_download_nearly_nothing_and_a_wrong_guess_
         assert 0 < tel["stage_download_bytes"] <= 3 * unguessed_bytes, (device, tel["stage_download_bytes"])
         assert tel["prefetch_bytes"] >= new_bytes - unguessed_bytes, (device, tel["prefetch_bytes"])
 
+    order: list[str] = []
+    returned = threading.Event()
+    train_round = FleetExecutor.train_round
+
+    def watched_train_round(self, stage, rnd, *args):
+        try:
+            return train_round(self, stage, rnd, *args)
+        finally:
+            if (stage, rnd) == (0, 1):
+                order.append("stage 0's last round returned")
+                returned.set()
+
     def wrong_guess(self, stage, model, full_lora, n_sub_layers):  # a plan the real stage 1 never uses
+        # and one still being made when the round's updates are in: the round must not wait for it, and it is
+        # announced all the same, while the coordinator aggregates and evaluates
+        returned.wait(60)  # a round that waits for its guess returns only after this: `order` says so
+        order.append("guess made")
         plan = StagePlan(stage, 2, [[0, 3], [1, 2]], [3, 2])
         return plan, self.build_submodel(model, full_lora, plan)[0]
 
     monkeypatch.setattr(DevFT, "speculate_stage", wrong_guess)
+    monkeypatch.setattr(FleetExecutor, "train_round", watched_train_round)
     wrong, wrong_events = _run(tmp_path / "wrong", tiny4)
+    assert order == ["stage 0's last round returned", "guess made"]
     hint = next(e for e in wrong_events if e["event"] == "prefetch")
     assert hint["groups"] == [[0, 3], [1, 2]]
-    for tel in _stage1_first_round(wrong).values():  # the guess cost its bytes; stage 1 was fetched at its start
+    kinds = [(e["event"], e.get("stage"), e.get("round")) for e in wrong_events]
+    assert kinds.index(("round_end", 0, 1)) < kinds.index(("prefetch", 1, None)) < kinds.index(("stage", 1, None))
+    # devices fetched the late hint (on the round's train control, republished after the round): the guess cost
+    # its bytes; stage 1 was fetched at its start
+    for tel in _stage1_first_round(wrong).values():
         assert tel["prefetch_bytes"] > 0 and tel["stage_download_bytes"] > 0.5 * new_bytes
 
     # same plans, same aggregation, same numbers: the guess never touches what is trained
