@@ -83,6 +83,9 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")
 # (a device killed during a broker restart costs that, not the deadline).
 OFFLINE_CONFIRM_S = 1.0
 RESTART_GRACE_S = 10.0
+# the guess at the next stage (prefetch) starts once the round's devices report they started training, or
+# after this long: its export would otherwise compete with their start on a machine they share
+GUESS_AFTER_START_MAX_S = 1.0
 
 
 class QuorumNotReached(RuntimeError):
@@ -201,6 +204,7 @@ class FleetExecutor(ClientExecutor):
         self._offline: dict[str, float] = {}  # device whose last status is "offline" -> when that arrived
         self._status_lock = threading.Lock()
         self._status_arrived = threading.Event()  # set by every accepted status: wakes the stage-ready wait
+        self._status_changed = threading.Condition(self._status_lock)  # notified by every accepted status
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
@@ -292,7 +296,19 @@ class FleetExecutor(ClientExecutor):
         if self.settings.prefetch_next_stage:
             self._next_guess = (stage, speculate)
 
-    def _start_speculation(self) -> None:
+    def _devices_started(self, devices: Collection[str], wr: int, timeout_s: float = GUESS_AFTER_START_MAX_S) -> None:
+        """Return once every one of `devices` has reported a status of wire round `wr` (`busy` when it starts
+        training) or gone offline, or after timeout_s. The guess at the next stage waits here: its export takes
+        the CPU for a second or more, and on a machine it shares with devices (a local fleet) it would delay
+        their start. A device's status only times this background work; a device that never reports delays
+        the guess by timeout_s at most."""
+        def started() -> bool:
+            return all(self.device_status.get(d, {}).get("round") == wr or d in self._offline for d in devices)
+
+        with self._status_changed:
+            self._status_changed.wait_for(started, timeout=timeout_s)
+
+    def _start_speculation(self, wait: Callable[[], object] | None = None) -> None:
         if self._next_guess is None:
             return
         stage, speculate = self._next_guess
@@ -306,7 +322,7 @@ class FleetExecutor(ClientExecutor):
                         artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes} for f, d in hint.items()})
             self._update_control(lambda c: replace(c, prefetch=hint))
 
-        self._speculation = Speculation(stage, speculate, announce).start()
+        self._speculation = Speculation(stage, speculate, announce, wait=wait).start()
 
     def _finish_speculation(self) -> None:
         """Wait until the guess at the next stage is announced, then let the round's train control go.
@@ -424,7 +440,7 @@ class FleetExecutor(ClientExecutor):
                                              self._artifacts)
             self._publish_control(self._control)
         self._event("round_start", stage=stage, round=wr, sampled=list(wanted), deadline=deadline)
-        self._start_speculation()
+        self._start_speculation(wait=lambda: self._devices_started(list(wanted), wr))
         try:
             return self._collect(stage, rnd, wr, wanted, expected, deadline)
         finally:
@@ -695,6 +711,7 @@ class FleetExecutor(ClientExecutor):
             # `info` is the device's to fill; it cannot override the state or the time the status itself carries
             self.device_status[status.device_id] = {**status.info, "state": status.state,
                                                     "timestamp": status.timestamp}
+            self._status_changed.notify_all()
         self._status_arrived.set()
         if (status.state == "offline") != was_offline:
             self._event("status", device=status.device_id, state=status.state)

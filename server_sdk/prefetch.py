@@ -1,8 +1,9 @@
 """Have devices fetch the next stage's files before that stage begins.
 
 A stage's plan is only final when the stage ends (DEVFT groups the full model's layers by
-the LoRA trained so far), so the coordinator guesses: during a stage's last round, while
-the devices train, it builds the next stage's submodel from the LoRA as it stood when that
+the LoRA trained so far), so the coordinator guesses: during a stage's last round, once
+the sampled devices report they started training (their `busy` status; at most 1 s), it
+builds the next stage's submodel from the LoRA as it stood when that
 round began, exports it, and announces the files as the control message's `prefetch` hint
 (docs/protocol.md §3). Devices fetch the hint when they are idle. When the stage really
 starts, its plan is made as always; the frozen weight files of a right guess (the same
@@ -39,10 +40,14 @@ class Speculation:
 
     `join()` returns once it is announced, or failed (logged: devices then fetch the stage when it starts)."""
 
-    def __init__(self, stage: int, speculate: Speculate, announce: Callable[[StagePlan, Any], None]) -> None:
+    def __init__(self, stage: int, speculate: Speculate, announce: Callable[[StagePlan, Any], None],
+                 wait: Callable[[], object] | None = None) -> None:
+        """`wait()`, if given, runs first in the thread (the fleet waits there for the round's devices to start,
+        so that the guess's CPU-heavy export does not delay them on a machine they share)."""
         self.stage = stage
         self._speculate = speculate
         self._announce = announce
+        self._wait = wait
         self._thread = threading.Thread(target=self._run, name=f"prefetch-stage{stage}", daemon=True)
 
     def start(self) -> Speculation:
@@ -57,6 +62,8 @@ class Speculation:
 
     def _run(self) -> None:
         try:
+            if self._wait is not None:
+                self._wait()
             with torch.random.fork_rng(devices=[]):  # the guess leaves the run's random state as it was
                 built = self._speculate()
                 if built is not None:

@@ -61,7 +61,21 @@ def test_prefetch_makes_a_stage_start_download_nearly_nothing_and_a_wrong_guess_
         return begin_stage(self, stage, plan, sub_model)
 
     monkeypatch.setattr(FleetExecutor, "begin_stage", slow_begin_stage)
+    devices_started = FleetExecutor._devices_started
+    seen_at_guess: list[tuple[int, dict]] = []
+
+    def recorded_devices_started(self, devices, wr, *args):
+        t0 = time.monotonic()
+        devices_started(self, devices, wr, *args)
+        seen_at_guess.append((wr, {d: self.device_status.get(d, {}).get("round") for d in devices},
+                              time.monotonic() - t0))
+
+    monkeypatch.setattr(FleetExecutor, "_devices_started", recorded_devices_started)
     right, right_events = _run(tmp_path / "right", tiny4)
+    # the guess's export began only once every sampled device had reported it started the round (its `busy`
+    # status), not by the timeout: on a shared machine the export must not delay the devices' start
+    [(wr, rounds, waited)] = seen_at_guess
+    assert wr == 1 and set(rounds.values()) == {1} and waited < 1.0, seen_at_guess
 
     # the guess is announced during stage 0's last round (wire round 1), before stage 1 starts
     kinds = [(e["event"], e.get("stage"), e.get("round")) for e in right_events]
