@@ -172,7 +172,9 @@ class RunConfig:
         check_choice("data.partition", self.data.partition, PARTITIONS)
         check_choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        check_choice("precision", self.precision, ("fp32", "bf16"))
+        from .precision import PRECISIONS
+
+        check_choice("precision", self.precision, PRECISIONS)
         from .heal import HEALS
         from .schedule import SCHEDULES
 

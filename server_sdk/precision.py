@@ -42,8 +42,8 @@ def _fp32_attention(module, query, key, value, attention_mask, **kwargs):
 
 @functools.cache
 def _register_attention() -> None:
-    """The attention function and its mask builder (SDPA's: causal, padding for generation). Without a
-    mask builder transformers builds no mask at all, so nothing would be causal."""
+    """The attention function and its mask builder (SDPA's). Without a mask builder transformers builds no
+    mask at all: SDPA is still causal, but a left-padded batch (generation) would attend to its pads."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
