@@ -203,8 +203,10 @@ class FleetExecutor(ClientExecutor):
         self.shard_sizes = dict(shard_sizes or {})  # client -> examples in the shard this coordinator wrote
         self._offline: dict[str, float] = {}  # device whose last status is "offline" -> when that arrived
         self._status_lock = threading.Lock()
-        self._status_arrived = threading.Event()  # set by every accepted status: wakes the stage-ready wait
-        self._status_changed = threading.Condition(self._status_lock)  # notified by every accepted status
+        # every accepted status bumps _status_seq and notifies _status_changed: the stage-ready wait and the
+        # next-stage guess wake on it instead of polling
+        self._status_changed = threading.Condition(self._status_lock)
+        self._status_seq = 0
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
@@ -360,14 +362,15 @@ class FleetExecutor(ClientExecutor):
         first = {self.device_of(c) for c in sample_clients(self.cfg, draw_key, 0)}
         t0 = time.time()
         while True:
-            self._status_arrived.clear()
+            seen = self._status_seq  # read before looking: a status arriving meanwhile wakes the wait below
             waiting = self._not_ready(first)
             left = timeout - (time.time() - t0)
             if not waiting or left <= 0:
                 break
             # a device's `ready` status wakes this at once; a device seen offline counts only OFFLINE_CONFIRM_S
             # after its will arrived, which no message announces: look again at least every 0.25 s
-            self._status_arrived.wait(min(left, 0.25))
+            with self._status_changed:
+                self._status_changed.wait_for(lambda: self._status_seq != seen, timeout=min(left, 0.25))
         self._event("stage_ready", stage=stage, waited_s=round(time.time() - t0, 3), not_ready=sorted(waiting))
         if waiting:
             log.warning("stage %d: %s did not report its files ready within %.0f s; opening the round anyway", stage,
@@ -711,8 +714,8 @@ class FleetExecutor(ClientExecutor):
             # `info` is the device's to fill; it cannot override the state or the time the status itself carries
             self.device_status[status.device_id] = {**status.info, "state": status.state,
                                                     "timestamp": status.timestamp}
+            self._status_seq += 1
             self._status_changed.notify_all()
-        self._status_arrived.set()
         if (status.state == "offline") != was_offline:
             self._event("status", device=status.device_id, state=status.state)
 
