@@ -11,9 +11,9 @@ All three engines train FedIT on the same shards (the in-process run of a precis
 the others read them), the same client schedule, seeds, LoRA settings and devft's `local_train`
 and `evaluate` in the configuration's precision (`-bf16`: RunConfig.precision="bf16", see
 server_sdk/precision.py), with one torch thread per training process. Flower's central
-evaluation runs in its server process, devft's is split across the Ray workers. Each configuration runs in its own process while this
-one samples the memory of that process and every descendant (Ray's raylet, GCS and workers)
-every half second. Each configuration's result is cached as
+evaluation runs in its server process, devft's is split across the Ray workers. Each
+configuration runs in its own process while this one samples the memory of that process and
+every descendant (Ray's raylet, GCS and workers) every half second. Each configuration's result is cached as
 benchmarks/results/simulation/<profile>-<config>.json (a rerun only fills the gaps; delete a
 file to measure it again); the summary goes to results/simulation[-smoke].json, a plot and,
 for the standard profile, RESULTS.md.

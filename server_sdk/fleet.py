@@ -370,7 +370,7 @@ class FleetExecutor(ClientExecutor):
             # a device's `ready` status wakes this at once; a device seen offline counts only OFFLINE_CONFIRM_S
             # after its will arrived, which no message announces: look again at least every 0.25 s
             with self._status_changed:
-                self._status_changed.wait_for(lambda: self._status_seq != seen, timeout=min(left, 0.25))
+                self._status_changed.wait_for(lambda seen=seen: self._status_seq != seen, timeout=min(left, 0.25))
         self._event("stage_ready", stage=stage, waited_s=round(time.time() - t0, 3), not_ready=sorted(waiting))
         if waiting:
             log.warning("stage %d: %s did not report its files ready within %.0f s; opening the round anyway", stage,
