@@ -18,12 +18,13 @@ from collections.abc import Mapping, MutableMapping
 import numpy as np
 
 OPTIMIZERS = ("adamw", "sgd")
+ADAMW_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the server's simulated clients use
 
 
 class AdamW:
     """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments), float32."""
 
-    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, lr: float, betas: tuple[float, float] = ADAMW_BETAS, eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
         if lr <= 0 or not math.isfinite(lr):
             raise ValueError(f"learning rate must be a positive number, got {lr}")

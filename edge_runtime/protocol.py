@@ -195,15 +195,42 @@ def _dumps(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(_json_safe(obj), separators=(",", ":"), allow_nan=False).encode()
 
 
+MAX_JSON_DEPTH = 16  # objects and arrays nested deeper than this are refused (a control message needs 6)
+MAX_INT_DIGITS = 40  # a JSON integer with more digits is refused (seeds and sizes need at most 20)
+
+
+def _bounded_int(text: str) -> int:
+    """json.loads's integer parser, refusing integers no field of the protocol needs (a 5,000-digit one costs
+    quadratic time and trips Python's own limit)."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} characters is over the {MAX_INT_DIGITS}-digit limit")
+    return int(text)
+
+
+def _check_depth(obj: Any, what: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH (walked level by level, without recursion): later code that
+    walks a message (logging, re-encoding, reports) must never meet a structure deep enough to exhaust its stack."""
+    level, depth = [obj], 1  # the containers `depth` levels down
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(f"{what} nests objects or arrays deeper than {MAX_JSON_DEPTH} levels; no message of "
+                                "this protocol needs that")
+        level = [v for o in level for v in (o.values() if isinstance(o, dict) else o) if isinstance(v, dict | list)]
+        depth += 1
+
+
 def _loads(data: bytes | str, what: str, limit: int) -> dict[str, Any]:
     if len(data) > limit:
         raise ProtocolError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"{what} is not valid UTF-8 JSON: {exc}") from exc
+    except (RecursionError, ValueError) as exc:  # nesting past the interpreter's stack, a huge integer
+        raise ProtocolError(f"{what} is not JSON this protocol accepts: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    _check_depth(obj, what)
     version = obj.get("version")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(

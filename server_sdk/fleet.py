@@ -57,7 +57,7 @@ from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.protocol import ARTIFACT_FORMATS
 from export import StageInfo, export_artifacts
 
-from .aggregation import adaptive_norm_bound, cap_samples, lower_median
+from .aggregation import adamw_norm_bound, adaptive_norm_bound, cap_samples, lower_median
 from .artifact_server import ArtifactServer
 from .broker import Credentials, artifact_credentials
 from .config import ConfigError, RunConfig
@@ -68,6 +68,7 @@ from .model import cache_root, smollm2_cache_dir
 from .prefetch import Speculate, Speculation
 from .progress import note
 from .submodel import StagePlan
+from .telemetry_intake import clean_telemetry, number
 from .trainer import ClientResult
 from .warm import TemplateWarmer
 
@@ -90,6 +91,26 @@ GUESS_AFTER_START_MAX_S = 1.0
 
 class QuorumNotReached(RuntimeError):
     """Too few devices answered a round before its deadline."""
+
+
+# an update message waits in the coordinator's inbox only while its round is open and its sender sampled; each
+# sampled device may have this many of the round's largest updates waiting at once (its update and a QoS 1
+# redelivery of it), counted in bytes
+MAX_QUEUED_PER_DEVICE = 2
+
+
+@dataclass
+class RoundGate:
+    """What the open round takes into the inbox as updates arrive (on paho's thread, before any decoding):
+    messages of `wanted` devices up to `limit` bytes, at most MAX_QUEUED_PER_DEVICE x `limit` bytes waiting per
+    device. So the inbox holds at most sampled devices x MAX_QUEUED_PER_DEVICE x limit bytes, whatever devices
+    publish."""
+
+    wire_round: int
+    wanted: set[str]
+    limit: int  # bytes of an update of this round: the expected tensors plus a header
+    norm_bound: float | None  # adamw_norm_bound of the round (None: the optimiser gives none)
+    queued: Counter[str] = field(default_factory=Counter)  # bytes waiting in the inbox, per device
 
 
 def device_name(client: int) -> str:
@@ -120,13 +141,6 @@ def choose_replacements(order: Sequence[str], taken: Collection[str], live: Coll
     return ([d for d in free if d in ready] + [d for d in free if d not in ready])[:max(n, 0)]
 
 
-def _number(value, low: float, high: float) -> float | None:
-    """A device-sent telemetry number if it is a real number within [low, high), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if low <= value < high else None
-
-
 @dataclass
 class FleetSettings:
     """How the coordinator talks to the fleet; saved as run_dir/fleet.json."""
@@ -136,6 +150,9 @@ class FleetSettings:
     quorum: float = 0.6  # fraction of sampled devices whose accepted updates a round needs
     max_update_norm: float | None = 1e3  # hard L2 bound on a delta, checked on arrival; None = unbounded
     norm_bound_k: float | None = 5.0  # refuse deltas over k x the round's lower median norm; None = off
+    # refuse AdamW deltas longer than AdamW can move the trained tensors in the round's steps at its learning rate
+    # (aggregation.adamw_norm_bound; no device can move it); also the floor of the adaptive bound above
+    adamw_norm_bound: bool = True
     max_samples_per_update: int | None = None  # cap on an update's weight where no shard size is known
     artifact_bytes_per_s: float | None = 20e6  # chunk upload rate limit of the ArtifactServer
     export_template_dir: str | None = None  # cached per-shape exports (default: DEVFT_CACHE)
@@ -208,6 +225,8 @@ class FleetExecutor(ClientExecutor):
         self._status_changed = threading.Condition(self._status_lock)
         self._status_seq = 0
         self._inbox: queue.Queue[Message] = queue.Queue()
+        self._gate: RoundGate | None = None  # the open round's intake; None between rounds
+        self._gate_lock = threading.Lock()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
         self._stage = -1
         self._draw_key = 0  # the current stage's StagePlan.draw_key: keys replacement draws and their seeds
@@ -225,7 +244,7 @@ class FleetExecutor(ClientExecutor):
         (self.run_dir / "fleet.json").write_text(json.dumps(asdict(self.settings), indent=1) + "\n")
 
         self.client = MqttClient(mqtt_settings(creds, f"{creds.username}-{self.run_id}", host, port))
-        self.client.subscribe(P.update_topic(self.run_id, "+"), self._inbox.put)
+        self.client.subscribe(P.update_topic(self.run_id, "+"), self._on_update)
         self.client.subscribe(P.status_topic(self.run_id, "+"), self._on_status)
         self.client.connect(connect_timeout_s)
         # chunks go out on their own connection so they never delay control messages or updates; the broker
@@ -426,6 +445,10 @@ class FleetExecutor(ClientExecutor):
         trained = sorted(p for p, k in names.items() if is_trainable(k))
         expected = {p: (tuple(global_lora[names[p]].shape), np.float32) for p in trained}
         wanted = {self.device_of(c): c for c in sampled}
+        # an update is at most the expected tensors plus a header; anything larger is refused unread
+        limit = len(P.encode_tensors({p: np.zeros(s, np.float32) for p, (s, _) in expected.items()})) \
+            + P.MAX_HEADER_BYTES + 4
+        numel = sum(math.prod(s) for s, _ in expected.values())
 
         body = {p: global_lora[k].detach().float().cpu().numpy() for p, k in names.items()}
         self._publish(P.global_topic(self.run_id, wr), P.encode_global(P.GlobalMessage(self.run_id, stage, wr, body)),
@@ -438,6 +461,10 @@ class FleetExecutor(ClientExecutor):
         hyper = P.TrainSettings(lr=self.cfg.lr, local_steps=self.cfg.local_steps, batch_size=self.cfg.batch_size,
                                 trainable=tuple(trained), session=self.session,
                                 seeds={self.device_of(c): int(seeds[c]) for c in sampled})
+        with self._gate_lock:
+            bound = adamw_norm_bound(hyper.lr, hyper.local_steps, numel) \
+                if self.settings.adamw_norm_bound and hyper.optimizer == "adamw" else None
+            self._gate = RoundGate(wr, set(wanted), limit, bound)
         with self._control_lock:
             self._control = P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper,
                                              self._artifacts)
@@ -447,6 +474,8 @@ class FleetExecutor(ClientExecutor):
         try:
             return self._collect(stage, rnd, wr, wanted, expected, deadline)
         finally:
+            with self._gate_lock:
+                self._gate = None  # updates arriving from now on are refused on arrival, unqueued
             if self._speculation is None:
                 with self._control_lock:
                     self._control = None
@@ -464,9 +493,7 @@ class FleetExecutor(ClientExecutor):
     def _collect(self, stage: int, rnd: int, wr: int, wanted: dict[str, int], expected: dict,
                  deadline: float) -> list[ClientResult]:
         """Take updates until the round may close, then apply the round-level checks and the quorum."""
-        # an update is at most the expected tensors plus a header; anything larger is refused unread
-        limit = len(P.encode_tensors({p: np.zeros(s, np.float32) for p, (s, _) in expected.items()})) \
-            + P.MAX_HEADER_BYTES + 4
+        gate = self._gate
         accepted: dict[str, ClientResult] = {}
         norms: dict[str, float] = {}
         nonces = self._nonces
@@ -486,14 +513,16 @@ class FleetExecutor(ClientExecutor):
                 msg = self._inbox.get(timeout=min(left, 0.5))
             except queue.Empty:
                 continue
-            answer = self._handle_update(msg, stage, wr, wanted, expected, nonces, accepted, limit)
+            with self._gate_lock:
+                gate.queued[msg.topic.rsplit("/", 1)[-1]] -= len(msg.payload)
+            answer = self._handle_update(msg, stage, wr, wanted, expected, nonces, accepted, gate)
             if answer is not None:
                 result, norm = answer
                 if self.device_of(result.client) in replaced:
                     result.telemetry["replaces"] = replaced[self.device_of(result.client)]
                 accepted[self.device_of(result.client)] = result
                 norms[self.device_of(result.client)] = norm
-        self._refuse_norm_outliers(accepted, norms, wr)
+        self._refuse_norm_outliers(accepted, norms, wr, gate.norm_bound)
         self._cap_unknown_weights(accepted)
         missing = sorted(set(wanted) - set(accepted))
         offline = sorted(set(missing) & self._offline_now())
@@ -517,16 +546,12 @@ class FleetExecutor(ClientExecutor):
 
     def _handle_update(self, msg: Message, stage: int, wr: int, wanted: dict[str, int], expected: dict,
                        nonces: set[str], accepted: dict[str, ClientResult],
-                       limit: int) -> tuple[ClientResult, float] | None:
+                       gate: RoundGate) -> tuple[ClientResult, float] | None:
         """Validate one update message, returning it with its norm; log and count a refusal, never raise."""
         try:
             sender = P.parse_topic(msg.topic)[2][0]
         except (P.ProtocolError, IndexError):
             self._reject("malformed", "?", f"update on unexpected topic {msg.topic!r}", len(msg.payload))
-            return None
-        if len(msg.payload) > limit:
-            self._reject("oversized", sender, f"{len(msg.payload)} bytes, the bound for this round is {limit}",
-                         len(msg.payload))
             return None
         try:
             update = P.decode_update(msg.payload)
@@ -544,15 +569,21 @@ class FleetExecutor(ClientExecutor):
             self._reject(exc.reason, sender, str(exc), len(msg.payload))
             return None
         self._digests[update.nonce] = digest
+        if gate.norm_bound is not None and norm > gate.norm_bound:
+            self._reject("norm_exceeded", sender, f"update L2 norm {norm:.4g} is over {gate.norm_bound:.4g}, the most "
+                         f"the round's trainable tensors can move in {self.cfg.local_steps} AdamW steps at lr "
+                         f"{self.cfg.lr:g} (aggregation.adamw_norm_bound)", len(msg.payload))
+            return None
         if sender not in wanted:
             self._reject("not_sampled", sender, f"{sender} was not sampled for round {wr}", len(msg.payload))
             return None
         if sender in accepted:  # a restarted device trained the round again; its first answer stands
             self._event("duplicate", device=sender, round=wr, nonce=update.nonce, reason="second update")
             return None
-        telemetry = dict(update.telemetry)  # device-sent: what the coordinator reads from it is checked
-        telemetry.pop("replaces", None)  # the coordinator's to say (round_end's replacements)
-        loss = _number(update.metrics.get("train_loss"), -1e30, 1e30)
+        telemetry, dropped = clean_telemetry(update.telemetry)  # device-sent: only checked fields are kept
+        if dropped:
+            self._event("telemetry_dropped", device=sender, round=wr, keys=dropped[:20], count=len(dropped))
+        loss = number(update.metrics.get("train_loss"), -1e30, 1e30)
         client = wanted[sender]
         weight = cap_samples(update.num_samples, self._weight_cap(client))
         self._event("accepted", device=sender, round=wr, bytes=len(msg.payload), norm=norm, weight=weight,
@@ -562,8 +593,8 @@ class FleetExecutor(ClientExecutor):
             delta={k: torch.from_numpy(np.array(update.tensors[p], dtype=np.float32))
                    for p, k in ((p, _canonical(p)) for p in expected)},
             train_loss=float("nan") if loss is None else loss,
-            seconds=_number(telemetry.get("train_s", telemetry.get("duration_s")), 0, 1e7) or 0.0,
-            cpu_seconds=_number(telemetry.get("cpu_time_s"), 0, 1e7),
+            seconds=number(telemetry.get("train_s", telemetry.get("duration_s")), 0, 1e7) or 0.0,
+            cpu_seconds=number(telemetry.get("cpu_time_s"), 0, 1e7),
             payload_bytes=len(msg.payload), telemetry={**telemetry, "device": sender}), norm
 
     def _replace_lost(self, wr: int, rnd: int, wanted: dict[str, int], accepted: dict[str, ClientResult],
@@ -592,6 +623,8 @@ class FleetExecutor(ClientExecutor):
 
         clients = {self.device_of(c): c for c in range(self.cfg.num_clients)}
         seeds = {}
+        with self._gate_lock:
+            self._gate.wanted.update(chosen)
         for device, lost_device in zip(chosen, uncovered):
             client = clients[device]
             wanted[device] = client
@@ -627,17 +660,60 @@ class FleetExecutor(ClientExecutor):
     def _weight_cap(self, client: int) -> int | None:
         return self.shard_sizes.get(client, self.settings.max_samples_per_update)
 
-    def _refuse_norm_outliers(self, accepted: dict[str, ClientResult], norms: dict[str, float], wr: int) -> None:
-        """Refuse updates longer than `norm_bound_k` x the round's lower median norm (the fleet's own scale)."""
+    def _refuse_norm_outliers(self, accepted: dict[str, ClientResult], norms: dict[str, float], wr: int,
+                              floor: float | None) -> None:
+        """Refuse updates longer than `norm_bound_k` x the round's lower median norm (the fleet's own scale), a
+        bound never below `floor` (the round's adamw_norm_bound, which no device can move).
+
+        Without the floor one device could pull the median down: with two devices sampled, an all-zero delta
+        made the bound 0 and refused the honest update every round. Zero deltas carry no scale and never
+        count toward the median (an SGD run, which has no floor, keeps that protection)."""
         k = self.settings.norm_bound_k
         if k is None or len(accepted) < 2:
             return
-        bound = adaptive_norm_bound(list(norms.values()), k)
+        scaled = [n for d, n in norms.items() if d in accepted and n > 0]
+        bound = max(adaptive_norm_bound(scaled, k) if scaled else 0.0, floor or 0.0)
         for device in sorted(accepted):
             if norms[device] > bound:
                 result = accepted.pop(device)
                 self._reject("norm_outlier", device, f"update L2 norm {norms[device]:.4g} is over {k:g} x the "
                              f"round's lower median norm ({bound:.4g}) in round {wr}", result.payload_bytes or 0)
+
+    def _on_update(self, msg: Message) -> None:
+        """An update arrived (paho's thread): queue it for the open round, or refuse it now, unread.
+
+        Only what the open round can use waits in the inbox (RoundGate). A retained update was planted
+        before this coordinator subscribed (by a device, even before the run existed): it is refused and
+        deleted from the broker, so it cannot come back on every resume."""
+        sender = msg.topic.rsplit("/", 1)[-1]
+        if not msg.payload:
+            return  # a retained update being deleted (by us)
+        if msg.retain:
+            self._reject("retained", sender, "a retained update (published with the MQTT retain flag before this "
+                         "coordinator subscribed); deleted from the broker", len(msg.payload))
+            self.client.publish(msg.topic, b"", retain=True)
+            return
+        with self._gate_lock:
+            why = self._refusal(self._gate, sender, len(msg.payload))
+            if why is None:
+                self._gate.queued[sender] += len(msg.payload)
+                self._inbox.put(msg)
+                return
+        self._reject(*why, len(msg.payload))
+
+    @staticmethod
+    def _refusal(gate: RoundGate | None, sender: str, size: int) -> tuple[str, str, str] | None:
+        """(reason, device, detail) when an arriving update may not wait in the inbox; None when it may."""
+        if gate is None:
+            return "stale_round", sender, "arrived while no round was open"
+        if sender not in gate.wanted:
+            return "not_sampled", sender, f"{sender} was not sampled for round {gate.wire_round}"
+        if size > gate.limit:
+            return "oversized", sender, f"{size} bytes, the bound for this round is {gate.limit}"
+        if gate.queued[sender] + size > MAX_QUEUED_PER_DEVICE * gate.limit:
+            return "flood", sender, (f"{gate.queued[sender]} bytes of {sender}'s updates already wait to be read; "
+                                     f"the bound is {MAX_QUEUED_PER_DEVICE} x {gate.limit}")
+        return None
 
     def _drain_stale(self) -> None:
         """Updates still queued from earlier rounds: refuse them now, with their reason, before the new round."""

@@ -30,6 +30,7 @@ from .broker import BrokerProcess, Credentials, add_device, fleet_init, server_c
 from .fleet import FleetSettings, device_name, fleet_executor_factory
 from .progress import note
 from .quiet import is_verbose
+from .telemetry_intake import clean_telemetry
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -235,8 +236,9 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
     events = [json.loads(line) for line in (run_dir / "fleet_events.jsonl").read_text().splitlines() if line]
     devices: dict[str, dict] = {}
     for rec in report["records"]:
-        for tel in (rec.get("telemetry") or {}).values():
-            d = devices.setdefault(tel["device"], {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
+        for device, raw in (rec.get("telemetry") or {}).items():
+            tel, _ = clean_telemetry(raw)  # device-sent (checked on arrival; again for reports of older runs)
+            d = devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
                                                    "peak_rss_bytes": 0})
             d["rounds"] += 1
             # a device process counts what it downloaded per stage (prefetch included); a restarted one anew

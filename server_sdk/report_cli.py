@@ -26,6 +26,8 @@ import numpy as np
 
 from edge_runtime.telemetry import DEVICE_PROFILES
 
+from .telemetry_intake import clean_telemetry
+
 PLOTS = ("telemetry_energy.png", "telemetry_memory.png", "telemetry_latency.png")
 MIB = 2**20
 
@@ -73,8 +75,10 @@ def device_stages(report: dict[str, Any]) -> list[DeviceStage]:
     """Fold each round's per-client telemetry into rows keyed by (device, stage)."""
     rows: dict[tuple[str, int], DeviceStage] = {}
     for rec in report.get("records", []):
-        for key_name, tel in (rec.get("telemetry") or {}).items():
-            device = str(tel.get("device") or key_name)
+        for key_name, raw in (rec.get("telemetry") or {}).items():
+            # the coordinator's `device` (older runs keyed telemetry by client index), else the key
+            device = str(raw.get("device") if isinstance(raw, dict) and isinstance(raw.get("device"), str) else key_name)
+            tel, _ = clean_telemetry(raw)  # device-sent: reports written before the coordinator checked it
             key = (device, int(rec["stage"]))
             row = rows.setdefault(key, DeviceStage(str(device), int(rec["stage"]), int(rec.get("layers") or 0)))
             row.rounds += 1
