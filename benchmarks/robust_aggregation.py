@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from server_sdk.aggregation import AGGREGATIONS
@@ -58,16 +59,20 @@ def run_config(base: RunConfig, rule: str, seed: int) -> RunConfig:
     return cfg.validate()
 
 
-def run_key(cfg: RunConfig) -> str:
+def run_key(cfg: RunConfig, attack: str | None = None) -> str:
     blob = json.dumps({"cfg": cfg.identity()}, sort_keys=True).encode()
-    return f"{cfg.aggregation}-s{cfg.seed}-{hashlib.sha256(blob).hexdigest()[:12]}"
+    return f"{cfg.aggregation}{f'-{attack}' if attack else ''}-s{cfg.seed}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-def run_one(cfg: RunConfig, base_model) -> dict:
-    """Run (or resume, or load) one run; its compact record is kept under KEPT."""
+def run_one(cfg: RunConfig, base_model, executor_factory=None, attack: str | None = None,
+            extra: Callable[[], dict] | None = None) -> dict:
+    """Run (or resume, or load) one run; its compact record is kept under KEPT.
+
+    `attack` names a run whose clients `executor_factory` builds (benchmarks/sign_flip.py); `extra()` adds
+    fields to the kept record when the run ends."""
     from server_sdk.rounds import run
 
-    key = run_key(cfg)
+    key = run_key(cfg, attack)
     kept = KEPT / f"{key}.json"
     if kept.exists():
         return json.loads(kept.read_text())
@@ -78,8 +83,9 @@ def run_one(cfg: RunConfig, base_model) -> dict:
     if not resume:
         shutil.copytree(shared_data(cfg, base_model, CACHE) / "data", run_dir / "data")
     c0, t0 = time.process_time(), time.perf_counter()
-    out = run(cfg, run_dir, resume=resume, base=base_model, progress=False)
-    compact = {"key": key, "rule": cfg.aggregation, "seed": cfg.seed, "config": cfg.to_dict(),
+    out = run(cfg, run_dir, resume=resume, base=base_model, progress=False, executor_factory=executor_factory)
+    compact = {"key": key, "rule": cfg.aggregation, "seed": cfg.seed, "attack": attack, **(extra() if extra else {}),
+               "config": cfg.to_dict(),
                "records": out["records"], "process_cpu_seconds": time.process_time() - c0,
                "wall_seconds": time.perf_counter() - t0, "resumed": resume,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}

@@ -22,9 +22,9 @@ rule named by `RunConfig.aggregation`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 TRIM_FRACTION = 0.2  # Flower's FedTrimmedAvg default `beta`
 ROBUST_CLIP_K = 3.0  # the robust rules clip deltas to this many lower-median norms
 NORM_BOUND_SLACK = 1.01  # adamw_norm_bound's margin for float32 rounding
+K = TypeVar("K")
 
 
 # --------------------------------------------------------------------------- bounds
@@ -82,6 +83,18 @@ def adaptive_norm_bound(norms: Sequence[float], k: float) -> float:
     if k <= 0:
         raise ValueError(f"norm bound factor k={k} must be positive, e.g. 5")
     return k * lower_median(norms)
+
+
+def norm_outliers(norms: Mapping[K, float], k: float, floor: float = 0.0) -> tuple[list[K], float]:
+    """(the keys whose norm is over the bound, the bound): k x the lower median of the non-zero norms, never
+    below `floor` (adamw_norm_bound, which no device can move).
+
+    Without the floor one update could pull the median down: with two updates, an all-zero delta made the bound
+    0 and the honest update an outlier. Zero norms carry no scale and never count toward the median (a run
+    without a floor, SGD, keeps that much)."""
+    scaled = [n for n in norms.values() if n > 0]
+    bound = max(adaptive_norm_bound(scaled, k) if scaled else 0.0, floor)
+    return sorted((key for key, n in norms.items() if n > bound), key=str), bound
 
 
 def clip_delta(delta: LoraState, bound: float) -> LoraState:

@@ -57,7 +57,7 @@ from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.protocol import ARTIFACT_FORMATS
 from export import StageInfo, export_artifacts
 
-from .aggregation import adamw_norm_bound, adaptive_norm_bound, cap_samples, lower_median
+from .aggregation import adamw_norm_bound, cap_samples, lower_median, norm_outliers
 from .artifact_server import ArtifactServer
 from .broker import Credentials, artifact_credentials
 from .config import ConfigError, RunConfig
@@ -663,21 +663,15 @@ class FleetExecutor(ClientExecutor):
     def _refuse_norm_outliers(self, accepted: dict[str, ClientResult], norms: dict[str, float], wr: int,
                               floor: float | None) -> None:
         """Refuse updates longer than `norm_bound_k` x the round's lower median norm (the fleet's own scale), a
-        bound never below `floor` (the round's adamw_norm_bound, which no device can move).
-
-        Without the floor one device could pull the median down: with two devices sampled, an all-zero delta
-        made the bound 0 and refused the honest update every round. Zero deltas carry no scale and never
-        count toward the median (an SGD run, which has no floor, keeps that protection)."""
+        bound never below `floor` (the round's adamw_norm_bound): aggregation.norm_outliers."""
         k = self.settings.norm_bound_k
         if k is None or len(accepted) < 2:
             return
-        scaled = [n for d, n in norms.items() if d in accepted and n > 0]
-        bound = max(adaptive_norm_bound(scaled, k) if scaled else 0.0, floor or 0.0)
-        for device in sorted(accepted):
-            if norms[device] > bound:
-                result = accepted.pop(device)
-                self._reject("norm_outlier", device, f"update L2 norm {norms[device]:.4g} is over {k:g} x the "
-                             f"round's lower median norm ({bound:.4g}) in round {wr}", result.payload_bytes or 0)
+        outliers, bound = norm_outliers({d: norms[d] for d in accepted}, k, floor or 0.0)
+        for device in outliers:
+            result = accepted.pop(device)
+            self._reject("norm_outlier", device, f"update L2 norm {norms[device]:.4g} is over {k:g} x the round's "
+                         f"lower median norm ({bound:.4g}) in round {wr}", result.payload_bytes or 0)
 
     def _on_update(self, msg: Message) -> None:
         """An update arrived (paho's thread): queue it for the open round, or refuse it now, unread.

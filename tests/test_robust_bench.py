@@ -37,3 +37,30 @@ def test_robust_aggregation_smoke_profile(tmp_path, monkeypatch):
     assert [p.stat().st_mtime for p in kept] == mtimes
     monkeypatch.delenv("DEVFT_BENCH_RESULTS")
     importlib.reload(bench)
+
+
+def test_sign_flip_smoke_profile_applies_the_coordinators_norm_checks(tmp_path, monkeypatch):
+    """Issue #27 hole 13: a sign-flipped update 4x its own length is over AdamW's bound and refused in every round;
+    one scaled just inside the bound is accepted, and no honest update is ever refused beside it."""
+    monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
+    import benchmarks.robust_aggregation as robust
+    import benchmarks.sign_flip as bench
+
+    importlib.reload(robust)
+    bench = importlib.reload(bench)
+    assert bench.main(["--profile", "smoke", "--rules", "fedavg,median"]) == 0
+    rows = {(r["rule"], r["attack"]): r for r in json.loads((tmp_path / "sign-flip-smoke.json").read_text())["rows"]}
+    assert set(rows) == {(rule, attack) for rule in ("fedavg", "median") for attack in ("flip-4x", "flip-max")}
+    for (rule, attack), row in rows.items():
+        assert row["honest_refused"] == 0 and row["rounds_logged"] == 2
+        assert math.isfinite(row["final_eval_loss"]) and math.isfinite(row["gain_kept"])
+        refused_every_round = row["attacker_refused_rounds"] == row["rounds_logged"]
+        assert refused_every_round == (attack == "flip-4x"), (rule, attack, row)
+    kept = {json.loads(p.read_text())["key"]: json.loads(p.read_text()) for p in (tmp_path / "robust-aggregation").glob("*.json")}
+    for rec in (r for r in kept.values() if r.get("attack")):
+        for rnd in rec["attack_log"]:
+            over = rnd["attacker_norm"] > rnd["adamw_bound"]
+            assert (rnd["attacker"] in rnd["refused"]) == over  # the bound decides, nothing else
+    monkeypatch.delenv("DEVFT_BENCH_RESULTS")
+    importlib.reload(robust)
+    importlib.reload(bench)
