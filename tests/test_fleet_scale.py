@@ -1,0 +1,24 @@
+"""Issue #27: the fleet-scale harness's fast version (50 devices with their own TLS logins, a real mosquitto, the
+real coordinator, 10% sampled per round) runs every round to its quorum and reports every measurement."""
+
+import importlib
+import json
+
+
+def test_fleet_scale_smoke_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
+    import benchmarks.fleet_scale as bench
+
+    bench = importlib.reload(bench)
+    assert bench.main(["--profile", "smoke"]) == 0
+    (row,) = json.loads((tmp_path / "fleet-scale-smoke.json").read_text())["rows"]
+    assert row["devices"] == 50 and row["sampled_per_round"] == 5 and row["hellos_seen"] == 50
+    assert [r["accepted"] for r in row["per_round"]] == [5, 5]  # quorum 1.0: every sampled device answered
+    assert row["per_round"][0]["overhead_s"] is not None and row["per_round"][1]["overhead_s"] is None  # no next round
+    assert row["devices_reporting"] == 50 and row["device_reconnects"] == 0
+    # every device got at least the stage's idle control and both train controls, and both rounds' globals
+    assert row["device_messages_received"]["min"] >= 5
+    assert row["coordinator_rss_bytes_max"] > 0 and row["broker_rss_bytes_end"] > 0
+    assert (tmp_path / "fleet-scale-smoke.png").exists()
+    monkeypatch.delenv("DEVFT_BENCH_RESULTS")
+    importlib.reload(bench)
