@@ -78,10 +78,10 @@ def raise_fd_limit() -> int:
 class LoadDevice:
     """One device at the protocol level: hello, ready, the train acknowledgement, a valid update; no training."""
 
-    def __init__(self, creds, port: int, delay_s: float):
+    def __init__(self, creds, port: int, delay_s: float, on_demand: bool):
         from server_sdk.fleet import mqtt_settings
 
-        self.name, self.delay_s = creds.username, delay_s
+        self.name, self.delay_s, self.on_demand = creds.username, delay_s, on_demand
         offline = P.encode_status(P.StatusMessage(self.name, "offline", time.time()))
         # a thousand devices coming back after a broker restart: backoff from 1 s to 10 s (paho adds no jitter)
         self.client = MqttClient(replace(mqtt_settings(creds, self.name, "localhost", port,
@@ -95,7 +95,8 @@ class LoadDevice:
         self.answered: set[tuple[int, str]] = set()
         self.ready = ""
         self.client.subscribe(P.control_topic(RUN), self._on_control)
-        self.client.subscribe(P.global_topic(RUN, "+"), self._on_global)
+        if not on_demand:  # devft-edge today: every round's global adapter, sampled or not
+            self.client.subscribe(P.global_topic(RUN, "+"), self._on_global)
 
     def start(self) -> None:
         self.client.connect(60)
@@ -133,11 +134,15 @@ class LoadDevice:
         threading.Thread(target=self._answer, args=(ctrl,), daemon=True).start()
 
     def _answer(self, ctrl) -> None:
+        if self.on_demand:  # only the round it trains (the retained global arrives on subscribe); not from
+            self.client.subscribe(P.global_topic(RUN, ctrl.round), self._on_global)  # paho's thread: it waits
         time.sleep(self.delay_s)
         with self.cond:
             if not self.cond.wait_for(lambda: ctrl.round in self.globals, timeout=60):
                 return
             glob = P.decode_global(self.globals.pop(ctrl.round))
+        if self.on_demand:
+            self.client.unsubscribe(P.global_topic(RUN, ctrl.round))
         body = _update_body({k: v.shape for k, v in glob.tensors.items() if k in set(ctrl.hyperparams.trainable)})
         header = {"version": P.PROTOCOL_VERSION, "kind": "update", "run_id": RUN, "stage": ctrl.stage,
                   "round": ctrl.round, "device_id": self.name, "nonce": secrets.token_hex(16), "num_samples": 64,
@@ -160,12 +165,12 @@ def _update_body(shapes: dict[str, tuple[int, ...]]) -> bytes:
     return _BODIES[key]
 
 
-def device_worker(cred_paths: list[str], port: int, delay_s: float, conn) -> None:
+def device_worker(cred_paths: list[str], port: int, delay_s: float, on_demand: bool, conn) -> None:
     """A worker process: run its devices until told to stop, then send what each received."""
     from server_sdk.broker import Credentials
 
     raise_fd_limit()
-    devices = [LoadDevice(Credentials.load(p), port, delay_s) for p in cred_paths]
+    devices = [LoadDevice(Credentials.load(p), port, delay_s, on_demand) for p in cred_paths]
     started = []
     for d in devices:
         d.start()
@@ -217,7 +222,7 @@ def _proc_stats(pid: int) -> tuple[float, int]:
 
 
 def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float, per_process: int,
-              work: Path) -> dict:
+              work: Path, on_demand: bool = False) -> dict:
     """One fleet of n devices: connect them, run `rounds` rounds, return the measurements."""
     import torch
 
@@ -251,7 +256,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
         for i in range(0, n, per_process):
             parent, child = ctx.Pipe()
             paths = [str(fleet / "credentials" / f"{d}.json") for d in names[i:i + per_process]]
-            proc = ctx.Process(target=device_worker, args=(paths, port, delay_s, child), daemon=True)
+            proc = ctx.Process(target=device_worker, args=(paths, port, delay_s, on_demand, child), daemon=True)
             proc.start()
             workers.append((proc, parent))
         for _, conn in workers:
@@ -299,7 +304,8 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     update_bytes = len(P.encode_tensors({to_peft_key(k): np.zeros(s, np.float32) for k, s in shapes.items()}))
     msgs = [sum(s["received"].values()) for s in stats.values()]
     nbytes = [sum(s["received_bytes"].values()) for s in stats.values()]
-    return {"devices": n, "update": kind, "update_bytes": update_bytes, "sampled_per_round": sampled_n,
+    return {"devices": n, "update": kind, "globals": "sampled" if on_demand else "every", "update_bytes": update_bytes,
+            "sampled_per_round": sampled_n,
             "rounds": rounds, "compute_delay_s": delay_s, "connect_s": connected_s, "all_hellos_s": hello_s,
             "hellos_seen": len(ex.device_status), "per_round": per_round,
             "overhead_s_max": max((r["overhead_s"] for r in per_round if r.get("overhead_s") is not None),
@@ -335,9 +341,9 @@ def markdown(rows: list[dict], command: str) -> str:
              "a real Mosquitto and the real coordinator (FleetExecutor, FedAvg; no model, no evaluation). "
              "Overhead: from a round's last accepted update to the next round's train control.", ""]
     lines += md_table(
-        ["devices", "update", "sampled", "all hellos (s)", "overhead max (s)", "coordinator CPU s / round",
+        ["devices", "update", "globals to", "sampled", "all hellos (s)", "overhead max (s)", "coordinator CPU s / round",
          "coordinator RSS max (MiB)", "broker CPU s / round", "broker RSS (MiB)", "msgs / device", "MB / device"],
-        [[r["devices"], f"{r['update']} ({r['update_bytes'] / mib:.2f} MiB)", r["sampled_per_round"],
+        [[r["devices"], f"{r['update']} ({r['update_bytes'] / mib:.2f} MiB)", r["globals"], r["sampled_per_round"],
           f"{r['all_hellos_s']:.1f}", "-" if r["overhead_s_max"] is None else f"{r['overhead_s_max']:.2f}",
           f"{np.mean([p['coordinator_cpu_s'] for p in r['per_round']]):.2f}",
           f"{r['coordinator_rss_bytes_max'] / mib:.0f}",
@@ -354,15 +360,15 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for kind, marker in (("tiny", "o"), ("smollm2", "s")):
-        sel = sorted((r for r in rows if r["update"] == kind), key=lambda r: r["devices"])
+    for (kind, mode), marker in zip(((k, m) for k in UPDATE_SHAPES for m in GLOBALS), "os^v"):
+        sel = sorted((r for r in rows if (r["update"], r["globals"]) == (kind, mode)), key=lambda r: r["devices"])
         if not sel:
             continue
-        xs = [r["devices"] for r in sel]
-        axes[0].plot(xs, [r["coordinator_rss_bytes_max"] / 2**20 for r in sel], marker=marker, label=kind)
-        axes[1].plot(xs, [r["overhead_s_max"] or 0 for r in sel], marker=marker, label=kind)
-        axes[2].plot(xs, [r["broker_rss_bytes_end"] / 2**20 for r in sel], marker=marker, label=kind)
-    for ax, title in zip(axes, ("coordinator RSS (MiB)", "round overhead, max (s)", "broker RSS (MiB)")):
+        xs, label = [r["devices"] for r in sel], f"{kind}, globals to {mode}"
+        axes[0].plot(xs, [r["coordinator_rss_bytes_max"] / 2**20 for r in sel], marker=marker, label=label)
+        axes[1].plot(xs, [r["overhead_s_max"] or 0 for r in sel], marker=marker, label=label)
+        axes[2].plot(xs, [r["device_bytes_received"]["mean"] / 1e6 for r in sel], marker=marker, label=label)
+    for ax, title in zip(axes, ("coordinator RSS (MiB)", "round overhead, max (s)", "MB received per device")):
         ax.set_xlabel("devices connected")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -370,8 +376,10 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, "Fleet scale: one coordinator, one Mosquitto, 10% of devices sampled per round")
 
 
-PROFILES = {"smoke": {"devices": [50], "updates": ["tiny"], "rounds": 2},
-            "standard": {"devices": [100, 300, 1000], "updates": ["tiny", "smollm2"], "rounds": 3}}
+PROFILES = {"smoke": {"devices": [50], "updates": ["tiny"], "rounds": 2, "globals": ["every"]},
+            "standard": {"devices": [100, 300, 1000], "updates": ["tiny", "smollm2"], "rounds": 3,
+                         "globals": ["every", "sampled"]}}
+GLOBALS = ("every", "sampled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=float, default=0.1, help="fraction of devices sampled per round (default 0.1)")
     p.add_argument("--delay", type=float, default=1.0, help="a device's compute delay before it answers (s)")
     p.add_argument("--devices-per-process", type=int, default=250)
+    p.add_argument("--globals", default=None, help="comma-separated: every (each device receives every round's global "
+                   "adapter, as devft-edge did before), sampled (only the rounds it trains); default: the profile's")
     args = p.parse_args(argv)
     prof = PROFILES[args.profile]
     counts = [int(x) for x in args.devices.split(",")] if args.devices else prof["devices"]
@@ -391,29 +401,32 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown update size(s) {bad}; choose from {list(UPDATE_SHAPES)}")
     rounds = args.rounds or prof["rounds"]
+    modes = args.globals.split(",") if args.globals else prof["globals"]
+    if any(m not in GLOBALS for m in modes):
+        p.error(f"--globals takes {list(GLOBALS)}, got {modes}")
     fds = raise_fd_limit()
     if fds < 2 * max(counts) + 64:
         p.error(f"the file-descriptor limit is {fds}; {max(counts)} devices need about {2 * max(counts) + 64} "
                 "(raise the hard limit: ulimit -Hn, or LimitNOFILE= in a systemd unit)")
     tag = "" if args.profile == "standard" and not args.devices else f"-{args.profile}"
     out_json = RESULTS / f"fleet-scale{tag}.json"
-    done = {(r["devices"], r["update"]): r for r in (json.loads(out_json.read_text())["rows"]
-                                                     if out_json.exists() else [])}
+    done = {(r["devices"], r["update"], r["globals"]): r for r in (json.loads(out_json.read_text())["rows"]
+                                                                   if out_json.exists() else [])}
     command = ("python -m benchmarks.fleet_scale " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     rows = []
-    for kind in kinds:
-        for n in counts:
-            if (n, kind) in done and not args.devices:  # resume: a finished configuration is kept
-                rows.append(done[(n, kind)])
-                continue
-            print(f"[fleet-scale] {n} devices, {kind} updates, {rounds} rounds ...", flush=True)
-            row = run_scale(n, kind, rounds, args.sample, args.delay, args.devices_per_process,
-                            CACHE / f"work-{n}-{kind}")
-            rows.append(row)
-            print(f"[fleet-scale] {n} devices, {kind}: all hellos {row['all_hellos_s']:.1f} s, overhead max "
-                  f"{row['overhead_s_max']} s, coordinator RSS {row['coordinator_rss_bytes_max'] / 2**20:.0f} MiB, "
-                  f"broker RSS {row['broker_rss_bytes_end'] / 2**20:.0f} MiB", flush=True)
-            write_atomic(out_json, json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    for kind, mode, n in ((k, m, n) for k in kinds for m in modes for n in counts):
+        if (n, kind, mode) in done and not args.devices:  # resume: a finished configuration is kept
+            rows.append(done[(n, kind, mode)])
+            continue
+        print(f"[fleet-scale] {n} devices, {kind} updates, globals to {mode} devices, {rounds} rounds ...",
+              flush=True)
+        row = run_scale(n, kind, rounds, args.sample, args.delay, args.devices_per_process,
+                        CACHE / f"work-{n}-{kind}", on_demand=mode == "sampled")
+        rows.append(row)
+        print(f"[fleet-scale] {n} devices, {kind}: all hellos {row['all_hellos_s']:.1f} s, overhead max "
+              f"{row['overhead_s_max']} s, coordinator RSS {row['coordinator_rss_bytes_max'] / 2**20:.0f} MiB, "
+              f"broker RSS {row['broker_rss_bytes_end'] / 2**20:.0f} MiB", flush=True)
+        write_atomic(out_json, json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     summary = {"command": command, "rows": rows, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     write_atomic(out_json, json.dumps(summary, indent=1) + "\n")
     plot(rows, out_json.with_suffix(".png"))
