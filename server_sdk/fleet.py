@@ -436,7 +436,7 @@ class FleetExecutor(ClientExecutor):
         self._drain_stale()
         deadline = time.time() + self.settings.round_timeout_s
         hyper = P.TrainSettings(lr=self.cfg.lr, local_steps=self.cfg.local_steps, batch_size=self.cfg.batch_size,
-                                trainable=tuple(trained), session=self.session,
+                                trainable=tuple(trained), session=self.session, optimizer=self.cfg.optimizer,
                                 seeds={self.device_of(c): int(seeds[c]) for c in sampled})
         with self._control_lock:
             self._control = P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper,
