@@ -123,3 +123,55 @@ def test_a_batch_without_targets_is_skipped_by_simulated_clients_as_by_devices(t
     assert result.train_loss == pytest.approx(float(np.mean(losses)), rel=0, abs=0)
     for name, delta in result.delta.items():
         assert torch.equal(delta, want[name] - start[name]), name
+
+
+def test_an_outside_device_joins_a_local_fleet_run_as_the_docs_say(tmp_path):
+    """docs/device-client.md section 8: a prepared runs/RUN/fleet and a device_names override put an
+    outside device (here devft-edge started by hand, as js-001) in client 1's place."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from server_sdk.broker import MosquittoNotFound, require_mosquitto
+    from server_sdk.cli import main
+    from server_sdk.local_fleet import REPO_ROOT, free_port
+    from server_sdk.model import tiny_random_model
+    from tests.test_fleet import fleet_cfg
+
+    try:
+        require_mosquitto()
+    except MosquittoNotFound as exc:
+        pytest.skip(str(exc))
+    base = tiny_random_model(n_layers=4, hidden=32, seed=0)
+    base.model.save_pretrained(tmp_path / "model")
+    base.tokenizer.save_pretrained(tmp_path / "model")
+    fleet_cfg(model=str(tmp_path / "model"), stages=[4], rounds_per_stage=[2], num_clients=2, clients_per_round=2,
+              torch_threads=1).to_json(tmp_path / "cfg.json")
+    run = tmp_path / "runs" / "RUN"
+    assert main(["fleet", "init", str(run / "fleet"), "--hostname", "localhost", "--hostname", "127.0.0.1",
+                 "--bind", "127.0.0.1", "--port", str(free_port())]) == 0
+    assert main(["fleet", "add-device", str(run / "fleet"), "js-001"]) == 0
+    (run / "fleet.json").write_text(json.dumps({"device_names": {"1": "js-001"}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    coordinator = subprocess.Popen([sys.executable, "-m", "server_sdk.cli", "run", "--fleet", "local:2", "--config",
+                                    str(tmp_path / "cfg.json"), "--name", "RUN", "--runs-dir", str(tmp_path / "runs"),
+                                    "--quiet", "--round-timeout", "90"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+    shard = run / "data" / "client_001.jsonl"
+    deadline = time.monotonic() + 120
+    while not shard.exists() and time.monotonic() < deadline and coordinator.poll() is None:
+        time.sleep(0.2)
+    device = subprocess.Popen([sys.executable, "-m", "edge_runtime.client", "run", "--credentials",
+                               str(run / "fleet" / "credentials" / "js-001.json"), "--data", str(shard), "--cache",
+                               str(tmp_path / "js-cache"), "--run", "RUN"], env=env)
+    try:
+        out, err = coordinator.communicate(timeout=400)
+        assert coordinator.returncode == 0, err[-3000:]
+        assert device.wait(60) == 0
+    finally:
+        for proc in (coordinator, device):
+            if proc.poll() is None:
+                proc.kill()
+    report = json.loads((run / "report.json").read_text())
+    assert [sorted(r["telemetry"]) for r in report["records"] if r["stage"] >= 0] == [["dev-000", "js-001"]] * 2
