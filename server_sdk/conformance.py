@@ -190,7 +190,11 @@ class Kit:
     def start_device(self) -> None:
         values = {"credentials": str(self.credentials), "data": str(self.shard), "cache": str(self.cache),
                   "run": RUN, "device": DEVICE}
-        argv = [a.format(**values) for a in self.command]
+        argv = []
+        for arg in self.command:  # only these placeholders: other braces (inline code) stay as they are
+            for key, value in values.items():
+                arg = arg.replace("{" + key + "}", value)
+            argv.append(arg)
         self.logs.append(open(self.work / "device.log", "ab"))  # closed in close()
         self.proc = subprocess.Popen(argv, stdout=self.logs[-1], stderr=subprocess.STDOUT)
 

@@ -45,6 +45,25 @@ client.MqttClient = lambda settings: real(replace(settings, will_topic=None))
 sys.exit(client.main(sys.argv[1:]))
 """
 
+WRONG_SAMPLER = """
+import sys
+from edge_runtime import sampler
+sampler.GOLDEN_GAMMA += 2  # a SplitMix64 with the wrong increment: other batches
+from edge_runtime.client import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+GRAPH_NAMES_ON_THE_WIRE = """
+import sys
+from edge_runtime import client, protocol
+real = protocol.encode_update
+def encode(msg):  # the graph's input names ("model." + PEFT name) instead of the PEFT names
+    return real(protocol.UpdateMessage(msg.run_id, msg.stage, msg.round, msg.device_id, msg.nonce, msg.num_samples,
+                                       {"model." + k: v for k, v in msg.tensors.items()}, msg.metrics, msg.telemetry))
+protocol.encode_update = encode
+sys.exit(client.main(sys.argv[1:]))
+"""
+
 
 @pytest.fixture(autouse=True)
 def _mosquitto():
@@ -83,3 +102,11 @@ def test_a_device_without_a_will_fails_will(tmp_path, capsys):
     assert rc == 1
     assert got["will"].startswith("FAIL will: no retained offline status"), got
     assert [p for p, v in got.items() if v.startswith("FAIL")] == ["will"], got
+
+
+@pytest.mark.parametrize("code, detail", [(WRONG_SAMPLER, "delta differs: "),
+                                          (GRAPH_NAMES_ON_THE_WIRE, "delta differs: tensor names differ: missing")])
+def test_a_device_with_another_sampler_or_wire_names_fails_train(tmp_path, capsys, code, detail):
+    rc = main(["conformance", "--keep", str(tmp_path), "--", sys.executable, "-c", code, *ARGS])
+    got = verdicts(capsys)
+    assert rc == 1 and got["train"].startswith(f"FAIL train: {detail}"), got
