@@ -248,7 +248,8 @@ def first_difference(want: Any, got: Any, where: str = "") -> str | None:
         bad = np.flatnonzero(a.view(np.uint32) != b.view(np.uint32))
         if bad.size:
             i = np.unravel_index(bad[0], a.shape)
-            return f"{where}[{', '.join(map(str, i))}]: {b[i]!r}, expected {a[i]!r} ({bad.size} elements differ)"
+            return (f"{where}[{', '.join(map(str, i))}]: {float(b[i]):.9g}, expected {float(a[i]):.9g} "
+                    f"({bad.size} elements differ)")
         return None
     if isinstance(want, dict) and isinstance(got, dict):
         for k in want:

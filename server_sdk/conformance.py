@@ -128,7 +128,8 @@ def first_tensor_difference(got: dict[str, np.ndarray], want: dict[str, np.ndarr
         bad = np.flatnonzero(a.view(np.uint32) != b.view(np.uint32))
         if bad.size and first is None:
             i = np.unravel_index(bad[0], a.shape)
-            first = f"{name}[{', '.join(map(str, i))}]: {a[i]!r}, expected {b[i]!r} ({bad.size} elements differ)"
+            first = (f"{name}[{', '.join(map(str, i))}]: {float(a[i]):.9g}, expected {float(b[i]):.9g} "
+                     f"({bad.size} elements differ)")
         worst = max(worst, float(np.abs(a - b).max()) if a.size else 0.0)
     return first, worst
 
