@@ -19,7 +19,7 @@ says so in a `hello` status (`info.ready` = the artifact id), which lets the coo
 a stage's first round when its devices are ready.
 
 Training is deterministic given the control message: batches come from
-`numpy.random.default_rng(seed)` exactly as the simulation draws them, ONNX Runtime
+`edge_runtime.sampler` exactly as the simulation draws them, ONNX Runtime
 runs with a fixed thread count, so a repeated round gives the same delta.
 
 Torch-free: numpy, tokenizers, safetensors, paho-mqtt and onnxruntime only.
@@ -58,6 +58,7 @@ from edge_runtime.batching import IGNORE_INDEX, collate, join
 from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
+from edge_runtime.sampler import round_draws
 from edge_runtime.transfer import ArtifactCache, FetchCancelled, FetchError
 
 log = logging.getLogger("devft.edge")
@@ -419,7 +420,8 @@ class Device:
         assert desc is not None
 
         def make(art_dir: Path) -> Trainer:
-            return open_trainer(fmt, art_dir, lr=hp.lr, threads=self.threads, trainable=hp.trainable)
+            return open_trainer(fmt, art_dir, lr=hp.lr, threads=self.threads, trainable=hp.trainable,
+                                optimizer=hp.optimizer)
 
         art_dir, got = self._artifact_dir(ctrl)
         try:
@@ -522,11 +524,9 @@ def round_batches(encoded: list[tuple[list[int], list[int]]], hp: P.TrainSetting
                   pad: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """The round's batches as every device draws them: (input_ids, labels, real tokens) per local step.
 
-    numpy's default_rng(seed) picks `batch_size` distinct examples per step; a batch whose labels are all
-    -100 after the first position is still yielded (the caller skips it, and says so)."""
-    rng = np.random.default_rng(hp.seeds[device_id])
-    for _ in range(hp.local_steps):
-        idx = rng.choice(len(encoded), size=min(hp.batch_size, len(encoded)), replace=False)
+    edge_runtime.sampler draws `batch_size` distinct examples per step (as the simulation does); a batch
+    whose labels are all -100 after the first position is still yielded (the caller skips it, and says so)."""
+    for idx in round_draws(hp.seeds[device_id], len(encoded), hp.batch_size, hp.local_steps):
         ids, labels = collate([encoded[i] for i in idx], pad)
         yield ids, labels, int(sum(len(encoded[i][0]) for i in idx))
 

@@ -39,7 +39,12 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-PROTOCOL_VERSION = 2  # 2: per-format artifacts and typed hyperparams in the control message
+# Seeds stay below 2^53 so that a JSON number holds them exactly in every language (JavaScript's
+# numbers are doubles); the coordinator's seeds are 32-bit (rounds.client_seed).
+MAX_SEED = 2**53 - 1
+# 2: per-format artifacts and typed hyperparams in the control message
+# 3: batches drawn with edge_runtime.sampler (SplitMix64, partial Fisher-Yates) instead of numpy's Generator.choice
+PROTOCOL_VERSION = 3
 TOPIC_ROOT = "devft"
 QOS = 1
 
@@ -370,7 +375,8 @@ class TrainSettings:
 
     The device builds a fresh optimiser (`optimizer`, learning rate `lr`) every round from the
     global adapter it receives, draws `local_steps` batches of `batch_size` examples from its shard
-    with `numpy.random.default_rng(seeds[device_id])` (without replacement within a batch), trains
+    with `edge_runtime.sampler.round_draws(seeds[device_id], ...)` (without replacement within a
+    batch; docs/device-client.md section 4), trains
     the LoRA tensors named in `trainable` (PEFT names; the others keep their received values),
     and answers once per (run, stage, round, session): `session` changes when the coordinator
     restarts, so a repeated round after a crash is trained again. Sequences are truncated to the
@@ -407,8 +413,9 @@ class TrainSettings:
         seeds = _require(obj, what, "seeds", dict)
         for device, seed in seeds.items():
             check_name("device_id in seeds", device)
-            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-                raise ProtocolError(f"{what} seed of {device} must be a non-negative integer, got {seed!r}")
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+                raise ProtocolError(f"{what} seed of {device} must be an integer in [0, 2^53 - 1] (exact as a JSON "
+                                    f"number in every language), got {seed!r}")
         optimizer = _optional(obj, what, "optimizer", str, "adamw")
         if optimizer not in OPTIMIZERS:
             raise ProtocolError(f"{what} optimizer {optimizer!r} is not one of {OPTIMIZERS}")

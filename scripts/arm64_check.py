@@ -263,7 +263,7 @@ def replay_rounds(run_dir: Path, device_cache: Path) -> list[float | None]:
 
     The device's steps in edge_runtime.client (Device.train_round), on its verified artifact directory:
     the onnx trainer of the round's hyperparameters, the received LoRA, batches drawn with
-    default_rng(seed), mean loss. On the x86_64 run this must reproduce the device's own losses (a check
+    edge_runtime.sampler, mean loss. On the x86_64 run this must reproduce the device's own losses (a check
     that the replay is faithful); on the arm64 run it is the x86_64 loss from identical inputs."""
     from tokenizers import Tokenizer
 
@@ -286,7 +286,7 @@ def replay_rounds(run_dir: Path, device_cache: Path) -> list[float | None]:
             continue
         manifests = [f.path for f in chosen[1].files if f.path.rsplit("/", 1)[-1] == "manifest.json"]
         art_dir = device_cache / "stages" / chosen[1].artifact_id / Path(manifests[0]).parent
-        trainer = open_trainer("onnx", art_dir, lr=hp.lr, threads=1, trainable=hp.trainable)
+        trainer = open_trainer("onnx", art_dir, lr=hp.lr, threads=1, trainable=hp.trainable, optimizer=hp.optimizer)
         trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
         encoded = encode(Tokenizer.from_file(str(art_dir / trainer.manifest.tokenizer_file)), shard,
                          trainer.manifest.seq_len)

@@ -634,7 +634,7 @@ def serve_until_signalled(broker: BrokerProcess, on_ready: Callable[[BrokerProce
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m server_sdk.broker init|add-device|run ...` for operators."""
+    """`python -m server_sdk.broker init|add-device|add-operator|run ...` for operators."""
     parser = argparse.ArgumentParser(prog="python -m server_sdk.broker", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_init = sub.add_parser("init", help="create CA, certs, ACL and the server users")
@@ -647,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("dir")
     p_add.add_argument("name")
     p_add.add_argument("--host", default=None, help="hostname the device should connect to")
+    p_op = sub.add_parser("add-operator", help="another login with the server's rights (a monitor, an outside "
+                          "tool); writes its credentials file (mode 0600)")
+    p_op.add_argument("dir")
+    p_op.add_argument("name")
     p_run = sub.add_parser("run", help="run mosquitto for the fleet until SIGTERM or Ctrl-C")
     p_run.add_argument("dir")
     p_run.add_argument("--port", type=int, default=None)
@@ -658,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleet ready in {args.dir}; server credentials in {args.dir}/credentials/{creds.username}.json")
     elif args.cmd == "add-device":
         creds = add_device(args.dir, args.name, host=args.host)
+        print(Path(args.dir) / "credentials" / f"{creds.username}.json")
+    elif args.cmd == "add-operator":
+        creds = add_operator(args.dir, args.name)
         print(Path(args.dir) / "credentials" / f"{creds.username}.json")
     else:
         def announce(broker: BrokerProcess) -> None:

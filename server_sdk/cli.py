@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from . import disk, export_cli, fleet_cli, report_cli
+from . import conformance, disk, export_cli, fleet_cli, report_cli
 from .config import ConfigError, RunConfig
 
 EPILOG = "Config fields are documented in README.md; any of them can be overridden with -o FIELD=VALUE."
@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet_cli.register(sub)
     report_cli.register(sub)
     disk.register(sub)
+    conformance.register(sub)
     return parser
 
 

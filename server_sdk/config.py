@@ -63,6 +63,7 @@ class RunConfig:
     batch_size: int = 4
     seq_len: int = DEFAULT_SEQ_LEN  # tokens per example; exported into every stage manifest
     lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | sgd: every client's local optimiser (a fresh one each round)
     lora: LoraSettings = field(default_factory=LoraSettings)
     beta: float = 0.1
     grouping: str = "deconfliction"
@@ -172,6 +173,9 @@ class RunConfig:
         check_choice("data.partition", self.data.partition, PARTITIONS)
         check_choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        from edge_runtime.optim import OPTIMIZERS
+
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         from .precision import PRECISIONS
 
         check_choice("precision", self.precision, PRECISIONS)
@@ -238,7 +242,7 @@ class RunConfig:
 # the field existed (RunConfig.identity, RunConfig.of_run); a default may have changed since (schedule)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64,
-                               "precision": "fp32"}
+                               "precision": "fp32", "optimizer": "adamw"}
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

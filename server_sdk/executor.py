@@ -78,5 +78,6 @@ class InProcessExecutor(ClientExecutor):
             results.append(local_train(
                 self.sub_model, self.tokenizer, self.clients[c], steps=self.cfg.local_steps,
                 batch_size=self.cfg.batch_size, lr=self.cfg.lr, seq_len=self.cfg.seq_len, seed=seeds[c],
-                is_trainable=is_trainable, client=c, progress=self.on_step, precision=self.cfg.precision))
+                is_trainable=is_trainable, client=c, progress=self.on_step, precision=self.cfg.precision,
+                optimizer=self.cfg.optimizer))
         return results

@@ -1,7 +1,7 @@
 """The fleet side of the `devft` command line.
 
 cli.py defines `run` (with `--fleet local:N` and the fleet settings added here) and `serve`,
-and calls `run_local_fleet` / `serve` below; `register(subparsers)` adds `fleet init|add-device`.
+and calls `run_local_fleet` / `serve` below; `register(subparsers)` adds `fleet init|add-device|add-operator`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", metavar="PATH",
                    help="also write the credentials here (mode 0600), e.g. onto the device's provisioning media")
     q.set_defaults(func=cmd_fleet_add_device)
+    q = fsub.add_parser("add-operator", help="another login with the server's rights (a monitor, a conformance "
+                        "kit, a benchmark's observer); writes its credentials file (mode 0600)")
+    q.add_argument("dir")
+    q.add_argument("name", help="operator name (not a device's)")
+    q.set_defaults(func=cmd_fleet_add_operator)
 
 
 def add_fleet_settings(p: argparse.ArgumentParser) -> None:
@@ -182,4 +187,17 @@ def cmd_fleet_add_device(args: argparse.Namespace) -> int:
           "--run RUN_NAME\n"
           "# a running broker picks the device up after SIGHUP (`kill -HUP` the `python -m server_sdk.broker run` "
           "process)", file=sys.stderr)
+    return 0
+
+
+def cmd_fleet_add_operator(args: argparse.Namespace) -> int:
+    from .broker import BrokerError, add_operator
+
+    try:
+        creds = add_operator(args.dir, args.name)
+    except BrokerError as exc:
+        print(f"devft: error: {exc}", file=sys.stderr)
+        return 2
+    print(Path(args.dir) / "credentials" / f"{creds.username}.json")
+    print("# it may read and publish every devft/ topic; a running broker picks it up after SIGHUP", file=sys.stderr)
     return 0

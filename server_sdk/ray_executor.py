@@ -112,13 +112,13 @@ class ClientWorker:
 
     def train(self, stage: int, client: int, global_lora: LoraState, seed: int,
               is_trainable: Callable[[str], bool], steps: int, batch_size: int, lr: float,
-              seq_len: int, precision: str = "fp32") -> ClientResult:
+              seq_len: int, precision: str = "fp32", optimizer: str = "adamw") -> ClientResult:
         if self.model is None or self.stage != stage:
             raise RuntimeError(f"worker holds stage {self.stage}, asked to train stage {stage}")
         write_lora(self.model, global_lora)
         return local_train(self.model, self.tokenizer, self.clients[client], steps=steps, batch_size=batch_size,
                            lr=lr, seq_len=seq_len, seed=seed, is_trainable=is_trainable, client=client,
-                           precision=precision)
+                           precision=precision, optimizer=optimizer)
 
     def evaluate_part(self, config: dict, n_layers: int, frozen: dict, lora: LoraState, examples: list[Example],
                       start: int, stop: int, kw: dict, threads: int) -> EvalPart:
@@ -309,7 +309,8 @@ class RayExecutor(ClientExecutor):
         for i, c in enumerate(sampled):
             worker = i % len(self.workers)
             ref = self.workers[worker].train.remote(stage, c, lora_ref, seeds[c], trainable_ref, cfg.local_steps,
-                                                    cfg.batch_size, cfg.lr, cfg.seq_len, cfg.precision)
+                                                    cfg.batch_size, cfg.lr, cfg.seq_len, cfg.precision,
+                                                    cfg.optimizer)
             pending[ref] = (c, worker)
         if self.after_submit:
             self.after_submit(self.workers)

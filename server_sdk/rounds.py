@@ -143,7 +143,8 @@ class RoundLoop:
 
 def client_seed(seed: int, key: int, rnd: int, client: int) -> int:
     """The seed of a client's local training in round `rnd` of the stage whose draw key is `key`
-    (StagePlan.draw_key: 0 for the full model, a submodel stage's index otherwise)."""
+    (StagePlan.draw_key: 0 for the full model, a submodel stage's index otherwise). 32 bits, so always
+    within the protocol's bound (edge_runtime.protocol.MAX_SEED, 2^53 - 1)."""
     return int(np.random.SeedSequence([seed, key, rnd, client]).generate_state(1)[0])
 
 

@@ -17,6 +17,8 @@ import torch
 from peft import PeftModel
 
 from edge_runtime.batching import IGNORE_INDEX, collate
+from edge_runtime.optim import OPTIMIZERS
+from edge_runtime.sampler import round_draws
 
 from .data import Example, encode, score
 from .lora import LoraState, read_lora
@@ -61,25 +63,30 @@ def trainable_params(model: PeftModel, is_trainable: Callable[[str], bool]) -> l
 
 def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: int, batch_size: int, lr: float,
                 seq_len: int, seed: int, is_trainable: Callable[[str], bool], client: int = 0,
-                progress: Callable[[], None] | None = None, precision: str = "fp32") -> ClientResult:
-    """Train the model's LoRA in place for `steps` AdamW steps; return the delta of trained tensors.
+                progress: Callable[[], None] | None = None, precision: str = "fp32",
+                optimizer: str = "adamw") -> ClientResult:
+    """Train the model's LoRA in place on `steps` drawn batches; return the delta of trained tensors.
+
+    `optimizer` is "adamw" (weight decay 0) or "sgd", as a device builds it (edge_runtime/optim.py).
+    A batch with no target token is skipped without an optimiser step, exactly as a device skips
+    it (docs/device-client.md section 4), so simulation and fleet take the same steps.
     `precision` is the forward's compute precision (server_sdk.precision); LoRA weights, their gradients
     and the optimizer state are float32 either way."""
     if not examples:
         raise ValueError(f"client {client} has no training examples")
     start_state = read_lora(model)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     params = trainable_params(model, is_trainable)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = make_torch_optimizer(optimizer, params, lr)
     encoded = [encode(tokenizer, ex, seq_len) for ex in examples]
     pad = tokenizer.pad_token_id
     model.train()
     losses = []
     t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        idx = rng.choice(len(encoded), size=min(batch_size, len(encoded)), replace=False)
+    for idx in round_draws(seed, len(encoded), batch_size, steps):  # the devices' sampler, so fleet == simulation
         ids, labels = collate([encoded[i] for i in idx], pad)
+        if not (labels[:, 1:] != IGNORE_INDEX).any():
+            continue  # nothing to learn from: no step, as on a device
         with compute(model, precision):
             tok_loss, _ = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
         loss = tok_loss.mean()
@@ -93,7 +100,17 @@ def local_train(model: PeftModel, tokenizer, examples: list[Example], *, steps: 
     model.eval()
     end_state = read_lora(model)
     delta = {k: end_state[k] - start_state[k] for k in end_state if is_trainable(k)}
-    return ClientResult(client, len(examples), delta, float(np.mean(losses)), seconds, cpu_seconds=cpu_seconds)
+    loss = float(np.mean(losses)) if losses else float("nan")
+    return ClientResult(client, len(examples), delta, loss, seconds, cpu_seconds=cpu_seconds)
+
+
+def make_torch_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The torch twin of edge_runtime.optim.make_optimizer (same names, same update)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, seq_len: int, generate: bool = True,

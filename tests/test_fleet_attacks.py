@@ -28,8 +28,8 @@ pytest_plugins = ("tests.broker_fixtures",)  # fleet, clients
 coordinator = fleet_tests.coordinator
 
 # 10 kB of JSON nested 5,000 deep: json.loads raised RecursionError, which escaped the update handler
-DEEP = b'{"version": 2, "kind": "update", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
-HUGE_INT = b'{"version": 2, "kind": "update", "num_samples": 1' + b"0" * 5000 + b"}"
+DEEP = b'{"version": %d, "kind": "update", "x": ' % P.PROTOCOL_VERSION + b"[" * 5000 + b"]" * 5000 + b"}"
+HUGE_INT = b'{"version": %d, "kind": "update", "num_samples": 1' % P.PROTOCOL_VERSION + b"0" * 5000 + b"}"
 
 
 def _framed(header: bytes) -> bytes:

@@ -47,7 +47,7 @@ def tiny4():
 
 
 def test_a_status_with_a_timestamp_too_large_for_a_float_is_malformed_not_a_crash():
-    raw = b'{"version": 2, "device_id": "dev1", "state": "hello", "timestamp": 1' + b"0" * 400 + b"}"
+    raw = b'{"version": %d, "device_id": "dev1", "state": "hello", "timestamp": 1' % P.PROTOCOL_VERSION + b"0" * 400 + b"}"
     with pytest.raises(P.ProtocolError, match="over the 40-digit limit"):
         P.decode_status(raw)  # was an OverflowError, which the coordinator's status handler does not expect
 

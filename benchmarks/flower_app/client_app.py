@@ -29,7 +29,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = int(msg.content["config"]["seed"])
     result = local_train(model, task.base_model().tokenizer, task.shard(client), steps=cfg.local_steps,
                          batch_size=cfg.batch_size, lr=cfg.lr, seq_len=cfg.seq_len, seed=seed,
-                         is_trainable=lambda name: "lora_" in name, client=client, precision=cfg.precision)
+                         is_trainable=lambda name: "lora_" in name, client=client, precision=cfg.precision,
+                         optimizer=cfg.optimizer)
     trained = read_lora(model)
     metrics = MetricRecord({"num-examples": result.num_samples, "train_loss": result.train_loss})
     return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=trained), "metrics": metrics}), reply_to=msg)
