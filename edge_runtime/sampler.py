@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 MASK64 = (1 << 64) - 1
+NAME = "splitmix64-fisher-yates"  # part of every benchmark's cache key: the draws decide every number
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 
 

@@ -93,8 +93,12 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """to_dict() without the fields added after runs were first cached by config hash, where they
-        hold their defaults: an old run's hash (benchmarks' cache keys) stays what it was."""
-        return {k: v for k, v in self.to_dict().items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+        hold their defaults, plus the batch sampler's name (protocol version 3 changed the draws, so runs
+        cached before it have other keys): benchmarks' cache keys."""
+        from edge_runtime.sampler import NAME
+
+        return {**{k: v for k, v in self.to_dict().items() if k not in ADDED_LATER or v != ADDED_LATER[k]},
+                "batch_draws": NAME}
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

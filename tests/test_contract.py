@@ -32,7 +32,7 @@ def test_a_run_saved_before_the_optimizer_field_reads_as_adamw(tmp_path):
     del raw["optimizer"]
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert RunConfig.of_run(tmp_path).optimizer == "adamw"
-    assert "optimizer" not in RunConfig().identity()  # old runs' cache keys unchanged
+    assert "optimizer" not in RunConfig().identity()  # a default adds nothing to cache keys
 
 
 def _settings(seed) -> dict:
