@@ -52,7 +52,8 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    help="refuse deltas over K x the round's lower median norm (default 5; 0 turns it off)")
     p.add_argument("--formats", metavar="FMT[,FMT]", default=None,
                    help="artifact formats served each stage: onnx (portable, plain onnxruntime), ort (legacy ONNX "
-                   "Runtime Training), executorch; default auto: onnx plus what hello'd devices that cannot run it need")
+                   "Runtime Training), executorch; default onnx. A device running none of them is refused at its "
+                   "hello (event `refused`); what devices declare never adds a format")
     p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
