@@ -184,6 +184,7 @@ class Device:
         self._ready_sent: set[str] = set()  # artifact ids this process reported ready
         self._holding: str | None = None  # artifact id of the last stage files laid out here, verified
         self._acked: set[tuple] = set()  # (run, stage, round, session) of train controls acknowledged
+        self._fetch_acked: set[str] = set()  # artifact ids whose fetch this device announced
         self._reconnects_seen = 0
         self._controls: queue.Queue[Message] = queue.Queue()
         self._control_arrived = threading.Event()  # cancels a prefetch: there is something newer to do
@@ -204,14 +205,21 @@ class Device:
         self._acknowledge(msg)
 
     def _acknowledge(self, msg: Message) -> None:
-        """A train control that samples this device is acknowledged at once, from the MQTT thread, with a `busy`
-        status naming its round: the coordinator stops waiting for a sampled device that stays silent for its
-        `start_timeout_s`, and this device may still be fetching files or finishing another control."""
+        """Answer a control at once, from the MQTT thread (this device may still be fetching files or finishing
+        another control): a train control that samples it with a `busy` status naming its round, a stage whose
+        files it lacks with a `hello` naming them in `fetching`. The coordinator stops waiting for a device that
+        stays silent for its `start_timeout_s`."""
         try:
             ctrl = P.decode_control(msg.payload)
         except P.ProtocolError:
             return  # the main loop says why
-        if ctrl.state != "train" or ctrl.run_id != self.run_id or self.device_id not in ctrl.sampled_clients:
+        if ctrl.run_id != self.run_id or ctrl.state == "done":
+            return
+        if ctrl.state != "train" or self.device_id not in ctrl.sampled_clients:
+            chosen = ctrl.artifact_for(self.formats)
+            if chosen is not None and chosen[1].artifact_id not in (self._holding, *self._fetch_acked):
+                self._fetch_acked.add(chosen[1].artifact_id)
+                self._status("hello", fetching=chosen[1].artifact_id)
             return
         assert ctrl.hyperparams is not None  # decode_control guarantees it for "train"
         key = (ctrl.run_id, ctrl.stage, ctrl.round, ctrl.hyperparams.session)

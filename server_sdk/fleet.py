@@ -225,6 +225,8 @@ class FleetExecutor(ClientExecutor):
         self._asked: dict[str, float] = {}
         self._acked: set[str] = set()
         self._silent: dict[str, float] = {}
+        self._heard: dict[str, float] = {}  # device -> when its last status arrived (this coordinator's clock)
+        self._idle_at = 0.0  # when the current stage's idle control went out
         self._refused: dict[str, tuple] = {}  # device -> the formats it offered, none of them served
         # what a device can make the coordinator write over and over is bounded per (device, reason) (ratelimit.py)
         self._log_budget = LogBudget()
@@ -377,6 +379,8 @@ class FleetExecutor(ClientExecutor):
         while True:
             seen = self._status_seq  # read before looking: a status arriving meanwhile wakes the wait below
             waiting = self._not_ready(first)
+            if self._mark_silent_at_stage_start(stage, waiting):
+                waiting = self._not_ready(first)
             left = timeout - (time.time() - t0)
             if not waiting or left <= 0:
                 break
@@ -388,6 +392,23 @@ class FleetExecutor(ClientExecutor):
         if waiting:
             log.warning("stage %d: %s did not report its files ready within %.0f s; opening the round anyway", stage,
                         sorted(waiting), timeout)
+
+    def _mark_silent_at_stage_start(self, stage: int, waiting: Collection[str]) -> bool:
+        """Mark unresponsive the devices the stage start waits for that said something before the stage's idle
+        control and nothing in the `start_timeout_s` since (devft-edge answers an idle control for files it lacks
+        at once with a `hello` naming them in `info.fetching`). Devices never heard from are still waited for."""
+        limit = self.settings.start_timeout_s
+        if limit is None or time.time() - self._idle_at < limit:
+            return False
+        with self._status_lock:
+            late = sorted(d for d in waiting if d in self._heard and self._heard[d] < self._idle_at)
+            for d in late:
+                self._silent[d] = time.time()
+        for d in late:
+            self._limited(("unresponsive", d), "stage %d: %s sent nothing within %.0f s of the stage's start "
+                          "(start_timeout_s); not waiting for its files, nor in rounds until it sends a status",
+                          (stage, d, limit), "unresponsive", device=d, stage=stage, start_timeout_s=limit)
+        return bool(late)
 
     def _not_ready(self, expected: set[str]) -> set[str]:
         """Devices that said hello or are `expected`, are not offline or unresponsive, run a served format (as far
@@ -421,6 +442,7 @@ class FleetExecutor(ClientExecutor):
                            for fmt, d in artifact_dirs.items()}
         self._stage = stage
         self._draw_key = stage  # begin_stage then sets the plan's (serve_stage alone: tests)
+        self._idle_at = time.time()  # devices that said hello before it must say something after it
         self._event("stage", stage=stage, artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes}
                                                      for f, d in self._artifacts.items()}, **info)
         # devices may start downloading while the first round is prepared
@@ -784,6 +806,7 @@ class FleetExecutor(ClientExecutor):
             elif live:
                 self._offline.pop(device, None)
             revived = live and self._silent.pop(device, None) is not None
+            self._heard[device] = time.time()
             if live and self._open_round is not None and status.info.get("round") == self._open_round:
                 self._acked.add(device)
             # `info` is the device's to fill; it cannot override the state or the time the status itself carries

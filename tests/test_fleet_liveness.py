@@ -46,14 +46,16 @@ def _last(log: list[dict], event: str, **match) -> dict:
 # --------------------------------------------------------------------------- hole 5: a silent device
 
 
-def test_a_silent_device_costs_one_short_wait_then_no_round_or_stage_start_waits_for_it(coordinator, fleet, clients):
+def test_a_silent_device_costs_one_short_wait_then_no_round_or_stage_start_waits_for_it(coordinator, fleet, clients,
+                                                                                        tmp_path):
     """dev3 says hello and nothing else. Sampled, it is lost after start_timeout_s (not the 60 s deadline) and
     marked unresponsive: the next round that samples it, and the next stage start, do not wait for it at all.
-    A new status from it ends the mark."""
+    dev4, silent too but never sampled, costs a stage start start_timeout_s, not its 60 s stage-ready timeout.
+    A new status ends the mark."""
     ex = coordinator
     ex.settings.quorum, ex.settings.round_timeout_s, ex.settings.start_timeout_s = 0.5, 60.0, 2.0
     ex.settings.device_names.update({"0": "dev5", "3": "dev3"})
-    conns = {name: clients(fleet.devices[name]) for name in ("dev1", "dev2", "dev3", "dev5")}
+    conns = {name: clients(fleet.devices[name]) for name in ("dev1", "dev2", "dev3", "dev4", "dev5")}
     _status(conns["dev3"], "dev3", info={"formats": ["onnx"]})  # a raw login: hello, then silence
     wait_for(lambda: "dev3" in ex.device_status, 10, "dev3's hello")
 
@@ -79,9 +81,13 @@ def test_a_silent_device_costs_one_short_wait_then_no_round_or_stage_start_waits
     assert end["t"] < start["deadline"] - 30, "the second round waited for the silent device"
     assert start["unresponsive"] == ["dev3"] and end["unresponsive"] == ["dev3"]
 
-    # a stage start (its first round samples dev5, dev1, dev2, dev3) waits for the others' files only
+    # a stage start (its first round samples dev5, dev1, dev2, dev3; dev4 said hello before it) waits for the
+    # files of those who answer only
+    _status(conns["dev4"], "dev4", info={"formats": ["onnx"]})
+    wait_for(lambda: "dev4" in ex.device_status, 10, "dev4's hello")
     ex.cfg = RunConfig(lr=1e-3, local_steps=2, batch_size=2, num_clients=4, clients_per_round=4)
-    ex.settings.stage_ready_timeout_s = 60.0
+    ex.settings.stage_ready_timeout_s, ex.settings.start_timeout_s = 60.0, 2.0
+    ex.serve_stage(0, {"onnx": tmp_path / "art"})
     stage_id = ex._artifacts["onnx"].artifact_id
     for name in ("dev1", "dev2", "dev5"):
         _status(conns[name], name, info={"formats": ["onnx"], "ready": stage_id})
@@ -90,6 +96,7 @@ def test_a_silent_device_costs_one_short_wait_then_no_round_or_stage_start_waits
     ex._await_ready(0, 0)
     ready = _last(events(ex.run_dir), "stage_ready")
     assert ready["not_ready"] == [] and ready["waited_s"] < 30
+    assert _last(events(ex.run_dir), "unresponsive")["device"] == "dev4"
 
     _status(conns["dev3"], "dev3", info={"formats": ["onnx"]})  # it shows life again: waited for again
     wait_for(lambda: "dev3" not in ex._silent, 10, "dev3's mark to end")
@@ -127,11 +134,11 @@ def _coordinator(fleet, run_dir: Path, art: Path, **settings) -> FleetExecutor:
     return ex
 
 
-def _art(root: Path) -> Path:
+def _art(root: Path, size: int = 200_000) -> Path:
     """A stage artifact a device accepts as onnx files (it cannot train on them: its rounds fail)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").write_text(json.dumps({"backend": "onnx"}))
-    (root / "weights.bin").write_bytes(os.urandom(200_000))
+    (root / "weights.bin").write_bytes(os.urandom(size))
     return root
 
 
@@ -182,15 +189,22 @@ def _device(fleet, name: str, tmp_path: Path) -> subprocess.Popen:
 
 
 def test_a_resumed_coordinator_does_not_wait_for_files_its_devices_already_hold(fleet, broker, tmp_path):
-    """A real devft-edge device fetches the stage, reports it ready, acknowledges a round at once (within a 3 s
-    start timeout, although it cannot train these files) and so overwrites its retained status. A new
-    coordinator process (new session) serving the same stage finds the files ready in that retained status and
-    opens the stage without waiting for its stage-ready timeout."""
-    art = _art(tmp_path / "art")
-    ex = _coordinator(fleet, tmp_path / "run", art, start_timeout_s=3.0, round_timeout_s=6.0, quorum=1.0)
+    """A real devft-edge device answers a new stage at once (a 3 s start timeout, its download takes longer), reports
+    the files ready, acknowledges a round at once (although it cannot train these files) and so overwrites its
+    retained status. A new coordinator process (new session) serving the same stage finds the files ready in that
+    retained status and opens the stage without waiting for its stage-ready timeout."""
+    ex = _coordinator(fleet, tmp_path / "run", _art(tmp_path / "art0"), start_timeout_s=3.0, round_timeout_s=6.0,
+                      quorum=1.0, stage_ready_timeout_s=60.0)
     proc = _device(fleet, "dev1", tmp_path)
     try:
-        wait_for(lambda: not ex._not_ready({"dev1"}), 60, "dev1 to report the stage's files ready")
+        wait_for(lambda: not ex._not_ready({"dev1"}), 60, "dev1 to hold the first files")
+        ex.artifacts.max_bytes_per_s = 200e3  # the next stage's 1 MB take dev1 about 5 s
+        art = _art(tmp_path / "art", 1_000_000)
+        ex.serve_stage(0, {"onnx": art})
+        ex._await_ready(0, 0)
+        assert _last(events(ex.run_dir), "stage_ready")["not_ready"] == []
+        assert not [e for e in events(ex.run_dir) if e["event"] == "unresponsive"], "dev1 answered the stage"
+        ex.artifacts.max_bytes_per_s = None
         worker, box = _run_round(ex, 1, [0])
         worker.join(30)
         assert "QuorumNotReached" in repr(box.get("error")), box  # its round fails: the files are not a model
