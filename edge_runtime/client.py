@@ -16,7 +16,13 @@ its cache after it has answered its round; any newer control message cancels tha
 once (what arrived stays, as verified blobs or chunks), so the hint never delays training or
 an upload. After fetching a stage's files on an `idle` or non-sampling control the device
 says so in a `hello` status (`info.ready` = the artifact id), which lets the coordinator open
-a stage's first round when its devices are ready.
+a stage's first round when its devices are ready; every later status repeats `ready`, so the
+status the broker retains tells a restarted coordinator too.
+
+Controls are answered at once from the MQTT thread (docs/protocol.md §6): a train control that
+samples this device with `busy` naming its round, a stage whose files it lacks with a `hello`
+naming them (`info.fetching`). The coordinator stops waiting for a device silent for its
+`start_timeout_s`, and this device may be busy downloading or finishing another control then.
 
 Training is deterministic given the control message: batches come from
 `numpy.random.default_rng(seed)` exactly as the simulation draws them, ONNX Runtime
