@@ -398,7 +398,8 @@ class FleetExecutor(ClientExecutor):
         control and nothing in the `start_timeout_s` since (devft-edge answers an idle control for files it lacks
         at once with a `hello` naming them in `info.fetching`). Devices never heard from are still waited for."""
         limit = self.settings.start_timeout_s
-        if limit is None or time.time() - self._idle_at < limit:
+        since = self._heard_since()
+        if limit is None or since is None or time.time() - max(self._idle_at, since) < limit:
             return False
         with self._status_lock:
             late = sorted(d for d in waiting if d in self._heard and self._heard[d] < self._idle_at)
@@ -509,14 +510,16 @@ class FleetExecutor(ClientExecutor):
         """Mark the devices of the open round that let `start_timeout_s` pass without acknowledging it (a status
         naming the round) or answering: unresponsive, until they send a status again."""
         limit = self.settings.start_timeout_s
-        if limit is None:
+        since = self._heard_since()
+        if limit is None or since is None:
             return
         now = time.time()
         with self._status_lock:
             for d in accepted:  # an accepted update is a sign of life too
                 self._silent.pop(d, None)
-            late = sorted(d for d, asked in self._asked.items() if now - asked >= limit and d not in self._acked
-                          and d not in accepted and d not in self._silent and d not in self._offline)
+            late = sorted(d for d, asked in self._asked.items() if now - max(asked, since) >= limit
+                          and d not in self._acked and d not in accepted and d not in self._silent
+                          and d not in self._offline)
             for d in late:
                 self._silent[d] = now
             wr = self._open_round
@@ -524,6 +527,13 @@ class FleetExecutor(ClientExecutor):
             self._limited(("unresponsive", d), "round %s: %s did not acknowledge the round within %.0f s "
                           "(start_timeout_s); not waiting for it, nor in later rounds until it sends a status",
                           (wr, d, limit), "unresponsive", device=d, round=wr, start_timeout_s=limit)
+
+    def _heard_since(self) -> float | None:
+        """Since when this coordinator could hear devices: None while its connection is down, the reconnect
+        time after one (statuses were held up meanwhile, as during a broker restart), else 0."""
+        if not self.client.connected:
+            return None
+        return self.client.connected_at if self.client.reconnects else 0.0
 
     def _lost(self, wanted: Collection[str], accepted: Collection[str]) -> set[str]:
         """Devices of the round it need not wait for: seen offline (`_offline_now`), unresponsive (`_mark_silent`),
