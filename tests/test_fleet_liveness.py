@@ -121,6 +121,31 @@ def test_a_device_that_acknowledges_the_round_is_waited_for(coordinator, fleet, 
     assert not [e for e in events(ex.run_dir) if e["event"] == "unresponsive"]
 
 
+def test_a_silent_sampled_device_is_replaced_by_a_live_one(coordinator, fleet, clients):
+    """quorum 1.0 and one replacement: dev3 (silent) is lost after start_timeout_s and dev4 (live, not silent)
+    replaces it; dev5, silent too, is never drawn. The round closes on dev4's update."""
+    ex = coordinator
+    ex.settings.quorum, ex.settings.replacements, ex.settings.round_timeout_s = 1.0, 1, 60.0
+    ex.settings.start_timeout_s = 2.0
+    ex.settings.device_names.update({"3": "dev3", "4": "dev4", "5": "dev5"})
+    conns = {name: clients(fleet.devices[name]) for name in ("dev1", "dev3", "dev4", "dev5")}
+    for name in ("dev3", "dev4", "dev5"):
+        _status(conns[name], name, info={"formats": ["onnx"]})
+    wait_for(lambda: {"dev3", "dev4", "dev5"} <= set(ex.device_status), 10, "the hellos")
+    ex._silent["dev5"] = time.time()  # marked in an earlier round
+    worker, box = _run_round(ex, 1, [1, 3])
+    _answer(conns["dev1"], "dev1", 1)
+    wait_for(lambda: any(e["event"] == "replacement" for e in events(ex.run_dir)), 30, "a replacement")
+    _answer(conns["dev4"], "dev4", 1)
+    worker.join(30)
+    assert not worker.is_alive() and "error" not in box, box.get("error")
+    assert [r.client for r in box["results"]] == [1, 4]
+    log = events(ex.run_dir)
+    assert [(e["device"], e["replaces"]) for e in log if e["event"] == "replacement"] == [("dev4", "dev3")]
+    end = _last(log, "round_end")
+    assert end["missing"] == ["dev3"] and end["unresponsive"] == ["dev3"] and end["replacements"] == {"dev4": "dev3"}
+
+
 # --------------------------------------------------------------------------- hole 9 (and 12): formats
 
 
