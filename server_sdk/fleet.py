@@ -863,7 +863,7 @@ class FleetExecutor(ClientExecutor):
         if verdict == "full":
             if warning is not None:
                 log.warning(warning, *args)
-            self._event(kind, **fields)
+            self._write_event(kind, fields)
         elif verdict == "summary":
             self._summary(key, skipped)
 
@@ -871,10 +871,18 @@ class FleetExecutor(ClientExecutor):
         kind, device, *rest = key
         what = f"{kind} {rest[0]}" if rest else kind
         log.warning("%s: %d more %s since the last line (not logged one by one)", device, count, what)
-        self._event("suppressed", of=kind, device=device, **({"reason": rest[0]} if rest else {}), count=count)
+        self._write_event("suppressed", {"of": kind, "device": device, **({"reason": rest[0]} if rest else {}),
+                                         "count": count})
 
     def _event(self, kind: str, **fields) -> None:
-        """One JSON line per coordinator decision in run_dir/fleet_events.jsonl (for people and tests)."""
+        """One JSON line per coordinator decision in run_dir/fleet_events.jsonl (for people and tests); a
+        `duplicate` (a device can resend an update at will) is bounded per device like a refusal."""
+        if kind == "duplicate":
+            self._limited(("duplicate", fields.get("device")), None, (), kind, **fields)
+        else:
+            self._write_event(kind, fields)
+
+    def _write_event(self, kind: str, fields: dict) -> None:
         line = json.dumps({"t": round(time.time(), 3), "event": kind, **fields}, default=str)
         with self._events_lock, open(self.events_path, "a") as f:
             f.write(line + "\n")

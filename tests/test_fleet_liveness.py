@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from edge_runtime import protocol as P
 from edge_runtime.transfer import ArtifactCache
 from server_sdk.artifact_server import ArtifactServer
@@ -144,6 +146,21 @@ def test_a_silent_sampled_device_is_replaced_by_a_live_one(coordinator, fleet, c
     assert [(e["device"], e["replaces"]) for e in log if e["event"] == "replacement"] == [("dev4", "dev3")]
     end = _last(log, "round_end")
     assert end["missing"] == ["dev3"] and end["unresponsive"] == ["dev3"] and end["replacements"] == {"dev4": "dev3"}
+
+
+def test_start_timeout_is_set_from_the_command_line_and_validated(tmp_path):
+    from server_sdk.cli import build_parser
+    from server_sdk.config import ConfigError
+    from server_sdk.fleet_cli import _fleet_settings
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    run = sub.choices["run"]
+    assert _fleet_settings(run.parse_args(["--fleet", "local:3"]), tmp_path).start_timeout_s == 10.0
+    assert _fleet_settings(run.parse_args(["--fleet", "local:3", "--start-timeout", "4"]), tmp_path).start_timeout_s == 4
+    assert _fleet_settings(run.parse_args(["--fleet", "local:3", "--start-timeout", "0"]), tmp_path).start_timeout_s \
+        is None  # off
+    with pytest.raises(ConfigError, match="start_timeout_s=-1"):
+        _fleet_settings(run.parse_args(["--fleet", "local:3", "--start-timeout", "-1"]), tmp_path)
 
 
 # --------------------------------------------------------------------------- hole 9 (and 12): formats
