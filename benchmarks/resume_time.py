@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.work:
+        if Path(args.work).exists() and any(Path(args.work).iterdir()):
+            # the broker keeps a fleet directory's retained messages (a finished run's `done`) across runs
+            parser.error(f"--work {args.work}: use a new or empty directory")
         Path(args.work).mkdir(parents=True, exist_ok=True)
         print(json.dumps(measure(Path(args.work)), indent=1))
     else:
