@@ -16,7 +16,13 @@ its cache after it has answered its round; any newer control message cancels tha
 once (what arrived stays, as verified blobs or chunks), so the hint never delays training or
 an upload. After fetching a stage's files on an `idle` or non-sampling control the device
 says so in a `hello` status (`info.ready` = the artifact id), which lets the coordinator open
-a stage's first round when its devices are ready.
+a stage's first round when its devices are ready; every later status repeats `ready`, so the
+status the broker retains tells a restarted coordinator too.
+
+Controls are answered at once from the MQTT thread (docs/protocol.md §6): a train control that
+samples this device with `busy` naming its round, a stage whose files it lacks with a `hello`
+naming them (`info.fetching`). The coordinator stops waiting for a device silent for its
+`start_timeout_s`, and this device may be busy downloading or finishing another control then.
 
 Training is deterministic given the control message: batches come from
 `edge_runtime.sampler` exactly as the simulation draws them, ONNX Runtime
@@ -183,6 +189,10 @@ class Device:
         self.prefetch_s = 0.0  # seconds this process spent fetching them
         self._prefetched: set[str] = set()  # artifact ids of hints fetched completely
         self._ready_sent: set[str] = set()  # artifact ids this process reported ready
+        self._holding: str | None = None  # artifact id of the last stage files laid out here, verified
+        self._acked: set[tuple] = set()  # (run, stage, round, session) of train controls acknowledged
+        self._fetch_acked: set[str] = set()  # artifact ids whose fetch this device announced
+        self._reconnects_seen = 0
         self._controls: queue.Queue[Message] = queue.Queue()
         self._control_arrived = threading.Event()  # cancels a prefetch: there is something newer to do
         self._globals: dict[tuple[str, int], bytes] = {}
@@ -199,6 +209,31 @@ class Device:
     def _on_control(self, msg: Message) -> None:
         self._controls.put(msg)
         self._control_arrived.set()
+        self._acknowledge(msg)
+
+    def _acknowledge(self, msg: Message) -> None:
+        """Answer a control at once, from the MQTT thread (this device may still be fetching files or finishing
+        another control): a train control that samples it with a `busy` status naming its round, a stage whose
+        files it lacks with a `hello` naming them in `fetching`. The coordinator stops waiting for a device that
+        stays silent for its `start_timeout_s`."""
+        try:
+            ctrl = P.decode_control(msg.payload)
+        except P.ProtocolError:
+            return  # the main loop says why
+        if ctrl.run_id != self.run_id or ctrl.state == "done":
+            return
+        if ctrl.state != "train" or self.device_id not in ctrl.sampled_clients:
+            chosen = ctrl.artifact_for(self.formats)
+            if chosen is not None and chosen[1].artifact_id not in (self._holding, *self._fetch_acked):
+                self._fetch_acked.add(chosen[1].artifact_id)
+                self._status("hello", fetching=chosen[1].artifact_id)
+            return
+        assert ctrl.hyperparams is not None  # decode_control guarantees it for "train"
+        key = (ctrl.run_id, ctrl.stage, ctrl.round, ctrl.hyperparams.session)
+        if key in self._acked or key in self._answered:
+            return
+        self._acked.add(key)
+        self._status("busy", stage=ctrl.stage, round=ctrl.round)
 
     def _on_global(self, msg: Message) -> None:
         if not msg.payload:
@@ -231,9 +266,13 @@ class Device:
         return glob
 
     def _status(self, state: str, **info: Any) -> None:
+        """Publish a retained status. Every one names the stage files held (`ready`), so the last status the
+        broker keeps still says so: a coordinator that restarts reads it and need not wait for the files."""
         if self.client is None or self.run_id is None:
             return
-        msg = P.StatusMessage(self.device_id, state, time.time(), {"formats": self.formats, **self.versions, **info})
+        held = {"ready": self._holding} if self._holding else {}
+        msg = P.StatusMessage(self.device_id, state, time.time(),
+                              {"formats": self.formats, **self.versions, **held, **info})
         self.client.publish(P.status_topic(self.run_id, self.device_id), P.encode_status(msg), retain=True)
 
     # -- main loop -------------------------------------------------------------------------
@@ -269,6 +308,7 @@ class Device:
             if parent and os.getppid() != parent:
                 log.warning("%s: the coordinator process %d is gone; stopping", self.device_id, parent)
                 return 1
+            self._announce_after_reconnect()
             try:
                 msg = self._controls.get(timeout=0.5)
             except queue.Empty:
@@ -299,6 +339,13 @@ class Device:
             if self.exit_after_rounds is not None and self.rounds_trained >= self.exit_after_rounds:
                 return 0
         return 0
+
+    def _announce_after_reconnect(self) -> None:
+        """The birth `hello` sent on a reconnect is fixed when the device starts; follow it with a full status
+        (the files held) so the retained one stays complete."""
+        if self.client is not None and self.client.reconnects != self._reconnects_seen:
+            self._reconnects_seen = self.client.reconnects
+            self._status("hello", reconnected=True)
 
     def _next_control(self) -> Message | None:
         try:
@@ -387,6 +434,7 @@ class Device:
             raise DeviceError(f"artifact {desc.artifact_id[:12]} has {len(manifests)} manifests; expected one")
         art_dir = stage_root / Path(manifests[0]).parent
         check_artifact_format(fmt, art_dir)
+        self._holding = desc.artifact_id
         if fmt == "ort" and not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
             self._rebuild_checkpoint(art_dir)
         # earlier stages' files are dead weight now (what this stage shares with them, and the hint, is kept)
@@ -442,7 +490,10 @@ class Device:
         if hp is None or self.device_id not in hp.seeds:
             raise DeviceError(f"the train control for round {ctrl.round} carries no seed for {self.device_id}")
         trainable = list(hp.trainable)
-        self._status("busy", stage=ctrl.stage, round=ctrl.round)
+        key = (ctrl.run_id, ctrl.stage, ctrl.round, hp.session)
+        if key not in self._acked:  # a device following the first active run learns its run id from this control
+            self._acked.add(key)
+            self._status("busy", stage=ctrl.stage, round=ctrl.round)
         started_unix, t0 = time.time(), time.perf_counter()
         fmt, desc = ctrl.artifact_for(self.formats) or ("", None)
         aid = desc.artifact_id if desc else ""

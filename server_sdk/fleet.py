@@ -67,6 +67,7 @@ from .lora import LoraState, to_peft_key
 from .model import cache_root, smollm2_cache_dir
 from .prefetch import Speculate, Speculation
 from .progress import note
+from .ratelimit import LogBudget, cut
 from .submodel import StagePlan
 from .telemetry_intake import clean_telemetry, number
 from .trainer import ClientResult
@@ -157,8 +158,9 @@ class FleetSettings:
     artifact_bytes_per_s: float | None = 20e6  # chunk upload rate limit of the ArtifactServer
     export_template_dir: str | None = None  # cached per-shape exports (default: DEVFT_CACHE)
     # artifact formats served each stage: "onnx" (portable, plain onnxruntime), "ort" (legacy ONNX Runtime
-    # Training, x86_64), "executorch"; ["auto"] = onnx plus what hello'd devices that cannot run onnx need
-    formats: list[str] = field(default_factory=lambda: ["auto"])
+    # Training, x86_64), "executorch". Only these: a device declaring none of them is refused at its hello (no
+    # device-sent field changes what is exported). ["auto"], the old default, reads as ["onnx"].
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
     per_tensor_checkpoint: bool = True  # legacy ort format: send the checkpoint as tensor files (cross-stage dedupe)
     device_names: dict[str, str] = field(default_factory=dict)  # client index -> device name overrides
     prefetch_next_stage: bool = True  # announce the guessed next stage's files during a stage's last round
@@ -167,15 +169,21 @@ class FleetSettings:
     # at most this many replacement devices per round, sampled when devices seen offline leave the round unable
     # to reach its quorum; 0 = off (a round then fails with QuorumNotReached)
     replacements: int = 0
+    # a sampled device must acknowledge a round (a status naming its round: devft-edge sends `busy` when the
+    # train control arrives) within this many seconds, or it counts as lost for the round and is marked
+    # unresponsive (later rounds and stage starts do not wait for it) until it sends a status again; None = off
+    start_timeout_s: float | None = 10.0
 
     def validate(self) -> FleetSettings:
+        if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
+            self.formats = ["onnx"]
         if not 0 < self.quorum <= 1:
             raise ValueError(f"quorum={self.quorum} must lie in (0, 1], e.g. 0.6")
         if self.round_timeout_s <= 0:
             raise ValueError(f"round_timeout_s={self.round_timeout_s} must be positive")
-        bad = [f for f in self.formats if f not in (*ARTIFACT_FORMATS, "auto")]
-        if bad or not self.formats or ("auto" in self.formats and len(self.formats) > 1):
-            raise ValueError(f"formats={self.formats} must be a non-empty list of {ARTIFACT_FORMATS}, or [\"auto\"]")
+        bad = [f for f in self.formats if f not in ARTIFACT_FORMATS]
+        if bad or not self.formats:
+            raise ValueError(f"formats={self.formats} must be a non-empty list of {ARTIFACT_FORMATS}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ValueError(f"max_update_norm={self.max_update_norm} must be positive (or None for no bound)")
         if self.norm_bound_k is not None and self.norm_bound_k < 1:
@@ -189,6 +197,9 @@ class FleetSettings:
         if isinstance(self.replacements, bool) or not isinstance(self.replacements, int) or self.replacements < 0:
             raise ValueError(f"replacements={self.replacements!r} must be a whole number >= 0: at most that many "
                              "replacement devices per round when sampled devices go offline (0 = none)")
+        if self.start_timeout_s is not None and not self.start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s={self.start_timeout_s} must be a positive number of seconds (e.g. 10) "
+                             "or None (wait for silent devices until the deadline)")
         return self
 
 
@@ -224,6 +235,18 @@ class FleetExecutor(ClientExecutor):
         # next-stage guess wake on it instead of polling
         self._status_changed = threading.Condition(self._status_lock)
         self._status_seq = 0
+        # liveness of sampled devices (start_timeout_s), under _status_lock: the wire round open now, when each
+        # device of it was asked (sampled, or drawn as a replacement), who acknowledged it, and the devices
+        # marked unresponsive (-> when), which no round or stage start waits for until they send a status again
+        self._open_round: int | None = None
+        self._asked: dict[str, float] = {}
+        self._acked: set[str] = set()
+        self._silent: dict[str, float] = {}
+        self._heard: dict[str, float] = {}  # device -> when its last status arrived (this coordinator's clock)
+        self._idle_at = 0.0  # when the current stage's idle control went out
+        self._refused: dict[str, tuple] = {}  # device -> the formats it offered, none of them served
+        # what a device can make the coordinator write over and over is bounded per (device, reason) (ratelimit.py)
+        self._log_budget = LogBudget()
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._gate: RoundGate | None = None  # the open round's intake; None between rounds
         self._gate_lock = threading.Lock()
@@ -267,18 +290,9 @@ class FleetExecutor(ClientExecutor):
     # -- stage ------------------------------------------------------------------------------
 
     def stage_formats(self) -> list[str]:
-        """The formats to export this stage: the configured ones, or with "auto" onnx plus whatever
-        devices that said hello and cannot run onnx need (their first preference)."""
-        if self.settings.formats != ["auto"]:
-            return list(self.settings.formats)
-        formats = ["onnx"]
-        for device, status in sorted(self.device_status.items()):
-            declared = status.get("formats")  # device-sent: anything may be here
-            offered = [f for f in declared if f in ARTIFACT_FORMATS] if isinstance(declared, list) else []
-            if offered and "onnx" not in offered and offered[0] not in formats:
-                log.info("%s cannot run the portable format; also exporting %s", device, offered[0])
-                formats.append(offered[0])
-        return formats
+        """The formats to export each stage: those the coordinator was started with (`formats`), never what
+        devices declare (a hello declaring only `ort` once made it export a format it could not build)."""
+        return list(self.settings.formats)
 
     def begin_stage(self, stage: int, plan: StagePlan, sub_model) -> int:
         """Export the stage's submodel in every format the fleet needs, serve it, and wait (at most
@@ -324,7 +338,8 @@ class FleetExecutor(ClientExecutor):
         their start. A device's status only times this background work; a device that never reports delays
         the guess by timeout_s at most."""
         def started() -> bool:
-            return all(self.device_status.get(d, {}).get("round") == wr or d in self._offline for d in devices)
+            return all(self.device_status.get(d, {}).get("round") == wr or d in self._offline or d in self._silent
+                       for d in devices)
 
         with self._status_changed:
             self._status_changed.wait_for(started, timeout=timeout_s)
@@ -383,6 +398,8 @@ class FleetExecutor(ClientExecutor):
         while True:
             seen = self._status_seq  # read before looking: a status arriving meanwhile wakes the wait below
             waiting = self._not_ready(first)
+            if self._mark_silent_at_stage_start(stage, waiting):
+                waiting = self._not_ready(first)
             left = timeout - (time.time() - t0)
             if not waiting or left <= 0:
                 break
@@ -395,12 +412,31 @@ class FleetExecutor(ClientExecutor):
             log.warning("stage %d: %s did not report its files ready within %.0f s; opening the round anyway", stage,
                         sorted(waiting), timeout)
 
+    def _mark_silent_at_stage_start(self, stage: int, waiting: Collection[str]) -> bool:
+        """Mark unresponsive the devices the stage start waits for that said something before the stage's idle
+        control and nothing in the `start_timeout_s` since (devft-edge answers an idle control for files it lacks
+        at once with a `hello` naming them in `info.fetching`). Devices never heard from are still waited for."""
+        limit = self.settings.start_timeout_s
+        since = self._heard_since()
+        if limit is None or since is None or time.time() - max(self._idle_at, since) < limit:
+            return False
+        with self._status_lock:
+            late = sorted(d for d in waiting if d in self._heard and self._heard[d] < self._idle_at)
+            for d in late:
+                self._silent[d] = time.time()
+        for d in late:
+            self._limited(("unresponsive", d), "stage %d: %s sent nothing within %.0f s of the stage's start "
+                          "(start_timeout_s); not waiting for its files, nor in rounds until it sends a status",
+                          (stage, d, limit), "unresponsive", device=d, stage=stage, start_timeout_s=limit)
+        return bool(late)
+
     def _not_ready(self, expected: set[str]) -> set[str]:
-        """Devices that said hello or are `expected`, are not offline, run a served format (as far as their
-        hello says), and have not reported the stage's files ready."""
+        """Devices that said hello or are `expected`, are not offline or unresponsive, run a served format (as far
+        as their hello says), and have not reported the stage's files ready."""
         offline = self._offline_now()
         with self._status_lock:
             statuses = {d: {} for d in expected} | dict(self.device_status)
+            offline |= set(self._silent)
         return {device for device, st in statuses.items() if st.get("state") != "offline" and device not in offline
                 and self._runs_served(st) and not self._holds_stage(st)}
 
@@ -426,6 +462,7 @@ class FleetExecutor(ClientExecutor):
                            for fmt, d in artifact_dirs.items()}
         self._stage = stage
         self._draw_key = stage  # begin_stage then sets the plan's (serve_stage alone: tests)
+        self._idle_at = time.time()  # devices that said hello before it must say something after it
         self._event("stage", stage=stage, artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes}
                                                      for f, d in self._artifacts.items()}, **info)
         # devices may start downloading while the first round is prepared
@@ -465,22 +502,77 @@ class FleetExecutor(ClientExecutor):
             bound = adamw_norm_bound(hyper.lr, hyper.local_steps, numel) \
                 if self.settings.adamw_norm_bound and hyper.optimizer == "adamw" else None
             self._gate = RoundGate(wr, set(wanted), limit, bound)
+        silent = self._open(wr, wanted)
         with self._control_lock:
             self._control = P.ControlMessage(self.run_id, stage, wr, "train", tuple(wanted), deadline, hyper,
                                              self._artifacts)
             self._publish_control(self._control)
-        self._event("round_start", stage=stage, round=wr, sampled=list(wanted), deadline=deadline)
+        self._event("round_start", stage=stage, round=wr, sampled=list(wanted), deadline=deadline,
+                    **({"unresponsive": silent} if silent else {}))
         self._start_speculation(wait=lambda: self._devices_started(list(wanted), wr))
         try:
             return self._collect(stage, rnd, wr, wanted, expected, deadline)
         finally:
             with self._gate_lock:
                 self._gate = None  # updates arriving from now on are refused on arrival, unqueued
+            with self._status_lock:
+                self._open_round, self._asked = None, {}
             if self._speculation is None:
                 with self._control_lock:
                     self._control = None
             # else the guess announces itself on this round's train control when it is ready; see
             # _finish_speculation for who waits for it
+
+    def _open(self, wr: int, wanted: Collection[str]) -> list[str]:
+        """Open wire round `wr` for the liveness check (start_timeout_s): its devices are asked now, none has
+        acknowledged it yet. Returns those of them marked unresponsive, which the round does not wait for."""
+        with self._status_lock:
+            self._open_round, self._acked = wr, set()
+            self._asked = dict.fromkeys(wanted, time.time())
+            silent = sorted(d for d in wanted if d in self._silent)
+        if silent:
+            log.warning("round %d: %s sampled but unresponsive since an earlier round; not waiting for them unless "
+                        "they acknowledge this one", wr, silent)
+        return silent
+
+    def _mark_silent(self, accepted: Collection[str]) -> None:
+        """Mark the devices of the open round that let `start_timeout_s` pass without acknowledging it (a status
+        naming the round) or answering: unresponsive, until they send a status again."""
+        limit = self.settings.start_timeout_s
+        since = self._heard_since()
+        if limit is None or since is None:
+            return
+        now = time.time()
+        with self._status_lock:
+            for d in accepted:  # an accepted update is a sign of life too
+                self._silent.pop(d, None)
+            late = sorted(d for d, asked in self._asked.items() if now - max(asked, since) >= limit
+                          and d not in self._acked and d not in accepted and d not in self._silent
+                          and d not in self._offline)
+            for d in late:
+                self._silent[d] = now
+            wr = self._open_round
+        for d in late:
+            self._limited(("unresponsive", d), "round %s: %s did not acknowledge the round within %.0f s "
+                          "(start_timeout_s); not waiting for it, nor in later rounds until it sends a status",
+                          (wr, d, limit), "unresponsive", device=d, round=wr, start_timeout_s=limit)
+
+    def _heard_since(self) -> float | None:
+        """Since when this coordinator could hear devices: None while its connection is down, the reconnect
+        time after one (statuses were held up meanwhile, as during a broker restart), else 0."""
+        if not self.client.connected:
+            return None
+        return self.client.connected_at if self.client.reconnects else 0.0
+
+    def _lost(self, wanted: Collection[str], accepted: Collection[str]) -> set[str]:
+        """Devices of the round it need not wait for: seen offline (`_offline_now`), unresponsive (`_mark_silent`),
+        or running no format served this stage (as their hello says)."""
+        self._mark_silent(accepted)
+        with self._status_lock:
+            silent = set(self._silent)
+            statuses = {d: self.device_status.get(d, {}) for d in wanted}
+        unserved = {d for d, st in statuses.items() if not self._runs_served(st)}
+        return ((self._offline_now() | silent) & set(wanted)) | unserved
 
     def _update_control(self, change: Callable[[P.ControlMessage], P.ControlMessage]) -> None:
         """Republish the round's train control with `change` applied (the prefetch hint, replacements), one change
@@ -527,6 +619,7 @@ class FleetExecutor(ClientExecutor):
         missing = sorted(set(wanted) - set(accepted))
         offline = sorted(set(missing) & self._offline_now())
         self._event("round_end", stage=stage, round=wr, accepted=sorted(accepted), missing=missing, offline=offline,
+                    **self._silent_of(missing),
                     quorum=need, weights={d: r.num_samples for d, r in sorted(accepted.items())},
                     **({"replacements": replaced} if replaced else {}))
         if len(accepted) < need:
@@ -601,8 +694,8 @@ class FleetExecutor(ClientExecutor):
                       need: int, replaced: dict[str, str]) -> None:
         """When devices seen offline leave the round unable to reach `need`, sample replacements (at most
         `replacements` per round) and send them the round's train control; `wanted` and `replaced` grow."""
-        offline = self._offline_now()
-        lost = [d for d in wanted if d not in accepted and d in offline]
+        gone = self._lost(wanted, accepted)
+        lost = [d for d in wanted if d not in accepted and d in gone]
         short = need - (len(wanted) - len(lost))  # accepted + still possible, against the quorum
         budget = self.settings.replacements - len(replaced)
         if short <= 0 or budget <= 0:
@@ -612,7 +705,7 @@ class FleetExecutor(ClientExecutor):
         order = [self.device_of(c) for c in replacement_order(self.cfg.seed, self._draw_key, rnd, self.cfg.num_clients)]
         with self._status_lock:
             statuses = dict(self.device_status)
-            gone = set(self._offline)
+            gone = set(self._offline) | set(self._silent)
         live = {d for d, st in statuses.items() if d not in gone and st.get("state") != "offline"
                 and self._runs_served(st)}
         ready = {d for d, st in statuses.items() if self._holds_stage(st)}
@@ -625,6 +718,8 @@ class FleetExecutor(ClientExecutor):
         seeds = {}
         with self._gate_lock:
             self._gate.wanted.update(chosen)
+        with self._status_lock:
+            self._asked.update(dict.fromkeys(chosen, time.time()))
         for device, lost_device in zip(chosen, uncovered):
             client = clients[device]
             wanted[device] = client
@@ -639,14 +734,21 @@ class FleetExecutor(ClientExecutor):
             hyperparams=replace(c.hyperparams, seeds={**c.hyperparams.seeds, **seeds})))
 
     def _still_waiting(self, wanted: dict[str, int], accepted: dict[str, ClientResult], need: int) -> bool:
-        """Wait while a sampled device may still answer: it has not answered and was not seen offline.
+        """Wait while a sampled device may still answer: it has not answered and is not lost (`_lost`: seen
+        offline, unresponsive, or running no served format).
 
-        Offline devices end the wait early only once the quorum is met: a round that would fail anyway
+        Lost devices end the wait early only once the quorum is met: a round that would fail anyway
         waits out its deadline, in case the devices come back (after a broker restart, say)."""
         unanswered = set(wanted) - set(accepted)
         if not unanswered:
             return False
-        return bool(unanswered - self._offline_now()) or len(accepted) < need
+        return bool(unanswered - self._lost(wanted, accepted)) or len(accepted) < need
+
+    def _silent_of(self, missing: Collection[str]) -> dict:
+        """round_end's `unresponsive`: the missing devices marked unresponsive (when any)."""
+        with self._status_lock:
+            silent = sorted(d for d in missing if d in self._silent)
+        return {"unresponsive": silent} if silent else {}
 
     def _cap_unknown_weights(self, accepted: dict[str, ClientResult]) -> None:
         """A client without a known shard or cap weighs at most the round's lower median claim."""
@@ -760,7 +862,8 @@ class FleetExecutor(ClientExecutor):
         return gone
 
     def _on_status(self, msg: Message) -> None:
-        """Record a device's status; an `offline` one (its will) lets a round stop waiting for it.
+        """Record a device's status; an `offline` one (its will) lets a round stop waiting for it, any other one
+        ends its `unresponsive` mark, one naming the open round acknowledges that round (start_timeout_s).
 
         The status must name the device its topic names (the broker's ACL binds the topic to the
         login), otherwise it is logged as rejected and dropped."""
@@ -769,33 +872,87 @@ class FleetExecutor(ClientExecutor):
             status = P.validate_status(P.decode_status(msg.payload), sender)
         except (P.ProtocolError, IndexError) as exc:
             reason = exc.reason if isinstance(exc, P.StatusRejected) else "malformed"
-            device = msg.topic.rsplit("/", 1)[-1]
+            device = cut(msg.topic.rsplit("/", 1)[-1], 64)
             self.rejections[reason] += 1
-            log.warning("status from %s rejected (%s): %s", device, reason, exc)
-            self._event("rejected", device=device, reason=reason, detail=str(exc), bytes=len(msg.payload),
-                        message="status")
+            self._limited(("rejected", device, reason), "status from %s rejected (%s): %s", (device, reason, exc),
+                          "rejected", device=device, reason=reason, detail=cut(str(exc)), bytes=len(msg.payload),
+                          message="status")
             return
+        device, live = status.device_id, status.state != "offline"
         with self._status_lock:
-            was_offline = status.device_id in self._offline
-            if status.state == "offline" and not was_offline:
-                self._offline[status.device_id] = time.time()
-            elif status.state != "offline":
-                self._offline.pop(status.device_id, None)
+            was_offline = device in self._offline
+            if not live and not was_offline:
+                self._offline[device] = time.time()
+            elif live:
+                self._offline.pop(device, None)
+            revived = live and self._silent.pop(device, None) is not None
+            self._heard[device] = time.time()
+            if live and self._open_round is not None and status.info.get("round") == self._open_round:
+                self._acked.add(device)
             # `info` is the device's to fill; it cannot override the state or the time the status itself carries
-            self.device_status[status.device_id] = {**status.info, "state": status.state,
-                                                    "timestamp": status.timestamp}
+            self.device_status[device] = {**status.info, "state": status.state, "timestamp": status.timestamp}
             self._status_seq += 1
             self._status_changed.notify_all()
-        if (status.state == "offline") != was_offline:
-            self._event("status", device=status.device_id, state=status.state)
+        if (not live) != was_offline:
+            self._limited(("status", device, status.state), None, (), "status", device=device, state=status.state)
+        if revived:
+            self._limited(("status", device, "responsive"), "%s sent a status again; rounds wait for it again",
+                          (device,), "status", device=device, state=status.state, was="unresponsive")
+        self._check_formats(device, status.info.get("formats"))
+
+    def _check_formats(self, device: str, declared) -> None:
+        """Refuse a device whose hello declares only formats this coordinator does not serve: say so once (per
+        change), naming what it offers, what is served and the flag that changes it. Rounds and stage starts
+        do not wait for it (`_runs_served`); nothing it declares changes what is exported."""
+        if not isinstance(declared, list):
+            self._refused.pop(device, None)
+            return
+        offered = tuple(cut(f, 32) for f in declared[:8] if isinstance(f, str))
+        if any(f in self.settings.formats for f in offered):
+            self._refused.pop(device, None)
+            return
+        if self._refused.get(device) == offered:
+            return
+        self._refused[device] = offered
+        self._limited(("refused", device), "refusing %s: it runs %s, this coordinator serves %s only (start it with "
+                      "--formats %s, FleetSettings.formats, to serve another); it is never waited for",
+                      (device, list(offered), self.settings.formats, ",".join(self.settings.formats + ["FORMAT"])),
+                      "refused", device=device, offered=list(offered), served=list(self.settings.formats),
+                      reason="format_not_served", fix="--formats (FleetSettings.formats)")
 
     def _reject(self, reason: str, device: str, detail: str, nbytes: int) -> None:
         self.rejections[reason] += 1
-        log.warning("update from %s rejected (%s): %s", device, reason, detail)
-        self._event("rejected", device=device, reason=reason, detail=detail, bytes=nbytes)
+        key = ("rejected", device, reason) if reason != "norm_outlier" else None  # that one: once per round at most
+        self._limited(key, "update from %s rejected (%s): %s", (device, reason, cut(detail)), "rejected",
+                      device=device, reason=reason, detail=cut(detail), bytes=nbytes)
+
+    def _limited(self, key, warning: str | None, args: tuple, kind: str, **fields) -> None:
+        """An event (and a log warning) a device can cause at will: the first few per `key` in full, then a
+        `suppressed` summary with the count at most once per period (ratelimit.LogBudget); key None = always."""
+        verdict, skipped = ("full", 0) if key is None else self._log_budget.take(key)
+        if verdict == "full":
+            if warning is not None:
+                log.warning(warning, *args)
+            self._write_event(kind, fields)
+        elif verdict == "summary":
+            self._summary(key, skipped)
+
+    def _summary(self, key: tuple, count: int) -> None:
+        kind, device, *rest = key
+        what = f"{kind} {rest[0]}" if rest else kind
+        log.warning("%s: %d more %s since the last line (not logged one by one)", device, count, what)
+        self._write_event("suppressed", {"of": kind, "device": device, **({"reason": rest[0]} if rest else {}),
+                                         "count": count})
 
     def _event(self, kind: str, **fields) -> None:
-        """One JSON line per coordinator decision in run_dir/fleet_events.jsonl (for people and tests)."""
+        """One JSON line per coordinator decision in run_dir/fleet_events.jsonl (for people and tests); a
+        `duplicate` (a device can resend an update at will) is bounded per device like a refusal."""
+        if kind == "duplicate":
+            self._limited(("duplicate", fields.get("device")), None, (), kind, **fields)
+        else:
+            self._write_event(kind, fields)
+
+    def _write_event(self, kind: str, fields: dict) -> None:
         line = json.dumps({"t": round(time.time(), 3), "event": kind, **fields}, default=str)
         with self._events_lock, open(self.events_path, "a") as f:
             f.write(line + "\n")
@@ -810,6 +967,8 @@ class FleetExecutor(ClientExecutor):
         finally:
             if self._warmer is not None:
                 self._warmer.stop()
+            for key, count in self._log_budget.pending().items():
+                self._summary(key, count)
             self.artifacts.stop()
             self._art_client.close()
             self.client.close()

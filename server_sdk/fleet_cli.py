@@ -51,13 +51,18 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replacements", type=int, default=None, metavar="N",
                    help="sample up to N replacement devices per round when sampled devices go offline and the quorum "
                    "can no longer be met (default 0: the round fails instead)")
+    p.add_argument("--start-timeout", type=float, default=None, metavar="S",
+                   help="seconds a sampled device has to acknowledge a round (devft-edge does when the train control "
+                   "arrives); one that does not is not waited for, nor in later rounds and stage starts until it "
+                   "sends a status again (default 10; 0 = wait for silent devices until the deadline)")
     p.add_argument("--max-update-norm", type=float, default=None,
                    help="hard L2 bound on a device delta, checked on arrival (default 1000)")
     p.add_argument("--norm-bound-k", type=float, default=None, metavar="K",
                    help="refuse deltas over K x the round's lower median norm (default 5; 0 turns it off)")
     p.add_argument("--formats", metavar="FMT[,FMT]", default=None,
                    help="artifact formats served each stage: onnx (portable, plain onnxruntime), ort (legacy ONNX "
-                   "Runtime Training), executorch; default auto: onnx plus what hello'd devices that cannot run it need")
+                   "Runtime Training), executorch; default onnx. A device running none of them is refused at its "
+                   "hello (event `refused`); what devices declare never adds a format")
     p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
@@ -77,6 +82,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.quorum = args.quorum
     if args.replacements is not None:
         settings.replacements = args.replacements
+    if args.start_timeout is not None:
+        settings.start_timeout_s = args.start_timeout or None
     if args.max_update_norm is not None:
         settings.max_update_norm = args.max_update_norm
     if args.norm_bound_k is not None:

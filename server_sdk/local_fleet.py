@@ -255,6 +255,8 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
     for e in events:
         if e["event"] == "rejected":
             rejected[e["reason"]] = rejected.get(e["reason"], 0) + 1
+        elif e["event"] == "suppressed" and e.get("of") == "rejected":  # refusals counted, not logged one by one
+            rejected[e["reason"]] = rejected.get(e["reason"], 0) + e["count"]
         elif e["event"] == "round_end":
             replacements += [{"stage": e["stage"], "round": e["round"], "device": by, "replaces": lost,
                               "accepted": by in e["accepted"]} for by, lost in (e.get("replacements") or {}).items()]

@@ -707,16 +707,19 @@ def test_device_refuses_artifacts_in_another_format_than_announced(tmp_path):
 
 
 def test_mixed_fleet_each_device_trains_a_format_it_declared(tmp_path):
-    """A device that runs only the legacy format gets it served beside the portable one, in one run."""
+    """The coordinator serves the formats it was started with (default the portable one), whatever devices
+    declare; a mixed fleet is an explicit choice, and each device takes the first served one it runs."""
     ex = FleetExecutor.__new__(FleetExecutor)  # only the format choice: no broker needed
-    ex.settings = FleetSettings()
+    ex.settings = FleetSettings().validate()
     ex.device_status = {"dev-000": {"formats": ["onnx", "ort"]}, "dev-001": {"formats": ["ort"]},
                         "dev-002": {"formats": ["executorch"]}, "dev-003": {}}
+    assert ex.stage_formats() == ["onnx"]  # issue 27: a device's hello never adds an export
+    ex.settings = FleetSettings(formats=["onnx", "ort", "executorch"]).validate()
     assert ex.stage_formats() == ["onnx", "ort", "executorch"]
-    ex.settings = FleetSettings(formats=["onnx"])
-    assert ex.stage_formats() == ["onnx"]
-    with pytest.raises(ValueError, match="formats"):
-        FleetSettings(formats=["tflite"]).validate()
+    assert FleetSettings(formats=["auto"]).validate().formats == ["onnx"]  # fleet.json of older runs
+    for bad in (["tflite"], [], ["auto", "ort"]):
+        with pytest.raises(ValueError, match="formats"):
+            FleetSettings(formats=bad).validate()
     ctrl = P.ControlMessage("r", 0, 0, "idle", artifacts={"onnx": P.ArtifactDescriptor("a", ()),
                                                           "ort": P.ArtifactDescriptor("b", ())})
     back = P.decode_control(P.encode_control(ctrl))

@@ -1,0 +1,114 @@
+"""Resume benchmark (issue #27, hole 11): how long a killed `devft serve` takes from restart to its first round.
+
+    python -m benchmarks.resume_time            # tiny random LLaMA, 3 local devices, a few minutes
+
+A local secured mosquitto and 3 `devft-edge` processes follow a run that `devft serve` (a subprocess)
+coordinates. Once the first round's checkpoint is written the coordinator is SIGKILLed (mid-round:
+the next round's control is out); then `devft serve --resume` starts. Reported, from the resumed
+process's start: seconds to its first `round_start` event, and the stage-ready wait inside that
+(`stage_ready`'s `waited_s` and who was not ready). The devices stay connected throughout, as on a
+real fleet whose coordinator crashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "fleet_events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _wait(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def measure(work: Path) -> dict:
+    from server_sdk.config import DataSettings, LoraSettings, RunConfig
+    from server_sdk.local_fleet import REPO_ROOT, LocalFleet
+    from server_sdk.model import tiny_random_model
+
+    tiny = tiny_random_model(n_layers=4, hidden=32, seed=0)
+    model_dir = work / "model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    cfg = RunConfig(model=str(model_dir), stages=[2, 4], rounds_per_stage=[3, 1], num_clients=3, clients_per_round=2,
+                    local_steps=2, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never", seed=3,
+                    torch_threads=1, lora=LoraSettings(r=2, alpha=4), schedule="fixed",
+                    data=DataSettings(tasks=["chain_sum", "basic_arithmetic"], tasks_per_client=1,
+                                      examples_per_client=6, eval_examples_per_task=2))
+    cfg.to_json(work / "cfg.json")
+    run_dir = work / "resume"
+    out: dict = {}
+    with LocalFleet(work / "fleet", 3) as fleet:
+        fleet.start_broker()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+        serve = [sys.executable, "-m", "server_sdk.cli", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
+                 "--fleet-dir", str(fleet.dir), "--quiet", "--round-timeout", "120"]
+        with open(work / "serve.log", "ab") as logf:
+            first = subprocess.Popen([*serve, "--config", str(work / "cfg.json"), "--name", run_dir.name,
+                                      "--runs-dir", str(work)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+            try:
+                shards = [run_dir / "data" / f"client_{c:03d}.jsonl" for c in range(3)]
+                _wait(lambda: all(p.exists() for p in shards), 300, "the client shards")
+                for name, shard in zip(fleet.names, shards):
+                    fleet.start_device(name, shard, run_dir.name)
+                _wait(lambda: any(e["event"] == "round_start" and e["round"] == 1 for e in _events(run_dir)), 600,
+                      "round 1 to start")
+                first.send_signal(signal.SIGKILL)
+                first.wait()
+            finally:
+                if first.poll() is None:
+                    first.kill()
+            before = len(_events(run_dir))
+            t0 = time.time()
+            resumed = subprocess.Popen([*serve, "--resume", str(run_dir)], stdout=logf, stderr=subprocess.STDOUT,
+                                       env=env)
+            try:
+                start = _wait(lambda: next((e for e in _events(run_dir)[before:] if e["event"] == "round_start"),
+                                           None), 300, "the resumed coordinator's first round")
+                ready = next((e for e in _events(run_dir)[before:] if e["event"] == "stage_ready"), {})
+                out = {"restart_to_first_round_s": round(start["t"] - t0, 2), "round": start["round"],
+                       "stage_ready_waited_s": ready.get("waited_s"), "not_ready": ready.get("not_ready")}
+                resumed.wait(600)
+                out["resumed_exit_code"] = resumed.returncode
+            finally:
+                if resumed.poll() is None:
+                    resumed.kill()
+        fleet.wait_devices(30)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", help="working directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    if args.work:
+        if Path(args.work).exists() and any(Path(args.work).iterdir()):
+            # the broker keeps a fleet directory's retained messages (a finished run's `done`) across runs
+            parser.error(f"--work {args.work}: use a new or empty directory")
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        print(json.dumps(measure(Path(args.work)), indent=1))
+    else:
+        with tempfile.TemporaryDirectory(prefix="devft-resume-") as tmp:
+            print(json.dumps(measure(Path(tmp)), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
