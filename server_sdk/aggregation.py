@@ -15,8 +15,9 @@ The robust rules follow Flower's reference strategies, unweighted as there:
 Both first clip every delta to `ROBUST_CLIP_K` times the round's lower median norm, so a
 device's influence on the coordinates the median or mean does keep is bounded too.
 
-Everything here is a pure function over `LoraState` / `ClientResult`; `aggregate` picks the
-rule named by `RunConfig.aggregation`.
+Everything here is a pure function over `LoraState` / `ClientResult` (FedAvgSum: FedAvg's running sum,
+which a fleet coordinator fills as updates arrive instead of holding them); `aggregate` picks the rule
+named by `RunConfig.aggregation`.
 """
 
 from __future__ import annotations
@@ -127,19 +128,62 @@ def _check(results: list[ClientResult], rule: str) -> list[str]:
     return keys
 
 
+class FedAvgSum:
+    """FedAvg as updates arrive: sum_k n_k * delta_k and sum_k n_k, kept instead of the deltas.
+
+    The products are exact in float64 (a float32 times an integer below 2^29) and their sum rounds in
+    float64's last bits only, so the order updates arrive in does not show once the mean is rounded to
+    float32 (it could only at a coordinate within one float64 step of a float32 rounding boundary). A fleet
+    round over SmolLM2's full-model adapter holds 19.5 MB here instead of 9.8 MB per accepted update."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight = 0
+        self.count = 0
+
+    def add(self, num_samples: int, delta: LoraState) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"FedAvg: num_samples={num_samples} must be positive")
+        if self.sums and set(delta) != set(self.sums):
+            raise ValueError(f"FedAvg: an update sent tensors {sorted(set(delta) ^ set(self.sums))[:3]} that the "
+                             "others did not; every client must send the same tensors")
+        for key, value in delta.items():
+            term = value.double() * num_samples
+            if key in self.sums:
+                self.sums[key] += term
+            else:
+                self.sums[key] = term
+        self.weight += num_samples
+        self.count += 1
+
+    def apply(self, global_lora: LoraState) -> LoraState:
+        """global + sum_k n_k * delta_k / sum_k n_k; tensors no client sent stay as they were."""
+        if self.count == 0:
+            raise ValueError("FedAvg needs at least one client result")
+        out = {k: v.clone() for k, v in global_lora.items()}
+        for key, total in self.sums.items():
+            out[key] = out[key] + (total / self.weight).to(out[key].dtype)
+        return out
+
+
+class RoundResults(list):
+    """A round's client results (a list of ClientResult), and where the executor summed their deltas as they
+    arrived (a fleet under FedAvg, FleetExecutor): `folded`, with each result's delta then empty."""
+
+    folded: FedAvgSum | None = None
+
+
 def fedavg(global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-    """global + sum_k (n_k / N) * delta_k (the arithmetic of strategies.base.fedavg, bit for bit)."""
-    keys = _check(results, "FedAvg")
-    total = sum(r.num_samples for r in results)
-    if total <= 0:
-        raise ValueError("FedAvg: client sample counts sum to zero")
-    out = {k: v.clone() for k, v in global_lora.items()}
-    for key in keys:
-        acc = torch.zeros_like(out[key])
-        for r in results:
-            acc += (r.num_samples / total) * r.delta[key]
-        out[key] = out[key] + acc
-    return out
+    """global + sum_k (n_k / N) * delta_k: FedAvgSum over the results in client order, or the sum the executor
+    folded them into on arrival."""
+    folded = getattr(results, "folded", None)
+    if folded is not None:
+        return folded.apply(global_lora)
+    _check(results, "FedAvg")
+    acc = FedAvgSum()
+    for r in results:
+        acc.add(r.num_samples, r.delta)
+    return acc.apply(global_lora)
 
 
 def _stacked(results: list[ClientResult], key: str) -> torch.Tensor:
@@ -189,4 +233,6 @@ def aggregate(method: str, global_lora: LoraState, results: list[ClientResult]) 
     """The new global LoRA under the rule `method` (a key of AGGREGATIONS, the one registry of rules)."""
     if method not in AGGREGATIONS:
         raise ValueError(f"aggregation {method!r} is not one of {list(AGGREGATIONS)}")
+    if getattr(results, "folded", None) is not None and method != "fedavg":
+        raise ValueError(f"aggregation {method!r} needs every delta, but the executor summed them for FedAvg")
     return AGGREGATIONS[method](global_lora, results)

@@ -57,7 +57,7 @@ from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.protocol import ARTIFACT_FORMATS
 from export import StageInfo, export_artifacts
 
-from .aggregation import adamw_norm_bound, cap_samples, lower_median, norm_outliers
+from .aggregation import FedAvgSum, RoundResults, adamw_norm_bound, cap_samples, lower_median, norm_outliers
 from .artifact_server import ArtifactServer
 from .broker import Credentials, artifact_credentials
 from .config import ConfigError, RunConfig
@@ -584,8 +584,12 @@ class FleetExecutor(ClientExecutor):
 
     def _collect(self, stage: int, rnd: int, wr: int, wanted: dict[str, int], expected: dict,
                  deadline: float) -> list[ClientResult]:
-        """Take updates until the round may close, then apply the round-level checks and the quorum."""
+        """Take updates until the round may close, then apply the round-level checks and the quorum.
+
+        Under FedAvg each accepted delta goes into the round's running sum at once (RoundResults.folded) when
+        no round-level check can still refuse or reweigh it; the results then carry no deltas."""
         gate = self._gate
+        fold = FedAvgSum() if self._folds(gate) else None
         accepted: dict[str, ClientResult] = {}
         norms: dict[str, float] = {}
         nonces = self._nonces
@@ -612,10 +616,14 @@ class FleetExecutor(ClientExecutor):
                 result, norm = answer
                 if self.device_of(result.client) in replaced:
                     result.telemetry["replaces"] = replaced[self.device_of(result.client)]
+                if fold is not None:
+                    fold.add(result.num_samples, result.delta)
+                    result = replace(result, delta={})
                 accepted[self.device_of(result.client)] = result
                 norms[self.device_of(result.client)] = norm
-        self._refuse_norm_outliers(accepted, norms, wr, gate.norm_bound)
-        self._cap_unknown_weights(accepted)
+        if fold is None:  # else (_folds) neither can change anything
+            self._refuse_norm_outliers(accepted, norms, wr, gate.norm_bound)
+            self._cap_unknown_weights(accepted)
         missing = sorted(set(wanted) - set(accepted))
         offline = sorted(set(missing) & self._offline_now())
         self._event("round_end", stage=stage, round=wr, accepted=sorted(accepted), missing=missing, offline=offline,
@@ -632,10 +640,19 @@ class FleetExecutor(ClientExecutor):
                 f"{'' if self.settings.replacements else ' (or allow replacements)'}, then resume the run "
                 "with --resume (the checkpoint holds the previous round)")
         if missing:
-            log.warning("round %d: no update from %s by the deadline; aggregating %d of %d", wr, missing,
-                        len(accepted), sampled)
+            log.warning("round %d: no update from %s (offline, unresponsive or past the deadline); aggregating "
+                        "%d of %d", wr, missing, len(accepted), sampled)
         self._rounds_done = wr + 1
-        return sorted(accepted.values(), key=lambda r: r.client)
+        results = RoundResults(sorted(accepted.values(), key=lambda r: r.client))
+        results.folded = fold
+        return results
+
+    def _folds(self, gate: RoundGate) -> bool:
+        """Whether a round may sum deltas as they arrive: FedAvg, and no check at the round's end can refuse or
+        reweigh an accepted update (the AdamW bound is the adaptive bound's floor, so every update under it
+        passes that; every client has a known weight cap, so no weight waits for the round's lower median)."""
+        return (self.cfg.aggregation == "fedavg" and gate.norm_bound is not None
+                and all(self._weight_cap(c) is not None for c in range(self.cfg.num_clients)))
 
     def _handle_update(self, msg: Message, stage: int, wr: int, wanted: dict[str, int], expected: dict,
                        nonces: set[str], accepted: dict[str, ClientResult],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from server_sdk import aggregation as agg
-from server_sdk.strategies.base import fedavg as strategy_fedavg
 from server_sdk.trainer import ClientResult
 
 SHAPES = {"layers.0.self_attn.q_proj.lora_A": (2, 8), "layers.0.self_attn.q_proj.lora_B": (8, 2)}
@@ -30,11 +31,24 @@ def moved(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> float:
     return agg.update_norm({k: new[k] - old[k] for k in new})
 
 
-def test_fedavg_is_the_strategies_fedavg_bit_for_bit():
-    results = [result(c, honest(c), n) for c, n in ((0, 3), (1, 7), (2, 5))]
+def test_fedavg_summed_as_updates_arrive_equals_fedavg_over_the_round_in_any_order():
+    results = [result(c, honest(c), n) for c, n in ((0, 3), (1, 7), (2, 5), (3, 64))]
     glob = honest(9, 1.0)
-    got, want = agg.fedavg(glob, results), strategy_fedavg(glob, results)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    want = agg.fedavg(glob, results)
+    total = sum(r.num_samples for r in results)
+    exact = {k: glob[k].double() + sum(r.num_samples * r.delta[k].double() for r in results) / total for k in glob}
+    for k in glob:  # the float64 mean, rounded once
+        assert torch.equal(want[k], glob[k] + (exact[k] - glob[k].double()).float())
+    for order in ([3, 1, 0, 2], [2, 3, 1, 0]):  # a fleet sums in arrival order
+        acc = agg.FedAvgSum()
+        for i in order:
+            acc.add(results[i].num_samples, results[i].delta)
+        folded = agg.RoundResults([replace(r, delta={}) for r in results])
+        folded.folded = acc
+        got = agg.aggregate("fedavg", glob, folded)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        with pytest.raises(ValueError, match="needs every delta"):
+            agg.aggregate("median", glob, folded)
 
 
 def test_median_and_trimmed_mean_follow_flower():

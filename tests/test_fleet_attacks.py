@@ -13,6 +13,7 @@ import queue
 
 import numpy as np
 import pytest
+import torch
 
 from edge_runtime import protocol as P
 from server_sdk.aggregation import adamw_norm_bound
@@ -184,3 +185,28 @@ def test_updates_no_open_round_can_use_never_wait_in_the_coordinator(coordinator
     worker.join(30)
     assert "error" not in box and [r.client for r in box["results"]] == [1, 2], box.get("error")
     assert _rejections(ex.run_dir) == [("dev1", "stale_round")] * 5 + [("dev3", "not_sampled"), ("dev1", "oversized")]
+
+
+def test_fedavg_rounds_keep_one_running_sum_not_the_updates(coordinator, fleet, clients):
+    """Issue 27, streaming aggregation: with every client's weight known and the AdamW bound on, a FedAvg round sums
+    each accepted delta on arrival and keeps none; the aggregate is FedAvg's over the updates sent."""
+    from server_sdk.aggregation import aggregate, fedavg
+    from server_sdk.trainer import ClientResult
+
+    ex = coordinator
+    ex.shard_sizes = {c: 4 + c for c in range(ex.cfg.num_clients)}
+    worker, box = _run_round(ex, 1, [1, 2])
+    for name in ("dev2", "dev1"):
+        clients(fleet.devices[name]).publish(P.update_topic(RUN, name), P.encode_update(
+            _update(name, 1, _good(int(name[-1])), num_samples=100)), wait_s=10)
+    worker.join(30)
+    assert "error" not in box, box.get("error")
+    results = box["results"]
+    assert results.folded is not None and results.folded.count == 2
+    assert [r.client for r in results] == [1, 2] and all(r.delta == {} for r in results)
+    assert [r.num_samples for r in results] == [5, 6]  # capped by the shards
+    glob = {fleet_tests.A: torch.zeros(2, 8), fleet_tests.B: torch.zeros(8, 2)}
+    sent = [ClientResult(c, 4 + c, {fleet_tests.A: torch.from_numpy(_good(c)[PA]),
+                                    fleet_tests.B: torch.from_numpy(_good(c)[fleet_tests.PB])}, 0.0, 0.0) for c in (1, 2)]
+    got, want = aggregate("fedavg", glob, results), fedavg(glob, sent)
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from server_sdk.aggregation import fedavg
 from server_sdk.config import LoraSettings
 from server_sdk.fusion import choose_anchor, fuse_group
 from server_sdk.lora import attach_lora, layer_slice, read_lora
-from server_sdk.strategies.base import fedavg
 from server_sdk.submodel import StagePlan, build_submodel, identity_plan, share_model, transfer_lora_back
 from server_sdk.trainer import ClientResult
 

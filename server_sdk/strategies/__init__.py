@@ -4,7 +4,7 @@
 command line take their choices from it."""
 
 from ..config import RunConfig, check_choice
-from .base import Strategy, fedavg
+from .base import Strategy
 from .devft import DevFT
 from .fedit import FedIT
 from .ffa_lora import FFALoRA
@@ -18,4 +18,4 @@ def make_strategy(cfg: RunConfig) -> Strategy:
     return STRATEGIES[cfg.strategy](cfg)
 
 
-__all__ = ["Strategy", "DevFT", "FedIT", "FFALoRA", "STRATEGIES", "make_strategy", "fedavg"]
+__all__ = ["Strategy", "DevFT", "FedIT", "FFALoRA", "STRATEGIES", "make_strategy"]

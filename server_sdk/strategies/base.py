@@ -13,7 +13,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import numpy as np
-import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
@@ -84,19 +83,3 @@ class Strategy(ABC):
     def finish_stage(self, full_lora: LoraState, trained: LoraState, initial: LoraState,
                      plan: StagePlan) -> LoraState:
         """The full model's LoRA after this stage's submodel LoRA has been trained."""
-
-
-def fedavg(global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-    """global + sum_k (n_k / N) * delta_k; tensors no client sent stay as they were."""
-    if not results:
-        raise ValueError("FedAvg needs at least one client result")
-    total = sum(r.num_samples for r in results)
-    if total <= 0:
-        raise ValueError("FedAvg: client sample counts sum to zero")
-    out = {k: v.clone() for k, v in global_lora.items()}
-    for key in results[0].delta:
-        acc = torch.zeros_like(out[key])
-        for r in results:
-            acc += (r.num_samples / total) * r.delta[key]
-        out[key] = out[key] + acc
-    return out
