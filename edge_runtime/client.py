@@ -250,15 +250,25 @@ class Device:
             self._globals_cond.notify_all()
 
     def _global_for(self, ctrl: P.ControlMessage) -> P.GlobalMessage:
+        """The round's global adapter: subscribed to for this round only (it is retained, so it arrives on
+        subscribe), so the broker sends each round's adapter to the devices sampled for it, not to all."""
         key = (ctrl.run_id, ctrl.round)
         deadline = ctrl.deadline_unix or time.time() + 600
-        with self._globals_cond:
-            while key not in self._globals:
-                left = deadline - time.time()
-                if left <= 0 or self._stop.is_set():
-                    raise DeviceError(f"no global adapter for round {ctrl.round} arrived before the deadline")
-                self._globals_cond.wait(min(left, 0.5))
-            payload = self._globals[key]
+        topic = P.global_topic(ctrl.run_id, ctrl.round)
+        try:
+            self.client.subscribe(topic, self._on_global)
+        except TimeoutError:  # no SUBACK (a broker restarting): the subscription is sent again on reconnect
+            log.warning("%s: the broker has not acknowledged the subscription to %s yet", self.device_id, topic)
+        try:
+            with self._globals_cond:
+                while key not in self._globals:
+                    left = deadline - time.time()
+                    if left <= 0 or self._stop.is_set():
+                        raise DeviceError(f"no global adapter for round {ctrl.round} arrived before the deadline")
+                    self._globals_cond.wait(min(left, 0.5))
+                payload = self._globals.pop(key)
+        finally:
+            self.client.unsubscribe(topic)
         glob = P.decode_global(payload)
         if (glob.run_id, glob.stage, glob.round) != (ctrl.run_id, ctrl.stage, ctrl.round):
             raise DeviceError(f"global message is for {glob.run_id}/{glob.stage}/{glob.round}, control says "
@@ -279,7 +289,6 @@ class Device:
 
     def run(self, connect_timeout_s: float = 60.0) -> int:
         ctrl_filter = P.control_topic(self.run_id) if self.run_id else f"{P.TOPIC_ROOT}/+/control"
-        glob_filter = P.global_topic(self.run_id, "+") if self.run_id else f"{P.TOPIC_ROOT}/+/global/+"
         settings = self.settings
         if self.run_id:
             from dataclasses import replace
@@ -290,7 +299,6 @@ class Device:
                                birth_topic=P.status_topic(self.run_id, self.device_id),
                                birth_payload=P.encode_status(hello))
         self.client = MqttClient(settings)
-        self.client.subscribe(glob_filter, self._on_global)
         self.client.subscribe(ctrl_filter, self._on_control)
         self.client.connect(connect_timeout_s)
         self._status("hello", examples=len(self.shard))
