@@ -9,7 +9,8 @@ transfer.py), finished stages' artifacts are pruned when the next stage starts (
     runs/<name>/artifacts/             stage artifacts the coordinator served
     runs/<name>/fleet/devices/*/cache  each local device's artifact cache (hard links)
     runs/<name>/fleet/blobs/           the local devices' shared blob store
-    DEVFT_CACHE/ort-templates/         per-shape export templates (--all; the next run re-exports)
+    DEVFT_CACHE/onnx-templates/        per-shape traced training graphs (--all; the next run traces again)
+    DEVFT_CACHE/ort-templates/         the same for the legacy ort format (--all)
     DEVFT_CACHE/base-eval/             cached base-model evaluations (--all)
 
 Reports, adapters, checkpoints, data shards, fleet credentials and the converted base model
@@ -26,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 KEEP_ENV = "DEVFT_KEEP_ARTIFACTS"
+
+
+def cache_root() -> Path:
+    """Where devft caches per machine: the converted model, export templates, base evaluations."""
+    return Path(os.environ.get("DEVFT_CACHE", Path.home() / ".cache" / "devft"))
 
 
 def keep_artifacts() -> bool:
@@ -73,15 +79,15 @@ def prune_finished_stages(run_dir: Path, current_stage: int) -> int:
 
 def cleanable(runs: list[Path], include_caches: bool) -> list[tuple[str, Path]]:
     """(what it is, path) for everything `devft clean` would delete."""
-    from .model import cache_root
+    from export import TEMPLATE_DIRS
 
     found: list[tuple[str, Path]] = []
     for run in runs:
         found += [("stage artifacts", run / "artifacts"), ("shared device blobs", run / "fleet" / "blobs")]
         found += [(f"device cache {d.name}", d / "cache") for d in sorted((run / "fleet" / "devices").glob("*"))]
     if include_caches:
-        found += [("export templates", cache_root() / "ort-templates"),
-                  ("base-model evaluations", cache_root() / "base-eval")]
+        found += [(f"{fmt} export templates", cache_root() / folder) for fmt, folder in TEMPLATE_DIRS.items()]
+        found += [("base-model evaluations", cache_root() / "base-eval")]
     return [(what, p) for what, p in found if p.exists()]
 
 
