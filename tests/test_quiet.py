@@ -111,3 +111,34 @@ def test_log_relay_shows_round_lines_and_errors_only(tmp_path):
         f.write("ne\n")
     relay.poll()
     assert shown[-1] == "half a line"
+
+
+# transformers' own bars (issue 26): the GGUF conversion's, from_pretrained's and save_pretrained's
+LIBRARY_BARS = ("Converting and de-quantizing GGUF tensors", "Loading weights", "Writing model shards")
+BARS_CODE = """
+import server_sdk, sys
+import transformers.modeling_gguf_pytorch_utils as gguf
+from server_sdk.model import load_base_model, tiny_random_model
+list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))  # the bar _convert_gguf draws
+base = tiny_random_model(2, 32)
+base.model.save_pretrained(sys.argv[1])
+base.tokenizer.save_pretrained(sys.argv[1])
+load_base_model(sys.argv[1])
+"""
+
+
+def test_library_progress_bars_show_only_with_verbose(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("DEVFT_VERBOSE", None)
+    quiet = subprocess.run([sys.executable, "-c", BARS_CODE, str(tmp_path / "m")], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert [b for b in LIBRARY_BARS if b in quiet.stderr] == [] and "%|" not in quiet.stderr, quiet.stderr[-2000:]
+    plan = devft(["plan", "--model", str(tmp_path / "m"), "-o", "stages=[1, 2]"], tmp_path)  # from_pretrained
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "stage 1 groups" in plan.stdout and plan.stderr == "", plan.stderr[-2000:]
+
+    loud = subprocess.run([sys.executable, "-c", BARS_CODE, str(tmp_path / "v")], capture_output=True, text=True,
+                          env={**env, "DEVFT_VERBOSE": "1"}, timeout=300)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert [b for b in LIBRARY_BARS if b not in loud.stderr] == [], loud.stderr[-2000:]
