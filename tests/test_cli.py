@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +29,32 @@ def test_every_command_is_wired_explicitly():
     assert (run.fleet, run.quorum, run.round_timeout, run.max_update_norm) == ("local:2", 0.5, 9.0, None)
     serve = sub.choices["serve"].parse_args(["--broker-url", "mqtts://b:8883", "--fleet-dir", "f", "--quorum", "1"])
     assert serve.quorum == 1.0 and serve.fleet_dir == "f"
+
+
+HEAVY = ("torch", "transformers", "peft", "onnxruntime", "ray", "scipy", "matplotlib")
+HELP_CODE = """
+import sys
+from server_sdk.cli import build_parser
+for argv in sys.argv[1:]:
+    try:
+        build_parser().parse_args(argv.split())
+    except SystemExit:
+        pass
+print(" ".join(sorted(m for m in {heavy} if m in sys.modules)))
+"""
+
+
+def test_help_imports_no_heavy_library():
+    """`devft --help` took 6.6 s on a loaded machine (issue 26): the command line imported torch and transformers
+    before parsing its arguments. Every command's help is built without them; commands import what they use."""
+    helps = ["--help", *(f"{cmd} --help" for cmd in ("plan", "run", "serve", "eval", "export", "fleet", "report",
+                                                    "clean"))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", HELP_CODE.format(heavy=HEAVY), *helps], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "", f"imported by --help: {done.stdout.splitlines()[-1]}"
+    assert "usage: devft clean" in done.stdout and "usage: devft run" in done.stdout
 
 
 def test_unknown_strategy_names_the_registered_ones(capsys):
