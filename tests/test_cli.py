@@ -62,6 +62,18 @@ def test_unknown_strategy_names_the_registered_ones(capsys):
     assert "strategy='fedprox' is not valid; choose one of ['devft', 'fedit', 'ffa-lora']" in capsys.readouterr().err
 
 
+def test_plan_says_what_the_schedule_does_with_the_rounds(capsys):
+    """issue 26: `rounds per stage: [3, 3, 3, 3]` under the default auto schedule, which may roll them back."""
+    stages = ["--model", "tiny-random-L8", "-o", "stages=[2, 4, 8]"]
+    assert main(["plan", *stages]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "rounds per stage: [3, 3, 3] schedule=auto (the default): these are at most" in out
+    assert "2 layers 1.25%, 4 layers 2.50%" in out and "every remaining round goes to the full model (rounds [1, 0, 8]" in out
+    assert "-o schedule=fixed runs exactly [3, 3, 3]" in out
+    assert main(["plan", *stages, "-o", "schedule=fixed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schedule"].startswith("schedule=fixed: exactly these rounds")
+
+
 def test_plan_run_eval_on_a_tiny_model(tmp_path, capsys):
     assert main(["plan", *TINY, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
