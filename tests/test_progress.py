@@ -57,3 +57,15 @@ def test_the_default_heartbeat_is_quiet_for_short_work_and_bars_can_be_forced():
     bars = _run(SLOW_PHASE, DEVFT_PROGRESS="bars")  # the terminal form, redrawn in place
     assert bars.returncode == 0, bars.stderr[-2000:]
     assert "\r" in bars.stderr and "\x1b[A" in bars.stderr and "exporting the stage: 00:0" in bars.stderr
+
+
+def test_a_long_test_prints_a_heartbeat_line(tmp_path):
+    """bash scripts/test.sh is never silent for long (tests/heartbeat.py): pytest itself, on a slow test."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_slow():\n    time.sleep(1.5)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DEVFT_TEST_HEARTBEAT_S": "0.3"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "tests.heartbeat", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_slow.py")],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "test_slow.py::test_slow still running (0:0" in done.stdout, done.stdout[-2000:]
+    assert "test_slow PASSED" in done.stdout or "PASSED" in done.stdout
