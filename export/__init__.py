@@ -19,8 +19,16 @@ from edge_runtime.batching import DEFAULT_SEQ_LEN
 from export.publish import StageInfo
 
 FORMATS = ("onnx", "ort", "executorch")
+# where each format caches its traced graphs under a template_root (DEVFT_CACHE for devft); `devft clean
+# --all` frees every folder named here, so a format that caches templates elsewhere must be added here
+TEMPLATE_DIRS = {"onnx": "onnx-templates", "ort": "ort-templates"}
 
-__all__ = ["FORMATS", "StageInfo", "export_artifacts"]
+__all__ = ["FORMATS", "TEMPLATE_DIRS", "StageInfo", "export_artifacts", "template_dir"]
+
+
+def template_dir(fmt: str, template_root: str | os.PathLike[str]) -> Path:
+    """The folder under `template_root` that caches format `fmt`'s traced graphs, one per shape."""
+    return Path(template_root) / TEMPLATE_DIRS[fmt]
 
 
 def export_artifacts(
@@ -45,7 +53,7 @@ def export_artifacts(
 
         if template_root is None:
             raise ValueError("the onnx format needs a template_root to cache its traced graphs in")
-        return export_onnx_artifacts(peft_model, out_dir, Path(template_root) / "onnx-templates", info,
+        return export_onnx_artifacts(peft_model, out_dir, template_dir("onnx", template_root), info,
                                      seq_len=seq_len, optimizer=optimizer)
     if fmt == "ort":
         from export.cached import export_stage_cached
@@ -53,7 +61,7 @@ def export_artifacts(
 
         if template_root is None:
             return export_ort_artifacts(peft_model, out_dir, info, optimizer=optimizer, seq_len=seq_len)
-        return export_stage_cached(peft_model, out_dir, Path(template_root) / "ort-templates", info,
+        return export_stage_cached(peft_model, out_dir, template_dir("ort", template_root), info,
                                    optimizer=optimizer, seq_len=seq_len)
     if fmt == "executorch":
         from export.executorch import export_executorch_artifacts

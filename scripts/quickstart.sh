@@ -19,6 +19,13 @@ else
   # a generous round deadline: the 4 devices share this machine's cores with the coordinator
   .venv/bin/devft run --fleet local:4 --round-timeout 900 -o schedule=fixed -o eval_every=3 -o accuracy_every=end --name "$name" "$@"
   .venv/bin/devft report "runs/$name"
-  # what the run left on disk (stage artifacts, the devices' shared blob store); `devft clean` frees it
-  .venv/bin/devft clean --dry-run "runs/$name"
+  # The finished run's last stage artifacts and the devices' blob store (about 1.6 GB for SmolLM2) serve no
+  # later step: free them (report, adapter, checkpoints and data stay). DEVFT_KEEP_ARTIFACTS=1 keeps them
+  # (e.g. for `devft-edge bench` on the last stage's files) and only lists them.
+  if [ "${DEVFT_KEEP_ARTIFACTS:-0}" != "0" ]; then
+    .venv/bin/devft clean --dry-run "runs/$name"
+  else
+    echo "freeing the finished run's stage artifacts and device caches (DEVFT_KEEP_ARTIFACTS=1 keeps them):"
+    .venv/bin/devft clean "runs/$name"
+  fi
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -64,15 +65,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
     plan, _ = strategy.configure_stage(0, base.model, lora, stages[0])
     out = {"model": base.name, "n_layers": base.n_layers, "strategy": cfg.strategy, "stages": stages,
-           "rounds_per_stage": rounds, "stage_1": plan.to_dict()}
+           "rounds_per_stage": rounds, "schedule": _schedule_note(cfg, stages, rounds), "stage_1": plan.to_dict()}
     print(json.dumps(out, indent=1) if args.json else _plan_text(out))
     return 0
+
+
+def _schedule_note(cfg: RunConfig, stages: list[int], rounds: list[int]) -> str | None:
+    """What the schedule does with `rounds` at runtime (issue 26: `rounds per stage: [3, 3, 3, 3]` read as
+    what a default run trains, while the default `auto` schedule usually moves the small stages' rounds on)."""
+    if cfg.strategy != "devft" or len(stages) < 2:
+        return None
+    if cfg.schedule == "fixed":
+        return f"schedule=fixed: exactly these rounds, stage after stage (the paper's method; {sum(rounds)} in all)"
+    bars = ", ".join(f"{n} layers {100 * cfg.schedule_expected_gain * n / stages[-1]:.2f}%" for n in stages[:-1])
+    when = "evaluated round" if cfg.eval_every == 1 else f"evaluated round (every {cfg.eval_every} rounds)"
+    moved = [1] + [0] * (len(stages) - 2) + [sum(rounds) - 1]
+    return (f"schedule=auto (the default): these are at most the small stages' rounds. After each {when} a small "
+            f"stage must lower the full model's eval loss by its cost's share of what a full-model round is "
+            f"expected to buy (schedule_expected_gain {cfg.schedule_expected_gain:g} x layers/{stages[-1]}: {bars}). "
+            f"Short of that after its first round, the stage ends and every remaining round goes to the full model "
+            f"(rounds {moved}; on SmolLM2-135M this is what usually happens); after a later round, its unused rounds "
+            f"go to the next stage. A small stage that did not pay for itself is rolled back. Always {sum(rounds)} "
+            f"rounds in all; -o schedule=fixed runs exactly {rounds} (the paper's method, what the quickstart runs).")
 
 
 def _plan_text(out: dict) -> str:
     lines = [f"model {out['model']} ({out['n_layers']} layers), strategy {out['strategy']}",
              f"stages (submodel layers): {' -> '.join(map(str, out['stages']))}",
-             f"rounds per stage: {out['rounds_per_stage']}", "stage 1 groups (anchor first):"]
+             f"rounds per stage: {out['rounds_per_stage']}"]
+    if out.get("schedule"):
+        lines += textwrap.wrap(out["schedule"], 100, initial_indent="  ", subsequent_indent="  ")
+    lines.append("stage 1 groups (anchor first):")
     for g, a in zip(out["stage_1"]["groups"], out["stage_1"]["anchors"]):
         lines.append(f"  anchor {a:>2}: {g}")
     return "\n".join(lines)

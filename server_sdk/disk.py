@@ -9,7 +9,8 @@ transfer.py), finished stages' artifacts are pruned when the next stage starts (
     runs/<name>/artifacts/             stage artifacts the coordinator served
     runs/<name>/fleet/devices/*/cache  each local device's artifact cache (hard links)
     runs/<name>/fleet/blobs/           the local devices' shared blob store
-    DEVFT_CACHE/ort-templates/         per-shape export templates (--all; the next run re-exports)
+    DEVFT_CACHE/onnx-templates/        per-shape traced training graphs (--all; the next run traces again)
+    DEVFT_CACHE/ort-templates/         the same for the legacy ort format (--all)
     DEVFT_CACHE/base-eval/             cached base-model evaluations (--all)
 
 Reports, adapters, checkpoints, data shards, fleet credentials and the converted base model
@@ -26,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 KEEP_ENV = "DEVFT_KEEP_ARTIFACTS"
+
+
+def cache_root() -> Path:
+    """Where devft caches per machine: the converted model, export templates, base evaluations."""
+    return Path(os.environ.get("DEVFT_CACHE", Path.home() / ".cache" / "devft"))
 
 
 def keep_artifacts() -> bool:
@@ -73,15 +79,15 @@ def prune_finished_stages(run_dir: Path, current_stage: int) -> int:
 
 def cleanable(runs: list[Path], include_caches: bool) -> list[tuple[str, Path]]:
     """(what it is, path) for everything `devft clean` would delete."""
-    from .model import cache_root
+    from export import TEMPLATE_DIRS
 
     found: list[tuple[str, Path]] = []
     for run in runs:
         found += [("stage artifacts", run / "artifacts"), ("shared device blobs", run / "fleet" / "blobs")]
         found += [(f"device cache {d.name}", d / "cache") for d in sorted((run / "fleet" / "devices").glob("*"))]
     if include_caches:
-        found += [("export templates", cache_root() / "ort-templates"),
-                  ("base-model evaluations", cache_root() / "base-eval")]
+        found += [(f"{fmt} export templates", cache_root() / folder) for fmt, folder in TEMPLATE_DIRS.items()]
+        found += [("base-model evaluations", cache_root() / "base-eval")]
     return [(what, p) for what, p in found if p.exists()]
 
 
@@ -96,10 +102,24 @@ def _runs(args: argparse.Namespace) -> list[Path]:
     return sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.is_dir() else []
 
 
+def cache_hint(include_caches: bool) -> str | None:
+    """What `--all` would free besides, when it was not asked for (the export templates are the bulk:
+    about 1.3 GB after a SmolLM2 quickstart, next to its 0.5 GB converted model, which stays)."""
+    if include_caches:
+        return None
+    caches = [p for _, p in cleanable([], include_caches=True)]
+    size = disk_bytes(caches)
+    if size < 1e6:
+        return None
+    return (f"{size / 1e6:>10.1f} MB  more under {cache_root()} (export templates, base-model evaluations): "
+            "`devft clean --all` frees them too; later runs trace and evaluate again")
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     items = cleanable(_runs(args), include_caches=args.all)
+    hint = cache_hint(args.all)
     if not items:
-        print("nothing to clean")
+        print("nothing to clean" + (f"\n{hint}" if hint else ""))
         return 0
     sizes = [disk_bytes([p]) for _, p in items]
     print("        MB  (device caches hard-link the shared blobs: the total counts each file once)")
@@ -108,10 +128,12 @@ def cmd_clean(args: argparse.Namespace) -> int:
     total = disk_bytes([p for _, p in items])  # hard links shared between items counted once
     if args.dry_run:
         print(f"{total / 1e6:>10.1f} MB  would be freed (dry run: nothing deleted)")
-        return 0
-    for _, path in items:
-        shutil.rmtree(path, ignore_errors=True)
-    print(f"{total / 1e6:>10.1f} MB  freed")
+    else:
+        for _, path in items:
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"{total / 1e6:>10.1f} MB  freed")
+    if hint:
+        print(hint)
     return 0
 
 

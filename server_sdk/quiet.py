@@ -7,6 +7,13 @@ from torchao (installed for the ExecuTorch exporter; transformers imports it whi
 quantizers in `from_pretrained`, and it tries to load CUDA kernels on a CPU machine). None of
 them is actionable, and they break up the progress bars.
 
+Libraries' own progress bars are noise of the same kind (issue 26): transformers draws
+`Converting and de-quantizing GGUF tensors`, `Loading weights` and `Writing model shards` bars
+while the model is converted, loaded and saved, between devft's own phase lines and into
+captured test output. Its bars go through `transformers.utils.logging.tqdm` (which asks a hook
+we set) except the GGUF one, a plain tqdm the module imported; both are disabled on import
+unless verbose, and devft's own progress (server_sdk/progress.py) says what phase is running.
+
 `install()` runs on import of server_sdk.model (so `python -c "...load_base_model()"` in
 scripts/test.sh is quiet too); `configure(verbose)` is what `devft` calls from the command
 line. `--verbose` (or DEVFT_VERBOSE=1, which child processes such as local fleet devices
@@ -89,6 +96,36 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _library_bar(factory: Any, args: tuple, kwargs: dict) -> Any:
+    """transformers' tqdm hook: its bars are drawn only when verbose (asked per bar, so --verbose
+    set after the import still shows them)."""
+    if not is_verbose():
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
+def _quiet_transformers_bars(module: Any) -> None:
+    """transformers.utils.logging: route every bar it makes through _library_bar."""
+    set_hook = getattr(module, "set_tqdm_hook", None)
+    if set_hook is not None:
+        set_hook(_library_bar)
+    elif not is_verbose():  # a transformers without the hook: the global switch, fixed at this point
+        module.disable_progress_bar()
+
+
+def _quiet_gguf_bar(module: Any) -> None:
+    """transformers.modeling_gguf_pytorch_utils: its `tqdm` is tqdm.auto's own; wrap it the same way."""
+    real = getattr(module, "tqdm", None)
+    if real is None or getattr(real, "_devft_quiet", False):
+        return
+
+    def quiet_tqdm(*args: Any, **kwargs: Any) -> Any:
+        return _library_bar(real, args, kwargs)
+
+    quiet_tqdm._devft_quiet = True  # type: ignore[attr-defined]
+    module.tqdm = quiet_tqdm
+
+
 def _quiet_graph_builder(module: Any) -> None:
     real = getattr(module, "SessionOptions", None)
     if real is None or getattr(real, "_devft_quiet", False):
@@ -106,6 +143,8 @@ def _quiet_graph_builder(module: Any) -> None:
 _AFTER_IMPORT: dict[str, Any] = {
     "onnxruntime": lambda module: set_ort_severity(module),
     "onnxruntime.training.onnxblock._training_graph_utils": _quiet_graph_builder,
+    "transformers.utils.logging": _quiet_transformers_bars,
+    "transformers.modeling_gguf_pytorch_utils": _quiet_gguf_bar,
 }
 
 
@@ -134,10 +173,10 @@ def install() -> None:
             warnings.filterwarnings("ignore", message=message, category=category, module=module)
     if _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)
-    set_ort_severity()
-    builder = sys.modules.get("onnxruntime.training.onnxblock._training_graph_utils")
-    if builder is not None:
-        _quiet_graph_builder(builder)
+    for name, action in _AFTER_IMPORT.items():  # modules imported before us get the same treatment
+        module = sys.modules.get(name)
+        if module is not None:
+            action(module)
 
 
 def configure(verbose: bool) -> None:

@@ -22,6 +22,15 @@ def group_colours() -> ListedColormap:
     return ListedColormap(list(plt.get_cmap("tab20").colors) + list(plt.get_cmap("tab20b").colors))
 
 
+def _compute_text(recs: list[dict]) -> str:
+    """Client compute summed over clients and rounds, wall and CPU labelled (a bare `573 s` read as either);
+    both are timings, which vary from run to run where the losses of a seeded run do not."""
+    wall = sum(sum(r["client_seconds"]) for r in recs)
+    cpus = [c for r in recs for c in (r.get("client_cpu_seconds") or [None] * len(r["client_seconds"]))]
+    cpu = f", {sum(cpus):.0f} s CPU" if cpus and None not in cpus else ""
+    return f"client compute {wall:.0f} s wall{cpu} (summed over clients; timings vary from run to run)"
+
+
 def summary_text(report: dict, run_dir: Path) -> str:
     """What `devft run` and `devft serve` print at the end: before/after, per-task accuracy, traffic."""
     b, a = report["before"], report["after"]
@@ -36,8 +45,7 @@ def summary_text(report: dict, run_dir: Path) -> str:
              "per task accuracy (before -> after): " + ", ".join(
                  f"{t} {100 * b['per_task'][t].get('accuracy', 0):.0f}->{100 * v.get('accuracy', 0):.0f}%"
                  for t, v in (a["per_task"] or {}).items()),
-             f"LoRA traffic: {down / 1e6:.1f} MB down, {up / 1e6:.1f} MB up; client compute "
-             f"{sum(sum(r['client_seconds']) for r in recs):.0f} s",
+             f"LoRA traffic: {down / 1e6:.1f} MB down, {up / 1e6:.1f} MB up; {_compute_text(recs)}",
              f"report: {run_dir / 'report.json'}, plots: curves.png, groups.png, adapter: {run_dir / 'adapter'}"]
     moved = [e for e in report.get("stage_transfer", [])[:-1] if e["loss_change"] is not None]
     if moved:  # what the small stages taught the full model (issue #12's metric)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
-from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import RunConfig
@@ -32,6 +31,7 @@ from .executor import ClientExecutor, InProcessExecutor
 from .lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
 from .model import BaseModel, describe, load_base_model
 from .precision import warn_if_emulated
+from .progress import bar as progress_bar
 from .progress import phase, round_postfix
 from .report import plot_curves, plot_groups
 from .stage_transfer import stage_transfer
@@ -135,7 +135,7 @@ class RoundLoop:
     stages: list[int]  # submodel layers per stage (the strategy's schedule)
     rounds: list[int]  # rounds per stage
     executor: ClientExecutor
-    steps_bar: tqdm  # local steps of in-process clients
+    steps_bar: Any  # local steps of in-process clients (server_sdk.progress.bar)
     progress: bool = True
     stop_after_rounds: int | None = None  # end this call early (the checkpoint lets --resume continue)
     stop_when: Callable[[list[dict]], bool] | None = None  # end the run early once this holds (benchmarks)
@@ -201,8 +201,8 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     cfg.to_json(run_dir / "config.json")
     clients, held_out = prepare_data(cfg, base, run_dir)
     # local steps are visible only where clients train in this process; devices report per round
-    steps_bar = tqdm(total=cfg.clients_per_round * cfg.local_steps, desc="local steps", leave=False, position=1,
-                     disable=not progress or executor_factory is not None)
+    steps_bar = progress_bar("local steps", cfg.clients_per_round * cfg.local_steps, position=1, lines=False,
+                             enabled=progress and executor_factory is None)
     executor = executor_factory(cfg, base, clients) if executor_factory else \
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
     try:
@@ -240,8 +240,8 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
 
     total_rounds = sum(rounds)
     done_rounds = sum(rounds[:state.stage]) + state.next_round
-    bar = tqdm(total=total_rounds, initial=done_rounds, desc=f"{cfg.strategy} rounds", position=0,
-               disable=not loop.progress)
+    bar = progress_bar(f"{cfg.strategy} rounds", total_rounds, initial=done_rounds, position=0, leave=True,
+                       enabled=loop.progress)
     rounds_this_call = 0
     for s in range(state.stage, len(stages)):
         if rounds[s] == 0:  # skipped by the strategy's runtime schedule

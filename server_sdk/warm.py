@@ -47,6 +47,7 @@ def trace_templates(config: dict, stage_sizes: list[int], lora: LoraSettings, se
     """Make sure the portable graph of every stage size is cached (the background process's work)."""
     import torch
 
+    from export import template_dir
     from export.onnx import ensure_template
 
     from .quiet import install
@@ -56,7 +57,7 @@ def trace_templates(config: dict, stage_sizes: list[int], lora: LoraSettings, se
     # stop() terminates: unwind, so a graph half-written in its staging directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     for n in stage_sizes:
-        ensure_template(shaped_submodel(config, n, lora), Path(template_root) / "onnx-templates", seq_len=seq_len)
+        ensure_template(shaped_submodel(config, n, lora), template_dir("onnx", template_root), seq_len=seq_len)
 
 
 class TemplateWarmer:

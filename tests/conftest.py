@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from tests.heartbeat import pytest_runtest_protocol  # noqa: F401 - a line every 30 s while a long test runs
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one thread is faster than two spinning OpenMP threads on a busy 2-core machine.
 torch.set_num_threads(1)

@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,9 +31,47 @@ def test_every_command_is_wired_explicitly():
     assert serve.quorum == 1.0 and serve.fleet_dir == "f"
 
 
+HEAVY = ("torch", "transformers", "peft", "onnxruntime", "ray", "scipy", "matplotlib")
+HELP_CODE = """
+import sys
+from server_sdk.cli import build_parser
+for argv in sys.argv[1:]:
+    try:
+        build_parser().parse_args(argv.split())
+    except SystemExit:
+        pass
+print(" ".join(sorted(m for m in {heavy} if m in sys.modules)))
+"""
+
+
+def test_help_imports_no_heavy_library():
+    """`devft --help` took 6.6 s on a loaded machine (issue 26): the command line imported torch and transformers
+    before parsing its arguments. Every command's help is built without them; commands import what they use."""
+    helps = ["--help", *(f"{cmd} --help" for cmd in ("plan", "run", "serve", "eval", "export", "fleet", "report",
+                                                    "clean"))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", HELP_CODE.format(heavy=HEAVY), *helps], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "", f"imported by --help: {done.stdout.splitlines()[-1]}"
+    assert "usage: devft clean" in done.stdout and "usage: devft run" in done.stdout
+
+
 def test_unknown_strategy_names_the_registered_ones(capsys):
     assert main(["plan", "--strategy", "fedprox"]) == 2
     assert "strategy='fedprox' is not valid; choose one of ['devft', 'fedit', 'ffa-lora']" in capsys.readouterr().err
+
+
+def test_plan_says_what_the_schedule_does_with_the_rounds(capsys):
+    """issue 26: `rounds per stage: [3, 3, 3, 3]` under the default auto schedule, which may roll them back."""
+    stages = ["--model", "tiny-random-L8", "-o", "stages=[2, 4, 8]"]
+    assert main(["plan", *stages]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "rounds per stage: [3, 3, 3] schedule=auto (the default): these are at most" in out
+    assert "2 layers 1.25%, 4 layers 2.50%" in out and "every remaining round goes to the full model (rounds [1, 0, 8]" in out
+    assert "-o schedule=fixed runs exactly [3, 3, 3]" in out
+    assert main(["plan", *stages, "-o", "schedule=fixed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schedule"].startswith("schedule=fixed: exactly these rounds")
 
 
 def test_plan_run_eval_on_a_tiny_model(tmp_path, capsys):

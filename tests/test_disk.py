@@ -6,6 +6,7 @@ import os
 import threading
 
 from edge_runtime.transfer import ArtifactCache, sha256_bytes
+from export import template_dir
 from server_sdk.cli import main
 from server_sdk.disk import KEEP_ENV, disk_bytes, prune_finished_stages
 
@@ -79,22 +80,29 @@ def test_finished_stages_are_pruned_unless_kept(tmp_path, monkeypatch):
 
 def test_clean_lists_then_frees_artifacts_and_device_caches_only(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEVFT_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "ort-templates" / "k").mkdir(parents=True)
-    (tmp_path / "cache" / "ort-templates" / "k" / "t.onnx").write_bytes(b"x" * 50_000)
+    # every folder the exporters cache templates in, named as export_artifacts names it (issue 26: the
+    # portable format's onnx-templates, 1.3 GB after a quickstart, was left behind by --all)
+    template_dirs = [template_dir(fmt, tmp_path / "cache") for fmt in ("onnx", "ort")]
+    for folder in template_dirs:
+        (folder / "k").mkdir(parents=True)
+        (folder / "k" / "t.onnx").write_bytes(b"x" * 600_000)
     run = _fake_run(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(["clean", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "would be freed" in out and "device cache dev-001" in out and "export templates" not in out
+    assert "would be freed" in out and "device cache dev-001" in out and "onnx export templates" not in out
+    assert "1.2 MB  more under" in out and "`devft clean --all` frees them too" in out  # what --all would add
     assert (run / "artifacts").exists()
-    total = float(out.strip().splitlines()[-1].split()[0])
+    total = float(next(line for line in out.splitlines() if "would be freed" in line).split()[0])
     assert 0.7 < total < 1.0  # 6 x 100 kB artifacts + one 200 kB blob linked three times, counted once
 
     assert main(["clean", "--all"]) == 0
-    assert "freed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "freed" in out and "onnx export templates" in out and "more under" not in out
     assert not (run / "artifacts").exists() and not (run / "fleet" / "blobs").exists()
     assert not (run / "fleet" / "devices" / "dev-000" / "cache").exists()
-    assert not (tmp_path / "cache" / "ort-templates").exists()
+    assert not any(folder.exists() for folder in template_dirs)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []  # --all left no template folder behind
     for kept in ("config.json", "report.json", "data", "fleet/credentials"):
         assert (run / kept).exists()
     assert main(["clean"]) == 0 and "nothing to clean" in capsys.readouterr().out

@@ -167,7 +167,7 @@ def test_start_timeout_is_set_from_the_command_line_and_validated(tmp_path):
 
 
 def _coordinator(fleet, run_dir: Path, art: Path, **settings) -> FleetExecutor:
-    cfg = RunConfig(lr=1e-3, local_steps=2, batch_size=2, num_clients=1, clients_per_round=1)
+    cfg = RunConfig(lr=2e-2, local_steps=2, batch_size=2, num_clients=1, clients_per_round=1)  # _good: AdamW-sized
     fs = FleetSettings(run_id=RUN, artifact_bytes_per_s=None, device_names={"0": "dev1"})
     for key, value in settings.items():
         setattr(fs, key, value)

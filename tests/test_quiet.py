@@ -28,9 +28,18 @@ NOISE = re.compile(r"\b(INFO|DEBUG|WARNING)\b|\[[IWV]:onnxruntime|Warning:|warni
 def devft(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None,
           timeout: int = 400) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
-    env.pop("DEVFT_VERBOSE", None)
-    return subprocess.run([sys.executable, "-m", "server_sdk.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    for key in ("DEVFT_VERBOSE", "DEVFT_PROGRESS", "DEVFT_HEARTBEAT_S"):
+        if key not in (env_extra or {}):
+            env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "server_sdk.cli", *args], cwd=cwd, capture_output=True, env=env,
+                          timeout=timeout)
+    # decoded without universal newlines: a carriage return (a bar redrawn in place) stays visible
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def redraws(stderr: str) -> list[str]:
+    """Carriage returns and escape sequences: a bar redrawn in place, which a log file or a pipe should not get."""
+    return [code for code in ("\r", "\x1b[") if code in stderr]
 
 
 def lines_of(stderr: str) -> list[str]:
@@ -48,6 +57,8 @@ def test_simulated_run_is_quiet_and_verbose_shows_the_library_output(tmp_path):
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "fine-tuned" in quiet.stdout
     assert noise(quiet.stderr) == [], noise(quiet.stderr)[:10]
+    assert redraws(quiet.stderr) == [], quiet.stderr[-2000:]  # stderr is a pipe: plain lines (issue 26)
+    assert re.search(r"^devft rounds 2/2: stage 2/2 \(4 layers\), submodel train loss", quiet.stderr, re.M)
     assert "base model evaluation" in quiet.stderr and "evaluating after round" in quiet.stderr  # progress is shown
     assert "submodel train loss" in quiet.stderr and "full-model eval loss" in quiet.stderr
 
@@ -65,10 +76,14 @@ def test_fleet_run_is_quiet_and_devices_print_one_line_per_round(tmp_path):
     except MosquittoNotFound as exc:
         pytest.skip(str(exc))
     # a fresh cache: the stage exports really run (their graph builder is where ORT's INFO lines came from)
+    # a heartbeat every 0.5 s without a line (30 s by default) shows while the coordinator waits for devices
     done = devft(["run", "--fleet", "local:2", *TINY, "--name", "f", "--runs-dir", "runs", "--round-timeout", "120"],
-                 tmp_path, {"DEVFT_CACHE": str(tmp_path / "cache")})
+                 tmp_path, {"DEVFT_CACHE": str(tmp_path / "cache"), "DEVFT_HEARTBEAT_S": "0.5"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert noise(done.stderr) == [], noise(done.stderr)[:10]
+    assert redraws(done.stderr) == [], done.stderr[-2000:]
+    beats = [line for line in done.stderr.splitlines() if line.startswith("... still working")]
+    assert any("devft rounds" in line for line in beats), done.stderr[-3000:]
     rounds = re.findall(r"^(dev-00[01]): stage (\d) round (\d): \d+ steps", "\n".join(lines_of(done.stderr)), re.M)
     assert sorted(set(rounds)) == [("dev-000", "1", "1"), ("dev-000", "2", "2"), ("dev-001", "1", "1"),
                                    ("dev-001", "2", "2")], rounds
@@ -111,3 +126,34 @@ def test_log_relay_shows_round_lines_and_errors_only(tmp_path):
         f.write("ne\n")
     relay.poll()
     assert shown[-1] == "half a line"
+
+
+# transformers' own bars (issue 26): the GGUF conversion's, from_pretrained's and save_pretrained's
+LIBRARY_BARS = ("Converting and de-quantizing GGUF tensors", "Loading weights", "Writing model shards")
+BARS_CODE = """
+import server_sdk, sys
+import transformers.modeling_gguf_pytorch_utils as gguf
+from server_sdk.model import load_base_model, tiny_random_model
+list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))  # the bar _convert_gguf draws
+base = tiny_random_model(2, 32)
+base.model.save_pretrained(sys.argv[1])
+base.tokenizer.save_pretrained(sys.argv[1])
+load_base_model(sys.argv[1])
+"""
+
+
+def test_library_progress_bars_show_only_with_verbose(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("DEVFT_VERBOSE", None)
+    quiet = subprocess.run([sys.executable, "-c", BARS_CODE, str(tmp_path / "m")], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert [b for b in LIBRARY_BARS if b in quiet.stderr] == [] and "%|" not in quiet.stderr, quiet.stderr[-2000:]
+    plan = devft(["plan", "--model", str(tmp_path / "m"), "-o", "stages=[1, 2]"], tmp_path)  # from_pretrained
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "stage 1 groups" in plan.stdout and plan.stderr == "", plan.stderr[-2000:]
+
+    loud = subprocess.run([sys.executable, "-c", BARS_CODE, str(tmp_path / "v")], capture_output=True, text=True,
+                          env={**env, "DEVFT_VERBOSE": "1"}, timeout=300)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert [b for b in LIBRARY_BARS if b not in loud.stderr] == [], loud.stderr[-2000:]

@@ -10,6 +10,7 @@ import pytest
 
 from export import onnx as ox
 from server_sdk.config import LoraSettings
+from server_sdk.disk import cleanable
 from server_sdk.warm import TemplateWarmer, shaped_submodel
 
 LORA = LoraSettings(r=2, alpha=4)
@@ -41,6 +42,10 @@ def test_the_warm_up_process_fills_the_cache_and_stages_then_only_restamp(tiny_b
     warmer.process.join(300)
     assert warmer.process.exitcode == 0
     assert len([d for d in (tmp_path / "onnx-templates").iterdir() if d.is_dir()]) == 2
+    # `devft clean --all` frees the folder the tracer really filled (issue 26: it named ort-templates and left
+    # the portable format's onnx-templates, 1.3 GB after a SmolLM2 quickstart, behind)
+    monkeypatch.setenv("DEVFT_CACHE", str(tmp_path))
+    assert ("onnx export templates", tmp_path / "onnx-templates") in cleanable([], include_caches=True)
 
     def no_trace(*args, **kwargs):
         raise AssertionError("traced although the warm-up process had cached this shape")
