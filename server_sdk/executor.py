@@ -54,6 +54,12 @@ class ClientExecutor(ABC):
         return evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
                         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, precision=precision)
 
+    def follow_schedule(self, rounds: list[int]) -> None:
+        """The run's rounds per stage: the round loop's list, which it updates in place when it replans."""
+
+    def run_finished(self) -> None:
+        """The run's last round is done (called before close; not after an interrupted or failed run)."""
+
     def close(self) -> None:
         """Release connections and processes."""
 

@@ -222,8 +222,7 @@ class FleetExecutor(ClientExecutor):
         self.settings = (settings or FleetSettings()).validate()
         self.run_id = P.check_name("run_id", self.settings.run_id or self.run_dir.name)
         self.tokenizer_dir = tokenizer_dir
-        self.offsets = [sum(stage_rounds[:s]) for s in range(len(stage_rounds))]  # wire round = offset + round
-        self.total_rounds = sum(stage_rounds)
+        self.schedule = list(stage_rounds)  # rounds per stage; the round loop's own list once it calls follow_schedule
         self.session = secrets.token_hex(8)  # this coordinator process; devices retrain after a restart
         self.events_path = self.run_dir / "fleet_events.jsonl"
         self.rejections: Counter[str] = Counter()
@@ -259,7 +258,8 @@ class FleetExecutor(ClientExecutor):
         self._speculation: Speculation | None = None
         self._warmer: TemplateWarmer | None = None
         self._last_global: str | None = None
-        self._rounds_done = 0
+        self._rounds_done = 0  # the wire round after the last one completed
+        self._run_finished = False  # the round loop ran the run's last round (run_finished): close() says done
         self._nonces: set[str] = set()  # of accepted updates, for the whole run (this process)
         self._digests: dict[str, str] = {}  # nonce -> sha256 of the accepted payload
         self._events_lock = threading.Lock()
@@ -283,9 +283,17 @@ class FleetExecutor(ClientExecutor):
     def device_of(self, client: int) -> str:
         return self.settings.device_names.get(str(client)) or device_name(client)
 
+    def follow_schedule(self, rounds: list[int]) -> None:
+        """Number wire rounds by the round loop's schedule, which it changes in place when the strategy moves a
+        stage's leftover rounds to the next stage (`schedule=auto`), and restores on a resume."""
+        self.schedule = rounds
+
     def wire_round(self, stage: int, rnd: int) -> int:
-        """Rounds are numbered across stages on the wire so every global topic is used once."""
-        return self.offsets[stage] + rnd
+        """Rounds are numbered across stages on the wire, so every global topic is used once: the rounds the
+        stages before ran, plus the round. A replanned stage's rounds shift the next stage's numbers with it
+        (numbering by the first schedule made a stage that took over leftover rounds overlap the next one); the
+        number is the run's round count before this round, as report.json counts rounds."""
+        return sum(self.schedule[:stage]) + rnd
 
     # -- stage ------------------------------------------------------------------------------
 
@@ -974,11 +982,15 @@ class FleetExecutor(ClientExecutor):
         with self._events_lock, open(self.events_path, "a") as f:
             f.write(line + "\n")
 
+    def run_finished(self) -> None:
+        """The round loop ran the run's last round: close() tells devices the run is done."""
+        self._run_finished = True
+
     def close(self) -> None:
-        """Tell devices the run is over (only when its last round is done), then disconnect."""
+        """Tell devices the run is over (only when its last round is done: run_finished), then disconnect."""
         self._finish_speculation()
         try:
-            if self._rounds_done >= self.total_rounds:
+            if self._run_finished:
                 self._publish_control(P.ControlMessage(self.run_id, max(self._stage, 0), self._rounds_done, "done"))
                 self._event("done", rejections=dict(self.rejections))
         finally:

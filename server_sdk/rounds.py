@@ -206,9 +206,13 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     executor = executor_factory(cfg, base, clients) if executor_factory else \
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
     try:
+        executor.follow_schedule(rounds)
         executor.expect_stages(base.model.config.to_dict(), [n for n, k in zip(stages, rounds) if k > 0])
-        return _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
-                                   progress, stop_after_rounds, stop_when), resume)
+        report = _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
+                                     progress, stop_after_rounds, stop_when), resume)
+        if not report.get("interrupted"):
+            executor.run_finished()
+        return report
     finally:
         steps_bar.close()
         executor.close()

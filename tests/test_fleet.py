@@ -167,20 +167,21 @@ def test_round_without_quorum_fails_clearly(coordinator):
     assert events(coordinator.run_dir)[-1]["missing"] == ["dev1", "dev2"]
 
 
-def _run_round(ex, rnd: int, sampled: list[int]) -> tuple[threading.Thread, dict]:
+def _run_round(ex, rnd: int, sampled: list[int], stage: int = 0) -> tuple[threading.Thread, dict]:
     box: dict = {}
 
     def target() -> None:
         try:
-            box["results"] = ex.train_round(0, rnd, sampled, {A: torch.zeros(2, 8), B: torch.zeros(8, 2)},
+            box["results"] = ex.train_round(stage, rnd, sampled, {A: torch.zeros(2, 8), B: torch.zeros(8, 2)},
                                             lambda k: True, {c: c for c in sampled})
         except BaseException as exc:  # re-raised by the test
             box["error"] = exc
 
     worker = threading.Thread(target=target, daemon=True)
     worker.start()
-    wait_for(lambda: any(e["event"] == "round_start" and e["round"] == rnd for e in events(ex.run_dir)), 20,
-             f"round {rnd} to start")
+    wr = ex.wire_round(stage, rnd)
+    wait_for(lambda: any(e["event"] == "round_start" and e["round"] == wr for e in events(ex.run_dir)), 20,
+             f"round {rnd} of stage {stage} to start")
     return worker, box
 
 

@@ -210,3 +210,43 @@ def test_fedavg_rounds_keep_one_running_sum_not_the_updates(coordinator, fleet, 
                                     fleet_tests.B: torch.from_numpy(_good(c)[fleet_tests.PB])}, 0.0, 0.0) for c in (1, 2)]
     got, want = aggregate("fedavg", glob, results), fedavg(glob, sent)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_replanned_schedule_never_reuses_a_wire_round_or_clears_the_global_it_just_published(fleet, clients,
+                                                                                              tmp_path):
+    """Issue 25's latent fault: wire rounds were the stage's offset in the *initial* schedule plus the round, so
+    when `schedule=auto` moved a stage's leftover rounds to the next stage (stages [2, 2, 2]; stage 0 ends after
+    one round, stage 1 runs three), stage 1's third round and stage 2's first shared global/4, and publishing
+    stage 2's global cleared it again as "the previous round's" (devices that subscribe find none)."""
+    broker = BrokerProcess(fleet.dir, fleet.port).start()
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text("{}")
+    ex = FleetExecutor(RunConfig(lr=2e-2, local_steps=2, batch_size=2), tmp_path / "run", fleet.server, [2, 2, 2],
+                       FleetSettings(run_id=RUN, round_timeout_s=20, quorum=0.5, artifact_bytes_per_s=None,
+                                     stage_ready_timeout_s=0, device_names={"1": "dev1"}), host="localhost")
+    schedule = [2, 2, 2]
+    ex.follow_schedule(schedule)  # the round loop's list
+    dev1 = clients(fleet.devices["dev1"])
+    try:
+        seen = []
+        for stage, rnd in ((0, 0), (1, 0), (1, 1), (1, 2), (2, 0)):
+            if rnd == 0:
+                ex.serve_stage(stage, {"onnx": tmp_path / "art"})
+            if (stage, rnd) == (1, 0):
+                schedule[:] = [1, 3, 2]  # as rounds.py replans: stage 0 ended after one round, stage 1 takes it
+            worker, box = _run_round(ex, rnd, [1], stage=stage)
+            wr = next(e["round"] for e in reversed(events(ex.run_dir)) if e["event"] == "round_start")
+            seen.append(wr)
+            dev1.publish(P.update_topic(RUN, "dev1"), P.encode_update(_update("dev1", wr, _good(1), stage=stage)),
+                         wait_s=10)
+            worker.join(30)
+            assert "error" not in box and [r.client for r in box["results"]] == [1], box.get("error")
+            got: queue.Queue = queue.Queue()
+            probe = clients(fleet.devices["dev2"])  # a device subscribing now must find the round's global
+            probe.subscribe(P.global_topic(RUN, wr), got.put)
+            assert P.decode_global(got.get(timeout=10).payload).stage == stage
+            probe.close()
+        assert seen == [0, 1, 2, 3, 4], seen  # as report.json counts the run's rounds
+    finally:
+        ex.close()
+        broker.stop()
