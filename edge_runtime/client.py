@@ -196,6 +196,8 @@ class Device:
     # -- messages ------------------------------------------------------------------------
 
     def _on_control(self, msg: Message) -> None:
+        if not msg.payload:
+            return  # a retained control being cleared (a coordinator starting a fresh run)
         self._controls.put(msg)
         self._control_arrived.set()
 
@@ -259,7 +261,24 @@ class Device:
         try:
             return self._loop()
         finally:
+            self._say_offline()
             self.client.close()
+
+    def _say_offline(self, timeout_s: float = 5.0) -> None:
+        """Publish the retained `offline` status and wait for the broker's ack before a clean disconnect.
+
+        A clean DISCONNECT suppresses the will, so without this a device stopped by SIGTERM, Ctrl-C or
+        `exit_after_rounds` looked alive until the round's deadline. A broker that is gone costs `timeout_s`."""
+        if self.client is None or self.run_id is None or not self.client.connected:
+            return
+        msg = P.StatusMessage(self.device_id, "offline", time.time(), {"formats": self.formats, **self.versions})
+        try:
+            info = self.client.publish(P.status_topic(self.run_id, self.device_id), P.encode_status(msg), retain=True)
+            if not wait_published(info, timeout_s):
+                log.warning("%s: the broker did not acknowledge the offline status within %.0f s", self.device_id,
+                            timeout_s)
+        except (ConnectionError, OSError, ValueError) as exc:
+            log.warning("%s: could not publish the offline status: %s", self.device_id, exc)
 
     def _loop(self) -> int:
         # a device of a local fleet (`devft run --fleet local:N`) ends with its coordinator, even a killed one
@@ -574,6 +593,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(Exception):
+    """SIGTERM: leave whatever the device is doing (training, fetching, waiting), say offline, disconnect."""
+
+
+def _stop_on_signal(device: Device):
+    """A SIGTERM handler that interrupts the main thread once (a round may take minutes; the coordinator should
+    learn at once that this device will not answer); a second SIGTERM during the shutdown is ignored."""
+    def handler(signum, frame) -> None:
+        if not device._stop.is_set():
+            device.stop()
+            raise Stopped()
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":
@@ -597,9 +631,11 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as exc:
         print(f"devft-edge: error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: device.stop())
+    signal.signal(signal.SIGTERM, _stop_on_signal(device))
     try:
         return device.run()
+    except Stopped:
+        return 0  # asked to stop (SIGTERM), stopped cleanly: the offline status is out
     except KeyboardInterrupt:
         return 130
     except ConnectionError as exc:
