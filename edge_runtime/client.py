@@ -64,6 +64,11 @@ log = logging.getLogger("devft.edge")
 
 BACKENDS = (*FORMATS, "auto")
 PARENT_ENV = "DEVFT_EXIT_WITH_PARENT"  # a pid: stop when it is no longer this process's parent
+# How long the broker keeps this device's session (and queues control and global messages for it) while it is
+# away: long enough to ride out a broker restart or a network blip; a device away longer resubscribes and gets
+# the retained control and global, so the broker need not hold every round's global for a device that may
+# never come back (issue #27, hole 8)
+SESSION_EXPIRY_S = 600
 
 
 class DeviceError(RuntimeError):
@@ -157,7 +162,8 @@ def settings_from_credentials(path: str | Path, cache_dir: Path, host: str | Non
     will = P.encode_status(P.StatusMessage(user, "offline", time.time()))
     settings = MqttSettings(host=host or creds["host"], port=int(port or creds["port"]), username=user,
                             password=password, ca_file=ca_file, client_id=creds.get("client_id") or user,
-                            reconnect_min_s=0.2, reconnect_max_s=5.0, will_payload=will)
+                            reconnect_min_s=0.2, reconnect_max_s=5.0, will_payload=will,
+                            session_expiry_s=SESSION_EXPIRY_S)
     return settings, user
 
 

@@ -66,6 +66,11 @@ ARTIFACTS_SUFFIX = "-artifacts"  # the coordinator's second connection (artifact
 DEFAULT_TLS_PORT = 8883
 BROKER_FILES = ("ca.pem", "server.pem", "server.key", "passwd", "acl")  # all mosquitto reads
 RUNTIME_ROOT = "/var/lib/devft-broker"  # where a broker started by root keeps its files (DEVFT_BROKER_RUNTIME)
+# per client (device or coordinator connection), queued beyond the 20 messages in flight: QoS 1 messages for an
+# offline session, or for an online one that reads slower than they come. Room for a burst of updates to the
+# coordinator (4 full-size ones); fleet.json's `max_queued_bytes` overrides it
+MAX_QUEUED_MESSAGES = 1000
+MAX_QUEUED_BYTES = 4 * MAX_UPDATE_BYTES
 
 
 class MosquittoNotFound(RuntimeError):
@@ -452,7 +457,12 @@ def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: s
         "persistence true",
         f"persistence_location {rt / 'data'}/",
         "autosave_interval 10",
-        "max_queued_messages 10000",
+        # what the broker may hold for one client while it is away or slow (issue #27, hole 8): chunks are QoS 0
+        # and never queued for an offline session; control and global are retained (a device resubscribing gets
+        # the newest), so a full queue drops nothing a device needs
+        "queue_qos0_messages false",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {int(settings.get('max_queued_bytes') or MAX_QUEUED_BYTES)}",
         "max_inflight_messages 20",
         # a message's last segment leaves at once instead of waiting for the client's delayed ACK (40 ms); 2.0+
         *(["set_tcp_nodelay true"] if (mosquitto_version() or (2,)) >= (2,) else []),

@@ -73,3 +73,39 @@ def test_a_device_stopped_with_sigterm_mid_round_says_offline_and_costs_seconds(
     assert end["missing"] == ["dev2"] and end["offline"] == ["dev2"]
     # a behaviour check, not a benchmark: the round must not wait for its 60 s deadline
     assert end["t"] - stopped_at < 15.0, f"the round waited {end['t'] - stopped_at:.1f}s after the SIGTERM"
+
+
+def test_artifact_chunks_are_never_queued_for_an_offline_device(fleet, broker, clients, tmp_path):
+    """Hole 8: a device whose persistent session holds a chunk subscription goes away while another device
+    downloads a file; the broker queues none of the chunks for it (QoS 0), only the retained control (QoS 1)."""
+    import os
+
+    from edge_runtime.transfer import ArtifactCache
+    from server_sdk.artifact_server import ArtifactServer
+    from server_sdk.broker import artifact_credentials
+
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(os.urandom(6 * 64 * 1024))
+    server = ArtifactServer(clients(artifact_credentials(fleet.server)), RUN, max_bytes_per_s=None).start()
+    try:
+        entry = server.add_file(blob, "stage0/weights.bin", chunk_size=64 * 1024)
+        away = clients(fleet.devices["dev2"])  # clean_start false, a session that outlives the connection
+        away.subscribe(f"devft/{RUN}/artifacts/#")
+        away.subscribe(P.control_topic(RUN))
+        away.close()
+        ArtifactCache(tmp_path / "cache").fetch_file(clients(fleet.devices["dev1"]), RUN, "dev1", entry,
+                                                      chunk_timeout_s=2.0)
+        assert server.chunks_sent >= 6
+        clients(fleet.server).publish(P.control_topic(RUN), b"while you were away", retain=True, wait_s=5)
+        back = clients(fleet.devices["dev2"], connect=False)
+        got: list = []
+        for topic_filter in (f"devft/{RUN}/artifacts/#", P.control_topic(RUN)):  # queued messages carry their ids
+            back.subscribe(topic_filter, got.append)
+        back.connect(10)
+        assert back.session_present
+        wait_for(lambda: any(m.topic == P.control_topic(RUN) for m in got), 10, "the queued control")
+        time.sleep(1.0)  # queued messages come in order right after the CONNACK; give stragglers a moment
+        chunks = [m.topic for m in got if "/artifacts/" in m.topic]
+        assert chunks == [], f"the broker queued {len(chunks)} chunks for an offline device"
+    finally:
+        server.stop()
