@@ -48,6 +48,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -502,20 +503,63 @@ def _listening(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: Linux sends it SIGTERM when the wrapper dies, even by SIGKILL."""
+def _find_prctl():
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass  # not Linux: the signal handlers of `run` still stop mosquitto on SIGTERM/SIGINT
+        return None  # not Linux: the signal handlers of `run` (and `devft run`) still stop mosquitto
+
+
+_PRCTL = _find_prctl()  # looked up here: the child of a threaded parent should do as little as possible
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the parent dies, even by SIGKILL."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+PID_FILE = "broker.pid"  # in the fleet directory: the mosquitto serving it, so a later start can find a stale one
+
+
+def _mosquitto_of(pid: int, conf: Path) -> bool:
+    """Whether `pid` is a live mosquitto started on `conf` (this fleet's generated config)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(args) and Path(args[0].decode(errors="replace")).name == "mosquitto" and str(conf).encode() in args
+
+
+def stop_stale_broker(fleet_dir: str | Path, timeout_s: float = 10.0) -> int | None:
+    """Stop a mosquitto left running for this fleet by a process that died without stopping it (SIGKILL of a
+    `devft run --fleet local:N` before it set the parent-death signal, a crash of an older version).
+
+    Only the pid in the fleet's pid file, and only if it is a mosquitto running this fleet's config; returns it."""
+    fleet = Path(fleet_dir).resolve()
+    try:
+        pid = int(json.loads((fleet / PID_FILE).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _mosquitto_of(pid, runtime_dir(fleet) / "mosquitto.conf"):
+        return None
+    os.kill(pid, signal.SIGTERM)  # mosquitto saves its persistence on SIGTERM
+    deadline = time.monotonic() + timeout_s
+    while _mosquitto_of(pid, runtime_dir(fleet) / "mosquitto.conf") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _mosquitto_of(pid, runtime_dir(fleet) / "mosquitto.conf"):
+        os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 class BrokerProcess:
     """A mosquitto process serving one fleet directory.
 
-    `die_with_parent` (for the `run` command, whose main thread lives as long as the broker)
-    makes mosquitto exit if this process is killed; leave it off when a worker thread starts the
-    broker, since Linux ties the signal to the thread that forked."""
+    `die_with_parent` makes mosquitto exit when this process dies, even by SIGKILL (the `run` command,
+    `devft run --fleet local:N`). Linux ties that signal to the thread that forked, so it applies only
+    when the main thread starts the broker; a worker thread's broker would die with the thread.
+    `start` writes the fleet's pid file and first stops a stale mosquitto of the same fleet
+    (`stop_stale_broker`) that still holds the port."""
 
     def __init__(self, fleet_dir: str | Path, port: int | None = None, *, bind_address: str | None = None,
                  die_with_parent: bool = False) -> None:
@@ -534,6 +578,12 @@ class BrokerProcess:
     def start(self, timeout_s: float = 10.0) -> BrokerProcess:
         broker_bin, _ = require_mosquitto()
         host = _listen_host(self.bind_address)
+        if _listening(self.port, host) and stop_stale_broker(self.fleet_dir) is not None:
+            log_stale = f"stopped a stale mosquitto of {self.fleet_dir} that still held port {self.port}"
+            print(f"devft: {log_stale}", file=sys.stderr)
+            deadline = time.monotonic() + timeout_s
+            while _listening(self.port, host) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if _listening(self.port, host):
             raise BrokerError(f"port {self.port} is already in use; pick another port for this fleet")
         _upgrade(self.fleet_dir)
@@ -542,12 +592,14 @@ class BrokerProcess:
         # as root, start it as its user outright: it never holds root, and the parent-death signal
         # survives (a set-uid inside mosquitto would clear it)
         account = pwd.getpwnam(broker_user()) if os.geteuid() == 0 else None
+        with_parent = self.die_with_parent and threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen([broker_bin, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent if self.die_with_parent else None,
+                                     preexec_fn=_die_with_parent if with_parent else None,
                                      user=account.pw_uid if account else None,
                                      group=account.pw_gid if account else None,
                                      extra_groups=[] if account else None)
         log.close()
+        _write_private(self.fleet_dir / PID_FILE, json.dumps({"pid": self.proc.pid, "port": self.port}))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

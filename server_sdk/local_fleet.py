@@ -14,6 +14,7 @@ above the progress bar; everything else a device logs stays in its device.log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -71,7 +72,8 @@ class LocalFleet:
     # -- broker ---------------------------------------------------------------------------
 
     def start_broker(self) -> BrokerProcess:
-        self.broker = BrokerProcess(self.dir, self.port).start()
+        """Start the fleet's mosquitto; it exits with this process, however this process ends (main thread)."""
+        self.broker = BrokerProcess(self.dir, self.port, die_with_parent=True).start()
         return self.broker
 
     def restart_broker(self) -> None:
@@ -209,7 +211,7 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
     from .rounds import run
 
     run_dir = Path(run_dir)
-    with LocalFleet(run_dir / "fleet", n_devices) as fleet:
+    with stop_on_sigterm(), LocalFleet(run_dir / "fleet", n_devices) as fleet:
         fleet.start_broker()
 
         def start_devices(executor) -> None:
@@ -228,6 +230,30 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
     if not report.get("interrupted"):
         report = add_fleet_summary(run_dir, report, codes)
     return report
+
+
+class Terminated(SystemExit):
+    """SIGTERM of `devft run --fleet local:N`: unwinds like Ctrl-C, so devices and the broker are stopped."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While inside, SIGTERM raises `Terminated` (exit status 143) in the main thread, so `LocalFleet.close` stops
+    the devices (each says offline) and the broker (which saves its persistence) before the process exits. The
+    checkpoint of the last finished round stays, for `--resume`. Elsewhere than the main thread: a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the shutdown itself must not be interrupted
+        raise Terminated(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = None) -> dict:

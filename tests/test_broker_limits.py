@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from edge_runtime import protocol as P
 from tests import test_fleet as fleet_tests
 from tests.test_fleet import RUN, _good, _run_round, _update, events, wait_for
@@ -109,3 +111,78 @@ def test_artifact_chunks_are_never_queued_for_an_offline_device(fleet, broker, c
         assert chunks == [], f"the broker queued {len(chunks)} chunks for an offline device"
     finally:
         server.stop()
+
+
+# a local fleet's coordinator, as far as the broker is concerned: starts the fleet's mosquitto, then waits
+FLEET_PARENT = """
+import sys, time
+from server_sdk.broker import BrokerProcess
+from server_sdk.local_fleet import LocalFleet
+fleet = LocalFleet(sys.argv[1], 1)
+if sys.argv[2] == "local":
+    broker = fleet.start_broker()
+else:  # what versions before the parent-death signal did: nothing stops mosquitto when this process dies
+    broker = BrokerProcess(fleet.dir, fleet.port).start()
+print(broker.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _start_parent(fleet_dir: Path, how: str) -> tuple[subprocess.Popen, int]:
+    parent = subprocess.Popen([sys.executable, "-c", FLEET_PARENT, str(fleet_dir), how], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    return parent, int(parent.stdout.readline())
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_local_fleet_killed_or_terminated_takes_its_broker_along(tmp_path, sig):
+    """Hole 10: the broker of `devft run --fleet local:N` dies with it, and the fleet starts again on its port."""
+    import os
+    import signal
+
+    from server_sdk.local_fleet import LocalFleet
+
+    parent, broker_pid = _start_parent(tmp_path / "fleet", "local")
+    try:
+        parent.send_signal(getattr(signal, sig))
+        parent.wait(10)
+        wait_for(lambda: not _alive(broker_pid), 10, f"mosquitto to stop after the {sig} of its parent")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        if _alive(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)
+    with LocalFleet(tmp_path / "fleet", 1) as again:  # the resume: same fleet, same port
+        assert again.start_broker().running
+
+
+def test_a_stale_broker_of_the_same_fleet_is_stopped_on_the_next_start(tmp_path):
+    """Hole 10: a mosquitto left behind (by an older version, say) no longer blocks `--resume` with
+    "port ... is already in use": the fleet's pid file names it, and only that process is stopped."""
+    import os
+    import signal
+
+    from server_sdk.local_fleet import LocalFleet
+
+    parent, broker_pid = _start_parent(tmp_path / "fleet", "plain")
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        time.sleep(0.5)
+        assert _alive(broker_pid), "the scenario needs a leaked mosquitto"
+        with LocalFleet(tmp_path / "fleet", 1) as again:
+            broker = again.start_broker()
+            assert broker.running and broker.proc.pid != broker_pid
+            assert not _alive(broker_pid)
+    finally:
+        parent.stdout.close()
+        if _alive(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)
