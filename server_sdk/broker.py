@@ -26,8 +26,9 @@ Layout of a fleet directory:
 Mosquitto never runs as root. Started by root, it runs as the `mosquitto` system
 user (else the sudo caller), and reads copies of only the files it needs
 (ca.pem, server.pem, server.key, passwd, acl) from a runtime directory that user
-owns, `/var/lib/devft-broker/<fleet>-<hash>/` (`DEVFT_BROKER_RUNTIME` overrides the
-parent), where its persistence lives too; the fleet directory itself may stay
+owns, `/var/lib/devft-broker/<fleet>-<fleet_id>/` (`DEVFT_BROKER_RUNTIME` overrides the
+parent; the id is random, from fleet.json, so a fleet made anew never finds an old one's
+persistence), where its persistence lives too; the fleet directory itself may stay
 private to root. Started by anyone else, it runs as that user on the fleet directory.
 """
 
@@ -304,10 +305,12 @@ def fleet_init(
                               "a LAN address of this machine, or leave it unset for all interfaces") from None
     hostnames = hostnames or ["localhost", "127.0.0.1", socket.gethostname()]
     fleet.mkdir(parents=True, exist_ok=True)
-    (fleet / "data").mkdir(exist_ok=True)
+    shutil.rmtree(fleet / "data", ignore_errors=True)  # a new fleet starts with an empty broker
+    (fleet / "data").mkdir()
     server_users = [SERVER_USER, SERVER_USER + ARTIFACTS_SUFFIX]
     settings = {"hostnames": hostnames, "port": port, "plaintext_loopback_port": plaintext_loopback_port,
-                "bind_address": bind_address, "server_users": server_users}
+                "bind_address": bind_address, "server_users": server_users,
+                "fleet_id": secrets.token_hex(8)}  # keys the broker's runtime directory (runtime_dir)
     (fleet / "fleet.json").write_text(json.dumps(settings, indent=2))
     _make_certs(fleet, hostnames, cert_days)
     (fleet / "acl").write_text(acl_text(tuple(server_users)))
@@ -406,12 +409,23 @@ def broker_user() -> str:
 
 
 def runtime_dir(fleet_dir: str | Path) -> Path:
-    """The directory mosquitto reads its files from and keeps persistence in (see the module docstring)."""
+    """The directory mosquitto reads its files from and keeps persistence in (see the module docstring).
+
+    Keyed by the random `fleet_id` that fleet_init writes into fleet.json, not by the path: a fleet made
+    anew where a deleted one was (a run directory deleted and rerun under the same name) must not inherit the
+    old broker's persistence, stale retained `done` included (issue #27, hole 12). Fleets made before the id
+    existed keep their path-keyed directory."""
     fleet = Path(fleet_dir).resolve()
     if os.geteuid() != 0:
         return fleet
     root = Path(os.environ.get("DEVFT_BROKER_RUNTIME") or RUNTIME_ROOT)
-    return root / f"{fleet.name}-{hashlib.sha256(str(fleet).encode()).hexdigest()[:12]}"
+    try:
+        fleet_id = json.loads((fleet / "fleet.json").read_text()).get("fleet_id")
+    except (OSError, ValueError, AttributeError):
+        fleet_id = None
+    if not (isinstance(fleet_id, str) and re.fullmatch(r"[0-9a-f]{12,64}", fleet_id)):
+        fleet_id = hashlib.sha256(str(fleet).encode()).hexdigest()[:12]
+    return root / f"{fleet.name}-{fleet_id}"
 
 
 def _stage_runtime(fleet: Path, user: str) -> Path:

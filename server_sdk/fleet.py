@@ -63,6 +63,7 @@ from .broker import Credentials, artifact_credentials
 from .config import ConfigError, RunConfig
 from .data import Example
 from .executor import ClientExecutor
+from .janitor import RetainedJanitor
 from .lora import LoraState, to_peft_key
 from .model import cache_root, smollm2_cache_dir
 from .prefetch import Speculate, Speculation
@@ -228,6 +229,7 @@ class FleetExecutor(ClientExecutor):
         self.client.subscribe(P.update_topic(self.run_id, "+"), self._inbox.put)
         self.client.subscribe(P.status_topic(self.run_id, "+"), self._on_status)
         self.client.connect(connect_timeout_s)
+        self.janitor = RetainedJanitor(self.client, self.run_id, on_clear=self._retained_cleared).start()  # janitor.py
         # chunks go out on their own connection so they never delay control messages or updates; the broker
         # binds client ids to usernames, so that connection logs in as the coordinator's second user
         art_creds = artifact_credentials(creds)
@@ -719,6 +721,9 @@ class FleetExecutor(ClientExecutor):
         if (status.state == "offline") != was_offline:
             self._event("status", device=status.device_id, state=status.state)
 
+    def _retained_cleared(self, **fields) -> None:
+        self._event("retained_cleared", **fields)
+
     def _reject(self, reason: str, device: str, detail: str, nbytes: int) -> None:
         self.rejections[reason] += 1
         log.warning("update from %s rejected (%s): %s", device, reason, detail)
@@ -740,6 +745,7 @@ class FleetExecutor(ClientExecutor):
         finally:
             if self._warmer is not None:
                 self._warmer.stop()
+            self.janitor.stop()
             self.artifacts.stop()
             self._art_client.close()
             self.client.close()

@@ -186,3 +186,81 @@ def test_a_stale_broker_of_the_same_fleet_is_stopped_on_the_next_start(tmp_path)
         parent.stdout.close()
         if _alive(broker_pid):
             os.kill(broker_pid, signal.SIGKILL)
+
+
+def _retained(client, topic_filter: str, timeout_s: float = 10.0) -> dict[str, bytes]:
+    """What the broker holds retained under `topic_filter` (seen by a fresh subscription of `client`)."""
+    import secrets
+    import threading
+
+    got: dict[str, bytes] = {}
+    back = threading.Event()
+    marker = f"devft/probe/{secrets.token_hex(4)}"
+    client.subscribe(marker, lambda m: back.set())
+    client.subscribe(topic_filter, lambda m: got.__setitem__(m.topic, m.payload) if m.retain and m.payload else None)
+    client.publish(marker, b"x", wait_s=5)
+    assert back.wait(timeout_s), "the probe's marker never came back"
+    client.unsubscribe(topic_filter)
+    client.unsubscribe(marker)
+    return got
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="only a broker started by root keeps its persistence "
+                    "outside the fleet directory (DEVFT_BROKER_RUNTIME); otherwise deleting the run deletes it too")
+def test_a_fleet_made_anew_at_the_same_path_does_not_inherit_the_old_brokers_persistence(tmp_path, clients):
+    """Hole 12: delete a run directory, rerun under the same name: no stale retained `done` tells devices to exit."""
+    import shutil
+
+    from server_sdk.broker import runtime_dir
+    from server_sdk.local_fleet import LocalFleet
+
+    done = P.encode_control(P.ControlMessage("same", 0, 3, "done"))
+    with LocalFleet(tmp_path / "same" / "fleet", 1) as old:
+        old.start_broker()
+        old_runtime = runtime_dir(old.dir)
+        clients(old.server).publish(P.control_topic("same"), done, retain=True, wait_s=5)
+    assert list((old_runtime / "data").iterdir()), "the old broker saved its persistence"
+    shutil.rmtree(tmp_path / "same")
+    with LocalFleet(tmp_path / "same" / "fleet", 1) as new:
+        new.start_broker()
+        assert _retained(clients(new.server), P.control_topic("same")) == {}
+        assert runtime_dir(new.dir) != old_runtime
+
+
+def test_a_starting_coordinator_sweeps_retained_messages_nobody_should_find(fleet, clients, tmp_path):
+    """Holes 12 and 3: a previous run's retained control and global go when a coordinator of the run id starts,
+    and so do retained updates and chunk requests a device planted, and a retained status the coordinator would
+    refuse; the devices' own statuses stay."""
+    from server_sdk.broker import BrokerProcess, add_operator
+    from server_sdk.config import RunConfig
+    from server_sdk.fleet import FleetExecutor, FleetSettings
+
+    observer = add_operator(fleet.dir, "observer")
+    broker = BrokerProcess(fleet.dir, fleet.port).start()
+    ex = None
+    try:
+        probe = clients(observer)
+        probe.publish(P.control_topic(RUN), P.encode_control(P.ControlMessage(RUN, 0, 3, "done")), retain=True,
+                      wait_s=5)
+        probe.publish(P.global_topic(RUN, 3), b"an old round's adapter", retain=True, wait_s=5)
+        dev1, dev2 = clients(fleet.devices["dev1"]), clients(fleet.devices["dev2"])
+        dev1.publish(P.update_topic(RUN, "dev1"), b"u" * 2_000_000, retain=True, wait_s=10)
+        dev1.publish(P.fetch_topic(RUN, "dev1"), b"f" * 100_000, retain=True, wait_s=5)
+        hello = P.encode_status(P.StatusMessage("dev2", "hello", time.time()))
+        dev2.publish(P.status_topic(RUN, "dev2"), hello, retain=True, wait_s=5)
+        dev1.publish(P.status_topic(RUN, "dev1"), b"s" * (P.MAX_STATUS_BYTES + 1), retain=True, wait_s=5)
+        planted = _retained(probe, f"devft/{RUN}/#")
+        assert len(planted) == 6, sorted(planted)
+        ex = FleetExecutor(RunConfig(), tmp_path / "run", fleet.server, [1], FleetSettings(run_id=RUN),
+                           host="localhost")
+        assert _retained(probe, f"devft/{RUN}/#") == {P.status_topic(RUN, "dev2"): hello}
+        cleared = [e for e in events(ex.run_dir) if e["event"] == "retained_cleared"]
+        assert cleared and cleared[0]["counts"] == {"control": 1, "global": 1, "update": 1, "fetch": 1, "status": 1}
+        # and while it runs: the next sweep takes what a device plants meanwhile
+        dev1.publish(P.update_topic(RUN, "dev1"), b"again", retain=True, wait_s=5)
+        assert ex.janitor.sweep() == {"update": 1}
+        assert _retained(probe, P.update_topic(RUN, "+")) == {}
+    finally:
+        if ex is not None:
+            ex.close()
+        broker.stop()
