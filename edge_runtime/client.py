@@ -196,6 +196,7 @@ class Device:
         self._encoded: dict[tuple[str, int], list] = {}
         self._trainer: Trainer | None = None  # the round's open session, freed once its update is sent
         self._stop = threading.Event()
+        self._orphaned = False  # the local fleet's coordinator died (PARENT_ENV)
         self.settings = settings
         self.client: MqttClient | None = None
 
@@ -275,7 +276,7 @@ class Device:
 
         A clean DISCONNECT suppresses the will, so without this a device stopped by SIGTERM, Ctrl-C or
         `exit_after_rounds` looked alive until the round's deadline. A broker that is gone costs `timeout_s`."""
-        if self.client is None or self.run_id is None or not self.client.connected:
+        if self.client is None or self.run_id is None or not self.client.connected or self._orphaned:
             return
         msg = P.StatusMessage(self.device_id, "offline", time.time(), {"formats": self.formats, **self.versions})
         try:
@@ -292,6 +293,7 @@ class Device:
         while not self._stop.is_set():
             if parent and os.getppid() != parent:
                 log.warning("%s: the coordinator process %d is gone; stopping", self.device_id, parent)
+                self._orphaned = True  # nobody to tell, and its broker went with it: no offline status
                 return 1
             try:
                 msg = self._controls.get(timeout=0.5)

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .broker import BrokerProcess, Credentials, add_device, fleet_init, server_credentials
+from .broker import BrokerProcess, Credentials, add_device, fleet_init, register_run, server_credentials
 from .fleet import FleetSettings, device_name, fleet_executor_factory
 from .progress import note
 from .quiet import is_verbose
@@ -45,12 +45,17 @@ def free_port() -> int:
 class LocalFleet:
     """Broker and device processes for one run directory; `close()` stops what it started."""
 
-    def __init__(self, fleet_dir: str | Path, n_devices: int, *, port: int | None = None) -> None:
+    def __init__(self, fleet_dir: str | Path, n_devices: int, *, port: int | None = None,
+                 run_id: str | None = None) -> None:
+        """`run_id`: the run its devices may publish under (default: the name of the directory holding
+        `fleet_dir`, i.e. the run directory's name, the coordinator's default run id); `start_device`
+        registers others as it goes."""
         self.dir = Path(fleet_dir).resolve()
         self.n_devices = n_devices
         if not (self.dir / "fleet.json").exists():
             fleet_init(self.dir, hostnames=["localhost", "127.0.0.1"], port=port or free_port(),
                        bind_address="127.0.0.1")  # devices run here: nothing else need reach the broker
+        register_run(self.dir, run_id or self.dir.parent.name)
         self.names = [device_name(c) for c in range(n_devices)]
         for name in self.names:
             if not (self.dir / "credentials" / f"{name}.json").exists():
@@ -88,6 +93,8 @@ class LocalFleet:
 
         `python_code` replaces the module entry point (tests use it to block torch imports);
         it receives the CLI arguments in sys.argv[1:]."""
+        if register_run(self.dir, run_id) and self.broker is not None and self.broker.running:
+            self.broker.reload()
         ddir = self.device_dir(name)
         ddir.mkdir(parents=True, exist_ok=True)
         # the device runs in its own directory, so a relative shard path (runs/NAME/data/...) must be resolved
@@ -211,7 +218,8 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
     from .rounds import run
 
     run_dir = Path(run_dir)
-    with stop_on_sigterm(), LocalFleet(run_dir / "fleet", n_devices) as fleet:
+    run_id = (settings.run_id if settings else "") or run_dir.name  # the coordinator's (FleetExecutor.run_id)
+    with stop_on_sigterm(), LocalFleet(run_dir / "fleet", n_devices, run_id=run_id) as fleet:
         fleet.start_broker()
 
         def start_devices(executor) -> None:

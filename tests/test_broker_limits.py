@@ -264,3 +264,33 @@ def test_a_starting_coordinator_sweeps_retained_messages_nobody_should_find(flee
         if ex is not None:
             ex.close()
         broker.stop()
+
+
+def test_devices_publish_only_under_the_fleets_registered_runs(fleet, broker, clients, caplog):
+    """Hole 3: ten 20 MB retained messages under ten made-up run ids grew Mosquitto by 220 MB. Now a device may
+    publish its own topics under registered runs only; everything else is refused (0x87) and nothing is kept."""
+    from server_sdk.broker import register_run, reload_running_broker
+
+    dev1 = clients(fleet.devices["dev1"])
+    probe = clients(fleet.server)
+    big = b"x" * 2_000_000
+    with caplog.at_level("ERROR", logger="edge_runtime.mqtt"):
+        for run in ("future-run", "junk0", "junk1"):
+            for topic in (P.update_topic(run, "dev1"), P.status_topic(run, "dev1"), P.fetch_topic(run, "dev1")):
+                dev1.publish(topic, big, retain=True, wait_s=10)
+        wait_for(lambda: len(dev1.refused) == 9, 10, "nine refusals")
+    assert {reason for _, reason in dev1.refused} == {"Not authorized"}
+    assert "registered with the fleet" in caplog.text  # the device's log says why and what to do
+    assert _retained(probe, "devft/#") == {}
+    dev1.publish(P.status_topic(RUN, "dev1"), P.encode_status(P.StatusMessage("dev1", "hello", time.time())),
+                 retain=True, wait_s=5)
+    assert list(_retained(probe, "devft/#")) == [P.status_topic(RUN, "dev1")]  # a registered run works as before
+    # registering a run (what `devft serve` does) opens it, on the running broker too
+    assert register_run(fleet.dir, "future-run") and reload_running_broker(fleet.dir)
+    assert "devft/future-run/update/%u" in (fleet.dir / "acl").read_text()
+
+    def accepted() -> bool:
+        dev1.publish(P.update_topic("future-run", "dev1"), b"u", retain=True, wait_s=5)
+        return P.update_topic("future-run", "dev1") in _retained(probe, "devft/future-run/#")
+
+    wait_for(accepted, 10, "the reloaded ACL")
