@@ -533,6 +533,9 @@ def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: s
         "queue_qos0_messages false",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         f"max_queued_bytes {int(settings.get('max_queued_bytes') or MAX_QUEUED_BYTES)}",
+        # and not for ever: a session (its subscriptions and queue) goes 1 h after its client left, whatever
+        # expiry the client asked for (devft-edge asks for 10 min; a coordinator resubscribes when it starts)
+        "persistent_client_expiration 1h",
         "max_inflight_messages 20",
         # a message's last segment leaves at once instead of waiting for the client's delayed ACK (40 ms); 2.0+
         *(["set_tcp_nodelay true"] if (mosquitto_version() or (2,)) >= (2,) else []),
