@@ -267,7 +267,7 @@ def reload_running_broker(fleet_dir: str | Path) -> bool:
         pid = int(json.loads((fleet / PID_FILE).read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if not _mosquitto_of(pid, runtime_dir(fleet) / "mosquitto.conf"):
+    if not _mosquitto_of(pid, runtime_dir(fleet) / "mosquitto.conf") or not _catches_sighup(pid):
         return False
     if os.geteuid() == 0:
         _stage_runtime(fleet, broker_user())  # mosquitto reads the copies
@@ -591,6 +591,17 @@ def _die_with_parent() -> None:
         _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _catches_sighup(pid: int) -> bool:
+    """Whether mosquitto has installed its SIGHUP handler: it listens before it does, and until then a reload's
+    SIGHUP would kill it (the default action). Where /proc cannot say, assume so."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    m = re.search(r"^SigCgt:\s*([0-9a-fA-F]+)$", status, re.M)
+    return m is None or bool(int(m.group(1), 16) & (1 << (signal.SIGHUP - 1)))
+
+
 PID_FILE = "broker.pid"  # in the fleet directory: the mosquitto serving it, so a later start can find a stale one
 
 
@@ -679,7 +690,7 @@ class BrokerProcess:
                     f"mosquitto exited with code {self.proc.returncode} on start; log {self.log_path}:\n"
                     + self.log_path.read_text(errors="replace")[-2000:]
                 )
-            if _listening(self.port, host):
+            if _listening(self.port, host) and _catches_sighup(self.proc.pid):
                 return self
             time.sleep(0.05)
         self.stop()

@@ -55,7 +55,9 @@ class LocalFleet:
         if not (self.dir / "fleet.json").exists():
             fleet_init(self.dir, hostnames=["localhost", "127.0.0.1"], port=port or free_port(),
                        bind_address="127.0.0.1")  # devices run here: nothing else need reach the broker
-        register_run(self.dir, run_id or self.dir.parent.name)
+        default = self.dir.parent.name
+        if run_id or re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", default):  # a directory name may be no run id
+            register_run(self.dir, run_id or default)
         self.names = [device_name(c) for c in range(n_devices)]
         for name in self.names:
             if not (self.dir / "credentials" / f"{name}.json").exists():

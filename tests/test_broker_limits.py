@@ -294,3 +294,57 @@ def test_devices_publish_only_under_the_fleets_registered_runs(fleet, broker, cl
         return P.update_topic("future-run", "dev1") in _retained(probe, "devft/future-run/#")
 
     wait_for(accepted, 10, "the reloaded ACL")
+
+
+def test_devft_run_fleet_local_stopped_with_sigterm_stops_everything_and_resumes(tmp_path):
+    """Hole 10, end to end: SIGTERM of `devft run --fleet local:2` mid-run stops its devices and its mosquitto
+    and exits 143; `--resume` then starts the broker again on the fleet's port and finishes the run."""
+    import os
+    import signal
+
+    from server_sdk.local_fleet import REPO_ROOT
+    from server_sdk.model import tiny_random_model
+    from tests.test_fleet import fleet_cfg
+
+    tiny = tiny_random_model(n_layers=4, hidden=32, seed=0)
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.tokenizer.save_pretrained(tmp_path / "model")
+    fleet_cfg(model=str(tmp_path / "model"), rounds_per_stage=[2, 1], num_clients=2, clients_per_round=2,
+              torch_threads=1).to_json(tmp_path / "cfg.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    cli = [sys.executable, "-m", "server_sdk.cli", "run", "--fleet", "local:2", "--quiet", "--round-timeout", "120"]
+    run_dir = tmp_path / "cli"
+    with open(tmp_path / "run.log", "ab") as logf:
+        first = subprocess.Popen([*cli, "--config", str(tmp_path / "cfg.json"), "--name", "cli", "--runs-dir",
+                                  str(tmp_path)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(lambda: any(e["event"] == "round_start" for e in events(run_dir)), 300, "the first round")
+            broker_pid = json.loads((run_dir / "fleet" / "broker.pid").read_text())["pid"]
+            device_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                           and _parent_of(int(p.name)) == first.pid and b"edge_runtime.client" in _cmdline(p)]
+            assert len(device_pids) == 2 and _alive(broker_pid)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(60) == 128 + signal.SIGTERM
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        assert not _alive(broker_pid) and not any(_alive(p) for p in device_pids)
+        resumed = subprocess.run([*cli, "--resume", str(run_dir)], stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                 timeout=600)
+    assert resumed.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert len(json.loads((run_dir / "report.json").read_text())["records"]) >= 3
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
