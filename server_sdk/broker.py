@@ -6,15 +6,19 @@ CA, a server certificate, a password file, an ACL and the persistence store.
 `start_broker` runs mosquitto on that directory and waits until it listens.
 
 The ACL is the security boundary: a device may publish only on its own
-update/status/fetch topics and read only what the server broadcasts, so a
-compromised device cannot impersonate another one or read others' updates.
+update/status/fetch topics, only under the fleet's registered runs (`register_run`),
+and read only what the server broadcasts, so a compromised device cannot
+impersonate another one, read others' updates, or park retained messages under
+made-up run ids. mosquitto.conf bounds what the broker queues per client
+(`write_config`; docs/protocol.md §8 states the per-device bounds).
 The broker takes every client id from the username (`use_username_as_clientid`),
 so no login can take over another one's session; the coordinator's two
 connections log in as two server users (`server`, `server-artifacts`).
 
 Layout of a fleet directory:
 
-    fleet.json            settings (hostnames, port, bind address, server users)
+    fleet.json            settings (hostnames, port, bind address, server users, runs, fleet_id)
+    broker.pid            the mosquitto serving the fleet (reload_running_broker, stop_stale_broker)
     ca.pem                the fleet CA certificate
     ca/ca.key             the CA private key: the broker never reads it; keep it off devices
     server.pem / .key     broker TLS certificate for the hostnames
