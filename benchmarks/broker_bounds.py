@@ -32,12 +32,12 @@ from server_sdk import artifact_server
 from server_sdk.artifact_server import ArtifactServer
 from server_sdk.broker import (
     BrokerProcess,
-    _write_acl,
     add_device,
     artifact_credentials,
     fleet_init,
     register_run,
     runtime_dir,
+    write_acl,
 )
 from server_sdk.local_fleet import free_port
 from tests.broker_fixtures import settings_for
@@ -59,7 +59,7 @@ def make_fleet(root: Path, legacy_acl: bool) -> tuple[Path, dict]:
     if legacy_acl:  # what fleets had before runs were registered: devices write under any run id
         settings = json.loads((fleet / "fleet.json").read_text())
         settings.pop("runs")
-        _write_acl(fleet, settings)
+        write_acl(fleet, settings)
     creds = {name: add_device(fleet, name) for name in ("dev1", "dev2")}
     return fleet, creds
 

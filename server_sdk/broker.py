@@ -240,7 +240,9 @@ def acl_text(server_users: tuple[str, ...] = (SERVER_USER, SERVER_USER + ARTIFAC
     )
 
 
-def _write_acl(fleet: Path, settings: dict) -> None:
+def write_acl(fleet: Path, settings: dict) -> None:
+    """(Re)write the fleet's acl from its settings: server users, and the registered runs (`runs`; without
+    the key, the every-run ACL of older fleets)."""
     runs = settings.get("runs")
     (fleet / "acl").write_text(acl_text(tuple(_server_users(settings)), None if runs is None else tuple(runs)))
 
@@ -259,7 +261,7 @@ def register_run(fleet_dir: str | Path, run_id: str) -> bool:
         return False
     settings["runs"] = [*runs, run_id]
     (fleet / "fleet.json").write_text(json.dumps(settings, indent=2))
-    _write_acl(fleet, settings)
+    write_acl(fleet, settings)
     return True
 
 
@@ -369,7 +371,7 @@ def fleet_init(
                 "runs": []}  # run ids devices may publish under (register_run)
     (fleet / "fleet.json").write_text(json.dumps(settings, indent=2))
     _make_certs(fleet, hostnames, cert_days)
-    _write_acl(fleet, settings)
+    write_acl(fleet, settings)
     password = secrets.token_urlsafe(24)
     for user in server_users:  # one principal, two connections: the same password
         _passwd(fleet, user, password)
@@ -415,7 +417,7 @@ def add_operator(fleet_dir: str | Path, name: str) -> Credentials:
     settings["server_users"] = [*users, name]
     (fleet / "fleet.json").write_text(json.dumps(settings, indent=2))
     if "runs" in settings:
-        _write_acl(fleet, settings)
+        write_acl(fleet, settings)
     else:  # a fleet from before runs were registered keeps its ACL as it is
         with open(fleet / "acl", "a") as f:
             f.write(f"\nuser {name}\ntopic readwrite {TOPIC_ROOT}/#\n")
