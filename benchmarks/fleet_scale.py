@@ -191,17 +191,17 @@ def device_worker(cred_paths: list[str], port: int, delay_s: float, on_demand: b
 
 def make_fleet(n: int) -> Path:
     """A fleet directory with devices dev-000 .. dev-<n-1>, cached under CACHE (logins take a while to hash)."""
-    from server_sdk.broker import add_device, fleet_init
+    from server_sdk.broker import add_device, fleet_init, register_run
 
     fleet = CACHE / f"fleet-{n}"
     done = fleet / "devices.done"
-    if done.exists():
-        return fleet
-    shutil.rmtree(fleet, ignore_errors=True)
-    fleet_init(fleet, hostnames=["localhost", "127.0.0.1"], port=_free_port(), bind_address="127.0.0.1")
-    for c in range(n):
-        add_device(fleet, f"dev-{c:03d}")
-    done.write_text(str(n))
+    if not done.exists():
+        shutil.rmtree(fleet, ignore_errors=True)
+        fleet_init(fleet, hostnames=["localhost", "127.0.0.1"], port=_free_port(), bind_address="127.0.0.1")
+        for c in range(n):
+            add_device(fleet, f"dev-{c:03d}")
+        done.write_text(str(n))
+    register_run(fleet, RUN)  # devices publish only under the fleet's registered runs
     return fleet
 
 

@@ -71,6 +71,11 @@ log = logging.getLogger("devft.edge")
 
 BACKENDS = (*FORMATS, "auto")
 PARENT_ENV = "DEVFT_EXIT_WITH_PARENT"  # a pid: stop when it is no longer this process's parent
+# How long the broker keeps this device's session (and queues control and global messages for it) while it is
+# away: long enough to ride out a broker restart or a network blip; a device away longer resubscribes and gets
+# the retained control and global, so the broker need not hold every round's global for a device that may
+# never come back (issue #27, hole 8)
+SESSION_EXPIRY_S = 600
 
 
 class DeviceError(RuntimeError):
@@ -164,7 +169,8 @@ def settings_from_credentials(path: str | Path, cache_dir: Path, host: str | Non
     will = P.encode_status(P.StatusMessage(user, "offline", time.time()))
     settings = MqttSettings(host=host or creds["host"], port=int(port or creds["port"]), username=user,
                             password=password, ca_file=ca_file, client_id=creds.get("client_id") or user,
-                            reconnect_min_s=0.2, reconnect_max_s=5.0, will_payload=will)
+                            reconnect_min_s=0.2, reconnect_max_s=5.0, will_payload=will,
+                            session_expiry_s=SESSION_EXPIRY_S)
     return settings, user
 
 
@@ -201,12 +207,15 @@ class Device:
         self._encoded: dict[tuple[str, int], list] = {}
         self._trainer: Trainer | None = None  # the round's open session, freed once its update is sent
         self._stop = threading.Event()
+        self._orphaned = False  # the local fleet's coordinator died (PARENT_ENV)
         self.settings = settings
         self.client: MqttClient | None = None
 
     # -- messages ------------------------------------------------------------------------
 
     def _on_control(self, msg: Message) -> None:
+        if not msg.payload:
+            return  # a retained control being cleared (a coordinator starting a fresh run)
         self._controls.put(msg)
         self._control_arrived.set()
         self._acknowledge(msg)
@@ -307,7 +316,24 @@ class Device:
         try:
             return self._loop()
         finally:
+            self._say_offline()
             self.client.close()
+
+    def _say_offline(self, timeout_s: float = 5.0) -> None:
+        """Publish the retained `offline` status and wait for the broker's ack before a clean disconnect.
+
+        A clean DISCONNECT suppresses the will, so without this a device stopped by SIGTERM, Ctrl-C or
+        `exit_after_rounds` looked alive until the round's deadline. A broker that is gone costs `timeout_s`."""
+        if self.client is None or self.run_id is None or not self.client.connected or self._orphaned:
+            return
+        msg = P.StatusMessage(self.device_id, "offline", time.time(), {"formats": self.formats, **self.versions})
+        try:
+            info = self.client.publish(P.status_topic(self.run_id, self.device_id), P.encode_status(msg), retain=True)
+            if not wait_published(info, timeout_s):
+                log.warning("%s: the broker did not acknowledge the offline status within %.0f s", self.device_id,
+                            timeout_s)
+        except (ConnectionError, OSError, ValueError) as exc:
+            log.warning("%s: could not publish the offline status: %s", self.device_id, exc)
 
     def _loop(self) -> int:
         # a device of a local fleet (`devft run --fleet local:N`) ends with its coordinator, even a killed one
@@ -315,6 +341,7 @@ class Device:
         while not self._stop.is_set():
             if parent and os.getppid() != parent:
                 log.warning("%s: the coordinator process %d is gone; stopping", self.device_id, parent)
+                self._orphaned = True  # nobody to tell, and its broker went with it: no offline status
                 return 1
             self._announce_after_reconnect()
             try:
@@ -633,6 +660,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(Exception):
+    """SIGTERM: leave whatever the device is doing (training, fetching, waiting), say offline, disconnect."""
+
+
+def _stop_on_signal(device: Device):
+    """A SIGTERM handler that interrupts the main thread once (a round may take minutes; the coordinator should
+    learn at once that this device will not answer); a second SIGTERM during the shutdown is ignored."""
+    def handler(signum, frame) -> None:
+        if not device._stop.is_set():
+            device.stop()
+            raise Stopped()
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":
@@ -656,9 +698,11 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as exc:
         print(f"devft-edge: error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: device.stop())
+    signal.signal(signal.SIGTERM, _stop_on_signal(device))
     try:
         return device.run()
+    except Stopped:
+        return 0  # asked to stop (SIGTERM), stopped cleanly: the offline status is out
     except KeyboardInterrupt:
         return 130
     except ConnectionError as exc:

@@ -122,6 +122,7 @@ class MqttClient:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
         self._client.on_socket_open = _no_delay
         self._lock = threading.Lock()
         self.payload_bytes_received = 0  # every delivered message, matched by a subscription or not
@@ -136,6 +137,10 @@ class MqttClient:
         self.reconnects = 0
         self.connected_at: float | None = None  # wall-clock time of the last successful (re)connect
         self.session_present = False
+        self._pending_topics: dict[int, str] = {}  # QoS 1 publishes awaiting their PUBACK: mid -> topic
+        self._early_acks: dict[int, object] = {}  # refusals that came before `publish` noted their topic
+        self._ack_lock = threading.Lock()  # guards both; never held while calling paho (see _note_topic)
+        self.refused: list[tuple[str, str]] = []  # (topic, reason) of publishes the broker refused, newest last
 
     # -- connection ------------------------------------------------------------
 
@@ -193,6 +198,8 @@ class MqttClient:
     ) -> paho.MQTTMessageInfo:
         """Queue a message; with `wait_s`, block until the broker acknowledged it."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            self._note_topic(info.mid, topic)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttConnectError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
         if wait_s is not None and not wait_published(info, wait_s):
@@ -293,6 +300,41 @@ class MqttClient:
             if code.is_failure:
                 log.error("broker refused subscription to %s: %s", result[0], code)
         event.set()
+
+    def _note_topic(self, mid: int, topic: str) -> None:
+        """Remember which topic a QoS 1 publish went to, for its PUBACK; the PUBACK may have come already.
+
+        Never called with paho's locks held, and paho's thread calls `_on_publish` with them held, so
+        `_ack_lock` is only ever taken last: no lock-order inversion."""
+        with self._ack_lock:
+            early = self._early_acks.pop(mid, None)
+            if early is None:
+                self._pending_topics[mid] = topic
+                if len(self._pending_topics) > 4096:  # acks lost with a session: forget the oldest
+                    del self._pending_topics[next(iter(self._pending_topics))]
+        if early is not None:
+            self._check_ack(topic, early)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """A PUBACK (MQTT 5 carries a reason code): say clearly when the broker refused a publish."""
+        with self._ack_lock:
+            topic = self._pending_topics.pop(mid, None)
+            if topic is None:  # QoS 0 (written out), or acked before `publish` could note the topic
+                if reason_code.is_failure:
+                    self._early_acks[mid] = reason_code
+                if len(self._early_acks) > 4096:
+                    del self._early_acks[next(iter(self._early_acks))]
+                return
+        self._check_ack(topic, reason_code)
+
+    def _check_ack(self, topic: str, reason_code) -> None:
+        if not reason_code.is_failure:
+            return
+        self.refused = [*self.refused[-15:], (topic, str(reason_code))]
+        hint = (" (devices may publish only their own topics, and only under runs registered with the fleet: "
+                "`devft serve` registers its run; `python -m server_sdk.broker register-run FLEET RUN` does it by "
+                "hand; check --run)") if reason_code.value == 0x87 else ""
+        log.error("the broker refused the publish to %s: %s%s", topic, reason_code, hint)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

@@ -1,9 +1,9 @@
 """Serve artifact chunks to devices over MQTT (coordinator side of edge_runtime/transfer.py).
 
-`ArtifactServer` answers `ChunkRequest`s on the fetch topic by publishing chunks on the
+`ArtifactServer` answers `ChunkRequest`s on the fetch topic by publishing chunks (QoS 0) on the
 per-blob artifact topic from its own worker thread, rate-limited and with a bounded number of
-unacknowledged chunks, so control messages are never stuck behind megabytes of weights. For
-the same reason the coordinator gives it its own MQTT connection.
+chunks not yet written to the socket, so control messages are never stuck behind megabytes of
+weights. For the same reason the coordinator gives it its own MQTT connection.
 
 Every chunk goes to every device fetching its file, so one device's requests cost the whole
 fleet (issue #27, hole 7: one device's 25,608 requests made the server broadcast 31 x a stage).
@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from paho.mqtt.client import MQTTMessageInfo
+from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessageInfo
 
 from edge_runtime.mqtt import Message, MqttClient, wait_published
 from edge_runtime.protocol import (
@@ -46,6 +46,11 @@ from edge_runtime.transfer import describe_file, describe_files, sha256_bytes
 from .ratelimit import LogBudget, cut
 
 log = logging.getLogger(__name__)
+
+# Chunks go out at QoS 0: the broker never queues them for an offline session (`queue_qos0_messages false`),
+# so a device that went away mid-download cannot make the broker hold a stage's worth of chunks for it (issue
+# #27, hole 8). A chunk lost on the way is asked for again (edge_runtime/transfer.py), as after a restart.
+CHUNK_QOS = 0
 
 
 class ArtifactServer:
@@ -201,7 +206,10 @@ class ArtifactServer:
                     if next_send > now:
                         time.sleep(next_send - now)
                     next_send = max(now, next_send) + len(data) / self.max_bytes_per_s
-                unacked.append(self.client.publish(chunk_topic(self.run_id, sha, index), data))
+                info = self.client.publish(chunk_topic(self.run_id, sha, index), data, qos=CHUNK_QOS)
+                if info.rc != MQTT_ERR_SUCCESS:  # not connected: QoS 0 is not kept for later; the device asks again
+                    continue
+                unacked.append(info)
             except Exception:
                 log.exception("publishing chunk %d of %s failed; the device will ask again", index, sha)
                 continue

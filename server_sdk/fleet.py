@@ -63,6 +63,7 @@ from .broker import Credentials, artifact_credentials
 from .config import ConfigError, RunConfig
 from .data import Example
 from .executor import ClientExecutor
+from .janitor import RetainedJanitor
 from .lora import LoraState, to_peft_key
 from .model import cache_root, smollm2_cache_dir
 from .prefetch import Speculate, Speculation
@@ -270,6 +271,7 @@ class FleetExecutor(ClientExecutor):
         self.client.subscribe(P.update_topic(self.run_id, "+"), self._on_update)
         self.client.subscribe(P.status_topic(self.run_id, "+"), self._on_status)
         self.client.connect(connect_timeout_s)
+        self.janitor = RetainedJanitor(self.client, self.run_id, on_clear=self._retained_cleared).start()  # janitor.py
         # chunks go out on their own connection so they never delay control messages or updates; the broker
         # binds client ids to usernames, so that connection logs in as the coordinator's second user
         art_creds = artifact_credentials(creds)
@@ -945,6 +947,9 @@ class FleetExecutor(ClientExecutor):
                       "refused", device=device, offered=list(offered), served=list(self.settings.formats),
                       reason="format_not_served", fix="--formats (FleetSettings.formats)")
 
+    def _retained_cleared(self, **fields) -> None:
+        self._event("retained_cleared", **fields)
+
     def _reject(self, reason: str, device: str, detail: str, nbytes: int) -> None:
         self.rejections[reason] += 1
         key = ("rejected", device, reason) if reason != "norm_outlier" else None  # that one: once per round at most
@@ -998,6 +1003,7 @@ class FleetExecutor(ClientExecutor):
                 self._warmer.stop()
             for key, count in self._log_budget.pending().items():
                 self._summary(key, count)
+            self.janitor.stop()
             self.artifacts.stop()
             self._art_client.close()
             self.client.close()

@@ -149,8 +149,9 @@ def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
     if url.scheme not in ("mqtts", "ssl", "tls") or not url.hostname:
         raise ConfigError(f"--broker-url {args.broker_url!r} must look like mqtts://HOST:PORT (TLS only)")
     creds = server_credentials(args.fleet_dir)
-    factory = fleet_executor_factory(run_dir, creds, _fleet_settings(args, run_dir), host=url.hostname,
-                                     port=url.port or 8883)
+    settings = _fleet_settings(args, run_dir)
+    _register_run(args.fleet_dir, settings.run_id or run_dir.name)
+    factory = fleet_executor_factory(run_dir, creds, settings, host=url.hostname, port=url.port or 8883)
     try:
         report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, executor_factory=factory)
     except QuorumNotReached as exc:
@@ -163,6 +164,23 @@ def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
     report = add_fleet_summary(run_dir, report)
     print(summary_text(report, run_dir))
     return 0
+
+
+def _register_run(fleet_dir: str, run_id: str) -> None:
+    """Devices may publish only under the fleet's registered runs (broker.register_run): register this one and
+    reload the broker if it runs here; otherwise say how."""
+    from .broker import BrokerError, register_run, reload_running_broker
+
+    try:
+        new = register_run(fleet_dir, run_id)
+    except (BrokerError, OSError) as exc:
+        raise ConfigError(f"cannot register run {run_id!r} with the fleet in {fleet_dir}: {exc}. Devices may publish "
+                          "only under registered runs: run `python -m server_sdk.broker register-run "
+                          f"{fleet_dir} {run_id}` as the fleet's owner, then reload the broker") from None
+    if new and not reload_running_broker(fleet_dir):
+        print(f"devft: registered run {run_id} with the fleet in {fleet_dir}; no broker of that fleet runs on this "
+              "machine, so reload yours (SIGHUP to `python -m server_sdk.broker run`, or copy the new acl to the broker "
+              "host) before devices start, or they may not publish under the run", file=sys.stderr)
 
 
 def cmd_fleet_init(args: argparse.Namespace) -> int:

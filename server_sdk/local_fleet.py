@@ -14,6 +14,7 @@ above the progress bar; everything else a device logs stays in its device.log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .broker import BrokerProcess, Credentials, add_device, fleet_init, server_credentials
+from .broker import BrokerProcess, Credentials, add_device, fleet_init, register_run, server_credentials
 from .fleet import FleetSettings, device_name, fleet_executor_factory
 from .progress import note
 from .quiet import is_verbose
@@ -45,12 +46,19 @@ def free_port() -> int:
 class LocalFleet:
     """Broker and device processes for one run directory; `close()` stops what it started."""
 
-    def __init__(self, fleet_dir: str | Path, n_devices: int, *, port: int | None = None) -> None:
+    def __init__(self, fleet_dir: str | Path, n_devices: int, *, port: int | None = None,
+                 run_id: str | None = None) -> None:
+        """`run_id`: the run its devices may publish under (default: the name of the directory holding
+        `fleet_dir`, i.e. the run directory's name, the coordinator's default run id); `start_device`
+        registers others as it goes."""
         self.dir = Path(fleet_dir).resolve()
         self.n_devices = n_devices
         if not (self.dir / "fleet.json").exists():
             fleet_init(self.dir, hostnames=["localhost", "127.0.0.1"], port=port or free_port(),
                        bind_address="127.0.0.1")  # devices run here: nothing else need reach the broker
+        default = self.dir.parent.name
+        if run_id or re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", default):  # a directory name may be no run id
+            register_run(self.dir, run_id or default)
         self.names = [device_name(c) for c in range(n_devices)]
         for name in self.names:
             if not (self.dir / "credentials" / f"{name}.json").exists():
@@ -72,7 +80,8 @@ class LocalFleet:
     # -- broker ---------------------------------------------------------------------------
 
     def start_broker(self) -> BrokerProcess:
-        self.broker = BrokerProcess(self.dir, self.port).start()
+        """Start the fleet's mosquitto; it exits with this process, however this process ends (main thread)."""
+        self.broker = BrokerProcess(self.dir, self.port, die_with_parent=True).start()
         return self.broker
 
     def restart_broker(self) -> None:
@@ -87,6 +96,8 @@ class LocalFleet:
 
         `python_code` replaces the module entry point (tests use it to block torch imports);
         it receives the CLI arguments in sys.argv[1:]."""
+        if register_run(self.dir, run_id) and self.broker is not None and self.broker.running:
+            self.broker.reload()
         ddir = self.device_dir(name)
         ddir.mkdir(parents=True, exist_ok=True)
         # the device runs in its own directory, so a relative shard path (runs/NAME/data/...) must be resolved
@@ -210,7 +221,8 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
     from .rounds import run
 
     run_dir = Path(run_dir)
-    with LocalFleet(run_dir / "fleet", n_devices) as fleet:
+    run_id = (settings.run_id if settings else "") or run_dir.name  # the coordinator's (FleetExecutor.run_id)
+    with stop_on_sigterm(), LocalFleet(run_dir / "fleet", n_devices, run_id=run_id) as fleet:
         fleet.start_broker()
 
         def start_devices(executor) -> None:
@@ -229,6 +241,30 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
     if not report.get("interrupted"):
         report = add_fleet_summary(run_dir, report, codes)
     return report
+
+
+class Terminated(SystemExit):
+    """SIGTERM of `devft run --fleet local:N`: unwinds like Ctrl-C, so devices and the broker are stopped."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While inside, SIGTERM raises `Terminated` (exit status 143) in the main thread, so `LocalFleet.close` stops
+    the devices (each says offline) and the broker (which saves its persistence) before the process exits. The
+    checkpoint of the last finished round stays, for `--resume`. Elsewhere than the main thread: a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the shutdown itself must not be interrupted
+        raise Terminated(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = None) -> dict:

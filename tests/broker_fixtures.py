@@ -17,9 +17,18 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.mqtt import MqttClient, MqttSettings
-from server_sdk.broker import BrokerProcess, Credentials, MosquittoNotFound, add_device, fleet_init, require_mosquitto
+from server_sdk.broker import (
+    BrokerProcess,
+    Credentials,
+    MosquittoNotFound,
+    add_device,
+    fleet_init,
+    register_run,
+    require_mosquitto,
+)
 
 DEVICES = ("dev1", "dev2")
+RUNS = ("run1", "fleetrun")  # the run ids the tests' devices publish under (devices may publish only under registered runs)
 
 
 def free_port() -> int:
@@ -79,6 +88,8 @@ def fleet(tmp_path: Path) -> Fleet:
     port = free_port()
     fleet_dir = tmp_path / "fleet"
     server = fleet_init(fleet_dir, hostnames=["localhost", "127.0.0.1"], port=port)
+    for run in RUNS:
+        register_run(fleet_dir, run)
     devices = {name: add_device(fleet_dir, name) for name in DEVICES}
     return Fleet(dir=fleet_dir, port=port, server=server, devices=devices)
 

@@ -197,7 +197,8 @@ def test_fleet_files_and_config(fleet):
     assert "ca.key" not in conf and f"{fleet.dir / 'ca'}" not in conf
     assert (fleet.dir / "credentials" / "dev1.json").stat().st_mode & 0o077 == 0
     acl = (fleet.dir / "acl").read_text()
-    assert "pattern write devft/+/update/%u" in acl and "user server-artifacts" in acl
+    assert "pattern write devft/run1/update/%u" in acl and "user server-artifacts" in acl
+    assert "devft/+/update" not in acl  # devices write under registered runs only
     with pytest.raises(B.BrokerError, match="already holds a fleet"):
         B.fleet_init(fleet.dir)
     for name in ("server", "server-artifacts"):
