@@ -221,9 +221,27 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return t.user + t.system, p.memory_info().rss
 
 
+def start_edges(fleet: Path, count: int, core_port: int) -> list:
+    """`count` edge brokers bridged to the core on `core_port` (server_sdk/bridge.py), each on a free port."""
+    from server_sdk.bridge import EdgeBroker, add_edge, edge_dir
+
+    edges = []
+    for e in range(count):
+        name, port = f"edge{e}", _free_port()
+        if not edge_dir(fleet, name).exists():
+            add_edge(fleet, name, port=port, core_host="localhost", core_port=core_port)
+        settings_path = edge_dir(fleet, name) / "fleet.json"
+        settings = json.loads(settings_path.read_text())
+        settings["port"], settings["bridge"]["core_port"] = port, core_port
+        settings_path.write_text(json.dumps(settings, indent=2))
+        edges.append(EdgeBroker(fleet, name, port))
+    return edges
+
+
 def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float, per_process: int,
-              work: Path, on_demand: bool = False) -> dict:
-    """One fleet of n devices: connect them, run `rounds` rounds, return the measurements."""
+              work: Path, on_demand: bool = False, edges: int = 0) -> dict:
+    """One fleet of n devices (behind `edges` edge brokers, or on the core): connect them, run `rounds` rounds,
+    return the measurements."""
     import torch
 
     from server_sdk.aggregation import aggregate
@@ -235,7 +253,10 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
 
     fleet = make_fleet(n)
     port = _free_port()
+    edge_brokers = start_edges(fleet, edges, port)  # before the core starts: their bridge logins are in its passwd
     broker = BrokerProcess(fleet, port).start()
+    for edge in edge_brokers:
+        edge.start()
     shutil.rmtree(work, ignore_errors=True)
     (work / "art").mkdir(parents=True)
     (work / "art" / "manifest.json").write_text("{}")
@@ -253,10 +274,11 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
         names = [f"dev-{c:03d}" for c in range(n)]
         t0 = time.time()
         ctx = mp.get_context("spawn")
-        for i in range(0, n, per_process):
+        for w, i in enumerate(range(0, n, per_process)):
             parent, child = ctx.Pipe()
             paths = [str(fleet / "credentials" / f"{d}.json") for d in names[i:i + per_process]]
-            proc = ctx.Process(target=device_worker, args=(paths, port, delay_s, on_demand, child), daemon=True)
+            device_port = edge_brokers[w % len(edge_brokers)].port if edge_brokers else port
+            proc = ctx.Process(target=device_worker, args=(paths, device_port, delay_s, on_demand, child), daemon=True)
             proc.start()
             workers.append((proc, parent))
         for _, conn in workers:
@@ -294,6 +316,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
             if conn.poll(120):
                 stats.update(conn.recv()[1])
         b_cpu1, b_rss1 = _proc_stats(broker.proc.pid)
+        edge_stats = [dict(zip(("cpu_s", "rss_bytes"), _proc_stats(e.proc.pid))) for e in edge_brokers]
     finally:
         ex.close()
         for proc, _ in workers:
@@ -301,10 +324,13 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
             if proc.is_alive():
                 proc.kill()
         broker.stop()
+        for edge in edge_brokers:
+            edge.stop()
     update_bytes = len(P.encode_tensors({to_peft_key(k): np.zeros(s, np.float32) for k, s in shapes.items()}))
     msgs = [sum(s["received"].values()) for s in stats.values()]
     nbytes = [sum(s["received_bytes"].values()) for s in stats.values()]
-    return {"devices": n, "update": kind, "globals": "sampled" if on_demand else "every", "update_bytes": update_bytes,
+    return {"devices": n, "update": kind, "globals": "sampled" if on_demand else "every", "edges": edges,
+            "edge_brokers": edge_stats, "update_bytes": update_bytes,
             "sampled_per_round": sampled_n,
             "rounds": rounds, "compute_delay_s": delay_s, "connect_s": connected_s, "all_hellos_s": hello_s,
             "hellos_seen": len(ex.device_status), "per_round": per_round,
@@ -341,9 +367,11 @@ def markdown(rows: list[dict], command: str) -> str:
              "a real Mosquitto and the real coordinator (FleetExecutor, FedAvg; no model, no evaluation). "
              "Overhead: from a round's last accepted update to the next round's train control.", ""]
     lines += md_table(
-        ["devices", "update", "globals to", "sampled", "all hellos (s)", "overhead max (s)", "coordinator CPU s / round",
+        ["devices", "update", "globals to", "edge brokers", "sampled", "all hellos (s)", "overhead max (s)",
+         "coordinator CPU s / round",
          "coordinator RSS max (MiB)", "broker CPU s / round", "broker RSS (MiB)", "msgs / device", "MB / device"],
-        [[r["devices"], f"{r['update']} ({r['update_bytes'] / mib:.2f} MiB)", r["globals"], r["sampled_per_round"],
+        [[r["devices"], f"{r['update']} ({r['update_bytes'] / mib:.2f} MiB)", r["globals"], r["edges"],
+          r["sampled_per_round"],
           f"{r['all_hellos_s']:.1f}", "-" if r["overhead_s_max"] is None else f"{r['overhead_s_max']:.2f}",
           f"{np.mean([p['coordinator_cpu_s'] for p in r['per_round']]):.2f}",
           f"{r['coordinator_rss_bytes_max'] / mib:.0f}",
@@ -376,9 +404,9 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, "Fleet scale: one coordinator, one Mosquitto, 10% of devices sampled per round")
 
 
-PROFILES = {"smoke": {"devices": [50], "updates": ["tiny"], "rounds": 2, "globals": ["every"]},
+PROFILES = {"smoke": {"devices": [50], "updates": ["tiny"], "rounds": 2, "globals": ["every"], "edges": [0]},
             "standard": {"devices": [100, 300, 1000], "updates": ["tiny", "smollm2"], "rounds": 3,
-                         "globals": ["every", "sampled"]}}
+                         "globals": ["every", "sampled"], "edges": [0, 2]}}
 GLOBALS = ("every", "sampled")
 
 
@@ -391,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=float, default=0.1, help="fraction of devices sampled per round (default 0.1)")
     p.add_argument("--delay", type=float, default=1.0, help="a device's compute delay before it answers (s)")
     p.add_argument("--devices-per-process", type=int, default=250)
+    p.add_argument("--edges", default=None, help="comma-separated edge broker counts: 0 = devices on the fleet's "
+                   "broker, K = devices spread over K edge brokers bridged to it (default: the profile's)")
     p.add_argument("--globals", default=None, help="comma-separated: every (each device receives every round's global "
                    "adapter, as devft-edge did before), sampled (only the rounds it trains); default: the profile's")
     args = p.parse_args(argv)
@@ -402,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown update size(s) {bad}; choose from {list(UPDATE_SHAPES)}")
     rounds = args.rounds or prof["rounds"]
     modes = args.globals.split(",") if args.globals else prof["globals"]
+    edge_counts = [int(x) for x in args.edges.split(",")] if args.edges else prof["edges"]
     if any(m not in GLOBALS for m in modes):
         p.error(f"--globals takes {list(GLOBALS)}, got {modes}")
     fds = raise_fd_limit()
@@ -410,18 +441,18 @@ def main(argv: list[str] | None = None) -> int:
                 "(raise the hard limit: ulimit -Hn, or LimitNOFILE= in a systemd unit)")
     tag = "" if args.profile == "standard" and not args.devices else f"-{args.profile}"
     out_json = RESULTS / f"fleet-scale{tag}.json"
-    done = {(r["devices"], r["update"], r["globals"]): r for r in (json.loads(out_json.read_text())["rows"]
-                                                                   if out_json.exists() else [])}
+    done = {(r["devices"], r["update"], r["globals"], r["edges"]): r
+            for r in (json.loads(out_json.read_text())["rows"] if out_json.exists() else [])}
     command = ("python -m benchmarks.fleet_scale " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     rows = []
-    for kind, mode, n in ((k, m, n) for k in kinds for m in modes for n in counts):
-        if (n, kind, mode) in done and not args.devices:  # resume: a finished configuration is kept
-            rows.append(done[(n, kind, mode)])
+    for kind, mode, edges, n in ((k, m, e, n) for k in kinds for m in modes for e in edge_counts for n in counts):
+        if (n, kind, mode, edges) in done and not args.devices:  # resume: a finished configuration is kept
+            rows.append(done[(n, kind, mode, edges)])
             continue
-        print(f"[fleet-scale] {n} devices, {kind} updates, globals to {mode} devices, {rounds} rounds ...",
-              flush=True)
+        print(f"[fleet-scale] {n} devices, {kind} updates, globals to {mode} devices, {edges} edge brokers, "
+              f"{rounds} rounds ...", flush=True)
         row = run_scale(n, kind, rounds, args.sample, args.delay, args.devices_per_process,
-                        CACHE / f"work-{n}-{kind}", on_demand=mode == "sampled")
+                        CACHE / f"work-{n}-{kind}", on_demand=mode == "sampled", edges=edges)
         rows.append(row)
         print(f"[fleet-scale] {n} devices, {kind}: all hellos {row['all_hellos_s']:.1f} s, overhead max "
               f"{row['overhead_s_max']} s, coordinator RSS {row['coordinator_rss_bytes_max'] / 2**20:.0f} MiB, "

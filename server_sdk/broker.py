@@ -513,8 +513,10 @@ def _listen_host(bind_address: str | None) -> str:
     return "127.0.0.1" if bind_address in (None, "0.0.0.0", "::") else bind_address
 
 
-def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: str | None = None) -> Path:
-    """(Re)generate mosquitto.conf for `port` and `bind_address` (default: the fleet's settings).
+def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: str | None = None,
+                 extra: Callable[[Path], list[str]] | None = None) -> Path:
+    """(Re)generate mosquitto.conf for `port` and `bind_address` (default: the fleet's settings), plus the
+    lines `extra(runtime directory)` returns (an edge broker's bridge, server_sdk/bridge.py).
 
     Also stages the broker's files into its runtime directory when we are root."""
     fleet = Path(fleet_dir).resolve()
@@ -562,6 +564,8 @@ def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: s
     loop_port = settings.get("plaintext_loopback_port")
     if loop_port:
         lines += [f"listener {loop_port} 127.0.0.1", "use_username_as_clientid true", ""]
+    if extra is not None:
+        lines += extra(rt)
     conf = rt / "mosquitto.conf"
     conf.write_text("\n".join(lines))
     if rt != fleet:
@@ -664,6 +668,10 @@ class BrokerProcess:
     def runtime_dir(self) -> Path:
         return runtime_dir(self.fleet_dir)
 
+    def config_extra(self, runtime: Path) -> list[str]:
+        """Lines added to mosquitto.conf (an edge broker's bridge: server_sdk/bridge.py)."""
+        return []
+
     def start(self, timeout_s: float = 10.0) -> BrokerProcess:
         broker_bin, _ = require_mosquitto()
         host = _listen_host(self.bind_address)
@@ -676,7 +684,7 @@ class BrokerProcess:
         if _listening(self.port, host):
             raise BrokerError(f"port {self.port} is already in use; pick another port for this fleet")
         _upgrade(self.fleet_dir)
-        conf = write_config(self.fleet_dir, self.port, self.bind_address)
+        conf = write_config(self.fleet_dir, self.port, self.bind_address, extra=self.config_extra)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         # as root, start it as its user outright: it never holds root, and the parent-death signal
         # survives (a set-uid inside mosquitto would clear it)
