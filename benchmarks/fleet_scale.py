@@ -181,7 +181,8 @@ def device_worker(cred_paths: list[str], port: int, delay_s: float, on_demand: b
         if cmd == "stop":
             break
     conn.send(("stats", {d.name: {"received": dict(d.received), "received_bytes": dict(d.received_bytes),
-                                  "updates_sent": d.sent, "reconnects": d.client.reconnects} for d in devices}))
+                                  "updates_sent": d.sent, "reconnects": d.client.reconnects,
+                                  "connected_at": d.client.connected_at} for d in devices}))
     for d in devices:
         d.client.close()
 
@@ -239,9 +240,10 @@ def start_edges(fleet: Path, count: int, core_port: int) -> list:
 
 
 def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float, per_process: int,
-              work: Path, on_demand: bool = False, edges: int = 0) -> dict:
+              work: Path, on_demand: bool = False, edges: int = 0, restart: bool = False) -> dict:
     """One fleet of n devices (behind `edges` edge brokers, or on the core): connect them, run `rounds` rounds,
-    return the measurements."""
+    return the measurements. With `restart` the broker is restarted 0.3 s into round 1 (devices computing): every
+    device must come back and the round complete with every sampled update."""
     import torch
 
     from server_sdk.aggregation import aggregate
@@ -293,11 +295,15 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
         shapes = lora_shapes(kind)
         glob = {k: torch.zeros(s) for k, s in shapes.items()}
         per_round = []
+        restarted_at = None
         for r in range(rounds):
             sampled = sample_clients(cfg, 0, r)
             seeds = {c: client_seed(cfg.seed, 0, r, c) for c in sampled}
             cpu0, b_cpu_r0 = time.process_time(), _proc_stats(broker.proc.pid)[0]
             t_round = time.time()
+            if restart and r == 1:
+                restarted_at = t_round + 0.3
+                threading.Timer(0.3, broker.restart, kwargs={"timeout_s": 60}).start()
             results = ex.train_round(0, r, sampled, glob, lambda k: True, seeds)
             glob = aggregate("fedavg", glob, results)
             t_done = time.time()
@@ -305,7 +311,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
             _, rss = _proc_stats(os.getpid())
             per_round.append({"round": r, "accepted": len(results), "wall_s": t_done - t_round,
                               "coordinator_cpu_s": time.process_time() - cpu0, "coordinator_rss_bytes": rss,
-                              "broker_cpu_s": b_cpu - b_cpu_r0, "broker_rss_bytes": b_rss,
+                              "broker_cpu_s": None if restart and r == 1 else b_cpu - b_cpu_r0, "broker_rss_bytes": b_rss,
                               "aggregated_unix": t_done})
         events = [json.loads(x) for x in (work / "run" / "fleet_events.jsonl").read_text().splitlines()]
         _overheads(per_round, events)
@@ -328,8 +334,10 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
             edge.stop()
     update_bytes = len(P.encode_tensors({to_peft_key(k): np.zeros(s, np.float32) for k, s in shapes.items()}))
     msgs = [sum(s["received"].values()) for s in stats.values()]
+    back = [s["connected_at"] for s in stats.values() if restarted_at and (s["connected_at"] or 0) > restarted_at]
     nbytes = [sum(s["received_bytes"].values()) for s in stats.values()]
     return {"devices": n, "update": kind, "globals": "sampled" if on_demand else "every", "edges": edges,
+            "restart": restart,
             "edge_brokers": edge_stats, "update_bytes": update_bytes,
             "sampled_per_round": sampled_n,
             "rounds": rounds, "compute_delay_s": delay_s, "connect_s": connected_s, "all_hellos_s": hello_s,
@@ -337,13 +345,18 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
             "overhead_s_max": max((r["overhead_s"] for r in per_round if r.get("overhead_s") is not None),
                                   default=None),
             "coordinator_rss_bytes_max": max(r["coordinator_rss_bytes"] for r in per_round),
+            "broker_cpu_s_per_round_mean": float(np.mean([r["broker_cpu_s"] for r in per_round
+                                                          if r["broker_cpu_s"] is not None])),
             "coordinator_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "broker_cpu_s_total": b_cpu1 - b_cpu0, "broker_rss_bytes_end": b_rss1,
+            "broker_cpu_s_total": None if restart else b_cpu1 - b_cpu0, "broker_rss_bytes_end": b_rss1,
             "device_messages_received": {"min": min(msgs, default=0), "max": max(msgs, default=0),
                                          "mean": float(np.mean(msgs)) if msgs else 0.0},
             "device_bytes_received": {"min": min(nbytes, default=0), "max": max(nbytes, default=0),
                                       "mean": float(np.mean(nbytes)) if nbytes else 0.0},
             "device_reconnects": sum(s["reconnects"] for s in stats.values()),
+            "broker_restart": None if restarted_at is None else {
+                "devices_back": len(back), "all_back_s": max(back) - restarted_at if back else None,
+                "round_accepted": per_round[1]["accepted"], "round_sampled": sampled_n},
             "devices_reporting": len(stats)}
 
 
@@ -375,7 +388,7 @@ def markdown(rows: list[dict], command: str) -> str:
           f"{r['all_hellos_s']:.1f}", "-" if r["overhead_s_max"] is None else f"{r['overhead_s_max']:.2f}",
           f"{np.mean([p['coordinator_cpu_s'] for p in r['per_round']]):.2f}",
           f"{r['coordinator_rss_bytes_max'] / mib:.0f}",
-          f"{np.mean([p['broker_cpu_s'] for p in r['per_round']]):.2f}", f"{r['broker_rss_bytes_end'] / mib:.0f}",
+          f"{r['broker_cpu_s_per_round_mean']:.2f}", f"{r['broker_rss_bytes_end'] / mib:.0f}",
           f"{r['device_messages_received']['mean']:.0f}", f"{r['device_bytes_received']['mean'] / 1e6:.1f}"]
          for r in rows])
     return "\n".join(lines) + "\n"
@@ -404,59 +417,70 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, "Fleet scale: one coordinator, one Mosquitto, 10% of devices sampled per round")
 
 
-PROFILES = {"smoke": {"devices": [50], "updates": ["tiny"], "rounds": 2, "globals": ["every"], "edges": [0]},
-            "standard": {"devices": [100, 300, 1000], "updates": ["tiny", "smollm2"], "rounds": 3,
-                         "globals": ["every", "sampled"], "edges": [0, 2]}}
+# each configuration: (devices, update size, globals to, edge brokers, broker restarted in round 1)
+PROFILES = {
+    "smoke": [(50, "tiny", "every", 0, False)],
+    "standard": [
+        (100, "tiny", "every", 0, False), (300, "tiny", "every", 0, False), (1000, "tiny", "every", 0, False),
+        (1000, "tiny", "sampled", 0, False), (1000, "tiny", "sampled", 2, False),
+        (100, "smollm2", "every", 0, False), (100, "smollm2", "sampled", 0, False),
+        (300, "smollm2", "sampled", 0, False), (1000, "smollm2", "sampled", 0, False),
+        (1000, "tiny", "sampled", 0, True),
+    ],
+}
 GLOBALS = ("every", "sampled")
+KEYS = ("devices", "update", "globals", "edges", "restart")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="standard")
-    p.add_argument("--devices", help="comma-separated device counts (default: the profile's)")
-    p.add_argument("--updates", help="comma-separated update sizes from tiny, smollm2 (default: the profile's)")
-    p.add_argument("--rounds", type=int, help="rounds per fleet (default: the profile's)")
+    p.add_argument("--devices", help="comma-separated device counts: run these instead of the profile's list, "
+                   "each with every --updates, --globals and --edges value")
+    p.add_argument("--updates", default="tiny", help="with --devices: update sizes from tiny, smollm2 (default tiny)")
+    p.add_argument("--globals", default="sampled", help="with --devices: every (each device receives every round's "
+                   "global adapter, as devft-edge did before), sampled (only the rounds it trains; default)")
+    p.add_argument("--edges", default="0", help="with --devices: edge broker counts (0 = devices on the fleet's "
+                   "broker, K = spread over K edge brokers bridged to it; default 0)")
+    p.add_argument("--restart", action="store_true", help="with --devices: restart the broker in round 1")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per fleet (default 3; smoke 2)")
     p.add_argument("--sample", type=float, default=0.1, help="fraction of devices sampled per round (default 0.1)")
     p.add_argument("--delay", type=float, default=1.0, help="a device's compute delay before it answers (s)")
     p.add_argument("--devices-per-process", type=int, default=250)
-    p.add_argument("--edges", default=None, help="comma-separated edge broker counts: 0 = devices on the fleet's "
-                   "broker, K = devices spread over K edge brokers bridged to it (default: the profile's)")
-    p.add_argument("--globals", default=None, help="comma-separated: every (each device receives every round's global "
-                   "adapter, as devft-edge did before), sampled (only the rounds it trains); default: the profile's")
     args = p.parse_args(argv)
-    prof = PROFILES[args.profile]
-    counts = [int(x) for x in args.devices.split(",")] if args.devices else prof["devices"]
-    kinds = args.updates.split(",") if args.updates else prof["updates"]
-    bad = [k for k in kinds if k not in UPDATE_SHAPES]
+    if args.devices:
+        configs = [(int(n), k, m, int(e), args.restart) for k in args.updates.split(",")
+                   for m in args.globals.split(",") for e in args.edges.split(",") for n in args.devices.split(",")]
+    else:
+        configs = PROFILES[args.profile]
+    bad = [c for c in configs if c[1] not in UPDATE_SHAPES or c[2] not in GLOBALS]
     if bad:
-        p.error(f"unknown update size(s) {bad}; choose from {list(UPDATE_SHAPES)}")
-    rounds = args.rounds or prof["rounds"]
-    modes = args.globals.split(",") if args.globals else prof["globals"]
-    edge_counts = [int(x) for x in args.edges.split(",")] if args.edges else prof["edges"]
-    if any(m not in GLOBALS for m in modes):
-        p.error(f"--globals takes {list(GLOBALS)}, got {modes}")
+        p.error(f"unknown update size or globals in {bad}; sizes {list(UPDATE_SHAPES)}, globals {list(GLOBALS)}")
+    rounds = args.rounds or (2 if args.profile == "smoke" else 3)
     fds = raise_fd_limit()
-    if fds < 2 * max(counts) + 64:
-        p.error(f"the file-descriptor limit is {fds}; {max(counts)} devices need about {2 * max(counts) + 64} "
+    most = max(c[0] for c in configs)
+    if fds < 2 * most + 64:
+        p.error(f"the file-descriptor limit is {fds}; {most} devices need about {2 * most + 64} "
                 "(raise the hard limit: ulimit -Hn, or LimitNOFILE= in a systemd unit)")
     tag = "" if args.profile == "standard" and not args.devices else f"-{args.profile}"
     out_json = RESULTS / f"fleet-scale{tag}.json"
-    done = {(r["devices"], r["update"], r["globals"], r["edges"]): r
-            for r in (json.loads(out_json.read_text())["rows"] if out_json.exists() else [])}
+    done = {tuple(r[k] for k in KEYS): r for r in (json.loads(out_json.read_text())["rows"] if out_json.exists() else [])
+            if all(k in r for k in KEYS)}
     command = ("python -m benchmarks.fleet_scale " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     rows = []
-    for kind, mode, edges, n in ((k, m, e, n) for k in kinds for m in modes for e in edge_counts for n in counts):
-        if (n, kind, mode, edges) in done and not args.devices:  # resume: a finished configuration is kept
-            rows.append(done[(n, kind, mode, edges)])
+    for n, kind, mode, edges, restart in configs:
+        if (n, kind, mode, edges, restart) in done and not args.devices:  # resume: a finished configuration is kept
+            rows.append(done[(n, kind, mode, edges, restart)])
             continue
-        print(f"[fleet-scale] {n} devices, {kind} updates, globals to {mode} devices, {edges} edge brokers, "
-              f"{rounds} rounds ...", flush=True)
+        print(f"[fleet-scale] {n} devices, {kind} updates, globals to {mode} devices, {edges} edge brokers"
+              f"{', broker restarted in round 1' if restart else ''}, {rounds} rounds ...", flush=True)
         row = run_scale(n, kind, rounds, args.sample, args.delay, args.devices_per_process,
-                        CACHE / f"work-{n}-{kind}", on_demand=mode == "sampled", edges=edges)
+                        CACHE / f"work-{n}-{kind}", on_demand=mode == "sampled", edges=edges, restart=restart)
         rows.append(row)
         print(f"[fleet-scale] {n} devices, {kind}: all hellos {row['all_hellos_s']:.1f} s, overhead max "
               f"{row['overhead_s_max']} s, coordinator RSS {row['coordinator_rss_bytes_max'] / 2**20:.0f} MiB, "
-              f"broker RSS {row['broker_rss_bytes_end'] / 2**20:.0f} MiB", flush=True)
+              f"broker RSS {row['broker_rss_bytes_end'] / 2**20:.0f} MiB"
+              + (f", restart: {row['broker_restart']}" if restart else ""), flush=True)
         write_atomic(out_json, json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     summary = {"command": command, "rows": rows, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     write_atomic(out_json, json.dumps(summary, indent=1) + "\n")

@@ -30,11 +30,28 @@ def test_fleet_scale_through_two_edge_brokers(tmp_path, monkeypatch):
     import benchmarks.fleet_scale as bench
 
     bench = importlib.reload(bench)
-    assert bench.main(["--profile", "smoke", "--edges", "2", "--globals", "sampled"]) == 0
+    assert bench.main(["--profile", "smoke", "--devices", "50", "--edges", "2", "--globals", "sampled",
+                       "--rounds", "2"]) == 0
     (row,) = json.loads((tmp_path / "fleet-scale-smoke.json").read_text())["rows"]
     assert row["edges"] == 2 and len(row["edge_brokers"]) == 2 and row["hellos_seen"] == 50
     assert [r["accepted"] for r in row["per_round"]] == [5, 5]
     # only the sampled devices received a global adapter: 10 of 50 devices, one each
     assert row["device_messages_received"]["min"] < row["device_messages_received"]["max"]
+    monkeypatch.delenv("DEVFT_BENCH_RESULTS")
+    importlib.reload(bench)
+
+
+def test_fleet_scale_broker_restart_mid_round_loses_no_update(tmp_path, monkeypatch):
+    """Issue #27 faults at scale, small: the broker restarts while round 1's devices compute; all 50 devices come
+    back and round 1 closes with every sampled update (quorum 1.0)."""
+    monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
+    import benchmarks.fleet_scale as bench
+
+    bench = importlib.reload(bench)
+    assert bench.main(["--profile", "smoke", "--devices", "50", "--restart", "--rounds", "2"]) == 0
+    (row,) = json.loads((tmp_path / "fleet-scale-smoke.json").read_text())["rows"]
+    assert row["restart"] and row["broker_restart"]["devices_back"] == 50
+    assert row["broker_restart"]["round_accepted"] == row["broker_restart"]["round_sampled"] == 5
+    assert [r["accepted"] for r in row["per_round"]] == [5, 5]
     monkeypatch.delenv("DEVFT_BENCH_RESULTS")
     importlib.reload(bench)
