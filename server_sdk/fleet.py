@@ -806,15 +806,14 @@ class FleetExecutor(ClientExecutor):
         """An update arrived (paho's thread): queue it for the open round, or refuse it now, unread.
 
         Only what the open round can use waits in the inbox (RoundGate). A retained update was planted
-        before this coordinator subscribed (by a device, even before the run existed): it is refused and
-        deleted from the broker, so it cannot come back on every resume."""
+        before this coordinator subscribed (by a device, even before the run existed): it is refused here,
+        and the janitor (server_sdk/janitor.py) deletes it from the broker, so it cannot come back on a resume."""
         sender = msg.topic.rsplit("/", 1)[-1]
         if not msg.payload:
-            return  # a retained update being deleted (by us)
+            return  # a retained update being deleted (by the janitor)
         if msg.retain:
             self._reject("retained", sender, "a retained update (published with the MQTT retain flag before this "
-                         "coordinator subscribed); deleted from the broker", len(msg.payload))
-            self.client.publish(msg.topic, b"", retain=True)
+                         "coordinator subscribed); the janitor deletes it from the broker", len(msg.payload))
             return
         with self._gate_lock:
             why = self._refusal(self._gate, sender, len(msg.payload))
