@@ -7,11 +7,16 @@ build (within 1e-5). Needs `scripts/setup.sh` (Node.js and `npm ci` in web/).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from edge_runtime import protocol as P
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
@@ -29,3 +34,109 @@ def test_js_device_reproduces_the_test_vectors(engine):
     assert f"all checks passed ({engine})" in out.stdout
     if engine == "node":  # bit for bit where the vectors' runtime numerics are ours
         assert "train_step gradients bit for bit" in out.stdout and "delta bit for bit" in out.stdout
+
+
+# --------------------------------------------------------------------------- a real fleet with Node devices
+
+
+def node_device_cmd(fleet, name: str, shard: Path, run_id: str, engine: str = "node") -> list[str]:
+    ddir = fleet.device_dir(name)
+    return ["node", str(WEB / "node-device.mjs"), "--credentials", str(fleet.device_credentials(name)),
+            "--data", str(shard.resolve()), "--cache", str(ddir / "cache"), "--run", run_id, "--host", "localhost",
+            "--engine", engine, "--record", str(ddir / "record")]
+
+
+def start_node_device(fleet, name: str, shard: Path, run_id: str, engine: str = "node") -> subprocess.Popen:
+    """A Node device in a LocalFleet's place for `name` (its login, its shard), stopped with the fleet."""
+    ddir = fleet.device_dir(name)
+    ddir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DEVFT_EXIT_WITH_PARENT": str(os.getpid())}
+    with open(ddir / "device.log", "ab") as logf:
+        proc = subprocess.Popen(node_device_cmd(fleet, name, shard, run_id, engine), stdout=logf,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(ddir))
+    fleet.devices[name] = proc
+    return proc
+
+
+def replay_round(record: Path, art_dir: Path, shard: Path, device: str) -> tuple[dict, list[float], P.UpdateMessage]:
+    """Recompute a recorded round with devft-edge's own code: its delta and step losses, and the update sent."""
+    from tokenizers import Tokenizer
+
+    from edge_runtime.backends import open_trainer
+    from edge_runtime.batching import IGNORE_INDEX
+    from edge_runtime.client import encode, pad_id, read_shard, round_batches
+
+    rec = json.loads(record.with_suffix(".json").read_text())
+    ctrl = P.decode_control(json.dumps(rec["control"]).encode())
+    glob = P.decode_global(record.with_suffix(".global").read_bytes())
+    update = P.decode_update(record.with_suffix(".update").read_bytes())
+    hp = ctrl.hyperparams
+    trainer = open_trainer("onnx", art_dir, lr=hp.lr, threads=1, trainable=hp.trainable, optimizer=hp.optimizer)
+    trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
+    received = trainer.get_lora()
+    man = trainer.manifest
+    encoded = encode(Tokenizer.from_file(str(art_dir / man.tokenizer_file)), read_shard(shard), man.seq_len)
+    losses = [trainer.train_step(ids, labels) for ids, labels, _ in
+              round_batches(encoded, hp, device, pad_id(man.model_config)) if (labels[:, 1:] != IGNORE_INDEX).any()]
+    trained = trainer.get_lora()
+    return {k: (trained[k] - received[k]).astype(np.float32) for k in hp.trainable}, losses, update
+
+
+@needs_web
+def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path):
+    """2 devft-edge and 2 Node devices, real Mosquitto (TLS, passwords, ACL), tiny model, two stages: every
+    Node update is accepted, and each equals, bit for bit, what devft-edge's code computes from the same
+    global adapter, seed and shard (and the Node tokeniser gives Python's ids on every shard line)."""
+    from server_sdk.fleet import FleetSettings
+    from server_sdk.model import tiny_random_model
+    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+
+    node_names = ("dev-002", "dev-003")
+
+    class MixedRun(FleetRun):
+        def start_device(self, name: str, code: str | None = None):
+            if name in node_names:
+                return start_node_device(self.fleet, name, self.shards[name], self.run_dir.name)
+            return super().start_device(name, code)
+
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4)
+    job = MixedRun(tmp_path / "mixed", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                   FleetSettings(round_timeout_s=120))
+    report = job.finish()
+    evs = events(job.run_dir)
+    rounds = accepted_by_round(job.run_dir)
+    assert len(rounds) == 3 and all(sorted(v) == ["dev-000", "dev-001", "dev-002", "dev-003"] for v in rounds.values())
+    assert not [e for e in evs if e["event"] == "rejected"]
+    assert job.codes == {name: 0 for name in ("dev-000", "dev-001", "dev-002", "dev-003")}, job.codes
+    recs = [r for r in report["records"] if r["stage"] >= 0]
+    for rec in recs:  # the Node devices' telemetry under the keys the coordinator and reports read
+        for name in node_names:
+            tel = rec["telemetry"][name]
+            assert tel["steps"] == cfg.local_steps and tel["peak_rss_bytes"] > 0 and tel["train_s"] > 0
+            assert tel["step_latency_s"]["p50"] > 0 and tel["backend"] == "onnx" and tel["stage_download_bytes"] >= 0
+
+    replayed = 0
+    for name in node_names:
+        ddir = job.fleet.device_dir(name)
+        shard = job.shards[name]
+        for record in sorted((ddir / "record").glob("round-*.json")):
+            ctrl = json.loads(record.read_text())["control"]
+            art_dir = ddir / "cache" / "stages" / ctrl["artifacts"]["onnx"]["artifact_id"]
+            delta, losses, update = replay_round(record.with_suffix(""), art_dir, shard, name)
+            assert sorted(update.tensors) == sorted(delta)
+            for k, want in delta.items():
+                assert update.tensors[k].dtype == np.float32 and update.tensors[k].tobytes() == want.tobytes(), (name, k)
+            assert update.metrics["train_loss"] == float(np.mean(losses))
+            replayed += 1
+        # the same token ids as Python on every line of the shard
+        art_dir = next((ddir / "cache" / "stages").iterdir())
+        man = json.loads((art_dir / "manifest.json").read_text())
+        out = subprocess.run(["node", "test/tokenize.mjs", str(art_dir / man["tokenizer_file"]), str(shard),
+                              str(man["seq_len"])], cwd=WEB, capture_output=True, text=True, timeout=120, check=True)
+        from tokenizers import Tokenizer
+
+        from edge_runtime.client import encode, read_shard
+
+        want = encode(Tokenizer.from_file(str(art_dir / man["tokenizer_file"])), read_shard(shard), man["seq_len"])
+        assert json.loads(out.stdout) == [[list(i), list(lab)] for i, lab in want]
+    assert replayed == 6

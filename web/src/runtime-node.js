@@ -45,7 +45,8 @@ export class FileStore {
   async materialize(art) {
     const dir = path.join(this.root, 'stages', art.artifactId);
     await fs.rm(dir, { recursive: true, force: true });
-    for (const [rel, sha] of Object.entries(art.files)) {
+    const files = art.manifestSha ? { ...art.files, 'manifest.json': art.manifestSha } : art.files;
+    for (const [rel, sha] of Object.entries(files)) {
       const dest = path.join(dir, rel);
       await fs.mkdir(path.dirname(dest), { recursive: true });
       try { await fs.link(this.blobPath(sha), dest); } catch { await fs.copyFile(this.blobPath(sha), dest); }

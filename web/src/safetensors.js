@@ -20,7 +20,7 @@ export function decodeSafetensors(bytes) {
     if (end - begin !== count * Ctor.BYTES_PER_ELEMENT || base + end > bytes.byteLength) {
       throw new Error(`tensor ${name}: data_offsets [${begin}, ${end}] do not fit its shape ${spec.shape} or the payload`);
     }
-    const copy = bytes.slice(base + begin, base + end); // aligned copy
+    const copy = new Uint8Array(bytes.subarray(base + begin, base + end)); // an aligned copy (Buffer.slice would be a view)
     out[name] = { dtype: spec.dtype, shape: spec.shape, data: new Ctor(copy.buffer, 0, count) };
   }
   return out;

@@ -63,6 +63,10 @@ for (const fr of load('frames.json').frames) {
   let ok = JSON.stringify(header) === JSON.stringify(fr.header);
   for (const [name, t] of Object.entries(fr.tensors)) ok &&= compare(tensors[name].data, f32(t)).same && JSON.stringify(tensors[name].shape) === JSON.stringify(t.shape);
   check(`${fr.kind} frame decodes`, ok);
+  // as mqtt.js delivers it: a Buffer view into a larger pool (a decoder must copy, not reinterpret the pool)
+  const pooled = Buffer.concat([Buffer.alloc(13, 7), Buffer.from(bytes)]).subarray(13);
+  const again = (fr.kind === 'update' ? decodeUpdate : decodeGlobal)(pooled);
+  check(`${fr.kind} frame decodes from a pooled Buffer`, Object.entries(fr.tensors).every(([k, t]) => compare(again.tensors[k].data, f32(t)).same));
   const body = encodeSafetensors(Object.fromEntries(Object.entries(fr.tensors).map(([k, t]) => [k, { shape: t.shape, data: f32(t) }])));
   const back = decodeSafetensors(body);
   check(`${fr.kind} tensors re-encode`, Object.entries(fr.tensors).every(([k, t]) => compare(back[k].data, f32(t)).same));
