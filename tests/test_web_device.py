@@ -140,3 +140,103 @@ def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path
         want = encode(Tokenizer.from_file(str(art_dir / man["tokenizer_file"])), read_shard(shard), man["seq_len"])
         assert json.loads(out.stdout) == [[list(i), list(lab)] for i, lab in want]
     assert replayed == 6
+
+
+# --------------------------------------------------------------------------- browsers (headless Chromium)
+
+needs_browser = pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("websockify") is None,
+                                   reason="browser devices need Debian's chromium and websockify: run scripts/setup.sh")
+
+
+def layout(descriptor: dict, blobs: Path, dest: Path) -> Path:
+    """The artifact directory of a descriptor, from blobs named by sha256 (each checked): the manifest's dir."""
+    import hashlib
+
+    for f in descriptor["files"]:
+        data = (blobs / f["sha256"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"]
+        (dest / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (dest / f["path"]).write_bytes(data)
+    return next(dest.glob("**/manifest.json")).parent
+
+
+def spki_sha256(cert_pem: Path) -> str:
+    """Chromium's --ignore-certificate-errors-spki-list value for a certificate: trust exactly its key."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert_pem.read_bytes()).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+@needs_web
+@needs_browser
+def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
+    """2 devft-edge devices and 2 pages in headless Chromium (onnxruntime-web, mqtt.js over WSS through
+    websockify to Mosquitto's TLS listener, the page over HTTPS with COOP/COEP): every browser update is
+    accepted, and each browser round's losses are within 1e-5 of devft-edge's code replaying its inputs."""
+    from server_sdk.fleet import FleetSettings
+    from server_sdk.model import tiny_random_model
+    from server_sdk.web_gateway import WebGateway
+    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+
+    browser_names = ("dev-002", "dev-003")
+    out = tmp_path / "browsers"
+
+    class BrowserRun(FleetRun):
+        gateway: WebGateway | None = None
+
+        def start_device(self, name: str, code: str | None = None):
+            if name not in browser_names:
+                return super().start_device(name, code)
+            if name != browser_names[-1]:
+                return None
+            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
+            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
+                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
+                   "--timeout-s", "500", "--keep-blobs"]
+            for b in browser_names:
+                cmd += ["--device", f"{b}={self.fleet.device_credentials(b)},{self.shards[b]}"]
+            with open(tmp_path / "browsers.log", "ab") as logf:
+                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
+            self.fleet.devices["browsers"] = proc
+            return proc
+
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4)
+    job = BrowserRun(tmp_path / "web", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                     FleetSettings(round_timeout_s=180))
+    try:
+        report = job.finish(900)
+    finally:
+        if job.gateway is not None:
+            job.gateway.stop()
+    logs = "".join((out / b / "log.txt").read_text() for b in browser_names if (out / b / "log.txt").exists())
+    rounds = accepted_by_round(job.run_dir)
+    assert len(rounds) == 3 and all(sorted(v) == ["dev-000", "dev-001", "dev-002", "dev-003"] for v in rounds.values()), \
+        (rounds, logs)
+    assert not [e for e in events(job.run_dir) if e["event"] == "rejected"]
+    assert job.codes["browsers"] == 0, logs
+    assert "crossOriginIsolated: true" in logs
+    for rec in (r for r in report["records"] if r["stage"] >= 0):
+        for name in browser_names:
+            tel = rec["telemetry"][name]
+            assert tel["steps"] == cfg.local_steps and tel["backend"] == "onnx" and tel["train_s"] > 0
+            assert tel["runtime"].startswith("onnxruntime-web")
+
+    replayed = 0
+    for name in browser_names:
+        for record in sorted((out / name).glob("round-*.json")):
+            ctrl = json.loads(record.read_text())["control"]
+            art_dir = layout(ctrl["artifacts"]["onnx"], out / name / "blobs", tmp_path / "replay" / record.stem / name)
+            delta, losses, update = replay_round(record.with_suffix(""), art_dir, job.shards[name], name)
+            browser_losses = json.loads(record.read_text())["losses"]
+            assert len(browser_losses) == len(losses) and np.allclose(browser_losses, losses, rtol=0, atol=1e-5)
+            assert abs(update.metrics["train_loss"] - float(np.mean(losses))) < 1e-5
+            for k, want in delta.items():
+                assert np.abs(update.tensors[k] - want).max() < 1e-5, (name, k)
+            replayed += 1
+    assert replayed == 6

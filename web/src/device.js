@@ -33,7 +33,7 @@ export class Device {
    * runtime: the adapter; creds: {username, password, ...}; shard: [{prompt, completion}]; runId: the run to follow
    * (its will needs it); onRecord(kind, data): optional hook that sees every round's inputs and outputs (tests, replays).
    */
-  constructor({ runtime, creds, shard, runId, threads = 1, log = console.log, onRecord = null }) {
+  constructor({ runtime, creds, shard, runId, threads = 1, log = console.log, onRecord = null, prune = true }) {
     this.runtime = runtime;
     this.creds = creds;
     this.deviceId = checkName('device_id', creds.username);
@@ -42,6 +42,7 @@ export class Device {
     this.threads = threads;
     this.log = log;
     this.onRecord = onRecord;
+    this.prune = prune; // false keeps every stage's blobs (replays of old rounds)
     this.formats = ['onnx'];
     this.handlers = []; // [filter, fn]
     this.globals = new Map(); // round -> payload
@@ -243,7 +244,7 @@ export class Device {
     // the earlier stages' files are dead weight now (what this stage shares with them, and the hint, stays)
     const hint = firstOffered(ctrl.prefetch, this.formats);
     const keep = new Set([...desc.files, ...(hint ? hint[1].files : [])].map((f) => f.sha256));
-    await this.runtime.store.prune(keep);
+    if (this.prune) await this.runtime.store.prune(keep);
     return { artifactId: id, manifest, files, manifestSha: manifests[0].sha256 };
   }
 
