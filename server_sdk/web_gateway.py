@@ -60,11 +60,12 @@ class GatewayError(RuntimeError):
     pass
 
 
-def resolve(web_dir: Path, url_path: str) -> Path | None:
+def resolve(web_dir: Path, url_path: str, extra: dict[str, Path] | None = None) -> Path | None:
     """The file a URL path names inside one of the served directories, or None (never outside them)."""
-    for prefix, sub in SERVED.items():
+    roots = {**{prefix: web_dir / sub for prefix, sub in SERVED.items()}, **(extra or {})}
+    for prefix, where in roots.items():
         if url_path.startswith(prefix):
-            root = (web_dir / sub).resolve()
+            root = Path(where).resolve()
             rel = url_path[len(prefix):] or "index.html"
             target = (root / rel).resolve()
             if target.is_relative_to(root) and target.is_file():
@@ -73,7 +74,7 @@ def resolve(web_dir: Path, url_path: str) -> Path | None:
     return None
 
 
-def make_handler(web_dir: Path, ws_port: int) -> type[BaseHTTPRequestHandler]:
+def make_handler(web_dir: Path, ws_port: int, extra: dict[str, Path] | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "devft-web"
         sys_version = ""
@@ -86,7 +87,7 @@ def make_handler(web_dir: Path, ws_port: int) -> type[BaseHTTPRequestHandler]:
                 host = (self.headers.get("Host") or "localhost").rsplit(":", 1)[0]
                 body = json.dumps({"mqtt_ws_url": f"wss://{host}:{ws_port}/"}).encode()
                 self._send(200, body, "application/json")
-            elif (target := resolve(web_dir, path)) is not None:
+            elif (target := resolve(web_dir, path, extra)) is not None:
                 kind = TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
                 self._send(200, target.read_bytes(), kind)
             else:
@@ -185,13 +186,14 @@ class WebGateway:
 
     def __init__(self, fleet_dir: str | Path, mqtt_port: int, *, ws_port: int | None = None,
                  https_port: int | None = None, bind: str = "127.0.0.1", cert: str | Path | None = None,
-                 key: str | Path | None = None, web_dir: Path = WEB_DIR) -> None:
+                 key: str | Path | None = None, web_dir: Path = WEB_DIR, extra: dict[str, Path] | None = None) -> None:
+        """`extra` serves more directories under URL prefixes (benchmarks serve artifacts with it)."""
         self.dir = Path(fleet_dir).resolve()
         self.cert = Path(cert or self.dir / "server.pem")
         self.key = Path(key or self.dir / "server.key")
         self.mqtt_port, self.bind = mqtt_port, bind
         self.ws_port, self.https_port = ws_port or free_port(), https_port or free_port()
-        self.web_dir = web_dir
+        self.web_dir, self.extra = web_dir, dict(extra or {})
         self.relay: subprocess.Popen | None = None
         self.forwarder: TlsForwarder | None = None
         self.httpd: ThreadingHTTPServer | None = None
@@ -219,7 +221,7 @@ class WebGateway:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cert, self.key)
-        self.httpd = ThreadingHTTPServer((self.bind, self.https_port), make_handler(self.web_dir, self.ws_port))
+        self.httpd = ThreadingHTTPServer((self.bind, self.https_port), make_handler(self.web_dir, self.ws_port, self.extra))
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         threading.Thread(target=self.httpd.serve_forever, name="devft-web", daemon=True).start()
         try:

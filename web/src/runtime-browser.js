@@ -73,7 +73,7 @@ export async function browserRuntime({ wsUrl, threads = 1, wasmPaths = '/node_mo
     sha256: sha256Hex,
     processId: () => pageId,
     cpuTimeS: () => null,
-    peakRssBytes: () => performance.memory?.usedJSHeapSize ?? null,
+    peakRssBytes: () => null, // a page cannot read its process's RSS (performance.memory is only the JS heap)
     capabilities: () => ({
       platform: navigator.userAgentData?.platform || navigator.platform, runtime: 'onnxruntime-web',
       ram_mb: navigator.deviceMemory ? navigator.deviceMemory * 1024 : undefined, cores: navigator.hardwareConcurrency,
