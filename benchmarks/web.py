@@ -99,8 +99,7 @@ def node_engine(stage: Path, engine: str, warmup: int, steps: int) -> dict[str, 
 
 def browser_engines(stage: Path, warmup: int, steps: int) -> dict[str, dict[str, Any]]:
     from server_sdk.local_fleet import LocalFleet
-    from server_sdk.web_gateway import WebGateway
-    from tests.test_web_device import spki_sha256
+    from server_sdk.web_gateway import WebGateway, spki_sha256
 
     with LocalFleet(CACHE / "fleet", 1) as fleet:  # its CA and certificate serve the page; no broker needed here
         gw = WebGateway(fleet.dir, 1, extra={"/bench/": stage}).start()

@@ -107,6 +107,20 @@ def make_handler(web_dir: Path, ws_port: int, extra: dict[str, Path] | None = No
     return Handler
 
 
+def spki_sha256(cert_pem: Path) -> str:
+    """Chromium's --ignore-certificate-errors-spki-list value for a certificate: trust exactly its key
+    (headless test browsers; a phone instead trusts the fleet CA or a publicly trusted gateway certificate)."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(Path(cert_pem).read_bytes()).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
 def wait_port(host: str, port: int, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -160,19 +160,6 @@ def layout(descriptor: dict, blobs: Path, dest: Path) -> Path:
     return next(dest.glob("**/manifest.json")).parent
 
 
-def spki_sha256(cert_pem: Path) -> str:
-    """Chromium's --ignore-certificate-errors-spki-list value for a certificate: trust exactly its key."""
-    import base64
-    import hashlib
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    key = x509.load_pem_x509_certificate(cert_pem.read_bytes()).public_key()
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(der).digest()).decode()
-
-
 @needs_web
 @needs_browser
 def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
@@ -181,7 +168,7 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
     accepted, and each browser round's losses are within 1e-5 of devft-edge's code replaying its inputs."""
     from server_sdk.fleet import FleetSettings
     from server_sdk.model import tiny_random_model
-    from server_sdk.web_gateway import WebGateway
+    from server_sdk.web_gateway import WebGateway, spki_sha256
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
 
     browser_names = ("dev-002", "dev-003")
@@ -240,3 +227,48 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
                 assert np.abs(update.tensors[k] - want).max() < 1e-5, (name, k)
             replayed += 1
     assert replayed == 6
+
+
+@needs_web
+@needs_browser
+def test_gateway_keeps_logins_and_the_acl_and_serves_only_the_page(tmp_path):
+    """MQTT over WSS reaches Mosquitto's own login and ACL (a wrong password is refused, another device's
+    update topic gets PUBACK 0x87), and the HTTPS server sends the cross-origin isolation headers and
+    nothing outside its allowlist (no fleet keys, no path escapes, no other packages)."""
+    import http.client
+    import ssl
+
+    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.web_gateway import WebGateway
+
+    with LocalFleet(tmp_path / "fleet", 2) as fleet:
+        fleet.start_broker()
+        with WebGateway(fleet.dir, fleet.port) as gw:
+            out = subprocess.run(["node", "test/gateway-checks.mjs", "--wss", gw.ws_url, "--credentials",
+                                  str(fleet.device_credentials("dev-000")), "--other", "dev-001", "--run", "r"],
+                                 cwd=WEB, capture_output=True, text=True, timeout=120)
+            checks = json.loads(out.stdout)
+            assert checks["wrong_password"] == {"connected": False, "error": "Connection refused: Not authorized",
+                                                "code": 135}
+            assert checks["right_password"]["connected"] is True
+            assert checks["other_update"]["code"] == 0x87  # Not authorized: the broker's ACL, through the gateway
+            assert checks["own_fetch"] == {"ok": True, "reasonCode": 0}
+
+            ctx = ssl.create_default_context(cafile=str(fleet.dir / "ca.pem"))
+
+            def get(path: str) -> tuple[int, dict, bytes]:
+                conn = http.client.HTTPSConnection("localhost", gw.https_port, context=ctx, timeout=10)
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                return resp.status, dict(resp.getheaders()), resp.read()
+
+            status, headers, body = get("/app/")
+            assert status == 200 and b"devft device" in body
+            assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
+            assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+            status, headers, _ = get("/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm")
+            assert status == 200 and headers["Content-Type"] == "application/wasm"
+            assert json.loads(get("/app/config.json")[2]) == {"mqtt_ws_url": f"wss://localhost:{gw.ws_port}/"}
+            for path in ("/app/../../server.key", "/src/../../fleet/server.key", "/app/%2e%2e/package.json",
+                         "/node_modules/onnxruntime-node/package.json", "/server.key", "/credentials/dev-000.json"):
+                assert get(path)[0] == 404, path
