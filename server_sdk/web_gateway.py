@@ -74,10 +74,12 @@ def resolve(web_dir: Path, url_path: str, extra: dict[str, Path] | None = None) 
     return None
 
 
-def make_handler(web_dir: Path, ws_port: int, extra: dict[str, Path] | None = None) -> type[BaseHTTPRequestHandler]:
+def make_handler(web_dir: Path, ws_port: int, extra: dict[str, Path] | None = None,
+                 fleet_dir: Path | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "devft-web"
         sys_version = ""
+        fleet_dir: Path | None = None  # set below: join links redeem against this fleet's web/joins.json
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0].split("#", 1)[0]
@@ -93,6 +95,27 @@ def make_handler(web_dir: Path, ws_port: int, extra: dict[str, Path] | None = No
             else:
                 self._send(404, b"not found\n", "text/plain")
 
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/api/join" or self.fleet_dir is None:
+                self._send(404, b"not found\n", "text/plain")
+                return
+            from server_sdk.web_join import JoinRefused, redeem
+
+            size = int(self.headers.get("Content-Length") or 0)
+            try:
+                if not 0 < size <= 4096:
+                    raise JoinRefused(400, "a join request is a small JSON object: {\"token\": \"...\"}")
+                body = json.loads(self.rfile.read(size))
+                host = (self.headers.get("Host") or "localhost").rsplit(":", 1)[0]
+                answer = redeem(self.fleet_dir, body.get("token") if isinstance(body, dict) else None,
+                                f"wss://{host}:{ws_port}/")
+                self._send(200, json.dumps(answer).encode(), "application/json", {"Cache-Control": "no-store"})
+            except JoinRefused as exc:
+                self._send(exc.status, json.dumps({"error": str(exc)}).encode(), "application/json")
+            except (ValueError, UnicodeDecodeError):
+                self._send(400, json.dumps({"error": "a join request is JSON: {\"token\": \"...\"}"}).encode(),
+                           "application/json")
+
         def _send(self, code: int, body: bytes, kind: str, extra: dict[str, str] | None = None) -> None:
             self.send_response(code)
             for k, v in {**ISOLATION_HEADERS, "Content-Type": kind, "Content-Length": str(len(body)),
@@ -104,6 +127,7 @@ def make_handler(web_dir: Path, ws_port: int, extra: dict[str, Path] | None = No
         def log_message(self, fmt: str, *args) -> None:  # the path without its query; nothing secret travels in URLs
             log.debug("%s %s", self.address_string(), fmt % args)
 
+    Handler.fleet_dir = fleet_dir
     return Handler
 
 
@@ -235,7 +259,8 @@ class WebGateway:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cert, self.key)
-        self.httpd = ThreadingHTTPServer((self.bind, self.https_port), make_handler(self.web_dir, self.ws_port, self.extra))
+        handler = make_handler(self.web_dir, self.ws_port, self.extra, self.dir)
+        self.httpd = ThreadingHTTPServer((self.bind, self.https_port), handler)
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         threading.Thread(target=self.httpd.serve_forever, name="devft-web", daemon=True).start()
         try:
@@ -278,7 +303,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ws-port", type=int, default=8884)
     p.add_argument("--https-port", type=int, default=8443)
     p.add_argument("--bind", default="0.0.0.0", help="address both listeners bind to")
+    j = sub.add_parser("join", help="a one-time join link for a browser device (server_sdk/web_join.py)")
+    j.add_argument("fleet_dir")
+    j.add_argument("device", help="a device added with `devft fleet add-device`")
+    j.add_argument("--run", required=True, help="the run id the device follows")
+    j.add_argument("--data", help="the device's shard (runs/RUN/data/client_NNN.jsonl), handed to the page once")
+    j.add_argument("--host", default="localhost", help="the gateway's host name as the phone reaches it")
+    j.add_argument("--https-port", type=int, default=8443)
+    j.add_argument("--ttl-hours", type=float, default=24.0)
+    r = sub.add_parser("revoke", help="revoke a device's unused join links")
+    r.add_argument("fleet_dir")
+    r.add_argument("device")
     args = parser.parse_args(argv)
+    if args.command in ("join", "revoke"):
+        from server_sdk.web_join import JoinRefused, issue, revoke
+
+        if args.command == "revoke":
+            print(f"revoked {revoke(args.fleet_dir, args.device)} join link(s) of {args.device}")
+            return 0
+        try:
+            token = issue(args.fleet_dir, args.device, args.run, args.data, args.ttl_hours * 3600)
+        except JoinRefused as exc:
+            print(f"web_gateway: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"https://{args.host}:{args.https_port}/app/#join={token}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = args.mqtt_port or json.loads((Path(args.fleet_dir) / "fleet.json").read_text())["port"]
     gw = WebGateway(args.fleet_dir, port, ws_port=args.ws_port, https_port=args.https_port, bind=args.bind)

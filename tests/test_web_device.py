@@ -272,3 +272,104 @@ def test_gateway_keeps_logins_and_the_acl_and_serves_only_the_page(tmp_path):
             for path in ("/app/../../server.key", "/src/../../fleet/server.key", "/app/%2e%2e/package.json",
                          "/node_modules/onnxruntime-node/package.json", "/server.key", "/credentials/dev-000.json"):
                 assert get(path)[0] == 404, path
+
+
+@needs_web
+@needs_browser
+def test_a_tab_closed_mid_round_is_offline_through_its_will_and_the_run_goes_on(tmp_path):
+    """A browser device whose tab closes while it trains: the WebSocket closes, the gateway drops its broker
+    connection, Mosquitto publishes the page's will (`offline`), and the round closes on the quorum of the
+    three devft-edge devices instead of waiting for the dead tab; the run finishes."""
+    from server_sdk.fleet import FleetSettings
+    from server_sdk.model import tiny_random_model
+    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from tests.test_fleet import FleetRun, events, fleet_cfg
+
+    out = tmp_path / "browsers"
+
+    class TabRun(FleetRun):
+        gateway: WebGateway | None = None
+
+        def start_device(self, name: str, code: str | None = None):
+            if name != "dev-003":
+                return super().start_device(name, code)
+            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
+            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
+                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
+                   "--timeout-s", "300", "--close", name,
+                   "--device", f"{name}={self.fleet.device_credentials(name)},{self.shards[name]}"]
+            with open(tmp_path / "browsers.log", "ab") as logf:
+                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
+            self.fleet.devices["browsers"] = proc
+            return proc
+
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4, stages=[2], rounds_per_stage=[2])
+    job = TabRun(tmp_path / "tab", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                 FleetSettings(round_timeout_s=300))
+    try:
+        job.finish(900)
+    finally:
+        if job.gateway is not None:
+            job.gateway.stop()
+    evs = events(job.run_dir)
+    ends = [e for e in evs if e["event"] == "round_end"]
+    assert (out / "dev-003" / "closed.json").exists(), (tmp_path / "browsers.log").read_text()
+    assert len(ends) == 2 and all(e["accepted"] == ["dev-000", "dev-001", "dev-002"] for e in ends)
+    assert ends[0]["offline"] == ["dev-003"] and ends[0]["missing"] == ["dev-003"]
+    went_offline = [e for e in evs if e["event"] == "status" and e["device"] == "dev-003" and e["state"] == "offline"]
+    assert went_offline, [e for e in evs if e["event"] == "status"]
+    closed = json.loads((out / "dev-003" / "closed.json").read_text())["closed_unix"]
+    print(f"the will arrived {went_offline[0]['t'] - closed:.2f} s and round 0 closed {ends[0]['t'] - closed:.2f} s "
+          "after the tab closed")
+
+
+@needs_web
+@needs_browser
+def test_a_join_link_enrols_a_browser_once_and_never_shows_up_in_a_log(tmp_path, caplog):
+    """`web_gateway join` prints a link whose token (in the fragment) a page redeems once for its device's
+    credentials, run and shard, then connects as that device; the same link again, a forged one and a
+    revoked one are refused with a clear message; the token is in no log and not in the fleet's files."""
+    import http.client
+    import logging
+    import ssl
+
+    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from server_sdk.web_join import issue, revoke
+
+    caplog.set_level(logging.DEBUG)
+    shard = tmp_path / "client_001.jsonl"
+    shard.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    with LocalFleet(tmp_path / "fleet", 2) as fleet:
+        fleet.start_broker()
+        with WebGateway(fleet.dir, fleet.port) as gw:
+            token = issue(fleet.dir, "dev-001", "joinrun", shard)
+            out = subprocess.run(["node", "test/join.mjs", "--url", f"{gw.page_url}#join={token}", "--spki",
+                                  spki_sha256(fleet.dir / "server.pem")], cwd=WEB, capture_output=True, text=True,
+                                 timeout=180)
+            page = json.loads(out.stdout)
+            assert page["error"] is None and page["enrolled"] == "dev-001" and page["stored_user"] == "dev-001", page
+            assert page["status"] == "hello"  # connected through the gateway with the redeemed password
+            assert token not in page["address"]  # the page dropped the token from its address and history
+
+            ctx = ssl.create_default_context(cafile=str(fleet.dir / "ca.pem"))
+
+            def post(body: bytes) -> tuple[int, dict]:
+                conn = http.client.HTTPSConnection("localhost", gw.https_port, context=ctx, timeout=10)
+                conn.request("POST", "/api/join", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                return resp.status, json.loads(resp.read())
+
+            status, answer = post(json.dumps({"token": token}).encode())
+            assert status == 410 and "already used" in answer["error"]
+            status, answer = post(json.dumps({"token": "x" * 43}).encode())
+            assert status == 403 and "not valid" in answer["error"]
+            assert post(b"not json")[0] == 400
+            second = issue(fleet.dir, "dev-001", "joinrun", shard)
+            assert revoke(fleet.dir, "dev-001") == 1
+            status, answer = post(json.dumps({"token": second}).encode())
+            assert status == 410 and "revoked" in answer["error"]
+        for path in [*fleet.dir.rglob("*"), *tmp_path.rglob("*.log")]:
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), path
+        assert token not in caplog.text

@@ -33,7 +33,7 @@ export class Device {
    * runtime: the adapter; creds: {username, password, ...}; shard: [{prompt, completion}]; runId: the run to follow
    * (its will needs it); onRecord(kind, data): optional hook that sees every round's inputs and outputs (tests, replays).
    */
-  constructor({ runtime, creds, shard, runId, threads = 1, log = console.log, onRecord = null, prune = true }) {
+  constructor({ runtime, creds, shard, runId, threads = 1, log = console.log, onRecord = null, onStatus = null, prune = true }) {
     this.runtime = runtime;
     this.creds = creds;
     this.deviceId = checkName('device_id', creds.username);
@@ -42,6 +42,7 @@ export class Device {
     this.threads = threads;
     this.log = log;
     this.onRecord = onRecord;
+    this.onStatus = onStatus; // sees every status this device publishes (a page shows it)
     this.prune = prune; // false keeps every stage's blobs (replays of old rounds)
     this.formats = ['onnx'];
     this.handlers = []; // [filter, fn]
@@ -72,6 +73,7 @@ export class Device {
   }
 
   status(state, extra = {}) {
+    this.onStatus?.(state, extra);
     return this.publish(topics.status(this.runId, this.deviceId), encodeStatus(this.deviceId, state, this.info(extra)), { retain: true });
   }
 

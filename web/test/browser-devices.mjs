@@ -3,6 +3,7 @@
 //   node test/browser-devices.mjs --page URL --ws URL --run RUN --spki BASE64 --out DIR
 //        --device NAME=CREDENTIALS_JSON,SHARD_JSONL [--device ...] [--threads N] [--timeout-s S]
 // Writes DIR/<NAME>/round-<r>.{json,global,update} (as node-device.mjs --record) and DIR/<NAME>/log.txt;
+// --close NAME closes that device's tab as soon as it reports busy (DIR/<NAME>/closed.json has when);
 // --keep-blobs keeps every stage's files in the browser and copies each round's to DIR/<NAME>/blobs/<sha256>.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
@@ -14,6 +15,7 @@ const { values: args } = parseArgs({
     page: { type: 'string' }, ws: { type: 'string' }, run: { type: 'string' }, spki: { type: 'string' }, out: { type: 'string' },
     device: { type: 'string', multiple: true }, threads: { type: 'string', default: '1' }, 'timeout-s': { type: 'string', default: '600' },
     chromium: { type: 'string', default: '/usr/bin/chromium' }, 'keep-blobs': { type: 'boolean', default: false },
+    close: { type: 'string' },
   },
 });
 
@@ -42,6 +44,13 @@ async function runDevice(spec) {
   lines.push(`crossOriginIsolated: ${isolated}`);
   page.evaluate((o) => window.devftStart(o).catch(() => {}), { creds, shardText, runId: args.run, wsUrl: args.ws, threads: Number(args.threads), prune: !args['keep-blobs'] });
   let st;
+  if (name === args.close) { // a tab closed mid-round: its will must tell the coordinator at once
+    while (Date.now() < deadline && (await page.evaluate(() => window.devft.status)) !== 'busy') await new Promise((r) => setTimeout(r, 20));
+    writeFileSync(path.join(dir, 'closed.json'), JSON.stringify({ closed_unix: Date.now() / 1000 }));
+    await page.close();
+    await context.close();
+    return;
+  }
   while (Date.now() < deadline) {
     st = await page.evaluate(() => ({ done: window.devft.done, error: window.devft.error, n: window.devft.records.length }));
     if (st.done || st.error) break;
