@@ -303,7 +303,7 @@ def test_a_tab_closed_mid_round_is_offline_through_its_will_and_the_run_goes_on(
             self.fleet.devices["browsers"] = proc
             return proc
 
-    cfg = fleet_cfg(num_clients=4, clients_per_round=4, stages=[2], rounds_per_stage=[2])
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4, stages=[4], rounds_per_stage=[2])
     job = TabRun(tmp_path / "tab", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
                  FleetSettings(round_timeout_s=300))
     try:
