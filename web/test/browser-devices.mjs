@@ -3,19 +3,21 @@
 //   node test/browser-devices.mjs --page URL --ws URL --run RUN --spki BASE64 --out DIR
 //        --device NAME=CREDENTIALS_JSON,SHARD_JSONL [--device ...] [--threads N] [--timeout-s S]
 // Writes DIR/<NAME>/round-<r>.{json,global,update} (as node-device.mjs --record) and DIR/<NAME>/log.txt;
+// --mobile emulates a phone's viewport and user agent, --throttle N slows each page's CPU N times (a rig of
+// emulated phones: every device has its own browser context, i.e. its own storage);
 // --close NAME closes that device's tab as soon as it reports busy (DIR/<NAME>/closed.json has when);
 // --keep-blobs keeps every stage's files in the browser and copies each round's to DIR/<NAME>/blobs/<sha256>.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import puppeteer from 'puppeteer-core';
+import puppeteer, { KnownDevices } from 'puppeteer-core';
 
 const { values: args } = parseArgs({
   options: {
     page: { type: 'string' }, ws: { type: 'string' }, run: { type: 'string' }, spki: { type: 'string' }, out: { type: 'string' },
     device: { type: 'string', multiple: true }, threads: { type: 'string', default: '1' }, 'timeout-s': { type: 'string', default: '600' },
     chromium: { type: 'string', default: '/usr/bin/chromium' }, 'keep-blobs': { type: 'boolean', default: false },
-    close: { type: 'string' },
+    close: { type: 'string' }, throttle: { type: 'string', default: '1' }, mobile: { type: 'boolean', default: false },
   },
 });
 
@@ -34,6 +36,9 @@ async function runDevice(spec) {
   mkdirSync(dir, { recursive: true });
   const context = await browser.createBrowserContext();
   const page = await context.newPage();
+  if (args.mobile) await page.emulate(KnownDevices['Pixel 5']); // a phone's viewport and user agent
+  const throttle = Number(args.throttle);
+  if (throttle > 1) await (await page.createCDPSession()).send('Emulation.setCPUThrottlingRate', { rate: throttle });
   const lines = [];
   page.on('console', (m) => lines.push(`console: ${m.text()}`));
   page.on('pageerror', (e) => lines.push(`pageerror: ${e.message}`));
