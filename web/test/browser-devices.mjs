@@ -22,7 +22,7 @@ const { values: args } = parseArgs({
 });
 
 const browser = await puppeteer.launch({
-  executablePath: args.chromium, headless: true,
+  executablePath: args.chromium, headless: true, protocolTimeout: 3_600_000, // a page blocks while it builds a big session
   // the fleet's own CA signs the gateway's certificate: trust exactly that key, nothing else
   args: ['--no-sandbox', `--ignore-certificate-errors-spki-list=${args.spki}`, '--disable-gpu'],
 });
