@@ -373,3 +373,29 @@ def test_a_join_link_enrols_a_browser_once_and_never_shows_up_in_a_log(tmp_path,
             if path.is_file():
                 assert token.encode() not in path.read_bytes(), path
         assert token not in caplog.text
+
+
+@needs_web
+@needs_browser
+def test_a_page_opened_over_plain_http_says_it_needs_https(tmp_path):
+    """Opened over plain HTTP from a host that is not localhost, the page is no secure context (no
+    crypto.subtle, Cache API or WASM threads): it says so and what to do instead of failing later."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(WEB))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        out = subprocess.run(["node", "test/join.mjs", "--url", f"http://phone.devft.test:{port}/app/index.html",
+                              "--wait-s", "20", "--chromium-arg=--host-resolver-rules=MAP phone.devft.test 127.0.0.1"],
+                             cwd=WEB, capture_output=True, text=True, timeout=120)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    page = json.loads(out.stdout)
+    assert page["status"] is None and "must be opened over HTTPS" in page["error"], page
+    assert page["page_text"].startswith("cannot train here: this page must be opened over HTTPS"), page

@@ -1,11 +1,12 @@
 // Open a join link in headless Chromium and report what the page did, as JSON:
-//   node test/join.mjs --url 'https://localhost:P/app/#join=TOKEN' --spki B64 [--wait-s 60]
+//   node test/join.mjs --url 'https://localhost:P/app/#join=TOKEN' --spki B64 [--wait-s 60] [--chromium-arg ARG ...]
 import { parseArgs } from 'node:util';
 import puppeteer from 'puppeteer-core';
 
-const { values: a } = parseArgs({ options: { url: { type: 'string' }, spki: { type: 'string' }, 'wait-s': { type: 'string', default: '60' } } });
+const { values: a } = parseArgs({ options: { url: { type: 'string' }, spki: { type: 'string', default: '' }, 'wait-s': { type: 'string', default: '60' },
+  'chromium-arg': { type: 'string', multiple: true, default: [] } } });
 const browser = await puppeteer.launch({ executablePath: '/usr/bin/chromium', headless: true,
-  args: ['--no-sandbox', `--ignore-certificate-errors-spki-list=${a.spki}`, '--disable-gpu'] });
+  args: ['--no-sandbox', `--ignore-certificate-errors-spki-list=${a.spki}`, '--disable-gpu', ...a['chromium-arg']] });
 const out = {};
 try {
   const page = await browser.newPage();
