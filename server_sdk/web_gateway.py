@@ -25,6 +25,7 @@ import json
 import logging
 import mimetypes
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -158,6 +159,23 @@ def wait_port(host: str, port: int, timeout_s: float, what: str, proc: subproces
     raise GatewayError(f"{what} did not listen on {host}:{port} within {timeout_s}s")
 
 
+def _die_with_parent() -> None:
+    """In the relay's child process: Linux sends it SIGTERM when the gateway dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def broker_address(fleet_dir: Path) -> str:
+    """Where this machine reaches the fleet's broker: its bind address, or loopback when it binds to all."""
+    try:
+        bind = json.loads((fleet_dir / "fleet.json").read_text()).get("bind_address")
+    except (OSError, ValueError):
+        bind = None
+    return bind if bind and bind not in ("0.0.0.0", "::") else "127.0.0.1"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -250,11 +268,11 @@ class WebGateway:
             raise GatewayError("websockify is not installed: `apt-get install websockify` (scripts/setup.sh does)")
         if not (self.web_dir / "node_modules" / "onnxruntime-web").is_dir():
             raise GatewayError(f"{self.web_dir}/node_modules is missing: run scripts/setup.sh (npm ci in web/)")
-        self.forwarder = TlsForwarder(self.dir / "ca.pem", self.mqtt_port).start()
+        self.forwarder = TlsForwarder(self.dir / "ca.pem", self.mqtt_port, broker_address(self.dir)).start()
         logf = open(self.dir / "websockify.log", "ab")  # noqa: SIM115 (kept open for the relay's life)
         self.relay = subprocess.Popen([relay, "--cert", str(self.cert), "--key", str(self.key), "--ssl-only",
                                        f"{self.bind}:{self.ws_port}", f"127.0.0.1:{self.forwarder.port}"],
-                                      stdout=logf, stderr=subprocess.STDOUT)
+                                      stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         logf.close()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -336,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"web_gateway: error: {exc}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop cleanly
     print(f"device page: https://<this host>:{gw.https_port}/app/   MQTT over WSS: wss://<this host>:{gw.ws_port}/")
     try:
         while gw.relay is not None and gw.relay.poll() is None:
