@@ -399,3 +399,30 @@ def test_a_page_opened_over_plain_http_says_it_needs_https(tmp_path):
     page = json.loads(out.stdout)
     assert page["status"] is None and "must be opened over HTTPS" in page["error"], page
     assert page["page_text"].startswith("cannot train here: this page must be opened over HTTPS"), page
+
+
+# --------------------------------------------------------------------------- the contract's conformance kit
+
+NODE_ARGS = ["--credentials", "{credentials}", "--data", "{data}", "--cache", "{cache}", "--run", "{run}"]
+PARTS = ["hello", "ready", "train", "tampered", "stage", "ffa-sgd", "will", "done", "schema"]
+
+
+@needs_web
+@pytest.mark.parametrize("engine, tolerance", [("node", None), ("web", "1e-5")])
+def test_the_js_device_passes_devft_conformance(tmp_path, capsys, engine, tolerance):
+    """`devft conformance` (the contract's scripted coordinator; server_sdk/conformance.py, from the contract
+    branch) passes the Node device on every part: bit for bit on onnxruntime-node, within 1e-5 on
+    onnxruntime-web's WASM."""
+    if not (REPO / "server_sdk" / "conformance.py").is_file():
+        pytest.skip("the conformance kit (server_sdk/conformance.py) comes with the contract branch")
+    from server_sdk.cli import main
+
+    extra = ["--tolerance", tolerance] if tolerance else []
+    rc = main(["conformance", *extra, "--keep", str(tmp_path), "--", "node", str(WEB / "node-device.mjs"),
+               "--engine", engine, *NODE_ARGS])
+    out = capsys.readouterr().out
+    got = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))}
+    assert list(got) == PARTS and all(v.startswith("PASS") for v in got.values()), got
+    if tolerance is None:
+        assert "bit for bit" in got["train"] and "bit for bit" in got["ffa-sgd"]
+    assert rc == 0
