@@ -6,9 +6,10 @@ import { decodeSafetensors } from '../src/safetensors.js';
 
 const get = async (url) => { const r = await fetch(url); if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`); return new Uint8Array(await r.arrayBuffer()); };
 
-window.devftBench = async ({ base, threads = 1, warmup = 1, steps = 5 }) => {
+window.devftBench = async ({ base, threads = 1, warmup = 1, steps = 5, proxy = false }) => {
   ort.env.wasm.wasmPaths = '/node_modules/onnxruntime-web/dist/';
   ort.env.wasm.numThreads = threads;
+  ort.env.wasm.proxy = proxy;
   const manifest = JSON.parse(new TextDecoder().decode(await get(`${base}manifest.json`)));
   const externalData = [];
   for (const rel of Object.keys(manifest.files)) if (rel.startsWith('weights/')) externalData.push({ path: rel, data: await get(base + rel) });
@@ -20,6 +21,6 @@ window.devftBench = async ({ base, threads = 1, warmup = 1, steps = 5 }) => {
   const batch = JSON.parse(new TextDecoder().decode(await get(`${base}batch.json`)));
   const r = await measureSteps(ort, session, manifest, lora, batch, { warmup, steps });
   await session.release();
-  return { engine: `onnxruntime-web ${ort.env.versions.web} (chromium)`, threads, cross_origin_isolated: crossOriginIsolated, load_s: loadS, ...r };
+  return { engine: `onnxruntime-web ${ort.env.versions.web} (chromium${proxy ? ', worker' : ''})`, threads, proxy, cross_origin_isolated: crossOriginIsolated, load_s: loadS, ...r };
 };
 document.getElementById('state').textContent = 'benchmark page ready';

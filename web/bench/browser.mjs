@@ -1,6 +1,6 @@
 // onnxruntime-web step times in Debian's headless Chromium, one fresh browser per configuration, printed as JSON lines:
 //   node bench/browser.mjs --page https://localhost:P/app/bench.html --base /bench/NAME/ --spki B64
-//        --config threads=1,throttle=1 [--config ...] [--warmup 1] [--steps 5]
+//        --config threads=1,throttle=1[,proxy=1] [--config ...] [--warmup 1] [--steps 5]
 // Peak memory: the highest VmHWM among the browser's renderer processes (the page and its WASM workers).
 import { readFileSync, readdirSync } from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -47,7 +47,7 @@ for (const spec of a.config) {
     const page = await browser.newPage();
     await page.goto(a.page, { waitUntil: 'load' });
     if (cfg.throttle > 1) await (await page.createCDPSession()).send('Emulation.setCPUThrottlingRate', { rate: cfg.throttle });
-    const r = await page.evaluate((o) => window.devftBench(o), { base: a.base, threads: cfg.threads, warmup: Number(a.warmup), steps: Number(a.steps) });
+    const r = await page.evaluate((o) => window.devftBench(o), { base: a.base, threads: cfg.threads, proxy: !!cfg.proxy, warmup: Number(a.warmup), steps: Number(a.steps) });
     console.log(JSON.stringify({ ...r, throttle: cfg.throttle ?? 1, peak_rss_bytes: rendererPeakBytes(browser.process().pid) }));
   } catch (e) {
     console.log(JSON.stringify({ error: e.message, threads: cfg.threads, throttle: cfg.throttle ?? 1 }));

@@ -58,15 +58,21 @@ export class CacheStore {
 }
 
 /** wsUrl: wss://host:port/ of the fleet's WebSocket gateway; threads: onnxruntime-web threads (1 = no worker threads). */
-export async function browserRuntime({ wsUrl, threads = 1, wasmPaths = '/node_modules/onnxruntime-web/dist/' } = {}) {
+/**
+ * proxy: run onnxruntime-web in its worker, off the page's main thread: building a big stage's session
+ * or a long step would otherwise block the page, and with it mqtt.js's keep-alive pings (the broker
+ * drops a connection silent for 1.5 x 30 s and publishes the device's will).
+ */
+export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPaths = '/node_modules/onnxruntime-web/dist/' } = {}) {
   const problem = browserProblem();
   if (problem) throw new Error(problem);
   ort.env.wasm.wasmPaths = wasmPaths;
   ort.env.wasm.numThreads = globalThis.crossOriginIsolated ? threads : 1;
+  ort.env.wasm.proxy = proxy;
   const store = new CacheStore();
   const pageId = crypto.getRandomValues(new Uint32Array(2)).join('-');
   return {
-    name: `onnxruntime-web ${ort.env.versions.web} (wasm, ${ort.env.wasm.numThreads} thread(s), ${navigator.userAgent.match(/(Chrome|Firefox|Safari)\/[\d.]+/)?.[0] ?? 'browser'})`,
+    name: `onnxruntime-web ${ort.env.versions.web} (wasm, ${ort.env.wasm.numThreads} thread(s)${proxy ? ', worker' : ''}, ${navigator.userAgent.match(/(Chrome|Firefox|Safari)\/[\d.]+/)?.[0] ?? 'browser'})`,
     ort,
     ortVersion: ort.env.versions.web,
     store,

@@ -28,8 +28,9 @@ export class Trainer {
 
   /** Loss (a float32 value as a number) and gradients {peft_name: Float32Array} of one batch. */
   async lossAndGrads(lora, ids, labels, dims) {
-    const feeds = { input_ids: new this.ort.Tensor('int64', ids, dims), labels: new this.ort.Tensor('int64', labels, dims) };
-    for (const t of this.specs) feeds[t.name] = new this.ort.Tensor('float32', lora[t.peft_name], t.shape);
+    // copies: onnxruntime-web's worker (proxy) takes the inputs' buffers, which would empty the caller's arrays
+    const feeds = { input_ids: new this.ort.Tensor('int64', ids.slice(), dims), labels: new this.ort.Tensor('int64', labels.slice(), dims) };
+    for (const t of this.specs) feeds[t.name] = new this.ort.Tensor('float32', lora[t.peft_name].slice(), t.shape);
     const out = await this.session.run(feeds);
     const grads = {};
     for (const t of this.specs) grads[t.peft_name] = out[GRAD + t.name].data;
