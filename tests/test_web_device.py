@@ -1,0 +1,428 @@
+"""The JavaScript device (web/) against the contract's test vectors and in a real fleet.
+
+The vectors run through the JS sampler, optimisers, frames, artifact ids and the tiny graph on
+onnxruntime-node (bit for bit: same x86_64 numerics as devft-edge) and on onnxruntime-web's WASM
+build (within 1e-5). Needs `scripts/setup.sh` (Node.js and `npm ci` in web/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime import protocol as P
+
+REPO = Path(__file__).resolve().parents[1]
+WEB = REPO / "web"
+
+needs_web = pytest.mark.skipif(shutil.which("node") is None or not (WEB / "node_modules").is_dir(),
+                               reason="the web device needs Node.js and web/node_modules: run scripts/setup.sh")
+
+
+@needs_web
+@pytest.mark.parametrize("engine", ["node", "web"])
+def test_js_device_reproduces_the_test_vectors(engine):
+    out = subprocess.run(["node", "test/vectors.mjs", "--engine", engine], cwd=WEB, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"all checks passed ({engine})" in out.stdout
+    if engine == "node":  # bit for bit where the vectors' runtime numerics are ours
+        assert "train_step gradients bit for bit" in out.stdout and "delta bit for bit" in out.stdout
+
+
+# --------------------------------------------------------------------------- a real fleet with Node devices
+
+
+def node_device_cmd(fleet, name: str, shard: Path, run_id: str, engine: str = "node") -> list[str]:
+    ddir = fleet.device_dir(name)
+    return ["node", str(WEB / "node-device.mjs"), "--credentials", str(fleet.device_credentials(name)),
+            "--data", str(shard.resolve()), "--cache", str(ddir / "cache"), "--run", run_id, "--host", "localhost",
+            "--engine", engine, "--record", str(ddir / "record")]
+
+
+def start_node_device(fleet, name: str, shard: Path, run_id: str, engine: str = "node") -> subprocess.Popen:
+    """A Node device in a LocalFleet's place for `name` (its login, its shard), stopped with the fleet."""
+    ddir = fleet.device_dir(name)
+    ddir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DEVFT_EXIT_WITH_PARENT": str(os.getpid())}
+    with open(ddir / "device.log", "ab") as logf:
+        proc = subprocess.Popen(node_device_cmd(fleet, name, shard, run_id, engine), stdout=logf,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(ddir))
+    fleet.devices[name] = proc
+    return proc
+
+
+def replay_round(record: Path, art_dir: Path, shard: Path, device: str) -> tuple[dict, list[float], P.UpdateMessage]:
+    """Recompute a recorded round with devft-edge's own code: its delta and step losses, and the update sent."""
+    from tokenizers import Tokenizer
+
+    from edge_runtime.backends import open_trainer
+    from edge_runtime.batching import IGNORE_INDEX
+    from edge_runtime.client import encode, pad_id, read_shard, round_batches
+
+    rec = json.loads(record.with_suffix(".json").read_text())
+    ctrl = P.decode_control(json.dumps(rec["control"]).encode())
+    glob = P.decode_global(record.with_suffix(".global").read_bytes())
+    update = P.decode_update(record.with_suffix(".update").read_bytes())
+    hp = ctrl.hyperparams
+    trainer = open_trainer("onnx", art_dir, lr=hp.lr, threads=1, trainable=hp.trainable, optimizer=hp.optimizer)
+    trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
+    received = trainer.get_lora()
+    man = trainer.manifest
+    encoded = encode(Tokenizer.from_file(str(art_dir / man.tokenizer_file)), read_shard(shard), man.seq_len)
+    losses = [trainer.train_step(ids, labels) for ids, labels, _ in
+              round_batches(encoded, hp, device, pad_id(man.model_config)) if (labels[:, 1:] != IGNORE_INDEX).any()]
+    trained = trainer.get_lora()
+    return {k: (trained[k] - received[k]).astype(np.float32) for k in hp.trainable}, losses, update
+
+
+@needs_web
+def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path):
+    """2 devft-edge and 2 Node devices, real Mosquitto (TLS, passwords, ACL), tiny model, two stages: every
+    Node update is accepted, and each equals, bit for bit, what devft-edge's code computes from the same
+    global adapter, seed and shard (and the Node tokeniser gives Python's ids on every shard line)."""
+    from server_sdk.fleet import FleetSettings
+    from server_sdk.model import tiny_random_model
+    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+
+    node_names = ("dev-002", "dev-003")
+
+    class MixedRun(FleetRun):
+        def start_device(self, name: str, code: str | None = None):
+            if name in node_names:
+                return start_node_device(self.fleet, name, self.shards[name], self.run_dir.name)
+            return super().start_device(name, code)
+
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4)
+    job = MixedRun(tmp_path / "mixed", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                   FleetSettings(round_timeout_s=120))
+    report = job.finish()
+    evs = events(job.run_dir)
+    rounds = accepted_by_round(job.run_dir)
+    assert len(rounds) == 3 and all(sorted(v) == ["dev-000", "dev-001", "dev-002", "dev-003"] for v in rounds.values())
+    assert not [e for e in evs if e["event"] == "rejected"]
+    assert job.codes == {name: 0 for name in ("dev-000", "dev-001", "dev-002", "dev-003")}, job.codes
+    recs = [r for r in report["records"] if r["stage"] >= 0]
+    for rec in recs:  # the Node devices' telemetry under the keys the coordinator and reports read
+        for name in node_names:
+            tel = rec["telemetry"][name]
+            assert tel["steps"] == cfg.local_steps and tel["peak_rss_bytes"] > 0 and tel["train_s"] > 0
+            assert tel["step_latency_s"]["p50"] > 0 and tel["backend"] == "onnx" and tel["stage_download_bytes"] >= 0
+
+    replayed = 0
+    for name in node_names:
+        ddir = job.fleet.device_dir(name)
+        shard = job.shards[name]
+        for record in sorted((ddir / "record").glob("round-*.json")):
+            ctrl = json.loads(record.read_text())["control"]
+            art_dir = ddir / "cache" / "stages" / ctrl["artifacts"]["onnx"]["artifact_id"]
+            delta, losses, update = replay_round(record.with_suffix(""), art_dir, shard, name)
+            assert sorted(update.tensors) == sorted(delta)
+            for k, want in delta.items():
+                assert update.tensors[k].dtype == np.float32 and update.tensors[k].tobytes() == want.tobytes(), (name, k)
+            assert update.metrics["train_loss"] == float(np.mean(losses))
+            replayed += 1
+        # the same token ids as Python on every line of the shard
+        art_dir = next((ddir / "cache" / "stages").iterdir())
+        man = json.loads((art_dir / "manifest.json").read_text())
+        out = subprocess.run(["node", "test/tokenize.mjs", str(art_dir / man["tokenizer_file"]), str(shard),
+                              str(man["seq_len"])], cwd=WEB, capture_output=True, text=True, timeout=120, check=True)
+        from tokenizers import Tokenizer
+
+        from edge_runtime.client import encode, read_shard
+
+        want = encode(Tokenizer.from_file(str(art_dir / man["tokenizer_file"])), read_shard(shard), man["seq_len"])
+        assert json.loads(out.stdout) == [[list(i), list(lab)] for i, lab in want]
+    assert replayed == 6
+
+
+# --------------------------------------------------------------------------- browsers (headless Chromium)
+
+needs_browser = pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("websockify") is None,
+                                   reason="browser devices need Debian's chromium and websockify: run scripts/setup.sh")
+
+
+def layout(descriptor: dict, blobs: Path, dest: Path) -> Path:
+    """The artifact directory of a descriptor, from blobs named by sha256 (each checked): the manifest's dir."""
+    import hashlib
+
+    for f in descriptor["files"]:
+        data = (blobs / f["sha256"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"]
+        (dest / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (dest / f["path"]).write_bytes(data)
+    return next(dest.glob("**/manifest.json")).parent
+
+
+@needs_web
+@needs_browser
+def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
+    """2 devft-edge devices and 2 pages in headless Chromium (onnxruntime-web, mqtt.js over WSS through
+    websockify to Mosquitto's TLS listener, the page over HTTPS with COOP/COEP): every browser update is
+    accepted, and each browser round's losses are within 1e-5 of devft-edge's code replaying its inputs."""
+    from server_sdk.fleet import FleetSettings
+    from server_sdk.model import tiny_random_model
+    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+
+    browser_names = ("dev-002", "dev-003")
+    out = tmp_path / "browsers"
+
+    class BrowserRun(FleetRun):
+        gateway: WebGateway | None = None
+
+        def start_device(self, name: str, code: str | None = None):
+            if name not in browser_names:
+                return super().start_device(name, code)
+            if name != browser_names[-1]:
+                return None
+            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
+            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
+                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
+                   "--timeout-s", "500", "--keep-blobs"]
+            for b in browser_names:
+                cmd += ["--device", f"{b}={self.fleet.device_credentials(b)},{self.shards[b]}"]
+            with open(tmp_path / "browsers.log", "ab") as logf:
+                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
+            self.fleet.devices["browsers"] = proc
+            return proc
+
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4)
+    job = BrowserRun(tmp_path / "web", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                     FleetSettings(round_timeout_s=180))
+    try:
+        report = job.finish(900)
+    finally:
+        if job.gateway is not None:
+            job.gateway.stop()
+    logs = "".join((out / b / "log.txt").read_text() for b in browser_names if (out / b / "log.txt").exists())
+    rounds = accepted_by_round(job.run_dir)
+    assert len(rounds) == 3 and all(sorted(v) == ["dev-000", "dev-001", "dev-002", "dev-003"] for v in rounds.values()), \
+        (rounds, logs)
+    assert not [e for e in events(job.run_dir) if e["event"] == "rejected"]
+    assert job.codes["browsers"] == 0, logs
+    assert "crossOriginIsolated: true" in logs
+    for rec in (r for r in report["records"] if r["stage"] >= 0):
+        for name in browser_names:
+            tel = rec["telemetry"][name]
+            assert tel["steps"] == cfg.local_steps and tel["backend"] == "onnx" and tel["train_s"] > 0
+            assert tel["runtime"].startswith("onnxruntime-web")
+
+    replayed = 0
+    for name in browser_names:
+        for record in sorted((out / name).glob("round-*.json")):
+            ctrl = json.loads(record.read_text())["control"]
+            art_dir = layout(ctrl["artifacts"]["onnx"], out / name / "blobs", tmp_path / "replay" / record.stem / name)
+            delta, losses, update = replay_round(record.with_suffix(""), art_dir, job.shards[name], name)
+            browser_losses = json.loads(record.read_text())["losses"]
+            assert len(browser_losses) == len(losses) and np.allclose(browser_losses, losses, rtol=0, atol=1e-5)
+            assert abs(update.metrics["train_loss"] - float(np.mean(losses))) < 1e-5
+            for k, want in delta.items():
+                assert np.abs(update.tensors[k] - want).max() < 1e-5, (name, k)
+            replayed += 1
+    assert replayed == 6
+
+
+@needs_web
+@needs_browser
+def test_gateway_keeps_logins_and_the_acl_and_serves_only_the_page(tmp_path):
+    """MQTT over WSS reaches Mosquitto's own login and ACL (a wrong password is refused, another device's
+    update topic gets PUBACK 0x87), and the HTTPS server sends the cross-origin isolation headers and
+    nothing outside its allowlist (no fleet keys, no path escapes, no other packages)."""
+    import http.client
+    import ssl
+
+    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.web_gateway import WebGateway
+
+    with LocalFleet(tmp_path / "fleet", 2) as fleet:
+        fleet.start_broker()
+        with WebGateway(fleet.dir, fleet.port) as gw:
+            out = subprocess.run(["node", "test/gateway-checks.mjs", "--wss", gw.ws_url, "--credentials",
+                                  str(fleet.device_credentials("dev-000")), "--other", "dev-001", "--run", "r"],
+                                 cwd=WEB, capture_output=True, text=True, timeout=120)
+            checks = json.loads(out.stdout)
+            assert checks["wrong_password"] == {"connected": False, "error": "Connection refused: Not authorized",
+                                                "code": 135}
+            assert checks["right_password"]["connected"] is True
+            assert checks["other_update"]["code"] == 0x87  # Not authorized: the broker's ACL, through the gateway
+            assert checks["own_fetch"] == {"ok": True, "reasonCode": 0}
+
+            ctx = ssl.create_default_context(cafile=str(fleet.dir / "ca.pem"))
+
+            def get(path: str) -> tuple[int, dict, bytes]:
+                conn = http.client.HTTPSConnection("localhost", gw.https_port, context=ctx, timeout=10)
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                return resp.status, dict(resp.getheaders()), resp.read()
+
+            status, headers, body = get("/app/")
+            assert status == 200 and b"devft device" in body
+            assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
+            assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+            status, headers, _ = get("/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm")
+            assert status == 200 and headers["Content-Type"] == "application/wasm"
+            assert json.loads(get("/app/config.json")[2]) == {"mqtt_ws_url": f"wss://localhost:{gw.ws_port}/"}
+            for path in ("/app/../../server.key", "/src/../../fleet/server.key", "/app/%2e%2e/package.json",
+                         "/node_modules/onnxruntime-node/package.json", "/server.key", "/credentials/dev-000.json"):
+                assert get(path)[0] == 404, path
+
+
+@needs_web
+@needs_browser
+def test_a_tab_closed_mid_round_is_offline_through_its_will_and_the_run_goes_on(tmp_path):
+    """A browser device whose tab closes while it trains: the WebSocket closes, the gateway drops its broker
+    connection, Mosquitto publishes the page's will (`offline`), and the round closes on the quorum of the
+    three devft-edge devices instead of waiting for the dead tab; the run finishes."""
+    from server_sdk.fleet import FleetSettings
+    from server_sdk.model import tiny_random_model
+    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from tests.test_fleet import FleetRun, events, fleet_cfg
+
+    out = tmp_path / "browsers"
+
+    class TabRun(FleetRun):
+        gateway: WebGateway | None = None
+
+        def start_device(self, name: str, code: str | None = None):
+            if name != "dev-003":
+                return super().start_device(name, code)
+            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
+            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
+                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
+                   "--timeout-s", "300", "--close", name,
+                   "--device", f"{name}={self.fleet.device_credentials(name)},{self.shards[name]}"]
+            with open(tmp_path / "browsers.log", "ab") as logf:
+                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
+            self.fleet.devices["browsers"] = proc
+            return proc
+
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4, stages=[4], rounds_per_stage=[2])
+    job = TabRun(tmp_path / "tab", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                 FleetSettings(round_timeout_s=300))
+    try:
+        job.finish(900)
+    finally:
+        if job.gateway is not None:
+            job.gateway.stop()
+    evs = events(job.run_dir)
+    ends = [e for e in evs if e["event"] == "round_end"]
+    assert (out / "dev-003" / "closed.json").exists(), (tmp_path / "browsers.log").read_text()
+    assert len(ends) == 2 and all(e["accepted"] == ["dev-000", "dev-001", "dev-002"] for e in ends)
+    assert ends[0]["offline"] == ["dev-003"] and ends[0]["missing"] == ["dev-003"]
+    went_offline = [e for e in evs if e["event"] == "status" and e["device"] == "dev-003" and e["state"] == "offline"]
+    assert went_offline, [e for e in evs if e["event"] == "status"]
+    closed = json.loads((out / "dev-003" / "closed.json").read_text())["closed_unix"]
+    print(f"the will arrived {went_offline[0]['t'] - closed:.2f} s and round 0 closed {ends[0]['t'] - closed:.2f} s "
+          "after the tab closed")
+
+
+@needs_web
+@needs_browser
+def test_a_join_link_enrols_a_browser_once_and_never_shows_up_in_a_log(tmp_path, caplog):
+    """`web_gateway join` prints a link whose token (in the fragment) a page redeems once for its device's
+    credentials, run and shard, then connects as that device; the same link again, a forged one and a
+    revoked one are refused with a clear message; the token is in no log and not in the fleet's files."""
+    import http.client
+    import logging
+    import ssl
+
+    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from server_sdk.web_join import issue, revoke
+
+    caplog.set_level(logging.DEBUG)
+    shard = tmp_path / "client_001.jsonl"
+    shard.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    with LocalFleet(tmp_path / "fleet", 2) as fleet:
+        fleet.start_broker()
+        with WebGateway(fleet.dir, fleet.port) as gw:
+            token = issue(fleet.dir, "dev-001", "joinrun", shard)
+            out = subprocess.run(["node", "test/join.mjs", "--url", f"{gw.page_url}#join={token}", "--spki",
+                                  spki_sha256(fleet.dir / "server.pem")], cwd=WEB, capture_output=True, text=True,
+                                 timeout=180)
+            page = json.loads(out.stdout)
+            assert page["error"] is None and page["enrolled"] == "dev-001" and page["stored_user"] == "dev-001", page
+            assert page["status"] == "hello"  # connected through the gateway with the redeemed password
+            assert token not in page["address"]  # the page dropped the token from its address and history
+
+            ctx = ssl.create_default_context(cafile=str(fleet.dir / "ca.pem"))
+
+            def post(body: bytes) -> tuple[int, dict]:
+                conn = http.client.HTTPSConnection("localhost", gw.https_port, context=ctx, timeout=10)
+                conn.request("POST", "/api/join", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                return resp.status, json.loads(resp.read())
+
+            status, answer = post(json.dumps({"token": token}).encode())
+            assert status == 410 and "already used" in answer["error"]
+            status, answer = post(json.dumps({"token": "x" * 43}).encode())
+            assert status == 403 and "not valid" in answer["error"]
+            assert post(b"not json")[0] == 400
+            second = issue(fleet.dir, "dev-001", "joinrun", shard)
+            assert revoke(fleet.dir, "dev-001") == 1
+            status, answer = post(json.dumps({"token": second}).encode())
+            assert status == 410 and "revoked" in answer["error"]
+        for path in [*fleet.dir.rglob("*"), *tmp_path.rglob("*.log")]:
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), path
+        assert token not in caplog.text
+
+
+@needs_web
+@needs_browser
+def test_a_page_opened_over_plain_http_says_it_needs_https(tmp_path):
+    """Opened over plain HTTP from a host that is not localhost, the page is no secure context (no
+    crypto.subtle, Cache API or WASM threads): it says so and what to do instead of failing later."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(WEB))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        out = subprocess.run(["node", "test/join.mjs", "--url", f"http://phone.devft.test:{port}/app/index.html",
+                              "--wait-s", "20", "--chromium-arg=--host-resolver-rules=MAP phone.devft.test 127.0.0.1"],
+                             cwd=WEB, capture_output=True, text=True, timeout=120)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    page = json.loads(out.stdout)
+    assert page["status"] is None and "must be opened over HTTPS" in page["error"], page
+    assert page["page_text"].startswith("cannot train here: this page must be opened over HTTPS"), page
+
+
+# --------------------------------------------------------------------------- the contract's conformance kit
+
+NODE_ARGS = ["--credentials", "{credentials}", "--data", "{data}", "--cache", "{cache}", "--run", "{run}"]
+PARTS = ["hello", "ready", "train", "tampered", "stage", "ffa-sgd", "will", "done", "schema"]
+
+
+@needs_web
+@pytest.mark.parametrize("engine, tolerance", [("node", None), ("web", "1e-5")])
+def test_the_js_device_passes_devft_conformance(tmp_path, capsys, engine, tolerance):
+    """`devft conformance` (the contract's scripted coordinator; server_sdk/conformance.py, from the contract
+    branch) passes the Node device on every part: bit for bit on onnxruntime-node, within 1e-5 on
+    onnxruntime-web's WASM."""
+    if not (REPO / "server_sdk" / "conformance.py").is_file():
+        pytest.skip("the conformance kit (server_sdk/conformance.py) comes with the contract branch")
+    from server_sdk.cli import main
+
+    extra = ["--tolerance", tolerance] if tolerance else []
+    rc = main(["conformance", *extra, "--keep", str(tmp_path), "--", "node", str(WEB / "node-device.mjs"),
+               "--engine", engine, *NODE_ARGS])
+    out = capsys.readouterr().out
+    got = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))}
+    assert list(got) == PARTS and all(v.startswith("PASS") for v in got.values()), got
+    if tolerance is None:
+        assert "bit for bit" in got["train"] and "bit for bit" in got["ffa-sgd"]
+    assert rc == 0

@@ -1,0 +1,73 @@
+// The page of a browser device: window.devftStart({creds, shardText, runId, wsUrl, threads}) trains until the
+// run is done; window.devft holds its log, its state and every round's record (for tests and replays).
+import { Device } from '../src/device.js';
+import { readShard } from '../src/data.js';
+import { browserProblem, browserRuntime } from '../src/runtime-browser.js';
+
+const b64 = (bytes) => { let s = ''; for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000)); return btoa(s); };
+const state = { log: [], records: [], done: false, error: null, device: null, status: null };
+window.devft = state;
+
+function log(line) {
+  state.log.push(line);
+  document.getElementById('log').textContent = state.log.slice(-200).join('\n');
+}
+
+function show(text) { document.getElementById('state').textContent = text; }
+
+/** A stored blob as base64 (tests copy the files a round trained on). */
+window.devftBlob = async (sha) => b64(await (await browserRuntime({})).store.get(sha));
+
+const STORED = 'devft-device';
+
+/** A join link (#join=<token>): exchange the token once for this device's credentials, run and shard, kept here. */
+async function join(token) {
+  history.replaceState(null, '', location.pathname); // the token leaves the address bar and the history
+  const r = await fetch('/api/join', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ token }) });
+  const answer = await r.json().catch(() => ({ error: `the gateway answered HTTP ${r.status}` }));
+  if (!r.ok) throw new Error(answer.error ?? `the gateway answered HTTP ${r.status}`);
+  const saved = { creds: answer.credentials, runId: answer.run_id, shardText: answer.shard_text, wsUrl: answer.mqtt_ws_url };
+  localStorage.setItem(STORED, JSON.stringify(saved));
+  return saved;
+}
+
+async function boot() {
+  const problem = browserProblem();
+  if (problem) { show(`cannot train here: ${problem}`); state.error = problem; return; }
+  const token = new URLSearchParams(location.hash.slice(1)).get('join');
+  let saved = JSON.parse(localStorage.getItem(STORED) || 'null');
+  if (token) {
+    try {
+      saved = await join(token);
+      state.enrolled = saved.creds.username;
+    } catch (e) {
+      state.error = e.message;
+      show(`cannot join: ${e.message}`);
+      return;
+    }
+  }
+  if (!saved) { show('ready: open this page through a join link from the fleet operator'); return; }
+  if (!saved.shardText) { show(`enrolled as ${saved.creds.username}, but the join link carried no data shard`); return; }
+  window.devftStart({ ...saved, threads: Math.min(4, navigator.hardwareConcurrency || 1) }).catch(() => {});
+}
+
+window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune = true }) => {
+  try {
+    const runtime = await browserRuntime({ wsUrl, threads });
+    const onRecord = (kind, r) => state.records.push({ control: r.control, losses: r.losses, draws: r.draws, global: b64(r.global), update: b64(r.update) });
+    const device = new Device({ runtime, creds, shard: readShard(shardText, 'shard'), runId, threads, log, onRecord, prune,
+      onStatus: (st, extra) => { state.status = st; if (st === 'busy') show(`training round ${extra.round + 1}`); } });
+    state.device = device;
+    show(`training in run ${runId} as ${creds.username} (${runtime.name})`);
+    const code = await device.run();
+    show(`run ${runId} is done`);
+    state.done = true;
+    return code;
+  } catch (e) {
+    state.error = e.message;
+    show(`error: ${e.message}`);
+    throw e;
+  }
+};
+
+boot();

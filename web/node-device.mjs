@@ -1,0 +1,66 @@
+#!/usr/bin/env node
+// A devft fleet device in Node.js, the counterpart of `devft-edge run` (docs/device-client.md):
+//   node web/node-device.mjs --credentials creds.json --data client_000.jsonl --cache DIR --run RUN
+//        [--host H] [--port P] [--threads 1] [--engine node|web] [--record DIR] [--exit-after-rounds N]
+// --engine web trains with onnxruntime-web's WASM build (the browser's numerics) instead of onnxruntime-node.
+// --record DIR writes each round's control, global and update frames (round-<wire round>.*) for replays.
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { Device } from './src/device.js';
+import { readShard } from './src/data.js';
+import { nodeRuntime } from './src/runtime-node.js';
+
+function fail(code, message) {
+  console.error(`node-device: error: ${message}`);
+  process.exit(code);
+}
+
+let args;
+try {
+  ({ values: args } = parseArgs({
+    options: {
+      credentials: { type: 'string' }, data: { type: 'string' }, cache: { type: 'string' }, run: { type: 'string' },
+      host: { type: 'string' }, port: { type: 'string' }, threads: { type: 'string', default: '1' },
+      engine: { type: 'string', default: 'node' }, record: { type: 'string' }, 'exit-after-rounds': { type: 'string' },
+    },
+    allowPositionals: true,
+  }));
+} catch (e) { fail(2, e.message); }
+for (const need of ['credentials', 'data', 'cache', 'run']) if (!args[need]) fail(2, `--${need} is required`);
+if (!['node', 'web'].includes(args.engine)) fail(2, `--engine must be node or web, got ${args.engine}`);
+
+let creds, shard;
+try { creds = JSON.parse(readFileSync(args.credentials, 'utf8')); } catch (e) { fail(2, `cannot read device credentials ${args.credentials}: ${e.message}; use the JSON from \`devft fleet add-device\``); }
+for (const key of ['host', 'port', 'username', 'password', 'ca_pem']) if (!(key in creds)) fail(2, `credentials ${args.credentials} lack ${key}; use the JSON from \`devft fleet add-device\``);
+try { shard = readShard(readFileSync(args.data, 'utf8'), args.data); } catch (e) { fail(2, e.message); }
+mkdirSync(args.cache, { recursive: true });
+
+const runtime = await nodeRuntime({ cacheDir: args.cache, engine: args.engine, host: args.host, port: args.port ? Number(args.port) : undefined });
+let onRecord = null;
+if (args.record) {
+  mkdirSync(args.record, { recursive: true });
+  onRecord = (kind, r) => {
+    const base = path.join(args.record, `round-${r.control.round}`);
+    writeFileSync(`${base}.json`, JSON.stringify({ control: r.control, losses: r.losses, draws: r.draws }));
+    writeFileSync(`${base}.global`, r.global);
+    writeFileSync(`${base}.update`, r.update);
+  };
+}
+const log = (line) => console.error(`${new Date().toISOString()} ${line}`);
+const device = new Device({ runtime, creds, shard, runId: args.run, threads: Number(args.threads), log, onRecord });
+const limit = args['exit-after-rounds'] ? Number(args['exit-after-rounds']) : null;
+process.on('SIGTERM', () => device.stop());
+process.on('SIGINT', () => device.stop());
+// a device of a local fleet ends with its coordinator, even a killed one (as devft-edge)
+const parent = Number(process.env.DEVFT_EXIT_WITH_PARENT || 0);
+const watch = setInterval(() => {
+  if ((parent && process.ppid !== parent) || (limit !== null && device.roundsTrained >= limit)) device.stop();
+}, 500);
+try {
+  const code = await device.run();
+  clearInterval(watch);
+  process.exit(code);
+} catch (e) {
+  fail(3, e.message);
+}
