@@ -156,13 +156,14 @@ class Kit:
     results: list[Result] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from server_sdk.broker import BrokerProcess, add_device, add_operator, fleet_init
+        from server_sdk.broker import BrokerProcess, add_device, add_operator, fleet_init, register_run
         from server_sdk.local_fleet import free_port
 
         fleet = self.work / "fleet"
         port = free_port()
         self.server = fleet_init(fleet, hostnames=["localhost", "127.0.0.1"], port=port, bind_address="127.0.0.1")
         add_device(fleet, DEVICE)
+        register_run(fleet, RUN)  # devices publish only under the fleet's registered runs
         self.probe_creds = add_operator(fleet, "conformance-probe")
         self.credentials = fleet / "credentials" / f"{DEVICE}.json"
         self.broker = BrokerProcess(fleet, port).start()
