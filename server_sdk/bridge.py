@@ -42,10 +42,10 @@ from .broker import (
     DEFAULT_TLS_PORT,
     BrokerError,
     BrokerProcess,
-    _load_settings,
-    _write_private,
     add_operator,
+    load_settings,
     serve_until_signalled,
+    write_private,
 )
 
 EDGES = "edges"
@@ -62,7 +62,7 @@ def add_edge(fleet_dir: str | Path, name: str, *, port: int = DEFAULT_TLS_PORT +
              core_port: int | None = None, bind_address: str | None = None) -> Path:
     """Make edge broker `name` of the fleet: its bridge login on the core and its directory (returned)."""
     fleet = Path(fleet_dir)
-    core = _load_settings(fleet)
+    core = load_settings(fleet)
     out = edge_dir(fleet, name)
     if out.exists():
         raise BrokerError(f"{out} exists: edge {name!r} was added already (delete the directory to start over)")
@@ -75,7 +75,7 @@ def add_edge(fleet_dir: str | Path, name: str, *, port: int = DEFAULT_TLS_PORT +
                 "bridge": {"name": name, "core_host": core_host, "core_port": core_port or core["port"],
                            "username": creds.username}}
     (out / "fleet.json").write_text(json.dumps(settings, indent=2))
-    _write_private(out / "bridge.json", json.dumps({"password": creds.password}))
+    write_private(out / "bridge.json", json.dumps({"password": creds.password}))
     sync_edge(fleet, name)
     return out
 
@@ -87,14 +87,14 @@ def sync_edge(fleet_dir: str | Path, name: str) -> None:
         shutil.copyfile(fleet / f, out / f)
     (out / "server.key").chmod(0o600)
     (out / "passwd").chmod(0o600)
-    settings = _load_settings(out)
-    settings["runs"] = _load_settings(fleet).get("runs")
+    settings = load_settings(out)
+    settings["runs"] = load_settings(fleet).get("runs")
     (out / "fleet.json").write_text(json.dumps(settings, indent=2))
 
 
 def bridge_lines(edge: Path, runtime: Path) -> list[str]:
     """The mosquitto.conf bridge section of the edge whose directory is `edge` (files staged in `runtime`)."""
-    bridge = _load_settings(edge)["bridge"]
+    bridge = load_settings(edge)["bridge"]
     password = json.loads((edge / "bridge.json").read_text())["password"]
     user = bridge["username"]
     return [
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     edge = EdgeBroker(args.dir, args.name, args.port, die_with_parent=True)
     return serve_until_signalled(edge, lambda b: print(f"edge mosquitto (pid {b.proc.pid}) on port {b.port}, bridged "
-                                                       f"to {_load_settings(b.fleet_dir)['bridge']['core_host']}",
+                                                       f"to {load_settings(b.fleet_dir)['bridge']['core_host']}",
                                                        flush=True))
 
 

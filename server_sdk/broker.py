@@ -142,7 +142,7 @@ class Credentials:
 # --------------------------------------------------------------------------- init
 
 
-def _write_private(path: Path, data: bytes | str) -> None:
+def write_private(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -206,9 +206,9 @@ def _make_certs(fleet: Path, hostnames: list[str], days: int) -> None:
     nokey = serialization.NoEncryption()
     (fleet / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
     (fleet / "ca").mkdir(mode=0o700, exist_ok=True)
-    _write_private(fleet / "ca" / "ca.key", ca_key.private_bytes(pem, pkcs8, nokey))
+    write_private(fleet / "ca" / "ca.key", ca_key.private_bytes(pem, pkcs8, nokey))
     (fleet / "server.pem").write_bytes(srv_cert.public_bytes(pem))
-    _write_private(fleet / "server.key", srv_key.private_bytes(pem, pkcs8, nokey))
+    write_private(fleet / "server.key", srv_key.private_bytes(pem, pkcs8, nokey))
 
 
 def acl_text(server_users: tuple[str, ...] = (SERVER_USER, SERVER_USER + ARTIFACTS_SUFFIX),
@@ -255,7 +255,7 @@ def register_run(fleet_dir: str | Path, run_id: str) -> bool:
     `python -m server_sdk.broker register-run FLEET RUN` before starting devices."""
     fleet = Path(fleet_dir)
     check_name("run id", run_id)
-    settings = _load_settings(fleet)
+    settings = load_settings(fleet)
     runs = list(settings.get("runs") or [])
     if run_id in runs:
         return False
@@ -284,7 +284,7 @@ def reload_running_broker(fleet_dir: str | Path) -> bool:
     return True
 
 
-def _load_settings(fleet: Path) -> dict:
+def load_settings(fleet: Path) -> dict:
     path = fleet / "fleet.json"
     if not path.exists():
         raise BrokerError(f"{fleet} is not a fleet directory (no fleet.json); run fleet_init({str(fleet)!r}) first")
@@ -329,7 +329,7 @@ def _credentials(
         subscribe_topics=sub,
     )
     (fleet / "credentials").mkdir(mode=0o700, exist_ok=True)
-    _write_private(fleet / "credentials" / f"{user}.json", creds.to_json())
+    write_private(fleet / "credentials" / f"{user}.json", creds.to_json())
     return creds
 
 
@@ -393,7 +393,7 @@ def add_device(fleet_dir: str | Path, name: str, *, host: str | None = None, por
     """
     fleet = Path(fleet_dir)
     check_name("device name", name)
-    settings = _load_settings(fleet)
+    settings = load_settings(fleet)
     if name in _server_users(settings) or name in (SERVER_USER, SERVER_USER + ARTIFACTS_SUFFIX):
         raise BrokerError(f"{name!r} is reserved for the server; pick another device name")
     password = secrets.token_urlsafe(24)
@@ -408,7 +408,7 @@ def add_operator(fleet_dir: str | Path, name: str) -> Credentials:
     A running broker picks it up on `BrokerProcess.reload()`."""
     fleet = Path(fleet_dir)
     check_name("operator name", name)
-    settings = _load_settings(fleet)
+    settings = load_settings(fleet)
     users = _server_users(settings)
     if name in users:
         raise BrokerError(f"{name!r} is already a server user of {fleet}")
@@ -428,7 +428,7 @@ def add_operator(fleet_dir: str | Path, name: str) -> Credentials:
 
 def _upgrade(fleet: Path) -> None:
     """Fleets made before client ids were bound to usernames lack the artifact connection's login."""
-    settings = _load_settings(fleet)
+    settings = load_settings(fleet)
     if "server_users" in settings or not (fleet / "credentials" / f"{SERVER_USER}.json").exists():
         return
     server = Credentials.load(fleet / "credentials" / f"{SERVER_USER}.json")
@@ -520,7 +520,7 @@ def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: s
 
     Also stages the broker's files into its runtime directory when we are root."""
     fleet = Path(fleet_dir).resolve()
-    settings = _load_settings(fleet)
+    settings = load_settings(fleet)
     port = port or settings["port"]
     bind = bind_address or settings.get("bind_address")
     user = broker_user()
@@ -657,7 +657,7 @@ class BrokerProcess:
     def __init__(self, fleet_dir: str | Path, port: int | None = None, *, bind_address: str | None = None,
                  die_with_parent: bool = False) -> None:
         self.fleet_dir = Path(fleet_dir).resolve()
-        settings = _load_settings(self.fleet_dir)
+        settings = load_settings(self.fleet_dir)
         self.port = port or settings["port"]
         self.bind_address = bind_address or settings.get("bind_address")
         self.log_path = self.fleet_dir / "mosquitto.log"
@@ -696,7 +696,7 @@ class BrokerProcess:
                                      group=account.pw_gid if account else None,
                                      extra_groups=[] if account else None)
         log.close()
-        _write_private(self.fleet_dir / PID_FILE, json.dumps({"pid": self.proc.pid, "port": self.port}))
+        write_private(self.fleet_dir / PID_FILE, json.dumps({"pid": self.proc.pid, "port": self.port}))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

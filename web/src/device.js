@@ -53,6 +53,8 @@ export class Device {
     this.wakeLoop = null;
     this.answered = new Set();
     this.readySent = new Set();
+    this.holding = null; // artifact id of the stage files held: in every status (a restarted coordinator reads it)
+    this.acked = new Set(); // `${round}/${session}` acknowledged with `busy`, or artifact ids announced `fetching`
     this.prefetched = new Set();
     this.stageDownloads = new Map();
     this.stageFetchS = new Map();
@@ -69,7 +71,8 @@ export class Device {
   // -- MQTT ------------------------------------------------------------------------------
 
   info(extra = {}) {
-    return { formats: this.formats, onnxruntime: this.runtime.ortVersion, ...this.runtime.capabilities(), ...extra };
+    const held = this.holding ? { ready: this.holding } : {};
+    return { formats: this.formats, onnxruntime: this.runtime.ortVersion, ...this.runtime.capabilities(), ...held, ...extra };
   }
 
   status(state, extra = {}) {
@@ -118,7 +121,29 @@ export class Device {
   onControl(payload) {
     this.pending = payload;
     this.generation += 1;
+    this.acknowledge(payload);
     if (this.wakeLoop) this.wakeLoop();
+  }
+
+  /** Answer a control at once, before any download (device-client.md section 2): `busy` with the round when it
+   * samples this device, `hello` with `fetching` when it names stage files this device does not hold yet. A
+   * device silent for the coordinator's start_timeout_s is not waited for. */
+  acknowledge(payload) {
+    let ctrl;
+    try { ctrl = decodeControl(payload); } catch { return; }
+    if (ctrl.run_id !== this.runId || ctrl.state === 'done') return;
+    const offered = firstOffered(ctrl.artifacts ?? {}, this.formats);
+    const sampled = ctrl.state === 'train' && ctrl.sampled_clients.includes(this.deviceId);
+    if (sampled) {
+      const key = `${ctrl.round}/${ctrl.hyperparams.session}`;
+      if (!this.acked.has(key)) {
+        this.acked.add(key);
+        this.status('busy', { stage: ctrl.stage, round: ctrl.round }).catch(() => {});
+      }
+    } else if (offered && offered[1].artifact_id !== this.holding && !this.acked.has(offered[1].artifact_id)) {
+      this.acked.add(offered[1].artifact_id);
+      this.status('hello', { fetching: offered[1].artifact_id }).catch(() => {});
+    }
   }
 
   onGlobal(topic, payload) {
@@ -203,7 +228,8 @@ export class Device {
       const art = await this.stageFiles(ctrl);
       if (!this.readySent.has(art.artifactId)) {
         this.readySent.add(art.artifactId);
-        await this.status('hello', { ready: art.artifactId });
+        this.holding = art.artifactId;
+        await this.status('hello');
       }
       return;
     }
@@ -302,6 +328,7 @@ export class Device {
     const aid = firstOffered(ctrl.artifacts, this.formats)[1].artifact_id;
     const fetchedBefore = this.stageFetchS.get(aid) ?? 0, bytesBefore = this.fetcher.bytesDownloaded;
     const art = await this.stageFiles(ctrl);
+    this.holding = art.artifactId;
     const trainer = await this.trainerFor(art);
     const { glob, payload: globalPayload } = await this.globalFor(ctrl);
     const received = {};
