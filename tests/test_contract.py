@@ -69,11 +69,11 @@ def test_add_operator_from_the_command_line_gives_a_login_that_reads_every_devic
     broker = BrokerProcess(fleet.dir, fleet.port).start()
     try:
         monitor = clients(Credentials.load(paths[0]))
-        monitor.subscribe("devft/r/update/+")
+        monitor.subscribe("devft/run1/update/+")
         device = clients(fleet.devices["dev1"])
-        device.publish("devft/r/update/dev1", b"frame", wait_s=10)
-        msg = monitor.get("devft/r/update/+", timeout_s=10)
-        assert (msg.topic, msg.payload) == ("devft/r/update/dev1", b"frame")
+        device.publish("devft/run1/update/dev1", b"frame", wait_s=10)
+        msg = monitor.get("devft/run1/update/+", timeout_s=10)
+        assert (msg.topic, msg.payload) == ("devft/run1/update/dev1", b"frame")
     finally:
         broker.stop()
 
