@@ -75,7 +75,10 @@ RUNTIME_ROOT = "/var/lib/devft-broker"  # where a broker started by root keeps i
 # per client (device or coordinator connection), queued beyond the 20 messages in flight: QoS 1 messages for an
 # offline session, or for an online one that reads slower than they come. Room for a burst of updates to the
 # coordinator (4 full-size ones); fleet.json's `max_queued_bytes` overrides it
-MAX_QUEUED_MESSAGES = 1000
+# Per-client queue bounds, for every client alike (Mosquitto 2.0 has no per-user limits): the bytes bound is what
+# caps a device's share of the broker's memory; the count is high because the coordinator's own connection takes
+# bursts of small messages (a thousand devices' statuses at a stage start; 1,000 dropped statuses in a test)
+MAX_QUEUED_MESSAGES = 100_000
 MAX_QUEUED_BYTES = 4 * MAX_UPDATE_BYTES
 
 
