@@ -54,7 +54,7 @@ STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
 BACKENDS = ("torch", "onnx", "ort", "executorch")
 ARTIFACT_BACKENDS = ("onnx", "ort", "executorch")
 LR = 1e-4
-CACHE_VERSION = 1  # bump when the submodel recipe or export settings change
+CACHE_VERSION = 2  # bump when the submodel recipe or export settings change
 
 
 # --------------------------------------------------------------------------- preparation (server side)
@@ -95,7 +95,16 @@ def prepare(stages: list[int], backends: list[str], et_stages: list[int], envs: 
         proc = subprocess.run(cmd, env=env, cwd=ROOT.parent, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             print(f"ORT export failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-    return {n: json.loads((stage_dir(n) / "stage.json").read_text()) for n in stages}
+    infos = {n: json.loads((stage_dir(n) / "stage.json").read_text()) for n in stages}
+    for n, info in infos.items():
+        info["config"] = json.loads((stage_dir(n) / "torch" / "base" / "config.json").read_text())
+    return infos
+
+
+def stored_weight_bytes(artifact_dir: Path) -> int:
+    """Bytes of the frozen weights as an artifact directory stores them (its weights/ files)."""
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    return sum(int(f["size"]) for name, f in manifest["files"].items() if name.startswith("weights/"))
 
 
 def _prepared(n: int, backends: list[str]) -> bool:
@@ -148,6 +157,61 @@ def _build(todo: dict[int, list[str]]) -> None:
         (d / "stage.json").write_text(json.dumps(stage, indent=1) + "\n")
 
 
+# --------------------------------------------------------------------------- the memory floor
+
+# What each backend's process holds before it loads a model: the interpreter and the runtime's libraries
+BASELINE_IMPORTS = {"torch": "import torch, transformers, peft",
+                    "onnx": "import numpy, safetensors, onnxruntime, edge_runtime.backends.onnx_backend"}
+LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary in this many slices (export/onnx.py)
+
+
+def runtime_baseline(backend: str, envs: Envs) -> int | None:
+    """RSS (bytes) of a fresh process of `backend`'s interpreter after importing its runtime, nothing loaded."""
+    imports = BASELINE_IMPORTS.get(backend.split("/")[0])
+    if imports is None:
+        return None
+    python, env = envs.command(backend.split("/")[0])
+    code = f"{imports}\nfrom edge_runtime.telemetry.memory import current_rss_bytes\nprint(current_rss_bytes())"
+    proc = subprocess.run(python + ["-c", code], capture_output=True, text=True, env=env, cwd=ROOT.parent, timeout=300)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+
+
+def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int, rank: int = 8) -> dict[str, int]:
+    """fp32 bytes one batch's backward needs kept from its forward, per the graph LoRA training makes.
+
+    Per decoder layer (T = batch x seq tokens): the layer input and its norm, q, k, v (after RoPE) and the
+    attention output ([T, hidden] or [T, kv]), the attention probabilities and the scores they come from
+    ([batch, heads, seq, seq] each), the post-attention residual and its norm, the MLP's gate, up, SiLU(gate)
+    and product ([T, intermediate] each), and the rank-r LoRA intermediates of the seven projections. Plus the
+    loss head's working set: two [supervised, vocab / chunks] float tensors at a time (logits and their
+    softmax) in the portable graph's chunked head; the eager head holds the full [supervised, vocab] logits,
+    their log-softmax and its gradient."""
+    h, i, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
+    t = batch * seq
+    per_layer = t * (6 * h + 2 * kv) + 4 * t * i + 2 * batch * heads * seq * seq + 7 * t * rank
+    return {"decoder": 4 * per_layer * int(cfg["num_hidden_layers"]),
+            "head_chunked": 4 * 2 * supervised * -(-v // LM_HEAD_CHUNKS), "head_full": 4 * 3 * supervised * v}
+
+
+def floor(row: dict[str, Any], info: dict[str, Any], baseline: int | None) -> dict[str, int] | None:
+    """The physical floor of a row's step, each part named: frozen weights once (as the row's artifacts store
+    them), LoRA + gradients + AdamW's two moments, one batch's activations, the runtime's own baseline."""
+    cfg = row.get("model") or {}
+    if "error" in row or "unavailable" in row or not cfg.get("hidden_size") or baseline is None:
+        return None
+    full = {**info.get("config", {}), **{k: v for k, v in cfg.items() if v is not None}}
+    if "num_attention_heads" not in full:
+        return None
+    act = activation_bytes(full, row["batch"], row["seq"], row["supervised_positions"])
+    head = act["head_full"] if row["backend"] == "torch" else act["head_chunked"]
+    parts = {"weights": int(row.get("frozen_bytes") or info.get("frozen_bytes", 0)),
+             "lora_state": 4 * int(info.get("lora_bytes", 0)), "activations": act["decoder"] + head,
+             "runtime": baseline}
+    return {**parts, "total": sum(parts.values())}
+
+
 # --------------------------------------------------------------------------- eager torch worker
 
 
@@ -184,7 +248,10 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         return {"backend": backend, "stage_layers": n, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    return {**json.loads(proc.stdout), "load_average_before": load}
+    row = {**json.loads(proc.stdout), "load_average_before": load}
+    if backend == "onnx":
+        row["frozen_bytes"] = stored_weight_bytes(d / backend)
+    return row
 
 
 def carried_over(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -240,21 +307,35 @@ def headline(rows: list[dict[str, Any]], stages_info: dict[int, dict[str, Any]])
     return out
 
 
+def floor_cell(r: dict[str, Any]) -> tuple[str, str]:
+    """(floor in MiB with its parts, measured peak / floor) for the table."""
+    f = r.get("floor")
+    if not f:
+        return "-", "-"
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    peak = max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0)
+    return (f"{mib(f['total'])} = {mib(f['weights'])} w + {mib(f['lora_state'])} LoRA/AdamW + "
+            f"{mib(f['activations'])} act + {mib(f['runtime'])} rt", f"{peak / f['total']:.2f}x")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| stage layers | backend | RSS after load (MiB) | peak RSS (MiB) | p50 step (s) | p95 step (s) | CPU s/step "
-             "| tokens/s | J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage layers | backend | RSS after load (MiB) | peak RSS (MiB) | floor (MiB) = weights + LoRA, grads, "
+             "AdamW + activations + runtime | peak / floor | p50 step (s) | p95 step (s) | CPU s/step "
+             "| tokens/s | J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["stage_layers"], BACKENDS.index(r["backend"]))):
         if "error" in r or "unavailable" in r:
             why = r.get("unavailable") or f"failed: {r['error']}"
-            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | | |")
+            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | | | | |")
             continue
+        floor_mib, over = floor_cell(r)
         lat, mib = r["step_latency_s"], max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0) / 2**20
         fit = ", ".join(p for p, yes in r["fits"].items() if yes) or "none"
         on = r["measured_on"]
         when = (f"; earlier run {r['carried_over_from']}, {r['carried_over_threads']} threads"
                 if "carried_over_from" in r else "")
         loaded = f"{r['rss_after_load_bytes'] / 2**20:.0f}" if r.get("rss_after_load_bytes") else "-"
-        lines.append(f"| {r['stage_layers']} | {r['backend']} | {loaded} | {mib:.0f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
+        lines.append(f"| {r['stage_layers']} | {r['backend']} | {loaded} | {mib:.0f} | {floor_mib} | {over} | "
+                     f"{lat['p50']:.3f} | {lat['p95']:.3f} | "
                      f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['energy_j_per_step']:.2f} ({r['energy_source']}) | {fit} | "
                      f"{on['machine']}, {on['cpu_model']}, {on['logical_cpus']} CPUs{when} |")
@@ -380,11 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in wanted if not (b == "executorch" and et_reason) and not (b == "ort" and envs.legacy_problem)]
     et_stages = [int(s) for s in args.executorch_stages.split(",") if s]
     stages_info = prepare(stages, backends, et_stages, envs)
+    baselines = {b: runtime_baseline(b, envs) for b in backends}
     rows: list[dict[str, Any]] = []
     # per stage side by side: drift on a shared machine hits every backend of a stage alike
     jobs = [(b, n) for n in stages for b in backends if b != "executorch" or n in et_stages]
     for b, n in tqdm(jobs, desc="measure", unit="run"):
         row = run_one(b, n, steps, warmup, args.threads, envs, args.prompt_fraction)
+        row["floor"] = floor(row, stages_info[n], baselines.get(b))
         tqdm.write(summary_line(row) if "error" not in row else f"{b} {n} layers failed: {row['error']}")
         rows.append(row)
     if "ort" in wanted and envs.legacy_problem:
