@@ -54,7 +54,7 @@ STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
 BACKENDS = ("torch", "onnx", "ort", "executorch")
 ARTIFACT_BACKENDS = ("onnx", "ort", "executorch")
 LR = 1e-4
-CACHE_VERSION = 2  # bump when the submodel recipe or export settings change
+CACHE_VERSION = 3  # bump when the submodel recipe or export settings change
 
 
 # --------------------------------------------------------------------------- preparation (server side)

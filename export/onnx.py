@@ -22,7 +22,8 @@ Artifact directory (format and backend name "onnx"):
 
 Labels are input_ids with prompt and padding positions set to -100; the graph shifts them by
 one itself (position t predicts token t + 1). The LM head runs on target positions only
-(gathered in-graph with NonZero), as the server's trainer does. Pad on the right: with
+(gathered in-graph with NonZero), as the server's trainer does, and in vocabulary slices
+(chunked_cross_entropy) so a batch's full-vocabulary logits never exist at once. Pad on the right: with
 causal attention the padding never influences a real token, so there is no attention mask.
 
 The route (shared/reference/portable-training.md): torch.export of a module returning the
@@ -69,6 +70,7 @@ OPSET = 20
 MIN_SEQ_LEN = 3  # torch.export specialises a sequence of 2 (one shifted position) away
 INPUTS = (InputSpec("input_ids", ("batch", "seq")), InputSpec("labels", ("batch", "seq")))
 INLINE_MAX_BYTES = 1024  # smaller frozen tensors stay inside the graph file
+LM_HEAD_CHUNKS = 8  # vocabulary slices of the loss head (chunked_cross_entropy): 6,144 of SmolLM2's 49,152 each
 
 
 class _AnswerLoss(torch.nn.Module):
@@ -90,8 +92,43 @@ class _AnswerLoss(torch.nn.Module):
         idx = (target != IGNORE_INDEX).nonzero().squeeze(-1)
         torch._check(idx.shape[0] > 0)  # a batch without targets is refused on the device, never a NaN
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-        logits = inner.lm_head(picked).float()
-        return (F.cross_entropy(logits, target.index_select(0, idx)),)
+        target = target.index_select(0, idx)
+        head = inner.lm_head
+        if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+            return (F.cross_entropy(head(picked).float(), target),)  # a head with LoRA or a bias: the plain loss
+        return (chunked_cross_entropy(picked, head.weight, target, LM_HEAD_CHUNKS),)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunks: int,
+                          ) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `target`, with the vocabulary in `chunks` slices, so the
+    [positions, vocab] logits of a batch never exist at once (the head's memory on a device).
+
+    The loss and its gradient with respect to `hidden` are computed here, from a detached copy, one
+    vocabulary slice at a time: per slice its logits, their log-sum-exp and softmax, and softmax @ slice;
+    the slices combine exactly (each softmax reweighted by exp(lse_slice - lse)). The result is the loss plus
+    `(hidden * grad).sum()` minus its own detached value, which is zero, so the value is the loss and autograd
+    sends exactly `grad` into the decoder. The frozen head weight needs no gradient, and the backward graph keeps
+    nothing vocabulary-sized. Same arithmetic as F.cross_entropy up to float rounding (the parity tests check)."""
+    h = hidden.detach().float()
+    n = h.shape[0]
+    lses, weighted = [], []
+    size = -(-weight.shape[0] // chunks)
+    for start in range(0, weight.shape[0], size):
+        w = weight.narrow(0, start, min(size, weight.shape[0] - start)).float()  # a Slice: one slice's copy at a time
+        logits = h @ w.T
+        lse = torch.logsumexp(logits, dim=-1)
+        lses.append(lse)
+        weighted.append(torch.exp(logits - lse[:, None]) @ w)
+    slice_lse = torch.stack(lses, dim=-1)  # [n, chunks]
+    lse = torch.logsumexp(slice_lse, dim=-1)
+    share = torch.exp(slice_lse - lse[:, None])
+    rows = weight.index_select(0, target).float()
+    expected = sum(share[:, k : k + 1] * g for k, g in enumerate(weighted))
+    loss = (lse - (h * rows).sum(-1)).mean()
+    grad = (expected - rows) / n
+    surrogate = (hidden.float() * grad).sum()
+    return loss + (surrogate - surrogate.detach())
 
 
 def _replace_empty_permuted(gm: torch.fx.GraphModule) -> None:
@@ -163,7 +200,7 @@ def _patch_call_graph(ep: torch.export.ExportedProgram, n_in: int, n_out: int) -
     ep._example_inputs = None
 
 
-TRACE = 2  # how the graph is traced (in the template key): 2 = one decomposition pass
+TRACE = 4  # how the graph is traced (in the template key): 2 = one decomposition pass, 4 = chunked loss head
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -332,11 +369,26 @@ def _point_to_file(init: onnx.TensorProto, rel: str, nbytes: int) -> None:
     init.data_location = onnx.TensorProto.EXTERNAL
 
 
+def _drop_gradient_surrogate(graph: onnx.GraphProto) -> None:
+    """The loss is `value + (s - s)` where s only carries the head's gradient (chunked_cross_entropy): the
+    forward-only graph returns `value` itself, so pruning drops the gradient's computation too."""
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(LOSS)
+    if node is None or node.op_type != "Add":
+        return
+    for keep, other in ((0, 1), (1, 0)):
+        sub = producer.get(node.input[other])
+        if sub is not None and sub.op_type == "Sub" and sub.input[0] == sub.input[1]:
+            node.op_type, node.input[:] = "Identity", [node.input[keep]]
+            return
+
+
 def prune_to_outputs(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` computing only the outputs in `keep` (the eval graph: train.onnx minus backward)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    _drop_gradient_surrogate(graph)
     needed = set(keep)
     nodes = []
     for node in reversed(graph.node):
