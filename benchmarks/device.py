@@ -51,8 +51,10 @@ CACHE = RESULTS / "cache" / "device"
 MARKDOWN = RESULTS_MD
 MODEL = "smollm2-135m"
 STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
-BACKENDS = ("torch", "onnx", "ort", "executorch")
-ARTIFACT_BACKENDS = ("onnx", "ort", "executorch")
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
+# the portable format with its frozen weights stored quantized (export --weights int8/int4, export/quant.py)
+QUANTIZED = {"onnx-int8": "int8", "onnx-int4": "int4"}
+ARTIFACT_BACKENDS = ("onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
 LR = 1e-4
 CACHE_VERSION = 3  # bump when the submodel recipe or export settings change
 
@@ -137,9 +139,11 @@ def _build(todo: dict[int, list[str]]) -> None:
         sub.float()
         for b in backends:
             if b in ARTIFACT_BACKENDS and not (d / b / "manifest.json").exists():
-                export.export_artifacts(b, sub, d / b, export.StageInfo(stage=0, groups=plan.groups, anchors=plan.anchors),
+                export.export_artifacts("onnx" if b in QUANTIZED else b, sub, d / b,
+                                        export.StageInfo(stage=0, groups=plan.groups, anchors=plan.anchors),
                                         seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH,
-                                        template_root=None if b == "executorch" else cache_root())
+                                        template_root=None if b == "executorch" else cache_root(),
+                                        weights=QUANTIZED.get(b, "fp32"))
         if (d / "stage.json").exists():  # torch and the stage record are already there (an added backend)
             continue
         inner = sub.get_base_model()
@@ -167,10 +171,10 @@ LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary 
 
 def runtime_baseline(backend: str, envs: Envs) -> int | None:
     """RSS (bytes) of a fresh process of `backend`'s interpreter after importing its runtime, nothing loaded."""
-    imports = BASELINE_IMPORTS.get(backend.split("/")[0])
+    imports = BASELINE_IMPORTS.get(backend.split("-")[0])
     if imports is None:
         return None
-    python, env = envs.command(backend.split("/")[0])
+    python, env = envs.command(backend.split("-")[0])
     code = f"{imports}\nfrom edge_runtime.telemetry.memory import current_rss_bytes\nprint(current_rss_bytes())"
     proc = subprocess.run(python + ["-c", code], capture_output=True, text=True, env=env, cwd=ROOT.parent, timeout=300)
     return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
@@ -239,7 +243,7 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
     if backend == "torch":
         cmd = python + ["-m", "benchmarks.device", "--worker-torch", str(d / "torch")]
     else:
-        cmd = python + ["-m", "edge_runtime.bench", str(d / backend), "--backend", backend, "--lr", str(LR)]
+        cmd = python + ["-m", "edge_runtime.bench", str(d / backend), "--backend", backend.split("-")[0], "--lr", str(LR)]
     cmd += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
             "--prompt-fraction", str(prompt_fraction)]
     env = {**env, "OMP_NUM_THREADS": str(threads)}
@@ -248,8 +252,8 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         return {"backend": backend, "stage_layers": n, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    row = {**json.loads(proc.stdout), "load_average_before": load}
-    if backend == "onnx":
+    row = {**json.loads(proc.stdout), "load_average_before": load, "backend": backend}
+    if backend.startswith("onnx"):
         row["frozen_bytes"] = stored_weight_bytes(d / backend)
     return row
 
@@ -423,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.device", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="stages 4 and 30, 1 warm-up + 3 timed steps")
     p.add_argument("--stages", help="comma-separated stage sizes (default 4,8,16,30)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
+    p.add_argument("--backends", default="torch,onnx,ort,executorch",
+                   help=f"subset of {','.join(BACKENDS)} (onnx-int8/-int4: the portable format with quantized weights)")
     p.add_argument("--steps", type=int, help="timed steps (default 6; --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 1)")
     p.add_argument("--executorch-stages", default="4",

@@ -306,7 +306,8 @@ class FleetExecutor(ClientExecutor):
                 fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / f"{prefix}{fmt}",
                 StageInfo(run_id=self.run_id, stage=stage, groups=plan.groups, anchors=plan.anchors,
                           tokenizer_dir=self.tokenizer_dir),
-                seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root())
+                seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root(),
+                weights=self.cfg.weights if fmt == "onnx" else "fp32")  # others: the dequantized values, as fp32
             seconds[fmt] = round(time.perf_counter() - t0, 2)
         return dirs, seconds
 
@@ -410,9 +411,17 @@ class FleetExecutor(ClientExecutor):
         return isinstance(ready, str) and ready in {d.artifact_id for d in self._artifacts.values()}
 
     def _runs_served(self, status: dict) -> bool:
-        """Whether a device runs a format served this stage, as far as its hello says (none said: assume so)."""
+        """Whether a device runs a format served this stage, as far as its hello says (none said: assume so);
+        the portable format counts only if the device also runs the run's weight scheme (`runs_weights`)."""
         formats = status.get("formats")
-        return not isinstance(formats, list) or any(f in self._artifacts for f in formats if isinstance(f, str))
+        return not isinstance(formats, list) or any(f in self._artifacts and (f != "onnx" or self.runs_weights(status))
+                                                    for f in formats if isinstance(f, str))
+
+    def runs_weights(self, status: dict) -> bool:
+        """Whether a device's hello declares the run's frozen-weight scheme (`weights`: comma-separated, device-sent).
+        fp32 needs no declaration; a device that declares none (an older runtime) runs fp32 only."""
+        declared = status.get("weights")
+        return self.cfg.weights == "fp32" or (isinstance(declared, str) and self.cfg.weights in declared.split(","))
 
     def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], **info) -> int:
         """Register a stage's artifact files (per format) with the chunk server and announce them (state idle).
@@ -788,6 +797,15 @@ class FleetExecutor(ClientExecutor):
             self._status_changed.notify_all()
         if (status.state == "offline") != was_offline:
             self._event("status", device=status.device_id, state=status.state)
+        refused = self.__dict__.setdefault("_weights_refused", set())  # devices told once, not per hello
+        if status.state == "hello" and not self.runs_weights(status.info) and status.device_id not in refused:
+            refused.add(status.device_id)
+            self.rejections["weights_scheme"] += 1
+            detail = (f"the run's frozen weights are {self.cfg.weights}; the device declares "
+                      f"{str(status.info.get('weights', 'none (fp32 only)'))[:40]}: it is not sampled for the "
+                      "portable format (update its devft runtime)")
+            log.warning("device %s refused at hello (weights_scheme): %s", status.device_id, detail)
+            self._event("rejected", device=status.device_id, reason="weights_scheme", detail=detail, message="hello")
 
     def _reject(self, reason: str, device: str, detail: str, nbytes: int) -> None:
         self.rejections[reason] += 1
