@@ -141,3 +141,20 @@ def test_device_without_the_runs_scheme_is_refused_at_hello(coordinator, fleet, 
     refused = [e for e in events(ex.run_dir) if e["event"] == "rejected"]
     assert [(e["device"], e["reason"], e["message"]) for e in refused] == [("dev1", "weights_scheme", "hello")]
     assert not ex._runs_served(ex.device_status["dev1"]) and ex._runs_served(ex.device_status["dev2"])
+
+
+def test_quantized_run_trains_and_evaluates_on_dequantized_weights(tiny_base, tiny_cfg, tmp_path):
+    """A DEVFT run with weights=int4 (fused stage submodels included) finishes on the dequantized values and
+    leaves the caller's base model as it was; its losses are not the fp32 run's."""
+    from server_sdk.rounds import run
+
+    before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
+
+    def losses(weights: str) -> list[float]:
+        records = run(tiny_cfg(weights=weights), tmp_path / weights, base=tiny_base, progress=False)["records"]
+        return [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+
+    fp32, int4 = losses("fp32"), losses("int4")
+    assert len(int4) == len(fp32) and all(np.isfinite(int4)) and int4 != fp32
+    assert all((tiny_base.model.state_dict()[k] == v).all() for k, v in before.items())
+    assert json.loads((tmp_path / "int4" / "config.json").read_text())["weights"] == "int4"
