@@ -105,6 +105,8 @@ class Manifest:
         d = asdict(self)
         d["trainable"] = [t.to_dict() for t in self.trainable]
         d["inputs"] = [i.to_dict() for i in self.inputs]
+        if d["weights"] == "fp32":  # absent means fp32: an fp32 manifest stays readable by runtimes before the field
+            del d["weights"]
         return d
 
     @classmethod

@@ -158,3 +158,10 @@ def test_quantized_run_trains_and_evaluates_on_dequantized_weights(tiny_base, ti
     assert len(int4) == len(fp32) and all(np.isfinite(int4)) and int4 != fp32
     assert all((tiny_base.model.state_dict()[k] == v).all() for k, v in before.items())
     assert json.loads((tmp_path / "int4" / "config.json").read_text())["weights"] == "int4"
+
+
+def test_fp32_manifest_has_no_weights_field_so_older_runtimes_still_read_it(exports):
+    _, out = exports
+    assert "weights" not in json.loads((out["fp32"] / MANIFEST_NAME).read_text())
+    assert json.loads((out["int8"] / MANIFEST_NAME).read_text())["weights"] == "int8"
+    assert load_manifest(out["fp32"]).weights == "fp32"
