@@ -49,12 +49,20 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = RESULTS / "cache" / "device"
 MARKDOWN = RESULTS_MD
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # --model: a name load_base_model knows, a local Hugging Face directory, or a SHAPES name
+# randomly initialised models of a real model's configuration: memory and step time depend on shapes, not values.
+# Each stage is a fresh random model of that depth (what a DEVFT stage of it costs), without loading the full model.
+SHAPES = {"smollm2-1.7b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                                     num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                                     tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                     rope_theta=130000.0)}
 STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
-BACKENDS = ("torch", "onnx", "ort", "executorch")
-ARTIFACT_BACKENDS = ("onnx", "ort", "executorch")
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
+# the portable format with its frozen weights stored quantized (export --weights int8/int4, export/quant.py)
+QUANTIZED = {"onnx-int8": "int8", "onnx-int4": "int4"}
+ARTIFACT_BACKENDS = ("onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
 LR = 1e-4
-CACHE_VERSION = 1  # bump when the submodel recipe or export settings change
+CACHE_VERSION = 3  # bump when the submodel recipe or export settings change
 
 
 # --------------------------------------------------------------------------- preparation (server side)
@@ -76,8 +84,32 @@ def _find_spec(name: str) -> Any:
         return None
 
 
+def model_slug() -> str:
+    """MODEL as a cache directory name (a path: its last part and a hash of the whole)."""
+    if MODEL in SHAPES or "/" not in MODEL:
+        return MODEL
+    import hashlib
+
+    return f"{Path(MODEL).name}-{hashlib.sha256(str(Path(MODEL).resolve()).encode()).hexdigest()[:8]}"
+
+
 def stage_dir(n_layers: int) -> Path:
-    return CACHE / f"{MODEL}-L{n_layers}-b{DEFAULT_BATCH}-s{DEFAULT_SEQ}-v{CACHE_VERSION}"
+    return CACHE / f"{model_slug()}-L{n_layers}-b{DEFAULT_BATCH}-s{DEFAULT_SEQ}-v{CACHE_VERSION}"
+
+
+def model_stages(quick: bool) -> list[int]:
+    """The stage depths of MODEL's DEVFT plan (default RunConfig): all, or the first and the full model."""
+    from server_sdk.config import RunConfig
+    from server_sdk.strategies import make_strategy
+
+    if MODEL in SHAPES:
+        n = SHAPES[MODEL]["num_hidden_layers"]
+    elif MODEL == "smollm2-135m":
+        n = 30
+    else:
+        n = int(json.loads((Path(MODEL) / "config.json").read_text())["num_hidden_layers"])
+    stages = make_strategy(RunConfig()).stage_sizes(n)
+    return [stages[0], stages[-1]] if quick and len(stages) > 1 else stages
 
 
 def prepare(stages: list[int], backends: list[str], et_stages: list[int], envs: Envs) -> dict[int, dict[str, Any]]:
@@ -91,11 +123,20 @@ def prepare(stages: list[int], backends: list[str], et_stages: list[int], envs: 
     legacy = [n for n, bs in wanted.items() if "ort" in bs and not _prepared(n, ["ort"])]
     if legacy:
         python, env = envs.command("ort")
-        cmd = python + ["-m", "benchmarks.device", "--worker-export-ort", ",".join(map(str, legacy))]
+        cmd = python + ["-m", "benchmarks.device", "--model", MODEL, "--worker-export-ort", ",".join(map(str, legacy))]
         proc = subprocess.run(cmd, env=env, cwd=ROOT.parent, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             print(f"ORT export failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-    return {n: json.loads((stage_dir(n) / "stage.json").read_text()) for n in stages}
+    infos = {n: json.loads((stage_dir(n) / "stage.json").read_text()) for n in stages}
+    for n, info in infos.items():
+        info["config"] = json.loads((stage_dir(n) / "torch" / "base" / "config.json").read_text())
+    return infos
+
+
+def stored_weight_bytes(artifact_dir: Path) -> int:
+    """Bytes of the frozen weights as an artifact directory stores them (its weights/ files)."""
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    return sum(int(f["size"]) for name, f in manifest["files"].items() if name.startswith("weights/"))
 
 
 def _prepared(n: int, backends: list[str]) -> bool:
@@ -118,19 +159,25 @@ def _build(todo: dict[int, list[str]]) -> None:
 
     torch.manual_seed(0)
     cfg = RunConfig()
-    base = load_base_model(MODEL)
-    strategy = make_strategy(cfg)
-    full_lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
+    if MODEL not in SHAPES:
+        base = load_base_model(MODEL)
+        strategy = make_strategy(cfg)
+        full_lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
     for n, backends in tqdm(todo.items(), desc="build + export stages", unit="stage"):
         d = stage_dir(n)
-        plan, _ = strategy.configure_stage(0, base.model, full_lora, min(n, base.n_layers))
-        sub, _ = strategy.build_submodel(base.model, full_lora, plan)
+        if MODEL in SHAPES:
+            plan, sub = _shape_stage(n, cfg)
+        else:
+            plan, _ = strategy.configure_stage(0, base.model, full_lora, min(n, base.n_layers))
+            sub, _ = strategy.build_submodel(base.model, full_lora, plan)
         sub.float()
         for b in backends:
             if b in ARTIFACT_BACKENDS and not (d / b / "manifest.json").exists():
-                export.export_artifacts(b, sub, d / b, export.StageInfo(stage=0, groups=plan.groups, anchors=plan.anchors),
+                export.export_artifacts("onnx" if b in QUANTIZED else b, sub, d / b,
+                                        export.StageInfo(stage=0, groups=plan.groups, anchors=plan.anchors),
                                         seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH,
-                                        template_root=None if b == "executorch" else cache_root())
+                                        template_root=None if b == "executorch" else cache_root(),
+                                        weights=QUANTIZED.get(b, "fp32"))
         if (d / "stage.json").exists():  # torch and the stage record are already there (an added backend)
             continue
         inner = sub.get_base_model()
@@ -142,10 +189,128 @@ def _build(todo: dict[int, list[str]]) -> None:
         }
         sub.save_pretrained(d / "torch" / "adapter")
         sub.unload().save_pretrained(d / "torch" / "base")
+        full_depth = SHAPES[MODEL]["num_hidden_layers"] if MODEL in SHAPES else base.n_layers
         stage = {"n_layers": n, "groups": plan.groups, "anchors": plan.anchors, **shares,
-                 "grouping": "identity (full model)" if n >= base.n_layers else
+                 "grouping": "identity (full model)" if n >= full_depth else
+                 f"random {n}-layer model of {MODEL}'s configuration" if MODEL in SHAPES else
                  f"DEVFT stage-1 plan: {cfg.grouping} grouping, {cfg.anchor} anchors, {cfg.fusion} fusion"}
         (d / "stage.json").write_text(json.dumps(stage, indent=1) + "\n")
+
+
+def _shape_stage(n: int, cfg: Any) -> tuple[Any, Any]:
+    """(identity plan, PEFT model) of a random `n`-layer model of SHAPES[MODEL], LoRA as RunConfig's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server_sdk.lora import attach_lora
+    from server_sdk.submodel import identity_plan
+
+    config = LlamaConfig(**{**SHAPES[MODEL], "num_hidden_layers": n}, use_cache=False, attn_implementation="eager")
+    model = LlamaForCausalLM(config)
+    model.requires_grad_(False)
+    return identity_plan(n, 0), attach_lora(model, cfg.lora, seed=cfg.seed)
+
+
+# --------------------------------------------------------------------------- the memory floor
+
+# What each backend's process holds before it loads a model: the interpreter and the runtime's libraries
+BASELINE_IMPORTS = {"torch": "import torch, transformers, peft",
+                    "onnx": "import numpy, safetensors, onnxruntime, edge_runtime.backends.onnx_backend"}
+LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary in this many slices (export/onnx.py)
+
+
+def runtime_baseline(backend: str, envs: Envs) -> int | None:
+    """RSS (bytes) of a fresh process of `backend`'s interpreter after importing its runtime, nothing loaded."""
+    imports = BASELINE_IMPORTS.get(backend.split("-")[0])
+    if imports is None:
+        return None
+    python, env = envs.command(backend.split("-")[0])
+    code = f"{imports}\nfrom edge_runtime.telemetry.memory import current_rss_bytes\nprint(current_rss_bytes())"
+    proc = subprocess.run(python + ["-c", code], capture_output=True, text=True, env=env, cwd=ROOT.parent, timeout=300)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+
+
+def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int, rank: int = 8) -> dict[str, int]:
+    """fp32 bytes one batch's backward needs kept from its forward, per the graph LoRA training makes.
+
+    Per decoder layer (T = batch x seq tokens): the layer input and its norm, q, k, v (after RoPE) and the
+    attention output ([T, hidden] or [T, kv]), the attention probabilities and the scores they come from
+    ([batch, heads, seq, seq] each), the post-attention residual and its norm, the MLP's gate, up, SiLU(gate)
+    and product ([T, intermediate] each), and the rank-r LoRA intermediates of the seven projections. Plus the
+    loss head's working set: two [supervised, vocab / chunks] float tensors at a time (logits and their
+    softmax) in the portable graph's chunked head; the eager head holds the full [supervised, vocab] logits,
+    their log-softmax and its gradient."""
+    h, i, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
+    t = batch * seq
+    per_layer = t * (6 * h + 2 * kv) + 4 * t * i + 2 * batch * heads * seq * seq + 7 * t * rank
+    return {"decoder": 4 * per_layer * int(cfg["num_hidden_layers"]),
+            "head_chunked": 4 * 2 * supervised * -(-v // LM_HEAD_CHUNKS), "head_full": 4 * 3 * supervised * v}
+
+
+def floor(row: dict[str, Any], info: dict[str, Any], baseline: int | None) -> dict[str, int] | None:
+    """The physical floor of a row's step, each part named: frozen weights once (as the row's artifacts store
+    them), LoRA + gradients + AdamW's two moments, one batch's activations, the runtime's own baseline."""
+    cfg = row.get("model") or {}
+    if "error" in row or "unavailable" in row or not cfg.get("hidden_size") or baseline is None:
+        return None
+    full = {**info.get("config", {}), **{k: v for k, v in cfg.items() if v is not None}}
+    if "num_attention_heads" not in full:
+        return None
+    act = activation_bytes(full, row["batch"], row["seq"], row["supervised_positions"])
+    head = act["head_full"] if row["backend"] == "torch" else act["head_chunked"]
+    parts = {"weights": int(row.get("frozen_bytes") or info.get("frozen_bytes", 0)),
+             "lora_state": 4 * int(info.get("lora_bytes", 0)), "activations": act["decoder"] + head,
+             "runtime": baseline}
+    return {**parts, "total": sum(parts.values())}
+
+
+def weight_bytes_of(cfg: dict[str, Any], n_layers: int, scheme: str) -> int:
+    """Frozen weight bytes of an `n_layers` model of `cfg` as the portable format stores them under `scheme`
+    (export/quant.py: int8 1 byte and int4 half a byte per value, plus a float32 scale per 32 values)."""
+    h, i, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
+    linear = n_layers * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h  # + the tied embedding / LM head
+    norms = (2 * n_layers + 1) * h
+    per_value = {"fp32": 4.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32}[scheme]
+    return int(linear * per_value) + 4 * norms
+
+
+def lora_bytes_of(cfg: dict[str, Any], n_layers: int, rank: int = 8) -> int:
+    h, i = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
+    per_layer = rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    return 4 * per_layer * n_layers
+
+
+def predicted_floors(cfg: dict[str, Any], stages: list[int], baseline: int, batch: int = DEFAULT_BATCH,
+                     seq: int = DEFAULT_SEQ) -> list[dict[str, Any]]:
+    """The floor of each stage x weight scheme of the portable format, from shapes alone (no measurement):
+    what a model too big to measure here needs at least, and which device profiles that leaves."""
+    rows = []
+    for n in stages:
+        act = activation_bytes({**cfg, "num_hidden_layers": n}, batch, seq, batch * (seq - 1))
+        for scheme in ("fp32", "int8", "int4"):
+            parts = {"weights": weight_bytes_of(cfg, n, scheme), "lora_state": 4 * lora_bytes_of(cfg, n),
+                     "activations": act["decoder"] + act["head_chunked"], "runtime": baseline}
+            total = sum(parts.values())
+            rows.append({"stage_layers": n, "weights_scheme": scheme, "batch": batch, "seq": seq, **parts,
+                         "total": total, "fits": [p for p, prof in DEVICE_PROFILES.items()
+                                                  if total <= prof.usable_ram_bytes]})
+    return rows
+
+
+def floor_table(rows: list[dict[str, Any]]) -> str:
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    lines = ["| stage layers | weights | batch x seq | weights (MiB) | LoRA, grads, AdamW | activations | runtime | "
+             "floor (MiB) | fits (floor <= usable RAM) |", "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage_layers']} | {r['weights_scheme']} | {r['batch']} x {r['seq']} | {mib(r['weights'])} | "
+                     f"{mib(r['lora_state'])} | {mib(r['activations'])} | {mib(r['runtime'])} | {mib(r['total'])} | "
+                     f"{', '.join(r['fits']) or 'none'} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- eager torch worker
@@ -175,7 +340,7 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
     if backend == "torch":
         cmd = python + ["-m", "benchmarks.device", "--worker-torch", str(d / "torch")]
     else:
-        cmd = python + ["-m", "edge_runtime.bench", str(d / backend), "--backend", backend, "--lr", str(LR)]
+        cmd = python + ["-m", "edge_runtime.bench", str(d / backend), "--backend", backend.split("-")[0], "--lr", str(LR)]
     cmd += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
             "--prompt-fraction", str(prompt_fraction)]
     env = {**env, "OMP_NUM_THREADS": str(threads)}
@@ -184,7 +349,10 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         return {"backend": backend, "stage_layers": n, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    return {**json.loads(proc.stdout), "load_average_before": load}
+    row = {**json.loads(proc.stdout), "load_average_before": load, "backend": backend}
+    if backend.startswith("onnx"):
+        row["frozen_bytes"] = stored_weight_bytes(d / backend)
+    return row
 
 
 def carried_over(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -240,21 +408,35 @@ def headline(rows: list[dict[str, Any]], stages_info: dict[int, dict[str, Any]])
     return out
 
 
+def floor_cell(r: dict[str, Any]) -> tuple[str, str]:
+    """(floor in MiB with its parts, measured peak / floor) for the table."""
+    f = r.get("floor")
+    if not f:
+        return "-", "-"
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    peak = max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0)
+    return (f"{mib(f['total'])} = {mib(f['weights'])} w + {mib(f['lora_state'])} LoRA/AdamW + "
+            f"{mib(f['activations'])} act + {mib(f['runtime'])} rt", f"{peak / f['total']:.2f}x")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| stage layers | backend | RSS after load (MiB) | peak RSS (MiB) | p50 step (s) | p95 step (s) | CPU s/step "
-             "| tokens/s | J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage layers | backend | RSS after load (MiB) | peak RSS (MiB) | floor (MiB) = weights + LoRA, grads, "
+             "AdamW + activations + runtime | peak / floor | p50 step (s) | p95 step (s) | CPU s/step "
+             "| tokens/s | J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["stage_layers"], BACKENDS.index(r["backend"]))):
         if "error" in r or "unavailable" in r:
             why = r.get("unavailable") or f"failed: {r['error']}"
-            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | | |")
+            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | | | | |")
             continue
+        floor_mib, over = floor_cell(r)
         lat, mib = r["step_latency_s"], max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0) / 2**20
         fit = ", ".join(p for p, yes in r["fits"].items() if yes) or "none"
         on = r["measured_on"]
         when = (f"; earlier run {r['carried_over_from']}, {r['carried_over_threads']} threads"
                 if "carried_over_from" in r else "")
         loaded = f"{r['rss_after_load_bytes'] / 2**20:.0f}" if r.get("rss_after_load_bytes") else "-"
-        lines.append(f"| {r['stage_layers']} | {r['backend']} | {loaded} | {mib:.0f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
+        lines.append(f"| {r['stage_layers']} | {r['backend']} | {loaded} | {mib:.0f} | {floor_mib} | {over} | "
+                     f"{lat['p50']:.3f} | {lat['p95']:.3f} | "
                      f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['energy_j_per_step']:.2f} ({r['energy_source']}) | {fit} | "
                      f"{on['machine']}, {on['cpu_model']}, {on['logical_cpus']} CPUs{when} |")
@@ -338,11 +520,37 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def model_config() -> dict[str, Any]:
+    if MODEL in SHAPES:
+        return dict(SHAPES[MODEL])
+    from server_sdk.model import load_base_model
+
+    return load_base_model(MODEL).model.config.to_dict()
+
+
+def print_floors(stages: list[int], envs: Envs, markdown_path: Path) -> int:
+    """--floor-only: the predicted floors of MODEL's stages, printed and kept in RESULTS.md's floor block."""
+    cfg = model_config()
+    baseline = runtime_baseline("onnx", envs) or 0
+    for batch in (DEFAULT_BATCH, 1):
+        section = (f"Predicted floor of the portable step, {MODEL} (`python -m benchmarks.device --model {MODEL} "
+                   f"--floor-only`), batch {batch} x seq {DEFAULT_SEQ}, every position supervised; runtime = this "
+                   f"machine's onnxruntime process after imports ({baseline / 2**20:.0f} MiB). Not measured.\n\n"
+                   + floor_table(predicted_floors(cfg, stages, baseline, batch=batch)))
+        replace_block(f"device-floor-{model_slug()}-b{batch}", section, markdown_path)
+        print(section + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    global MODEL
     p = argparse.ArgumentParser(prog="python -m benchmarks.device", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="stages 4 and 30, 1 warm-up + 3 timed steps")
-    p.add_argument("--stages", help="comma-separated stage sizes (default 4,8,16,30)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
+    p.add_argument("--model", default=MODEL, help=f"smollm2-135m (default), {', '.join(SHAPES)} (random weights "
+                   "of that configuration) or a local Hugging Face model directory")
+    p.add_argument("--stages", help="comma-separated stage sizes (default: the model's DEVFT stages, 4,8,16,30)")
+    p.add_argument("--backends", default="torch,onnx,ort,executorch",
+                   help=f"subset of {','.join(BACKENDS)} (onnx-int8/-int4: the portable format with quantized weights)")
     p.add_argument("--steps", type=int, help="timed steps (default 6; --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 1)")
     p.add_argument("--executorch-stages", default="4",
@@ -355,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="interpreter with onnxruntime-training for the ort rows (default .venv-legacy/bin/python)")
     p.add_argument("--out", type=Path, default=RESULTS / "device.json")
     p.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose generated section is replaced")
+    p.add_argument("--floor-only", action="store_true",
+                   help="print the predicted floor of every stage x fp32/int8/int4 (shapes only, nothing measured)")
     p.add_argument("--worker-torch", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-export-ort", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
@@ -367,12 +577,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_export_ort:  # in the legacy environment: onnxruntime-training exports the ORT artifacts
         _build({int(n): ["ort"] for n in args.worker_export_ort.split(",")})
         return 0
+    MODEL = args.model
     envs = Envs(args.legacy_python)
     start_load = load_average()
 
     from tqdm import tqdm
 
-    stages = [int(s) for s in args.stages.split(",")] if args.stages else list(QUICK_STAGES if args.quick else STAGES)
+    stages = [int(s) for s in args.stages.split(",")] if args.stages else model_stages(args.quick)
+    if args.floor_only:
+        return print_floors(stages, envs, args.markdown)
     wanted = [b for b in args.backends.split(",") if b]
     if unknown := sorted(set(wanted) - set(BACKENDS)):
         p.error(f"unknown backends {unknown}; choose from {BACKENDS}")
@@ -380,11 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in wanted if not (b == "executorch" and et_reason) and not (b == "ort" and envs.legacy_problem)]
     et_stages = [int(s) for s in args.executorch_stages.split(",") if s]
     stages_info = prepare(stages, backends, et_stages, envs)
+    baselines = {b: runtime_baseline(b, envs) for b in backends}
     rows: list[dict[str, Any]] = []
     # per stage side by side: drift on a shared machine hits every backend of a stage alike
     jobs = [(b, n) for n in stages for b in backends if b != "executorch" or n in et_stages]
     for b, n in tqdm(jobs, desc="measure", unit="run"):
         row = run_one(b, n, steps, warmup, args.threads, envs, args.prompt_fraction)
+        row["floor"] = floor(row, stages_info[n], baselines.get(b))
         tqdm.write(summary_line(row) if "error" not in row else f"{b} {n} layers failed: {row['error']}")
         rows.append(row)
     if "ort" in wanted and envs.legacy_problem:

@@ -22,6 +22,8 @@ from typing import Any
 FORMAT_VERSION = 2  # 2: "onnx" backend; `max_seq_len` renamed `seq_len` (the run's one sequence length)
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("onnx", "ort", "executorch")
+WEIGHT_SCHEMES = ("fp32", "int8", "int4")  # frozen weights as stored (Manifest.weights)
+QUANT_BLOCK = 32  # inputs per scale of a quantized weight
 
 _REEXPORT = "re-export the stage with `devft export`"
 _REFETCH = "delete the cached artifact dir and fetch it again"
@@ -85,6 +87,9 @@ class Manifest:
     anchors: list[int] = field(default_factory=list)
     versions: dict[str, Any] = field(default_factory=dict)  # opset, ir_version, runtime, exporter...
     optimizer: str = "adamw"  # baked into the optimizer graph; recorded so a reader knows which
+    # how the frozen weights are stored: "fp32", or "int8" / "int4" with a float32 scale per block of 32 inputs
+    # (export/quant.py); a device whose runtime cannot run a scheme refuses it (edge_runtime/backends)
+    weights: str = "fp32"
     tokenizer_file: str | None = None
     chat_template: str | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)  # filled by write_manifest
@@ -93,11 +98,15 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ManifestError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.weights not in WEIGHT_SCHEMES:
+            raise ManifestError(f"weights must be one of {WEIGHT_SCHEMES}, got {self.weights!r}; {_REEXPORT}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["trainable"] = [t.to_dict() for t in self.trainable]
         d["inputs"] = [i.to_dict() for i in self.inputs]
+        if d["weights"] == "fp32":  # absent means fp32: an fp32 manifest stays readable by runtimes before the field
+            del d["weights"]
         return d
 
     @classmethod
@@ -175,6 +184,7 @@ def load_manifest(
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{path} is malformed ({e!r}); {_REEXPORT}") from e
     verify_files(directory, manifest, verify_hashes=verify_hashes)
+    check_weight_files(manifest)
     if expected_trainable is not None:
         check_trainable(manifest, expected_trainable)
     return manifest
@@ -190,6 +200,26 @@ def verify_files(directory: Path, manifest: Manifest, *, verify_hashes: bool = T
             raise ManifestError(f"{p} has {size} bytes, the manifest says {entry.size}; {_REFETCH}")
         if verify_hashes and (digest := sha256_file(p)) != entry.sha256:
             raise ManifestError(f"{p} has sha256 {digest}, the manifest says {entry.sha256}; {_REFETCH}")
+
+
+def check_weight_files(manifest: Manifest) -> None:
+    """The weight files must be what `manifest.weights` says: quantized pairs (`<w>.qweight.bin` with
+    `<w>.qscale.bin`, the scale file 4 bytes per 32 values) exactly when the scheme is int8 or int4."""
+    files = {rel: entry.size for rel, entry in manifest.files.items() if rel.startswith("weights/")}
+    quantized = {rel[: -len(".qweight.bin")]: size for rel, size in files.items() if rel.endswith(".qweight.bin")}
+    if manifest.weights == "fp32":
+        if quantized:
+            raise ManifestError(f"the manifest says weights fp32 but {len(quantized)} weight files are quantized "
+                                f"(e.g. {next(iter(quantized))}.qweight.bin); {_REEXPORT}")
+        return
+    if not quantized:
+        raise ManifestError(f"the manifest says weights {manifest.weights} but no weight file is quantized; {_REEXPORT}")
+    per_byte = 2 if manifest.weights == "int4" else 1
+    for stem, size in quantized.items():
+        scale = files.get(stem + ".qscale.bin")
+        if scale is None or size * per_byte != scale // 4 * QUANT_BLOCK:
+            raise ManifestError(f"{stem}.qweight.bin ({size} bytes) does not hold {manifest.weights} values for its "
+                                f"scales ({scale} bytes); the files do not match the manifest's scheme: {_REEXPORT}")
 
 
 def check_trainable(manifest: Manifest, expected: Sequence[TensorSpec] | Mapping[str, Sequence[int]]) -> None:

@@ -41,20 +41,24 @@ def export_artifacts(
     template_root: str | os.PathLike[str] | None = None,
     optimizer: str = "adamw",
     max_batch: int = 4,
+    weights: str = "fp32",
 ) -> Path:
     """Write `peft_model`'s artifacts in format `fmt` into out_dir (atomically) and return it; the manifest
     records `info` (run, stage, layer groups, anchors, tokenizer).
 
     `template_root` caches traced graphs by shape (onnx, ort): a later submodel of the same shape
     only gets its weights written. ExecuTorch programs embed their weights and are traced each time.
+    `weights` int8/int4 stores the frozen weights quantized (onnx only; export/quant.py).
     """
+    if weights != "fp32" and fmt != "onnx":
+        raise ValueError(f"quantized frozen weights ({weights}) are exported for the onnx format only, not {fmt!r}")
     if fmt == "onnx":
         from export.onnx import export_onnx_artifacts
 
         if template_root is None:
             raise ValueError("the onnx format needs a template_root to cache its traced graphs in")
         return export_onnx_artifacts(peft_model, out_dir, template_dir("onnx", template_root), info,
-                                     seq_len=seq_len, optimizer=optimizer)
+                                     seq_len=seq_len, optimizer=optimizer, weights=weights)
     if fmt == "ort":
         from export.cached import export_stage_cached
         from export.ort import export_ort_artifacts

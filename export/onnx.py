@@ -22,7 +22,8 @@ Artifact directory (format and backend name "onnx"):
 
 Labels are input_ids with prompt and padding positions set to -100; the graph shifts them by
 one itself (position t predicts token t + 1). The LM head runs on target positions only
-(gathered in-graph with NonZero), as the server's trainer does. Pad on the right: with
+(gathered in-graph with NonZero), as the server's trainer does, and in vocabulary slices
+(chunked_cross_entropy) so a batch's full-vocabulary logits never exist at once. Pad on the right: with
 causal attention the padding never influences a real token, so there is no attention mask.
 
 The route (shared/reference/portable-training.md): torch.export of a module returning the
@@ -56,6 +57,7 @@ from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import eager_attention, json_config, model_tensors, shape_key
 from export.publish import StageInfo, publish, publish_from_template, staging
+from export.quant import QuantLinear, check_scheme, dequant_recompute, quantize, quantized_modules, source_weight
 
 FORMAT = "onnx"
 TRAIN_GRAPH = "train.onnx"
@@ -69,6 +71,7 @@ OPSET = 20
 MIN_SEQ_LEN = 3  # torch.export specialises a sequence of 2 (one shifted position) away
 INPUTS = (InputSpec("input_ids", ("batch", "seq")), InputSpec("labels", ("batch", "seq")))
 INLINE_MAX_BYTES = 1024  # smaller frozen tensors stay inside the graph file
+LM_HEAD_CHUNKS = 8  # vocabulary slices of the loss head (chunked_cross_entropy): 6,144 of SmolLM2's 49,152 each
 
 
 class _AnswerLoss(torch.nn.Module):
@@ -90,8 +93,48 @@ class _AnswerLoss(torch.nn.Module):
         idx = (target != IGNORE_INDEX).nonzero().squeeze(-1)
         torch._check(idx.shape[0] > 0)  # a batch without targets is refused on the device, never a NaN
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-        logits = inner.lm_head(picked).float()
-        return (F.cross_entropy(logits, target.index_select(0, idx)),)
+        target = target.index_select(0, idx)
+        head = inner.lm_head
+        if isinstance(head, QuantLinear):
+            return (chunked_cross_entropy(picked, head, target, LM_HEAD_CHUNKS),)
+        if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+            return (F.cross_entropy(head(picked).float(), target),)  # a head with LoRA or a bias: the plain loss
+        return (chunked_cross_entropy(picked, head.weight, target, LM_HEAD_CHUNKS),)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | QuantLinear, target: torch.Tensor,
+                          chunks: int) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `target`, with the vocabulary in `chunks` slices, so the
+    [positions, vocab] logits of a batch never exist at once (the head's memory on a device).
+
+    The loss and its gradient with respect to `hidden` are computed here, from a detached copy, one
+    vocabulary slice at a time: per slice its logits, their log-sum-exp and softmax, and softmax @ slice;
+    the slices combine exactly (each softmax reweighted by exp(lse_slice - lse)). The result is the loss plus
+    `(hidden * grad).sum()` minus its own detached value, which is zero, so the value is the loss and autograd
+    sends exactly `grad` into the decoder. The frozen head weight needs no gradient, and the backward graph keeps
+    nothing vocabulary-sized. Same arithmetic as F.cross_entropy up to float rounding (the parity tests check)."""
+    h = hidden.detach().float()
+    n = h.shape[0]
+    lses, weighted = [], []
+    quant = isinstance(weight, QuantLinear)
+    vocab = weight.out_features if quant else weight.shape[0]
+    size = -(-vocab // chunks)
+    for start in range(0, vocab, size):
+        length = min(size, vocab - start)  # a Slice (dequantized if stored quantized): one slice at a time
+        w = weight.rows(start, length) if quant else weight.narrow(0, start, length).float()
+        logits = h @ w.T
+        lse = torch.logsumexp(logits, dim=-1)
+        lses.append(lse)
+        weighted.append(torch.exp(logits - lse[:, None]) @ w)
+    slice_lse = torch.stack(lses, dim=-1)  # [n, chunks]
+    lse = torch.logsumexp(slice_lse, dim=-1)
+    share = torch.exp(slice_lse - lse[:, None])
+    rows = weight.gather(target) if quant else weight.index_select(0, target).float()
+    expected = sum(share[:, k : k + 1] * g for k, g in enumerate(weighted))
+    loss = (lse - (h * rows).sum(-1)).mean()
+    grad = (expected - rows) / n
+    surrogate = (hidden.float() * grad).sum()
+    return loss + (surrogate - surrogate.detach())
 
 
 def _replace_empty_permuted(gm: torch.fx.GraphModule) -> None:
@@ -163,7 +206,7 @@ def _patch_call_graph(ep: torch.export.ExportedProgram, n_in: int, n_out: int) -
     ep._example_inputs = None
 
 
-TRACE = 2  # how the graph is traced (in the template key): 2 = one decomposition pass
+TRACE = 4  # how the graph is traced (in the template key): 2 = one decomposition pass, 4 = chunked loss head
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -208,8 +251,10 @@ def _already_decomposed() -> Iterator[None]:
         _fx_passes.decompose_with_registry = original
 
 
-def trace_training_graph(peft_model: Any, seq_len: int) -> tuple[torch.export.ExportedProgram, list[str]]:
-    """The joint forward + backward program with LoRA as inputs and loss + gradients as outputs."""
+def trace_training_graph(peft_model: Any, seq_len: int, weights: str = "fp32",
+                         ) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """The joint forward + backward program with LoRA as inputs and loss + gradients as outputs; `weights`
+    int8/int4: the frozen weights as quantized buffers dequantized in the graph (export/quant.py)."""
     vocab = peft_model.get_base_model().config.vocab_size
     example = torch.randint(0, vocab, (2, min(16, seq_len)), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1)
@@ -217,7 +262,7 @@ def trace_training_graph(peft_model: Any, seq_len: int) -> tuple[torch.export.Ex
     shapes = {"input_ids": {0: batch, 1: seq}, "labels": {0: batch, 1: seq}}
     for n, p in peft_model.named_parameters():
         p.requires_grad_(naming.is_lora(n))
-    with eager_attention(peft_model):
+    with eager_attention(peft_model), quantized_modules(peft_model, weights):
         ep = torch.export.export(_AnswerLoss(peft_model), (example, example.clone()), dynamic_shapes=shapes,
                                  strict=False)
         ep = _joint_for_onnx(ep)
@@ -332,11 +377,26 @@ def _point_to_file(init: onnx.TensorProto, rel: str, nbytes: int) -> None:
     init.data_location = onnx.TensorProto.EXTERNAL
 
 
+def _drop_gradient_surrogate(graph: onnx.GraphProto) -> None:
+    """The loss is `value + (s - s)` where s only carries the head's gradient (chunked_cross_entropy): the
+    forward-only graph returns `value` itself, so pruning drops the gradient's computation too."""
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(LOSS)
+    if node is None or node.op_type != "Add":
+        return
+    for keep, other in ((0, 1), (1, 0)):
+        sub = producer.get(node.input[other])
+        if sub is not None and sub.op_type == "Sub" and sub.input[0] == sub.input[1]:
+            node.op_type, node.input[:] = "Identity", [node.input[keep]]
+            return
+
+
 def prune_to_outputs(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` computing only the outputs in `keep` (the eval graph: train.onnx minus backward)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    _drop_gradient_surrogate(graph)
     needed = set(keep)
     nodes = []
     for node in reversed(graph.node):
@@ -357,14 +417,23 @@ def prune_to_outputs(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelP
     return out
 
 
-def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path) -> None:
-    """Write `peft_model`'s tensors into the weight files `graph` points to (a cached graph, a new stage)."""
+def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, scheme: str = "fp32") -> None:
+    """Write `peft_model`'s tensors into the weight files `graph` points to (a cached graph, a new stage);
+    quantized initializers get the `scheme` quantization of the weight they stand for."""
     state = model_tensors(peft_model)
+    quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for init in graph.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        key = naming.state_key(state, init.name, "graph weight")
-        array = state[key].detach().cpu().numpy()
+        source = source_weight(init.name)
+        if source is None:
+            key = naming.state_key(state, init.name, "graph weight")
+            array = state[key].detach().cpu().numpy()
+        else:
+            key = naming.state_key(state, source, "quantized graph weight")
+            if key not in quantized:
+                quantized[key] = quantize(state[key].detach().float().cpu().numpy(), scheme)
+            array = quantized[key][0 if init.name.endswith(".qweight") else 1]
         if list(array.shape) != list(init.dims):
             raise ValueError(f"{key}: the submodel has shape {list(array.shape)}, the cached graph {list(init.dims)}; "
                              "delete the export template cache and retry")
@@ -373,10 +442,11 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path) -> N
         _write_raw(out_dir / rel, array)
 
 
-def template_key(peft_model: Any, *, seq_len: int) -> str:
+def template_key(peft_model: Any, *, seq_len: int, weights: str = "fp32") -> str:
     """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
+    extra = {} if weights == "fp32" else {"weights": weights}  # fp32 keys as before: caches stay valid
     return shape_key(peft_model, ("torch", "transformers", "peft", "onnx", "onnxscript"), format=FORMAT,
-                     seq_len=seq_len, opset=OPSET, trace=TRACE)
+                     seq_len=seq_len, opset=OPSET, trace=TRACE, **extra)
 
 
 def check_exportable(peft_model: Any, seq_len: int) -> None:
@@ -409,23 +479,27 @@ def _versions(model: onnx.ModelProto) -> dict[str, Any]:
             "transformers": version("transformers"), "peft": version("peft")}
 
 
-def export_template(peft_model: Any, out_dir: Path, *, seq_len: int) -> Path:
+def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: str = "fp32") -> Path:
     """Trace and write the graphs (with this model's weights) into out_dir: the slow part, once per shape."""
     check_exportable(peft_model, seq_len)
-    ep, lora = trace_training_graph(peft_model, seq_len)
+    ep, lora = trace_training_graph(peft_model, seq_len, weights)
     model = to_onnx(ep, lora)
     del ep
+    dequant_recompute(model.graph)
     with staging(out_dir) as (out, build):
         externalize_weights(model, build / WEIGHTS_DIR)
+        if weights != "fp32":
+            restamp_weights(peft_model, model, build, weights)  # the trace's placeholders -> this model's values
         onnx.save(model, str(build / TRAIN_GRAPH))
         onnx.save(prune_to_outputs(model, [LOSS]), str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
                             trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
-                            versions=_versions(model), optimizer="adamw")
+                            versions=_versions(model), optimizer="adamw", weights=weights)
         return publish(build, out, manifest)
 
 
-def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, seq_len: int) -> tuple[Path, Manifest]:
+def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, seq_len: int,
+                    weights: str = "fp32") -> tuple[Path, Manifest]:
     """The cached graphs of `peft_model`'s shape under template_root (directory, manifest), traced now if
     there are none yet or they were written by an older devft (another manifest format).
 
@@ -436,14 +510,14 @@ def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, s
     check_exportable(peft_model, seq_len)
     root = Path(template_root)
     root.mkdir(parents=True, exist_ok=True)
-    template = root / template_key(peft_model, seq_len=seq_len)
+    template = root / template_key(peft_model, seq_len=seq_len, weights=weights)
     with open(root / f"{template.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         try:
             return template, load_manifest(template, verify_hashes=False)
         except ManifestError:
             shutil.rmtree(template, ignore_errors=True)
-            export_template(peft_model, template, seq_len=seq_len)
+            export_template(peft_model, template, seq_len=seq_len, weights=weights)
             return template, load_manifest(template, verify_hashes=False)
 
 
@@ -455,16 +529,18 @@ def export_onnx_artifacts(
     *,
     seq_len: int,
     optimizer: str = "adamw",
+    weights: str = "fp32",
 ) -> Path:
     """Write the portable artifacts of `peft_model` into out_dir, tracing only if no graph of its shape is cached.
 
+    `weights` int8/int4 stores the frozen weights quantized (export/quant.py; the manifest records it).
     Built beside out_dir and renamed into place, so a reader never sees a half-written directory.
     """
-    template, manifest = ensure_template(peft_model, template_root, seq_len=seq_len)
+    template, manifest = ensure_template(peft_model, template_root, seq_len=seq_len, weights=check_scheme(weights))
     manifest.optimizer = optimizer
 
     def write_weights(build: Path) -> None:
-        restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build)
+        restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build, weights)
         lora = {t.peft_name: peft_model.state_dict()[t.peft_name].detach().cpu().numpy() for t in manifest.trainable}
         save_file(lora, str(build / INITIAL_LORA))
 

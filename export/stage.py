@@ -46,6 +46,7 @@ def export_submodel(
     max_batch: int = DEFAULT_MAX_BATCH,
     optimizer: str = "adamw",
     template_root: str | os.PathLike[str] | None = None,
+    weights: str = "fp32",
 ) -> Path:
     """Export `source` in format `backend` into `out_dir`, then reload and verify its manifest.
 
@@ -59,7 +60,7 @@ def export_submodel(
         info = StageInfo(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors,
                          tokenizer_dir=tok_dir)
         out = export_artifacts(backend, source.peft_model, out_dir, info, seq_len=seq_len, template_root=template_root,
-                               optimizer=optimizer, max_batch=max_batch)
+                               optimizer=optimizer, max_batch=max_batch, weights=weights)
     verify(out, source.peft_model)
     return out
 

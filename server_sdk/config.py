@@ -86,6 +86,9 @@ class RunConfig:
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
     precision: str = "fp32"  # fp32 | bf16: simulated training and server evaluation (server_sdk/precision.py)
+    # frozen weights as devices store them: fp32, or int8 / int4 with a scale per 32 inputs (export/quant.py);
+    # simulated clients and evaluation then use the same dequantized values (server_sdk/quantized.py)
+    weights: str = "fp32"
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +186,7 @@ class RunConfig:
         from .precision import PRECISIONS
 
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("weights", self.weights, ("fp32", "int8", "int4"))
         from .heal import HEALS
         from .schedule import SCHEDULES
 
@@ -246,7 +250,7 @@ class RunConfig:
 # the field existed (RunConfig.identity, RunConfig.of_run); a default may have changed since (schedule)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64,
-                               "precision": "fp32", "optimizer": "adamw"}
+                               "precision": "fp32", "optimizer": "adamw", "weights": "fp32"}
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

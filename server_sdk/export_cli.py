@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ExportError("--model needs --layers K (the submodel depth)")
         source = fresh_stage_source(args.model, args.layers)
     out = export_submodel(source, args.backend, args.out, seq_len=args.seq_len, max_batch=args.max_batch,
-                          optimizer=args.optimizer, template_root=cache_root())
+                          optimizer=args.optimizer, template_root=cache_root(), weights=args.weights)
     manifest = load_manifest(out, verify_hashes=False)  # verified in export_submodel
     summary = {"out": str(out), "backend": manifest.backend, "run_id": manifest.run_id, "stage": manifest.stage,
                "layers": len(manifest.groups), "trainable_tensors": len(manifest.trainable), "source": source.note,
@@ -157,6 +157,9 @@ def register(sub: Any) -> None:
                    help=f"ExecuTorch only: largest batch; memory is planned for it (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                    help="ORT only: optimizer graph (ExecuTorch always uses the runtime's SGD)")
+    p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
+                   help="onnx only: frozen weights stored as fp32, or int8/int4 with a scale per 32 inputs "
+                        "(LoRA and optimiser stay fp32; docs/export.md)")
     p.set_defaults(func=_guarded)
 
 

@@ -248,6 +248,7 @@ class FleetExecutor(ClientExecutor):
         # what a device can make the coordinator write over and over is bounded per (device, reason) (ratelimit.py)
         self._log_budget = LogBudget()
         self._inbox: queue.Queue[Message] = queue.Queue()
+        self._weights_refused: set[str] = set()  # devices refused at hello for the run's weight scheme
         self._gate: RoundGate | None = None  # the open round's intake; None between rounds
         self._gate_lock = threading.Lock()
         self._artifacts: dict[str, P.ArtifactDescriptor] = {}
@@ -330,7 +331,8 @@ class FleetExecutor(ClientExecutor):
                 fmt, sub_model, self.run_dir / "artifacts" / f"stage{stage}" / f"{prefix}{fmt}",
                 StageInfo(run_id=self.run_id, stage=stage, groups=plan.groups, anchors=plan.anchors,
                           tokenizer_dir=self.tokenizer_dir),
-                seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root())
+                seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root(),
+                weights=self.cfg.weights if fmt == "onnx" else "fp32")  # others: the dequantized values, as fp32
             seconds[fmt] = round(time.perf_counter() - t0, 2)
         return dirs, seconds
 
@@ -456,9 +458,17 @@ class FleetExecutor(ClientExecutor):
         return isinstance(ready, str) and ready in {d.artifact_id for d in self._artifacts.values()}
 
     def _runs_served(self, status: dict) -> bool:
-        """Whether a device runs a format served this stage, as far as its hello says (none said: assume so)."""
+        """Whether a device runs a format served this stage, as far as its hello says (none said: assume so);
+        the portable format counts only if the device also runs the run's weight scheme (`runs_weights`)."""
         formats = status.get("formats")
-        return not isinstance(formats, list) or any(f in self._artifacts for f in formats if isinstance(f, str))
+        return not isinstance(formats, list) or any(f in self._artifacts and (f != "onnx" or self.runs_weights(status))
+                                                    for f in formats if isinstance(f, str))
+
+    def runs_weights(self, status: dict) -> bool:
+        """Whether a device's hello declares the run's frozen-weight scheme (`weights`: comma-separated, device-sent).
+        fp32 needs no declaration; a device that declares none (an older runtime) runs fp32 only."""
+        declared = status.get("weights")
+        return self.cfg.weights == "fp32" or (isinstance(declared, str) and self.cfg.weights in declared.split(","))
 
     def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], **info) -> int:
         """Register a stage's artifact files (per format) with the chunk server and announce them (state idle).
@@ -925,6 +935,8 @@ class FleetExecutor(ClientExecutor):
             self._limited(("status", device, "responsive"), "%s sent a status again; rounds wait for it again",
                           (device,), "status", device=device, state=status.state, was="unresponsive")
         self._check_formats(device, status.info.get("formats"))
+        if status.state == "hello":
+            self._check_weights(device, status.info)
 
     def _check_formats(self, device: str, declared) -> None:
         """Refuse a device whose hello declares only formats this coordinator does not serve: say so once (per
@@ -945,6 +957,20 @@ class FleetExecutor(ClientExecutor):
                       (device, list(offered), self.settings.formats, ",".join(self.settings.formats + ["FORMAT"])),
                       "refused", device=device, offered=list(offered), served=list(self.settings.formats),
                       reason="format_not_served", fix="--formats (FleetSettings.formats)")
+
+    def _check_weights(self, device: str, info: dict) -> None:
+        """Refuse, once per device, a device whose hello does not declare the run's frozen-weight scheme
+        (`runs_weights`): it is never sampled for the portable format."""
+        if self.runs_weights(info) or device in self._weights_refused:
+            return
+        self._weights_refused.add(device)
+        self.rejections["weights_scheme"] += 1
+        detail = (f"the run's frozen weights are {self.cfg.weights}; the device declares "
+                  f"{cut(str(info.get('weights', 'none (fp32 only)')), 40)}: it is not sampled for the portable "
+                  "format (update its devft runtime)")
+        self._limited(("rejected", device, "weights_scheme"), "device %s refused at hello (weights_scheme): %s",
+                      (device, detail), "rejected", device=device, reason="weights_scheme", detail=detail,
+                      message="hello")
 
     def _retained_cleared(self, **fields) -> None:
         self._event("retained_cleared", **fields)

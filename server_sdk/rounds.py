@@ -33,6 +33,7 @@ from .model import BaseModel, describe, load_base_model
 from .precision import warn_if_emulated
 from .progress import bar as progress_bar
 from .progress import phase, round_postfix
+from .quantized import quantize_submodel_, quantized_base
 from .report import plot_curves, plot_groups
 from .stage_transfer import stage_transfer
 from .strategies import Strategy, make_strategy
@@ -193,7 +194,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
         torch.set_num_threads(cfg.torch_threads)
     warn_if_emulated(cfg.precision)
     strategy = make_strategy(cfg)
-    base = base or load_base_model(cfg.model)
+    base = quantized_base(base or load_base_model(cfg.model), cfg.weights)
     strategy.tokenizer = base.tokenizer
     stages = strategy.stage_sizes(base.n_layers)
     rounds = cfg.resolved_rounds(len(stages))
@@ -253,6 +254,7 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
         if state.plan is None or state.plan.stage != s:
             plan, sim = strategy.configure_stage(s, base.model, state.full_lora, stages[s])
             sub_model, init_sub = strategy.build_submodel(base.model, state.full_lora, plan)
+            quantize_submodel_(sub_model, cfg.weights)
             state.plan, state.stage_initial, state.stage_global = plan, init_sub, init_sub
             state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None,
                                       **strategy.stage_notes(s)})
@@ -261,6 +263,7 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
         else:
             plan = state.plan
             sub_model, _ = strategy.build_submodel(base.model, state.full_lora, plan)
+            quantize_submodel_(sub_model, cfg.weights)
         with phase(f"stage {s + 1}/{len(stages)}: preparing the {stages[s]}-layer submodel", enabled=loop.progress):
             stage_artifact = executor.begin_stage(s, plan, sub_model)
         prune_finished_stages(loop.run_dir, s)  # devices moved on; --keep-artifacts keeps them
@@ -345,7 +348,10 @@ def _guess_stage(loop: RoundLoop, state: RunState, plan: StagePlan, stage: int) 
     full, trained, initial = state.full_lora, state.stage_global, state.stage_initial  # not mutated in place
 
     def guess() -> tuple | None:
-        return strategy.speculate_stage(stage, model, strategy.finish_stage(full, trained, initial, plan), n_layers)
+        guessed = strategy.speculate_stage(stage, model, strategy.finish_stage(full, trained, initial, plan), n_layers)
+        if guessed is not None:
+            quantize_submodel_(guessed[1], loop.cfg.weights)
+        return guessed
 
     return guess
 

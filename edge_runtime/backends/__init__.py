@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_runtime.manifest import Manifest
+from edge_runtime.manifest import WEIGHT_SCHEMES, Manifest
 from edge_runtime.protocol import ARTIFACT_FORMATS as FORMATS  # in order of preference
 
 
@@ -86,6 +86,8 @@ def runtime_versions() -> dict[str, str]:
             found.setdefault(key, version(dist))
         except PackageNotFoundError:
             continue
+    if "onnxruntime" in found:  # frozen-weight schemes this runtime's portable trainer runs (Manifest.weights)
+        found["weights"] = ",".join(WEIGHT_SCHEMES)
     return found
 
 

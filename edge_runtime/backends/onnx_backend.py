@@ -9,6 +9,7 @@ Torch-free: numpy, safetensors and onnxruntime.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ class SessionChoices:
     prepacking   MLAS prepacks constant MatMul weights into its own layout (one more copy of them)
     order        node execution order: "default" (topological) or "priority" (onnxruntime's priority-based
                  order, which here frees the LM head's vocabulary-sized activations sooner)
+    release_memory  on glibc, a fixed 128 KiB mmap threshold (mallopt), so every big buffer is its own mapping,
+                 returned to the system when freed: with the arena off, glibc's adaptive threshold otherwise
+                 moves up to 32 MiB and keeps freed step buffers in the heap (SmolLM2 4-layer stage: peak 560 ->
+                 523 MiB fp32, 791 -> 565 MiB int8, same step time; benchmarks/RESULTS.md section 3)
     The defaults come from benchmarks/export.py's sweep (`--onnx-sweep`, RESULTS.md section 2; SmolLM2's
     4-layer stage, batch 4 x 128, one thread). Folding and prepacking each make a second, private copy of the
     frozen weights (folded transposes, packed MatMul operands) beside the weights onnxruntime maps from the
@@ -61,7 +66,8 @@ class SessionChoices:
     optimization: str = "all"
     folding: bool = False
     prepacking: bool = False
-    order: str = "priority"
+    order: str = "priority"  # quantized weights: "default" unless chosen (OnnxTrainer; see QUANTIZED_ORDER)
+    release_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.arena not in ARENAS:
@@ -73,7 +79,8 @@ class SessionChoices:
 
     def label(self) -> str:
         return (f"arena {self.arena}, opt {self.optimization}, fold {'on' if self.folding else 'off'}, "
-                f"prepack {'on' if self.prepacking else 'off'}, order {self.order}")
+                f"prepack {'on' if self.prepacking else 'off'}, order {self.order}"
+                + ("" if self.release_memory else ", glibc threshold adaptive"))
 
 
 ARENAS = ("off", "on", "exact")
@@ -81,6 +88,29 @@ ORDERS = {"default": "DEFAULT", "priority": "PRIORITY_BASED"}
 OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
                        "disabled": "ORT_DISABLE_ALL"}
 DEFAULT_SESSION = SessionChoices()
+# Graphs with quantized weights (export/quant.py) run in the default order: the priority-based one starts the
+# dequantizations (inputs: initializers only, so ready at once) ahead of their use and holds their float
+# results (SmolLM2 4-layer int8: peak 433 MiB default vs 565 MiB priority-based).
+QUANTIZED_ORDER = "default"
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MEMORY_RELEASED = False
+
+
+def release_freed_memory() -> None:
+    """glibc only (once per process): buffers over 128 KiB become their own mappings, unmapped when freed."""
+    global _MEMORY_RELEASED
+    if _MEMORY_RELEASED:
+        return
+    _MEMORY_RELEASED = True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
 
 
 class RuntimeTooOld(RuntimeError):
@@ -187,6 +217,10 @@ class OnnxTrainer:
         self.dir, self.manifest = open_artifacts(artifact_dir, FORMAT, expected_trainable)
         versions = self.manifest.versions
         check_runtime(str(versions.get("min_onnxruntime", MIN_ONNXRUNTIME)))
+        if session is DEFAULT_SESSION and self.manifest.weights != "fp32":
+            session = dataclasses.replace(session, order=QUANTIZED_ORDER)
+        if session.release_memory:
+            release_freed_memory()
         self._threads, self.session_choices = threads, session
         self._train = open_session(self.dir / versions.get("train_graph", TRAIN_GRAPH), threads, session)
         self._eval: Any = None  # built on first use: a second session holds a second copy of the weights

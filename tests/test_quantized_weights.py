@@ -1,0 +1,167 @@
+"""Quantized frozen weights (export --weights int8|int4, RunConfig.weights): the portable graph on quantized
+files computes exactly what the server computes on the dequantized weights, the files shrink, a manifest
+whose scheme does not match its files is refused, and a device that does not declare the run's scheme is
+refused at hello (real Mosquitto)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from edge_runtime import protocol as P
+from edge_runtime.backends import runtime_versions
+from edge_runtime.backends.onnx_backend import OnnxTrainer
+from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from export.onnx import TRAIN_GRAPH, export_onnx_artifacts
+from export.quant import dequantize, fake_quantize_, quantize
+from server_sdk.config import RunConfig
+from server_sdk.model import tiny_random_model
+from server_sdk.quantized import quantized_base
+from tests.export_helpers import ALL_TARGETS, make_batch
+from tests.export_helpers import make_peft_model as _make_peft_model
+from tests.test_export_onnx import torch_loss_and_grads
+from tests.test_fleet import RUN, coordinator, events, wait_for  # noqa: F401 (coordinator: a fixture)
+
+pytest_plugins = ("tests.broker_fixtures",)
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime.training") is not None,
+    reason="this environment has onnxruntime-training, which replaces plain onnxruntime's module")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    model = _make_peft_model(0, targets=ALL_TARGETS)
+    out = {w: export_onnx_artifacts(model, root / w, root / "templates", seq_len=64, weights=w)
+           for w in ("fp32", "int8", "int4")}
+    return model, out
+
+
+def weight_bytes(directory) -> int:
+    return sum(p.stat().st_size for p in (directory / "weights").iterdir())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_graph_matches_torch_on_the_dequantized_weights(exports, scheme):
+    model, out = exports
+    reference = copy.deepcopy(model)
+    assert fake_quantize_(reference, scheme) == 15  # 2 layers x 7 projections + the tied embedding
+    trainer = OnnxTrainer(out[scheme])
+    assert trainer.manifest.weights == scheme
+    for shape in ((2, 16), (3, 40)):
+        ids, labels = make_batch(256, *shape, seed=shape[1])
+        ref_loss, ref_grads = torch_loss_and_grads(reference, ids, labels)
+        loss, grads = trainer.loss_and_grads(ids, labels)
+        assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5
+        worst = max(np.abs(grads[k] - ref_grads[k]).max() / (np.abs(ref_grads[k]).max() + 1e-12) for k in grads)
+        assert worst < 1e-4
+        fp32_loss, _ = torch_loss_and_grads(model, ids, labels)
+        assert loss != fp32_loss  # the weights really are the quantized ones
+    graph = onnx.load(str(out[scheme] / TRAIN_GRAPH), load_external_data=False)
+    assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)
+    assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}
+
+
+def test_quantized_files_are_smaller(exports):
+    _, out = exports
+    fp32, int8, int4 = (weight_bytes(out[w]) for w in ("fp32", "int8", "int4"))
+    print(f"frozen weight bytes: fp32 {fp32}, int8 {int8} ({int8 / fp32:.2f}x), int4 {int4} ({int4 / fp32:.2f}x)")
+    assert int8 < 0.35 * fp32 and int4 < 0.22 * fp32
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantization_is_exact_and_idempotent(scheme):
+    """Dequantized values are exact in float32, so quantizing them again gives the same q and scales: the
+    export of a server-side (fake-quantized) submodel carries the values the server trained on."""
+    w = np.random.default_rng(1).normal(0, 0.05, (48, 96)).astype(np.float32)
+    w[3, :32] = 0.0  # an all-zero block
+    q, s = quantize(w, scheme)
+    dq = dequantize(q, s, scheme)
+    q2, s2 = quantize(dq, scheme)
+    assert np.array_equal(q, q2) and np.array_equal(s, s2)
+    assert np.array_equal(dequantize(q2, s2, scheme), dq)
+    assert np.abs(dq - w).max() <= np.abs(w).max() / (127 if scheme == "int8" else 7)
+
+
+def _rewrite_manifest(directory, **fields) -> None:
+    path = directory / MANIFEST_NAME
+    doc = json.loads(path.read_text())
+    doc.update(fields)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("source, claimed, problem", [
+    ("int8", "fp32", "quantized"), ("int8", "int4", "does not hold int4"), ("int4", "int8", "does not hold int8"),
+    ("fp32", "int8", "no weight file is quantized"), ("int8", "int2", "weights must be one of")])
+def test_manifest_whose_scheme_does_not_match_its_files_is_refused(exports, tmp_path, source, claimed, problem):
+    import shutil
+
+    _, out = exports
+    copy_dir = tmp_path / "art"
+    shutil.copytree(out[source], copy_dir)
+    _rewrite_manifest(copy_dir, weights=claimed)
+    with pytest.raises(ManifestError, match=problem):
+        load_manifest(copy_dir)
+    with pytest.raises(ManifestError, match=problem):
+        OnnxTrainer(copy_dir)
+
+
+def test_server_base_for_a_quantized_run_is_a_dequantized_copy():
+    base = tiny_random_model(n_layers=2)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    q = quantized_base(base, "int4")
+    assert q.weights_file is None and q.model is not base.model
+    assert all((base.model.state_dict()[k] == v).all() for k, v in before.items())  # the caller's base untouched
+    changed = [k for k, v in q.model.state_dict().items() if not (v == before[k]).all()]
+    assert any("embed_tokens" in k for k in changed) and any("q_proj" in k for k in changed)
+    assert not any("norm" in k for k in changed)
+    assert quantized_base(base, "fp32") is base
+    with pytest.raises(Exception, match="weights"):
+        RunConfig(weights="int3").validate()
+
+
+def test_device_without_the_runs_scheme_is_refused_at_hello(coordinator, fleet, clients):  # noqa: F811
+    ex = coordinator
+    ex.cfg.weights = "int8"
+    declared = runtime_versions()
+    assert "int8" in declared["weights"].split(",")  # this runtime's hello declares what it runs
+    old = clients(fleet.devices["dev1"])  # an older runtime: declares no scheme
+    new = clients(fleet.devices["dev2"])
+    old.publish(P.status_topic(RUN, "dev1"), P.encode_status(P.StatusMessage(
+        "dev1", "hello", time.time(), {"formats": ["onnx"], "onnxruntime": "1.20.0"})), wait_s=10)
+    new.publish(P.status_topic(RUN, "dev2"), P.encode_status(P.StatusMessage(
+        "dev2", "hello", time.time(), {"formats": ["onnx"], **declared})), wait_s=10)
+    wait_for(lambda: {"dev1", "dev2"} <= set(ex.device_status), 10, "both hellos")
+    refused = [e for e in events(ex.run_dir) if e["event"] == "rejected"]
+    assert [(e["device"], e["reason"], e["message"]) for e in refused] == [("dev1", "weights_scheme", "hello")]
+    assert not ex._runs_served(ex.device_status["dev1"]) and ex._runs_served(ex.device_status["dev2"])
+
+
+def test_quantized_run_trains_and_evaluates_on_dequantized_weights(tiny_base, tiny_cfg, tmp_path):
+    """A DEVFT run with weights=int4 (fused stage submodels included) finishes on the dequantized values and
+    leaves the caller's base model as it was; its losses are not the fp32 run's."""
+    from server_sdk.rounds import run
+
+    before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
+
+    def losses(weights: str) -> list[float]:
+        records = run(tiny_cfg(weights=weights), tmp_path / weights, base=tiny_base, progress=False)["records"]
+        return [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+
+    fp32, int4 = losses("fp32"), losses("int4")
+    assert len(int4) == len(fp32) and all(np.isfinite(int4)) and int4 != fp32
+    assert all((tiny_base.model.state_dict()[k] == v).all() for k, v in before.items())
+    assert json.loads((tmp_path / "int4" / "config.json").read_text())["weights"] == "int4"
+
+
+def test_fp32_manifest_has_no_weights_field_so_older_runtimes_still_read_it(exports):
+    _, out = exports
+    assert "weights" not in json.loads((out["fp32"] / MANIFEST_NAME).read_text())
+    assert json.loads((out["int8"] / MANIFEST_NAME).read_text())["weights"] == "int8"
+    assert load_manifest(out["fp32"]).weights == "fp32"
