@@ -177,6 +177,16 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
     class BrowserRun(FleetRun):
         gateway: WebGateway | None = None
 
+        def finish(self, timeout_s: float = 600) -> dict:
+            self.thread.join(timeout_s)
+            driver = self.fleet.devices.get("browsers")
+            if driver is not None:  # after `done` it copies each round's files out of the pages for the replay
+                try:
+                    driver.wait(300)
+                except subprocess.TimeoutExpired:
+                    pass  # its exit code stays None and the assertion below says so
+            return super().finish(timeout_s)
+
         def start_device(self, name: str, code: str | None = None):
             if name not in browser_names:
                 return super().start_device(name, code)

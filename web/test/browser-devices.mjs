@@ -7,7 +7,7 @@
 // emulated phones: every device has its own browser context, i.e. its own storage);
 // --close NAME closes that device's tab as soon as it reports busy (DIR/<NAME>/closed.json has when);
 // --keep-blobs keeps every stage's files in the browser and copies each round's to DIR/<NAME>/blobs/<sha256>.
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import puppeteer, { KnownDevices } from 'puppeteer-core';
@@ -70,7 +70,9 @@ async function runDevice(spec) {
     if (args['keep-blobs']) { // the files the round trained on, for replays (--keep-blobs turns the device's pruning off)
       mkdirSync(path.join(dir, 'blobs'), { recursive: true });
       for (const f of r.control.artifacts.onnx.files) {
-        writeFileSync(path.join(dir, 'blobs', f.sha256), Buffer.from(await page.evaluate((sha) => window.devftBlob(sha), f.sha256), 'base64'));
+        const blob = path.join(dir, 'blobs', f.sha256);
+        if (existsSync(blob)) continue; // rounds of a stage share their files: copy each once
+        writeFileSync(blob, Buffer.from(await page.evaluate((sha) => window.devftBlob(sha), f.sha256), 'base64'));
       }
     }
   }
