@@ -215,7 +215,12 @@ export class Device {
   async close() {
     if (this.session) await this.session.trainer.session.release?.();
     this.session = null;
-    await new Promise((resolve) => this.client.end(false, {}, resolve));
+    // a clean end waits for every publish still in flight; one the broker never acknowledges must not keep the
+    // device from ending (its statuses that matter were awaited): after 5 s the connection is closed anyway
+    await new Promise((resolve) => {
+      const timer = setTimeout(() => this.client.end(true, {}, resolve), 5000);
+      this.client.end(false, {}, () => { clearTimeout(timer); resolve(); });
+    });
   }
 
   async act(ctrl) {
