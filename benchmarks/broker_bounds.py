@@ -28,9 +28,9 @@ from pathlib import Path
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import MqttClient
 from edge_runtime.transfer import ArtifactCache
-from server_sdk import artifact_server
-from server_sdk.artifact_server import ArtifactServer
-from server_sdk.broker import (
+from server_sdk.fleet import artifact_server
+from server_sdk.fleet.artifact_server import ArtifactServer
+from server_sdk.fleet.broker import (
     BrokerProcess,
     add_device,
     artifact_credentials,
@@ -39,7 +39,7 @@ from server_sdk.broker import (
     runtime_dir,
     write_acl,
 )
-from server_sdk.local_fleet import free_port
+from server_sdk.fleet.local_fleet import free_port
 from tests.broker_fixtures import settings_for
 
 RUN = "bounds"
@@ -72,7 +72,7 @@ def connect(creds, **kw) -> MqttClient:
 
 def offline_device(root: Path, mb: int, chunk_qos: int) -> dict:
     fleet, devs = make_fleet(root / f"qos{chunk_qos}", legacy_acl=False)
-    from server_sdk.broker import server_credentials
+    from server_sdk.fleet.broker import server_credentials
 
     broker = BrokerProcess(fleet).start()
     artifact_server.CHUNK_QOS = chunk_qos

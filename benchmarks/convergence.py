@@ -92,7 +92,7 @@ def standard_jobs(profile: str, seeds: list[int], lrs: list[float]) -> tuple[lis
 
 
 def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
-    from server_sdk.strategies import make_strategy
+    from server_sdk.method.strategies import make_strategy
 
     base = _method(_base(profile), "devft", lr=lr)
     n = 6 if profile == "smoke" else 30
@@ -118,7 +118,7 @@ def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
 
 def run_job(job: Job, base_model=None, progress: bool = False) -> dict:
     """Run (or resume, or load) one job; returns its compact report."""
-    from server_sdk.rounds import run
+    from server_sdk.engine.rounds import run
 
     kept = KEPT / f"{job.key}.json"
     if kept.exists():  # the same config may be kept under another table's label (default ablation = devft)
@@ -163,7 +163,7 @@ def _claim(job: Job) -> Path | None:
 def run_jobs(jobs: list[Job], desc: str, shared: bool = False) -> list[dict | None]:
     """Run jobs in order. With ``shared``, several processes may work on one matrix at once: each
     claims a job before running it and skips jobs claimed by another live process (None in the result)."""
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
 
     models: dict[str, object] = {}
     out: list[dict | None] = []

@@ -100,7 +100,7 @@ def stage_dir(n_layers: int) -> Path:
 def model_stages(quick: bool) -> list[int]:
     """The stage depths of MODEL's DEVFT plan (default RunConfig): all, or the first and the full model."""
     from server_sdk.config import RunConfig
-    from server_sdk.strategies import make_strategy
+    from server_sdk.method.strategies import make_strategy
 
     if MODEL in SHAPES:
         n = SHAPES[MODEL]["num_hidden_layers"]
@@ -152,10 +152,10 @@ def _build(todo: dict[int, list[str]]) -> None:
 
     import export
     from server_sdk.config import RunConfig
-    from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.model import cache_root, load_base_model
-    from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import share_model, submodel_bytes
+    from server_sdk.engine.model import cache_root, load_base_model
+    from server_sdk.method.lora import attach_lora, read_lora
+    from server_sdk.method.strategies import make_strategy
+    from server_sdk.method.submodel import share_model, submodel_bytes
 
     torch.manual_seed(0)
     cfg = RunConfig()
@@ -201,8 +201,8 @@ def _shape_stage(n: int, cfg: Any) -> tuple[Any, Any]:
     """(identity plan, PEFT model) of a random `n`-layer model of SHAPES[MODEL], LoRA as RunConfig's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from server_sdk.lora import attach_lora
-    from server_sdk.submodel import identity_plan
+    from server_sdk.method.lora import attach_lora
+    from server_sdk.method.submodel import identity_plan
 
     config = LlamaConfig(**{**SHAPES[MODEL], "num_hidden_layers": n}, use_cache=False, attn_implementation="eager")
     model = LlamaForCausalLM(config)
@@ -523,7 +523,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def model_config() -> dict[str, Any]:
     if MODEL in SHAPES:
         return dict(SHAPES[MODEL])
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
 
     return load_base_model(MODEL).model.config.to_dict()
 

@@ -7,7 +7,7 @@
 
 A screen runs each variant's first stage (or first `--stages` stages), one seed, and a FedIT run
 of the same profile for as many rounds, then reports per stage the full model's held-out loss
-change per client CPU second (server_sdk.stage_transfer) beside FedIT's. A variant that does not
+change per client CPU second (server_sdk.method.stage_transfer) beside FedIT's. A variant that does not
 move that number will not move time-to-target. `full` runs every stage (12 rounds) with FedIT
 beside it and adds the issue's headline ratios: client CPU and LoRA bytes to FedIT's final eval
 loss (FedIT / variant; null where never reached).
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
-from server_sdk.stage_transfer import relative_rate, stage_transfer
+from server_sdk.method.stage_transfer import relative_rate, stage_transfer
 
 from .metrics import Link, client_cpu, cumulative, first_reaching, ratio
 from .results_md import RESULTS_MD, replace_block, write_atomic
@@ -123,7 +123,7 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
     """Run (or resume, or load) one run; its compact record is kept under KEPT. With fedit_ref
     (whole runs of DEVFT variants) the run goes toward FedIT's final eval loss and stops there, or
     at CPU_BUDGET_X_FEDIT times FedIT's client CPU. kept_only: None instead of running it."""
-    from server_sdk.rounds import RunState, run
+    from server_sdk.engine.rounds import RunState, run
 
     target = stop_when = None
     if fedit_ref is not None:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
 
     base = base_config(args.profile, args.partition)
     full = args.profile == "full" or args.whole

@@ -9,7 +9,7 @@ For each stage depth (default 4, 8, 16, 30 layers) of a fresh first-stage submod
   steps at batch x seq: median step time, RSS after load, peak RSS (VmHWM), and for `onnx` also
   the peak once the eval session has been opened after training.
 
-Eager torch runs the server trainer's step (server_sdk/trainer.py `token_losses`: the LM head on
+Eager torch runs the server trainer's step (server_sdk/engine/trainer.py `token_losses`: the LM head on
 answer positions only, AdamW on LoRA), the same head the portable graph has. Every measurement runs
 in its own child process, so peak RSS is that process's alone, and the backends of one depth run
 back to back, so their ratios are taken under the same machine load.
@@ -88,7 +88,7 @@ def _rss_mb() -> float:
 
 def stage_source(layers: int) -> Any:
     """The fresh first-stage submodel of `layers` layers, built through the run's strategy."""
-    from server_sdk.export_cli import fresh_stage_source
+    from server_sdk.cli.export import fresh_stage_source
 
     return fresh_stage_source(MODEL, layers)
 
@@ -112,7 +112,7 @@ def child_export(backend: str, layers: int, out: Path, seq: int, batch: int, thr
     import torch
 
     import export
-    from server_sdk.model import cache_root
+    from server_sdk.engine.model import cache_root
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def make_batch(vocab: int, batch: int, seq: int, prompt_fraction: float) -> tupl
 
 
 class TorchStep:
-    """devft's simulated client step (server_sdk.trainer): token_losses (answer-only LM head), AdamW on LoRA.
+    """devft's simulated client step (server_sdk.engine.trainer): token_losses (answer-only LM head), AdamW on LoRA.
 
     The eager torch reference of this benchmark and of benchmarks/device.py; `pickled` loads the submodel
     this module's children train, `saved` the base + adapter directories device.py writes."""
@@ -162,7 +162,7 @@ class TorchStep:
     def __init__(self, model: Any, lr: float = 1e-4):
         import torch
 
-        from server_sdk.trainer import token_losses
+        from server_sdk.engine.trainer import token_losses
 
         self.torch, self.token_losses = torch, token_losses
         self.model = model

@@ -7,7 +7,7 @@ N protocol-level devices log in with their own TLS credentials (the fleet's pass
 hello, claim the stage's files, and answer every round they are sampled for with a valid, precomputed
 update after a fixed compute delay instead of training. They subscribe as devft-edge does (the control
 topic and every round's global adapter), so the broker's fan-out is the real one. The coordinator is
-`server_sdk.fleet.FleetExecutor` in this process, driven round by round as `rounds.run` drives it
+`server_sdk.fleet.coordinator.FleetExecutor` in this process, driven round by round as `rounds.run` drives it
 (sample, train_round, FedAvg); it holds no model and evaluates nothing, so its memory is the fleet's share
 of a real coordinator's (which also holds the base model: SmolLM2-135M's weights are about 540 MB).
 
@@ -79,7 +79,7 @@ class LoadDevice:
     """One device at the protocol level: hello, ready, the train acknowledgement, a valid update; no training."""
 
     def __init__(self, creds, port: int, delay_s: float, on_demand: bool):
-        from server_sdk.fleet import mqtt_settings
+        from server_sdk.fleet.coordinator import mqtt_settings
 
         self.name, self.delay_s, self.on_demand = creds.username, delay_s, on_demand
         offline = P.encode_status(P.StatusMessage(self.name, "offline", time.time()))
@@ -167,7 +167,7 @@ def _update_body(shapes: dict[str, tuple[int, ...]]) -> bytes:
 
 def device_worker(cred_paths: list[str], port: int, delay_s: float, on_demand: bool, conn) -> None:
     """A worker process: run its devices until told to stop, then send what each received."""
-    from server_sdk.broker import Credentials
+    from server_sdk.fleet.broker import Credentials
 
     raise_fd_limit()
     devices = [LoadDevice(Credentials.load(p), port, delay_s, on_demand) for p in cred_paths]
@@ -192,7 +192,7 @@ def device_worker(cred_paths: list[str], port: int, delay_s: float, on_demand: b
 
 def make_fleet(n: int) -> Path:
     """A fleet directory with devices dev-000 .. dev-<n-1>, cached under CACHE (logins take a while to hash)."""
-    from server_sdk.broker import add_device, fleet_init, register_run
+    from server_sdk.fleet.broker import add_device, fleet_init, register_run
 
     fleet = CACHE / f"fleet-{n}"
     done = fleet / "devices.done"
@@ -223,8 +223,8 @@ def _proc_stats(pid: int) -> tuple[float, int]:
 
 
 def start_edges(fleet: Path, count: int, core_port: int) -> list:
-    """`count` edge brokers bridged to the core on `core_port` (server_sdk/bridge.py), each on a free port."""
-    from server_sdk.bridge import EdgeBroker, add_edge, edge_dir
+    """`count` edge brokers bridged to the core on `core_port` (server_sdk/fleet/bridge.py), each on a free port."""
+    from server_sdk.fleet.bridge import EdgeBroker, add_edge, edge_dir
 
     edges = []
     for e in range(count):
@@ -246,12 +246,12 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     device must come back and the round complete with every sampled update."""
     import torch
 
-    from server_sdk.aggregation import aggregate
-    from server_sdk.broker import BrokerProcess, server_credentials
     from server_sdk.config import RunConfig
-    from server_sdk.fleet import FleetExecutor, FleetSettings
-    from server_sdk.lora import to_peft_key
-    from server_sdk.rounds import client_seed, sample_clients
+    from server_sdk.engine.rounds import client_seed, sample_clients
+    from server_sdk.fleet.broker import BrokerProcess, server_credentials
+    from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+    from server_sdk.method.aggregation import aggregate
+    from server_sdk.method.lora import to_peft_key
 
     fleet = make_fleet(n)
     port = _free_port()

@@ -40,8 +40,8 @@ def _wait(pred, timeout_s: float, what: str):
 
 def measure(work: Path) -> dict:
     from server_sdk.config import DataSettings, LoraSettings, RunConfig
-    from server_sdk.local_fleet import REPO_ROOT, LocalFleet
-    from server_sdk.model import tiny_random_model
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.local_fleet import REPO_ROOT, LocalFleet
 
     tiny = tiny_random_model(n_layers=4, hidden=32, seed=0)
     model_dir = work / "model"
@@ -58,7 +58,7 @@ def measure(work: Path) -> dict:
     with LocalFleet(work / "fleet", 3) as fleet:
         fleet.start_broker()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-        serve = [sys.executable, "-m", "server_sdk.cli", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
+        serve = [sys.executable, "-m", "server_sdk.cli.main", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
                  "--fleet-dir", str(fleet.dir), "--quiet", "--round-timeout", "120"]
         with open(work / "serve.log", "ab") as logf:
             first = subprocess.Popen([*serve, "--config", str(work / "cfg.json"), "--name", run_dir.name,

@@ -3,7 +3,7 @@
     python -m benchmarks.robust_aggregation --profile smoke          # tiny model, the code path (tests)
     nice -n 15 python -m benchmarks.robust_aggregation               # SmolLM2-135M, 3 rules x seeds 0, 1
 
-FedIT on SmolLM2-135M in process (server_sdk.rounds.run, InProcessExecutor): 8 clients, 5 sampled
+FedIT on SmolLM2-135M in process (server_sdk.engine.rounds.run, InProcessExecutor): 8 clients, 5 sampled
 per round (so the trimmed mean, beta 0.2, drops one update at each end of every coordinate; with 2
 per round the median would equal the mean), 6 rounds of 5 local steps, held-out loss after every
 round. Every client is honest: the question is only what the robust rules cost. Each rule's final
@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server_sdk.aggregation import AGGREGATIONS
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.method.aggregation import AGGREGATIONS
 
 from .metrics import client_cpu
 from .results_md import RESULTS_MD, md_table, replace_block, save_figure, write_atomic
@@ -70,7 +70,7 @@ def run_one(cfg: RunConfig, base_model, executor_factory=None, attack: str | Non
 
     `attack` names a run whose clients `executor_factory` builds (benchmarks/sign_flip.py); `extra()` adds
     fields to the kept record when the run ends."""
-    from server_sdk.rounds import run
+    from server_sdk.engine.rounds import run
 
     key = run_key(cfg, attack)
     kept = KEPT / f"{key}.json"
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown rule(s) {unknown}; choose from {list(RULES)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
 
     base = base_config(args.profile)
     model = load_base_model(base.model)

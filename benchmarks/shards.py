@@ -15,7 +15,7 @@ from server_sdk.config import RunConfig
 
 def shared_data(cfg: RunConfig, base_model, cache: Path) -> Path:
     """The directory whose `data/` holds cfg's client shards and held-out set (made on first use)."""
-    from server_sdk.rounds import prepare_data
+    from server_sdk.engine.rounds import prepare_data
 
     ident = {"data": cfg.to_dict()["data"], "num_clients": cfg.num_clients, "seed": cfg.seed, "model": cfg.model}
     shared = cache / f"data-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]}"

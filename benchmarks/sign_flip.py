@@ -12,7 +12,7 @@ updates, 20%): it trains honestly, then sends
 - `flip-max`: its delta negated and scaled to 0.99 x the round's AdamW bound, the longest delta the
   coordinator accepts (the strongest sign flip inside every bound).
 
-Every update then passes the coordinator's norm checks as in a fleet (server_sdk/fleet.py): refused over
+Every update then passes the coordinator's norm checks as in a fleet (server_sdk/fleet/coordinator.py): refused over
 the hard bound (`max_update_norm`) or over `aggregation.adamw_norm_bound`, then `aggregation.norm_outliers`
 (k = 5, floored at that bound), and the rule aggregates what is left. The honest runs to compare with are
 robust_aggregation's runs of the same config and seed (the same cache and kept records).
@@ -27,9 +27,9 @@ import sys
 import time
 from dataclasses import replace
 
-from server_sdk.aggregation import AGGREGATIONS, adamw_norm_bound, norm_outliers, update_norm
-from server_sdk.executor import InProcessExecutor
-from server_sdk.fleet import FleetSettings
+from server_sdk.engine.executor import InProcessExecutor
+from server_sdk.fleet.coordinator import FleetSettings
+from server_sdk.method.aggregation import AGGREGATIONS, adamw_norm_bound, norm_outliers, update_norm
 
 from .results_md import RESULTS_MD, md_table, replace_block, write_atomic
 from .robust_aggregation import RESULTS, base_config, eval_curve, run_config, run_one
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rules if r not in AGGREGATIONS] + [a for a in attacks if a not in ATTACKS]
     if bad:
         p.error(f"unknown rule(s) or attack(s) {bad}; rules: {list(AGGREGATIONS)}, attacks: {list(ATTACKS)}")
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
 
     base = base_config(args.profile)
     model = load_base_model(base.model)

@@ -10,7 +10,7 @@ The Flower configurations need the `bench-flower` extra (`pip install -e ".[benc
 All three engines train FedIT on the same shards (the in-process run of a precision writes them;
 the others read them), the same client schedule, seeds, LoRA settings and devft's `local_train`
 and `evaluate` in the configuration's precision (`-bf16`: RunConfig.precision="bf16", see
-server_sdk/precision.py), with one torch thread per training process. Flower's central
+server_sdk/engine/precision.py), with one torch thread per training process. Flower's central
 evaluation runs in its server process, devft's is split across the Ray workers. Each
 configuration runs in its own process while this one samples the memory of that process and
 every descendant (Ray's raylet, GCS and workers) every half second. Each configuration's result is cached as
@@ -45,7 +45,7 @@ from .results_md import md_table, replace_block
 RESULTS = Path(os.environ.get("DEVFT_BENCH_RESULTS", Path(__file__).parent / "results"))
 KEPT = RESULTS / "simulation"
 CACHE = RESULTS / "cache" / "simulation"
-# the fp32 trio, then the same three with bf16 mixed precision (server_sdk/precision.py): Flower's app
+# the fp32 trio, then the same three with bf16 mixed precision (server_sdk/engine/precision.py): Flower's app
 # trains and evaluates with devft's local_train/evaluate, so it gets the same precision
 ENGINES = ("devft-in-process", "devft-ray-2", "flower-ray-2")
 CONFIGS = (*ENGINES, *(f"{e}-bf16" for e in ENGINES))
@@ -80,13 +80,13 @@ def run_child(config: str, profile: str, out: Path) -> None:
     data_dir = CACHE / profile / ("devft-in-process" if precision == "fp32" else f"devft-in-process-{precision}")
     t0 = time.perf_counter()
     if engine.startswith("devft"):
-        from server_sdk.rounds import run
+        from server_sdk.engine.rounds import run
 
         run_dir = CACHE / profile / config
         shutil.rmtree(run_dir, ignore_errors=True)
         factory = None
         if engine == "devft-ray-2":
-            from server_sdk.ray_executor import RaySettings, ray_executor_factory
+            from server_sdk.engine.ray_executor import RaySettings, ray_executor_factory
 
             factory = ray_executor_factory(RaySettings(workers=2, quorum=1.0))
         report = run(cfg, run_dir, progress=False, executor_factory=factory)

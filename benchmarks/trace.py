@@ -6,7 +6,7 @@
 A stage's training graph depends only on its shape, so a machine traces each shape once
 (`export.onnx.ensure_template`) and later stages and runs only restamp weights. Each depth is
 traced from scratch into a fresh template directory, in its own child process with one torch
-thread, from SmolLM2-135M's config with zero weights (server_sdk.warm.shaped_submodel: the
+thread, from SmolLM2-135M's config with zero weights (server_sdk.engine.warm.shaped_submodel: the
 shape the fleet's warm-up process traces). Reported per depth: CPU seconds of the child (what
 a busy machine cannot hide) and wall seconds. Writes benchmarks/results/trace.json and the
 `trace` block of RESULTS.md.
@@ -34,9 +34,9 @@ def child(layers: int) -> dict:
 
     from export.onnx import ensure_template
     from server_sdk.config import LoraSettings, RunConfig
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
+    from server_sdk.engine.warm import shaped_submodel
     from server_sdk.quiet import install
-    from server_sdk.warm import shaped_submodel
 
     install()
     torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.transport                  # 8 devices, tiny random LLaMA (hidden 128), a few minutes
 
-A real local fleet (server_sdk.local_fleet: mosquitto with TLS, passwords and the fleet ACL,
+A real local fleet (server_sdk.fleet.local_fleet: mosquitto with TLS, passwords and the fleet ACL,
 N `devft-edge` processes) runs a short DEVFT schedule through the normal round loop
 (`rounds.run`) with a `FleetExecutor` that only adds stopwatches and byte counters.
 
@@ -52,7 +52,7 @@ import numpy as np
 
 from edge_runtime.mqtt import MqttClient
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
-from server_sdk.fleet import FleetExecutor, FleetSettings, mqtt_settings, tokenizer_dir_of
+from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings, mqtt_settings, tokenizer_dir_of
 
 from .results_md import md_table, replace_block
 
@@ -131,10 +131,10 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run_fleet(args: argparse.Namespace, work: Path) -> dict:
-    from server_sdk.local_fleet import LocalFleet
-    from server_sdk.model import tiny_random_model
-    from server_sdk.rounds import run
-    from server_sdk.strategies import make_strategy
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.engine.rounds import run
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.method.strategies import make_strategy
 
     cfg = bench_config(args)
     base = tiny_random_model(n_layers=args.layers, hidden=args.hidden, seed=0)
@@ -144,7 +144,7 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
     box: dict = {}
     with LocalFleet(run_dir / "fleet", args.devices) as fleet:
         # test-only: a login of its own (client ids are bound to usernames) that may read the byte counters
-        from server_sdk.broker import Credentials, add_operator
+        from server_sdk.fleet.broker import Credentials, add_operator
 
         saved = fleet.dir / "credentials" / "bench-sys.json"  # --keep may reuse a fleet
         sys_creds = Credentials.load(saved) if saved.exists() else add_operator(fleet.dir, "bench-sys")

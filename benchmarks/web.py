@@ -98,8 +98,8 @@ def node_engine(stage: Path, engine: str, warmup: int, steps: int) -> dict[str, 
 
 
 def browser_engines(stage: Path, warmup: int, steps: int) -> dict[str, dict[str, Any]]:
-    from server_sdk.local_fleet import LocalFleet
-    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
 
     with LocalFleet(CACHE / "fleet", 1) as fleet:  # its CA and certificate serve the page; no broker needed here
         gw = WebGateway(fleet.dir, 1, extra={"/bench/": stage}).start()
@@ -118,8 +118,8 @@ def browser_engines(stage: Path, warmup: int, steps: int) -> dict[str, dict[str,
 
 
 def transport(n: int) -> Any:
-    from server_sdk.local_fleet import LocalFleet
-    from server_sdk.web_gateway import WebGateway
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.fleet.web_gateway import WebGateway
 
     with LocalFleet(CACHE / "transport-fleet", 1) as fleet:
         fleet.start_broker()

@@ -16,7 +16,7 @@ checkpoint with ORT's own writer from TensorProtos it encodes itself (no onnx
 package) and keeps it only if it hashes to the sha256 in the recipe and the
 manifest, so it never trains on anything the server did not produce.
 
-The server side (splitting a checkpoint) is server_sdk/checkpoint_split.py. This is the legacy
+The server side (splitting a checkpoint) is server_sdk/fleet/checkpoint_split.py. This is the legacy
 `ort` format only: the portable `onnx` format keeps every frozen tensor in a file of its own.
 Torch-free: numpy, safetensors and the onnxruntime-training C bindings.
 """

@@ -9,7 +9,7 @@ per-topic-filter callbacks or inbox queues that are safe to use from any thread.
 Callbacks run on paho's network thread: keep them short (enqueue, then return).
 
 Every connection turns Nagle's algorithm off (TCP_NODELAY), as the broker does for its side
-(server_sdk/broker.py): otherwise the tail of a message waits for the peer's delayed ACK, about
+(server_sdk/fleet/broker.py): otherwise the tail of a message waits for the peer's delayed ACK, about
 40 ms on Linux, before it leaves; a round's control and global adapter and every update would
 each pay that once or twice.
 """
@@ -332,7 +332,7 @@ class MqttClient:
             return
         self.refused = [*self.refused[-15:], (topic, str(reason_code))]
         hint = (" (devices may publish only their own topics, and only under runs registered with the fleet: "
-                "`devft serve` registers its run; `python -m server_sdk.broker register-run FLEET RUN` does it by "
+                "`devft serve` registers its run; `python -m server_sdk.fleet.broker register-run FLEET RUN` does it by "
                 "hand; check --run)") if reason_code.value == 0x87 else ""
         log.error("the broker refused the publish to %s: %s%s", topic, reason_code, hint)
 

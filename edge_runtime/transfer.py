@@ -28,7 +28,7 @@ no longer match its name (bit rot, truncation, tampering) is deleted on first
 use and fetched again, never used.
 
 The server side, which answers the devices' chunk requests, is
-server_sdk/artifact_server.py; what both sides share (describing files as chunks,
+server_sdk/fleet/artifact_server.py; what both sides share (describing files as chunks,
 hashing) is here.
 """
 

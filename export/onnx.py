@@ -75,7 +75,7 @@ LM_HEAD_CHUNKS = 8  # vocabulary slices of the loss head (chunked_cross_entropy)
 
 
 class _AnswerLoss(torch.nn.Module):
-    """forward(input_ids, labels) -> (loss,): the server trainer's loss (server_sdk/trainer.py token_losses).
+    """forward(input_ids, labels) -> (loss,): the server trainer's loss (server_sdk/engine/trainer.py token_losses).
 
     The decoder runs on every position, the LM head only on positions whose next-token label is
     not -100, and the loss is the mean of their cross-entropies. The attribute name `model` is
@@ -504,7 +504,7 @@ def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, s
     there are none yet or they were written by an older devft (another manifest format).
 
     A lock file per shape makes concurrent callers trace it once: the coordinator waits for its own
-    background warm-up process (server_sdk/warm.py) instead of tracing the same graph beside it."""
+    background warm-up process (server_sdk/engine/warm.py) instead of tracing the same graph beside it."""
     from edge_runtime.manifest import ManifestError, load_manifest
 
     check_exportable(peft_model, seq_len)

@@ -2,7 +2,7 @@
 written manifest as a device would.
 
 The submodel comes from the caller (`devft export` builds it from a run or a base model
-through the run's strategy: server_sdk/export_cli.py); this package never needs the server.
+through the run's strategy: server_sdk/cli/export.py); this package never needs the server.
 """
 
 from __future__ import annotations

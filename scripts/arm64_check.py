@@ -4,7 +4,7 @@
     python scripts/arm64_check.py compare --work DIR --out benchmarks/results/arm64.json --markdown
 
 `fleet` runs, on this machine, a secured Mosquitto (TLS on loopback) and the devft coordinator
-(`server_sdk.rounds.run` with the fleet executor, what `devft serve` runs) for a one-device
+(`server_sdk.engine.rounds.run` with the fleet executor, what `devft serve` runs) for a one-device
 fleet, and starts that device: for `--arch x86_64` a `python -m edge_runtime.client run` process
 here, for `--arch arm64` `devft-edge run` inside the arm64 Debian root (chroot; qemu-user runs its
 aarch64 binaries and shares the host network, so the device reaches the broker on 127.0.0.1).
@@ -70,7 +70,7 @@ class FleetCase:
         """The base model; None lets the coordinator load cfg.model itself."""
         if self.tiny_hidden is None:
             return None
-        from server_sdk.model import tiny_random_model
+        from server_sdk.engine.model import tiny_random_model
 
         n_layers = int(self.overrides["model"].split("-L")[-1])
         return tiny_random_model(n_layers=n_layers, hidden=self.tiny_hidden, seed=0)
@@ -150,10 +150,10 @@ def device_environment(arch: str, rootfs: Path | None) -> dict[str, Any]:
 
 def run_fleet(case: FleetCase, arch: str, work: Path, rootfs: Path | None) -> dict[str, Any]:
     """One fleet run (broker, coordinator, one device of `arch`); returns and writes its summary."""
-    from server_sdk import checkpoint
-    from server_sdk.fleet import FleetSettings, fleet_executor_factory
-    from server_sdk.local_fleet import LocalFleet, add_fleet_summary
-    from server_sdk.rounds import run
+    from server_sdk.engine import checkpoint
+    from server_sdk.engine.rounds import run
+    from server_sdk.fleet.coordinator import FleetSettings, fleet_executor_factory
+    from server_sdk.fleet.local_fleet import LocalFleet, add_fleet_summary
 
     run_dir = work / "fleet" / f"{case.name}-{arch}"
     if run_dir.exists():
@@ -233,7 +233,7 @@ class RoundRecorder:
 
         from edge_runtime import protocol as P
         from edge_runtime.mqtt import MqttClient
-        from server_sdk.fleet import mqtt_settings
+        from server_sdk.fleet.coordinator import mqtt_settings
 
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
@@ -449,7 +449,7 @@ def et_export(out: Path) -> None:
     from export.executorch import export_executorch_artifacts
     from export.ort import export_onnx
     from server_sdk.config import LoraSettings
-    from server_sdk.lora import attach_lora
+    from server_sdk.method.lora import attach_lora
 
     torch.manual_seed(SEED)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

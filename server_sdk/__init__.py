@@ -3,7 +3,7 @@ submodels, aggregates client LoRA deltas and transfers them back to the full mod
 
 __version__ = "0.1.0"
 
-from . import quiet as _quiet
+from server_sdk import quiet as _quiet
 
 # before any submodule imports transformers (whose quantizer registry imports torchao, which logs
 # CUDA kernels it cannot load on a CPU machine): known library noise stays off unless --verbose

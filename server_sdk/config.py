@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.batching import DEFAULT_SEQ_LEN
-
-from .tasks import TASK_NAMES
+from server_sdk.tasks import TASK_NAMES
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTITIONS = ("task", "dirichlet", "iid")
@@ -85,9 +84,9 @@ class RunConfig:
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (robust to outlier clients)
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
-    precision: str = "fp32"  # fp32 | bf16: simulated training and server evaluation (server_sdk/precision.py)
+    precision: str = "fp32"  # fp32 | bf16: simulated training and server evaluation (server_sdk/engine/precision.py)
     # frozen weights as devices store them: fp32, or int8 / int4 with a scale per 32 inputs (export/quant.py);
-    # simulated clients and evaluation then use the same dequantized values (server_sdk/quantized.py)
+    # simulated clients and evaluation then use the same dequantized values (server_sdk/engine/quantized.py)
     weights: str = "fp32"
 
     # ---- (de)serialisation -------------------------------------------------
@@ -169,9 +168,9 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ConfigError naming the first bad field."""
         # imported on use: the rule modules need torch, which `devft --help` should not load
-        from .aggregation import AGGREGATIONS
-        from .fusion import ANCHORS, FUSIONS, TRANSFERS
-        from .grouping import GROUPINGS
+        from server_sdk.method.aggregation import AGGREGATIONS
+        from server_sdk.method.fusion import ANCHORS, FUSIONS, TRANSFERS
+        from server_sdk.method.grouping import GROUPINGS
 
         check_choice("grouping", self.grouping, GROUPINGS)
         check_choice("fusion", self.fusion, FUSIONS)
@@ -183,12 +182,12 @@ class RunConfig:
         from edge_runtime.optim import OPTIMIZERS
 
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        from .precision import PRECISIONS
+        from server_sdk.engine.precision import PRECISIONS
 
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("weights", self.weights, ("fp32", "int8", "int4"))
-        from .heal import HEALS
-        from .schedule import SCHEDULES
+        from server_sdk.method.heal import HEALS
+        from server_sdk.method.schedule import SCHEDULES
 
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("heal", self.heal, HEALS)

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_runtime.batching import join
-
-from .tasks import TASKS
+from server_sdk.tasks import TASKS
 
 if TYPE_CHECKING:
-    from .config import DataSettings
+    from server_sdk.config import DataSettings
 
 log = logging.getLogger(__name__)
 

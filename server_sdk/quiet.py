@@ -14,7 +14,7 @@ captured test output. Its bars go through `transformers.utils.logging.tqdm` (whi
 we set) except the GGUF one, a plain tqdm the module imported; both are disabled on import
 unless verbose, and devft's own progress (server_sdk/progress.py) says what phase is running.
 
-`install()` runs on import of server_sdk.model (so `python -c "...load_base_model()"` in
+`install()` runs on import of server_sdk.engine.model (so `python -c "...load_base_model()"` in
 scripts/test.sh is quiet too); `configure(verbose)` is what `devft` calls from the command
 line. `--verbose` (or DEVFT_VERBOSE=1, which child processes such as local fleet devices
 inherit) shows everything again: the filters stand aside and ONNX Runtime logs at INFO.

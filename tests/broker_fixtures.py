@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.mqtt import MqttClient, MqttSettings
-from server_sdk.broker import (
+from server_sdk.fleet.broker import (
     BrokerProcess,
     Credentials,
     MosquittoNotFound,

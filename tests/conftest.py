@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_base():
     """A random 6-layer LLaMA with the real SmolLM2 tokenizer (session-wide; do not mutate)."""
-    from server_sdk.model import tiny_random_model
+    from server_sdk.engine.model import tiny_random_model
 
     return tiny_random_model(n_layers=6, hidden=32, seed=0)
 
@@ -37,7 +37,7 @@ def tiny_cfg():
 def tiny_base_from_file(tiny_base, tmp_path_factory):
     """tiny_base saved as a Hugging Face model directory and loaded back, as SmolLM2 is loaded: the
     weights mapped from its model.safetensors (BaseModel.weights_file). Session-wide; do not mutate."""
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
 
     path = tmp_path_factory.mktemp("hf-dir") / "tiny-from-file"
     tiny_base.model.save_pretrained(path)

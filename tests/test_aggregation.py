@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from server_sdk import aggregation as agg
-from server_sdk.trainer import ClientResult
+from server_sdk.method import aggregation as agg
+from server_sdk.method.strategies.base import ClientResult
 
 SHAPES = {"layers.0.self_attn.q_proj.lora_A": (2, 8), "layers.0.self_attn.q_proj.lora_B": (8, 2)}
 
@@ -104,7 +104,7 @@ def test_a_stealthy_attacker_under_the_norm_bound_moves_robust_rules_less_than_o
 
 def test_robust_rules_on_a_tiny_run_stay_within_seed_noise(tiny_base, tiny_cfg, tmp_path):
     """Median and trimmed mean on an honest run end where FedAvg does, within the spread of seeds."""
-    from server_sdk.rounds import run
+    from server_sdk.engine.rounds import run
 
     def final_loss(**kw) -> float:
         cfg = tiny_cfg(stages=[6], rounds_per_stage=[4], num_clients=4, clients_per_round=4, local_steps=5,

@@ -1,4 +1,4 @@
-"""Issue #27: an edge broker bridged over TLS to the fleet's broker (server_sdk/bridge.py), real mosquittos.
+"""Issue #27: an edge broker bridged over TLS to the fleet's broker (server_sdk/fleet/bridge.py), real mosquittos.
 
 Devices log into the edge with their own credentials; the coordinator stays on the core. A round closes on
 updates that crossed the bridge, the per-device ACL holds at the edge, retained control reaches a device that
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from edge_runtime import protocol as P
-from server_sdk.bridge import EdgeBroker, add_edge
-from server_sdk.broker import BrokerProcess
 from server_sdk.config import RunConfig
-from server_sdk.fleet import FleetExecutor, FleetSettings
+from server_sdk.fleet.bridge import EdgeBroker, add_edge
+from server_sdk.fleet.broker import BrokerProcess
+from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
 from tests.broker_fixtures import free_port
 from tests.test_fleet import DEVICE_WITH_WILL, RUN, _good, _run_round, _update, events, wait_for
 

@@ -21,7 +21,7 @@ import pytest
 
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import MqttConnectError
-from server_sdk import broker as B
+from server_sdk.fleet import broker as B
 
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, broker, clients
 
@@ -396,7 +396,7 @@ def test_listener_binds_to_the_configured_address(tmp_path, unused_port):
 def test_run_wrapper_leaves_no_mosquitto_behind(tmp_path, unused_port, sig):
     port = unused_port()
     B.fleet_init(tmp_path / "f", hostnames=["localhost"], port=port, bind_address="127.0.0.1")
-    wrapper = subprocess.Popen([sys.executable, "-m", "server_sdk.broker", "run", str(tmp_path / "f")],
+    wrapper = subprocess.Popen([sys.executable, "-m", "server_sdk.fleet.broker", "run", str(tmp_path / "f")],
                                cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
     try:
         line = wrapper.stdout.readline()

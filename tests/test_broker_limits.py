@@ -83,8 +83,8 @@ def test_artifact_chunks_are_never_queued_for_an_offline_device(fleet, broker, c
     import os
 
     from edge_runtime.transfer import ArtifactCache
-    from server_sdk.artifact_server import ArtifactServer
-    from server_sdk.broker import artifact_credentials
+    from server_sdk.fleet.artifact_server import ArtifactServer
+    from server_sdk.fleet.broker import artifact_credentials
 
     blob = tmp_path / "weights.bin"
     blob.write_bytes(os.urandom(6 * 64 * 1024))
@@ -116,8 +116,8 @@ def test_artifact_chunks_are_never_queued_for_an_offline_device(fleet, broker, c
 # a local fleet's coordinator, as far as the broker is concerned: starts the fleet's mosquitto, then waits
 FLEET_PARENT = """
 import sys, time
-from server_sdk.broker import BrokerProcess
-from server_sdk.local_fleet import LocalFleet
+from server_sdk.fleet.broker import BrokerProcess
+from server_sdk.fleet.local_fleet import LocalFleet
 fleet = LocalFleet(sys.argv[1], 1)
 if sys.argv[2] == "local":
     broker = fleet.start_broker()
@@ -147,7 +147,7 @@ def test_a_local_fleet_killed_or_terminated_takes_its_broker_along(tmp_path, sig
     import os
     import signal
 
-    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.fleet.local_fleet import LocalFleet
 
     parent, broker_pid = _start_parent(tmp_path / "fleet", "local")
     try:
@@ -170,7 +170,7 @@ def test_a_stale_broker_of_the_same_fleet_is_stopped_on_the_next_start(tmp_path)
     import os
     import signal
 
-    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.fleet.local_fleet import LocalFleet
 
     parent, broker_pid = _start_parent(tmp_path / "fleet", "plain")
     try:
@@ -211,8 +211,8 @@ def test_a_fleet_made_anew_at_the_same_path_does_not_inherit_the_old_brokers_per
     """Hole 12: delete a run directory, rerun under the same name: no stale retained `done` tells devices to exit."""
     import shutil
 
-    from server_sdk.broker import runtime_dir
-    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.fleet.broker import runtime_dir
+    from server_sdk.fleet.local_fleet import LocalFleet
 
     done = P.encode_control(P.ControlMessage("same", 0, 3, "done"))
     with LocalFleet(tmp_path / "same" / "fleet", 1) as old:
@@ -231,9 +231,9 @@ def test_a_starting_coordinator_sweeps_retained_messages_nobody_should_find(flee
     """Holes 12 and 3: a previous run's retained control and global go when a coordinator of the run id starts,
     and so do retained updates and chunk requests a device planted, and a retained status the coordinator would
     refuse; the devices' own statuses stay."""
-    from server_sdk.broker import BrokerProcess, add_operator
     from server_sdk.config import RunConfig
-    from server_sdk.fleet import FleetExecutor, FleetSettings
+    from server_sdk.fleet.broker import BrokerProcess, add_operator
+    from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
 
     observer = add_operator(fleet.dir, "observer")
     broker = BrokerProcess(fleet.dir, fleet.port).start()
@@ -269,7 +269,7 @@ def test_a_starting_coordinator_sweeps_retained_messages_nobody_should_find(flee
 def test_devices_publish_only_under_the_fleets_registered_runs(fleet, broker, clients, caplog):
     """Hole 3: ten 20 MB retained messages under ten made-up run ids grew Mosquitto by 220 MB. Now a device may
     publish its own topics under registered runs only; everything else is refused (0x87) and nothing is kept."""
-    from server_sdk.broker import register_run, reload_running_broker
+    from server_sdk.fleet.broker import register_run, reload_running_broker
 
     dev1 = clients(fleet.devices["dev1"])
     probe = clients(fleet.server)
@@ -302,8 +302,8 @@ def test_devft_run_fleet_local_stopped_with_sigterm_stops_everything_and_resumes
     import os
     import signal
 
-    from server_sdk.local_fleet import REPO_ROOT
-    from server_sdk.model import tiny_random_model
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.local_fleet import REPO_ROOT
     from tests.test_fleet import fleet_cfg
 
     tiny = tiny_random_model(n_layers=4, hidden=32, seed=0)
@@ -312,7 +312,7 @@ def test_devft_run_fleet_local_stopped_with_sigterm_stops_everything_and_resumes
     fleet_cfg(model=str(tmp_path / "model"), rounds_per_stage=[2, 1], num_clients=2, clients_per_round=2,
               torch_threads=1).to_json(tmp_path / "cfg.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cli = [sys.executable, "-m", "server_sdk.cli", "run", "--fleet", "local:2", "--quiet", "--round-timeout", "120"]
+    cli = [sys.executable, "-m", "server_sdk.cli.main", "run", "--fleet", "local:2", "--quiet", "--round-timeout", "120"]
     run_dir = tmp_path / "cli"
     with open(tmp_path / "run.log", "ab") as logf:
         first = subprocess.Popen([*cli, "--config", str(tmp_path / "cfg.json"), "--name", "cli", "--runs-dir",

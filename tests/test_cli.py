@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server_sdk.cli import build_parser, main
+from server_sdk.cli.main import build_parser, main
 
 TINY = ["--model", "tiny-random-L4", "-o", "stages=[2, 4]", "-o", "rounds_per_stage=1", "-o", "num_clients=2",
         "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=64", "-o", "lora.r=2",
@@ -34,7 +34,7 @@ def test_every_command_is_wired_explicitly():
 HEAVY = ("torch", "transformers", "peft", "onnxruntime", "ray", "scipy", "matplotlib")
 HELP_CODE = """
 import sys
-from server_sdk.cli import build_parser
+from server_sdk.cli.main import build_parser
 for argv in sys.argv[1:]:
     try:
         build_parser().parse_args(argv.split())

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from server_sdk.config import ConfigError, RunConfig
-from server_sdk.model import ModelError, load_base_model
-from server_sdk.strategies import make_strategy
+from server_sdk.engine.model import ModelError, load_base_model
+from server_sdk.method.strategies import make_strategy
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -33,14 +33,14 @@ def test_bad_values_are_rejected_naming_field_and_value(overrides, match):
 
 
 def test_unknown_strategy_is_rejected_with_the_registered_names():
-    # strategy names live in one registry (server_sdk.strategies.STRATEGIES); make_strategy checks them
+    # strategy names live in one registry (server_sdk.method.strategies.STRATEGIES); make_strategy checks them
     with pytest.raises(ConfigError, match=r"strategy='fedprox' is not valid; choose one of \['devft', 'fedit', 'ffa-lora'\]"):
         make_strategy(RunConfig(strategy="fedprox").validate())
 
 
 def test_option_names_come_from_the_rule_registries():
-    from server_sdk.fusion import ANCHORS, FUSIONS, TRANSFERS
-    from server_sdk.grouping import GROUPINGS
+    from server_sdk.method.fusion import ANCHORS, FUSIONS, TRANSFERS
+    from server_sdk.method.grouping import GROUPINGS
 
     for field, registry in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
                             ("transfer", TRANSFERS)):

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from server_sdk.broker import MosquittoNotFound, require_mosquitto
-from server_sdk.cli import main
+from server_sdk.cli.main import main
+from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
 
 ARGS = ["run", "--credentials", "{credentials}", "--data", "{data}", "--cache", "{cache}", "--run", "{run}"]
 PARTS = ["hello", "ready", "train", "tampered", "stage", "ffa-sgd", "will", "done", "schema"]

@@ -48,16 +48,16 @@ def test_seeds_are_bounded_to_what_a_json_number_holds_exactly():
 
 
 def test_coordinator_seeds_are_32_bit():
-    from server_sdk.rounds import client_seed
+    from server_sdk.engine.rounds import client_seed
 
     seeds = [client_seed(s, k, r, c) for s in (0, 2**31, 2**63) for k in range(3) for r in range(3) for c in range(4)]
     assert max(seeds) < 2**32 <= P.MAX_SEED
 
 
 def test_add_operator_from_the_command_line_gives_a_login_that_reads_every_device(fleet, clients, capsys):
-    from server_sdk.broker import BrokerProcess, Credentials
-    from server_sdk.broker import main as broker_main
-    from server_sdk.cli import main
+    from server_sdk.cli.main import main
+    from server_sdk.fleet.broker import BrokerProcess, Credentials
+    from server_sdk.fleet.broker import main as broker_main
 
     assert main(["fleet", "add-operator", str(fleet.dir), "monitor1"]) == 0
     assert broker_main(["add-operator", str(fleet.dir), "monitor2"]) == 0
@@ -86,8 +86,8 @@ def test_a_batch_without_targets_is_skipped_by_simulated_clients_as_by_devices(t
     from edge_runtime.batching import IGNORE_INDEX, collate
     from edge_runtime.sampler import round_draws
     from server_sdk.data import Example, encode, render
-    from server_sdk.lora import attach_lora, read_lora, write_lora
-    from server_sdk.trainer import local_train, token_losses, trainable_params
+    from server_sdk.engine.trainer import local_train, token_losses, trainable_params
+    from server_sdk.method.lora import attach_lora, read_lora, write_lora
 
     tok = tiny_base.tokenizer
     long_prompt, long_completion = render(tok, "word " * 200, "answer")  # no target within seq_len
@@ -133,10 +133,10 @@ def test_an_outside_device_joins_a_local_fleet_run_as_the_docs_say(tmp_path):
     import sys
     import time
 
-    from server_sdk.broker import MosquittoNotFound, require_mosquitto
-    from server_sdk.cli import main
-    from server_sdk.local_fleet import REPO_ROOT, free_port
-    from server_sdk.model import tiny_random_model
+    from server_sdk.cli.main import main
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
+    from server_sdk.fleet.local_fleet import REPO_ROOT, free_port
     from tests.test_fleet import fleet_cfg
 
     try:
@@ -154,7 +154,7 @@ def test_an_outside_device_joins_a_local_fleet_run_as_the_docs_say(tmp_path):
     assert main(["fleet", "add-device", str(run / "fleet"), "js-001"]) == 0
     (run / "fleet.json").write_text(json.dumps({"device_names": {"1": "js-001"}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    coordinator = subprocess.Popen([sys.executable, "-m", "server_sdk.cli", "run", "--fleet", "local:2", "--config",
+    coordinator = subprocess.Popen([sys.executable, "-m", "server_sdk.cli.main", "run", "--fleet", "local:2", "--config",
                                     str(tmp_path / "cfg.json"), "--name", "RUN", "--runs-dir", str(tmp_path / "runs"),
                                     "--quiet", "--round-timeout", "90"], env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)

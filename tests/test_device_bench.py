@@ -9,7 +9,7 @@ import json
 import pytest
 
 from benchmarks import device
-from server_sdk.model import tiny_random_model
+from server_sdk.engine.model import tiny_random_model
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime.training") is not None,

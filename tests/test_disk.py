@@ -7,7 +7,7 @@ import threading
 
 from edge_runtime.transfer import ArtifactCache, sha256_bytes
 from export import template_dir
-from server_sdk.cli import main
+from server_sdk.cli.main import main
 from server_sdk.disk import KEEP_ENV, disk_bytes, prune_finished_stages
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from server_sdk.config import ConfigError
-from server_sdk.schedule import auto_rounds, fixed_rounds
-from server_sdk.stage_transfer import relative_rate, stage_transfer
+from server_sdk.method.schedule import auto_rounds, fixed_rounds
+from server_sdk.method.stage_transfer import relative_rate, stage_transfer
 
 
 def _rec(stage, rnd, loss, cpu, layers=4, down=100, up=50):
@@ -80,7 +80,7 @@ def test_config_validates_the_hypotheses(tiny_cfg):
 def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base, tiny_cfg, tmp_path):
     """With an expected full-model gain no small stage can match, stage 1 ends after one round and the
     full model gets every other round; report.json says so, and an interrupted run resumes the plan."""
-    from server_sdk.rounds import run
+    from server_sdk.engine.rounds import run
 
     cfg = tiny_cfg(schedule="auto", schedule_expected_gain=0.9, rounds_per_stage=2, lr=2e-2)
     report = run(cfg, tmp_path / "a", base=tiny_base, progress=False)
@@ -95,7 +95,7 @@ def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base,
     assert report["stage_transfer"][1]["loss_change"] == pytest.approx(evaluated[-1] - start)
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
     assert saved["stage_transfer"] == report["stage_transfer"]
-    from server_sdk.report import summary_text
+    from server_sdk.engine.report import summary_text
 
     assert "full-model eval loss change per small stage: 2 layers" in summary_text(report, tmp_path / "a")
     cut = run(cfg, tmp_path / "b", base=tiny_base, progress=False, stop_after_rounds=2)
@@ -112,7 +112,7 @@ def test_auto_rolls_back_a_stage_that_did_not_pay_and_then_trains_fedits_rounds(
     share: `auto` ends the stage, rolls its transfer back, and the full-model stage (drawing clients and
     seeds as FedIT does) reproduces a FedIT run of the same seed round for round, one small round later.
     With a lower bar the same stage pays for itself and is kept."""
-    from server_sdk.rounds import run
+    from server_sdk.engine.rounds import run
 
     auto = run(tiny_cfg(schedule="auto", schedule_expected_gain=0.9, rounds_per_stage=2, lr=2e-2, seed=0),
                tmp_path / "auto", base=tiny_base, progress=False)
@@ -148,10 +148,10 @@ def _hidden(model, ids):
 def test_heal_moves_the_fused_submodel_toward_the_full_model(tiny_base, tiny_cfg, rule):
     """The heal trains only the fused layers' frozen weights (LoRA untouched) and brings the submodel's
     output closer to the full model's on prompts it did not train on."""
-    from server_sdk.heal import heal_prompts
-    from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import share_model
+    from server_sdk.method.heal import heal_prompts
+    from server_sdk.method.lora import attach_lora, read_lora
+    from server_sdk.method.strategies import make_strategy
+    from server_sdk.method.submodel import share_model
 
     cfg = tiny_cfg(heal=rule, heal_steps=30, heal_lr=3e-3, heal_examples=16)
     strategy = make_strategy(cfg)
@@ -181,10 +181,10 @@ def test_heal_moves_the_fused_submodel_toward_the_full_model(tiny_base, tiny_cfg
 
 
 def test_first_last_submodel_keeps_the_first_layers_and_the_last_and_transfers_to_them_only(tiny_base, tiny_cfg):
-    from server_sdk.grouping import first_last_groups
-    from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import share_model
+    from server_sdk.method.grouping import first_last_groups
+    from server_sdk.method.lora import attach_lora, read_lora
+    from server_sdk.method.strategies import make_strategy
+    from server_sdk.method.submodel import share_model
 
     assert first_last_groups(6, 3) == [[0], [1], [2, 3, 4, 5]] and first_last_groups(6, 6)[-1] == [5]
     cfg = tiny_cfg(grouping="first-last", anchor="last", fusion="select", transfer="anchor")

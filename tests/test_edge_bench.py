@@ -14,7 +14,7 @@ import export
 from edge_runtime.backends import onnx_runtime_problem
 from edge_runtime.bench import append_rows, process_peak_rss_bytes, random_batch
 from edge_runtime.telemetry import DEVICE_PROFILES
-from server_sdk.model import cache_root
+from server_sdk.engine.model import cache_root
 from tests.test_export_onnx import make_peft_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ import torch
 
 from server_sdk.config import DataSettings, LoraSettings
 from server_sdk.data import build_client_data, build_eval_data
-from server_sdk.eval_cache import base_evaluation, cache_dir, eval_key
-from server_sdk.lora import attach_lora
-from server_sdk.submodel import share_model
-from server_sdk.trainer import evaluate
+from server_sdk.engine.eval_cache import base_evaluation, cache_dir, eval_key
+from server_sdk.engine.trainer import evaluate
+from server_sdk.method.lora import attach_lora
+from server_sdk.method.submodel import share_model
 
 KW = dict(seq_len=64, generate=True, max_new_tokens=3)
 

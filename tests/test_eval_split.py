@@ -8,9 +8,9 @@ import torch
 
 from server_sdk.config import DataSettings, LoraSettings
 from server_sdk.data import build_client_data, build_eval_data
-from server_sdk.lora import attach_lora
-from server_sdk.submodel import share_model
-from server_sdk.trainer import EvalPart, combine_eval, eval_chunks, evaluate, evaluate_part
+from server_sdk.engine.trainer import EvalPart, combine_eval, eval_chunks, evaluate, evaluate_part
+from server_sdk.method.lora import attach_lora
+from server_sdk.method.submodel import share_model
 
 
 def test_chunks_are_whole_batches_in_order_and_as_even_as_batches_allow():

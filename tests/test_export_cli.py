@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from edge_runtime.manifest import load_manifest
-from server_sdk import checkpoint
-from server_sdk.cli import main
-from server_sdk.export_cli import ExportError, export_stage
-from server_sdk.lora import to_peft_key
+from server_sdk.cli.main import main
+from server_sdk.cli.export import ExportError, export_stage
+from server_sdk.engine import checkpoint
+from server_sdk.method.lora import to_peft_key
 
 
 def _artifact_lora(out) -> dict[str, np.ndarray]:
@@ -28,7 +28,7 @@ def _same(canonical: dict, artifact: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_cfg):
     """A finished 2-stage run on tiny-random-L4 and one stopped inside stage 0."""
-    from server_sdk.rounds import run
+    from server_sdk.engine.rounds import run
 
     root = tmp_path_factory.mktemp("runs")
     cfg = tiny_cfg(model="tiny-random-L4", stages=[2, 4], rounds_per_stage=2, num_clients=2, local_steps=1)
@@ -60,7 +60,7 @@ def test_finished_run_exports_last_stage_with_final_lora(runs, tmp_path):
 
 def test_every_stage_of_a_finished_run_exports_with_its_starting_lora(runs, tmp_path):
     from server_sdk.config import RunConfig
-    from server_sdk.submodel import StagePlan, fuse_lora
+    from server_sdk.method.submodel import StagePlan, fuse_lora
 
     cfg = RunConfig.from_file(runs / "done" / "config.json")
     report = json.loads((runs / "done" / "report.json").read_text())

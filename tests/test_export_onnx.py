@@ -26,7 +26,7 @@ from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from edge_runtime.optim import AdamW
 from export import StageInfo, naming
 from export.onnx import EVAL_GRAPH, TRAIN_GRAPH, WEIGHTS_DIR, export_onnx_artifacts, template_key
-from server_sdk.trainer import token_losses
+from server_sdk.engine.trainer import token_losses
 from tests.export_helpers import ALL_TARGETS, make_batch
 from tests.export_helpers import make_peft_model as _make_peft_model
 

@@ -26,10 +26,11 @@ import torch
 
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import MqttClient, MqttConnectError
-from server_sdk.aggregation import aggregate, update_norm
-from server_sdk.broker import BrokerProcess, Credentials, add_device, add_operator
 from server_sdk.config import RunConfig
-from server_sdk.fleet import FleetExecutor, FleetSettings, QuorumNotReached, client_index, device_name
+from server_sdk.engine.executor import QuorumNotReached
+from server_sdk.fleet.broker import BrokerProcess, Credentials, add_device, add_operator
+from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings, client_index, device_name
+from server_sdk.method.aggregation import aggregate, update_norm
 from tests.broker_fixtures import settings_for
 
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, clients
@@ -228,7 +229,7 @@ def test_num_samples_poisoning_moves_the_model_less_than_one_honest_update(coord
 
 
 def _honest_results(honest: dict[str, dict[str, np.ndarray]]):
-    from server_sdk.trainer import ClientResult
+    from server_sdk.method.strategies.base import ClientResult
 
     for name, delta in sorted(honest.items()):
         yield ClientResult(client=client_index(name), num_samples=4, delta=_lora(delta), train_loss=0.0, seconds=0.0)
@@ -319,7 +320,7 @@ sys.exit(rc)
 
 @pytest.fixture(scope="module")
 def tiny4():
-    from server_sdk.model import tiny_random_model
+    from server_sdk.engine.model import tiny_random_model
 
     return tiny_random_model(n_layers=4, hidden=32, seed=0)
 
@@ -341,9 +342,9 @@ class FleetRun:
 
     def __init__(self, run_dir: Path, cfg: RunConfig, base, n: int, settings: FleetSettings,
                  device_code: dict[str, str] | None = None, resume: bool = False):
-        from server_sdk.fleet import fleet_executor_factory
-        from server_sdk.local_fleet import LocalFleet
-        from server_sdk.rounds import run
+        from server_sdk.engine.rounds import run
+        from server_sdk.fleet.coordinator import fleet_executor_factory
+        from server_sdk.fleet.local_fleet import LocalFleet
 
         self.run_dir = run_dir
         self.fleet = LocalFleet(run_dir / "fleet", n)
@@ -414,7 +415,7 @@ def accepted_by_round(run_dir: Path) -> dict[int, list[str]]:
 
 
 def test_fleet_run_end_to_end_with_torch_free_devices(tiny4, tmp_path):
-    from server_sdk.local_fleet import add_fleet_summary
+    from server_sdk.fleet.local_fleet import add_fleet_summary
 
     code = {"dev-000": DEVICE_WRAPPER.format(block=True), "dev-001": DEVICE_WRAPPER.format(block=False)}
     job = FleetRun(tmp_path / "e2e", fleet_cfg(), tiny4, 3, FleetSettings(round_timeout_s=120), device_code=code)
@@ -476,7 +477,7 @@ def test_killed_devices_do_not_stall_the_round_and_rejoin_with_a_repaired_cache(
         big = [p for p in blobs.iterdir() if p.stat().st_size > 1_000_000]  # the embedding's file, the tokenizer
         assert len(big) == 2
         for blob in big:
-            # local devices hard-link one shared copy (server_sdk/local_fleet.py); bit rot on this device's own
+            # local devices hard-link one shared copy (server_sdk/fleet/local_fleet.py); bit rot on this device's own
             # disk is a private copy going bad, so break the link first
             data = bytearray(blob.read_bytes())
             data[100:106] = b"bitrot"
@@ -532,8 +533,8 @@ def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp
 
     from safetensors.torch import load_file
 
-    from server_sdk.local_fleet import REPO_ROOT, LocalFleet
-    from server_sdk.model import load_base_model
+    from server_sdk.engine.model import load_base_model
+    from server_sdk.fleet.local_fleet import REPO_ROOT, LocalFleet
 
     model_dir = tmp_path / "model"  # both coordinators load the same weights by path
     tiny4.model.save_pretrained(model_dir)
@@ -549,7 +550,7 @@ def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp
     with LocalFleet(tmp_path / "fleet2", 3) as fleet:
         fleet.start_broker()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-        serve = [sys.executable, "-m", "server_sdk.cli", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
+        serve = [sys.executable, "-m", "server_sdk.cli.main", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
                  "--fleet-dir", str(fleet.dir), "--quiet", "--round-timeout", "60"]
         with open(tmp_path / "serve.log", "ab") as logf:
             first = subprocess.Popen([*serve, "--config", str(tmp_path / "cfg.json"), "--name", run_dir.name,
@@ -583,8 +584,8 @@ def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp
 
 
 def test_cli_fleet_init_and_add_device_print_what_a_device_needs(tmp_path, capsys):
-    from server_sdk.broker import MosquittoNotFound, require_mosquitto
-    from server_sdk.cli import main
+    from server_sdk.cli.main import main
+    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
 
     try:
         require_mosquitto()
@@ -605,8 +606,8 @@ def test_cli_fleet_init_and_add_device_print_what_a_device_needs(tmp_path, capsy
 
 def test_local_fleet_gives_devices_an_absolute_shard_path(tmp_path, monkeypatch):
     """Devices run in their own directory, so `devft run --fleet` with a relative runs dir must still work."""
-    from server_sdk.broker import MosquittoNotFound, require_mosquitto
-    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
+    from server_sdk.fleet.local_fleet import LocalFleet
 
     try:
         require_mosquitto()
@@ -625,14 +626,14 @@ def test_cli_run_fleet_local_reports_per_device_telemetry(tiny4, tmp_path):
     import subprocess
     import sys
 
-    from server_sdk.local_fleet import REPO_ROOT
+    from server_sdk.fleet.local_fleet import REPO_ROOT
 
     tiny4.model.save_pretrained(tmp_path / "model")
     tiny4.tokenizer.save_pretrained(tmp_path / "model")
     fleet_cfg(model=str(tmp_path / "model"), rounds_per_stage=[1, 1], num_clients=2, clients_per_round=2,
               torch_threads=1).to_json(tmp_path / "cfg.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, "-m", "server_sdk.cli", "run", "--fleet", "local:2", "--config",
+    done = subprocess.run([sys.executable, "-m", "server_sdk.cli.main", "run", "--fleet", "local:2", "--config",
                            str(tmp_path / "cfg.json"), "--name", "cli", "--runs-dir", str(tmp_path), "--quiet",
                            "--round-timeout", "90"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -650,11 +651,11 @@ def test_checkpoint_travels_as_tensor_files_and_is_rebuilt_byte_for_byte(tiny4, 
 
     from edge_runtime.checkpoint_blobs import RECIPE, assemble_checkpoint
     from export.cached import export_stage_cached
-    from server_sdk.checkpoint_split import split_checkpoint
     from server_sdk.config import LoraSettings
-    from server_sdk.lora import attach_lora
-    from server_sdk.model import cache_root
-    from server_sdk.submodel import share_model
+    from server_sdk.engine.model import cache_root
+    from server_sdk.fleet.checkpoint_split import split_checkpoint
+    from server_sdk.method.lora import attach_lora
+    from server_sdk.method.submodel import share_model
 
     def sha(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -682,7 +683,7 @@ def test_device_batches_match_the_simulations(tiny4, tmp_path):
 
     from edge_runtime import client
     from server_sdk import data
-    from server_sdk.fleet import tokenizer_dir_of
+    from server_sdk.fleet.coordinator import tokenizer_dir_of
 
     examples = []
     for q, a in (("What is 3 + 4?", "7"), ("Spell 'cat' backwards.", "tac"), ("x" * 300, "long")):
@@ -731,8 +732,8 @@ def test_mixed_fleet_each_device_trains_a_format_it_declared(tmp_path):
 def test_ffa_lora_over_the_fleet_trains_only_B(tiny4, tmp_path):
     from safetensors.torch import load_file
 
-    from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.submodel import share_model
+    from server_sdk.method.lora import attach_lora, read_lora
+    from server_sdk.method.submodel import share_model
 
     cfg = fleet_cfg(strategy="ffa-lora", stages=None, rounds_per_stage=2, num_clients=2, clients_per_round=2,
                     lr=2e-2)
@@ -749,7 +750,7 @@ def test_ffa_lora_over_the_fleet_trains_only_B(tiny4, tmp_path):
 
 ORPHAN_PARENT = """
 import sys, time
-from server_sdk.local_fleet import LocalFleet
+from server_sdk.fleet.local_fleet import LocalFleet
 fleet = LocalFleet(sys.argv[1], 1)
 broker = fleet.start_broker()
 device = fleet.start_device("dev-000", sys.argv[2], "orphanrun")

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from edge_runtime import protocol as P
-from server_sdk.aggregation import adamw_norm_bound
-from server_sdk.broker import BrokerProcess
+from server_sdk.cli.report import device_stages
 from server_sdk.config import RunConfig
-from server_sdk.fleet import FleetExecutor, FleetSettings
-from server_sdk.local_fleet import add_fleet_summary
-from server_sdk.report_cli import device_stages
+from server_sdk.fleet.broker import BrokerProcess
+from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+from server_sdk.fleet.local_fleet import add_fleet_summary
+from server_sdk.method.aggregation import adamw_norm_bound
 from tests import test_fleet as fleet_tests
 from tests.test_fleet import PA, RUN, _good, _run_round, _update, events, wait_for
 
@@ -190,8 +190,8 @@ def test_updates_no_open_round_can_use_never_wait_in_the_coordinator(coordinator
 def test_fedavg_rounds_keep_one_running_sum_not_the_updates(coordinator, fleet, clients):
     """Issue 27, streaming aggregation: with every client's weight known and the AdamW bound on, a FedAvg round sums
     each accepted delta on arrival and keeps none; the aggregate is FedAvg's over the updates sent."""
-    from server_sdk.aggregation import aggregate, fedavg
-    from server_sdk.trainer import ClientResult
+    from server_sdk.method.aggregation import aggregate, fedavg
+    from server_sdk.method.strategies.base import ClientResult
 
     ex = coordinator
     ex.shard_sizes = {c: 4 + c for c in range(ex.cfg.num_clients)}

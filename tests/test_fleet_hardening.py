@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from edge_runtime import protocol as P
-from server_sdk.fleet import FleetSettings, QuorumNotReached, choose_replacements, replacement_order
-from server_sdk.rounds import client_seed, sample_clients
+from server_sdk.engine.executor import QuorumNotReached
+from server_sdk.engine.rounds import client_seed, sample_clients
+from server_sdk.fleet.coordinator import FleetSettings, choose_replacements, replacement_order
 from tests import test_fleet as fleet_tests
 from tests.test_fleet import (
     PA,
@@ -41,7 +42,7 @@ coordinator = fleet_tests.coordinator  # the fixture: a FleetExecutor on a broke
 
 @pytest.fixture(scope="module")
 def tiny4():
-    from server_sdk.model import tiny_random_model
+    from server_sdk.engine.model import tiny_random_model
 
     return tiny_random_model(n_layers=4, hidden=32, seed=0)
 
@@ -82,9 +83,9 @@ def test_replacements_setting_is_validated():
 
 
 def test_cli_sets_replacements_and_refuses_a_negative_count(tmp_path):
-    from server_sdk.cli import build_parser
+    from server_sdk.cli.fleet import _fleet_settings
+    from server_sdk.cli.main import build_parser
     from server_sdk.config import ConfigError
-    from server_sdk.fleet_cli import _fleet_settings
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     args = sub.choices["run"].parse_args(["--fleet", "local:3", "--replacements", "2"])
@@ -264,7 +265,7 @@ def test_a_device_killed_mid_round_is_replaced_and_the_round_closes_before_its_d
         report = job.finish()  # the victim stays dead: a later round that samples it is short of it too
     finally:
         observer.close()
-    from server_sdk.local_fleet import add_fleet_summary
+    from server_sdk.fleet.local_fleet import add_fleet_summary
 
     report = add_fleet_summary(job.run_dir, report)
     log = events(job.run_dir)

@@ -20,9 +20,9 @@ import pytest
 
 from edge_runtime import protocol as P
 from edge_runtime.transfer import ArtifactCache
-from server_sdk.artifact_server import ArtifactServer
 from server_sdk.config import RunConfig
-from server_sdk.fleet import FleetExecutor, FleetSettings
+from server_sdk.fleet.artifact_server import ArtifactServer
+from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
 from tests import test_fleet as fleet_tests
 from tests.test_fleet import RUN, _good, _run_round, _update, events, wait_for
 
@@ -149,9 +149,9 @@ def test_a_silent_sampled_device_is_replaced_by_a_live_one(coordinator, fleet, c
 
 
 def test_start_timeout_is_set_from_the_command_line_and_validated(tmp_path):
-    from server_sdk.cli import build_parser
+    from server_sdk.cli.fleet import _fleet_settings
+    from server_sdk.cli.main import build_parser
     from server_sdk.config import ConfigError
-    from server_sdk.fleet_cli import _fleet_settings
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     run = sub.choices["run"]
@@ -276,7 +276,7 @@ def test_thousands_of_bad_statuses_from_one_login_leave_a_small_log_with_exact_c
     dev1 = clients(fleet.devices["dev1"])
     forged = P.encode_status(P.StatusMessage("dev2", "hello", time.time(), {"pad": "x" * 500}))
     size_before = ex.events_path.stat().st_size
-    with caplog.at_level(logging.WARNING, logger="server_sdk.fleet"):
+    with caplog.at_level(logging.WARNING, logger="server_sdk.fleet.coordinator"):
         for _ in range(n):
             dev1.publish(P.status_topic(RUN, "dev1"), forged)
         wait_for(lambda: ex.rejections["device_mismatch"] == n, 120, "every forged status to be refused")

@@ -25,7 +25,7 @@ def test_fleet_scale_smoke_profile(tmp_path, monkeypatch):
 
 
 def test_fleet_scale_through_two_edge_brokers(tmp_path, monkeypatch):
-    """The same 50 devices split over two edge brokers bridged to the fleet's broker (server_sdk/bridge.py)."""
+    """The same 50 devices split over two edge brokers bridged to the fleet's broker (server_sdk/fleet/bridge.py)."""
     monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
     import benchmarks.fleet_scale as bench
 

@@ -5,11 +5,11 @@ import pickle
 import torch
 
 from server_sdk.config import LoraSettings
-from server_sdk.eval_cache import weights_digest
-from server_sdk.frozen import frozen_state, holds_exactly, read_frozen, same_tensors, write_frozen
-from server_sdk.lora import attach_lora, read_lora
-from server_sdk.strategies import make_strategy
-from server_sdk.submodel import StagePlan, share_model
+from server_sdk.engine.eval_cache import weights_digest
+from server_sdk.engine.frozen import frozen_state, holds_exactly, read_frozen, same_tensors, write_frozen
+from server_sdk.method.lora import attach_lora, read_lora
+from server_sdk.method.strategies import make_strategy
+from server_sdk.method.submodel import StagePlan, share_model
 
 
 def _frozen_ptrs(model) -> dict[str, int]:

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from server_sdk.aggregation import fedavg
 from server_sdk.config import LoraSettings
-from server_sdk.fusion import choose_anchor, fuse_group
-from server_sdk.lora import attach_lora, layer_slice, read_lora
-from server_sdk.submodel import StagePlan, build_submodel, identity_plan, share_model, transfer_lora_back
-from server_sdk.trainer import ClientResult
+from server_sdk.method.aggregation import fedavg
+from server_sdk.method.fusion import choose_anchor, fuse_group
+from server_sdk.method.lora import attach_lora, layer_slice, read_lora
+from server_sdk.method.strategies.base import ClientResult
+from server_sdk.method.submodel import StagePlan, build_submodel, identity_plan, share_model, transfer_lora_back
 
 LORA = LoraSettings(r=2, alpha=4)
 
@@ -63,7 +63,7 @@ def test_one_layer_per_group_submodel_equals_full_model(full):
     n = len(model.model.layers)
     sub, _ = build_submodel(model, lora, identity_plan(n), 0.3, "differential", LORA)
     ref = attach_lora(share_model(model), LORA)
-    from server_sdk.lora import write_lora
+    from server_sdk.method.lora import write_lora
 
     write_lora(ref, lora)
     ids = torch.randint(0, 1000, (2, 12))
@@ -98,9 +98,9 @@ def test_fedavg_weights_by_sample_count():
 
 def test_a_registered_fusion_rule_is_valid_config_and_the_strategy_fuses_with_it(full, monkeypatch):
     # the extension point: one function in fusion.FUSIONS, nothing else to touch
-    from server_sdk import fusion
     from server_sdk.config import ConfigError, RunConfig
-    from server_sdk.strategies import make_strategy
+    from server_sdk.method import fusion
+    from server_sdk.method.strategies import make_strategy
 
     model, lora = full
     with pytest.raises(ConfigError, match="fusion='deepest'"):
@@ -122,7 +122,7 @@ def test_a_registered_fusion_rule_is_valid_config_and_the_strategy_fuses_with_it
 
 def test_strategies_own_their_transfer(full):
     from server_sdk.config import RunConfig
-    from server_sdk.strategies import make_strategy
+    from server_sdk.method.strategies import make_strategy
 
     _, lora = full
     plan = StagePlan(0, 2, [[0, 2, 3], [1, 4, 5]], [0, 1])

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from server_sdk.grouping import random_groups, sequential_groups, spectral_groups
-from server_sdk.model import tiny_random_model
-from server_sdk.similarity import layer_similarity
+from server_sdk.engine.model import tiny_random_model
+from server_sdk.method.grouping import random_groups, sequential_groups, spectral_groups
+from server_sdk.method.similarity import layer_similarity
 
 
 def _is_partition(groups, n, k):

@@ -6,6 +6,17 @@
     server_sdk     the coordinator: may use both
     benchmarks     on top of everything
 
+Inside server_sdk, rooms in the same order (a room may use the rooms before it, never one after it):
+
+    server_sdk/*.py   the foundation every room shares: config, data, tasks, progress, quiet, disk
+    method/           DEVFT's science (grouping, fusion, transfer, submodels, schedules, aggregation, strategies)
+    engine/           the round loop, executors, simulated training, model, checkpoints, report
+    fleet/            real devices over MQTT: the coordinator, broker, artifacts, web gateway
+    cli/              the `devft` command line; nothing imports it
+
+The one arrow out of the foundation: `RunConfig.validate` reads the rule tables of method/ and engine/
+(the names a config may choose) inside the function, so a config loads without torch.
+
 Besides the arrows between packages: no import cycle between modules, no `__import__` and no
 `importlib.import_module` of a devft module (or of a name computed at run time), and no private name
 (`_foo`) taken from another module, by `from m import _foo` or as `m._foo` on an imported module.
@@ -29,6 +40,8 @@ FORBIDDEN = {"edge_runtime": {"export", "server_sdk", "benchmarks"}, "export": {
              "server_sdk": {"benchmarks"}}
 DEVICE_FREE = ("torch", "transformers", "peft")  # never at module level in edge_runtime
 LAZY_TORCH_OK = {"edge_runtime.backends.executorch_backend"}  # may import torch inside a function
+ROOMS = ("method", "engine", "fleet", "cli")  # server_sdk's rooms, lowest first; the foundation sits below them
+CHOICE_TABLES = {"server_sdk.config"}  # foundation modules that may read rooms' name tables inside a function
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,24 @@ def strongly_connected(edges: dict[str, set[str]]) -> list[set[str]]:
     return groups
 
 
+def room(module: str) -> int | None:
+    """server_sdk's room of a module, by rank: 0 the foundation, 1.. ROOMS; None outside server_sdk."""
+    parts = module.split(".")
+    if parts[0] != "server_sdk":
+        return None
+    return ROOMS.index(parts[1]) + 1 if len(parts) > 2 and parts[1] in ROOMS else 0
+
+
+def room_problem(i: Import, modules: dict[str, Path]) -> str | None:
+    src, dst = room(i.source), room(i.target)
+    if i.target not in modules or src is None or dst is None or dst <= src or i.type_only:
+        return None
+    if src == 0 and i.source in CHOICE_TABLES and not i.module_level:
+        return None
+    names = ("the foundation", *(f"{r}/" for r in ROOMS))
+    return f"{i.source}:{i.line}: {names[src]} imports {i.target}; {names[dst]} sits above {names[src]}"
+
+
 def problems(graph: Graph) -> list[str]:
     """Everything that breaks the layout, one line each."""
     found = list(graph.problems)
@@ -212,6 +243,8 @@ def problems(graph: Graph) -> list[str]:
                 found.append(f"{where}: edge_runtime imports {i.target} at module level; devices have no {top(i.target)}")
             elif i.source not in LAZY_TORCH_OK:
                 found.append(f"{where}: edge_runtime imports {i.target}; only {sorted(LAZY_TORCH_OK)} may, lazily")
+        if (bad_room := room_problem(i, graph.modules)) is not None:
+            found.append(bad_room)
         if i.target in graph.modules and i.target != i.source:
             found += [f"{where}: imports private {n!r} from {i.target}; make it public where it lives"
                       for n in i.names if is_private(n)]
@@ -226,6 +259,17 @@ def test_the_source_tree_keeps_its_layout():
     graph = scan()
     assert len(graph.modules) > 50 and len(graph.imports) > 300  # the scan saw the tree
     assert problems(graph) == []
+
+
+def test_the_server_rooms_exist_and_hold_their_modules():
+    modules = scan().modules
+    for name in ("server_sdk.method.fusion", "server_sdk.method.strategies.devft", "server_sdk.engine.rounds",
+                 "server_sdk.fleet.coordinator", "server_sdk.fleet.broker", "server_sdk.cli.main", "server_sdk.config"):
+        assert name in modules, name
+    flat = sorted(m for m, path in modules.items() if m.count(".") == 1 and m.startswith("server_sdk.")
+                  and path.name != "__init__.py")
+    assert flat == ["server_sdk.config", "server_sdk.data", "server_sdk.disk", "server_sdk.progress",
+                    "server_sdk.quiet", "server_sdk.tasks"], flat  # a new module goes into a room
 
 
 def test_no_arrow_points_up():
@@ -279,6 +323,11 @@ def test_the_checker_catches_each_kind_of_bad_import(tmp_path):
         "server_sdk/rounds.py": "from server_sdk import fleet\n\nY = fleet._private\n",
         "server_sdk/a.py": "from server_sdk.b import B\nA = 1\n",
         "server_sdk/b.py": "from server_sdk.a import A\nB = 2\n",
+        "server_sdk/method/grouping.py": "from server_sdk.engine.rounds import R\n",
+        "server_sdk/engine/rounds.py": "def f():\n    from server_sdk.fleet.coordinator import C\nR = 1\n",
+        "server_sdk/fleet/coordinator.py": "from server_sdk.method.grouping import G\nfrom server_sdk.cli.main import M\nC = 1\n",
+        "server_sdk/data.py": "from server_sdk.method.grouping import G\n",
+        "server_sdk/cli/main.py": "M = 1\n",
     }
     found = "\n".join(problems(scan(write(tmp_path, bad))))
     for expected in (
@@ -293,9 +342,15 @@ def test_the_checker_catches_each_kind_of_bad_import(tmp_path):
         "server_sdk.rounds:3: fleet._private is private to server_sdk.fleet",
         "import cycle: server_sdk.a <-> server_sdk.b",
         "import cycle: export.onnx <-> server_sdk.fleet",  # the upward arrow closes a loop as well
+        "server_sdk.method.grouping:1: method/ imports server_sdk.engine.rounds; engine/ sits above method/",
+        "server_sdk.engine.rounds:2: engine/ imports server_sdk.fleet.coordinator; fleet/ sits above engine/",
+        "server_sdk.fleet.coordinator:2: fleet/ imports server_sdk.cli.main; cli/ sits above fleet/",
+        "server_sdk.data:1: the foundation imports server_sdk.method.grouping; method/ sits above the foundation",
     ):
         assert expected in found, (expected, found)
-    assert len(found.splitlines()) == 11, found
+    assert "server_sdk.fleet.coordinator:1" not in found  # fleet/ may use method/
+    assert "import cycle: server_sdk.engine.rounds <-> server_sdk.fleet.coordinator <-> server_sdk.method.grouping" in found
+    assert len(found.splitlines()) == 16, found
 
 
 def summary(graph: Graph) -> str:

@@ -1,15 +1,15 @@
-"""bf16 mixed precision for simulated training and evaluation (server_sdk.precision)."""
+"""bf16 mixed precision for simulated training and evaluation (server_sdk.engine.precision)."""
 
 import pytest
 import torch
 
 from server_sdk.config import ConfigError
 from server_sdk.data import build_client_data, build_eval_data
-from server_sdk.lora import attach_lora, read_lora, write_lora
-from server_sdk.precision import ATTENTION, compute
-from server_sdk.rounds import run
-from server_sdk.submodel import share_model
-from server_sdk.trainer import evaluate, local_train, token_losses
+from server_sdk.engine.precision import ATTENTION, compute
+from server_sdk.engine.rounds import run
+from server_sdk.engine.trainer import evaluate, local_train, token_losses
+from server_sdk.method.lora import attach_lora, read_lora, write_lora
+from server_sdk.method.submodel import share_model
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_a_bf16_run_is_a_different_run_and_resumes_as_bf16(tiny_base, tiny_cfg, 
 
 
 def test_a_fleet_run_refuses_bf16(tiny_base, tiny_cfg, tmp_path):
-    from server_sdk.fleet import fleet_executor_factory
+    from server_sdk.fleet.coordinator import fleet_executor_factory
 
     make = fleet_executor_factory(tmp_path, creds=None)
     with pytest.raises(ConfigError, match="fleet devices train their fp32 graphs"):

@@ -1,4 +1,4 @@
-"""Devices fetch the next stage's files before it starts (server_sdk/prefetch.py), against a real mosquitto.
+"""Devices fetch the next stage's files before it starts (server_sdk/fleet/prefetch.py), against a real mosquitto.
 
 Two fleet runs of the tiny model (stages [2, 4], rounds [2, 1], 3 devices): one where the
 coordinator's guess at stage 1 is right (stage 1 is the full model: always right), one where
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from server_sdk.fleet import FleetExecutor, FleetSettings
-from server_sdk.strategies.devft import DevFT
-from server_sdk.submodel import StagePlan
+from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+from server_sdk.method.strategies.devft import DevFT
+from server_sdk.method.submodel import StagePlan
 from tests.test_fleet import FleetRun, events, fleet_cfg
 
 pytest_plugins = ("tests.broker_fixtures",)
@@ -24,7 +24,7 @@ pytest_plugins = ("tests.broker_fixtures",)
 
 @pytest.fixture(scope="module")
 def tiny4():
-    from server_sdk.model import tiny_random_model
+    from server_sdk.engine.model import tiny_random_model
 
     return tiny_random_model(n_layers=4, hidden=32, seed=0)
 

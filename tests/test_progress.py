@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from server_sdk.local_fleet import REPO_ROOT
+from server_sdk.fleet.local_fleet import REPO_ROOT
 
 ESCAPES = ("\r", "\x1b[")
 SLOW_PHASE = """

@@ -21,8 +21,8 @@ from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from export.onnx import TRAIN_GRAPH, export_onnx_artifacts
 from export.quant import dequantize, fake_quantize_, quantize
 from server_sdk.config import RunConfig
-from server_sdk.model import tiny_random_model
-from server_sdk.quantized import quantized_base
+from server_sdk.engine.model import tiny_random_model
+from server_sdk.engine.quantized import quantized_base
 from tests.export_helpers import ALL_TARGETS, make_batch
 from tests.export_helpers import make_peft_model as _make_peft_model
 from tests.test_export_onnx import torch_loss_and_grads
@@ -146,7 +146,7 @@ def test_device_without_the_runs_scheme_is_refused_at_hello(coordinator, fleet, 
 def test_quantized_run_trains_and_evaluates_on_dequantized_weights(tiny_base, tiny_cfg, tmp_path):
     """A DEVFT run with weights=int4 (fused stage submodels included) finishes on the dequantized values and
     leaves the caller's base model as it was; its losses are not the fp32 run's."""
-    from server_sdk.rounds import run
+    from server_sdk.engine.rounds import run
 
     before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server_sdk.local_fleet import REPO_ROOT, LogRelay
+from server_sdk.fleet.local_fleet import REPO_ROOT, LogRelay
 
 TINY = ["--model", "tiny-random-L4", "-o", "stages=[2, 4]", "-o", "rounds_per_stage=1", "-o", "num_clients=2",
         "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=64", "-o", "lora.r=2",
@@ -31,7 +31,7 @@ def devft(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None,
     for key in ("DEVFT_VERBOSE", "DEVFT_PROGRESS", "DEVFT_HEARTBEAT_S"):
         if key not in (env_extra or {}):
             env.pop(key, None)
-    done = subprocess.run([sys.executable, "-m", "server_sdk.cli", *args], cwd=cwd, capture_output=True, env=env,
+    done = subprocess.run([sys.executable, "-m", "server_sdk.cli.main", *args], cwd=cwd, capture_output=True, env=env,
                           timeout=timeout)
     # decoded without universal newlines: a carriage return (a bar redrawn in place) stays visible
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
@@ -69,7 +69,7 @@ def test_simulated_run_is_quiet_and_verbose_shows_the_library_output(tmp_path):
 
 
 def test_fleet_run_is_quiet_and_devices_print_one_line_per_round(tmp_path):
-    from server_sdk.broker import MosquittoNotFound, require_mosquitto
+    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
 
     try:
         require_mosquitto()
@@ -95,7 +95,7 @@ def test_fleet_run_is_quiet_and_devices_print_one_line_per_round(tmp_path):
 
 def test_the_test_commands_model_load_prints_nothing(tmp_path):
     """scripts/test.sh loads the model first; torchao (imported by transformers) used to print here."""
-    code = "from server_sdk.model import tiny_random_model; tiny_random_model(2, 32)"
+    code = "from server_sdk.engine.model import tiny_random_model; tiny_random_model(2, 32)"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("DEVFT_VERBOSE", None)
     done = subprocess.run([sys.executable, "-c", code + "; import transformers.quantizers.auto"], capture_output=True,
@@ -133,7 +133,7 @@ LIBRARY_BARS = ("Converting and de-quantizing GGUF tensors", "Loading weights", 
 BARS_CODE = """
 import server_sdk, sys
 import transformers.modeling_gguf_pytorch_utils as gguf
-from server_sdk.model import load_base_model, tiny_random_model
+from server_sdk.engine.model import load_base_model, tiny_random_model
 list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))  # the bar _convert_gguf draws
 base = tiny_random_model(2, 32)
 base.model.save_pretrained(sys.argv[1])

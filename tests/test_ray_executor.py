@@ -7,9 +7,9 @@ import torch
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install -e .[sim]`")
 
-from server_sdk.fleet import QuorumNotReached  # noqa: E402
-from server_sdk.ray_executor import RaySettings, ray_executor_factory  # noqa: E402
-from server_sdk.rounds import run  # noqa: E402
+from server_sdk.engine.executor import QuorumNotReached  # noqa: E402
+from server_sdk.engine.ray_executor import RaySettings, ray_executor_factory  # noqa: E402
+from server_sdk.engine.rounds import run  # noqa: E402
 
 METRICS = ("stage", "round", "clients", "train_loss", "eval_loss", "per_task", "bytes_down", "bytes_up",
            "stage_download_bytes", "client_samples")
@@ -106,7 +106,7 @@ def test_bad_settings_are_refused():
 
 
 def test_cli_runs_on_ray_and_refuses_ray_options_without_it(local_ray, tmp_path, capsys):
-    from server_sdk.cli import main
+    from server_sdk.cli.main import main
 
     tiny = ["--model", "tiny-random-L4", "-o", "stages=[2, 4]", "-o", "rounds_per_stage=1", "-o", "num_clients=2",
             "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=64", "-o", "lora.r=2",
@@ -122,17 +122,17 @@ def test_cli_runs_on_ray_and_refuses_ray_options_without_it(local_ray, tmp_path,
 
 def test_round_deadline_counts_slow_clients_as_missing_and_replaces_their_workers(local_ray, tiny_base, tiny_cfg,
                                                                                 tmp_path):
-    from server_sdk.ray_executor import RayExecutor
-    from server_sdk.rounds import prepare_data
-    from server_sdk.strategies import make_strategy
+    from server_sdk.engine.ray_executor import RayExecutor
+    from server_sdk.engine.rounds import prepare_data
+    from server_sdk.method.strategies import make_strategy
 
     cfg = tiny_cfg(strategy="fedit", torch_threads=1)
     clients, _ = prepare_data(cfg, tiny_base, tmp_path)
     strategy = make_strategy(cfg)
     ex = RayExecutor(cfg, tiny_base, clients, RaySettings(workers=2, quorum=0.5, round_timeout_s=1e-3))
     try:
-        from server_sdk.lora import attach_lora, read_lora
-        from server_sdk.submodel import share_model
+        from server_sdk.method.lora import attach_lora, read_lora
+        from server_sdk.method.submodel import share_model
 
         lora = read_lora(attach_lora(share_model(tiny_base.model), cfg.lora, seed=0))
         plan, _ = strategy.configure_stage(0, tiny_base.model, lora, tiny_base.n_layers)
@@ -168,7 +168,7 @@ def in_process_eval_run(tiny_base, tiny_cfg, tmp_path_factory):
 
 def _split_evaluations(monkeypatch) -> list:
     """The chunks of every evaluation the Ray executor splits from now on (recorded on the coordinator)."""
-    import server_sdk.ray_executor as rx
+    import server_sdk.engine.ray_executor as rx
 
     seen, chunks = [], rx.eval_chunks
     monkeypatch.setattr(rx, "eval_chunks", lambda *a: seen.append(chunks(*a)) or seen[-1])
@@ -220,11 +220,11 @@ def test_a_worker_killed_during_an_evaluation_loses_nothing(local_ray, in_proces
 
 def test_a_stage_of_the_base_models_weights_maps_its_own_file(local_ray, tiny_base, tiny_base_from_file, tiny_cfg,
                                                               tmp_path):
-    from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.ray_executor import RayExecutor
-    from server_sdk.rounds import prepare_data
-    from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import StagePlan, share_model
+    from server_sdk.engine.ray_executor import RayExecutor
+    from server_sdk.engine.rounds import prepare_data
+    from server_sdk.method.lora import attach_lora, read_lora
+    from server_sdk.method.strategies import make_strategy
+    from server_sdk.method.submodel import StagePlan, share_model
 
     cfg = tiny_cfg(strategy="fedit", torch_threads=1)
     clients, _ = prepare_data(cfg, tiny_base, tmp_path)
@@ -249,7 +249,7 @@ def test_a_stage_of_the_base_models_weights_maps_its_own_file(local_ray, tiny_ba
 
 
 def test_frozen_arrays_cross_the_object_store_without_a_copy(local_ray, tiny_base, tmp_path):
-    from server_sdk.frozen import frozen_state, map_stage_file, write_frozen
+    from server_sdk.engine.frozen import frozen_state, map_stage_file, write_frozen
 
     write_frozen(tmp_path / "s.safetensors", frozen_state(tiny_base.model))
     arrays = ray.get(ray.remote(num_cpus=0)(map_stage_file).remote(str(tmp_path / "s.safetensors")))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edge_runtime.telemetry import TelemetryRecorder
-from server_sdk.cli import main
-from server_sdk.report_cli import PLOTS, device_stages
+from server_sdk.cli.main import main
+from server_sdk.cli.report import PLOTS, device_stages
 
 
 def _real_telemetry(profile: str, steps: int, include_all: bool = False) -> dict:
@@ -127,8 +127,8 @@ def test_device_profile_comes_from_the_environment(monkeypatch):
 def test_profile_labels_do_not_overlap_and_groups_get_distinct_colours():
     from matplotlib.colors import Normalize
 
-    from server_sdk.report import N_GROUP_COLOURS, group_colours
-    from server_sdk.report_cli import profile_label_positions
+    from server_sdk.cli.report import profile_label_positions
+    from server_sdk.engine.report import N_GROUP_COLOURS, group_colours
 
     heights = profile_label_positions([3.0, 3.2, 6.0, 7.2], min_gap=0.4)
     assert heights[0] == 3.0 and all(b - a >= 0.4 - 1e-9 for a, b in zip(heights, heights[1:]))

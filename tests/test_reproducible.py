@@ -28,7 +28,7 @@ def _numbers(report: dict) -> dict:
 
 @pytest.mark.slow
 def test_a_seeded_fleet_run_reproduces_its_numbers(tmp_path):
-    from server_sdk.broker import MosquittoNotFound, require_mosquitto
+    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
 
     try:
         require_mosquitto()

@@ -7,9 +7,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from server_sdk.lora import read_lora
-from server_sdk.rounds import run
-from server_sdk.submodel import share_model
+from server_sdk.engine.rounds import run
+from server_sdk.method.lora import read_lora
+from server_sdk.method.submodel import share_model
 
 
 def test_devft_run_lowers_training_loss_and_writes_outputs(tiny_base, tiny_cfg, tmp_path):
@@ -50,7 +50,7 @@ def test_ffa_lora_never_changes_A(tiny_base, tiny_cfg, tmp_path):
     report = run(cfg, tmp_path / "r", base=tiny_base, progress=False)
     final = read_lora(PeftModel.from_pretrained(share_model(tiny_base.model), tmp_path / "r" / "adapter"))
     torch.manual_seed(cfg.seed)
-    from server_sdk.lora import attach_lora
+    from server_sdk.method.lora import attach_lora
 
     initial = read_lora(attach_lora(share_model(tiny_base.model), cfg.lora, seed=cfg.seed))
     for k in final:

@@ -24,7 +24,7 @@ from edge_runtime.transfer import (
     describe_files,
     split_safetensors,
 )
-from server_sdk.artifact_server import ArtifactServer
+from server_sdk.fleet.artifact_server import ArtifactServer
 
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, broker, clients
 

@@ -1,4 +1,4 @@
-"""Stage graphs traced ahead of need (server_sdk/warm.py): the shapes it traces are the real
+"""Stage graphs traced ahead of need (server_sdk/engine/warm.py): the shapes it traces are the real
 stages' shapes, the background process fills the template cache, and a stage start then
 only restamps weights."""
 
@@ -11,15 +11,15 @@ import pytest
 from export import onnx as ox
 from server_sdk.config import LoraSettings
 from server_sdk.disk import cleanable
-from server_sdk.warm import TemplateWarmer, shaped_submodel
+from server_sdk.engine.warm import TemplateWarmer, shaped_submodel
 
 LORA = LoraSettings(r=2, alpha=4)
 
 
 def _stage_submodel(tiny_base, tiny_cfg, stage: int, n_layers: int):
-    from server_sdk.lora import attach_lora, read_lora
-    from server_sdk.strategies import make_strategy
-    from server_sdk.submodel import share_model
+    from server_sdk.method.lora import attach_lora, read_lora
+    from server_sdk.method.strategies import make_strategy
+    from server_sdk.method.submodel import share_model
 
     cfg = tiny_cfg(lora=LORA)
     strategy = make_strategy(cfg)

@@ -87,8 +87,8 @@ def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path
     """2 devft-edge and 2 Node devices, real Mosquitto (TLS, passwords, ACL), tiny model, two stages: every
     Node update is accepted, and each equals, bit for bit, what devft-edge's code computes from the same
     global adapter, seed and shard (and the Node tokeniser gives Python's ids on every shard line)."""
-    from server_sdk.fleet import FleetSettings
-    from server_sdk.model import tiny_random_model
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.coordinator import FleetSettings
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
 
     node_names = ("dev-002", "dev-003")
@@ -166,9 +166,9 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
     """2 devft-edge devices and 2 pages in headless Chromium (onnxruntime-web, mqtt.js over WSS through
     websockify to Mosquitto's TLS listener, the page over HTTPS with COOP/COEP): every browser update is
     accepted, and each browser round's losses are within 1e-5 of devft-edge's code replaying its inputs."""
-    from server_sdk.fleet import FleetSettings
-    from server_sdk.model import tiny_random_model
-    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
 
     browser_names = ("dev-002", "dev-003")
@@ -254,8 +254,8 @@ def test_gateway_keeps_logins_and_the_acl_and_serves_only_the_page(tmp_path):
     import http.client
     import ssl
 
-    from server_sdk.local_fleet import LocalFleet
-    from server_sdk.web_gateway import WebGateway
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.fleet.web_gateway import WebGateway
 
     with LocalFleet(tmp_path / "fleet", 2, run_id="r") as fleet:  # devices publish only under registered runs
         fleet.start_broker()
@@ -296,9 +296,9 @@ def test_a_tab_closed_mid_round_is_offline_through_its_will_and_the_run_goes_on(
     """A browser device whose tab closes while it trains: the WebSocket closes, the gateway drops its broker
     connection, Mosquitto publishes the page's will (`offline`), and the round closes on the quorum of the
     three devft-edge devices instead of waiting for the dead tab; the run finishes."""
-    from server_sdk.fleet import FleetSettings
-    from server_sdk.model import tiny_random_model
-    from server_sdk.web_gateway import WebGateway, spki_sha256
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
     from tests.test_fleet import FleetRun, events, fleet_cfg
 
     out = tmp_path / "browsers"
@@ -349,9 +349,9 @@ def test_a_join_link_enrols_a_browser_once_and_never_shows_up_in_a_log(tmp_path,
     import logging
     import ssl
 
-    from server_sdk.local_fleet import LocalFleet
-    from server_sdk.web_gateway import WebGateway, spki_sha256
-    from server_sdk.web_join import issue, revoke
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
+    from server_sdk.fleet.web_join import issue, revoke
 
     caplog.set_level(logging.DEBUG)
     shard = tmp_path / "client_001.jsonl"
@@ -426,12 +426,12 @@ PARTS = ["hello", "ready", "train", "tampered", "stage", "ffa-sgd", "will", "don
 @needs_web
 @pytest.mark.parametrize("engine, tolerance", [("node", None), ("web", "1e-5")])
 def test_the_js_device_passes_devft_conformance(tmp_path, capsys, engine, tolerance):
-    """`devft conformance` (the contract's scripted coordinator; server_sdk/conformance.py, from the contract
+    """`devft conformance` (the contract's scripted coordinator; server_sdk/fleet/conformance.py, from the contract
     branch) passes the Node device on every part: bit for bit on onnxruntime-node, within 1e-5 on
     onnxruntime-web's WASM."""
     if not (REPO / "server_sdk" / "conformance.py").is_file():
-        pytest.skip("the conformance kit (server_sdk/conformance.py) comes with the contract branch")
-    from server_sdk.cli import main
+        pytest.skip("the conformance kit (server_sdk/fleet/conformance.py) comes with the contract branch")
+    from server_sdk.cli.main import main
 
     extra = ["--tolerance", tolerance] if tolerance else []
     rc = main(["conformance", *extra, "--keep", str(tmp_path), "--", "node", str(WEB / "node-device.mjs"),

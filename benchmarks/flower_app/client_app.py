@@ -5,8 +5,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from server_sdk.lora import read_lora, write_lora
-from server_sdk.trainer import local_train
+from server_sdk.engine.trainer import local_train
+from server_sdk.method.lora import read_lora, write_lora
 
 from . import task
 

@@ -15,9 +15,9 @@ import torch
 
 from server_sdk.config import RunConfig
 from server_sdk.data import Example, read_jsonl
-from server_sdk.lora import LoraState, attach_lora, read_lora
-from server_sdk.model import BaseModel, load_base_model
-from server_sdk.submodel import share_model
+from server_sdk.engine.model import BaseModel, load_base_model
+from server_sdk.method.lora import LoraState, attach_lora, read_lora
+from server_sdk.method.submodel import share_model
 
 SETTINGS_ENV = "DEVFT_FLOWER_SETTINGS"
 
