@@ -13,6 +13,9 @@ IGNORE_INDEX = -100
 # The one sequence length of a run (tokens per example after truncation): the run config's `seq_len`
 # default, what exporters trace for and write into the manifest, and what devices truncate to.
 DEFAULT_SEQ_LEN = 128
+# the shortest sequence any stage graph accepts: torch.export specialises a sequence of 2 (one shifted position)
+# away, and one input and one target token is no training example anyway
+MIN_SEQ_LEN = 3
 
 
 def join(prompt_ids: list[int], completion_ids: list[int], seq_len: int) -> tuple[list[int], list[int]]:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backends import FORMATS, open_trainer
-from edge_runtime.batching import DEFAULT_SEQ_LEN
+from edge_runtime.batching import DEFAULT_SEQ_LEN, IGNORE_INDEX
 from edge_runtime.manifest import load_manifest
 from edge_runtime.telemetry import DEVICE_PROFILES, TelemetryRecorder, fits
 from edge_runtime.telemetry.memory import current_rss_bytes, ru_maxrss_bytes
@@ -52,7 +52,6 @@ ROW_FORMAT = 1  # bump when a field of a row changes meaning
 DEFAULT_BATCH = 4
 DEFAULT_SEQ = DEFAULT_SEQ_LEN  # the run's one sequence length (edge_runtime/batching.py)
 BACKENDS = FORMATS  # every artifact format a device can train
-IGNORE_INDEX = -100
 
 
 def cpu_model() -> str:

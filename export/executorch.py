@@ -43,19 +43,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edge_runtime.batching import DEFAULT_SEQ_LEN
+from edge_runtime.batching import DEFAULT_SEQ_LEN, IGNORE_INDEX, MIN_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import check_weight_bytes, eager_attention
 from export.ort import check_exportable
 from export.publish import StageInfo, publish_stage, staging
 
-IGNORE_INDEX = -100
 PROGRAM = "model.pte"
 TRAINABLE_DATA = "lora.ptd"
 TRAIN_METHOD = "forward"
 EVAL_METHOD = "evaluate"
-MIN_SEQ_LEN = 3  # torch.export specialises a sequence of 2 (one shifted position) away
 MAX_PTE_BYTES = 2**31 - 2**24  # flatbuffer offsets are 32-bit; keep a margin for the graph
 INPUTS = (InputSpec("input_ids", ("batch", "seq")), InputSpec("labels", ("batch", "seq")))
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from safetensors.numpy import save_file
 
 from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
+from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import eager_attention, json_config, model_tensors, shape_key
@@ -66,9 +67,7 @@ WEIGHTS_DIR = "weights"
 INITIAL_LORA = "lora.safetensors"
 LOSS = "loss"
 GRAD_PREFIX = "grad."
-IGNORE_INDEX = -100
 OPSET = 20
-MIN_SEQ_LEN = 3  # torch.export specialises a sequence of 2 (one shifted position) away
 INPUTS = (InputSpec("input_ids", ("batch", "seq")), InputSpec("labels", ("batch", "seq")))
 INLINE_MAX_BYTES = 1024  # smaller frozen tensors stay inside the graph file
 LM_HEAD_CHUNKS = 8  # vocabulary slices of the loss head (chunked_cross_entropy): 6,144 of SmolLM2's 49,152 each

@@ -29,13 +29,12 @@ import numpy as np
 import onnx
 import torch
 
-from edge_runtime.batching import DEFAULT_SEQ_LEN
+from edge_runtime.batching import DEFAULT_SEQ_LEN, IGNORE_INDEX, MIN_SEQ_LEN
 from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import check_weight_bytes, eager_attention
 from export.publish import StageInfo, publish_stage, staging
 
-IGNORE_INDEX = -100  # label value excluded from the loss (prompt tokens: assistant-only loss)
 OPTIMIZER_IR_VERSION = 10  # onnx 1.23 writes IR 14 for the optimizer graph; ORT 1.19 reads at most 10
 LOGITS = "logits"
 OPTIMIZERS = ("adamw", "sgd")  # what generate_artifacts offers (OptimType); AdamW is the Hugging Face variant
@@ -68,8 +67,8 @@ def check_exportable(peft_model: Any, optimizer: str, seq_len: int) -> None:
     """Fail before the slow export. Devices train in float32 on CPU: bf16 or CUDA graphs would not run."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 (one input and one target token), got {seq_len}")
+    if seq_len < MIN_SEQ_LEN:
+        raise ValueError(f"seq_len must be at least {MIN_SEQ_LEN}, got {seq_len}")
     bad = {(str(p.dtype), str(p.device)) for p in peft_model.parameters()} - {("torch.float32", "cpu")}
     if bad:
         raise ValueError(

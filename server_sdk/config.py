@@ -37,6 +37,18 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
+    def validate(self) -> None:
+        _positive_int("lora.r", self.r)
+        if not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"lora.dropout={self.dropout!r} must lie in [0, 1)")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha!r} must be positive")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty; name at least one of " + ", ".join(LORA_TARGETS))
+        for t in self.target_modules:
+            if t not in LORA_TARGETS:
+                raise ConfigError(f"lora.target_modules: unknown target module {t!r}; choose from {list(LORA_TARGETS)}")
+
 
 @dataclass
 class DataSettings:
@@ -46,6 +58,21 @@ class DataSettings:
     tasks_per_client: int = 2  # for partition=task
     dirichlet_alpha: float = 0.5
     eval_examples_per_task: int = 16
+
+    def validate(self) -> None:
+        check_choice("data.partition", self.partition, PARTITIONS)
+        _positive_int("data.examples_per_client", self.examples_per_client)
+        _positive_int("data.eval_examples_per_task", self.eval_examples_per_task)
+        _positive_int("data.tasks_per_client", self.tasks_per_client)
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"data.dirichlet_alpha={self.dirichlet_alpha!r} must be > 0")
+        if not self.tasks:
+            raise ConfigError("data.tasks is empty; name at least one reasoning-gym task, e.g. chain_sum")
+        for t in self.tasks:
+            if t not in TASK_NAMES:
+                raise ConfigError(f"data.tasks: unknown task {t!r}; supported tasks are {sorted(TASK_NAMES)}")
+        if self.partition == "task" and self.tasks_per_client > len(self.tasks):
+            raise ConfigError(f"data.tasks_per_client={self.tasks_per_client} exceeds the {len(self.tasks)} tasks")
 
 
 @dataclass
@@ -166,45 +193,40 @@ class RunConfig:
         return list(self.rounds_per_stage)
 
     def validate(self) -> RunConfig:
-        """Raise ConfigError naming the first bad field."""
+        """Raise ConfigError naming the first bad field: the named rules, each section, the numbers, the schedule."""
+        self._check_rules()
+        self.lora.validate()
+        self.data.validate()
+        self._check_numbers()
+        self._check_schedule()
+        return self
+
+    def _check_rules(self) -> None:
+        """Each named rule against the registry of the module that implements it."""
         # imported on use: the rule modules need torch, which `devft --help` should not load
+        from edge_runtime.optim import OPTIMIZERS
+        from server_sdk.engine.precision import PRECISIONS
         from server_sdk.method.aggregation import AGGREGATIONS
         from server_sdk.method.fusion import ANCHORS, FUSIONS, TRANSFERS
         from server_sdk.method.grouping import GROUPINGS
-
-        check_choice("grouping", self.grouping, GROUPINGS)
-        check_choice("fusion", self.fusion, FUSIONS)
-        check_choice("anchor", self.anchor, ANCHORS)
-        check_choice("transfer", self.transfer, TRANSFERS)
-        check_choice("data.partition", self.data.partition, PARTITIONS)
-        check_choice("accuracy_every", self.accuracy_every, ACCURACY_EVERY)
-        check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        from edge_runtime.optim import OPTIMIZERS
-
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        from server_sdk.engine.precision import PRECISIONS
-
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("weights", self.weights, ("fp32", "int8", "int4"))
         from server_sdk.method.heal import HEALS
         from server_sdk.method.schedule import SCHEDULES
 
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("heal", self.heal, HEALS)
+        for name, options in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
+                              ("transfer", TRANSFERS), ("accuracy_every", ACCURACY_EVERY),
+                              ("aggregation", AGGREGATIONS), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
+                              ("weights", ("fp32", "int8", "int4")), ("schedule", SCHEDULES), ("heal", HEALS)):
+            check_choice(name, getattr(self, name), options)
+
+    def _check_numbers(self) -> None:
         if not isinstance(self.schedule_expected_gain, (int, float)) or not 0 < self.schedule_expected_gain < 1:
             raise ConfigError(f"schedule_expected_gain={self.schedule_expected_gain!r} must lie in (0, 1), e.g. 0.05")
         if not isinstance(self.heal_lr, (int, float)) or not 0 < self.heal_lr < 1:
             raise ConfigError(f"heal_lr={self.heal_lr!r} must be a number in (0, 1), e.g. 3e-4")
-        _positive_int("heal_steps", self.heal_steps)
-        _positive_int("heal_examples", self.heal_examples)
-        for name in ("num_clients", "clients_per_round", "local_steps", "batch_size", "eval_every",
-                     "gen_max_new_tokens"):
+        for name in ("heal_steps", "heal_examples", "num_clients", "clients_per_round", "local_steps", "batch_size",
+                     "eval_every", "gen_max_new_tokens"):
             _positive_int(name, getattr(self, name))
         _positive_int("seq_len", self.seq_len, minimum=8)
-        _positive_int("lora.r", self.lora.r)
-        _positive_int("data.examples_per_client", self.data.examples_per_client)
-        _positive_int("data.eval_examples_per_task", self.data.eval_examples_per_task)
-        _positive_int("data.tasks_per_client", self.data.tasks_per_client)
         if self.clients_per_round > self.num_clients:
             raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}; "
                               "lower clients_per_round or add clients")
@@ -212,24 +234,8 @@ class RunConfig:
             raise ConfigError(f"lr={self.lr!r} must be a number in (0, 1), e.g. 1e-3")
         if not isinstance(self.beta, (int, float)) or not (0.0 <= self.beta <= 1.0):
             raise ConfigError(f"beta={self.beta!r} must lie in [0, 1] (0 = anchor only, 1/m = group mean)")
-        if not (0.0 <= self.lora.dropout < 1.0):
-            raise ConfigError(f"lora.dropout={self.lora.dropout!r} must lie in [0, 1)")
-        if not isinstance(self.lora.alpha, (int, float)) or self.lora.alpha <= 0:
-            raise ConfigError(f"lora.alpha={self.lora.alpha!r} must be positive")
-        if not self.lora.target_modules:
-            raise ConfigError("lora.target_modules is empty; name at least one of " + ", ".join(LORA_TARGETS))
-        for t in self.lora.target_modules:
-            if t not in LORA_TARGETS:
-                raise ConfigError(f"lora.target_modules: unknown target module {t!r}; choose from {list(LORA_TARGETS)}")
-        if self.data.dirichlet_alpha <= 0:
-            raise ConfigError(f"data.dirichlet_alpha={self.data.dirichlet_alpha!r} must be > 0")
-        if not self.data.tasks:
-            raise ConfigError("data.tasks is empty; name at least one reasoning-gym task, e.g. chain_sum")
-        for t in self.data.tasks:
-            if t not in TASK_NAMES:
-                raise ConfigError(f"data.tasks: unknown task {t!r}; supported tasks are {sorted(TASK_NAMES)}")
-        if self.data.partition == "task" and self.data.tasks_per_client > len(self.data.tasks):
-            raise ConfigError(f"data.tasks_per_client={self.data.tasks_per_client} exceeds the {len(self.data.tasks)} tasks")
+
+    def _check_schedule(self) -> None:
         if self.stages is not None:
             if not self.stages or any(not isinstance(s, int) or s < 1 for s in self.stages):
                 raise ConfigError(f"stages={self.stages!r} must be a non-empty list of positive layer counts, "
@@ -242,7 +248,6 @@ class RunConfig:
         for r in [rounds] if isinstance(rounds, int) else rounds:
             if not isinstance(r, int) or r < 1:
                 raise ConfigError(f"rounds_per_stage={rounds!r}: every stage needs at least 1 round")
-        return self
 
 
 # fields added after the first runs were saved and benchmark runs cached, with the value runs had before

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
+from edge_runtime.batching import IGNORE_INDEX
 from edge_runtime.manifest import TensorSpec
 
 PROGRAM = "model.pte"  # names written by export/executorch.py; the manifest's versions repeat them
 TRAINABLE_DATA = "lora.ptd"
 TRAIN_METHOD = "forward"
 EVAL_METHOD = "evaluate"
-IGNORE_INDEX = -100
 
 
 class ExecuTorchTrainer:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
+from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN
 from edge_runtime.manifest import TensorSpec
 from edge_runtime.optim import make_optimizer
 
@@ -28,8 +29,6 @@ EVAL_GRAPH = "eval.onnx"
 INITIAL_LORA = "lora.safetensors"
 LOSS = "loss"
 GRAD_PREFIX = "grad."
-IGNORE_INDEX = -100
-MIN_SEQ_LEN = 3
 # The oldest onnxruntime that runs the exported graphs (opset 20 arrived in 1.17); export/onnx.py records it
 # in the manifest and a device below it refuses at startup, naming the version it needs.
 MIN_ONNXRUNTIME = "1.17.0"

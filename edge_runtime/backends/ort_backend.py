@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
+from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN
 from edge_runtime.manifest import TensorSpec
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
-IGNORE_INDEX = -100  # labels excluded from the loss, as in export/ort.py and Hugging Face
 
 
 def training_api() -> types.ModuleType:
@@ -152,7 +152,7 @@ class OrtTrainer:
         return float(self._optimizer.get_learning_rate())
 
     def _check_batch(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
-        check_batch_shape(input_ids, labels, 2, self.manifest.seq_len)
+        check_batch_shape(input_ids, labels, MIN_SEQ_LEN, self.manifest.seq_len)
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             # the mean over zero tokens is NaN, and one NaN step ruins the AdamW moments for the round
             raise ValueError("every target label is -100: nothing to learn from this batch; skip it")

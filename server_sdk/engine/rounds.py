@@ -219,14 +219,56 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
         executor.close()
 
 
+@dataclass
+class Pace:
+    """The loop's count of rounds: the progress bar, rounds done in the run and in this call."""
+
+    bar: Any
+    done: int
+    this_call: int = 0
+
+
+@dataclass
+class RoundOutcome:
+    """One trained and aggregated round, before its record is written."""
+
+    sampled: list[int]
+    results: list
+    new_devices: list[int]
+    bytes_down: int
+    bytes_up: int
+    started: float  # perf_counter at the round's start
+
+
 def _run_loop(loop: RoundLoop, resume: bool) -> dict:
-    cfg, base, strategy, executor = loop.cfg, loop.base, loop.strategy, loop.executor
-    stages, rounds = loop.stages, loop.rounds
+    """Stages, and rounds within each: plan, train, aggregate, evaluate, record, replan, transfer, checkpoint."""
+    torch.manual_seed(loop.cfg.seed)  # seeds the initial LoRA
+    eval_model, initial_full = _full_eval_model(loop.base, loop.cfg)  # the full model: seeds the LoRA, evaluates
+    state = _load_state(loop, resume, initial_full)
+    _evaluate_base(loop, state, eval_model)
+    pace = _pace(loop, state)
+    for s in range(state.stage, len(loop.stages)):
+        if loop.rounds[s] == 0:  # skipped by the strategy's runtime schedule
+            continue
+        plan, stage_artifact = _enter_stage(loop, state, s)
+        for r in range(state.next_round, loop.rounds[s]):
+            outcome = _train_round(loop, state, s, r, plan, pace)
+            metrics = _evaluate_round(loop, state, s, r, plan, eval_model, pace)
+            state.records.append(_record(loop, state, s, r, outcome, stage_artifact, metrics))
+            stage_end = _close_round(loop, state, s, r, plan, metrics)
+            is_last = s == len(loop.stages) - 1 and r == loop.rounds[s] - 1
+            _count_round(loop, state, pace, s)
+            stop = _stop_early(loop, state, pace, metrics, is_last)
+            if stop is not None:
+                return stop
+            if stage_end:
+                break
+    pace.bar.close()
+    return _finish(loop, state, eval_model)
 
-    # the full model with LoRA attached, used to seed the initial LoRA and to evaluate
-    torch.manual_seed(cfg.seed)
-    eval_model, initial_full = _full_eval_model(base, cfg)
 
+def _load_state(loop: RoundLoop, resume: bool, initial_full: LoraState) -> RunState:
+    """A fresh state, or the checkpoint's when resuming (with the schedule as the strategy last re-planned it)."""
     state = RunState(full_lora=initial_full)
     loaded = RunState.load(loop.run_dir) if resume else None
     if loaded:
@@ -235,110 +277,150 @@ def _run_loop(loop: RoundLoop, resume: bool) -> dict:
     elif resume:
         log.warning("no checkpoint in %s: starting from the beginning", loop.run_dir)
     if state.rounds is not None:  # the strategy re-planned the schedule before the interruption
-        rounds[:] = state.rounds
+        loop.rounds[:] = state.rounds
+    return state
 
-    gen = dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens, precision=cfg.precision)
-    if not state.records:
-        before = base_evaluation(eval_model, base, loop.held_out, generate=cfg.accuracy_every != "never",
-                                 progress=loop.progress, evaluator=executor.evaluate, **gen)
-        state.records.append(RoundRecord.base_model(base.n_layers, before).to_dict())
 
-    total_rounds = sum(rounds)
-    done_rounds = sum(rounds[:state.stage]) + state.next_round
-    bar = progress_bar(f"{cfg.strategy} rounds", total_rounds, initial=done_rounds, position=0, leave=True,
-                       enabled=loop.progress)
-    rounds_this_call = 0
-    for s in range(state.stage, len(stages)):
-        if rounds[s] == 0:  # skipped by the strategy's runtime schedule
-            continue
-        if state.plan is None or state.plan.stage != s:
-            plan, sim = strategy.configure_stage(s, base.model, state.full_lora, stages[s])
-            sub_model, init_sub = strategy.build_submodel(base.model, state.full_lora, plan)
-            quantize_submodel_(sub_model, cfg.weights)
-            state.plan, state.stage_initial, state.stage_global = plan, init_sub, init_sub
-            state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None,
-                                      **strategy.stage_notes(s)})
-            checkpoint.save_stage_start(loop.run_dir, s, plan.to_dict(), state.full_lora)
-            state.devices_with_stage, state.next_round = [], 0
+def _generation(cfg: RunConfig) -> dict:
+    return dict(seq_len=cfg.seq_len, max_new_tokens=cfg.gen_max_new_tokens, precision=cfg.precision)
+
+
+def _evaluate_base(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> None:
+    """The base model's held-out evaluation: the run's first record (once; a resumed run has it)."""
+    if state.records:
+        return
+    before = base_evaluation(eval_model, loop.base, loop.held_out, generate=loop.cfg.accuracy_every != "never",
+                             progress=loop.progress, evaluator=loop.executor.evaluate, **_generation(loop.cfg))
+    state.records.append(RoundRecord.base_model(loop.base.n_layers, before).to_dict())
+
+
+def _pace(loop: RoundLoop, state: RunState) -> Pace:
+    done = sum(loop.rounds[:state.stage]) + state.next_round
+    return Pace(progress_bar(f"{loop.cfg.strategy} rounds", sum(loop.rounds), initial=done, position=0, leave=True,
+                             enabled=loop.progress), done)
+
+
+def _enter_stage(loop: RoundLoop, state: RunState, s: int) -> tuple[StagePlan, int]:
+    """Plan stage s (or take the plan a resumed checkpoint holds), build its submodel, hand it to the executor.
+    Returns the plan and the bytes of the stage's files one device downloads."""
+    strategy, base = loop.strategy, loop.base
+    if state.plan is None or state.plan.stage != s:
+        plan, sim = strategy.configure_stage(s, base.model, state.full_lora, loop.stages[s])
+        sub_model, init_sub = strategy.build_submodel(base.model, state.full_lora, plan)
+        quantize_submodel_(sub_model, loop.cfg.weights)
+        state.plan, state.stage_initial, state.stage_global = plan, init_sub, init_sub
+        state.stage_plans.append({**plan.to_dict(), "similarity": sim.tolist() if sim is not None else None,
+                                  **strategy.stage_notes(s)})
+        checkpoint.save_stage_start(loop.run_dir, s, plan.to_dict(), state.full_lora)
+        state.devices_with_stage, state.next_round = [], 0
+    else:
+        plan = state.plan
+        sub_model, _ = strategy.build_submodel(base.model, state.full_lora, plan)
+        quantize_submodel_(sub_model, loop.cfg.weights)
+    with phase(f"stage {s + 1}/{len(loop.stages)}: preparing the {loop.stages[s]}-layer submodel",
+               enabled=loop.progress):
+        stage_artifact = loop.executor.begin_stage(s, plan, sub_model)
+    prune_finished_stages(loop.run_dir, s)  # devices moved on; --keep-artifacts keeps them
+    return plan, stage_artifact
+
+
+def _train_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, pace: Pace) -> RoundOutcome:
+    """Sample the round's clients, have them train (letting devices fetch the next stage during a stage's last
+    round), and aggregate their results into the stage's global LoRA."""
+    cfg, executor = loop.cfg, loop.executor
+    started = time.perf_counter()
+    sampled = sample_clients(cfg, plan.draw_key, r)
+    bytes_down = len(serialize(state.stage_global)) * len(sampled)
+    new_devices = [c for c in sampled if c not in state.devices_with_stage]
+    state.devices_with_stage += new_devices
+    seeds = {c: client_seed(cfg.seed, plan.draw_key, r, c) for c in sampled}
+    nxt = next((t for t in range(s + 1, len(loop.stages)) if loop.rounds[t] > 0), None)
+    if r == loop.rounds[s] - 1 and nxt is not None:
+        executor.prefetch_stage(nxt, _guess_stage(loop, state, plan, nxt))
+    loop.steps_bar.reset()
+    with phase(f"round {pace.done + 1}: waiting for {len(sampled)} devices",
+               enabled=loop.progress and loop.steps_bar.disable):
+        results = executor.train_round(s, r, sampled, state.stage_global, loop.strategy.is_trainable, seeds)
+    if not results:
+        raise RuntimeError(f"stage {s} round {r}: no client result arrived; the round cannot be aggregated")
+    bytes_up = sum(res.payload_bytes or nbytes(res.delta) for res in results)  # before aggregation folds them
+    state.stage_global = loop.strategy.aggregate_train(state.stage_global, results)
+    state.next_round = r + 1
+    return RoundOutcome(sampled, results, new_devices, bytes_down, bytes_up, started)
+
+
+def _evaluate_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, eval_model: PeftModel,
+                    pace: Pace) -> dict | None:
+    """The full model's held-out metrics with the stage's LoRA transferred back, every eval_every rounds and at
+    each stage's end; None between."""
+    cfg = loop.cfg
+    stage_end = r == loop.rounds[s] - 1
+    if not ((r + 1) % cfg.eval_every == 0 or stage_end):
+        return None
+    projected = loop.strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
+    write_lora(eval_model, projected)
+    run_end = s == len(loop.stages) - 1 and stage_end  # the final stage is never re-planned
+    want_acc = (cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
+                or (cfg.accuracy_every == "end" and run_end))
+    label = f"evaluating after round {pace.done + 1}" if loop.progress else None
+    return loop.executor.evaluate(eval_model, loop.base.tokenizer, loop.held_out, generate=want_acc,
+                                  **_generation(cfg), progress=label)
+
+
+def _record(loop: RoundLoop, state: RunState, s: int, r: int, outcome: RoundOutcome, stage_artifact: int,
+            metrics: dict | None) -> dict:
+    """report.json's row for the round."""
+    results = outcome.results
+    return RoundRecord(
+        stage=s, round=len([x for x in state.records if x["stage"] >= 0]) + 1, stage_round=r,
+        layers=loop.stages[s], clients=outcome.sampled, train_loss=float(np.mean([res.train_loss for res in results])),
+        bytes_down=outcome.bytes_down, bytes_up=outcome.bytes_up,
+        stage_download_bytes=stage_artifact * len(outcome.new_devices),
+        client_seconds=[res.seconds for res in results], wall_seconds=time.perf_counter() - outcome.started,
+        client_samples=[res.num_samples for res in results],
+        client_cpu_seconds=[res.cpu_seconds for res in results], stage_new_devices=len(outcome.new_devices),
+        telemetry={res.telemetry.get("device") or str(res.client): res.telemetry  # keyed by device name
+                   for res in results if res.telemetry} or None,
+    ).with_metrics(metrics).to_dict()
+
+
+def _close_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, metrics: dict | None) -> bool:
+    """Let the strategy re-plan the schedule after an evaluated round; at a stage's end, transfer its LoRA back
+    into the full model (unless the strategy rolls the stage back); checkpoint. Returns whether the stage ended."""
+    strategy, rounds = loop.strategy, loop.rounds
+    stage_end = r == rounds[s] - 1
+    if metrics is not None and s < len(loop.stages) - 1:  # the strategy may end this stage now
+        planned = strategy.replan_rounds(s, r, state.records, rounds)
+        if planned != rounds:
+            rounds[:], state.rounds = planned, list(planned)
+        stage_end = r == rounds[s] - 1
+    if stage_end:
+        if s < len(loop.stages) - 1 and not strategy.keeps_stage(s, state.records):
+            state.records[-1]["rolled_back"] = True  # the full model keeps its LoRA from before the stage
+            log.info("stage %d did not pay for itself: its transfer is rolled back", s + 1)
         else:
-            plan = state.plan
-            sub_model, _ = strategy.build_submodel(base.model, state.full_lora, plan)
-            quantize_submodel_(sub_model, cfg.weights)
-        with phase(f"stage {s + 1}/{len(stages)}: preparing the {stages[s]}-layer submodel", enabled=loop.progress):
-            stage_artifact = executor.begin_stage(s, plan, sub_model)
-        prune_finished_stages(loop.run_dir, s)  # devices moved on; --keep-artifacts keeps them
+            state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
+        state.stage, state.next_round, state.plan = s + 1, 0, None
+    state.save(loop.run_dir)
+    return stage_end
 
-        for r in range(state.next_round, rounds[s]):
-            t_round = time.perf_counter()
-            sampled = sample_clients(cfg, plan.draw_key, r)
-            bytes_down = len(serialize(state.stage_global)) * len(sampled)
-            new_devices = [c for c in sampled if c not in state.devices_with_stage]
-            state.devices_with_stage += new_devices
-            seeds = {c: client_seed(cfg.seed, plan.draw_key, r, c) for c in sampled}
-            nxt = next((t for t in range(s + 1, len(stages)) if rounds[t] > 0), None)
-            if r == rounds[s] - 1 and nxt is not None:
-                executor.prefetch_stage(nxt, _guess_stage(loop, state, plan, nxt))
-            loop.steps_bar.reset()
-            with phase(f"round {done_rounds + 1}: waiting for {len(sampled)} devices",
-                       enabled=loop.progress and loop.steps_bar.disable):
-                results = executor.train_round(s, r, sampled, state.stage_global, strategy.is_trainable, seeds)
-            if not results:
-                raise RuntimeError(f"stage {s} round {r}: no client result arrived; the round cannot be aggregated")
-            bytes_up = sum(res.payload_bytes or nbytes(res.delta) for res in results)
-            state.stage_global = strategy.aggregate_train(state.stage_global, results)
-            state.next_round = r + 1
 
-            metrics = None
-            stage_end = r == rounds[s] - 1
-            if (r + 1) % cfg.eval_every == 0 or stage_end:
-                projected = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
-                write_lora(eval_model, projected)
-                run_end = s == len(stages) - 1 and stage_end  # the final stage is never re-planned
-                want_acc = (cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
-                            or (cfg.accuracy_every == "end" and run_end))
-                label = f"evaluating after round {done_rounds + 1}" if loop.progress else None
-                metrics = executor.evaluate(eval_model, base.tokenizer, loop.held_out, generate=want_acc, **gen,
-                                            progress=label)
-            rec = RoundRecord(
-                stage=s, round=len([x for x in state.records if x["stage"] >= 0]) + 1, stage_round=r,
-                layers=stages[s], clients=sampled, train_loss=float(np.mean([res.train_loss for res in results])),
-                bytes_down=bytes_down, bytes_up=bytes_up, stage_download_bytes=stage_artifact * len(new_devices),
-                client_seconds=[res.seconds for res in results], wall_seconds=time.perf_counter() - t_round,
-                client_samples=[res.num_samples for res in results],
-                client_cpu_seconds=[res.cpu_seconds for res in results], stage_new_devices=len(new_devices),
-                telemetry={res.telemetry.get("device") or str(res.client): res.telemetry  # keyed by device name
-                           for res in results if res.telemetry} or None,
-            ).with_metrics(metrics)
-            state.records.append(rec.to_dict())
-            if metrics is not None and s < len(stages) - 1:  # the strategy may end this stage now
-                planned = strategy.replan_rounds(s, r, state.records, rounds)
-                if planned != rounds:
-                    rounds[:], state.rounds = planned, list(planned)
-                stage_end = r == rounds[s] - 1
-            is_last = s == len(stages) - 1 and r == rounds[s] - 1
-            if stage_end:  # stage done: transfer back into the full model, unless the strategy rolls it back
-                if s < len(stages) - 1 and not strategy.keeps_stage(s, state.records):
-                    state.records[-1]["rolled_back"] = True  # the full model keeps its LoRA from before the stage
-                    log.info("stage %d did not pay for itself: its transfer is rolled back", s + 1)
-                else:
-                    state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial,
-                                                            plan)
-                state.stage, state.next_round, state.plan = s + 1, 0, None
-            state.save(loop.run_dir)
-            bar.update(1)
-            done_rounds += 1
-            bar.set_postfix_str(round_postfix(s, len(stages), stages[s], state.records))
-            rounds_this_call += 1
-            if loop.stop_after_rounds is not None and rounds_this_call >= loop.stop_after_rounds and not is_last:
-                bar.close()
-                return {"interrupted": True, "records": state.records}
-            if metrics is not None and not is_last and loop.stop_when is not None and loop.stop_when(state.records):
-                bar.close()
-                return {"interrupted": True, "stopped_early": True, "records": state.records}
-            if stage_end:
-                break
-    bar.close()
-    return _finish(loop, state, eval_model)
+def _count_round(loop: RoundLoop, state: RunState, pace: Pace, s: int) -> None:
+    pace.bar.update(1)
+    pace.done += 1
+    pace.bar.set_postfix_str(round_postfix(s, len(loop.stages), loop.stages[s], state.records))
+    pace.this_call += 1
+
+
+def _stop_early(loop: RoundLoop, state: RunState, pace: Pace, metrics: dict | None, is_last: bool) -> dict | None:
+    """The report of a run this call ends before its last round (stop_after_rounds, stop_when), else None."""
+    if loop.stop_after_rounds is not None and pace.this_call >= loop.stop_after_rounds and not is_last:
+        pace.bar.close()
+        return {"interrupted": True, "records": state.records}
+    if metrics is not None and not is_last and loop.stop_when is not None and loop.stop_when(state.records):
+        pace.bar.close()
+        return {"interrupted": True, "stopped_early": True, "records": state.records}
+    return None
 
 
 def _guess_stage(loop: RoundLoop, state: RunState, plan: StagePlan, stage: int) -> Callable[[], tuple | None]:

@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-from edge_runtime.batching import collate
+from edge_runtime.batching import IGNORE_INDEX, collate
 from server_sdk.method.lora import LoraState, attach_lora, write_lora
 from server_sdk.method.submodel import share_model
 
@@ -85,7 +85,7 @@ def heal_submodel(sub: PeftModel, full_model: LlamaForCausalLM, full_lora: LoraS
     with torch.no_grad():
         for b in range(0, len(prompts), batch_size):
             chunk = prompts[b:b + batch_size]
-            ids = torch.from_numpy(collate([(p, [-100] * len(p)) for p in chunk], pad_id)[0])
+            ids = torch.from_numpy(collate([(p, [IGNORE_INDEX] * len(p)) for p in chunk], pad_id)[0])
             mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(p) for p in chunk])[:, None]).long()
             batches.append((ids, mask, _final_hidden(teacher, ids, mask)))
     del teacher
