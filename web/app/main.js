@@ -5,7 +5,7 @@ import { readShard } from '../src/data.js';
 import { browserProblem, browserRuntime } from '../src/runtime-browser.js';
 
 const b64 = (bytes) => { let s = ''; for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000)); return btoa(s); };
-const state = { log: [], records: [], done: false, error: null, device: null, status: null };
+const state = { log: [], records: [], abandoned: [], done: false, error: null, device: null, status: null };
 window.devft = state;
 
 function log(line) {
@@ -55,7 +55,13 @@ window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune 
   try {
     const runtime = await browserRuntime({ wsUrl, threads });
     const onRecord = (kind, r) => state.records.push({ control: r.control, losses: r.losses, draws: r.draws, global: b64(r.global), update: b64(r.update) });
-    const device = new Device({ runtime, creds, shard: readShard(shardText, 'shard'), runId, threads, log, onRecord, prune,
+    // a round given up (the storage quota full, a file that failed its hash) is shown, not only logged: the device
+    // stays in the fleet and tries again with the next control, so nothing it holds is lost
+    const onAbandon = (ctrl, e) => {
+      state.abandoned.push({ stage: ctrl.stage, round: ctrl.round, error: e.message });
+      show(`stage ${ctrl.stage + 1} round ${ctrl.round + 1} given up: ${e.message}`);
+    };
+    const device = new Device({ runtime, creds, shard: readShard(shardText, 'shard'), runId, threads, log, onRecord, onAbandon, prune,
       onStatus: (st, extra) => { state.status = st; if (st === 'busy') show(`training round ${extra.round + 1}`); } });
     state.device = device;
     show(`training in run ${runId} as ${creds.username} (${runtime.name})`);
