@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from . import conformance, disk, export_cli, fleet_cli, report_cli
+from . import conformance, disk, export_cli, fleet_cli, report_cli, rig
 from .config import ConfigError, RunConfig
 
 EPILOG = "Config fields are documented in README.md; any of them can be overridden with -o FIELD=VALUE."
@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_cli.register(sub)
     fleet_cli.register(sub)
+    rig.register(sub)
     report_cli.register(sub)
     disk.register(sub)
     conformance.register(sub)
