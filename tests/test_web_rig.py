@@ -78,6 +78,8 @@ def test_rig_of_emulated_phones_joins_a_real_fleet_run_and_reports_them_as_emula
         assert d["cpu_throttle"] == 2 and d["viewport"]["isMobile"] is True and "Mobile" in d["user_agent"], d
         assert [r["round"] for r in d["rounds"]] == [0, 1] and d["renderer_peak_rss_bytes"] > 0, d
         assert all(len(r["losses"]) == cfg.local_steps for r in d["rounds"]), d
+        # DevTools throttling slows no worker: a throttled phone trains on its page's thread, with one WASM thread
+        assert d["trains_on_page_thread"] is True and "1 thread(s)" in d["runtime"] and "worker" not in d["runtime"], d
         assert (Path(d["profile_dir"]) / "Default").is_dir()  # its own Chromium profile, kept on disk
         for rec in (r for r in report["records"] if r["stage"] >= 0):  # its own telemetry, as every device's
             tel = rec["telemetry"][name]

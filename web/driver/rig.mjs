@@ -32,6 +32,10 @@ async function phone(spec) {
     const page = (await browser.pages())[0] ?? await browser.newPage();
     Object.assign(out, await emulatePhone(page, { profile: a.phone, throttle: Number(a.throttle) }));
     lines = collectConsole(page);
+    // DevTools throttling slows a page's own thread and no worker (Chromium refuses it for workers), so a throttled
+    // phone trains on the page's thread with one WASM thread: onnxruntime-web's worker would run at full speed
+    out.trains_on_page_thread = Number(a.throttle) > 1;
+    if (out.trains_on_page_thread) await page.evaluateOnNewDocument(() => { window.devftOptions = { proxy: false, threads: 1 }; });
     await page.goto(url, { waitUntil: 'load' });
     await waitForDevice(page, deadline);
     Object.assign(out, await page.evaluate(() => ({
@@ -39,6 +43,7 @@ async function phone(spec) {
       enrolled: window.devft.enrolled ?? null, given_up: window.devft.abandoned ?? [], log_tail: window.devft.log.slice(-20),
       rounds: window.devft.records.map((r) => ({ stage: r.control.stage, round: r.control.round, losses: r.losses })),
       hardware_concurrency: navigator.hardwareConcurrency, cross_origin_isolated: globalThis.crossOriginIsolated,
+      runtime: window.devft.runtime ?? null,
     })));
     out.renderer_peak_rss_bytes = rendererPeakBytes(browser);
   } catch (e) {
