@@ -24,7 +24,7 @@ needs_browser = pytest.mark.skipif(
 
 
 @needs_browser
-def test_rig_of_emulated_phones_joins_a_real_fleet_run_and_reports_them_as_emulated(tmp_path):
+def test_rig_of_emulated_phones_joins_a_real_fleet_run_and_reports_them_as_emulated(tmp_path, capsys):
     """2 devft-edge devices and 2 emulated phones started by `devft rig` (join links, throttled 2x, Pixel 5):
     every phone update is accepted, each phone ran in its own browser profile with a phone's user agent,
     and report.json (and add_fleet_summary's rewrite of it) carries the rig's section, marked emulated."""
@@ -86,6 +86,13 @@ def test_rig_of_emulated_phones_joins_a_real_fleet_run_and_reports_them_as_emula
             assert tel["runtime"].startswith("onnxruntime-web") and tel["steps"] == cfg.local_steps
     assert all(j["used_unix"] for j in _load(job.fleet.dir).values())  # each link enrolled its phone once
     assert add_fleet_summary(job.run_dir, report)["rig"] == rig  # the fleet summary keeps the section
+    from server_sdk.cli import main
+
+    capsys.readouterr()
+    assert main(["report", str(job.run_dir), "--no-plots"]) == 0
+    shown = capsys.readouterr().out
+    for name in phones:  # `devft report` says which devices were emulated
+        assert f"{name}: EMULATED phone (Pixel 5, CPU 2x throttled" in shown, shown
 
 
 def test_adb_battery_energy_is_current_times_voltage_over_time():
@@ -100,3 +107,17 @@ def test_adb_battery_energy_is_current_times_voltage_over_time():
                                                                          "voltage_mv": 3800}]
     assert energy_j(dumpsys) == pytest.approx(2 * 0.25 * 3.8)
     assert energy_j([{"t": 0.0, "level": 80, "voltage_mv": 3800}, {"t": 5.0, "level": 80, "voltage_mv": 3800}]) is None
+
+
+def test_report_labels_rig_devices_emulated_or_measured():
+    from server_sdk.report_cli import rig_lines
+
+    lines = rig_lines({"devices": {
+        "dev-004": {"kind": "emulated", "profile": "Pixel 5", "cpu_throttle": 4, "chromium": "Chrome/156",
+                    "renderer_peak_rss_bytes": 300 * 2**20},
+        "dev-005": {"kind": "android", "serial": "R58M", "battery": {"energy_j": 12.34}},
+        "dev-006": {"kind": "android", "serial": "X1", "battery": {"energy_j": None}}}})
+    assert "dev-004: EMULATED phone (Pixel 5, CPU 4x throttled, Chrome/156), renderer peak RSS 300 MiB" in lines[1]
+    assert "dev-005: phone R58M over adb, battery energy MEASURED: 12.3 J" in lines[2]
+    assert "not exposed by this phone" in lines[3]
+    assert rig_lines(None) == [] and rig_lines({"devices": "x"}) == []
