@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edge_runtime.manifest import load_manifest
-from server_sdk.cli.main import main
 from server_sdk.cli.export import ExportError, export_stage
+from server_sdk.cli.main import main
 from server_sdk.engine import checkpoint
 from server_sdk.method.lora import to_peft_key
 

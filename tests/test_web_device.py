@@ -343,8 +343,9 @@ def test_a_tab_closed_mid_round_is_offline_through_its_will_and_the_run_goes_on(
 @needs_browser
 def test_a_join_link_enrols_a_browser_once_and_never_shows_up_in_a_log(tmp_path, caplog):
     """`web_gateway join` prints a link whose token (in the fragment) a page redeems once for its device's
-    credentials, run and shard, then connects as that device; the same link again, a forged one and a
-    revoked one are refused with a clear message; the token is in no log and not in the fleet's files."""
+    credentials, run and shard, then connects as that device; the same link again, a forged, a revoked and
+    an expired one are refused with a clear message in the page (and to a plain POST); the token is in no
+    log and not in the fleet's files, even when a hand-made request carries it in its request line."""
     import http.client
     import logging
     import ssl
@@ -360,21 +361,34 @@ def test_a_join_link_enrols_a_browser_once_and_never_shows_up_in_a_log(tmp_path,
         fleet.start_broker()
         with WebGateway(fleet.dir, fleet.port) as gw:
             token = issue(fleet.dir, "dev-001", "joinrun", shard)
-            out = subprocess.run(["node", "test/join.mjs", "--url", f"{gw.page_url}#join={token}", "--spki",
-                                  spki_sha256(fleet.dir / "server.pem")], cwd=WEB, capture_output=True, text=True,
-                                 timeout=180)
-            page = json.loads(out.stdout)
+            revoked = issue(fleet.dir, "dev-000", "joinrun", shard)
+            assert revoke(fleet.dir, "dev-000") == 1
+            expired = issue(fleet.dir, "dev-000", "joinrun", shard, ttl_s=-1)
+            links = [token, token, "x" * 43, revoked, expired]
+            cmd = ["node", "test/join.mjs", "--spki", spki_sha256(fleet.dir / "server.pem")]
+            for t in links:
+                cmd += ["--url", f"{gw.page_url}#join={t}"]
+            out = subprocess.run(cmd, cwd=WEB, capture_output=True, text=True, timeout=240)
+            page, *refused = json.loads(out.stdout)
             assert page["error"] is None and page["enrolled"] == "dev-001" and page["stored_user"] == "dev-001", page
             assert page["status"] == "hello"  # connected through the gateway with the redeemed password
             assert token not in page["address"]  # the page dropped the token from its address and history
+            for got, why in zip(refused, ["already used", "not valid", "revoked", "expired"], strict=True):
+                assert got["status"] is None and got["stored_user"] is None, got  # no device, nothing kept
+                assert got["page_text"].startswith("cannot join: this join link") and why in got["page_text"], got
+                assert "ask the fleet's operator for" in got["page_text"], got
 
             ctx = ssl.create_default_context(cafile=str(fleet.dir / "ca.pem"))
 
-            def post(body: bytes) -> tuple[int, dict]:
+            def request(method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
                 conn = http.client.HTTPSConnection("localhost", gw.https_port, context=ctx, timeout=10)
-                conn.request("POST", "/api/join", body=body, headers={"Content-Type": "application/json"})
+                conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
                 resp = conn.getresponse()
-                return resp.status, json.loads(resp.read())
+                return resp.status, resp.read()
+
+            def post(body: bytes) -> tuple[int, dict]:
+                status, answer = request("POST", "/api/join", body)
+                return status, json.loads(answer)
 
             status, answer = post(json.dumps({"token": token}).encode())
             assert status == 410 and "already used" in answer["error"]
@@ -385,6 +399,10 @@ def test_a_join_link_enrols_a_browser_once_and_never_shows_up_in_a_log(tmp_path,
             assert revoke(fleet.dir, "dev-001") == 1
             status, answer = post(json.dumps({"token": second}).encode())
             assert status == 410 and "revoked" in answer["error"]
+            # a token pasted into a request line (not how the page sends it) is cut out of the access line
+            assert request("GET", f"/app/?join={token}")[0] == 200
+            assert request("GET", f"/app/index.html#join={token}")[0] == 200
+            assert "GET /app/?..." in caplog.text
         for path in [*fleet.dir.rglob("*"), *tmp_path.rglob("*.log")]:
             if path.is_file():
                 assert token.encode() not in path.read_bytes(), path
@@ -412,9 +430,104 @@ def test_a_page_opened_over_plain_http_says_it_needs_https(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
-    page = json.loads(out.stdout)
+    page = json.loads(out.stdout)[0]
     assert page["status"] is None and "must be opened over HTTPS" in page["error"], page
     assert page["page_text"].startswith("cannot train here: this page must be opened over HTTPS"), page
+
+
+@needs_web
+@needs_browser
+def test_a_browser_without_webassembly_says_so_and_does_not_join(tmp_path):
+    """A browser with WebAssembly turned off (V8 without its JIT, as in Lockdown Mode or a JIT-less security
+    setting: `--js-flags=--jitless`) opening a join link: the page says it needs WebAssembly and what to do,
+    and does not redeem the link (it still enrols a capable browser afterwards)."""
+    import http.client
+    import ssl
+
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
+    from server_sdk.fleet.web_join import issue
+
+    shard = tmp_path / "client_000.jsonl"
+    shard.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    with LocalFleet(tmp_path / "fleet", 1, run_id="r") as fleet:
+        with WebGateway(fleet.dir, fleet.port) as gw:
+            token = issue(fleet.dir, "dev-000", "r", shard)
+            out = subprocess.run(["node", "test/join.mjs", "--url", f"{gw.page_url}#join={token}", "--spki",
+                                  spki_sha256(fleet.dir / "server.pem"), "--wait-s", "20",
+                                  "--chromium-arg=--js-flags=--jitless"], cwd=WEB, capture_output=True, text=True,
+                                 timeout=120)
+            page = json.loads(out.stdout)[0]
+            assert page["wasm"] == "undefined", page  # the browser really has none
+            assert page["page_text"].startswith("cannot train here: this browser has no WebAssembly"), page
+            assert "use another browser" in page["page_text"] and page["enrolled"] is None, page
+            assert page["status"] is None and page["stored_user"] is None, page
+            ctx = ssl.create_default_context(cafile=str(fleet.dir / "ca.pem"))
+            conn = http.client.HTTPSConnection("localhost", gw.https_port, context=ctx, timeout=10)
+            conn.request("POST", "/api/join", body=json.dumps({"token": token}), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["credentials"]["username"] == "dev-000"
+
+
+@needs_web
+@needs_browser
+def test_a_full_storage_quota_is_shown_and_loses_nothing(tmp_path):
+    """A browser device whose site storage is capped below the stage's files (DevTools
+    Storage.overrideQuotaForOrigin, 4 kB): fetching the stage fails to store, the page shows the quota error
+    and what to do, the device gives the round up but stays in the fleet, the round closes on the two
+    devft-edge devices at its deadline, the run finishes, and the page ends cleanly with the run."""
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
+    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+
+    out = tmp_path / "browsers"
+
+    class QuotaRun(FleetRun):
+        gateway: WebGateway | None = None
+
+        def finish(self, timeout_s: float = 600) -> dict:
+            self.thread.join(timeout_s)
+            driver = self.fleet.devices.get("browsers")
+            if driver is not None:
+                try:
+                    driver.wait(120)
+                except subprocess.TimeoutExpired:
+                    pass  # its exit code stays None and the assertion below says so
+            return super().finish(timeout_s)
+
+        def start_device(self, name: str, code: str | None = None):
+            if name != "dev-002":
+                return super().start_device(name, code)
+            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
+            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
+                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
+                   "--timeout-s", "300", "--quota", "4096",
+                   "--device", f"{name}={self.fleet.device_credentials(name)},{self.shards[name]}"]
+            with open(tmp_path / "browsers.log", "ab") as logf:
+                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
+            self.fleet.devices["browsers"] = proc
+            return proc
+
+    cfg = fleet_cfg(num_clients=3, clients_per_round=3, stages=[4], rounds_per_stage=[1])
+    job = QuotaRun(tmp_path / "quota", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 3,
+                   FleetSettings(round_timeout_s=40))
+    try:
+        report = job.finish(600)
+    finally:
+        if job.gateway is not None:
+            job.gateway.stop()
+    log = (out / "dev-002" / "log.txt").read_text() if (out / "dev-002" / "log.txt").exists() else \
+        (tmp_path / "browsers.log").read_text()
+    page = json.loads((out / "dev-002" / "abandoned.json").read_text())
+    assert page["abandoned"] and all("storage quota is exhausted" in a["error"] for a in page["abandoned"]), page
+    assert "free space for this site or use a smaller stage" in page["abandoned"][0]["error"]
+    assert job.codes["browsers"] == 0 and "done: true error: null" in log, log  # it stayed and ended with the run
+    ends = [e for e in events(job.run_dir) if e["event"] == "round_end"]
+    assert len(ends) == 1 and ends[0]["accepted"] == ["dev-000", "dev-001"] and ends[0]["missing"] == ["dev-002"], ends
+    assert {k: sorted(v) for k, v in accepted_by_round(job.run_dir).items()} == {0: ["dev-000", "dev-001"]}
+    assert [r for r in report["records"] if r["stage"] >= 0][0]["telemetry"].keys() == {"dev-000", "dev-001"}
+    assert (job.run_dir / "adapter").is_dir()  # the run's result is written: nothing aggregated was lost
 
 
 # --------------------------------------------------------------------------- the contract's conformance kit

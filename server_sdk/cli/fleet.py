@@ -35,6 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--host", help="hostname the device should connect to (default: the first from init)")
     q.add_argument("--out", metavar="PATH",
                    help="also write the credentials here (mode 0600), e.g. onto the device's provisioning media")
+    w = q.add_argument_group("a browser device (a phone): --web prints a one-time join link and writes its QR code")
+    w.add_argument("--web", action="store_true", help="enrol a browser: print a join link (a one-time token, not the "
+                   "password) for the device page that `python -m server_sdk.fleet.web_gateway run DIR` serves, and write "
+                   "it as a QR code PNG")
+    w.add_argument("--run", metavar="RUN_ID", help="the run the browser device follows (required with --web)")
+    w.add_argument("--data", metavar="SHARD", help="the device's shard, e.g. runs/RUN/data/client_003.jsonl, "
+                   "handed to the page once with its credentials")
+    w.add_argument("--web-host", metavar="HOST", help="the gateway's host name as the phone reaches it (default: "
+                   "--host, else the fleet's first host name); it must be one the fleet certificate names")
+    w.add_argument("--https-port", type=int, default=8443, help="the gateway's HTTPS port (default 8443)")
+    w.add_argument("--ttl-hours", type=float, default=24.0, help="the link expires after this (default 24)")
+    w.add_argument("--qr", metavar="PNG", help="where the QR code goes (default DIR/web/NAME-join.png, mode 0600)")
     q.set_defaults(func=cmd_fleet_add_device)
     q = fsub.add_parser("add-operator", help="another login with the server's rights (a monitor, a conformance "
                         "kit, a benchmark's observer); writes its credentials file (mode 0600)")
@@ -198,7 +210,23 @@ def cmd_fleet_add_device(args: argparse.Namespace) -> int:
 
     from server_sdk.fleet.broker import add_device
 
+    if args.web and not args.run:
+        raise ConfigError("--web needs --run RUN_ID: a join link enrols the browser into one run")
+    if not args.web and (args.run or args.data or args.qr):
+        raise ConfigError("--run, --data and --qr belong to --web (a browser device's join link)")
+    if args.web:
+        from edge_runtime.protocol import ProtocolError, check_name
+
+        try:
+            check_name("run id", args.run)
+        except ProtocolError as exc:
+            raise ConfigError(f"--run: {exc}") from None
+    if args.data and not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data}: no such shard (the coordinator writes runs/RUN/data/client_NNN.jsonl "
+                          "when the run starts: start `devft serve` first)")
     creds = add_device(args.dir, args.name, host=args.host)
+    if args.web:
+        return _web_join(args, creds)
     path = Path(args.dir) / "credentials" / f"{creds.username}.json"
     if args.out:  # never through the shell: a redirect would create the file world-readable
         path = Path(args.out)
@@ -213,6 +241,26 @@ def cmd_fleet_add_device(args: argparse.Namespace) -> int:
           "--run RUN_NAME\n"
           "# a running broker picks the device up after SIGHUP (`kill -HUP` the `python -m server_sdk.fleet.broker run` "
           "process)", file=sys.stderr)
+    return 0
+
+
+def _web_join(args: argparse.Namespace, creds) -> int:
+    """`add-device --web`: the device's one-time join link on stdout and as a QR code; no password printed."""
+    from server_sdk.fleet.web_join import JoinRefused, issue, join_url, write_qr
+
+    try:
+        token = issue(args.dir, creds.username, args.run, args.data, args.ttl_hours * 3600)
+    except JoinRefused as exc:
+        raise ConfigError(str(exc)) from None
+    url = join_url(args.web_host or creds.host, args.https_port, token)
+    qr = write_qr(url, args.qr or Path(args.dir) / "web" / f"{creds.username}-join.png")
+    print(url)
+    print(f"# open the link on the phone, or scan {qr} (mode 0600) with its camera: the page exchanges the one-time "
+          f"token for {creds.username}'s credentials and keeps them in the browser. The link works once, for "
+          f"{args.ttl_hours:g} h; `python -m server_sdk.fleet.web_gateway revoke {args.dir} {creds.username}` withdraws it.\n"
+          f"# the phone reaches the page through `python -m server_sdk.fleet.web_gateway run {args.dir}` (HTTPS :8443, MQTT "
+          "over WSS :8884) and must trust the fleet's CA (ca.pem) or a publicly trusted gateway certificate; a "
+          "running broker picks the device up after SIGHUP", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,7 @@ from server_sdk.cli import export as export_cli
 from server_sdk.cli import fleet as fleet_cli
 from server_sdk.cli import report as report_cli
 from server_sdk.config import ConfigError, RunConfig
-from server_sdk.fleet import conformance
+from server_sdk.fleet import conformance, rig
 
 EPILOG = "Config fields are documented in README.md; any of them can be overridden with -o FIELD=VALUE."
 
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_cli.register(sub)
     fleet_cli.register(sub)
+    rig.register(sub)
     report_cli.register(sub)
     disk.register(sub)
     conformance.register(sub)

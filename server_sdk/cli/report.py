@@ -215,6 +215,28 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def rig_lines(rig: Any) -> list[str]:
+    """`devft rig`'s devices: which were emulated phones (and what that means) and which measured a real battery."""
+    if not isinstance(rig, dict) or not isinstance(rig.get("devices"), dict):
+        return []
+    lines = ["devices of `devft rig` (rig.json):"]
+    for name, d in sorted(rig["devices"].items()):
+        if not isinstance(d, dict):
+            continue
+        if d.get("kind") == "emulated":
+            peak = d.get("renderer_peak_rss_bytes")
+            lines.append(f"  {name}: EMULATED phone ({d.get('profile')}, CPU {d.get('cpu_throttle')}x throttled, "
+                         f"{d.get('chromium')}), renderer peak RSS "
+                         f"{f'{peak / MIB:.0f} MiB' if isinstance(peak, (int, float)) and peak else '-'}; "
+                         "a desktop CPU slowed down: no phone's memory, thermals or energy")
+        else:
+            energy = (d.get("battery") or {}).get("energy_j")
+            lines.append(f"  {name}: phone {d.get('serial')} over adb, battery energy MEASURED: "
+                         f"{f'{energy:.1f} J' if isinstance(energy, (int, float)) else 'not exposed by this phone'} "
+                         "(net of USB charging)")
+    return lines
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     report = load_report(run_dir)
@@ -229,6 +251,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(f"run {run_dir}: device telemetry, {len(rows)} device x stage rows")
         print(table(rows))
+        print("\n".join(rig_lines(report.get("rig"))))
     if not args.no_plots:
         paths = plot(rows, run_dir)
         print("plots: " + ", ".join(str(p) for p in paths))

@@ -298,5 +298,7 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
                               "accepted": by in e["accepted"]} for by, lost in (e.get("replacements") or {}).items()]
     report["fleet"] = {"devices": devices, "rejected": rejected, "replacements": replacements,
                        "exit_codes": exit_codes or {}, "events": str(run_dir / "fleet_events.jsonl")}
+    if (run_dir / "rig.json").exists():  # `devft rig`'s phones: emulated or measured, and what it saw of them
+        report["rig"] = json.loads((run_dir / "rig.json").read_text())
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import mimetypes
+import re
 import shutil
 import signal
 import socket
@@ -125,8 +126,10 @@ def make_handler(web_dir: Path, ws_port: int, extra: dict[str, Path] | None = No
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, fmt: str, *args) -> None:  # the path without its query; nothing secret travels in URLs
-            log.debug("%s %s", self.address_string(), fmt % args)
+        def log_message(self, fmt: str, *args) -> None:
+            """Request lines without their query or fragment: a join token belongs in a fragment (which browsers
+            never send), but a hand-made request could carry one in its line, and no token may reach a log."""
+            log.debug("%s %s", self.address_string(), re.sub(r"[?#]\S*", "?...", fmt % args))
 
     Handler.fleet_dir = fleet_dir
     return Handler
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("device")
     args = parser.parse_args(argv)
     if args.command in ("join", "revoke"):
-        from server_sdk.fleet.web_join import JoinRefused, issue, revoke
+        from server_sdk.fleet.web_join import JoinRefused, issue, join_url, revoke
 
         if args.command == "revoke":
             print(f"revoked {revoke(args.fleet_dir, args.device)} join link(s) of {args.device}")
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         except JoinRefused as exc:
             print(f"web_gateway: error: {exc}", file=sys.stderr)
             return 2
-        print(f"https://{args.host}:{args.https_port}/app/#join={token}")
+        print(join_url(args.host, args.https_port, token))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = args.mqtt_port or json.loads((Path(args.fleet_dir) / "fleet.json").read_text())["port"]

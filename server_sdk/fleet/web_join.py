@@ -1,8 +1,10 @@
 """One-time join links for browser devices: a phone opens a URL and becomes a fleet device.
 
-    python -m server_sdk.fleet.web_gateway join FLEET_DIR dev-004 --run demo --data runs/demo/data/client_004.jsonl
+    devft fleet add-device FLEET_DIR dev-004 --web --run demo --data runs/demo/data/client_004.jsonl
+    python -m server_sdk.fleet.web_gateway join FLEET_DIR dev-004 --run demo --data ...   (an existing device)
 
-prints `https://HOST:8443/app/#join=<token>`. The token travels in the URL's fragment, which a
+print `https://HOST:8443/app/#join=<token>` (add-device also writes it as a QR code PNG a phone's camera
+opens). The token travels in the URL's fragment, which a
 browser never sends to a server, so it appears in no access line; the page posts it once to
 `/api/join` and gets the device's credentials, its run and its shard back, and keeps them in the
 browser. The fleet stores only the token's sha256 (web/joins.json, mode 0600), so a stolen file
@@ -72,6 +74,31 @@ def issue(fleet_dir: str | Path, device: str, run_id: str, shard: str | Path | N
                                  None, "expires_unix": time.time() + ttl_s, "used_unix": None, "revoked": False}
         _save(fleet, joins)
     return token
+
+
+def join_url(host: str, https_port: int, token: str) -> str:
+    """The link a browser opens: the device page, the token in the fragment (never sent in a request line)."""
+    return f"https://{host}:{https_port}/app/#join={token}"
+
+
+def write_qr(url: str, path: str | Path, scale: int = 8, border: int = 4) -> Path:
+    """`url` as a QR code PNG at `path` (mode 0600: it holds a live join token), for a phone's camera.
+
+    segno (pure Python) picks the smallest version for the URL at error correction level M; each module
+    is `scale` pixels with a `border`-module quiet zone."""
+    import io
+
+    import segno
+
+    buf = io.BytesIO()
+    segno.make_qr(url, error="m").save(buf, kind="png", scale=scale, border=border)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    return path
 
 
 def revoke(fleet_dir: str | Path, device: str) -> int:

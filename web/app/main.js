@@ -5,7 +5,7 @@ import { readShard } from '../src/data.js';
 import { browserProblem, browserRuntime } from '../src/runtime-browser.js';
 
 const b64 = (bytes) => { let s = ''; for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000)); return btoa(s); };
-const state = { log: [], records: [], done: false, error: null, device: null, status: null };
+const state = { log: [], records: [], abandoned: [], done: false, error: null, device: null, status: null };
 window.devft = state;
 
 function log(line) {
@@ -48,16 +48,26 @@ async function boot() {
   }
   if (!saved) { show('ready: open this page through a join link from the fleet operator'); return; }
   if (!saved.shardText) { show(`enrolled as ${saved.creds.username}, but the join link carried no data shard`); return; }
-  window.devftStart({ ...saved, threads: Math.min(4, navigator.hardwareConcurrency || 1) }).catch(() => {});
+  // window.devftOptions (set by a driver before the page loads): the rig of emulated phones trains on the page's
+  // own thread ({proxy: false, threads: 1}), since DevTools CPU throttling slows a page's thread and no worker
+  const opts = window.devftOptions ?? {};
+  window.devftStart({ ...saved, threads: opts.threads ?? Math.min(4, navigator.hardwareConcurrency || 1), proxy: opts.proxy }).catch(() => {});
 }
 
-window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune = true }) => {
+window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune = true, proxy = true }) => {
   try {
-    const runtime = await browserRuntime({ wsUrl, threads });
+    const runtime = await browserRuntime({ wsUrl, threads, proxy });
     const onRecord = (kind, r) => state.records.push({ control: r.control, losses: r.losses, draws: r.draws, global: b64(r.global), update: b64(r.update) });
-    const device = new Device({ runtime, creds, shard: readShard(shardText, 'shard'), runId, threads, log, onRecord, prune,
+    // a round given up (the storage quota full, a file that failed its hash) is shown, not only logged: the device
+    // stays in the fleet and tries again with the next control, so nothing it holds is lost
+    const onAbandon = (ctrl, e) => {
+      state.abandoned.push({ stage: ctrl.stage, round: ctrl.round, error: e.message });
+      show(`stage ${ctrl.stage + 1} round ${ctrl.round + 1} given up: ${e.message}`);
+    };
+    const device = new Device({ runtime, creds, shard: readShard(shardText, 'shard'), runId, threads, log, onRecord, onAbandon, prune,
       onStatus: (st, extra) => { state.status = st; if (st === 'busy') show(`training round ${extra.round + 1}`); } });
     state.device = device;
+    state.runtime = runtime.name;
     show(`training in run ${runId} as ${creds.username} (${runtime.name})`);
     const code = await device.run();
     show(`run ${runId} is done`);

@@ -31,9 +31,10 @@ function matches(filter, topic) {
 export class Device {
   /**
    * runtime: the adapter; creds: {username, password, ...}; shard: [{prompt, completion}]; runId: the run to follow
-   * (its will needs it); onRecord(kind, data): optional hook that sees every round's inputs and outputs (tests, replays).
+   * (its will needs it); onRecord(kind, data): optional hook that sees every round's inputs and outputs (tests, replays);
+   * onAbandon(ctrl, error): sees every round or stage this device gave up (a page shows why: a full storage quota).
    */
-  constructor({ runtime, creds, shard, runId, threads = 1, log = console.log, onRecord = null, onStatus = null, prune = true }) {
+  constructor({ runtime, creds, shard, runId, threads = 1, log = console.log, onRecord = null, onStatus = null, onAbandon = null, prune = true }) {
     this.runtime = runtime;
     this.creds = creds;
     this.deviceId = checkName('device_id', creds.username);
@@ -43,6 +44,7 @@ export class Device {
     this.log = log;
     this.onRecord = onRecord;
     this.onStatus = onStatus; // sees every status this device publishes (a page shows it)
+    this.onAbandon = onAbandon;
     this.prune = prune; // false keeps every stage's blobs (replays of old rounds)
     this.formats = ['onnx'];
     this.handlers = []; // [filter, fn]
@@ -198,6 +200,7 @@ export class Device {
           await this.act(ctrl);
         } catch (e) {
           this.log(`${this.deviceId}: stage ${ctrl.stage} round ${ctrl.round} abandoned: ${e.message}`);
+          this.onAbandon?.(ctrl, e);
         }
         await this.prefetch(ctrl);
       }

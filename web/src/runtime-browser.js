@@ -9,7 +9,7 @@ export const sha256Hex = async (bytes) => hex(await crypto.subtle.digest('SHA-25
 /** Why this browser cannot be a device, or null: a clear message for the page instead of a failure later. */
 export function browserProblem() {
   if (!globalThis.isSecureContext) return 'this page must be opened over HTTPS (a secure context): crypto.subtle, the Cache API and WASM threads need it';
-  if (typeof WebAssembly !== 'object') return 'this browser has no WebAssembly; a device needs it to run onnxruntime-web';
+  if (typeof WebAssembly !== 'object') return 'this browser has no WebAssembly (turned off, as in Lockdown Mode or a JIT-less security setting); a device needs it to run onnxruntime-web: allow JavaScript optimisation for this site or use another browser';
   if (!globalThis.caches) return 'this browser has no Cache API to keep the model files in';
   return null;
 }

@@ -6,11 +6,12 @@
 // --mobile emulates a phone's viewport and user agent, --throttle N slows each page's CPU N times (a rig of
 // emulated phones: every device has its own browser context, i.e. its own storage);
 // --close NAME closes that device's tab as soon as it reports busy (DIR/<NAME>/closed.json has when);
-// --keep-blobs keeps every stage's files in the browser and copies each round's to DIR/<NAME>/blobs/<sha256>.
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+// --quota BYTES caps each page's origin storage (the Cache API the blobs go into; DIR/<NAME>/abandoned.json has what
+// the page gave up and showed); --keep-blobs keeps every stage's files in the browser and copies each round's to DIR/<NAME>/blobs/<sha256>.
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import puppeteer, { KnownDevices } from 'puppeteer-core';
+import { collectConsole, emulatePhone, launch, limitStorage, pageState, saveRecords, throttleCpu, waitForDevice, waitInPage } from '../driver/chromium.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -18,14 +19,11 @@ const { values: args } = parseArgs({
     device: { type: 'string', multiple: true }, threads: { type: 'string', default: '1' }, 'timeout-s': { type: 'string', default: '600' },
     chromium: { type: 'string', default: '/usr/bin/chromium' }, 'keep-blobs': { type: 'boolean', default: false },
     close: { type: 'string' }, throttle: { type: 'string', default: '1' }, mobile: { type: 'boolean', default: false },
+    quota: { type: 'string' },
   },
 });
 
-const browser = await puppeteer.launch({
-  executablePath: args.chromium, headless: true, protocolTimeout: 3_600_000, // a page blocks while it builds a big session
-  // the fleet's own CA signs the gateway's certificate: trust exactly that key, nothing else
-  args: ['--no-sandbox', `--ignore-certificate-errors-spki-list=${args.spki}`, '--disable-gpu'],
-});
+const browser = await launch({ spki: args.spki, chromium: args.chromium });
 const deadline = Date.now() + Number(args['timeout-s']) * 1000;
 let failed = 0;
 
@@ -36,46 +34,28 @@ async function runDevice(spec) {
   mkdirSync(dir, { recursive: true });
   const context = await browser.createBrowserContext();
   const page = await context.newPage();
-  if (args.mobile) await page.emulate(KnownDevices['Pixel 5']); // a phone's viewport and user agent
   const throttle = Number(args.throttle);
-  if (throttle > 1) await (await page.createCDPSession()).send('Emulation.setCPUThrottlingRate', { rate: throttle });
-  const lines = [];
-  page.on('console', (m) => lines.push(`console: ${m.text()}`));
-  page.on('pageerror', (e) => lines.push(`pageerror: ${e.message}`));
+  if (args.mobile) await emulatePhone(page, { throttle }); // a phone's viewport, user agent and CPU
+  else await throttleCpu(page, throttle);
+  const lines = collectConsole(page);
+  if (args.quota) await limitStorage(page, new URL(args.page).origin, Number(args.quota));
   await page.goto(args.page, { waitUntil: 'load' });
   const creds = JSON.parse(readFileSync(credPath, 'utf8'));
   const shardText = readFileSync(shardPath, 'utf8');
   const isolated = await page.evaluate(() => globalThis.crossOriginIsolated);
   lines.push(`crossOriginIsolated: ${isolated}`);
   page.evaluate((o) => window.devftStart(o).catch(() => {}), { creds, shardText, runId: args.run, wsUrl: args.ws, threads: Number(args.threads), prune: !args['keep-blobs'] });
-  let st;
   if (name === args.close) { // a tab closed mid-round: its will must tell the coordinator at once
-    while (Date.now() < deadline && (await page.evaluate(() => window.devft.status)) !== 'busy') await new Promise((r) => setTimeout(r, 20));
+    await waitInPage(page, () => window.devft.status === 'busy', deadline, 20);
     writeFileSync(path.join(dir, 'closed.json'), JSON.stringify({ closed_unix: Date.now() / 1000 }));
     await page.close();
     await context.close();
     return;
   }
-  while (Date.now() < deadline) {
-    st = await page.evaluate(() => ({ done: window.devft.done, error: window.devft.error, n: window.devft.records.length }));
-    if (st.done || st.error) break;
-    await new Promise((r) => setTimeout(r, 500));
-  }
-  const state = await page.evaluate(() => ({ log: window.devft.log, records: window.devft.records, done: window.devft.done, error: window.devft.error }));
-  for (const r of state.records) {
-    const base = path.join(dir, `round-${r.control.round}`);
-    writeFileSync(`${base}.json`, JSON.stringify({ control: r.control, losses: r.losses, draws: r.draws }));
-    writeFileSync(`${base}.global`, Buffer.from(r.global, 'base64'));
-    writeFileSync(`${base}.update`, Buffer.from(r.update, 'base64'));
-    if (args['keep-blobs']) { // the files the round trained on, for replays (--keep-blobs turns the device's pruning off)
-      mkdirSync(path.join(dir, 'blobs'), { recursive: true });
-      for (const f of r.control.artifacts.onnx.files) {
-        const blob = path.join(dir, 'blobs', f.sha256);
-        if (existsSync(blob)) continue; // rounds of a stage share their files: copy each once
-        writeFileSync(blob, Buffer.from(await page.evaluate((sha) => window.devftBlob(sha), f.sha256), 'base64'));
-      }
-    }
-  }
+  await waitForDevice(page, deadline);
+  const state = await pageState(page);
+  await saveRecords(page, state.records, dir, { keepBlobs: args['keep-blobs'] });
+  writeFileSync(path.join(dir, 'abandoned.json'), JSON.stringify({ abandoned: state.abandoned, page_text: state.page_text }));
   writeFileSync(path.join(dir, 'log.txt'), [...lines, ...state.log, `done: ${state.done} error: ${state.error}`].join('\n') + '\n');
   if (!state.done) failed += 1;
   await context.close();

@@ -1,27 +1,25 @@
-// Open a join link in headless Chromium and report what the page did, as JSON:
-//   node test/join.mjs --url 'https://localhost:P/app/#join=TOKEN' --spki B64 [--wait-s 60] [--chromium-arg ARG ...]
+// Open join links (or any device page) in headless Chromium and report what each page did, as a JSON list
+// (one object per --url, in order, each in its own browser context: its own storage):
+//   node test/join.mjs --url 'https://localhost:P/app/#join=TOKEN' [--url ...] --spki B64 [--wait-s 60]
+//        [--chromium-arg ARG ...]
+// A page is watched until it says hello through the gateway or shows an error.
 import { parseArgs } from 'node:util';
-import puppeteer from 'puppeteer-core';
+import { launch, pageState, waitInPage } from '../driver/chromium.mjs';
 
-const { values: a } = parseArgs({ options: { url: { type: 'string' }, spki: { type: 'string', default: '' }, 'wait-s': { type: 'string', default: '60' },
-  'chromium-arg': { type: 'string', multiple: true, default: [] } } });
-const browser = await puppeteer.launch({ executablePath: '/usr/bin/chromium', headless: true,
-  args: ['--no-sandbox', `--ignore-certificate-errors-spki-list=${a.spki}`, '--disable-gpu', ...a['chromium-arg']] });
-const out = {};
+const { values: a } = parseArgs({ options: { url: { type: 'string', multiple: true }, spki: { type: 'string', default: '' },
+  'wait-s': { type: 'string', default: '60' }, 'chromium-arg': { type: 'string', multiple: true, default: [] } } });
+const browser = await launch({ spki: a.spki, args: a['chromium-arg'], protocolTimeout: 180_000 });
+const out = [];
 try {
-  const page = await browser.newPage();
-  await page.goto(a.url, { waitUntil: 'load' });
-  const deadline = Date.now() + Number(a['wait-s']) * 1000;
-  while (Date.now() < deadline) {
-    const st = await page.evaluate(() => ({ status: window.devft.status, error: window.devft.error }));
-    if (st.status === 'hello' || st.error) break;
-    await new Promise((r) => setTimeout(r, 200));
+  for (const url of a.url) {
+    const context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    await page.goto(url, { waitUntil: 'load' });
+    await waitInPage(page, () => window.devft?.status === 'hello' || window.devft?.error, Date.now() + Number(a['wait-s']) * 1000, 200);
+    const { records, log, ...st } = await pageState(page);
+    out.push({ ...st, log: log.slice(-20), wasm: await page.evaluate(() => typeof WebAssembly) });
+    await context.close();
   }
-  Object.assign(out, await page.evaluate(() => ({
-    status: window.devft.status, error: window.devft.error, enrolled: window.devft.enrolled ?? null,
-    address: location.href, stored_user: JSON.parse(localStorage.getItem('devft-device') || 'null')?.creds?.username ?? null,
-    page_text: document.getElementById('state').textContent,
-  })));
 } finally {
   await browser.close();
 }
