@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from server_sdk.cli import main
+from server_sdk.cli.main import main
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ def test_rig_of_emulated_phones_joins_a_real_fleet_run_and_reports_them_as_emula
             assert tel["runtime"].startswith("onnxruntime-web") and tel["steps"] == cfg.local_steps
     assert all(j["used_unix"] for j in _load(job.fleet.dir).values())  # each link enrolled its phone once
     assert add_fleet_summary(job.run_dir, report)["rig"] == rig  # the fleet summary keeps the section
-    from server_sdk.cli import main
+    from server_sdk.cli.main import main
 
     capsys.readouterr()
     assert main(["report", str(job.run_dir), "--no-plots"]) == 0

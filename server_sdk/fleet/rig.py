@@ -36,7 +36,7 @@ from typing import Any
 
 from server_sdk.config import ConfigError
 
-WEB = Path(__file__).resolve().parents[1] / "web"
+WEB = Path(__file__).resolve().parents[2] / "web"
 # where Android kernels expose the battery gauge (µA, µV); sign conventions differ between vendors
 BATTERY_SYSFS = "/sys/class/power_supply/battery"
 EMULATED_NOTE = ("emulated: a desktop CPU slowed by DevTools throttling in a phone's viewport and user agent; not a "
