@@ -128,8 +128,11 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
     for name, d in sorted(report["fleet"]["devices"].items()):
         # report.json keys stages from 0 (as records do); people count them from 1
         down = ", ".join(f"stage {int(s) + 1}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
-        print(f"  {name}: {d['rounds']} rounds, peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB, "
-              f"{d['energy_j']:.1f} J, downloaded {down}")
+        declared = f"{d.get('platform') or '-'}, {d.get('runtime') or '-'}, {d.get('ram_mb') or '-'} MiB offered"
+        trained = ", ".join(str(s + 1) for s in d.get("stages") or []) or "none"
+        print(f"  {name} ({declared}): stages {trained}, {d['rounds']} rounds, peak RSS "
+              f"{d['peak_rss_bytes'] / 2**20:.0f} MiB, {d['energy_j']:.1f} J, downloaded {down}"
+              + (f"; refused: {d['refused']}" if d.get("refused") else ""))
     if report["fleet"]["rejected"]:
         print(f"  rejected updates: {report['fleet']['rejected']} (see {report['fleet']['events']})")
     for r in report["fleet"]["replacements"]:
