@@ -48,18 +48,21 @@ async function boot() {
   }
   if (!saved) { show('ready: open this page through a join link from the fleet operator'); return; }
   if (!saved.shardText) { show(`enrolled as ${saved.creds.username}, but the join link carried no data shard`); return; }
-  window.devftStart({ ...saved, threads: Math.min(4, navigator.hardwareConcurrency || 1) }).catch(() => {});
+  const ramMb = Number(new URLSearchParams(location.hash.slice(1)).get('ram_mb')) || undefined;
+  window.devftStart({ ...saved, threads: Math.min(4, navigator.hardwareConcurrency || 1), ramMb }).catch(() => {});
 }
 
-window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune = true }) => {
+// ramMb: the memory the page offers training, in MiB (default: half of navigator.deviceMemory; #ram_mb=N in the URL)
+window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune = true, ramMb }) => {
   try {
-    const runtime = await browserRuntime({ wsUrl, threads });
+    const runtime = await browserRuntime({ wsUrl, threads, ramMb });
     const onRecord = (kind, r) => state.records.push({ control: r.control, losses: r.losses, draws: r.draws, global: b64(r.global), update: b64(r.update) });
     const device = new Device({ runtime, creds, shard: readShard(shardText, 'shard'), runId, threads, log, onRecord, prune,
       onStatus: (st, extra) => { state.status = st; if (st === 'busy') show(`training round ${extra.round + 1}`); } });
     state.device = device;
     show(`training in run ${runId} as ${creds.username} (${runtime.name})`);
     const code = await device.run();
+    if (device.refused) { state.error = `refused by the coordinator: ${device.refused}`; show(state.error); return code; }
     show(`run ${runId} is done`);
     state.done = true;
     return code;
