@@ -595,7 +595,7 @@ def check_capabilities(info: Mapping[str, Any]) -> dict[str, Any]:
         value = info.get(key)
         if value is None:
             continue
-        if not isinstance(value, str) or not CAPABILITY_TEXT.match(value):
+        if not isinstance(value, str) or not CAPABILITY_TEXT.fullmatch(value):  # fullmatch: `$` allows a final \n
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise StatusRejected("bad_capabilities", f"info.{key} {shown} must be a string of 1-64 characters from "
                                  "letters, digits, space and ._,;:()/+- (e.g. 'linux-aarch64', 'onnxruntime-web')")
