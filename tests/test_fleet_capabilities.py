@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import time
 from pathlib import Path
 
@@ -193,6 +194,28 @@ def test_a_refused_devft_edge_device_stops_with_its_reason(coordinator, fleet, t
     assert "the coordinator refuses this device: memory: dev2 declares ram_mb 64 MiB" in proc.stderr
     caps = next(e for e in events(ex.run_dir) if e["event"] == "capabilities" and e["device"] == "dev2")
     assert caps["ram_mb"] == 64 and caps["platform"].startswith("linux-") and caps["runtime"].startswith("devft-edge")
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not (ROOT / "web" / "node_modules").is_dir(),
+                    reason="the web device needs Node.js and web/node_modules: run scripts/setup.sh")
+def test_a_refused_node_device_stops_with_its_reason(coordinator, fleet, tmp_path):
+    """The JS device (Node) declares its capabilities, and --ram-mb below every stage's need gets it refused: it
+    says why and exits with code 4, as devft-edge does."""
+    import subprocess
+
+    ex = coordinator
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    proc = subprocess.run(["node", str(ROOT / "web" / "node-device.mjs"), "--credentials",
+                           str(fleet.dir / "credentials" / "dev3.json"), "--data", str(shard), "--cache",
+                           str(tmp_path / "cache"), "--run", RUN, "--host", "localhost", "--port",
+                           str(fleet.devices["dev3"].port), "--ram-mb", "64"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "the coordinator refuses this device: memory: dev3 declares ram_mb 64 MiB" in proc.stderr
+    caps = next(e for e in events(ex.run_dir) if e["event"] == "capabilities" and e["device"] == "dev3")
+    assert caps["ram_mb"] == 64 and caps["platform"].startswith("node-linux-") and caps["runtime"] == "onnxruntime-node"
+    assert caps["cores"] >= 1
 
 
 # --------------------------------------------------------------------------- a whole run
