@@ -8,11 +8,11 @@ the stage's predicted peak fits the memory the device declares (`ram_mb` in its 
     predicted peak = PEAK_FACTOR x floor + PEAK_EXTRA_BYTES
 
 The margin covers what the floor leaves out: backward temporaries, attention's [batch, heads, seq, seq]
-tensors while they are built, dequantized weight slices, allocator slack. It is set from the six measured
-rows of benchmarks/results/device.json (SmolLM2-135M, 4 and 30 layers, fp32/int8/int4, batch 4 x 128,
-onnxruntime 1 thread): their peaks are 1.21-2.31x the floor, a fixed ~200 MiB weighing most at 4 layers;
-1.25 x floor + 256 MiB lies 4% (int4, 4 layers) to 48% above each of them (tests/test_fleet_capabilities.py
-checks it against the file). Torch-free arithmetic on a config dict, so the coordinator, the benchmarks and
+tensors while they are built, dequantized weight slices, allocator slack. It is set from the seven measured
+portable-format rows of benchmarks/results/device.json (SmolLM2-135M, 4, 8 and 30 layers, fp32/int8/int4,
+batch 4 x 128, onnxruntime 1 thread): their peaks are 1.2-2.2x this floor, a fixed ~200 MiB weighing most at
+4 layers; 1.25 x floor + 256 MiB lies 5% (fp32, 8 layers) to 33% (fp32, 4 layers) above each of them
+(tests/test_fleet_capabilities.py checks it against the file). Torch-free arithmetic on a config dict, so the coordinator, the benchmarks and
 a device-side tool can share it.
 """
 
