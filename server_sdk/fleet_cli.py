@@ -63,6 +63,10 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    help="artifact formats served each stage: onnx (portable, plain onnxruntime), ort (legacy ONNX "
                    "Runtime Training), executorch; default onnx. A device running none of them is refused at its "
                    "hello (event `refused`); what devices declare never adds a format")
+    p.add_argument("--stage-peak-mb", metavar="LAYERS=MIB[,...]", default=None,
+                   help="measured peak memory of a stage's training on the fleet's runtime, by its layer count, e.g. "
+                   "4=524,8=850 (python -m benchmarks.device): that stage's memory need; the others' is predicted "
+                   "from the model's shapes. A device is sampled for a stage only if its declared ram_mb covers it")
     p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
@@ -90,6 +94,11 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.norm_bound_k = args.norm_bound_k or None
     if args.formats is not None:
         settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.stage_peak_mb is not None:
+        try:
+            settings.stage_peak_mb = {k.strip(): int(v) for k, v in (p.split("=") for p in args.stage_peak_mb.split(","))}
+        except ValueError:
+            raise ConfigError(f"--stage-peak-mb {args.stage_peak_mb!r}: give LAYERS=MIB pairs, e.g. 4=524,8=850") from None
     try:
         return settings.validate()
     except ValueError as exc:

@@ -83,6 +83,19 @@ def test_refused_travels_in_the_control_message_and_is_checked():
             P.decode_control(json.dumps({**raw, "refused": bad}).encode())
 
 
+def test_cli_takes_measured_stage_peaks_and_the_need_uses_them(tmp_path):
+    from server_sdk.cli import build_parser
+    from server_sdk.config import ConfigError
+    from server_sdk.fleet_cli import _fleet_settings
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    args = sub.choices["run"].parse_args(["--fleet", "local:3", "--stage-peak-mb", "4=524, 8=850"])
+    assert _fleet_settings(args, tmp_path).stage_peak_mb == {"4": 524, "8": 850}
+    for bad in ("4:524", "4=lots", "four=5", "4=0"):
+        with pytest.raises(ConfigError, match="stage-peak-mb|stage_peak_mb"):
+            _fleet_settings(sub.choices["run"].parse_args(["--fleet", "local:3", "--stage-peak-mb", bad]), tmp_path)
+
+
 # --------------------------------------------------------------------------- the coordinator, hand-made hellos
 
 
@@ -160,6 +173,9 @@ def test_a_device_that_fits_no_stage_is_refused_at_hello_and_one_that_fits_the_s
         coordinator, fleet, clients):
     ex = coordinator
     small, large = (ex.stage_need(TINY, n)["need_mb"] for n in (2, 4))
+    ex.settings.stage_peak_mb = {"4": 123}  # a measured peak, where the operator gives one, is the need
+    assert ex.stage_need(TINY, 4) == {"layers": 4, "need_mb": 123, "source": "measured (stage_peak_mb)"}
+    ex.settings.stage_peak_mb = {}
     got = _controls(clients, ex)
     _hello(clients, fleet.devices["dev1"], **{**GOOD, "ram_mb": small - 1})  # fits no stage
     _hello(clients, fleet.devices["dev2"], **{**GOOD, "ram_mb": small})  # the 2-layer stage only
