@@ -139,7 +139,7 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
         down = ", ".join(f"stage {int(s) + 1}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
         declared = f"{d.get('platform') or '-'}, {d.get('runtime') or '-'}, {d.get('ram_mb') or '-'} MiB offered"
         trained = ", ".join(str(s + 1) for s in d.get("stages") or []) or "none"
-        print(f"  {name} ({declared}): stages {trained}, {d['rounds']} rounds, peak RSS "
+        print(f"  {name}: {d['rounds']} rounds in stages {trained} ({declared}), peak RSS "
               f"{d['peak_rss_bytes'] / 2**20:.0f} MiB, {d['energy_j']:.1f} J, downloaded {down}"
               + (f"; refused: {d['refused']}" if d.get("refused") else ""))
     if report["fleet"]["rejected"]:
