@@ -12,8 +12,8 @@ tensors while they are built, dequantized weight slices, allocator slack. It is 
 portable-format rows of benchmarks/results/device.json (SmolLM2-135M, 4, 8 and 30 layers, fp32/int8/int4,
 batch 4 x 128, onnxruntime 1 thread): their peaks are 1.2-2.2x this floor, a fixed ~200 MiB weighing most at
 4 layers; 1.25 x floor + 256 MiB lies 5% (fp32, 8 layers) to 33% (fp32, 4 layers) above each of them
-(tests/test_fleet_capabilities.py checks it against the file). Torch-free arithmetic on a config dict, so the coordinator, the benchmarks and
-a device-side tool can share it.
+(tests/test_fleet_capabilities.py checks it against the file). Torch-free arithmetic on a config dict, so the
+coordinator, the benchmarks and a device-side tool can share it.
 """
 
 from __future__ import annotations

@@ -1011,7 +1011,7 @@ class FleetExecutor(ClientExecutor):
         sequence length, LoRA rank and weight scheme (export/memory.py, with its margin)."""
         measured = self.settings.stage_peak_mb.get(str(layers))
         if measured:
-            return {"layers": layers, "need_mb": int(measured), "source": "measured (stage_peak_mb)"}
+            return {"layers": layers, "need_mb": int(measured), "source": "measured: --stage-peak-mb"}
         weights = self.cfg.weights if self.stage_formats() == ["onnx"] else "fp32"  # the others carry fp32
         return {"layers": layers, **predicted_peak_mb(config, layers, batch=self.cfg.batch_size,
                                                       seq=self.cfg.seq_len, rank=self.cfg.lora.r, weights=weights)}
@@ -1096,7 +1096,7 @@ class FleetExecutor(ClientExecutor):
             seen = f"{budgets[top]} MiB ({top})" if top else "none declared"
             refused = sorted(d for d in connected if d in self._told)
             raise StageDoesNotFit(
-                f"stage {stage} ({need.get('layers')} layers) needs {need.get('need_mb')} MiB per device "
+                f"stage {stage + 1} ({need.get('layers')} layers) needs {need.get('need_mb')} MiB per device "
                 f"({need.get('source')}{', ' + need['margin'] if 'margin' in need else ''}), and no connected device "
                 f"may train it: the largest budget a device declared is {seen}"
                 f"{f'; refused: {refused}' if refused else ''}. Add devices with more memory, give the devices' "

@@ -174,7 +174,7 @@ def test_a_device_that_fits_no_stage_is_refused_at_hello_and_one_that_fits_the_s
     ex = coordinator
     small, large = (ex.stage_need(TINY, n)["need_mb"] for n in (2, 4))
     ex.settings.stage_peak_mb = {"4": 123}  # a measured peak, where the operator gives one, is the need
-    assert ex.stage_need(TINY, 4) == {"layers": 4, "need_mb": 123, "source": "measured (stage_peak_mb)"}
+    assert ex.stage_need(TINY, 4) == {"layers": 4, "need_mb": 123, "source": "measured: --stage-peak-mb"}
     ex.settings.stage_peak_mb = {}
     got = _controls(clients, ex)
     _hello(clients, fleet.devices["dev1"], **{**GOOD, "ram_mb": small - 1})  # fits no stage
@@ -188,7 +188,7 @@ def test_a_device_that_fits_no_stage_is_refused_at_hello_and_one_that_fits_the_s
     # no connected device fits: the stage fails at once, naming it, its need and the largest budget declared
     _hello(clients, fleet.devices["dev3"], **{**GOOD, "ram_mb": small})
     wait_for(lambda: ex._caps.get("dev3", {}).get("ram_mb") == small, 10, "dev3's new hello")
-    with pytest.raises(StageDoesNotFit, match=rf"stage 1 \(4 layers\) needs {large} MiB per device \(predicted, "
+    with pytest.raises(StageDoesNotFit, match=rf"stage 2 \(4 layers\) needs {large} MiB per device \(predicted, "
                        rf"1.25 x floor \+ 256 MiB\).*largest budget a device declared is {small} MiB \(dev[23]\)"):
         ex.eligible_clients(1)
 
