@@ -41,6 +41,7 @@ from typing import Any
 
 from edge_runtime.bench import DEFAULT_BATCH, DEFAULT_SEQ, append_rows, machine_info, measure, summary_line
 from edge_runtime.telemetry import DEVICE_PROFILES
+from export.memory import activation_bytes, lora_bytes_of, weight_bytes_of  # the one floor model (the fleet samples by it)
 
 from .export import DEFAULT_LEGACY_PYTHON, Envs, TorchStep, load_average
 from .results_md import RESULTS_MD, replace_block, save_figure
@@ -215,7 +216,6 @@ def _shape_stage(n: int, cfg: Any) -> tuple[Any, Any]:
 # What each backend's process holds before it loads a model: the interpreter and the runtime's libraries
 BASELINE_IMPORTS = {"torch": "import torch, transformers, peft",
                     "onnx": "import numpy, safetensors, onnxruntime, edge_runtime.backends.onnx_backend"}
-LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary in this many slices (export/onnx.py)
 
 
 def runtime_baseline(backend: str, envs: Envs) -> int | None:
@@ -227,25 +227,6 @@ def runtime_baseline(backend: str, envs: Envs) -> int | None:
     code = f"{imports}\nfrom edge_runtime.telemetry.memory import current_rss_bytes\nprint(current_rss_bytes())"
     proc = subprocess.run(python + ["-c", code], capture_output=True, text=True, env=env, cwd=ROOT.parent, timeout=300)
     return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-
-
-def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int, rank: int = 8) -> dict[str, int]:
-    """fp32 bytes one batch's backward needs kept from its forward, per the graph LoRA training makes.
-
-    Per decoder layer (T = batch x seq tokens): the layer input and its norm, q, k, v (after RoPE) and the
-    attention output ([T, hidden] or [T, kv]), the attention probabilities and the scores they come from
-    ([batch, heads, seq, seq] each), the post-attention residual and its norm, the MLP's gate, up, SiLU(gate)
-    and product ([T, intermediate] each), and the rank-r LoRA intermediates of the seven projections. Plus the
-    loss head's working set: two [supervised, vocab / chunks] float tensors at a time (logits and their
-    softmax) in the portable graph's chunked head; the eager head holds the full [supervised, vocab] logits,
-    their log-softmax and its gradient."""
-    h, i, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
-    t = batch * seq
-    per_layer = t * (6 * h + 2 * kv) + 4 * t * i + 2 * batch * heads * seq * seq + 7 * t * rank
-    return {"decoder": 4 * per_layer * int(cfg["num_hidden_layers"]),
-            "head_chunked": 4 * 2 * supervised * -(-v // LM_HEAD_CHUNKS), "head_full": 4 * 3 * supervised * v}
 
 
 def floor(row: dict[str, Any], info: dict[str, Any], baseline: int | None) -> dict[str, int] | None:
@@ -263,26 +244,6 @@ def floor(row: dict[str, Any], info: dict[str, Any], baseline: int | None) -> di
              "lora_state": 4 * int(info.get("lora_bytes", 0)), "activations": act["decoder"] + head,
              "runtime": baseline}
     return {**parts, "total": sum(parts.values())}
-
-
-def weight_bytes_of(cfg: dict[str, Any], n_layers: int, scheme: str) -> int:
-    """Frozen weight bytes of an `n_layers` model of `cfg` as the portable format stores them under `scheme`
-    (export/quant.py: int8 1 byte and int4 half a byte per value, plus a float32 scale per 32 values)."""
-    h, i, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
-    linear = n_layers * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h  # + the tied embedding / LM head
-    norms = (2 * n_layers + 1) * h
-    per_value = {"fp32": 4.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32}[scheme]
-    return int(linear * per_value) + 4 * norms
-
-
-def lora_bytes_of(cfg: dict[str, Any], n_layers: int, rank: int = 8) -> int:
-    h, i = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
-    per_layer = rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
-    return 4 * per_layer * n_layers
 
 
 def predicted_floors(cfg: dict[str, Any], stages: list[int], baseline: int, batch: int = DEFAULT_BATCH,

@@ -153,6 +153,36 @@ def check_artifact_format(fmt: str, artifact_dir: Path) -> None:
 # --------------------------------------------------------------------------- device
 
 
+REFUSED_EXIT = 4  # the coordinator refuses this device (a control message names it in `refused`)
+
+
+def available_ram_mb() -> int | None:
+    """MemAvailable from /proc/meminfo in MiB: what a new process can take without swapping (MemTotal also counts
+    the OS and every other program); None where there is no /proc (the hello then declares no budget)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return max(1, int(line.split()[1]) // 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def device_capabilities(ram_mb: int | None = None) -> dict[str, Any]:
+    """What every status declares about this device (docs/protocol.md, StatusMessage): platform, runtime, cores and
+    `ram_mb`, the memory it offers training (`--ram-mb`, else `available_ram_mb`): the coordinator samples it only
+    for stages whose memory need fits."""
+    import platform
+
+    caps: dict[str, Any] = {"platform": f"{platform.system()}-{platform.machine()}".lower()[:64],
+                            "runtime": f"devft-edge (python {platform.python_version()})"[:64],
+                            "cores": max(1, min(os.cpu_count() or 1, P.MAX_CORES))}
+    ram = ram_mb if ram_mb is not None else available_ram_mb()
+    if ram is not None:
+        caps["ram_mb"] = ram
+    return caps
+
+
 def settings_from_credentials(path: str | Path, cache_dir: Path, host: str | None = None,
                               port: int | None = None) -> tuple[MqttSettings, str]:
     """MQTT settings and device name from the JSON that `devft fleet add-device` printed."""
@@ -179,13 +209,15 @@ class Device:
 
     def __init__(self, settings: MqttSettings, device_id: str, shard: Shard, cache_dir: str | Path, *,
                  run_id: str | None = None, backend: str = "auto", threads: int = 1,
-                 exit_after_rounds: int | None = None, shared_blobs: str | Path | None = None) -> None:
+                 exit_after_rounds: int | None = None, shared_blobs: str | Path | None = None,
+                 ram_mb: int | None = None) -> None:
         self.device_id = P.check_name("device_id", device_id)
         self.run_id = run_id
         self.shard = shard
         self.cache = ArtifactCache(cache_dir, shared=shared_blobs)
         self.formats = pick_formats(backend)
-        self.versions = runtime_versions()  # read once: package metadata lookups cost milliseconds per status
+        # read once: package metadata lookups cost milliseconds per status; the capabilities go with the versions
+        self.versions = {**runtime_versions(), **device_capabilities(ram_mb)}
         self.threads = threads
         self.exit_after_rounds = exit_after_rounds
         self.rounds_trained = 0
@@ -362,6 +394,9 @@ class Device:
                 log.info("%s following run %s", self.device_id, ctrl.run_id)
             if ctrl.run_id != self.run_id:
                 continue
+            if self.device_id in ctrl.refused and not msg.retain:  # a retained control may predate our hello
+                log.error("%s: the coordinator refuses this device: %s", self.device_id, ctrl.refused[self.device_id])
+                return REFUSED_EXIT
             if ctrl.state == "done":
                 log.info("%s: run %s is done after %d rounds here", self.device_id, ctrl.run_id, self.rounds_trained)
                 self._status("hello", finished=True)
@@ -648,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1; fixed for "
                    "reproducible deltas)")
     p.add_argument("--exit-after-rounds", type=int, help="stop after training this many rounds (tests)")
+    p.add_argument("--ram-mb", type=int, help="memory this device offers training, in MiB, declared in its hello: "
+                   "the coordinator samples it only for stages whose memory need fits (default: MemAvailable from "
+                   "/proc/meminfo)")
     p.add_argument("--shared-blobs", metavar="DIR", help="content-addressed store shared with other devices on this "
                    "machine (same filesystem): each blob is kept once on disk, hard-linked into every cache")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -689,12 +727,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.setLevel(logging.INFO)
     try:
+        if args.ram_mb is not None and not 1 <= args.ram_mb <= P.MAX_RAM_MB:
+            raise DeviceError(f"--ram-mb {args.ram_mb} must be a whole number of MiB in [1, {P.MAX_RAM_MB}]")
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
         settings, device_id = settings_from_credentials(args.credentials, cache, args.host, args.port)
         device = Device(settings, device_id, read_shard(args.data), cache, run_id=args.run_id,
                         backend=args.backend, threads=args.threads, exit_after_rounds=args.exit_after_rounds,
-                        shared_blobs=args.shared_blobs)
+                        shared_blobs=args.shared_blobs, ram_mb=args.ram_mb)
     except DeviceError as exc:
         print(f"devft-edge: error: {exc}", file=sys.stderr)
         return 2

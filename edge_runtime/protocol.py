@@ -443,6 +443,9 @@ class ControlMessage:
     hyperparams: TrainSettings | None = None
     artifacts: Mapping[str, ArtifactDescriptor] = field(default_factory=dict)
     prefetch: Mapping[str, ArtifactDescriptor] = field(default_factory=dict)
+    # devices the coordinator refuses, each with why (a bad hello, a memory budget no stage fits): a device named
+    # here is never sampled; it says why and stops (docs/protocol.md, StatusMessage)
+    refused: Mapping[str, str] = field(default_factory=dict)
     version: int = PROTOCOL_VERSION
 
     def artifact_for(self, formats: Sequence[str]) -> tuple[str, ArtifactDescriptor] | None:
@@ -479,6 +482,8 @@ def encode_control(msg: ControlMessage) -> bytes:
     }
     if msg.prefetch:  # omitted when empty: most control messages carry no hint
         obj["prefetch"] = {fmt: desc.to_json() for fmt, desc in msg.prefetch.items()}
+    if msg.refused:  # omitted when empty
+        obj["refused"] = {check_name("refused device", d): why[:MAX_REFUSAL_CHARS] for d, why in msg.refused.items()}
     data = _dumps(obj)
     if len(data) > MAX_CONTROL_BYTES:
         raise ProtocolError(f"control message is {len(data)} bytes, over {MAX_CONTROL_BYTES}")
@@ -511,7 +516,19 @@ def decode_control(data: bytes) -> ControlMessage:
         hyperparams=TrainSettings.from_json(hyper) if hyper is not None else None,
         artifacts=_decode_artifacts(obj, what, "artifacts"),
         prefetch=_decode_artifacts(obj, what, "prefetch"),
+        refused=_decode_refused(obj, what),
     )
+
+
+def _decode_refused(obj: Mapping[str, Any], what: str) -> dict[str, str]:
+    """A control message's `refused` field: {device id: why, at most MAX_REFUSAL_CHARS}; absent or null = {}."""
+    refused = _optional(obj, what, "refused", dict, {})
+    for device, why in refused.items():
+        check_name("refused device", device)
+        if not isinstance(why, str) or len(why) > MAX_REFUSAL_CHARS:
+            raise ProtocolError(f"{what} refused[{device!r}] must be a string of at most {MAX_REFUSAL_CHARS} "
+                                "characters")
+    return dict(refused)
 
 
 def _decode_artifacts(obj: Mapping[str, Any], what: str, key: str) -> dict[str, ArtifactDescriptor]:
@@ -557,6 +574,42 @@ def validate_status(msg: StatusMessage, sender: str) -> StatusMessage:
     if msg.device_id != sender:
         raise StatusRejected("device_mismatch", f"status on {sender!r}'s topic claims to come from {msg.device_id!r}")
     return msg
+
+
+# What a device declares about itself in a status's `info` (docs/protocol.md, "Capabilities"). The coordinator
+# samples by ram_mb and shows the rest in the run's report, so each is checked before anything keeps it.
+CAPABILITY_TEXT = re.compile(r"^[A-Za-z0-9 ._,;:()/+-]{1,64}$")  # platform, runtime: printable words, 1-64 chars
+MAX_RAM_MB = 2**24  # 16 TiB; ram_mb is whole MiB in [1, MAX_RAM_MB]
+MAX_CORES = 4096
+MAX_REFUSAL_CHARS = 400  # a control message's refused[device]
+
+
+def check_capabilities(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The capabilities a status's `info` declares, checked: {platform, runtime, ram_mb, cores}, those present.
+
+    Each is optional (a device that declares no ram_mb is sampled for every stage); one that is present must be
+    right, or the whole declaration is refused: `StatusRejected("bad_capabilities", ...)` naming the field, what
+    it holds and what is allowed."""
+    caps: dict[str, Any] = {}
+    for key in ("platform", "runtime"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not CAPABILITY_TEXT.fullmatch(value):  # fullmatch: `$` allows a final \n
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise StatusRejected("bad_capabilities", f"info.{key} {shown} must be a string of 1-64 characters from "
+                                 "letters, digits, space and ._,;:()/+- (e.g. 'linux-aarch64', 'onnxruntime-web')")
+        caps[key] = value
+    for key, top, example in (("ram_mb", MAX_RAM_MB, "3800 for a board with 4 GB"), ("cores", MAX_CORES, "4")):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise StatusRejected("bad_capabilities", f"info.{key} {shown} must be a whole number in [1, {top}] "
+                                 f"(e.g. {example})")
+        caps[key] = value
+    return caps
 
 
 def decode_status(data: bytes) -> StatusMessage:

@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // A devft fleet device in Node.js, the counterpart of `devft-edge run` (docs/device-client.md):
 //   node web/node-device.mjs --credentials creds.json --data client_000.jsonl --cache DIR --run RUN
-//        [--host H] [--port P] [--threads 1] [--engine node|web] [--record DIR] [--exit-after-rounds N]
+//        [--host H] [--port P] [--threads 1] [--engine node|web] [--record DIR] [--exit-after-rounds N] [--ram-mb MIB]
+// --ram-mb declares the memory this device offers training (default: os.freemem, MemAvailable on Linux); the
+// coordinator samples it only for stages whose memory need fits, and refuses it (exit code 4) if none does.
 // --engine web trains with onnxruntime-web's WASM build (the browser's numerics) instead of onnxruntime-node.
 // --record DIR writes each round's control, global and update frames (round-<wire round>.*) for replays.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -23,12 +25,15 @@ try {
       credentials: { type: 'string' }, data: { type: 'string' }, cache: { type: 'string' }, run: { type: 'string' },
       host: { type: 'string' }, port: { type: 'string' }, threads: { type: 'string', default: '1' },
       engine: { type: 'string', default: 'node' }, record: { type: 'string' }, 'exit-after-rounds': { type: 'string' },
+      'ram-mb': { type: 'string' },
     },
     allowPositionals: true,
   }));
 } catch (e) { fail(2, e.message); }
 for (const need of ['credentials', 'data', 'cache', 'run']) if (!args[need]) fail(2, `--${need} is required`);
 if (!['node', 'web'].includes(args.engine)) fail(2, `--engine must be node or web, got ${args.engine}`);
+const ramMb = args['ram-mb'] === undefined ? undefined : Number(args['ram-mb']);
+if (ramMb !== undefined && !(Number.isInteger(ramMb) && ramMb >= 1 && ramMb <= 2 ** 24)) fail(2, `--ram-mb ${args['ram-mb']} must be a whole number of MiB in [1, ${2 ** 24}]`);
 
 let creds, shard;
 try { creds = JSON.parse(readFileSync(args.credentials, 'utf8')); } catch (e) { fail(2, `cannot read device credentials ${args.credentials}: ${e.message}; use the JSON from \`devft fleet add-device\``); }
@@ -36,7 +41,7 @@ for (const key of ['host', 'port', 'username', 'password', 'ca_pem']) if (!(key 
 try { shard = readShard(readFileSync(args.data, 'utf8'), args.data); } catch (e) { fail(2, e.message); }
 mkdirSync(args.cache, { recursive: true });
 
-const runtime = await nodeRuntime({ cacheDir: args.cache, engine: args.engine, host: args.host, port: args.port ? Number(args.port) : undefined });
+const runtime = await nodeRuntime({ cacheDir: args.cache, engine: args.engine, host: args.host, port: args.port ? Number(args.port) : undefined, ramMb });
 let onRecord = null;
 if (args.record) {
   mkdirSync(args.record, { recursive: true });

@@ -75,6 +75,10 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    help="artifact formats served each stage: onnx (portable, plain onnxruntime), ort (legacy ONNX "
                    "Runtime Training), executorch; default onnx. A device running none of them is refused at its "
                    "hello (event `refused`); what devices declare never adds a format")
+    p.add_argument("--stage-peak-mb", metavar="LAYERS=MIB[,...]", default=None,
+                   help="measured peak memory of a stage's training on the fleet's runtime, by its layer count, e.g. "
+                   "4=524,8=850 (python -m benchmarks.device): that stage's memory need; the others' is predicted "
+                   "from the model's shapes. A device is sampled for a stage only if its declared ram_mb covers it")
     p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
@@ -102,6 +106,11 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.norm_bound_k = args.norm_bound_k or None
     if args.formats is not None:
         settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.stage_peak_mb is not None:
+        try:
+            settings.stage_peak_mb = {k.strip(): int(v) for k, v in (p.split("=") for p in args.stage_peak_mb.split(","))}
+        except ValueError:
+            raise ConfigError(f"--stage-peak-mb {args.stage_peak_mb!r}: give LAYERS=MIB pairs, e.g. 4=524,8=850") from None
     try:
         return settings.validate()
     except ValueError as exc:
@@ -140,8 +149,11 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
     for name, d in sorted(report["fleet"]["devices"].items()):
         # report.json keys stages from 0 (as records do); people count them from 1
         down = ", ".join(f"stage {int(s) + 1}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
-        print(f"  {name}: {d['rounds']} rounds, peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB, "
-              f"{d['energy_j']:.1f} J, downloaded {down}")
+        declared = f"{d.get('platform') or '-'}, {d.get('runtime') or '-'}, {d.get('ram_mb') or '-'} MiB offered"
+        trained = ", ".join(str(s + 1) for s in d.get("stages") or []) or "none"
+        print(f"  {name}: {d['rounds']} rounds in stages {trained} ({declared}), peak RSS "
+              f"{d['peak_rss_bytes'] / 2**20:.0f} MiB, {d['energy_j']:.1f} J, downloaded {down}"
+              + (f"; refused: {d['refused']}" if d.get("refused") else ""))
     if report["fleet"]["rejected"]:
         print(f"  rejected updates: {report['fleet']['rejected']} (see {report['fleet']['events']})")
     for r in report["fleet"]["replacements"]:

@@ -120,6 +120,27 @@ def table(rows: list[DeviceStage]) -> str:
     return "\n".join(lines)
 
 
+def fleet_table(fleet: dict[str, Any]) -> str:
+    """One line per device of a fleet run: what it declared in its hello (platform, runtime, ram_mb: the memory it
+    offers training) and which stages it trained, or why the coordinator refused it; then each stage's memory need."""
+    head = f"{'device':<12}{'platform':<22}{'runtime':<34}{'RAM MiB':>8}  stages trained"
+    lines = [head, "-" * len(head)]
+    for name, d in sorted((fleet.get("devices") or {}).items()):
+        stages = ", ".join(str(int(s) + 1) for s in d.get("stages") or []) or "none"
+        ram = d.get("ram_mb")
+        lines.append(f"{name:<12}{str(d.get('platform') or '-'):<22}{str(d.get('runtime') or '-'):<34}"
+                     f"{'-' if ram is None else ram:>8}  {stages}"
+                     + (f" (refused: {d['refused'][:160]})" if d.get("refused") else ""))
+    needs = fleet.get("stages") or {}
+    if needs:
+        lines.append("memory need per stage (a device is sampled for a stage only if its RAM MiB is at least this): "
+                     + "; ".join(f"stage {int(s) + 1} ({m.get('layers')} layers) {m.get('need_mb')} MiB, "
+                                 f"{m.get('source')}{', ' + m['margin'] if m.get('margin') else ''}"
+                                 for s, m in sorted(needs.items(), key=lambda kv: int(kv[0]))))
+    lines.append('"-": the device declared none (an older runtime); it is sampled for every stage')
+    return "\n".join(lines)
+
+
 def plot(rows: list[DeviceStage], run_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -252,6 +273,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"run {run_dir}: device telemetry, {len(rows)} device x stage rows")
         print(table(rows))
         print("\n".join(rig_lines(report.get("rig"))))
+        if (report.get("fleet") or {}).get("devices"):
+            print()
+            print(fleet_table(report["fleet"]))
     if not args.no_plots:
         paths = plot(rows, run_dir)
         print("plots: " + ", ".join(str(p) for p in paths))
@@ -273,6 +297,9 @@ sent with its updates (report.json). Columns:
                  energy, labelled measured:<sensor> or estimated:<power model> (CPU time x watts)
   CO2 g          carbon from the energy and the grid's intensity
   fits           whether peak memory fits the declared profile's usable RAM; "n/a" = no profile
+Then one line per device: the platform, runtime and RAM (MiB it offers training) its hello
+declared, the stages it trained (or why the coordinator refused it), and each stage's memory
+need (a device is sampled for a stage only when its RAM covers the need).
 Profiles: {profiles}.
 Writes telemetry_energy.png, telemetry_memory.png and telemetry_latency.png into the run
 directory."""

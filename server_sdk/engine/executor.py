@@ -59,6 +59,11 @@ class ClientExecutor(ABC):
         return evaluate(model, tokenizer, examples, seq_len=seq_len, generate=generate,
                         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, precision=precision)
 
+    def eligible_clients(self, stage: int) -> list[int] | None:
+        """The clients a round of `stage` may sample (None: every client). A fleet leaves out the devices whose
+        declared memory does not fit the stage, and raises when none does. Default: every client."""
+        return None
+
     def follow_schedule(self, rounds: list[int]) -> None:
         """The run's rounds per stage: the round loop's list, which it updates in place when it replans."""
 

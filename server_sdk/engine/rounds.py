@@ -149,10 +149,14 @@ def client_seed(seed: int, key: int, rnd: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, key, rnd, client]).generate_state(1)[0])
 
 
-def sample_clients(cfg: RunConfig, key: int, rnd: int) -> list[int]:
-    """The clients that train round `rnd` of the stage whose draw key is `key` (StagePlan.draw_key)."""
+def sample_clients(cfg: RunConfig, key: int, rnd: int, pool: list[int] | None = None) -> list[int]:
+    """The clients that train round `rnd` of the stage whose draw key is `key` (StagePlan.draw_key), drawn from
+    `pool` when the executor narrows it (a fleet: the devices whose declared memory fits the stage), at most
+    clients_per_round of them; None = every client (the same draw as before pools existed)."""
     rng = np.random.default_rng([cfg.seed, 17, key, rnd])
-    return sorted(int(c) for c in rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
+    if pool is None:
+        return sorted(int(c) for c in rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
+    return sorted(int(c) for c in rng.choice(sorted(pool), size=min(cfg.clients_per_round, len(pool)), replace=False))
 
 
 def prepare_data(cfg: RunConfig, base: BaseModel, run_dir: Path) -> tuple[list[list[Example]], list[Example]]:
@@ -329,7 +333,7 @@ def _train_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePl
     round), and aggregate their results into the stage's global LoRA."""
     cfg, executor = loop.cfg, loop.executor
     started = time.perf_counter()
-    sampled = sample_clients(cfg, plan.draw_key, r)
+    sampled = sample_clients(cfg, plan.draw_key, r, executor.eligible_clients(s))
     bytes_down = len(serialize(state.stage_global)) * len(sampled)
     new_devices = [c for c in sampled if c not in state.devices_with_stage]
     state.devices_with_stage += new_devices

@@ -56,6 +56,8 @@ from edge_runtime import protocol as P
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.protocol import ARTIFACT_FORMATS
 from export import StageInfo, export_artifacts
+from export.common import json_config
+from export.memory import predicted_peak_mb
 from server_sdk.config import ConfigError, RunConfig
 from server_sdk.data import Example
 from server_sdk.engine.executor import ClientExecutor, QuorumNotReached
@@ -88,6 +90,17 @@ RESTART_GRACE_S = 10.0
 # the guess at the next stage (prefetch) starts once the round's devices report they started training, or
 # after this long: its export would otherwise compete with their start on a machine they share
 GUESS_AFTER_START_MAX_S = 1.0
+
+
+class StageDoesNotFit(QuorumNotReached):
+    """No connected device declares the memory a stage needs: no round of it can reach a quorum, so it fails at
+    once, naming the stage, its need and the largest budget a device declared (rather than waiting out deadlines)."""
+
+
+# at most this many devices are named in the control message's `refused` (each entry <= 400 characters); the
+# fleet's ACL binds a status topic to its login, so only provisioned devices can get there
+MAX_TOLD = 1000
+RETELL_S = 10.0  # an unchanged refusal is republished at most this often per device (docs/protocol.md §11, "Memory")
 
 
 # an update message waits in the coordinator's inbox only while its round is open and its sender sampled; each
@@ -169,6 +182,11 @@ class FleetSettings:
     # train control arrives) within this many seconds, or it counts as lost for the round and is marked
     # unresponsive (later rounds and stage starts do not wait for it) until it sends a status again; None = off
     start_timeout_s: float | None = 10.0
+    # measured peak memory (MiB) of a stage's training on the fleet's runtime, by the stage's layer count, e.g.
+    # {"4": 524} from `python -m benchmarks.device`: a stage's memory need where given, else the peak predicted from
+    # the model's shapes (export/memory.py). A device whose hello declares `ram_mb` below a stage's need is not
+    # sampled for that stage (docs/protocol.md §11, "Memory")
+    stage_peak_mb: dict[str, int] = field(default_factory=dict)
 
     def validate(self) -> FleetSettings:
         if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
@@ -196,6 +214,10 @@ class FleetSettings:
         if self.start_timeout_s is not None and not self.start_timeout_s > 0:
             raise ValueError(f"start_timeout_s={self.start_timeout_s} must be a positive number of seconds (e.g. 10) "
                              "or None (wait for silent devices until the deadline)")
+        for layers, mb in self.stage_peak_mb.items():
+            if not str(layers).isdigit() or isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+                raise ValueError(f"stage_peak_mb={self.stage_peak_mb!r}: map a stage's layer count to its measured "
+                                 "peak in whole MiB, e.g. {\"4\": 524}")
         return self
 
 
@@ -250,7 +272,18 @@ class FleetExecutor(ClientExecutor):
         self._stage = -1
         self._draw_key = 0  # the current stage's StagePlan.draw_key: keys replacement draws and their seeds
         self._control: P.ControlMessage | None = None  # the current round's train control, as last published
-        self._control_lock = threading.Lock()  # the prefetch hint and replacements both republish it
+        # the prefetch hint, replacements and refusals all republish it; every control goes out under it
+        self._control_lock = threading.RLock()
+        self._last_control: P.ControlMessage | None = None  # as last published (refusals republish it)
+        # memory (docs/protocol.md §11, "Memory"): the current stage's need, every stage's need by layer count,
+        # each device's checked capabilities, and the devices refused with why (told in every control message)
+        self._need: dict | None = None
+        self._run_needs: dict[int, dict] = {}
+        self._caps: dict[str, dict] = {}
+        self._told: dict[str, str] = {}
+        self._told_at: dict[str, float] = {}  # device -> when its refusal last went out
+        self._tell_wake = threading.Event()
+        self._closing = threading.Event()
         self._next_guess: tuple[int, Speculate] | None = None  # set by prefetch_stage for the next train_round
         self._speculation: Speculation | None = None
         self._warmer: TemplateWarmer | None = None
@@ -275,6 +308,8 @@ class FleetExecutor(ClientExecutor):
         self._art_client.connect(connect_timeout_s)
         self.artifacts = ArtifactServer(self._art_client, self.run_id,
                                         max_bytes_per_s=self.settings.artifact_bytes_per_s).start()
+        self._teller = threading.Thread(target=self._tell_loop, name="fleet-refusals", daemon=True)
+        self._teller.start()
 
     # -- naming ---------------------------------------------------------------------------
 
@@ -305,7 +340,9 @@ class FleetExecutor(ClientExecutor):
         `stage_ready_timeout_s`) until the devices hold it."""
         self._finish_speculation()
         dirs, seconds = self._export(stage, plan, sub_model, "")
-        total = self.serve_stage(stage, dirs, export_s=seconds)
+        config = json_config(sub_model)
+        total = self.serve_stage(stage, dirs, self.stage_need(config, int(config["num_hidden_layers"])),
+                                 export_s=seconds)
         self._draw_key = plan.draw_key  # rounds.py's key of the stage's client draws and seeds
         self._await_ready(stage, plan.draw_key)
         return total
@@ -313,6 +350,9 @@ class FleetExecutor(ClientExecutor):
     def expect_stages(self, config: dict, stage_sizes: list[int]) -> None:
         """Trace the graphs of the stages after the first in a background process (server_sdk/engine/warm.py): on a
         machine's first run that is most of each stage start, and the first stage's rounds hide it."""
+        self._run_needs = {n: self.stage_need(config, n) for n in stage_sizes}
+        for device in list(self._caps):  # hellos that came before the needs were known
+            self._check_memory(device)
         if self.settings.trace_ahead and "onnx" in self.stage_formats() and len(stage_sizes) > 1:
             self._warmer = TemplateWarmer(config, stage_sizes[1:], self.cfg.lora, self.cfg.seq_len,
                                           self.settings.export_template_dir or cache_root()).start()
@@ -400,7 +440,7 @@ class FleetExecutor(ClientExecutor):
             return
         from server_sdk.engine.rounds import sample_clients
 
-        first = {self.device_of(c) for c in sample_clients(self.cfg, draw_key, 0)}
+        first = {self.device_of(c) for c in sample_clients(self.cfg, draw_key, 0, self._pool())}
         t0 = time.time()
         while True:
             seen = self._status_seq  # read before looking: a status arriving meanwhile wakes the wait below
@@ -445,7 +485,7 @@ class FleetExecutor(ClientExecutor):
             statuses = {d: {} for d in expected} | dict(self.device_status)
             offline |= set(self._silent)
         return {device for device, st in statuses.items() if st.get("state") != "offline" and device not in offline
-                and self._runs_served(st) and not self._holds_stage(st)}
+                and self._runs_served(st) and self._fits(device) and not self._holds_stage(st)}
 
     def _holds_stage(self, status: dict) -> bool:
         """Whether a device's status reports one of this stage's artifacts ready (`info.ready`, device-sent)."""
@@ -465,8 +505,9 @@ class FleetExecutor(ClientExecutor):
         declared = status.get("weights")
         return self.cfg.weights == "fp32" or (isinstance(declared, str) and self.cfg.weights in declared.split(","))
 
-    def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], **info) -> int:
+    def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], memory: dict | None = None, **info) -> int:
         """Register a stage's artifact files (per format) with the chunk server and announce them (state idle).
+        `memory` is the stage's memory need (`stage_need`; None: every device fits).
 
         Returns the bytes of the portable (or first) format: what one device downloads at most.
         Files travel as `_served_files` lays them out, so tensors unchanged since the last stage
@@ -476,10 +517,12 @@ class FleetExecutor(ClientExecutor):
                                                                        self.settings.per_tensor_checkpoint))
                            for fmt, d in artifact_dirs.items()}
         self._stage = stage
+        self._need = memory
         self._draw_key = stage  # begin_stage then sets the plan's (serve_stage alone: tests)
         self._idle_at = time.time()  # devices that said hello before it must say something after it
         self._event("stage", stage=stage, artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes}
-                                                     for f, d in self._artifacts.items()}, **info)
+                                                     for f, d in self._artifacts.items()},
+                    **({"memory": memory} if memory else {}), **info)
         # devices may start downloading while the first round is prepared
         self._publish_control(P.ControlMessage(self.run_id, stage, self.wire_round(stage, 0), "idle",
                                                artifacts=self._artifacts))
@@ -586,7 +629,7 @@ class FleetExecutor(ClientExecutor):
         with self._status_lock:
             silent = set(self._silent)
             statuses = {d: self.device_status.get(d, {}) for d in wanted}
-        unserved = {d for d, st in statuses.items() if not self._runs_served(st)}
+        unserved = {d for d, st in statuses.items() if not (self._runs_served(st) and self._fits(d))}
         return ((self._offline_now() | silent) & set(wanted)) | unserved
 
     def _update_control(self, change: Callable[[P.ControlMessage], P.ControlMessage]) -> None:
@@ -739,7 +782,7 @@ class FleetExecutor(ClientExecutor):
             statuses = dict(self.device_status)
             gone = set(self._offline) | set(self._silent)
         live = {d for d, st in statuses.items() if d not in gone and st.get("state") != "offline"
-                and self._runs_served(st)}
+                and self._runs_served(st) and self._fits(d)}
         ready = {d for d, st in statuses.items() if self._holds_stage(st)}
         chosen = choose_replacements(order, wanted, live, ready, min(short, budget, len(uncovered)))
         if not chosen:
@@ -873,7 +916,27 @@ class FleetExecutor(ClientExecutor):
         raise TimeoutError(f"broker did not acknowledge the publish to {topic} within {10 * attempts}s")
 
     def _publish_control(self, msg: P.ControlMessage) -> None:
-        self._publish(P.control_topic(self.run_id), P.encode_control(msg), retain=True)
+        """Publish a control with the devices refused so far (`refused`); the last one is kept for `_tell_loop`."""
+        with self._control_lock:
+            msg = replace(msg, refused=dict(self._told))
+            self._last_control = msg
+            self._publish(P.control_topic(self.run_id), P.encode_control(msg), retain=True)
+
+    def _tell_loop(self) -> None:
+        """Republish the retained control when a device is refused (or no longer is), so it learns why at once.
+        Off paho's thread: a publish waits for the broker's ack, which paho's thread delivers."""
+        while not self._closing.is_set():
+            if not self._tell_wake.wait(0.5):
+                continue
+            self._tell_wake.clear()
+            with self._control_lock:
+                if self._last_control is None or self._closing.is_set():
+                    continue
+                try:
+                    self._publish_control(self._last_control)
+                except Exception:  # noqa: BLE001 - the next control carries the refusal anyway
+                    log.exception("republishing the control message with the refused devices")
+            self._closing.wait(1.0)  # refusals arriving meanwhile go out together, at most one control a second
 
     def _offline_now(self) -> set[str]:
         """Devices the current round need not wait for (see OFFLINE_CONFIRM_S and RESTART_GRACE_S)."""
@@ -932,6 +995,109 @@ class FleetExecutor(ClientExecutor):
         self._check_formats(device, status.info.get("formats"))
         if status.state == "hello":
             self._check_weights(device, status.info)
+        if live:
+            self._check_capabilities(device, status.info)
+
+    # -- capabilities and memory (docs/protocol.md §11, "Memory") ---------------------------------
+
+    def stage_need(self, config: dict, layers: int) -> dict:
+        """The memory a device must declare (`ram_mb`) to train an `layers`-layer stage: the measured peak the
+        operator gave (`stage_peak_mb`), else the peak predicted from the model's shapes, the run's batch size,
+        sequence length, LoRA rank and weight scheme (export/memory.py, with its margin)."""
+        measured = self.settings.stage_peak_mb.get(str(layers))
+        if measured:
+            return {"layers": layers, "need_mb": int(measured), "source": "measured: --stage-peak-mb"}
+        weights = self.cfg.weights if self.stage_formats() == ["onnx"] else "fp32"  # the others carry fp32
+        return {"layers": layers, **predicted_peak_mb(config, layers, batch=self.cfg.batch_size,
+                                                      seq=self.cfg.seq_len, rank=self.cfg.lora.r, weights=weights)}
+
+    def _check_capabilities(self, device: str, info: dict) -> None:
+        """Check what a status declares about the device (P.check_capabilities): a bad declaration refuses the
+        device (never sampled, told why) until it sends a good one; a good one is recorded (an event per change,
+        for the report), then checked against the run's stages (`_check_memory`)."""
+        try:
+            caps = P.check_capabilities(info)
+        except P.StatusRejected as exc:
+            self._caps.pop(device, None)
+            self._refuse(device, exc.reason, f"{str(exc).split(': ', 1)[-1]}; fix the device's declaration and "
+                         "restart it")
+            return
+        if caps != self._caps.get(device):
+            self._caps[device] = caps
+            self._limited(("capabilities", device), None, (), "capabilities", device=device, **caps)
+        self._check_memory(device)
+
+    def _check_memory(self, device: str) -> None:
+        """Refuse a device whose declared `ram_mb` fits no stage of the run; clear an earlier refusal otherwise."""
+        ram = self._caps.get(device, {}).get("ram_mb")
+        if device not in self._caps:
+            return
+        smallest = min(self._run_needs.values(), key=lambda n: n["need_mb"], default=None)
+        if ram is not None and smallest is not None and ram < smallest["need_mb"]:
+            self._refuse(device, "memory", f"{device} declares ram_mb {ram} MiB; the smallest stage of this run "
+                         f"({smallest['layers']} layers) needs {smallest['need_mb']} MiB ({smallest['source']}), so "
+                         "it is never sampled. Declare what the device can give training (devft-edge --ram-mb, the web "
+                         "device's ramMb) if it has more, or run smaller stages, batch_size or seq_len")
+        elif device in self._told:
+            self._told.pop(device)
+            self._write_event("refusal_cleared", {"device": device})
+            self._tell_wake.set()
+
+    def _refuse(self, device: str, reason: str, detail: str) -> None:
+        """Refuse a device: it is never sampled, stage starts do not wait for it, and every control message names it
+        in `refused` with why (republished now), so the device can say so and stop."""
+        why = cut(f"{reason}: {detail}", P.MAX_REFUSAL_CHARS)
+        if self._told.get(device) == why:
+            # a device heeds only a control published after it subscribed (a retained one may be stale), so a
+            # restarted device is told again, at most once per RETELL_S (a status costs it nothing, a control does)
+            if time.time() - self._told_at.get(device, 0.0) >= RETELL_S:
+                self._told_at[device] = time.time()
+                self._tell_wake.set()
+            return
+        self._told_at[device] = time.time()
+        if device not in self._told and len(self._told) >= MAX_TOLD:
+            log.warning("refusing %s (%s) without telling it: %d devices are named already", device, reason, MAX_TOLD)
+        else:
+            self._told[device] = why
+            self._tell_wake.set()
+        self.rejections[reason] += 1
+        self._limited(("rejected", device, reason), "device %s refused (%s): %s", (device, reason, detail), "rejected",
+                      device=device, reason=reason, detail=cut(detail, P.MAX_REFUSAL_CHARS), message="hello")
+
+    def _fits(self, device: str) -> bool:
+        """Whether the device may train the current stage: not refused, and its declared `ram_mb` (if any) is at least
+        the stage's need (no need known yet: every device fits)."""
+        if device in self._told:
+            return False
+        ram = self._caps.get(device, {}).get("ram_mb")
+        return ram is None or self._need is None or ram >= self._need["need_mb"]
+
+    def _pool(self) -> list[int] | None:
+        """The clients whose devices fit the current stage (`_fits`); None when all do (the plain draw)."""
+        fit = [c for c in range(self.cfg.num_clients) if self._fits(self.device_of(c))]
+        return None if len(fit) == self.cfg.num_clients else fit
+
+    def eligible_clients(self, stage: int) -> list[int] | None:
+        """The round loop samples only these clients (None: all). Raises StageDoesNotFit when no connected device
+        fits the stage (or no device at all may take it): the stage could only wait out its deadlines."""
+        pool = self._pool()
+        with self._status_lock:
+            connected = {d for d, st in self.device_status.items()
+                         if st.get("state") != "offline" and d not in self._offline}
+        if pool == [] or (connected and not any(self._fits(d) for d in connected)):
+            need = self._need or {}
+            budgets = {d: c["ram_mb"] for d, c in self._caps.items() if "ram_mb" in c}
+            top = max(budgets, key=budgets.get, default=None)
+            seen = f"{budgets[top]} MiB ({top})" if top else "none declared"
+            refused = sorted(d for d in connected if d in self._told)
+            raise StageDoesNotFit(
+                f"stage {stage + 1} ({need.get('layers')} layers) needs {need.get('need_mb')} MiB per device "
+                f"({need.get('source')}{', ' + need['margin'] if 'margin' in need else ''}), and no connected device "
+                f"may train it: the largest budget a device declared is {seen}"
+                f"{f'; refused: {refused}' if refused else ''}. Add devices with more memory, give the devices' "
+                "declared budget if it is too low (devft-edge --ram-mb), lower batch_size or seq_len, or use "
+                "smaller stages; then resume with --resume")
+        return pool
 
     def _check_formats(self, device: str, declared) -> None:
         """Refuse a device whose hello declares only formats this coordinator does not serve: say so once (per
@@ -1019,6 +1185,8 @@ class FleetExecutor(ClientExecutor):
                 self._publish_control(P.ControlMessage(self.run_id, max(self._stage, 0), self._rounds_done, "done"))
                 self._event("done", rejections=dict(self.rejections))
         finally:
+            self._closing.set()
+            self._teller.join(5)
             if self._warmer is not None:
                 self._warmer.stop()
             for key, count in self._log_budget.pending().items():

@@ -268,7 +268,9 @@ def stop_on_sigterm():
 
 
 def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = None) -> dict:
-    """report.json gains a `fleet` section: per device rounds, bytes downloaded per stage, refusals, replacements."""
+    """report.json gains a `fleet` section: per device rounds, the stages it trained, what it declared (platform,
+    runtime, ram_mb, cores) and why it was refused if it was, bytes downloaded per stage; each stage's memory need;
+    refusals, replacements."""
     events = [json.loads(line) for line in (run_dir / "fleet_events.jsonl").read_text().splitlines() if line]
     devices: dict[str, dict] = {}
     for rec in report["records"]:
@@ -277,13 +279,16 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
             d = devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
                                                    "peak_rss_bytes": 0})
             d["rounds"] += 1
+            d.setdefault("stages", set()).add(int(rec["stage"]))
             # a device process counts what it downloaded per stage (prefetch included); a restarted one anew
             seen = d.setdefault("_by_process", {})
             key = (str(rec["stage"]), tel.get("process"))
             seen[key] = max(seen.get(key, 0), tel.get("stage_download_bytes") or 0)
             d["energy_j"] += tel.get("energy_j") or 0.0
             d["peak_rss_bytes"] = max(d["peak_rss_bytes"], tel.get("peak_rss_bytes") or 0)
+    _add_declarations(devices, events)
     for d in devices.values():
+        d["stages"] = sorted(d.get("stages", ()))
         for (stage, _), nbytes in d.pop("_by_process", {}).items():
             d["stage_download_bytes"][stage] = d["stage_download_bytes"].get(stage, 0) + nbytes
     rejected: dict[str, int] = {}
@@ -296,9 +301,30 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
         elif e["event"] == "round_end":
             replacements += [{"stage": e["stage"], "round": e["round"], "device": by, "replaces": lost,
                               "accepted": by in e["accepted"]} for by, lost in (e.get("replacements") or {}).items()]
-    report["fleet"] = {"devices": devices, "rejected": rejected, "replacements": replacements,
+    stages = {str(e["stage"]): e["memory"] for e in events if e["event"] == "stage" and e.get("memory")}
+    report["fleet"] = {"devices": devices, "stages": stages, "rejected": rejected, "replacements": replacements,
                        "exit_codes": exit_codes or {}, "events": str(run_dir / "fleet_events.jsonl")}
     if (run_dir / "rig.json").exists():  # `devft rig`'s phones: emulated or measured, and what it saw of them
         report["rig"] = json.loads((run_dir / "rig.json").read_text())
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _add_declarations(devices: dict[str, dict], events: list[dict]) -> None:
+    """Each device's last checked declaration (`capabilities` events: platform, runtime, ram_mb, cores) and, when its
+    last word from the coordinator was a refusal at hello, why; a device refused before it trained is added."""
+    for e in events:
+        device = e.get("device")
+        if not isinstance(device, str):
+            continue
+        if e["event"] == "capabilities":
+            d = devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
+                                            "peak_rss_bytes": 0})
+            d.update({k: e.get(k) for k in ("platform", "runtime", "ram_mb", "cores")})
+            d.pop("refused", None)  # a newer declaration; a refusal of it comes after
+        elif e["event"] == "rejected" and e.get("message") == "hello" and e.get("reason") in ("memory",
+                                                                                              "bad_capabilities"):
+            devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
+                                        "peak_rss_bytes": 0})["refused"] = f"{e['reason']}: {e.get('detail', '')}"
+        elif e["event"] == "refusal_cleared" and device in devices:
+            devices[device].pop("refused", None)

@@ -51,12 +51,14 @@ async function boot() {
   // window.devftOptions (set by a driver before the page loads): the rig of emulated phones trains on the page's
   // own thread ({proxy: false, threads: 1}), since DevTools CPU throttling slows a page's thread and no worker
   const opts = window.devftOptions ?? {};
-  window.devftStart({ ...saved, threads: opts.threads ?? Math.min(4, navigator.hardwareConcurrency || 1), proxy: opts.proxy }).catch(() => {});
+  const ramMb = Number(new URLSearchParams(location.hash.slice(1)).get('ram_mb')) || undefined;
+  window.devftStart({ ...saved, threads: opts.threads ?? Math.min(4, navigator.hardwareConcurrency || 1), proxy: opts.proxy, ramMb }).catch(() => {});
 }
 
-window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune = true, proxy = true }) => {
+// ramMb: the memory the page offers training, in MiB (default: half of navigator.deviceMemory; #ram_mb=N in the URL)
+window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune = true, proxy = true, ramMb }) => {
   try {
-    const runtime = await browserRuntime({ wsUrl, threads, proxy });
+    const runtime = await browserRuntime({ wsUrl, threads, proxy, ramMb });
     const onRecord = (kind, r) => state.records.push({ control: r.control, losses: r.losses, draws: r.draws, global: b64(r.global), update: b64(r.update) });
     // a round given up (the storage quota full, a file that failed its hash) is shown, not only logged: the device
     // stays in the fleet and tries again with the next control, so nothing it holds is lost
@@ -70,6 +72,7 @@ window.devftStart = async ({ creds, shardText, runId, wsUrl, threads = 1, prune 
     state.runtime = runtime.name;
     show(`training in run ${runId} as ${creds.username} (${runtime.name})`);
     const code = await device.run();
+    if (device.refused) { state.error = `refused by the coordinator: ${device.refused}`; show(state.error); return code; }
     show(`run ${runId} is done`);
     state.done = true;
     return code;

@@ -28,6 +28,8 @@ function matches(filter, topic) {
   return f.length === t.length;
 }
 
+export const REFUSED_EXIT = 4; // the coordinator refuses this device (its control names it in `refused`), as devft-edge
+
 export class Device {
   /**
    * runtime: the adapter; creds: {username, password, ...}; shard: [{prompt, completion}]; runId: the run to follow
@@ -49,8 +51,9 @@ export class Device {
     this.formats = ['onnx'];
     this.handlers = []; // [filter, fn]
     this.globals = new Map(); // round -> payload
+    this.globalTopic = null; // the round's global adapter topic while a sampled round waits for it (else none)
     this.globalWaiters = [];
-    this.pending = null; // newest unhandled control payload
+    this.pending = null; // newest unhandled control: {payload, retained}
     this.generation = 0; // bumped by every control message (cancels a prefetch)
     this.wakeLoop = null;
     this.answered = new Set();
@@ -101,27 +104,28 @@ export class Device {
   async connect() {
     const will = { topic: topics.status(this.runId, this.deviceId), payload: encodeStatus(this.deviceId, 'offline'), qos: 1, retain: true };
     this.client = await this.runtime.connectMqtt(this.creds, { will, clientId: this.creds.client_id || this.deviceId });
-    this.client.on('message', (topic, payload) => {
+    this.client.on('message', (topic, payload, packet) => {
       this.payloadBytes += payload.length;
-      for (const [filter, fn] of this.handlers) if (matches(filter, topic)) fn(topic, payload);
+      for (const [filter, fn] of this.handlers) if (matches(filter, topic)) fn(topic, payload, packet);
     });
     let first = true;
     const onConnect = (connack) => {
       // birth and will: a hello after every connect (a restarting broker may have published our will)
       this.status('hello', { reconnected: !first, examples: this.shard.length }).catch(() => {});
       if (!first && !connack?.sessionPresent) {
-        for (const f of [topics.control(this.runId), topics.global(this.runId, '+')]) this.client.subscribe(f, { qos: 1 });
+        for (const f of [topics.control(this.runId), this.globalTopic]) if (f) this.client.subscribe(f, { qos: 1 });
       }
       first = false;
     };
     this.client.on('connect', onConnect);
-    await this.subscribe(topics.global(this.runId, '+'), (topic, payload) => this.onGlobal(topic, payload));
-    await this.subscribe(topics.control(this.runId), (topic, payload) => this.onControl(payload));
+    // global adapters: only the round's, subscribed to while a sampled round waits for it (globalFor), as devft-edge
+    await this.subscribe(topics.control(this.runId), (topic, payload, packet) => this.onControl(payload, packet));
     onConnect({ sessionPresent: true });
   }
 
-  onControl(payload) {
-    this.pending = payload;
+  onControl(payload, packet) {
+    // a retained control (sent on subscribe) may predate this device's hello: only a live one's `refused` counts
+    this.pending = { payload, retained: Boolean(packet?.retain) };
     this.generation += 1;
     this.acknowledge(payload);
     if (this.wakeLoop) this.wakeLoop();
@@ -157,14 +161,27 @@ export class Device {
     this.globalWaiters.forEach((w) => w());
   }
 
+  /** The round's global adapter: subscribed to for this round only (it is retained, so it arrives on subscribe), so
+   * the broker sends each round's adapter to the devices sampled for it, not to every device. */
   async globalFor(ctrl) {
     const deadline = (ctrl.deadline_unix ?? Date.now() / 1000 + 600) * 1000;
-    while (!this.globals.has(ctrl.round)) {
-      if (Date.now() > deadline || this.stopped) throw new Error(`no global adapter for round ${ctrl.round} arrived before the deadline`);
-      await new Promise((resolve) => { this.globalWaiters.push(resolve); setTimeout(resolve, 500); });
-      this.globalWaiters = [];
+    const topic = topics.global(ctrl.run_id, ctrl.round);
+    const handler = (t, payload) => this.onGlobal(t, payload);
+    this.globalTopic = topic;
+    await this.subscribe(topic, handler);
+    let payload;
+    try {
+      while (!this.globals.has(ctrl.round)) {
+        if (Date.now() > deadline || this.stopped) throw new Error(`no global adapter for round ${ctrl.round} arrived before the deadline`);
+        await new Promise((resolve) => { this.globalWaiters.push(resolve); setTimeout(resolve, 500); });
+        this.globalWaiters = [];
+      }
+      payload = this.globals.get(ctrl.round);
+      this.globals.delete(ctrl.round);
+    } finally {
+      this.globalTopic = null;
+      await this.unsubscribe(topic, handler);
     }
-    const payload = this.globals.get(ctrl.round);
     const glob = decodeGlobal(payload);
     if (glob.run_id !== ctrl.run_id || glob.stage !== ctrl.stage || glob.round !== ctrl.round) {
       throw new Error(`global message is for ${glob.run_id}/${glob.stage}/${glob.round}, control says ${ctrl.run_id}/${ctrl.stage}/${ctrl.round}`);
@@ -186,11 +203,16 @@ export class Device {
           this.wakeLoop = null;
           continue;
         }
-        const payload = this.pending;
+        const { payload, retained } = this.pending;
         this.pending = null;
         let ctrl;
         try { ctrl = decodeControl(payload); } catch (e) { this.log(`ignoring malformed control message: ${e.message}`); continue; }
         if (ctrl.run_id !== this.runId) continue;
+        if (ctrl.refused[this.deviceId] !== undefined && !retained) {
+          this.log(`${this.deviceId}: the coordinator refuses this device: ${ctrl.refused[this.deviceId]}`);
+          this.refused = ctrl.refused[this.deviceId];
+          return REFUSED_EXIT;
+        }
         if (ctrl.state === 'done') {
           this.log(`${this.deviceId}: run ${this.runId} is done after ${this.roundsTrained} rounds here`);
           await this.status('hello', { finished: true });

@@ -125,6 +125,13 @@ export function decodeControl(bytes) {
     }
     if (!Array.isArray(obj.sampled_clients)) throw new Error(`${what} in state train needs sampled_clients`);
   }
+  const refused = obj.refused ?? {};
+  if (typeof refused !== 'object' || Array.isArray(refused)) throw new Error(`${what} refused must be an object`);
+  for (const [dev, why] of Object.entries(refused)) {
+    checkName('refused device', dev);
+    if (typeof why !== 'string' || why.length > 400) throw new Error(`${what} refused[${dev}] must be a string of at most 400 characters`);
+  }
+  obj.refused = refused;
   return obj;
 }
 

@@ -63,7 +63,22 @@ export class CacheStore {
  * or a long step would otherwise block the page, and with it mqtt.js's keep-alive pings (the broker
  * drops a connection silent for 1.5 x 30 s and publishes the device's will).
  */
-export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPaths = '/node_modules/onnxruntime-web/dist/' } = {}) {
+/** A platform name as the hello may carry it (docs/protocol.md: 1-64 characters of letters, digits, space, ._,;:()/+-),
+ * or undefined when nothing is left. */
+export function capabilityText(text) {
+  const clean = String(text ?? '').replace(/[^A-Za-z0-9 ._,;:()/+-]/g, '').trim().slice(0, 64);
+  return clean || undefined;
+}
+
+/** The memory a page offers training, in MiB: half the device's RAM (navigator.deviceMemory, GiB rounded down to a
+ * power of two, at most 8): the OS and resident apps hold the rest (an Android phone with 6 GB lets about 3 GB go to
+ * one app before its low-memory killer acts), and at most 4096 (a wasm32 memory's limit). Undefined where the
+ * browser does not say (Firefox, Safari): the coordinator then samples the page for every stage. */
+export function pageBudgetMb(deviceMemoryGiB) {
+  return deviceMemoryGiB > 0 ? Math.min(4096, Math.round((deviceMemoryGiB * 1024) / 2)) : undefined;
+}
+
+export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPaths = '/node_modules/onnxruntime-web/dist/', ramMb } = {}) {
   const problem = browserProblem();
   if (problem) throw new Error(problem);
   ort.env.wasm.wasmPaths = wasmPaths;
@@ -81,8 +96,8 @@ export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPat
     cpuTimeS: () => null,
     peakRssBytes: () => null, // a page cannot read its process's RSS (performance.memory is only the JS heap)
     capabilities: () => ({
-      platform: navigator.userAgentData?.platform || navigator.platform, runtime: 'onnxruntime-web',
-      ram_mb: navigator.deviceMemory ? navigator.deviceMemory * 1024 : undefined, cores: navigator.hardwareConcurrency,
+      platform: capabilityText(navigator.userAgentData?.platform || navigator.platform), runtime: 'onnxruntime-web',
+      ram_mb: ramMb ?? pageBudgetMb(navigator.deviceMemory), cores: navigator.hardwareConcurrency || undefined,
       cross_origin_isolated: globalThis.crossOriginIsolated, wasm_threads: ort.env.wasm.numThreads,
     }),
     async openSession(art, graph) {

@@ -2,7 +2,7 @@
 // TLS with the fleet's CA, node:crypto, and blobs as files under <cache>/blobs/<sha256>.
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import { totalmem } from 'node:os';
+import { availableParallelism, freemem } from 'node:os';
 import path from 'node:path';
 import mqtt from 'mqtt';
 
@@ -70,7 +70,7 @@ function sessionOptions(threads) {
  * engine: 'node' (onnxruntime-node, native) or 'web' (onnxruntime-web's WASM in Node: the browser's numerics).
  * host/port override the credentials' broker address.
  */
-export async function nodeRuntime({ cacheDir, engine = 'node', host, port } = {}) {
+export async function nodeRuntime({ cacheDir, engine = 'node', host, port, ramMb } = {}) {
   const ort = engine === 'web' ? await import('onnxruntime-web') : (await import('onnxruntime-node')).default;
   if (engine === 'web') { ort.env.wasm.numThreads = 1; }
   const store = new FileStore(cacheDir);
@@ -84,7 +84,11 @@ export async function nodeRuntime({ cacheDir, engine = 'node', host, port } = {}
     processId: () => process.pid,
     cpuTimeS: () => { const u = process.cpuUsage(); return (u.user + u.system) / 1e6; },
     peakRssBytes: () => process.resourceUsage().maxRSS * 1024,
-    capabilities: () => ({ platform: `node-${process.platform}-${process.arch}`, runtime: `onnxruntime-${engine}`, ram_mb: Math.round(totalmem() / 2 ** 20) }),
+    // ram_mb: the memory this device offers training (the coordinator samples it only for stages whose need fits):
+    // ramMb (--ram-mb) if given, else what the OS can give a process now (os.freemem: MemAvailable on Linux; totalmem
+    // also counts the OS and every other program), as devft-edge declares it
+    capabilities: () => ({ platform: `node-${process.platform}-${process.arch}`, runtime: `onnxruntime-${engine}`,
+      ram_mb: ramMb ?? Math.max(1, Math.floor(freemem() / 2 ** 20)), cores: Math.max(1, availableParallelism()) }),
     async openSession(art, graph, threads) {
       if (engine === 'web') {
         const externalData = [];

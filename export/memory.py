@@ -1,0 +1,93 @@
+"""The memory a device needs to train one stage of the portable format, predicted from the model's shapes.
+
+The floor is what a step needs at least (benchmarks/RESULTS.md, "The memory floor, predicted from shapes"):
+the frozen weights as stored, LoRA with its gradients and AdamW's two moments, one batch's activations as
+autograd keeps them, and the runtime's own process. The coordinator samples a device for a stage only when
+the stage's predicted peak fits the memory the device declares (`ram_mb` in its hello, docs/protocol.md).
+
+    predicted peak = PEAK_FACTOR x floor + PEAK_EXTRA_BYTES
+
+The margin covers what the floor leaves out: backward temporaries, attention's [batch, heads, seq, seq]
+tensors while they are built, dequantized weight slices, allocator slack. It is set from the seven measured
+portable-format rows of benchmarks/results/device.json (SmolLM2-135M, 4, 8 and 30 layers, fp32/int8/int4,
+batch 4 x 128, onnxruntime 1 thread): their peaks are 1.2-2.2x this floor, a fixed ~200 MiB weighing most at
+4 layers; 1.25 x floor + 256 MiB lies 5% (fp32, 8 layers) to 33% (fp32, 4 layers) above each of them
+(tests/test_fleet_capabilities.py checks it against the file). Torch-free arithmetic on a config dict, so the
+coordinator, the benchmarks and a device-side tool can share it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MIB = 2**20
+LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary in this many slices (export/onnx.py)
+# a process of the Python device runtime after `import numpy, safetensors, onnxruntime` (57 MiB measured,
+# benchmarks.device runtime_baseline); browsers and Node hold their own, which the margin has to cover
+RUNTIME_BYTES = 64 * MIB
+PEAK_FACTOR = 1.25
+PEAK_EXTRA_BYTES = 256 * MIB
+WEIGHT_BYTES_PER_VALUE = {"fp32": 4.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32}  # export/quant.py
+
+
+def _dims(cfg: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, vocab, attention heads, key/value width) of a LLaMA-style config dict."""
+    h, i, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
+    return h, i, v, heads, kv
+
+
+def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int, rank: int = 8) -> dict[str, int]:
+    """fp32 bytes one batch's backward needs kept from its forward, per the graph LoRA training makes.
+
+    Per decoder layer (T = batch x seq tokens): the layer input and its norm, q, k, v (after RoPE) and the
+    attention output ([T, hidden] or [T, kv]), the attention probabilities and the scores they come from
+    ([batch, heads, seq, seq] each), the post-attention residual and its norm, the MLP's gate, up, SiLU(gate)
+    and product ([T, intermediate] each), and the rank-r LoRA intermediates of the seven projections. Plus the
+    loss head's working set: two [supervised, vocab / chunks] float tensors at a time (logits and their
+    softmax) in the portable graph's chunked head; the eager head holds the full [supervised, vocab] logits,
+    their log-softmax and its gradient."""
+    h, i, v, heads, kv = _dims(cfg)
+    t = batch * seq
+    per_layer = t * (6 * h + 2 * kv) + 4 * t * i + 2 * batch * heads * seq * seq + 7 * t * rank
+    return {"decoder": 4 * per_layer * int(cfg["num_hidden_layers"]),
+            "head_chunked": 4 * 2 * supervised * -(-v // LM_HEAD_CHUNKS), "head_full": 4 * 3 * supervised * v}
+
+
+def weight_bytes_of(cfg: dict[str, Any], n_layers: int, scheme: str) -> int:
+    """Frozen weight bytes of an `n_layers` model of `cfg` as the portable format stores them under `scheme`
+    (export/quant.py: int8 1 byte and int4 half a byte per value, plus a float32 scale per 32 values)."""
+    h, i, v, _, kv = _dims(cfg)
+    linear = n_layers * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h  # + the tied embedding / LM head
+    norms = (2 * n_layers + 1) * h
+    return int(linear * WEIGHT_BYTES_PER_VALUE[scheme]) + 4 * norms
+
+
+def lora_bytes_of(cfg: dict[str, Any], n_layers: int, rank: int = 8) -> int:
+    """fp32 bytes of the rank-r LoRA tensors of the seven projections of `n_layers` layers."""
+    h, i, _, _, kv = _dims(cfg)
+    per_layer = rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    return 4 * per_layer * n_layers
+
+
+def floor_parts(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
+                weights: str = "fp32", runtime: int = RUNTIME_BYTES) -> dict[str, int]:
+    """The floor of one step of an `n_layers` stage, each part named, with every position supervised (the
+    loss head's most): weights as stored, LoRA + gradients + AdamW's two moments, activations, runtime."""
+    act = activation_bytes({**cfg, "num_hidden_layers": n_layers}, batch, seq, batch * (seq - 1), rank)
+    parts = {"weights": weight_bytes_of(cfg, n_layers, weights), "lora_state": 4 * lora_bytes_of(cfg, n_layers, rank),
+             "activations": act["decoder"] + act["head_chunked"], "runtime": runtime}
+    return {**parts, "total": sum(parts.values())}
+
+
+def predicted_peak_mb(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
+                      weights: str = "fp32") -> dict[str, Any]:
+    """{"need_mb": the stage's predicted peak in whole MiB (rounded up), "floor_mb", the floor's parts in MiB,
+    and the margin}: what a device must declare (`ram_mb`) to be sampled for the stage."""
+    floor = floor_parts(cfg, n_layers, batch=batch, seq=seq, rank=rank, weights=weights)
+    peak = PEAK_FACTOR * floor["total"] + PEAK_EXTRA_BYTES
+    return {"need_mb": math.ceil(peak / MIB), "floor_mb": math.ceil(floor["total"] / MIB),
+            "parts_mb": {k: round(v / MIB, 1) for k, v in floor.items() if k != "total"},
+            "margin": f"{PEAK_FACTOR:g} x floor + {PEAK_EXTRA_BYTES // MIB} MiB", "source": "predicted"}
