@@ -66,6 +66,7 @@ from .executor import ClientExecutor
 from .janitor import RetainedJanitor
 from .lora import LoraState, to_peft_key
 from .model import cache_root, smollm2_cache_dir
+from .origin import OriginAuth, OriginPublisher
 from .prefetch import Speculate, Speculation
 from .progress import note
 from .ratelimit import LogBudget, cut
@@ -174,6 +175,13 @@ class FleetSettings:
     # train control arrives) within this many seconds, or it counts as lost for the round and is marked
     # unresponsive (later rounds and stage starts do not wait for it) until it sends a status again; None = off
     start_timeout_s: float | None = 10.0
+    # an HTTPS origin (server_sdk/origin.py): stage files are also copied to artifact_dir/<run>/<sha256>, which a web
+    # server serves at artifact_origin + <run>/<sha256>, and descriptors name that URL; devices that know the field
+    # download there (their own fleet login, checked per request against artifact_passwd, the fleet's password
+    # file, and the run's devices), older ones keep fetching MQTT chunks. None = MQTT chunks only
+    artifact_origin: str | None = None
+    artifact_dir: str | None = None
+    artifact_passwd: str | None = None
 
     def validate(self) -> FleetSettings:
         if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
@@ -198,6 +206,11 @@ class FleetSettings:
         if isinstance(self.replacements, bool) or not isinstance(self.replacements, int) or self.replacements < 0:
             raise ValueError(f"replacements={self.replacements!r} must be a whole number >= 0: at most that many "
                              "replacement devices per round when sampled devices go offline (0 = none)")
+        if self.artifact_origin is not None:
+            if not (self.artifact_origin.startswith("https://") and self.artifact_dir):
+                raise ValueError(f"artifact_origin={self.artifact_origin!r} needs an https:// URL and artifact_dir, the "
+                                 "directory its web server serves (--artifacts URL --artifact-dir DIR)")
+            P.check_origin(self.artifact_origin.rstrip("/") + "/")
         if self.start_timeout_s is not None and not self.start_timeout_s > 0:
             raise ValueError(f"start_timeout_s={self.start_timeout_s} must be a positive number of seconds (e.g. 10) "
                              "or None (wait for silent devices until the deadline)")
@@ -280,6 +293,27 @@ class FleetExecutor(ClientExecutor):
         self._art_client.connect(connect_timeout_s)
         self.artifacts = ArtifactServer(self._art_client, self.run_id,
                                         max_bytes_per_s=self.settings.artifact_bytes_per_s).start()
+        self.origin: OriginPublisher | None = None
+        self.origin_auth: OriginAuth | None = None
+        if self.settings.artifact_origin:
+            self._start_origin(creds)
+
+    def _start_origin(self, creds: Credentials) -> None:
+        """Publish stage files to the HTTPS origin as well, and answer its per-download access checks: a device may
+        download while it is one of the run's devices and its fleet login holds (server_sdk/origin.py)."""
+        s = self.settings
+        passwd = Path(s.artifact_passwd) if s.artifact_passwd else Path(creds.ca_file or ".").parent / "passwd"
+        if not passwd.is_file():
+            raise ValueError(f"the artifact origin checks device logins against the fleet's password file; {passwd} "
+                             "does not exist (set artifact_passwd to FLEET_DIR/passwd)")
+        enrolled = frozenset(self.device_of(c) for c in range(self.cfg.num_clients))
+        self.origin = OriginPublisher(s.artifact_dir, s.artifact_origin, self.run_id)
+        self.origin_auth = OriginAuth(s.artifact_dir, self.run_id, passwd, lambda: enrolled).start()
+
+    def _offer(self, files: Mapping[str, Path]) -> P.ArtifactDescriptor:
+        """Register files with the MQTT chunk server and, with an origin, publish them there; the descriptor."""
+        descriptor = self.artifacts.add_files(files)
+        return self.origin.publish(descriptor, dict(files)) if self.origin is not None else descriptor
 
     # -- naming ---------------------------------------------------------------------------
 
@@ -365,7 +399,7 @@ class FleetExecutor(ClientExecutor):
         def announce(plan: StagePlan, sub_model) -> None:
             t0 = time.perf_counter()
             dirs, _ = self._export(stage, plan, sub_model, "prefetch-")
-            hint = {fmt: self.artifacts.add_files(_served_files(fmt, d, stage, False)) for fmt, d in dirs.items()}
+            hint = {fmt: self._offer(_served_files(fmt, d, stage, False)) for fmt, d in dirs.items()}
             self._event("prefetch", stage=stage, groups=plan.groups, seconds=round(time.perf_counter() - t0, 2),
                         artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes} for f, d in hint.items()})
             self._update_control(lambda c: replace(c, prefetch=hint))
@@ -477,9 +511,10 @@ class FleetExecutor(ClientExecutor):
         Files travel as `_served_files` lays them out, so tensors unchanged since the last stage
         (the embedding) are not downloaded again."""
         self._finish_speculation()  # its late announce must not come after this stage's control
-        self._artifacts = {fmt: self.artifacts.add_files(_served_files(fmt, Path(d), stage,
-                                                                       self.settings.per_tensor_checkpoint))
+        self._artifacts = {fmt: self._offer(_served_files(fmt, Path(d), stage, self.settings.per_tensor_checkpoint))
                            for fmt, d in artifact_dirs.items()}
+        if self.origin is not None:  # an earlier stage's files (and a wrong guess's) leave the origin
+            self.origin.prune({f.sha256 for d in self._artifacts.values() for f in d.files})
         self._stage = stage
         self._draw_key = stage  # begin_stage then sets the plan's (serve_stage alone: tests)
         self._idle_at = time.time()  # devices that said hello before it must say something after it
@@ -1030,6 +1065,8 @@ class FleetExecutor(ClientExecutor):
                 self._summary(key, count)
             self.janitor.stop()
             self.artifacts.stop()
+            if self.origin_auth is not None:
+                self.origin_auth.stop()
             self._art_client.close()
             self.client.close()
 

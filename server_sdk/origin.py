@@ -308,7 +308,8 @@ error_log {runtime / 'error.log'} warn;
 daemon off;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    log_format devft '$remote_addr $remote_user [$time_iso8601] "$request_method $uri" $status $body_bytes_sent';
+    access_log {runtime / 'access.log'} devft buffer=64k flush=1s;
     server_tokens off;
     sendfile on;
     tcp_nopush on;
@@ -378,8 +379,6 @@ class NginxOrigin:
         log_path = self.runtime / "nginx.log"
         out = open(log_path, "ab")  # noqa: SIM115 - owned by the child process
         with_parent = self.die_with_parent and threading.current_thread() is threading.main_thread()
-        from .broker import _die_with_parent
-
         self.proc = subprocess.Popen([nginx, "-p", str(self.runtime), "-e", str(self.runtime / "error.log"),
                                       "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent if with_parent else None)
@@ -415,6 +414,15 @@ class NginxOrigin:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In nginx's master before exec: Linux sends it SIGTERM when the parent dies, even by SIGKILL (its workers
+    then exit with it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _loopback(bind: str) -> str:
