@@ -162,6 +162,7 @@ def check_password(passwd_file: Path, user: str, password: str) -> bool:
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 1024  # a stage start is a burst of downloads: nginx's checks must queue, not be refused
 
 
 class OriginAuth:
