@@ -109,6 +109,7 @@ class OriginLogin:
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
         self.header = f"Basic {token}"
         self.ca_file = ca_file
+        self.public = not ca_file  # trust the system's CAs too: set once the fleet CA alone failed to verify it
         self._ctx: ssl.SSLContext | None = None
 
     @staticmethod
@@ -117,12 +118,21 @@ class OriginLogin:
         return OriginLogin(s.username or "", s.password or "", s.ca_file)
 
     def context(self) -> ssl.SSLContext:
+        """The fleet CA alone first (loading the system's CA bundle costs ~50 ms of CPU, per device at a stage
+        start); the system's CAs as well once the origin turned out to have a public certificate (a CDN, a bucket)."""
         if self._ctx is None:
-            ctx = ssl.create_default_context()
-            if self.ca_file:
+            ctx = ssl.create_default_context(cafile=None if self.public else self.ca_file)
+            if self.public and self.ca_file:
                 ctx.load_verify_locations(self.ca_file)
             self._ctx = ctx
         return self._ctx
+
+    def trust_public_cas(self) -> bool:
+        """After a certificate the fleet CA does not verify: add the system's CAs; False if they were already in."""
+        if self.public:
+            return False
+        self.public, self._ctx = True, None
+        return True
 
 
 # --------------------------------------------------------------------------- hashing
@@ -518,6 +528,11 @@ class ArtifactCache:
                 continue
             except OriginRefused as exc:
                 raise FetchError(f"{entry.path}: the artifact origin refused this device: {exc}") from None
+            except ssl.SSLCertVerificationError as exc:
+                if login.trust_public_cas():
+                    continue  # not signed by the fleet CA: a public origin, verified against the system's CAs
+                raise FetchError(f"{entry.path}: {url}'s TLS certificate is signed neither by the fleet CA nor by a "
+                                 f"CA this system trusts ({exc.verify_message}); refusing it") from None
             except (OSError, http.client.HTTPException, OriginUnavailable) as exc:
                 got = 0
                 why = exc

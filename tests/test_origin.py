@@ -84,10 +84,17 @@ def test_descriptor_origin_is_optional_and_checked():
     assert "origin" not in desc.to_json()  # descriptors without an origin are what version-3 devices always read
     with_origin = P.ArtifactDescriptor("a" * 64, (), origin="https://cdn.example:8443/run1/")
     assert P.ArtifactDescriptor.from_json(with_origin.to_json()) == with_origin
+    from tests.test_schema import errors
+
+    assert errors("ArtifactDescriptor", with_origin.to_json()) == [] == errors("ArtifactDescriptor", desc.to_json())
+    for good in ("https://h/", "https://h:8443/a/b/"):
+        assert P.ArtifactDescriptor.from_json({**desc.to_json(), "origin": good}).origin == good
+        assert errors("ArtifactDescriptor", {**desc.to_json(), "origin": good}) == []
     for bad in ("http://h/run1/", "https://h/run1", "https://u:p@h/run1/", "https://h/run1/?x=1", "ftp://h/",
                 "https://h/ run/", "https://h/" + "x" * 2000 + "/"):
         with pytest.raises(P.ProtocolError, match="origin"):
             P.ArtifactDescriptor.from_json({**desc.to_json(), "origin": bad})
+        assert errors("ArtifactDescriptor", {**desc.to_json(), "origin": bad}), bad  # the schema says the same
 
 
 def test_enrolled_device_downloads_the_file_with_its_fleet_login(served):
@@ -261,3 +268,16 @@ def test_local_origin_dies_with_its_parent_even_by_sigkill(tmp_path, unused_port
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_origin_with_a_certificate_the_fleet_ca_did_not_sign_is_refused(served, unused_port):
+    """A device trusts the origin's TLS certificate only if the fleet CA (or, for a public origin, a CA the system
+    trusts) signed it: an origin impersonated with another fleet's certificate gets nothing, not even the login."""
+    other = served["tmp"] / "other-fleet"
+    fleet_init(other, hostnames=["localhost"], port=unused_port())
+    creds = served["creds"]["dev-000"]
+    cache = ArtifactCache(served["tmp"] / "cache-x")
+    with pytest.raises(FetchError, match="signed neither by the fleet CA nor by a CA this system trusts"):
+        cache.fetch_file_https(served["desc"].origin, served["desc"].files[0],
+                               OriginLogin(creds.username, creds.password, str(other / "ca.pem")))
+    assert served["auth"].allowed == 0 and not served["auth"].refused  # the login never reached the origin
