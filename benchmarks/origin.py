@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=4, help="files in the stage (default 4)")
     parser.add_argument("--workers", type=int, default=4, help="device processes (default 4)")
     parser.add_argument("--transports", default="mqtt,nginx,builtin")
+    parser.add_argument("--repeat", type=int, default=1, help="run every transport this many times, interleaved "
+                        "(on a shared machine the spread says how far to trust one run)")
     parser.add_argument("--mqtt-rate", type=float, default=20e6,
                         help="ArtifactServer's upload limit in bytes/s (default 20e6, the fleet's; 0 = none)")
     parser.add_argument("--cache-dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None)
@@ -328,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     broker = BrokerProcess(fleet, die_with_parent=True).start()
     rows = []
     try:
-        for kind in args.transports.split(","):
-            row = run_transport(kind, args, fleet, names, files, desc, broker, tmp)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for rep in range(args.repeat):
+            for kind in args.transports.split(","):
+                row = {"run": rep + 1, **run_transport(kind, args, fleet, names, files, desc, broker, tmp)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     finally:
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -347,13 +350,22 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(record: dict) -> str:
     from .results_md import md_table
 
-    head = ["transport", "downloaded", "all downloaded (s)", "median device (s)", "delivered MB (needed)",
+    head = ["run", "transport", "downloaded", "all downloaded (s)", "median device (s)", "delivered MB (needed)",
             "coordinator -> broker MB", "server CPU s", "server peak RSS MiB"]
-    rows = [[r["transport"], f"{r['downloaded']}/{r['devices']}", r["all_downloaded_s"], r["median_device_s"],
+    rows = [[r.get("run", 1), r["transport"], f"{r['downloaded']}/{r['devices']}", r["all_downloaded_s"], r["median_device_s"],
              f"{r['delivered_mb']} ({r['needed_mb']})", r["upload_to_broker_mb"] or "-", r["server_cpu_s"],
              r["server_peak_rss_mib"]] for r in record["rows"]]
-    return "\n".join([f"`{record['command']}` ({record['when']}, {record['cpus']} CPUs, stage {record['stage_mb']} MB "
-                      f"in {record['files']} files)", "", *md_table(head, rows)])
+    lines = [f"`{record['command']}` ({record['when']}, {record['cpus']} CPUs, stage {record['stage_mb']} MB "
+             f"in {record['files']} files)", "", *md_table(head, rows)]
+    times: dict[str, list[float]] = {}
+    for r in record["rows"]:
+        if r["failed"] == 0:
+            times.setdefault(r["transport"], []).append(r["all_downloaded_s"])
+    if times.get("nginx") and times.get("builtin"):
+        ratios = [n / b for n, b in zip(times["nginx"], times["builtin"], strict=False)]
+        lines += ["", "built-in server's throughput / nginx's (time to all downloaded, same run): "
+                  + ", ".join(f"{x:.2f}" for x in ratios) + " (goal >= 0.8)"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
