@@ -23,8 +23,9 @@ clock starts when every device is connected and ready and stops when the last de
 Measured per transport: time to all-downloaded; bytes delivered to the devices (chunk payloads or response
 bodies, duplicates included; headers and TLS records not) and, for MQTT, the coordinator's upload to the
 broker; server CPU seconds (mosquitto + this process's artifact thread; nginx's master and workers + this
-process's auth endpoint; this process's HTTPS server) and the server processes' peak RSS (sampled every 0.1 s;
-for servers living in this process, its RSS above what it was before the transport started).
+process's auth endpoint; this process's HTTPS server), the server processes' peak RSS (mosquitto; nginx's master
+and workers; sampled every 0.1 s) and this process's RSS growth over the transport (the ArtifactServer, the
+origin's auth endpoint, the built-in server).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class Sampler:
         self.me = psutil.Process()
         self.rss0 = self.me.memory_info().rss
         self.cpu0 = self._cpu()
-        self.peak_rss = 0
+        self.peak_rss = 0  # of the server processes (mosquitto, nginx's master and workers)
+        self.peak_here = 0  # this process's growth: the ArtifactServer, OriginAuth or the built-in server
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -147,13 +149,16 @@ class Sampler:
                 total += p.memory_info().rss
             except psutil.NoSuchProcess:
                 pass
-        if self.in_process:
-            total += max(0, self.me.memory_info().rss - self.rss0)
         return total
+
+    def _sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self._rss())
+        if self.in_process:
+            self.peak_here = max(self.peak_here, self.me.memory_info().rss - self.rss0)
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            self.peak_rss = max(self.peak_rss, self._rss())
+            self._sample()
 
     def start(self) -> Sampler:
         self._thread.start()
@@ -162,8 +167,9 @@ class Sampler:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        self.peak_rss = max(self.peak_rss, self._rss())
-        return {"cpu_s": round(self._cpu() - self.cpu0, 2), "peak_rss_mib": round(self.peak_rss / 2**20, 1)}
+        self._sample()
+        return {"cpu_s": round(self._cpu() - self.cpu0, 2), "peak_rss_mib": round(self.peak_rss / 2**20, 1),
+                "coordinator_rss_growth_mib": round(self.peak_here / 2**20, 1)}
 
 
 def make_stage(root: Path, mb: float, files: int) -> dict[str, Path]:
@@ -351,10 +357,11 @@ def markdown(record: dict) -> str:
     from .results_md import md_table
 
     head = ["run", "transport", "downloaded", "all downloaded (s)", "median device (s)", "delivered MB (needed)",
-            "coordinator -> broker MB", "server CPU s", "server peak RSS MiB"]
+            "coordinator -> broker MB", "server CPU s", "server process peak RSS MiB", "coordinator RSS growth MiB"]
     rows = [[r.get("run", 1), r["transport"], f"{r['downloaded']}/{r['devices']}", r["all_downloaded_s"], r["median_device_s"],
              f"{r['delivered_mb']} ({r['needed_mb']})", r["upload_to_broker_mb"] or "-", r["server_cpu_s"],
-             r["server_peak_rss_mib"]] for r in record["rows"]]
+             r["server_peak_rss_mib"] if r["transport"] != "builtin" else "-",
+             r.get("server_coordinator_rss_growth_mib", "-")] for r in record["rows"]]
     lines = [f"`{record['command']}` ({record['when']}, {record['cpus']} CPUs, stage {record['stage_mb']} MB "
              f"in {record['files']} files)", "", *md_table(head, rows)]
     times: dict[str, list[float]] = {}

@@ -281,3 +281,18 @@ def test_origin_with_a_certificate_the_fleet_ca_did_not_sign_is_refused(served, 
         cache.fetch_file_https(served["desc"].origin, served["desc"].files[0],
                                OriginLogin(creds.username, creds.password, str(other / "ca.pem")))
     assert served["auth"].allowed == 0 and not served["auth"].refused  # the login never reached the origin
+
+
+def test_cli_origin_flags_fail_clearly(tmp_path, unused_port, capsys):
+    from server_sdk.cli import main
+
+    fleet = tmp_path / "fleet"
+    fleet_init(fleet, hostnames=["localhost"], port=unused_port())
+    base = ["serve", "--broker-url", f"mqtts://localhost:{unused_port()}", "--fleet-dir", str(fleet), "--runs-dir",
+            str(tmp_path / "runs"), "--name", "r1", "-o", "model=tiny-random-L4"]
+    assert main([*base, "--artifacts", "nginx"]) == 2
+    assert "python -m server_sdk.origin run FLEET_DIR" in capsys.readouterr().err
+    assert main([*base, "--artifacts", "https://localhost:8443/"]) == 2  # no --artifact-dir
+    assert "--artifacts URL --artifact-dir DIR" in capsys.readouterr().err
+    assert main([*base, "--artifacts", "http://localhost:8443/", "--artifact-dir", str(tmp_path)]) == 2
+    assert "https://" in capsys.readouterr().err
