@@ -234,9 +234,14 @@ class OriginAuth:
                 pass
 
         self._server = _UnixHTTPServer(str(self.sock_path), Handler)
-        if os.geteuid() == 0:  # nginx's workers run as www-data: they, and nobody else, may connect
-            os.chown(self.sock_path, 0, grp.getgrnam(worker_user()).gr_gid)
-        os.chmod(self.sock_path, 0o660)
+        os.chmod(self.sock_path, 0o660)  # nginx's workers (this user, or the group www-data) and nobody else
+        try:
+            os.chown(self.sock_path, -1, grp.getgrnam(WORKER_USER).gr_gid)
+        except (KeyError, PermissionError):  # no www-data, or this user is not in its group: nginx runs as this user
+            if os.geteuid() != 0:
+                log.info("artifact origin: %s is only reachable by %s; nginx started by root (workers as %s) "
+                         "cannot ask this coordinator, run it as this user", self.sock_path,
+                         pwd.getpwuid(os.geteuid()).pw_name, WORKER_USER)
         threading.Thread(target=self._server.serve_forever, name=f"origin-auth-{self.run_id}", daemon=True).start()
         return self
 
