@@ -335,8 +335,18 @@ http {{
         ssl_session_cache shared:devft:10m;
         root {files};
         location ~ "^/(?<devft_run>[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,63}})/[0-9a-f]{{64}}$" {{
+            # browser devices fetch from the device page's origin (the web gateway): CORS, the login in a header
+            # (never cookies), so any page may ask but only a device's own login gets a file
+            if ($request_method = OPTIONS) {{
+                add_header Access-Control-Allow-Origin "*";
+                add_header Access-Control-Allow-Headers "Authorization, Range";
+                add_header Access-Control-Max-Age 600;
+                return 204;
+            }}
             auth_request /_devft_auth;
-            add_header Cache-Control "private, immutable";
+            add_header Cache-Control "private, immutable" always;
+            add_header Access-Control-Allow-Origin "*" always;
+            add_header Cross-Origin-Resource-Policy cross-origin always;
         }}
         location = /_devft_auth {{
             internal;

@@ -296,3 +296,83 @@ def test_cli_origin_flags_fail_clearly(tmp_path, unused_port, capsys):
     assert "--artifacts URL --artifact-dir DIR" in capsys.readouterr().err
     assert main([*base, "--artifacts", "http://localhost:8443/", "--artifact-dir", str(tmp_path)]) == 2
     assert "https://" in capsys.readouterr().err
+
+
+NODE_FETCH = """
+import {{ Fetcher }} from '{web}/src/fetch.js';
+import {{ nodeRuntime }} from '{web}/src/runtime-node.js';
+const cfg = JSON.parse(process.argv[2]);
+const rt = await nodeRuntime({{ cacheDir: cfg.cache }});
+const f = new Fetcher({{ bus: null, store: rt.store, sha256: rt.sha256, runId: 'run1', deviceId: cfg.username,
+  httpGet: rt.httpGet, login: {{ username: cfg.username, password: cfg.password, ca: cfg.ca }}, maxRetries: 1,
+  backoffS: 0.05 }});
+try {{
+  await f.fetchAll(cfg.descriptor);
+  const sha = cfg.descriptor.files[0].sha256;
+  console.log(JSON.stringify({{ ok: true, bytes: f.bytesDownloaded, sha: await rt.sha256(await rt.store.get(sha)) }}));
+}} catch (e) {{
+  console.log(JSON.stringify({{ ok: false, error: e.message }}));
+}}
+"""
+
+
+def test_js_device_fetches_from_the_origin_with_the_same_checks(served):
+    """web/src's Fetcher (the Node and browser device's) follows the descriptor's origin with the device's login:
+    an enrolled device gets the verified file, a forged login and a device not in the run are refused, a tampered
+    origin file is refused by the hash check."""
+    import subprocess
+
+    from server_sdk.web_gateway import WEB_DIR
+
+    if shutil.which("node") is None or not (WEB_DIR / "node_modules" / "mqtt").is_dir():
+        pytest.skip("the JS device needs node and web/node_modules (scripts/setup.sh)")
+    script = served["tmp"] / "fetch.mjs"
+    script.write_text(NODE_FETCH.format(web=WEB_DIR.as_uri()))
+    ca = Path(served["creds"]["dev-000"].ca_file).read_text()
+
+    def node(name: str, password: str | None = None, cache: str = "js") -> dict:
+        creds = served["creds"][name]
+        cfg = {"cache": str(served["tmp"] / f"{cache}-{name}"), "username": name,
+               "password": password or creds.password, "ca": ca, "descriptor": served["desc"].to_json()}
+        done = subprocess.run(["node", str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    sha = served["desc"].files[0].sha256
+    assert node("dev-000") == {"ok": True, "bytes": served["src"].stat().st_size, "sha": sha}
+    assert "HTTP 401" in node("dev-001", password="forged")["error"]
+    assert "HTTP 403" in node("dev-009")["error"]
+    target = served["origin"].files / RUN / sha
+    data = bytearray(target.read_bytes())
+    data[10] ^= 1
+    target.write_bytes(bytes(data))
+    got = node("dev-001", cache="js-tampered")
+    assert not got["ok"] and "refused the file served at" in got["error"] and "chunk 0" in got["error"]
+    assert not (served["tmp"] / "js-tampered-dev-001" / "blobs" / sha).exists()
+
+
+def test_browser_preflight_is_answered_without_a_login_and_files_only_with_one(served):
+    """A browser page (another origin: the web gateway) sends a CORS preflight without credentials: nginx answers it
+    itself, allowing the Authorization header; the GET still needs the device's login."""
+    import http.client
+
+    creds = served["creds"]["dev-000"]
+    ctx = ssl.create_default_context(cafile=creds.ca_file)
+    port = served["origin"].port
+    path = f"/{RUN}/{served['desc'].files[0].sha256}"
+    conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=10)
+    conn.request("OPTIONS", path, headers={"Origin": "https://gateway.lan:8443", "Access-Control-Request-Method": "GET",
+                                            "Access-Control-Request-Headers": "authorization"})
+    res = conn.getresponse()
+    res.read()
+    assert res.status == 204 and "Authorization" in res.getheader("Access-Control-Allow-Headers", "")
+    conn.request("GET", path, headers={"Origin": "https://gateway.lan:8443", "Authorization": login(creds).header})
+    res = conn.getresponse()
+    body = res.read()
+    assert res.status == 200 and body == served["src"].read_bytes()
+    assert res.getheader("Access-Control-Allow-Origin") == "*"
+    assert res.getheader("Cross-Origin-Resource-Policy") == "cross-origin"  # the page is cross-origin isolated
+    conn.request("GET", path, headers={"Origin": "https://gateway.lan:8443"})
+    res = conn.getresponse()
+    res.read()
+    assert res.status == 401
