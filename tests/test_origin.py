@@ -376,3 +376,39 @@ def test_browser_preflight_is_answered_without_a_login_and_files_only_with_one(s
     res = conn.getresponse()
     res.read()
     assert res.status == 401
+
+
+def test_node_device_and_devft_edge_fetch_their_stages_from_nginx_in_a_real_fleet(tmp_path):
+    """A devft-edge and a Node device (web/) in one fleet with the origin on: both download every stage file from
+    nginx with their own login, and every update of both is accepted."""
+    from server_sdk.fleet import FleetSettings, fleet_executor_factory
+    from server_sdk.local_fleet import LocalFleet
+    from server_sdk.model import tiny_random_model
+    from server_sdk.rounds import run
+    from server_sdk.web_gateway import WEB_DIR
+    from tests.test_fleet import events, fleet_cfg
+    from tests.test_web_device import start_node_device
+
+    if shutil.which("node") is None or not (WEB_DIR / "node_modules" / "onnxruntime-node").is_dir():
+        pytest.skip("the JS device needs node and web/node_modules (scripts/setup.sh)")
+    run_dir = tmp_path / "mixed"
+    cfg = fleet_cfg(num_clients=2, clients_per_round=2, rounds_per_stage=[1, 1])
+    with LocalFleet(run_dir / "fleet", 2) as fleet:
+        fleet.start_broker()
+        fleet.start_origin()
+        settings = fleet.origin_settings(FleetSettings(round_timeout_s=120, artifact_bytes_per_s=None))
+
+        def start_devices(executor) -> None:
+            fleet.start_device("dev-000", run_dir / "data" / "client_000.jsonl", executor.run_id)
+            start_node_device(fleet, "dev-001", run_dir / "data" / "client_001.jsonl", executor.run_id)
+
+        factory = fleet_executor_factory(run_dir, fleet.server, settings, host="localhost", on_ready=start_devices)
+        run(cfg, run_dir, base=tiny_random_model(n_layers=4, hidden=32, seed=0), progress=False,
+            executor_factory=factory)
+        codes = fleet.wait_devices(60)
+    assert codes == {"dev-000": 0, "dev-001": 0}, codes
+    accepted = sorted(e["device"] for e in events(run_dir) if e["event"] == "accepted")
+    assert accepted == ["dev-000", "dev-000", "dev-001", "dev-001"]
+    log_lines = (origin_runtime_dir(run_dir / "fleet") / "access.log").read_text().splitlines()
+    got = {line.split()[1] for line in log_lines if '"GET /mixed/' in line and " 200 " in line}
+    assert got == {"dev-000", "dev-001"}
