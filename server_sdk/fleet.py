@@ -182,6 +182,9 @@ class FleetSettings:
     artifact_origin: str | None = None
     artifact_dir: str | None = None
     artifact_passwd: str | None = None
+    # with an origin, False stops answering MQTT chunk requests: the files then reach only devices the origin lets
+    # in (chunks are broadcast to every fleet device that subscribes), and devices that ignore `origin` get nothing
+    artifact_chunks: bool = True
 
     def validate(self) -> FleetSettings:
         if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
@@ -211,6 +214,9 @@ class FleetSettings:
                 raise ValueError(f"artifact_origin={self.artifact_origin!r} needs an https:// URL and artifact_dir, the "
                                  "directory its web server serves (--artifacts URL --artifact-dir DIR)")
             P.check_origin(self.artifact_origin.rstrip("/") + "/")
+        elif not self.artifact_chunks:
+            raise ValueError("artifact_chunks=False (--no-mqtt-chunks) needs an artifact origin (--artifacts): "
+                             "devices would have nowhere to fetch stage files from")
         if self.start_timeout_s is not None and not self.start_timeout_s > 0:
             raise ValueError(f"start_timeout_s={self.start_timeout_s} must be a positive number of seconds (e.g. 10) "
                              "or None (wait for silent devices until the deadline)")
@@ -291,8 +297,9 @@ class FleetExecutor(ClientExecutor):
         art_creds = artifact_credentials(creds)
         self._art_client = MqttClient(mqtt_settings(art_creds, f"{art_creds.username}-{self.run_id}", host, port))
         self._art_client.connect(connect_timeout_s)
-        self.artifacts = ArtifactServer(self._art_client, self.run_id,
-                                        max_bytes_per_s=self.settings.artifact_bytes_per_s).start()
+        self.artifacts = ArtifactServer(self._art_client, self.run_id, max_bytes_per_s=self.settings.artifact_bytes_per_s)
+        if self.settings.artifact_chunks:  # else it only describes files: no chunk request is answered
+            self.artifacts.start()
         self.origin: OriginPublisher | None = None
         self.origin_auth: OriginAuth | None = None
         if self.settings.artifact_origin:

@@ -70,6 +70,9 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    "own fleet login, checked per download (docs/protocol.md section 5)")
     p.add_argument("--artifact-dir", metavar="DIR", default=None,
                    help="the directory the --artifacts URL serves (the coordinator copies stage files into DIR/RUN/)")
+    p.add_argument("--no-mqtt-chunks", action="store_true",
+                   help="with --artifacts: serve stage files from the origin only (its per-device access control is "
+                   "then the only way in; MQTT chunks reach every fleet device), not as MQTT chunks")
     p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
@@ -100,6 +103,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.artifact_dir = args.artifact_dir
         if getattr(args, "fleet_dir", None):
             settings.artifact_passwd = str(Path(args.fleet_dir) / "passwd")
+    if getattr(args, "no_mqtt_chunks", False):
+        settings.artifact_chunks = False
     if args.formats is not None:
         settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     try:

@@ -412,3 +412,44 @@ def test_node_device_and_devft_edge_fetch_their_stages_from_nginx_in_a_real_flee
     log_lines = (origin_runtime_dir(run_dir / "fleet") / "access.log").read_text().splitlines()
     got = {line.split()[1] for line in log_lines if '"GET /mixed/' in line and " 200 " in line}
     assert got == {"dev-000", "dev-001"}
+
+
+def test_origin_only_coordinator_answers_no_mqtt_chunk_request(fleet, clients, tmp_path):
+    """`--no-mqtt-chunks`: the coordinator's control names the origin, an enrolled device downloads there, and a
+    chunk request over MQTT (the way around the origin's per-device check) gets nothing."""
+    from dataclasses import replace as dc_replace
+
+    from server_sdk.broker import BrokerProcess
+    from server_sdk.config import RunConfig
+    from server_sdk.fleet import FleetExecutor, FleetSettings
+
+    broker = BrokerProcess(fleet.dir, fleet.port).start()
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_text("{}")
+    (art / "w.bin").write_bytes(os.urandom(700_000))
+    with NginxOrigin(fleet.dir) as origin:
+        settings = FleetSettings(run_id="run1", device_names={"0": "dev1", "1": "dev2"}, artifact_bytes_per_s=None,
+                                 artifact_origin=origin.url, artifact_dir=str(origin.files),
+                                 artifact_passwd=str(fleet.dir / "passwd"), artifact_chunks=False)
+        ex = FleetExecutor(RunConfig(num_clients=2, clients_per_round=2), tmp_path / "run", fleet.server, [1],
+                           settings, host="localhost")
+        try:
+            ex.serve_stage(0, {"onnx": art})
+            desc = ex._artifacts["onnx"]
+            assert desc.origin == origin.url + "run1/"
+            device = clients(fleet.devices["dev1"])
+            got = ArtifactCache(tmp_path / "c1").fetch(device, "run1", "dev1", desc)
+            assert got["stage0/w.bin"].read_bytes() == (art / "w.bin").read_bytes()
+            entry = next(f for f in desc.files if f.path == "stage0/w.bin")
+            with pytest.raises(FetchError, match="no chunk arrived"):
+                ArtifactCache(tmp_path / "c2").fetch_file(device, "run1", "dev1", entry, chunk_timeout_s=1.0,
+                                                          max_retries=1)
+            assert ex.artifacts.chunks_sent == 0
+            with pytest.raises(FetchError, match="HTTP 403"):  # dev3 is a fleet device, not one of the run's
+                intruder = add_device(fleet.dir, "dev3")
+                ArtifactCache(tmp_path / "c3").fetch(MqttClient(settings_for(intruder, port=fleet.port)), "run1",
+                                                     "dev3", dc_replace(desc, files=(entry,)))
+        finally:
+            ex.close()
+            broker.stop()
