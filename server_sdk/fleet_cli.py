@@ -103,7 +103,7 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.artifact_dir = args.artifact_dir
         if getattr(args, "fleet_dir", None):
             settings.artifact_passwd = str(Path(args.fleet_dir) / "passwd")
-    if getattr(args, "no_mqtt_chunks", False):
+    if getattr(args, "no_mqtt_chunks", False) and args.artifacts != "nginx":  # nginx: run_local sets it
         settings.artifact_chunks = False
     if args.formats is not None:
         settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -135,7 +135,8 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
         cfg = cfg.with_overrides({"num_clients": n}).validate()
     try:
         report = run_local(cfg, run_dir, n, resume=bool(args.resume), progress=not args.quiet,
-                           settings=_fleet_settings(args, run_dir), origin=args.artifacts == "nginx")
+                           settings=_fleet_settings(args, run_dir), origin=args.artifacts == "nginx",
+                           mqtt_chunks=not args.no_mqtt_chunks)
     except QuorumNotReached as exc:
         print(f"devft: error: {exc}", file=sys.stderr)
         return 1

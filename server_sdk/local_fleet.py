@@ -93,13 +93,15 @@ class LocalFleet:
         self.origin = NginxOrigin(self.dir, die_with_parent=True).start()
         return self.origin
 
-    def origin_settings(self, settings: FleetSettings | None) -> FleetSettings:
-        """`settings` with the running origin's URL, directory and this fleet's password file."""
+    def origin_settings(self, settings: FleetSettings | None, mqtt_chunks: bool = True) -> FleetSettings:
+        """`settings` with the running origin's URL, directory and this fleet's password file (and, with
+        `mqtt_chunks` False, no MQTT chunks)."""
         from dataclasses import replace
 
         assert self.origin is not None, "start_origin first"
         return replace(settings or FleetSettings(), artifact_origin=self.origin.url,
-                       artifact_dir=str(self.origin.files), artifact_passwd=str(self.dir / "passwd"))
+                       artifact_dir=str(self.origin.files), artifact_passwd=str(self.dir / "passwd"),
+                       artifact_chunks=mqtt_chunks)
 
     def restart_broker(self) -> None:
         assert self.broker is not None, "start_broker first"
@@ -235,9 +237,9 @@ class LogRelay:
 
 
 def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False, progress: bool = True,
-              settings: FleetSettings | None = None, base=None, origin: bool = False) -> dict:
+              settings: FleetSettings | None = None, base=None, origin: bool = False, mqtt_chunks: bool = True) -> dict:
     """`devft run --fleet local:N`: broker, coordinator and N devices on this machine; with `origin`, nginx too,
-    serving the stage files over HTTPS (`--artifacts nginx`)."""
+    serving the stage files over HTTPS (`--artifacts nginx`; only there with `mqtt_chunks` False)."""
     from .rounds import run
 
     run_dir = Path(run_dir)
@@ -246,7 +248,7 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
         fleet.start_broker()
         if origin:
             fleet.start_origin()
-            settings = fleet.origin_settings(settings)
+            settings = fleet.origin_settings(settings, mqtt_chunks)
 
         def start_devices(executor) -> None:
             for c, name in enumerate(fleet.names):

@@ -195,8 +195,8 @@ def _adapter_bytes(run_dir: Path) -> bytes:
 
 def test_fleet_run_fetches_stage_files_from_nginx_to_the_same_adapter_as_mqtt_chunks(tmp_path):
     """Two runs of the tiny model on the same seed with real devft-edge devices: one over MQTT chunks, one with the
-    stage files from nginx. Every update is accepted, the devices downloaded the stage files from nginx (its access
-    log), not over MQTT, and the final adapters are the same bytes."""
+    stage files from nginx only (no MQTT chunks served). Every update is accepted, the devices downloaded the stage
+    files from nginx (its access log), and the final adapters are the same bytes."""
     from server_sdk.fleet import FleetSettings
     from server_sdk.local_fleet import run_local
     from server_sdk.model import tiny_random_model
@@ -208,7 +208,7 @@ def test_fleet_run_fetches_stage_files_from_nginx_to_the_same_adapter_as_mqtt_ch
     reports = {}
     for mode in ("mqtt", "nginx"):
         reports[mode] = run_local(cfg, tmp_path / mode, 2, progress=False, base=tiny, settings=settings,
-                                  origin=mode == "nginx")
+                                  origin=mode == "nginx", mqtt_chunks=mode == "mqtt")  # nginx: the only way in
     for mode, report in reports.items():
         accepted = [e for e in events(tmp_path / mode) if e["event"] == "accepted"]
         assert len(accepted) == 4 and report["fleet"]["rejected"] == {}, mode
