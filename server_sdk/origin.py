@@ -19,7 +19,11 @@ hash, which is what web servers and CDNs serve best. With an origin:
   devices). Removing a device from the fleet or the run takes effect at its next request; no URL can be
   shared or replayed by another device, and no new secret is provisioned. (nginx's secure_link would need a
   per-device signed URL delivered over a per-device channel the protocol does not have, and expiry alone
-  does not revoke; client-certificate TLS needs device certificates, which the fleet does not issue.)
+  does not revoke; client-certificate TLS needs device certificates, which the fleet does not issue.) The MQTT
+  chunk server keeps serving the same files to every fleet device unless the coordinator runs with
+  `--no-mqtt-chunks` (FleetSettings.artifact_chunks), which leaves this check the only way to a run's files.
+* browser devices fetch from the device page's origin: nginx answers CORS preflights itself (no login in them)
+  and marks files cross-origin readable; the GET still needs the device's login.
 * TLS uses the fleet's broker certificate and CA (server.pem / server.key / ca.pem from `fleet init`), so a
   device trusts the origin with the CA it already holds.
 
