@@ -118,6 +118,19 @@ def check_sha256(value: str) -> str:
     return value
 
 
+MAX_ORIGIN_CHARS = 1024
+
+
+def check_origin(url: str) -> str:
+    """An artifact origin: an https:// base URL ending in `/` (files are at URL + sha256), without credentials,
+    query or fragment (the device adds its own login as a header, never in the URL)."""
+    if (len(url) > MAX_ORIGIN_CHARS or not url.startswith("https://") or not url.endswith("/") or "?" in url
+            or "#" in url or "@" in url.split("/", 3)[2] or any(c.isspace() or ord(c) < 32 for c in url)):
+        raise ProtocolError(f"artifact origin {url[:80]!r} must be an https:// base URL ending in '/' with no "
+                            f"credentials, query or fragment, at most {MAX_ORIGIN_CHARS} characters")
+    return url
+
+
 def control_topic(run_id: str) -> str:
     return f"{TOPIC_ROOT}/{check_name('run_id', run_id)}/control"
 
@@ -352,9 +365,16 @@ class ArtifactDescriptor:
     artifact_id: str
     files: tuple[FileEntry, ...]
     version: int = PROTOCOL_VERSION
+    # optional HTTPS base URL: file `f` is also served at origin + f.sha256 (an nginx directory, a bucket), fetched
+    # with the device's own login as HTTP Basic credentials; absent = MQTT chunks only. Devices that do not know
+    # the field ignore it and fetch chunks over MQTT, which the coordinator keeps serving (compatible, version 3)
+    origin: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "artifact_id": self.artifact_id, "files": [f.to_json() for f in self.files]}
+        obj = {"version": self.version, "artifact_id": self.artifact_id, "files": [f.to_json() for f in self.files]}
+        if self.origin is not None:
+            obj["origin"] = self.origin
+        return obj
 
     @staticmethod
     def from_json(obj: Mapping[str, Any]) -> ArtifactDescriptor:
@@ -362,7 +382,9 @@ class ArtifactDescriptor:
         if not isinstance(obj, Mapping):
             raise ProtocolError(f"{what} must be an object, got {obj!r}")
         files = tuple(FileEntry.from_json(f) for f in _require(obj, what, "files", list))
-        return ArtifactDescriptor(artifact_id=_require(obj, what, "artifact_id", str), files=files)
+        origin = _optional(obj, what, "origin", str, None)
+        return ArtifactDescriptor(artifact_id=_require(obj, what, "artifact_id", str), files=files,
+                                  origin=None if origin is None else check_origin(origin))
 
     @property
     def total_bytes(self) -> int:

@@ -27,24 +27,33 @@ partial file survive restarts and are not downloaded again. A blob whose bytes
 no longer match its name (bit rot, truncation, tampering) is deleted on first
 use and fetched again, never used.
 
+When the descriptor names an HTTPS `origin` (a directory served by nginx, a bucket),
+the same files are downloaded from `origin + sha256` instead (`fetch_file_https`),
+through the same per-chunk and whole-file hash checks and the same cache.
+
 The server side, which answers the devices' chunk requests, is
-server_sdk/fleet/artifact_server.py; what both sides share (describing files as chunks,
-hashing) is here.
+server_sdk/fleet/artifact_server.py (the HTTPS origin: server_sdk/fleet/origin.py); what both sides
+share (describing files as chunks, hashing) is here.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
+import http.client
 import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import shutil
+import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +86,53 @@ class FetchError(RuntimeError):
 
 class FetchCancelled(FetchError):
     pass
+
+
+class OriginRefused(Exception):
+    """The HTTPS origin answered 401/403: this device may not fetch there (not enrolled, wrong login)."""
+
+
+class OriginCorrupt(Exception):
+    """The HTTPS origin served bytes that fail their hash."""
+
+
+class OriginUnavailable(Exception):
+    """The HTTPS origin answered with an error or a short body (retried)."""
+
+
+class OriginLogin:
+    """How a device authenticates to an HTTPS artifact origin: its own fleet login (the MQTT username and password)
+    as HTTP Basic credentials, over TLS verified against the fleet CA (and the system's CAs, for a public origin)."""
+
+    def __init__(self, username: str, password: str, ca_file: str | None) -> None:
+        self.username = username
+        token = base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.header = f"Basic {token}"
+        self.ca_file = ca_file
+        self.public = not ca_file  # trust the system's CAs too: set once the fleet CA alone failed to verify it
+        self._ctx: ssl.SSLContext | None = None
+
+    @staticmethod
+    def of(client: MqttClient) -> OriginLogin:
+        s = client.settings
+        return OriginLogin(s.username or "", s.password or "", s.ca_file)
+
+    def context(self) -> ssl.SSLContext:
+        """The fleet CA alone first (loading the system's CA bundle costs ~50 ms of CPU, per device at a stage
+        start); the system's CAs as well once the origin turned out to have a public certificate (a CDN, a bucket)."""
+        if self._ctx is None:
+            ctx = ssl.create_default_context(cafile=None if self.public else self.ca_file)
+            if self.public and self.ca_file:
+                ctx.load_verify_locations(self.ca_file)
+            self._ctx = ctx
+        return self._ctx
+
+    def trust_public_cas(self) -> bool:
+        """After a certificate the fleet CA does not verify: add the system's CAs; False if they were already in."""
+        if self.public:
+            return False
+        self.public, self._ctx = True, None
+        return True
 
 
 # --------------------------------------------------------------------------- hashing
@@ -418,9 +474,128 @@ class ArtifactCache:
         unique = {e.sha256: e for e in descriptor.files}
         missing = [e for e in unique.values() if not self.has(e.sha256, e.size)]
         if missing:
+            if descriptor.origin is not None:  # an HTTPS origin serves the files: fetch them there, not over MQTT
+                login = OriginLogin.of(client)
+
+                def one(e: FileEntry) -> Path:
+                    return self.fetch_file_https(descriptor.origin, e, login, cancel=kwargs.get("cancel"),
+                                                 progress=kwargs.get("progress"))
+            else:
+                def one(e: FileEntry) -> Path:
+                    return self.fetch_file(client, run_id, device_id, e, **kwargs)
             with ThreadPoolExecutor(max(1, min(files_at_once, len(missing))), thread_name_prefix="fetch") as pool:
-                list(pool.map(lambda e: self.fetch_file(client, run_id, device_id, e, **kwargs), missing))
+                list(pool.map(one, missing))
         return {e.path: self.blob_path(e.sha256) for e in descriptor.files}
+
+    def fetch_file_https(
+        self,
+        origin: str,
+        entry: FileEntry,
+        login: OriginLogin,
+        *,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 30.0,
+        cancel: threading.Event | None = None,
+        progress: Callable[[FileEntry, int, int], None] | None = None,
+    ) -> Path:
+        """Download one file from an HTTPS origin (`origin` + sha256), checking every chunk against the descriptor.
+
+        The bytes go through the same checks as MQTT chunks: each chunk is kept (in `partial/`) only if it hashes
+        to `entry.chunks[i]`, and the whole file only if it hashes to its name, so an origin can slow a device
+        down but never make it use other bytes. An interrupted download resumes at the first missing chunk (an
+        HTTP Range request). Network errors and 5xx answers are retried with exponential backoff and jitter, up
+        to `max_retries` times in a row without progress; a refusal (401/403: the device is not enrolled in the
+        run, or its login is wrong) and bytes that fail their hash twice raise FetchError at once, saying which."""
+        if self.has(entry.sha256, entry.size):
+            return self.blob_path(entry.sha256)
+        url = origin + entry.sha256
+        failures, corrupt = 0, 0
+        while missing := self.missing_chunks(entry):
+            if cancel is not None and cancel.is_set():
+                raise FetchCancelled(f"fetch of {entry.path} cancelled with {len(missing)}/{len(entry.chunks)} "
+                                     "chunks missing")
+            why: object = "no chunk arrived"
+            try:
+                got = self._download(url, entry, set(missing), login, timeout_s, cancel, progress)
+            except OriginCorrupt as exc:
+                corrupt += 1
+                if corrupt >= 2:
+                    raise FetchError(f"{entry.path}: refused the file served at {url}: {exc}; the origin's copy "
+                                     "is corrupt or was tampered with - publish the stage again (the coordinator "
+                                     "re-copies files whose bytes changed)") from None
+                log.warning("%s: %s; downloading it again", entry.path, exc)
+                continue
+            except OriginRefused as exc:
+                raise FetchError(f"{entry.path}: the artifact origin refused this device: {exc}") from None
+            except ssl.SSLCertVerificationError as exc:
+                if login.trust_public_cas():
+                    continue  # not signed by the fleet CA: a public origin, verified against the system's CAs
+                raise FetchError(f"{entry.path}: {url}'s TLS certificate is signed neither by the fleet CA nor by a "
+                                 f"CA this system trusts ({exc.verify_message}); refusing it") from None
+            except (OSError, http.client.HTTPException, OriginUnavailable) as exc:
+                got = 0
+                why = exc
+            if got:
+                failures = 0
+                continue
+            failures += 1
+            if failures > max_retries:
+                raise FetchError(f"{entry.path} ({entry.sha256[:12]}): {url} failed {max_retries + 1} times in a row "
+                                 f"({why}); {len(missing)}/{len(entry.chunks)} chunks missing - is the origin up?")
+            delay = backoff_s * 2 ** (failures - 1) * (0.5 + random.random())
+            log.warning("%s: %s (%s); retrying in %.1f s", entry.path, url, why, delay)
+            if cancel is not None:
+                cancel.wait(delay)  # a cancel ends the wait, and the loop's check raises FetchCancelled
+            else:
+                time.sleep(delay)
+        return self.assemble(entry)
+
+    def _download(self, url: str, entry: FileEntry, missing: set[int], login: OriginLogin, timeout_s: float,
+                  cancel: threading.Event | None, progress: Callable[[FileEntry, int, int], None] | None) -> int:
+        """One GET from the first missing chunk on; stores the chunks that verify; returns how many it stored."""
+        first = min(missing)
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout_s,
+                                           context=login.context())
+        stored = 0
+        try:
+            headers = {"Authorization": login.header, "User-Agent": "devft-edge"}
+            if first:
+                headers["Range"] = f"bytes={first * entry.chunk_size}-"
+            conn.request("GET", parts.path, headers=headers)
+            resp = conn.getresponse()
+            if resp.status in (401, 403):
+                raise OriginRefused(f"HTTP {resp.status} for {url} as {login.username} (a device fetches only while "
+                                    "it is enrolled in the run, with its own fleet login)")
+            if resp.status not in (200, 206):
+                raise OriginUnavailable(f"HTTP {resp.status} {resp.reason}")
+            index = first if resp.status == 206 else 0
+            while index < len(entry.chunks):
+                if cancel is not None and cancel.is_set():
+                    break
+                data = resp.read(entry.chunk_length(index))
+                with self._lock:
+                    self.bytes_downloaded += len(data)
+                if len(data) != entry.chunk_length(index):
+                    raise OriginUnavailable(f"the answer ended at chunk {index} of {len(entry.chunks)}")
+                if index in missing:
+                    if sha256_bytes(data) != entry.chunks[index]:
+                        with self._lock:
+                            self.chunks_rejected += 1
+                        raise OriginCorrupt(f"chunk {index} hashes to {sha256_bytes(data)[:16]}..., the descriptor "
+                                            f"says {entry.chunks[index][:16]}...")
+                    self.store_chunk(entry, index, data)
+                    with self._lock:
+                        self.chunks_downloaded += 1
+                    missing.discard(index)
+                    stored += 1
+                    if progress is not None:
+                        progress(entry, len(entry.chunks) - len(missing), len(entry.chunks))
+                index += 1
+        finally:
+            conn.close()
+        return stored
 
     def fetch_file(
         self,

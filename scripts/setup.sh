@@ -15,6 +15,9 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v websockify >/dev/null 2>&1 || need_apt+=(websockify)
+# nginx serves stage files to large fleets over HTTPS (server_sdk/fleet/origin.py; auth_request is built into Debian's
+# nginx). devft runs its own nginx on a generated config; the package's own service (port 80) is not used
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 APT_LOCK_WAIT_S=${APT_LOCK_WAIT_S:-600}
 # Another apt or dpkg (unattended-upgrades on a fresh machine, another user's install) may hold apt's

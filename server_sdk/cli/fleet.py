@@ -79,6 +79,16 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    help="measured peak memory of a stage's training on the fleet's runtime, by its layer count, e.g. "
                    "4=524,8=850 (python -m benchmarks.device): that stage's memory need; the others' is predicted "
                    "from the model's shapes. A device is sampled for a stage only if its declared ram_mb covers it")
+    p.add_argument("--artifacts", metavar="URL", default=None,
+                   help="serve stage files from an HTTPS origin as well as over MQTT chunks: with `serve`, the https:// "
+                   "URL a web server serves --artifact-dir at (python -m server_sdk.fleet.origin run FLEET_DIR starts nginx "
+                   "for it); with `run --fleet local:N`, `nginx` starts one here. Devices download there with their "
+                   "own fleet login, checked per download (docs/protocol.md section 5)")
+    p.add_argument("--artifact-dir", metavar="DIR", default=None,
+                   help="the directory the --artifacts URL serves (the coordinator copies stage files into DIR/RUN/)")
+    p.add_argument("--no-mqtt-chunks", action="store_true",
+                   help="with --artifacts: serve stage files from the origin only (its per-device access control is "
+                   "then the only way in; MQTT chunks reach every fleet device), not as MQTT chunks")
     p.add_argument("--keep-artifacts", action="store_true", help="keep every stage's exported artifacts under "
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
@@ -104,6 +114,13 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
         settings.max_update_norm = args.max_update_norm
     if args.norm_bound_k is not None:
         settings.norm_bound_k = args.norm_bound_k or None
+    if getattr(args, "artifacts", None) not in (None, "nginx"):
+        settings.artifact_origin = args.artifacts.rstrip("/") + "/"
+        settings.artifact_dir = args.artifact_dir
+        if getattr(args, "fleet_dir", None):
+            settings.artifact_passwd = str(Path(args.fleet_dir) / "passwd")
+    if getattr(args, "no_mqtt_chunks", False) and args.artifacts != "nginx":  # nginx: run_local sets it
+        settings.artifact_chunks = False
     if args.formats is not None:
         settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if args.stage_peak_mb is not None:
@@ -139,7 +156,8 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
         cfg = cfg.with_overrides({"num_clients": n}).validate()
     try:
         report = run_local(cfg, run_dir, n, resume=bool(args.resume), progress=not args.quiet,
-                           settings=_fleet_settings(args, run_dir))
+                           settings=_fleet_settings(args, run_dir), origin=args.artifacts == "nginx",
+                           mqtt_chunks=not args.no_mqtt_chunks)
     except QuorumNotReached as exc:
         print(f"devft: error: {exc}", file=sys.stderr)
         return 1
@@ -173,6 +191,10 @@ def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
     url = urlparse(args.broker_url)
     if url.scheme not in ("mqtts", "ssl", "tls") or not url.hostname:
         raise ConfigError(f"--broker-url {args.broker_url!r} must look like mqtts://HOST:PORT (TLS only)")
+    if args.artifacts == "nginx":
+        raise ConfigError("--artifacts nginx starts nginx for a local fleet only; with `serve`, start it with "
+                          "`python -m server_sdk.fleet.origin run FLEET_DIR --dir DIR` and pass --artifacts https://HOST:8443/ "
+                          "--artifact-dir DIR")
     creds = server_credentials(args.fleet_dir)
     settings = _fleet_settings(args, run_dir)
     _register_run(args.fleet_dir, settings.run_id or run_dir.name)

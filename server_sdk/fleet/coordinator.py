@@ -66,6 +66,7 @@ from server_sdk.engine.warm import TemplateWarmer
 from server_sdk.fleet.artifact_server import ArtifactServer
 from server_sdk.fleet.broker import Credentials, artifact_credentials
 from server_sdk.fleet.janitor import RetainedJanitor
+from server_sdk.fleet.origin import OriginAuth, OriginPublisher
 from server_sdk.fleet.prefetch import Speculate, Speculation
 from server_sdk.fleet.ratelimit import LogBudget, cut
 from server_sdk.fleet.telemetry_intake import clean_telemetry, number
@@ -187,6 +188,16 @@ class FleetSettings:
     # the model's shapes (export/memory.py). A device whose hello declares `ram_mb` below a stage's need is not
     # sampled for that stage (docs/protocol.md §11, "Memory")
     stage_peak_mb: dict[str, int] = field(default_factory=dict)
+    # an HTTPS origin (server_sdk/fleet/origin.py): stage files are also copied to artifact_dir/<run>/<sha256>, which a web
+    # server serves at artifact_origin + <run>/<sha256>, and descriptors name that URL; devices that know the field
+    # download there (their own fleet login, checked per request against artifact_passwd, the fleet's password
+    # file, and the run's devices), older ones keep fetching MQTT chunks. None = MQTT chunks only
+    artifact_origin: str | None = None
+    artifact_dir: str | None = None
+    artifact_passwd: str | None = None
+    # with an origin, False stops answering MQTT chunk requests: the files then reach only devices the origin lets
+    # in (chunks are broadcast to every fleet device that subscribes), and devices that ignore `origin` get nothing
+    artifact_chunks: bool = True
 
     def validate(self) -> FleetSettings:
         if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
@@ -211,6 +222,14 @@ class FleetSettings:
         if isinstance(self.replacements, bool) or not isinstance(self.replacements, int) or self.replacements < 0:
             raise ValueError(f"replacements={self.replacements!r} must be a whole number >= 0: at most that many "
                              "replacement devices per round when sampled devices go offline (0 = none)")
+        if self.artifact_origin is not None:
+            if not (self.artifact_origin.startswith("https://") and self.artifact_dir):
+                raise ValueError(f"artifact_origin={self.artifact_origin!r} needs an https:// URL and artifact_dir, the "
+                                 "directory its web server serves (--artifacts URL --artifact-dir DIR)")
+            P.check_origin(self.artifact_origin.rstrip("/") + "/")
+        elif not self.artifact_chunks:
+            raise ValueError("artifact_chunks=False (--no-mqtt-chunks) needs an artifact origin (--artifacts): "
+                             "devices would have nowhere to fetch stage files from")
         if self.start_timeout_s is not None and not self.start_timeout_s > 0:
             raise ValueError(f"start_timeout_s={self.start_timeout_s} must be a positive number of seconds (e.g. 10) "
                              "or None (wait for silent devices until the deadline)")
@@ -306,10 +325,32 @@ class FleetExecutor(ClientExecutor):
         art_creds = artifact_credentials(creds)
         self._art_client = MqttClient(mqtt_settings(art_creds, f"{art_creds.username}-{self.run_id}", host, port))
         self._art_client.connect(connect_timeout_s)
-        self.artifacts = ArtifactServer(self._art_client, self.run_id,
-                                        max_bytes_per_s=self.settings.artifact_bytes_per_s).start()
+        self.artifacts = ArtifactServer(self._art_client, self.run_id, max_bytes_per_s=self.settings.artifact_bytes_per_s)
+        if self.settings.artifact_chunks:  # else it only describes files: no chunk request is answered
+            self.artifacts.start()
         self._teller = threading.Thread(target=self._tell_loop, name="fleet-refusals", daemon=True)
         self._teller.start()
+        self.origin: OriginPublisher | None = None
+        self.origin_auth: OriginAuth | None = None
+        if self.settings.artifact_origin:
+            self._start_origin(creds)
+
+    def _start_origin(self, creds: Credentials) -> None:
+        """Publish stage files to the HTTPS origin as well, and answer its per-download access checks: a device may
+        download while it is one of the run's devices and its fleet login holds (server_sdk/fleet/origin.py)."""
+        s = self.settings
+        passwd = Path(s.artifact_passwd) if s.artifact_passwd else Path(creds.ca_file or ".").parent / "passwd"
+        if not passwd.is_file():
+            raise ValueError(f"the artifact origin checks device logins against the fleet's password file; {passwd} "
+                             "does not exist (set artifact_passwd to FLEET_DIR/passwd)")
+        enrolled = frozenset(self.device_of(c) for c in range(self.cfg.num_clients))
+        self.origin = OriginPublisher(s.artifact_dir, s.artifact_origin, self.run_id)
+        self.origin_auth = OriginAuth(s.artifact_dir, self.run_id, passwd, lambda: enrolled).start()
+
+    def _offer(self, files: Mapping[str, Path]) -> P.ArtifactDescriptor:
+        """Register files with the MQTT chunk server and, with an origin, publish them there; the descriptor."""
+        descriptor = self.artifacts.add_files(files)
+        return self.origin.publish(descriptor, dict(files)) if self.origin is not None else descriptor
 
     # -- naming ---------------------------------------------------------------------------
 
@@ -400,7 +441,7 @@ class FleetExecutor(ClientExecutor):
         def announce(plan: StagePlan, sub_model) -> None:
             t0 = time.perf_counter()
             dirs, _ = self._export(stage, plan, sub_model, "prefetch-")
-            hint = {fmt: self.artifacts.add_files(_served_files(fmt, d, stage, False)) for fmt, d in dirs.items()}
+            hint = {fmt: self._offer(_served_files(fmt, d, stage, False)) for fmt, d in dirs.items()}
             self._event("prefetch", stage=stage, groups=plan.groups, seconds=round(time.perf_counter() - t0, 2),
                         artifacts={f: {"artifact_id": d.artifact_id, "bytes": d.total_bytes} for f, d in hint.items()})
             self._update_control(lambda c: replace(c, prefetch=hint))
@@ -513,9 +554,10 @@ class FleetExecutor(ClientExecutor):
         Files travel as `_served_files` lays them out, so tensors unchanged since the last stage
         (the embedding) are not downloaded again."""
         self._finish_speculation()  # its late announce must not come after this stage's control
-        self._artifacts = {fmt: self.artifacts.add_files(_served_files(fmt, Path(d), stage,
-                                                                       self.settings.per_tensor_checkpoint))
+        self._artifacts = {fmt: self._offer(_served_files(fmt, Path(d), stage, self.settings.per_tensor_checkpoint))
                            for fmt, d in artifact_dirs.items()}
+        if self.origin is not None:  # an earlier stage's files (and a wrong guess's) leave the origin
+            self.origin.prune({f.sha256 for d in self._artifacts.values() for f in d.files})
         self._stage = stage
         self._need = memory
         self._draw_key = stage  # begin_stage then sets the plan's (serve_stage alone: tests)
@@ -1193,6 +1235,8 @@ class FleetExecutor(ClientExecutor):
                 self._summary(key, count)
             self.janitor.stop()
             self.artifacts.stop()
+            if self.origin_auth is not None:
+                self.origin_auth.stop()
             self._art_client.close()
             self.client.close()
 

@@ -65,6 +65,7 @@ class LocalFleet:
                 add_device(self.dir, name)
         self.port = json.loads((self.dir / "fleet.json").read_text())["port"]
         self.broker: BrokerProcess | None = None
+        self.origin = None  # server_sdk.fleet.origin.NginxOrigin once start_origin ran
         self.devices: dict[str, subprocess.Popen] = {}
 
     @property
@@ -83,6 +84,24 @@ class LocalFleet:
         """Start the fleet's mosquitto; it exits with this process, however this process ends (main thread)."""
         self.broker = BrokerProcess(self.dir, self.port, die_with_parent=True).start()
         return self.broker
+
+    def start_origin(self):
+        """Start nginx serving this fleet's artifact directory (server_sdk/fleet/origin.py) over TLS with the fleet's
+        certificate; like the broker, it exits with this process (main thread). Returns the NginxOrigin."""
+        from server_sdk.fleet.origin import NginxOrigin
+
+        self.origin = NginxOrigin(self.dir, die_with_parent=True).start()
+        return self.origin
+
+    def origin_settings(self, settings: FleetSettings | None, mqtt_chunks: bool = True) -> FleetSettings:
+        """`settings` with the running origin's URL, directory and this fleet's password file (and, with
+        `mqtt_chunks` False, no MQTT chunks)."""
+        from dataclasses import replace
+
+        assert self.origin is not None, "start_origin first"
+        return replace(settings or FleetSettings(), artifact_origin=self.origin.url,
+                       artifact_dir=str(self.origin.files), artifact_passwd=str(self.dir / "passwd"),
+                       artifact_chunks=mqtt_chunks)
 
     def restart_broker(self) -> None:
         assert self.broker is not None, "start_broker first"
@@ -142,6 +161,8 @@ class LocalFleet:
                 proc.wait()
         if self.broker is not None:
             self.broker.stop()
+        if self.origin is not None:
+            self.origin.stop()
 
     def __enter__(self) -> LocalFleet:
         return self
@@ -216,14 +237,18 @@ class LogRelay:
 
 
 def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False, progress: bool = True,
-              settings: FleetSettings | None = None, base=None) -> dict:
-    """`devft run --fleet local:N`: broker, coordinator and N devices on this machine."""
+              settings: FleetSettings | None = None, base=None, origin: bool = False, mqtt_chunks: bool = True) -> dict:
+    """`devft run --fleet local:N`: broker, coordinator and N devices on this machine; with `origin`, nginx too,
+    serving the stage files over HTTPS (`--artifacts nginx`; only there with `mqtt_chunks` False)."""
     from server_sdk.engine.rounds import run
 
     run_dir = Path(run_dir)
     run_id = (settings.run_id if settings else "") or run_dir.name  # the coordinator's (FleetExecutor.run_id)
     with stop_on_sigterm(), LocalFleet(run_dir / "fleet", n_devices, run_id=run_id) as fleet:
         fleet.start_broker()
+        if origin:
+            fleet.start_origin()
+            settings = fleet.origin_settings(settings, mqtt_chunks)
 
         def start_devices(executor) -> None:
             for c, name in enumerate(fleet.names):

@@ -194,7 +194,8 @@ export class Device {
   /** Follow the run until its control says done (resolves 0) or stop() (resolves 0). */
   async run() {
     await this.connect();
-    this.fetcher = new Fetcher({ bus: this, store: this.runtime.store, sha256: this.runtime.sha256, runId: this.runId, deviceId: this.deviceId });
+    this.fetcher = new Fetcher({ bus: this, store: this.runtime.store, sha256: this.runtime.sha256, runId: this.runId, deviceId: this.deviceId,
+      httpGet: this.runtime.httpGet ?? null, login: { username: this.creds.username, password: this.creds.password, ca: this.creds.ca_pem } });
     this.log(`${this.deviceId} connected, following ${this.runId} (${this.runtime.name})`);
     try {
       while (!this.stopped) {

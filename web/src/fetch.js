@@ -1,4 +1,5 @@
-// Artifact files over MQTT chunk requests (protocol.md section 5), into a content-addressed store.
+// Artifact files over MQTT chunk requests (protocol.md section 5), or from the descriptor's HTTPS `origin`, into a
+// content-addressed store.
 import { encodeChunkRequest, topics, MAX_CHUNKS_PER_REQUEST } from './protocol.js';
 
 export class FetchCancelled extends Error {}
@@ -9,8 +10,13 @@ export class FetchCancelled extends Error {}
  * unverified reaches the store.
  */
 export class Fetcher {
-  constructor({ bus, store, sha256, runId, deviceId, window = 16, chunkTimeoutS = 10, maxRetries = 5 }) {
-    Object.assign(this, { bus, store, sha256, runId, deviceId, window, chunkTimeoutS, maxRetries });
+  /**
+   * httpGet(url, headers, ca) -> {status, body: Uint8Array} (the runtime's) and login {username, password, ca} let it
+   * download from a descriptor's `origin` (protocol.md section 5) with the device's own fleet login; without them
+   * it fetches MQTT chunks, which the coordinator always serves too.
+   */
+  constructor({ bus, store, sha256, runId, deviceId, window = 16, chunkTimeoutS = 10, maxRetries = 5, httpGet = null, login = null, backoffS = 0.5 }) {
+    Object.assign(this, { bus, store, sha256, runId, deviceId, window, chunkTimeoutS, maxRetries, httpGet, login, backoffS });
     this.bytesDownloaded = 0;
   }
 
@@ -20,8 +26,62 @@ export class Fetcher {
     const missing = [];
     for (const f of unique.values()) if (!(await this.store.has(f.sha256, f.size))) missing.push(f);
     const queue = [...missing];
-    const worker = async () => { while (queue.length) await this.fetchFile(queue.shift(), cancelled); };
+    const https = descriptor.origin && this.httpGet && this.login;
+    const worker = async () => {
+      while (queue.length) {
+        const entry = queue.shift();
+        await (https ? this.fetchHttps(descriptor.origin, entry, cancelled) : this.fetchFile(entry, cancelled));
+      }
+    };
     await Promise.all(Array.from({ length: Math.min(filesAtOnce, queue.length) }, worker));
+  }
+
+  /**
+   * One file from `origin + sha256`: every chunk checked against its hash, the file against its sha256, as for MQTT
+   * chunks. 401/403 (not enrolled, wrong login) are final; bytes failing their hash twice refuse the file; network
+   * errors and other answers are retried with exponential backoff and jitter, maxRetries times in a row.
+   */
+  async fetchHttps(origin, entry, cancelled = () => false) {
+    if (await this.store.has(entry.sha256, entry.size)) return;
+    const url = origin + entry.sha256;
+    const auth = 'Basic ' + btoa(`${this.login.username}:${this.login.password}`); // fleet logins are ASCII
+    let failures = 0, corrupt = 0;
+    for (;;) {
+      if (cancelled()) throw new FetchCancelled(`fetch of ${entry.path} cancelled`);
+      let res = null, why = null;
+      try {
+        res = await this.httpGet(url, { Authorization: auth }, this.login.ca);
+      } catch (e) {
+        why = e.message;
+      }
+      if (res && (res.status === 401 || res.status === 403)) {
+        throw new Error(`${entry.path}: the artifact origin refused this device: HTTP ${res.status} for ${url} as ${this.login.username} (a device fetches only while it is enrolled in the run, with its own fleet login)`);
+      }
+      if (res && res.status === 200 && res.body.length === entry.size) {
+        this.bytesDownloaded += res.body.length;
+        const bad = await this.firstBadChunk(entry, res.body);
+        if (bad === null && (await this.sha256(res.body)) === entry.sha256) {
+          await this.store.put(entry.sha256, res.body);
+          return;
+        }
+        corrupt += 1;
+        const detail = bad === null ? 'the file does not hash to its name' : `chunk ${bad} does not hash to the descriptor's`;
+        if (corrupt >= 2) throw new Error(`${entry.path}: refused the file served at ${url}: ${detail}; the origin's copy is corrupt or was tampered with`);
+        continue;
+      }
+      why = why ?? (res ? `HTTP ${res.status}, ${res.body.length} of ${entry.size} bytes` : 'no answer');
+      failures += 1;
+      if (failures > this.maxRetries) throw new Error(`${entry.path} (${entry.sha256.slice(0, 12)}): ${url} failed ${failures} times in a row (${why}) - is the origin up?`);
+      await new Promise((resolve) => setTimeout(resolve, this.backoffS * 1000 * 2 ** (failures - 1) * (0.5 + Math.random())));
+    }
+  }
+
+  async firstBadChunk(entry, bytes) {
+    for (let i = 0; i < entry.chunks.length; i++) {
+      const part = bytes.subarray(i * entry.chunk_size, Math.min(entry.size, (i + 1) * entry.chunk_size));
+      if ((await this.sha256(part)) !== entry.chunks[i]) return i;
+    }
+    return null;
   }
 
   async fetchFile(entry, cancelled = () => false) {

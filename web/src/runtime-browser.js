@@ -105,6 +105,11 @@ export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPat
       for (const [rel, sha] of Object.entries(art.files)) if (rel.startsWith('weights/')) externalData.push({ path: rel, data: await store.get(sha) });
       return ort.InferenceSession.create(await store.get(art.files[graph]), { executionProviders: ['wasm'], externalData });
     },
+    /** GET with the browser's fetch (the browser verifies the origin's certificate; CORS: server_sdk/fleet/origin.py). */
+    async httpGet(url, headers) {
+      const res = await fetch(url, { headers, mode: 'cors', cache: 'no-store', credentials: 'omit' });
+      return { status: res.status, body: new Uint8Array(await res.arrayBuffer()) };
+    },
     async connectMqtt(creds, { will, clientId }) {
       const client = mqtt.connect(wsUrl, {
         username: creds.username, password: creds.password, clientId, protocolVersion: 5, clean: false,

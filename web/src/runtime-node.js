@@ -3,6 +3,7 @@
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import { availableParallelism, freemem } from 'node:os';
+import https from 'node:https';
 import path from 'node:path';
 import mqtt from 'mqtt';
 
@@ -97,6 +98,19 @@ export async function nodeRuntime({ cacheDir, engine = 'node', host, port, ramMb
       }
       const dir = await this.store.materialize(art);
       return ort.InferenceSession.create(path.join(dir, graph), sessionOptions(threads));
+    },
+    /** GET over TLS verified with the fleet CA (`ca`): {status, body}. An artifact origin (fetch.js). */
+    httpGet(url, headers, ca) {
+      return new Promise((resolve, reject) => {
+        const req = https.get(url, { headers, ca, rejectUnauthorized: true, timeout: 30_000 }, (res) => {
+          const parts = [];
+          res.on('data', (d) => parts.push(d));
+          res.on('end', () => resolve({ status: res.statusCode, body: new Uint8Array(Buffer.concat(parts)) }));
+          res.on('error', reject);
+        });
+        req.on('timeout', () => req.destroy(new Error('timed out')));
+        req.on('error', reject);
+      });
     },
     async connectMqtt(creds, { will, clientId }) {
       const client = mqtt.connect({
