@@ -79,7 +79,7 @@ class LoadDevice:
     """One device at the protocol level: hello, ready, the train acknowledgement, a valid update; no training."""
 
     def __init__(self, creds, port: int, delay_s: float, on_demand: bool):
-        from server_sdk.fleet.coordinator import mqtt_settings
+        from server_sdk.fleet.settings import mqtt_settings
 
         self.name, self.delay_s, self.on_demand = creds.username, delay_s, on_demand
         offline = P.encode_status(P.StatusMessage(self.name, "offline", time.time()))
@@ -249,7 +249,8 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     from server_sdk.config import RunConfig
     from server_sdk.engine.rounds import client_seed, sample_clients
     from server_sdk.fleet.broker import BrokerProcess, server_credentials
-    from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+    from server_sdk.fleet.coordinator import FleetExecutor
+    from server_sdk.fleet.settings import FleetSettings
     from server_sdk.method.aggregation import aggregate
     from server_sdk.method.lora import to_peft_key
 

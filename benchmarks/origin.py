@@ -211,7 +211,7 @@ def run_transport(kind: str, args, fleet: Path, names: list[str], files: dict[st
     from edge_runtime.mqtt import MqttClient
     from server_sdk.fleet.artifact_server import ArtifactServer
     from server_sdk.fleet.broker import artifact_credentials, server_credentials
-    from server_sdk.fleet.coordinator import mqtt_settings
+    from server_sdk.fleet.settings import mqtt_settings
 
     stop = []
     if kind == "mqtt":

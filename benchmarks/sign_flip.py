@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 
 from server_sdk.engine.executor import InProcessExecutor
-from server_sdk.fleet.coordinator import FleetSettings
+from server_sdk.fleet.settings import FleetSettings
 from server_sdk.method.aggregation import AGGREGATIONS, adamw_norm_bound, norm_outliers, update_norm
 
 from .results_md import RESULTS_MD, md_table, replace_block, write_atomic

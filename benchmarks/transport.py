@@ -52,7 +52,9 @@ import numpy as np
 
 from edge_runtime.mqtt import MqttClient
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
-from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings, mqtt_settings, tokenizer_dir_of
+from server_sdk.fleet.coordinator import FleetExecutor
+from server_sdk.fleet.serving import tokenizer_dir_of
+from server_sdk.fleet.settings import FleetSettings, mqtt_settings
 
 from .results_md import md_table, replace_block
 

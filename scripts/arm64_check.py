@@ -152,8 +152,9 @@ def run_fleet(case: FleetCase, arch: str, work: Path, rootfs: Path | None) -> di
     """One fleet run (broker, coordinator, one device of `arch`); returns and writes its summary."""
     from server_sdk.engine import checkpoint
     from server_sdk.engine.rounds import run
-    from server_sdk.fleet.coordinator import FleetSettings, fleet_executor_factory
+    from server_sdk.fleet.coordinator import fleet_executor_factory
     from server_sdk.fleet.local_fleet import LocalFleet, add_fleet_summary
+    from server_sdk.fleet.settings import FleetSettings
 
     run_dir = work / "fleet" / f"{case.name}-{arch}"
     if run_dir.exists():
@@ -233,7 +234,7 @@ class RoundRecorder:
 
         from edge_runtime import protocol as P
         from edge_runtime.mqtt import MqttClient
-        from server_sdk.fleet.coordinator import mqtt_settings
+        from server_sdk.fleet.settings import mqtt_settings
 
         self.out = out
         out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from edge_runtime import protocol as P
 from server_sdk.config import RunConfig
 from server_sdk.fleet.bridge import EdgeBroker, add_edge
 from server_sdk.fleet.broker import BrokerProcess
-from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+from server_sdk.fleet.coordinator import FleetExecutor
+from server_sdk.fleet.settings import FleetSettings
 from tests.broker_fixtures import free_port
 from tests.test_fleet import DEVICE_WITH_WILL, RUN, _good, _run_round, _update, events, wait_for
 

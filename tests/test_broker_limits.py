@@ -233,7 +233,8 @@ def test_a_starting_coordinator_sweeps_retained_messages_nobody_should_find(flee
     refuse; the devices' own statuses stay."""
     from server_sdk.config import RunConfig
     from server_sdk.fleet.broker import BrokerProcess, add_operator
-    from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+    from server_sdk.fleet.coordinator import FleetExecutor
+    from server_sdk.fleet.settings import FleetSettings
 
     observer = add_operator(fleet.dir, "observer")
     broker = BrokerProcess(fleet.dir, fleet.port).start()

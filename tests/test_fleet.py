@@ -29,7 +29,9 @@ from edge_runtime.mqtt import MqttClient, MqttConnectError
 from server_sdk.config import RunConfig
 from server_sdk.engine.executor import QuorumNotReached
 from server_sdk.fleet.broker import BrokerProcess, Credentials, add_device, add_operator
-from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings, client_index, device_name
+from server_sdk.fleet.coordinator import FleetExecutor
+from server_sdk.fleet.registry import client_index, device_name
+from server_sdk.fleet.settings import FleetSettings
 from server_sdk.method.aggregation import aggregate, update_norm
 from tests.broker_fixtures import settings_for
 
@@ -683,7 +685,7 @@ def test_device_batches_match_the_simulations(tiny4, tmp_path):
 
     from edge_runtime import client
     from server_sdk import data
-    from server_sdk.fleet.coordinator import tokenizer_dir_of
+    from server_sdk.fleet.serving import tokenizer_dir_of
 
     examples = []
     for q, a in (("What is 3 + 4?", "7"), ("Spell 'cat' backwards.", "tac"), ("x" * 300, "long")):

@@ -19,8 +19,9 @@ from edge_runtime import protocol as P
 from server_sdk.cli.report import device_stages
 from server_sdk.config import RunConfig
 from server_sdk.fleet.broker import BrokerProcess
-from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+from server_sdk.fleet.coordinator import FleetExecutor
 from server_sdk.fleet.local_fleet import add_fleet_summary
+from server_sdk.fleet.settings import FleetSettings
 from server_sdk.method.aggregation import adamw_norm_bound
 from tests import test_fleet as fleet_tests
 from tests.test_fleet import PA, RUN, _good, _run_round, _update, events, wait_for

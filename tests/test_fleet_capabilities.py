@@ -23,7 +23,9 @@ from edge_runtime import protocol as P
 from export.memory import MIB, predicted_peak_mb
 from server_sdk.config import LoraSettings, RunConfig
 from server_sdk.fleet.broker import BrokerProcess, Credentials, add_device
-from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings, StageDoesNotFit
+from server_sdk.fleet.coordinator import FleetExecutor
+from server_sdk.fleet.registry import StageDoesNotFit
+from server_sdk.fleet.settings import FleetSettings
 from tests.test_fleet import RUN, FleetRun, events, fleet_cfg, wait_for
 
 pytest_plugins = ("tests.broker_fixtures",)

@@ -22,7 +22,8 @@ from edge_runtime import protocol as P
 from edge_runtime.transfer import ArtifactCache
 from server_sdk.config import RunConfig
 from server_sdk.fleet.artifact_server import ArtifactServer
-from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+from server_sdk.fleet.coordinator import FleetExecutor
+from server_sdk.fleet.settings import FleetSettings
 from tests import test_fleet as fleet_tests
 from tests.test_fleet import RUN, _good, _run_round, _update, events, wait_for
 

@@ -198,8 +198,8 @@ def test_fleet_run_fetches_stage_files_from_nginx_to_the_same_adapter_as_mqtt_ch
     stage files from nginx only (no MQTT chunks served). Every update is accepted, the devices downloaded the stage
     files from nginx (its access log), and the final adapters are the same bytes."""
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.coordinator import FleetSettings
     from server_sdk.fleet.local_fleet import run_local
+    from server_sdk.fleet.settings import FleetSettings
     from tests.test_fleet import events, fleet_cfg
 
     tiny = tiny_random_model(n_layers=4, hidden=32, seed=0)
@@ -383,8 +383,9 @@ def test_node_device_and_devft_edge_fetch_their_stages_from_nginx_in_a_real_flee
     nginx with their own login, and every update of both is accepted."""
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.engine.rounds import run
-    from server_sdk.fleet.coordinator import FleetSettings, fleet_executor_factory
+    from server_sdk.fleet.coordinator import fleet_executor_factory
     from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.fleet.settings import FleetSettings
     from server_sdk.fleet.web_gateway import WEB_DIR
     from tests.test_fleet import events, fleet_cfg
     from tests.test_web_device import start_node_device
@@ -421,7 +422,8 @@ def test_origin_only_coordinator_answers_no_mqtt_chunk_request(fleet, clients, t
 
     from server_sdk.config import RunConfig
     from server_sdk.fleet.broker import BrokerProcess
-    from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+    from server_sdk.fleet.coordinator import FleetExecutor
+    from server_sdk.fleet.settings import FleetSettings
 
     broker = BrokerProcess(fleet.dir, fleet.port).start()
     art = tmp_path / "art"

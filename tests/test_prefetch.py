@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from server_sdk.fleet.coordinator import FleetExecutor, FleetSettings
+from server_sdk.fleet.coordinator import FleetExecutor
+from server_sdk.fleet.settings import FleetSettings
 from server_sdk.method.strategies.devft import DevFT
 from server_sdk.method.submodel import StagePlan
 from tests.test_fleet import FleetRun, events, fleet_cfg

@@ -93,7 +93,7 @@ def _header(payload: bytes) -> dict:
 
 def test_every_message_of_a_fleet_run_and_every_manifest_validates(tmp_path):
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.settings import FleetSettings
     from tests.test_fleet import FleetRun, fleet_cfg
 
     base = tiny_random_model(n_layers=4, hidden=32, seed=0)

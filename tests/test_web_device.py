@@ -88,7 +88,7 @@ def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path
     Node update is accepted, and each equals, bit for bit, what devft-edge's code computes from the same
     global adapter, seed and shard (and the Node tokeniser gives Python's ids on every shard line)."""
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.settings import FleetSettings
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
 
     node_names = ("dev-002", "dev-003")
@@ -167,7 +167,7 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
     websockify to Mosquitto's TLS listener, the page over HTTPS with COOP/COEP): every browser update is
     accepted, and each browser round's losses are within 1e-5 of devft-edge's code replaying its inputs."""
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.settings import FleetSettings
     from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
 
@@ -297,7 +297,7 @@ def test_a_tab_closed_mid_round_is_offline_through_its_will_and_the_run_goes_on(
     connection, Mosquitto publishes the page's will (`offline`), and the round closes on the quorum of the
     three devft-edge devices instead of waiting for the dead tab; the run finishes."""
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.settings import FleetSettings
     from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
     from tests.test_fleet import FleetRun, events, fleet_cfg
 
@@ -477,7 +477,7 @@ def test_a_full_storage_quota_is_shown_and_loses_nothing(tmp_path):
     and what to do, the device gives the round up but stays in the fleet, the round closes on the two
     devft-edge devices at its deadline, the run finishes, and the page ends cleanly with the run."""
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.settings import FleetSettings
     from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
 

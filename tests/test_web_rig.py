@@ -29,8 +29,8 @@ def test_rig_of_emulated_phones_joins_a_real_fleet_run_and_reports_them_as_emula
     every phone update is accepted, each phone ran in its own browser profile with a phone's user agent,
     and report.json (and add_fleet_summary's rewrite of it) carries the rig's section, marked emulated."""
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.coordinator import FleetSettings
     from server_sdk.fleet.local_fleet import add_fleet_summary
+    from server_sdk.fleet.settings import FleetSettings
     from server_sdk.fleet.web_join import _load
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
 

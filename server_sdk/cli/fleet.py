@@ -94,7 +94,7 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
 
 
 def _fleet_settings(args: argparse.Namespace, run_dir: Path):
-    from server_sdk.fleet.coordinator import FleetSettings
+    from server_sdk.fleet.settings import FleetSettings
 
     if args.keep_artifacts:
         from server_sdk.disk import KEEP_ENV

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server_sdk.fleet.broker import BrokerProcess, Credentials, add_device, fleet_init, register_run, server_credentials
-from server_sdk.fleet.coordinator import FleetSettings, device_name, fleet_executor_factory
+from server_sdk.fleet.coordinator import fleet_executor_factory
+from server_sdk.fleet.registry import device_name
+from server_sdk.fleet.settings import FleetSettings
 from server_sdk.fleet.telemetry_intake import clean_telemetry
 from server_sdk.progress import note
 from server_sdk.quiet import is_verbose
