@@ -26,6 +26,16 @@ ACCURACY_EVERY = ("round", "stage", "end", "never")
 DEFAULT_TASKS = ("chain_sum", "basic_arithmetic", "spell_backward", "word_sequence_reversal")
 
 
+# The one quorum of every executor that can lose clients (a fleet's devices, Ray workers): a round needs the answers
+# of ceil(quorum x sampled) of the clients it sampled, else it fails with QuorumNotReached
+DEFAULT_QUORUM = 0.6
+
+
+def check_quorum(quorum: float) -> None:
+    if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0 < quorum <= 1:
+        raise ConfigError(f"quorum={quorum!r} must lie in (0, 1], e.g. {DEFAULT_QUORUM}")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and the fix."""
 

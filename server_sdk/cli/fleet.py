@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from server_sdk.config import ConfigError, RunConfig
+from server_sdk.config import DEFAULT_QUORUM, ConfigError, RunConfig
 
 FLEET_HELP = ("train on devices instead of simulated clients: local:N starts a secured mosquitto and N "
               "devft-edge processes on this machine")
@@ -59,7 +59,8 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
     """The round policy options of `run --fleet` and `serve` (defaults: FleetSettings)."""
     p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds devices have to answer a round (default 120)")
-    p.add_argument("--quorum", type=float, default=None, help="fraction of sampled devices a round needs (default 0.6)")
+    p.add_argument("--quorum", type=float, default=None,
+                   help=f"fraction of sampled devices a round needs (default {DEFAULT_QUORUM})")
     p.add_argument("--replacements", type=int, default=None, metavar="N",
                    help="sample up to N replacement devices per round when sampled devices go offline and the quorum "
                    "can no longer be met (default 0: the round fails instead)")

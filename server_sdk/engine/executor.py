@@ -12,6 +12,7 @@ Evaluation on the held-out set runs where the executor says (`evaluate`): here b
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -27,6 +28,11 @@ from server_sdk.method.submodel import StagePlan, submodel_bytes
 
 class QuorumNotReached(RuntimeError):
     """Too few clients (devices, Ray actors) answered a round before its deadline."""
+
+
+def quorum_need(quorum: float, sampled: int) -> int:
+    """Answers a round of `sampled` clients needs."""
+    return math.ceil(quorum * sampled)
 
 
 class ClientExecutor(ABC):

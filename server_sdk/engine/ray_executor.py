@@ -34,7 +34,6 @@ numbers.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -48,9 +47,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from server_sdk.config import LoraSettings, RunConfig
+from server_sdk.config import DEFAULT_QUORUM, LoraSettings, RunConfig, check_quorum
 from server_sdk.data import Example
-from server_sdk.engine.executor import ClientExecutor, QuorumNotReached
+from server_sdk.engine.executor import ClientExecutor, QuorumNotReached, quorum_need
 from server_sdk.engine.frozen import frozen_state, holds_exactly, map_stage_file, same_tensors, write_frozen
 from server_sdk.engine.model import BaseModel
 from server_sdk.engine.trainer import EvalPart, combine_eval, eval_chunks, evaluate_part, local_train
@@ -68,14 +67,13 @@ class RaySettings:
 
     workers: int = 2  # Ray actors training clients in parallel (one CPU each)
     address: str | None = None  # an existing Ray cluster ("auto", "HOST:PORT"); None = start Ray here
-    quorum: float = 0.6  # fraction of sampled clients a round needs (as for a real fleet)
+    quorum: float = DEFAULT_QUORUM  # fraction of sampled clients a round needs (as for a real fleet)
     round_timeout_s: float | None = None  # a round's deadline; None = wait for every live worker
 
     def validate(self) -> RaySettings:
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} must be at least 1")
-        if not 0 < self.quorum <= 1:
-            raise ValueError(f"quorum={self.quorum} must lie in (0, 1], e.g. 0.6")
+        check_quorum(self.quorum)
         if self.round_timeout_s is not None and self.round_timeout_s <= 0:
             raise ValueError(f"round_timeout_s={self.round_timeout_s} must be positive")
         return self
@@ -315,7 +313,7 @@ class RayExecutor(ClientExecutor):
         if self.after_submit:
             self.after_submit(self.workers)
         results, failed = self._collect(pending)
-        need = math.ceil(self.settings.quorum * len(sampled))
+        need = quorum_need(self.settings.quorum, len(sampled))
         if len(results) < need:
             raise QuorumNotReached(
                 f"stage {stage} round {rnd}: {len(results)} of {len(sampled)} sampled clients answered, quorum is "

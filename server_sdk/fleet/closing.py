@@ -27,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 from edge_runtime import protocol as P
-from server_sdk.engine.executor import QuorumNotReached
+from server_sdk.engine.executor import QuorumNotReached, quorum_need
 from server_sdk.fleet.intake import RoundGate
 from server_sdk.fleet.registry import (
     choose_replacements,
@@ -124,7 +124,7 @@ class RoundClosing:
         norms: dict[str, float] = {}
         nonces = self._nonces
         sampled = len(wanted)
-        need = math.ceil(self.settings.quorum * sampled)  # of the original sample, replacements or not
+        need = quorum_need(self.settings.quorum, sampled)  # of the original sample, replacements or not
         wanted = dict(wanted)  # replacements join it
         replaced: dict[str, str] = {}  # replacement device -> the device it stands in for
         while True:

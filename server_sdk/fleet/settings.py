@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import MqttSettings
 from edge_runtime.protocol import ARTIFACT_FORMATS
+from server_sdk.config import DEFAULT_QUORUM, check_quorum
 from server_sdk.fleet.broker import Credentials
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ class FleetSettings:
 
     run_id: str = ""  # default: the run directory's name
     round_timeout_s: float = 120.0  # deadline of a round, from its control message
-    quorum: float = 0.6  # fraction of sampled devices whose accepted updates a round needs
+    quorum: float = DEFAULT_QUORUM  # fraction of sampled devices whose accepted updates a round needs
     max_update_norm: float | None = 1e3  # hard L2 bound on a delta, checked on arrival; None = unbounded
     norm_bound_k: float | None = 5.0  # refuse deltas over k x the round's lower median norm; None = off
     # refuse AdamW deltas longer than AdamW can move the trained tensors in the round's steps at its learning rate
@@ -63,8 +64,7 @@ class FleetSettings:
     def validate(self) -> FleetSettings:
         if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
             self.formats = ["onnx"]
-        if not 0 < self.quorum <= 1:
-            raise ValueError(f"quorum={self.quorum} must lie in (0, 1], e.g. 0.6")
+        check_quorum(self.quorum)
         if self.round_timeout_s <= 0:
             raise ValueError(f"round_timeout_s={self.round_timeout_s} must be positive")
         bad = [f for f in self.formats if f not in ARTIFACT_FORMATS]
