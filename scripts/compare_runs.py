@@ -4,7 +4,8 @@
 
 Tensors (the adapter, the checkpoint, each stage's LoRA) must match byte for byte; report.json and the
 checkpoint's meta.json must match in every value except measurements: times, CPU seconds, memory, energy,
-bytes on the wire (an update's header carries its telemetry, so its size varies) and the fleet's event log.
+bytes on the wire (an update's header carries its telemetry, so its size varies), the fleet's event log, and
+artifact ids (each stage's manifest names its run).
 """
 
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 MEASURED = re.compile(r"(second|_s$|_s\b|time|cpu|rss|energy|carbon|bytes|tokens_per_s|process|started_unix|"
-                      r"^events$|^adapter$|latency)")
+                      r"^events$|^adapter$|latency|^artifact_id$)")
 
 
 def values(x, path=""):
