@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-from tests.heartbeat import pytest_runtest_protocol  # noqa: F401 - a line every 30 s while a long test runs
+from tests.heartbeat import (  # noqa: F401 - a line every 30 s while a long test runs (serial or -n 2)
+    pytest_runtest_logfinish,
+    pytest_runtest_logstart,
+    pytest_runtest_protocol,
+    pytest_sessionstart,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one thread is faster than two spinning OpenMP threads on a busy 2-core machine.

@@ -52,3 +52,40 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     finally:
         stop.set()
         thread.join(1.0)
+
+
+# Under pytest-xdist (`-n 2`) tests run in worker processes, which have no terminal: the controller prints
+# the heartbeat instead, for every test a worker has been running for longer than the interval.
+_running: dict[str, float] = {}  # nodeid -> when a worker started it (controller side)
+_lock = threading.Lock()
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    with _lock:
+        _running[nodeid] = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    with _lock:
+        _running.pop(nodeid, None)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    workers = getattr(config.option, "numprocesses", None)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    interval = interval_s()
+    if not workers or hasattr(config, "workerinput") or reporter is None or interval <= 0:
+        return  # serial runs beat per test (pytest_runtest_protocol); workers have no terminal
+
+    def beat() -> None:
+        while True:
+            time.sleep(interval)
+            now = time.monotonic()
+            with _lock:
+                long = sorted((now - t, n) for n, t in _running.items() if now - t >= interval)
+            for elapsed, nodeid in long:
+                s = int(elapsed)
+                reporter.write_line(f"... {nodeid} still running ({s // 60}:{s % 60:02d})")
+
+    threading.Thread(target=beat, name="test-heartbeat-controller", daemon=True).start()

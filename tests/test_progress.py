@@ -69,3 +69,16 @@ def test_a_long_test_prints_a_heartbeat_line(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "test_slow.py::test_slow still running (0:0" in done.stdout, done.stdout[-2000:]
     assert "test_slow PASSED" in done.stdout or "PASSED" in done.stdout
+
+
+def test_a_long_test_prints_a_heartbeat_line_under_xdist(tmp_path):
+    """With `-n 2` the tests run in workers without a terminal: the controller beats for them."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_slow():\n    time.sleep(2.5)\n\n"
+                                           "def test_quick():\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DEVFT_TEST_HEARTBEAT_S": "0.5"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-n", "2", "-p", "tests.heartbeat", "-p",
+                           "no:cacheprovider", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_slow.py")],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "test_slow.py::test_slow still running (0:0" in done.stdout, done.stdout[-2000:]
+    assert "test_quick still running" not in done.stdout
