@@ -24,7 +24,7 @@ def test_help_lists_the_commands(capsys):
 def test_every_command_is_wired_explicitly():
     # subcommands are imported, not discovered: a broken import fails here instead of a command vanishing
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"plan", "run", "eval", "serve", "fleet", "export", "report", "clean", "conformance"}
+    assert set(sub.choices) == {"plan", "run", "eval", "serve", "fleet", "export", "report", "clean", "conformance", "rig"}
     run = sub.choices["run"].parse_args(["--fleet", "local:2", "--quorum", "0.5", "--round-timeout", "9"])
     assert (run.fleet, run.quorum, run.round_timeout, run.max_update_norm) == ("local:2", 0.5, 9.0, None)
     serve = sub.choices["serve"].parse_args(["--broker-url", "mqtts://b:8883", "--fleet-dir", "f", "--quorum", "1"])
