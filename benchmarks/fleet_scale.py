@@ -85,7 +85,7 @@ class LoadDevice:
 
         self.name, self.delay_s, self.on_demand = creds.username, delay_s, on_demand
         offline = P.encode_status(P.StatusMessage(self.name, "offline", time.time()))
-        # a thousand devices coming back after a broker restart: backoff from 1 s to 10 s (paho adds no jitter)
+        # a thousand devices coming back after a broker restart: backoff from 1 s to 10 s, with MqttClient's jitter
         self.client = MqttClient(replace(mqtt_settings(creds, self.name, "localhost", port,
                                                        will_topic=P.status_topic(RUN, self.name), will_payload=offline),
                                          reconnect_min_s=1.0, reconnect_max_s=10.0))
@@ -124,6 +124,7 @@ class LoadDevice:
         """Vanish as a crashed or unplugged device does: the connection drops without a DISCONNECT, so the broker
         publishes the device's will (its offline status), and it never comes back nor answers."""
         self.dead = True
+        self.client._client.on_disconnect = None  # MqttClient's would set its (jittered) reconnect delay again
         self.client._client.reconnect_delay_set(3600, 3600)  # paho's loop would reconnect at once otherwise
         sock = self.client._client.socket()
         if sock is not None:
@@ -210,6 +211,8 @@ def device_worker(cred_paths: list[str], port: int, delay_s: float, on_demand: b
         if cmd[0] == "die":  # ("die", names): those devices crash now (fault "deaths")
             for name in cmd[1]:
                 by_name[name].die()
+        if cmd[0] == "back":  # ("back", t): how many devices are connected on a connection made after t
+            conn.send(("back", sum(d.client.connected and (d.client.connected_at or 0) > cmd[1] for d in devices)))
     conn.send(("stats", {d.name: {"received": dict(d.received), "received_bytes": dict(d.received_bytes),
                                   "updates_sent": d.sent, "reconnects": d.client.reconnects,
                                   "connected_at": d.client.connected_at} for d in devices}))
@@ -315,19 +318,27 @@ class Coordinator:
         """Run round `r` to its close, aggregate and checkpoint it; its measurements."""
         from server_sdk import checkpoint
         from server_sdk.aggregation import aggregate
+        from server_sdk.fleet import QuorumNotReached
         from server_sdk.rounds import client_seed, sample_clients
 
         sampled = sample_clients(self.cfg, 0, r)
         seeds = {c: client_seed(self.cfg.seed, 0, r, c) for c in sampled}
         cpu0, b_cpu0 = time.process_time(), _proc_stats(broker_pid)[0]
         t_round = time.time()
-        results = self.ex.train_round(0, r, sampled, self.glob, lambda k: True, seeds)
-        self.glob = aggregate("fedavg", self.glob, results)
-        checkpoint.save(self.run_dir, {"round": r}, {"global": self.glob})
+        failed = None
+        try:
+            results = self.ex.train_round(0, r, sampled, self.glob, lambda k: True, seeds)
+            self.glob = aggregate("fedavg", self.glob, results)
+            checkpoint.save(self.run_dir, {"round": r}, {"global": self.glob})
+            accepted = len(results)
+        except QuorumNotReached as exc:  # recorded, and the next round goes on from the last global (a resume)
+            failed = str(exc)[:400]
+            accepted = sum(e["event"] == "accepted" and e["round"] == r for e in _events(Path(self.spec["work"])))
         t_done = time.time()
         b_cpu, b_rss = _proc_stats(broker_pid) if _alive(broker_pid) else (None, None)  # restarted: a new pid
         _, rss = _proc_stats(os.getpid())
-        return {"round": r, "accepted": len(results), "wall_s": t_done - t_round, "started_unix": t_round,
+        return {"round": r, "accepted": accepted, **({"failed": failed} if failed else {}),
+                "wall_s": t_done - t_round, "started_unix": t_round,
                 "coordinator_cpu_s": time.process_time() - cpu0, "coordinator_rss_bytes": rss,
                 "broker_cpu_s": None if b_cpu is None else b_cpu - b_cpu0, "broker_rss_bytes": b_rss,
                 "aggregated_unix": t_done}
@@ -434,6 +445,18 @@ def start_workers(names: list[str], fleet: Path, ports: list[int], per_process: 
     return workers
 
 
+def wait_back(workers: list, at: float, n: int, timeout_s: float) -> bool:
+    """Wait until all n devices are connected on connections made after `at` (a broker restart)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for _, conn, _ in workers:
+            conn.send(("back", at))
+        if sum(conn.recv()[1] for _, conn, _ in workers) >= n:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def kill_devices(workers: list, doomed: set[str]) -> None:
     """Tell each worker which of its devices crash now (fault "deaths")."""
     for _, conn, names in workers:
@@ -457,6 +480,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     fleet = make_fleet(n)
     port = _free_port()
     edge_brokers = start_edges(fleet, edges, port)  # before the core starts: their bridge logins are in its passwd
+    broker_started = time.time()
     broker = BrokerProcess(fleet, port).start()
     for edge in edge_brokers:
         edge.start()
@@ -497,6 +521,8 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
             if r == 1 and fault == "broker":
                 rec["broker_cpu_s"] = None  # the restarted broker's CPU counts from zero
             per_round.append(rec)
+        if fault == "broker":  # every device back, however long its backoff
+            fault_info["all_back_by_end"] = wait_back(workers, fault_info["at"], n, 120)
         events = _events(work)
         _overheads(per_round, events)
         for _, conn, _ in workers:
@@ -539,12 +565,19 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
            "device_bytes_received": {"min": min(nbytes, default=0), "max": max(nbytes, default=0),
                                      "mean": float(np.mean(nbytes)) if nbytes else 0.0},
            "device_reconnects": sum(s["reconnects"] for s in stats.values()),
+           # updates devices published that the coordinator never accepted (dropped by the broker, or too late)
+           "updates_sent": sum(s["updates_sent"] for s in stats.values()),
+           "updates_accepted": sum(e["event"] == "accepted" for e in events),
+           "broker_dropped_for_coordinator": _dropped(fleet, broker_started),
+           "rounds_failed": sum("failed" in r for r in per_round),
+           "load_average_end": os.getloadavg()[0],  # of this machine (2 cores, shared): what the timings ran beside
            "broker_restart": None, "coordinator_crash": None, "device_deaths": None,
            "devices_reporting": len(stats)}
     if fault == "broker":
         at = fault_info["at"]
         back = [s["connected_at"] for s in stats.values() if (s["connected_at"] or 0) > at]
         row["broker_restart"] = {"devices_back": len(back), "all_back_s": max(back) - at if back else None,
+                                 "all_back_by_end": fault_info["all_back_by_end"],
                                  "round_accepted": per_round[1]["accepted"], "round_sampled": sampled_n,
                                  "round_wall_s": per_round[1]["wall_s"]}
     elif fault == "coordinator":
@@ -557,6 +590,15 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
                                 "closed_after_deaths_s": end["t"] - fault_info["at"],
                                 "deadline_s": ROUND_TIMEOUT_S, "quorum": DEATHS_QUORUM}
     return row
+
+
+def _dropped(fleet: Path, since: float) -> bool:
+    """Whether the broker said, since `since`, that it dropped messages for the coordinator's connection (its
+    per-client queue bound, max_queued_bytes, was full)."""
+    log = fleet / "mosquitto.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    stamps = [x.split(":", 1)[0] for x in lines if "being dropped for client server" in x]
+    return any(t.isdigit() and int(t) >= int(since) for t in stamps)
 
 
 def crash_coordinator(coord: CoordinatorProcess, spec: dict, work: Path, broker_pid: int):

@@ -3,7 +3,7 @@
 What it adds over paho: TLS + password login in one settings object, MQTT v5
 persistent sessions (clean_start=False with a session expiry) so QoS 1
 messages published while a device is away are delivered when it returns,
-automatic reconnect with backoff, subscriptions that survive reconnects, and
+automatic reconnect with backoff and jitter, subscriptions that survive reconnects, and
 per-topic-filter callbacks or inbox queues that are safe to use from any thread.
 
 Callbacks run on paho's network thread: keep them short (enqueue, then return).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import socket
 import ssl
 import threading
@@ -365,6 +366,12 @@ class MqttClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set():
             log.warning("MQTT %s:%s disconnected: %s", self.settings.host, self.settings.port, reason_code)
+            # jitter: paho's backoff (min, 2 min, 4 min, ... max) is the same for every client, so a thousand
+            # devices dropped by one broker restart would knock again all in the same instant; each starts from
+            # its own first delay (0.5-1.5 x min) and keeps that offset as the delay doubles. Only when a
+            # connection that was up drops: a failed attempt keeps doubling
+            s = self.settings
+            client.reconnect_delay_set(s.reconnect_min_s * random.uniform(0.5, 1.5), s.reconnect_max_s)
         self._connected.clear()
 
     def _on_message(self, client, userdata, msg) -> None:
