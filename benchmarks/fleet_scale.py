@@ -253,6 +253,17 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return t.user + t.system, p.memory_info().rss
 
 
+def set_queue_bound(fleet: Path, mib: int) -> None:
+    """The broker's per-client queue bound for the next start: fleet.json `max_queued_bytes` (docs/protocol.md
+    section 8: raise it for fleets whose round bursts are larger than 256 MiB), or the default for 0."""
+    path = fleet / "fleet.json"
+    settings = json.loads(path.read_text())
+    settings.pop("max_queued_bytes", None)
+    if mib:
+        settings["max_queued_bytes"] = mib * 2**20
+    path.write_text(json.dumps(settings, indent=2))
+
+
 def _alive(pid: int) -> bool:
     import psutil
 
@@ -292,6 +303,8 @@ class Coordinator:
         from server_sdk.fleet import FleetExecutor, FleetSettings
 
         n, self.spec = spec["devices"], spec
+        self._peak, self._sampling = 0, True  # the RSS peak while this coordinator runs, sampled every 50 ms
+        threading.Thread(target=self._sample_rss, daemon=True).start()
         self.cfg = RunConfig(model="tiny-random-L4", num_clients=n, clients_per_round=spec["sampled"], lr=LR,
                              local_steps=LOCAL_STEPS, rounds_per_stage=spec["rounds"])
         settings = FleetSettings(run_id=RUN, round_timeout_s=ROUND_TIMEOUT_S, quorum=spec["quorum"],
@@ -346,10 +359,21 @@ class Coordinator:
     def seen(self) -> int:
         return len(self.ex.device_status)
 
+    def _sample_rss(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while self._sampling:
+            self._peak = max(self._peak, me.memory_info().rss)
+            time.sleep(0.05)
+
     def peak_rss(self) -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        """The highest RSS seen while this coordinator ran (a process's ru_maxrss would also count the
+        configurations an earlier coordinator in this process ran)."""
+        return self._peak
 
     def close(self) -> None:
+        self._sampling = False
         self.ex.close()
 
     def call(self, name: str, *args):
@@ -466,7 +490,7 @@ def kill_devices(workers: list, doomed: set[str]) -> None:
 
 
 def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float, per_process: int,
-              work: Path, on_demand: bool = False, edges: int = 0, fault: str = "none") -> dict:
+              work: Path, on_demand: bool = False, edges: int = 0, fault: str = "none", queue_mib: int = 0) -> dict:
     """One fleet of n devices (behind `edges` edge brokers, or on the core): connect them, run `rounds` rounds,
     return the measurements. Faults (FAULTS), all in round 1, 0.3 s after its train control, while the sampled
     devices compute: "broker" restarts the broker (every device must come back, the round close with every
@@ -478,6 +502,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     from server_sdk.rounds import sample_clients
 
     fleet = make_fleet(n)
+    set_queue_bound(fleet, queue_mib)
     port = _free_port()
     edge_brokers = start_edges(fleet, edges, port)  # before the core starts: their bridge logins are in its passwd
     broker_started = time.time()
@@ -548,7 +573,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     msgs = [sum(s["received"].values()) for s in stats.values()]
     nbytes = [sum(s["received_bytes"].values()) for s in stats.values()]
     row = {"devices": n, "update": kind, "globals": "sampled" if on_demand else "every", "edges": edges,
-           "fault": fault, "restart": fault == "broker",
+           "fault": fault, "queue_mib": queue_mib, "restart": fault == "broker",
            "edge_brokers": edge_stats, "update_bytes": update_bytes,
            "sampled_per_round": sampled_n,
            "rounds": rounds, "compute_delay_s": delay_s, "connect_s": connected_s, "all_hellos_s": hello_s,
@@ -658,15 +683,21 @@ def markdown(rows: list[dict], command: str) -> str:
              "evaluation). Overhead: from a round's last accepted update to the next round's train control.", ""]
     plain = [r for r in rows if r.get("fault", "none") == "none"]
     lines += [] if not plain else md_table(
-        ["devices", "update", "globals to", "edge brokers", "sampled", "all hellos (s)", "overhead max (s)",
-         "coordinator CPU s / round", "coordinator RSS max (MiB)", "broker CPU s / round", "broker RSS (MiB)",
-         "msgs / device", "MB / device"],
+        ["devices", "update", "globals to", "edge brokers", "broker queue bound (MiB)", "sampled", "all hellos (s)",
+         "overhead max (s)", "coordinator CPU s / round", "coordinator RSS max (MiB)", "coordinator peak RSS (MiB)",
+         "broker CPU s / round", "broker RSS (MiB)", "updates accepted / sent", "rounds short of quorum",
+         "msgs / device", "MB / device", "load avg"],
         [[r["devices"], f"{r['update']} ({r['update_bytes'] / mib:.2f} MiB)", r["globals"], r["edges"],
-          r["sampled_per_round"],
+          r.get("queue_mib") or 256, r["sampled_per_round"],
           f"{r['all_hellos_s']:.1f}", "-" if r["overhead_s_max"] is None else f"{r['overhead_s_max']:.2f}",
           f"{_mean_of(r['per_round'], 'coordinator_cpu_s'):.2f}", f"{r['coordinator_rss_bytes_max'] / mib:.0f}",
+          f"{r['coordinator_peak_rss_bytes'] / mib:.0f}",
           f"{r['broker_cpu_s_per_round_mean']:.2f}", f"{r['broker_rss_bytes_end'] / mib:.0f}",
-          f"{r['device_messages_received']['mean']:.0f}", f"{r['device_bytes_received']['mean'] / 1e6:.1f}"]
+          f"{r['updates_accepted']} / {r['updates_sent']}"
+          + (" (broker dropped)" if r["broker_dropped_for_coordinator"] else ""),
+          f"{r['rounds_failed']} / {r['rounds']}",
+          f"{r['device_messages_received']['mean']:.0f}", f"{r['device_bytes_received']['mean'] / 1e6:.1f}",
+          f"{r['load_average_end']:.0f}"]
          for r in plain])
     faults = [r for r in rows if r.get("fault", "none") != "none"]
     if faults:
@@ -728,26 +759,29 @@ def plot(rows: list[dict], path: Path) -> None:
 ROUND_TIMEOUT_S = 120.0  # a round's deadline: what a fault must not cost
 DEATHS_QUORUM = 0.8  # fault "deaths": 10% of the sampled devices crash, so a quorum of 1.0 could never close it
 FAULTS = ("none", "broker", "coordinator", "deaths")
-# each configuration: (devices, update size, globals to, edge brokers, fault in round 1)
+# each configuration: (devices, update size, globals to, edge brokers, fault in round 1, the broker's per-client
+# queue bound in MiB: 0 = the default 256 MiB)
 PROFILES = {
-    "smoke": [(50, "tiny", "every", 0, "none")],
+    "smoke": [(50, "tiny", "every", 0, "none", 0)],
     "standard": [
-        (100, "tiny", "sampled", 0, "none"), (300, "tiny", "sampled", 0, "none"), (1000, "tiny", "sampled", 0, "none"),
-        (100, "smollm2", "sampled", 0, "none"), (300, "smollm2", "sampled", 0, "none"),
-        (1000, "smollm2", "sampled", 0, "none"),
-        (1000, "tiny", "every", 0, "none"), (1000, "tiny", "sampled", 2, "none"),
-        (1000, "tiny", "sampled", 0, "broker"), (1000, "tiny", "sampled", 0, "coordinator"),
-        (1000, "tiny", "sampled", 0, "deaths"),
+        (100, "tiny", "sampled", 0, "none", 0), (300, "tiny", "sampled", 0, "none", 0),
+        (1000, "tiny", "sampled", 0, "none", 0),
+        (100, "smollm2", "sampled", 0, "none", 0), (300, "smollm2", "sampled", 0, "none", 0),
+        (1000, "smollm2", "sampled", 0, "none", 0), (1000, "smollm2", "sampled", 0, "none", 1024),
+        (1000, "tiny", "every", 0, "none", 0), (1000, "tiny", "sampled", 2, "none", 0),
+        (1000, "tiny", "sampled", 0, "broker", 0), (1000, "tiny", "sampled", 0, "coordinator", 0),
+        (1000, "tiny", "sampled", 0, "deaths", 0),
     ],
 }
 GLOBALS = ("every", "sampled")
-KEYS = ("devices", "update", "globals", "edges", "fault")
+KEYS = ("devices", "update", "globals", "edges", "fault", "queue_mib")
 
 
 def row_cache(config: tuple, rounds: int, sample: float, delay: float, per_process: int) -> Path:
     """Where one configuration's finished row is kept (git-ignored), so a rerun of the command resumes."""
-    n, kind, mode, edges, fault = config
-    return CACHE / "rows" / f"{n}-{kind}-{mode}-e{edges}-{fault}-r{rounds}-s{sample:g}-d{delay:g}-p{per_process}.json"
+    n, kind, mode, edges, fault, queue = config
+    q = f"-q{queue}" if queue else ""
+    return CACHE / "rows" / f"{n}-{kind}-{mode}-e{edges}-{fault}{q}-r{rounds}-s{sample:g}-d{delay:g}-p{per_process}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -763,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault", default="none", help="with --devices: faults in round 1, comma-separated from "
                    "none, broker (restart the broker), coordinator (SIGKILL the coordinator process, resume it from "
                    "its checkpoint), deaths (10%% of the round's sampled devices crash); default none")
+    p.add_argument("--queue-mib", type=int, default=0, help="with --devices: the broker's per-client queue bound "
+                   "(fleet.json max_queued_bytes, in MiB) for these runs; 0 = the fleet's default, 256 MiB")
     p.add_argument("--restart", action="store_true", help="with --devices: the same as --fault broker")
     p.add_argument("--rounds", type=int, default=None, help="rounds per fleet (default 3; smoke 2)")
     p.add_argument("--sample", type=float, default=0.1, help="fraction of devices sampled per round (default 0.1)")
@@ -773,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.devices:
         faults = ["broker"] if args.restart else args.fault.split(",")
-        configs = [(int(n), k, m, int(e), f) for f in faults for k in args.updates.split(",")
+        configs = [(int(n), k, m, int(e), f, args.queue_mib) for f in faults for k in args.updates.split(",")
                    for m in args.globals.split(",") for e in args.edges.split(",") for n in args.devices.split(",")]
     else:
         configs = PROFILES[args.profile]
@@ -794,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     command = ("python -m benchmarks.fleet_scale " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     rows = []
     for config in configs:
-        n, kind, mode, edges, fault = config
+        n, kind, mode, edges, fault, queue = config
         cached = row_cache(config, rounds, args.sample, args.delay, args.devices_per_process)
         if cached.exists() and not args.fresh:  # resume: a finished configuration is kept
             rows.append(json.loads(cached.read_text()))
@@ -803,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if fault == 'none' else f', fault {fault} in round 1'}, {rounds} rounds ...", flush=True)
         t0 = time.time()
         row = run_scale(n, kind, rounds, args.sample, args.delay, args.devices_per_process,
-                        CACHE / f"work-{n}-{kind}", on_demand=mode == "sampled", edges=edges, fault=fault)
+                        CACHE / f"work-{n}-{kind}", on_demand=mode == "sampled", edges=edges, fault=fault,
+                        queue_mib=queue)
         row["bench_wall_s"] = time.time() - t0
         rows.append(row)
         fault_line = "" if fault == "none" else f", {_fault_text(row)}"
