@@ -1,21 +1,32 @@
 """A thousand devices on one coordinator (issue #27): fleet-scale load on a real Mosquitto and the real coordinator.
 
     python -m benchmarks.fleet_scale --profile smoke      # 50 devices, tiny updates, 2 rounds (tests/test_fleet_scale.py)
-    nice -n 5 python -m benchmarks.fleet_scale            # 100, 300 and 1,000 devices; tiny and SmolLM2 full-model updates
+    nice -n 10 python -m benchmarks.fleet_scale           # the standard profile: 100, 300 and 1,000 devices, tiny and
+                                                          # SmolLM2 full-model updates, faults at 1,000 (about 40 min)
+    python -m benchmarks.fleet_scale --devices 1000 --fault coordinator   # one configuration
 
 N protocol-level devices log in with their own TLS credentials (the fleet's passwords and ACL), say
 hello, claim the stage's files, and answer every round they are sampled for with a valid, precomputed
 update after a fixed compute delay instead of training. They subscribe as devft-edge does (the control
-topic and every round's global adapter), so the broker's fan-out is the real one. The coordinator is
-`server_sdk.fleet.FleetExecutor` in this process, driven round by round as `rounds.run` drives it
-(sample, train_round, FedAvg); it holds no model and evaluates nothing, so its memory is the fleet's share
-of a real coordinator's (which also holds the base model: SmolLM2-135M's weights are about 540 MB).
+topic, and the global adapter of the rounds they train: `--globals sampled`; `every` is the old client), so
+the broker's fan-out is the real one. The coordinator is `server_sdk.fleet.FleetExecutor` driven round by
+round as `rounds.run` drives it (sample, train_round, FedAvg, a checkpoint); it holds no model and evaluates
+nothing, so its memory is the fleet's share of a real coordinator's (which also holds the base model:
+SmolLM2-135M's weights are about 540 MB). It runs in this process, or in a child process for the
+coordinator-crash fault.
 
 Per N it reports: the time until every device's hello was handled, per round the coordinator's CPU seconds
-and RSS, the time from the round's last accepted update to the next round's train control ("overhead",
-FedAvg included, evaluation not), the broker's CPU seconds and RSS, and per device the messages and bytes it
-received. Devices run in worker processes of `--devices-per-process` each; file-descriptor limits are raised
-to the hard limit for this process, its workers and the broker it starts.
+and RSS (and its peak, sampled every 50 ms), the time from the round's last accepted update to the next
+round's train control ("overhead", FedAvg and the checkpoint included, evaluation not), the broker's CPU
+seconds and RSS, per device the messages and bytes it received, and the updates devices sent against those
+the coordinator accepted (the broker drops messages for the coordinator once its per-client queue bound,
+`--queue-mib`, is full). Faults (`--fault`, in round 1 while the sampled devices compute): `broker` restarts
+the broker (every device must come back: they reconnect with backoff and jitter), `coordinator` SIGKILLs the
+coordinator and starts a resumed one from its checkpoint, `deaths` crashes 10% of the sampled devices.
+Devices run in worker processes of `--devices-per-process` each (a paho thread per device); file-descriptor
+limits are raised to the hard limit for this process, its workers and the broker it starts. Each
+configuration's row is kept under benchmarks/results/cache/fleet-scale/rows/ (git-ignored), so a rerun of
+the same command resumes; `--fresh` measures again.
 """
 
 from __future__ import annotations
