@@ -275,6 +275,25 @@ def set_queue_bound(fleet: Path, mib: int) -> None:
     path.write_text(json.dumps(settings, indent=2))
 
 
+class PeakRss:
+    """The highest RSS of the process `pid()` names (a restarted broker: the new one), sampled every 50 ms."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self._on = pid, 0, True
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while self._on:
+            try:
+                self.peak = max(self.peak, _proc_stats(self.pid())[1])
+            except Exception:  # noqa: BLE001 - between a broker's stop and its restart
+                pass
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._on = False
+
+
 def _alive(pid: int) -> bool:
     import psutil
 
@@ -314,8 +333,7 @@ class Coordinator:
         from server_sdk.fleet import FleetExecutor, FleetSettings
 
         n, self.spec = spec["devices"], spec
-        self._peak, self._sampling = 0, True  # the RSS peak while this coordinator runs, sampled every 50 ms
-        threading.Thread(target=self._sample_rss, daemon=True).start()
+        self._peak = PeakRss(os.getpid)  # while this coordinator runs (ru_maxrss would count earlier configurations)
         self.cfg = RunConfig(model="tiny-random-L4", num_clients=n, clients_per_round=spec["sampled"], lr=LR,
                              local_steps=LOCAL_STEPS, rounds_per_stage=spec["rounds"])
         settings = FleetSettings(run_id=RUN, round_timeout_s=ROUND_TIMEOUT_S, quorum=spec["quorum"],
@@ -370,21 +388,11 @@ class Coordinator:
     def seen(self) -> int:
         return len(self.ex.device_status)
 
-    def _sample_rss(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while self._sampling:
-            self._peak = max(self._peak, me.memory_info().rss)
-            time.sleep(0.05)
-
     def peak_rss(self) -> int:
-        """The highest RSS seen while this coordinator ran (a process's ru_maxrss would also count the
-        configurations an earlier coordinator in this process ran)."""
-        return self._peak
+        return self._peak.peak
 
     def close(self) -> None:
-        self._sampling = False
+        self._peak.stop()
         self.ex.close()
 
     def call(self, name: str, *args):
@@ -527,6 +535,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     spec = {"devices": n, "sampled": sampled_n, "rounds": rounds, "update": kind, "fleet": str(fleet), "port": port,
             "work": str(work), "quorum": DEATHS_QUORUM if fault == "deaths" else 1.0, "resume": False}
     b_cpu0, _ = _proc_stats(broker.proc.pid)
+    broker_peak = PeakRss(lambda: broker.proc.pid)
     coord = CoordinatorProcess(spec) if fault == "coordinator" else Coordinator(spec)
     workers = []
     fault_info: dict = {}
@@ -571,6 +580,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
         edge_stats = [dict(zip(("cpu_s", "rss_bytes"), _proc_stats(e.proc.pid))) for e in edge_brokers]
         seen, peak = coord.call("seen"), coord.call("peak_rss")
     finally:
+        broker_peak.stop()
         coord.close()
         for proc, _, _ in workers:
             proc.join(30)
@@ -596,6 +606,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
                                                          if r["broker_cpu_s"] is not None])),
            "coordinator_peak_rss_bytes": peak,
            "broker_cpu_s_total": None if fault == "broker" else b_cpu1 - b_cpu0, "broker_rss_bytes_end": b_rss1,
+           "broker_peak_rss_bytes": broker_peak.peak,
            "device_messages_received": {"min": min(msgs, default=0), "max": max(msgs, default=0),
                                         "mean": float(np.mean(msgs)) if msgs else 0.0},
            "device_bytes_received": {"min": min(nbytes, default=0), "max": max(nbytes, default=0),
@@ -696,14 +707,16 @@ def markdown(rows: list[dict], command: str) -> str:
     lines += [] if not plain else md_table(
         ["devices", "update", "globals to", "edge brokers", "broker queue bound (MiB)", "sampled", "all hellos (s)",
          "overhead max (s)", "coordinator CPU s / round", "coordinator RSS max (MiB)", "coordinator peak RSS (MiB)",
-         "broker CPU s / round", "broker RSS (MiB)", "updates accepted / sent", "rounds short of quorum",
+         "broker CPU s / round", "broker RSS end / peak (MiB)", "updates accepted / sent", "rounds short of quorum",
          "msgs / device", "MB / device", "load avg"],
         [[r["devices"], f"{r['update']} ({r['update_bytes'] / mib:.2f} MiB)", r["globals"], r["edges"],
           r.get("queue_mib") or 256, r["sampled_per_round"],
           f"{r['all_hellos_s']:.1f}", "-" if r["overhead_s_max"] is None else f"{r['overhead_s_max']:.2f}",
           f"{_mean_of(r['per_round'], 'coordinator_cpu_s'):.2f}", f"{r['coordinator_rss_bytes_max'] / mib:.0f}",
           f"{r['coordinator_peak_rss_bytes'] / mib:.0f}",
-          f"{r['broker_cpu_s_per_round_mean']:.2f}", f"{r['broker_rss_bytes_end'] / mib:.0f}",
+          f"{r['broker_cpu_s_per_round_mean']:.2f}",
+          f"{r['broker_rss_bytes_end'] / mib:.0f} / {r['broker_peak_rss_bytes'] / mib:.0f}"
+          if r.get("broker_peak_rss_bytes") else f"{r['broker_rss_bytes_end'] / mib:.0f}",
           f"{r['updates_accepted']} / {r['updates_sent']}"
           + (" (broker dropped)" if r["broker_dropped_for_coordinator"] else ""),
           f"{r['rounds_failed']} / {r['rounds']}",
