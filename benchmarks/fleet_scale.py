@@ -264,6 +264,16 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return t.user + t.system, p.memory_info().rss
 
 
+def fresh_broker_state(fleet: Path) -> None:
+    """Delete the broker's persistence (sessions, their subscriptions and queues, retained messages) that an
+    earlier configuration on the same cached fleet left: a device's persistent session kept the subscription to
+    every round's global adapter of a `--globals every` run, so in the next run every device received every
+    9.4 MiB SmolLM2 global (9.4 GB a round through the broker, which stalled)."""
+    from server_sdk.broker import runtime_dir
+
+    (runtime_dir(fleet) / "data" / "mosquitto.db").unlink(missing_ok=True)
+
+
 def set_queue_bound(fleet: Path, mib: int) -> None:
     """The broker's per-client queue bound for the next start: fleet.json `max_queued_bytes` (docs/protocol.md
     section 8: raise it for fleets whose round bursts are larger than 256 MiB), or the default for 0."""
@@ -373,8 +383,8 @@ class Coordinator:
             self.glob = aggregate("fedavg", self.glob, results)
             checkpoint.save(self.run_dir, {"round": r}, {"global": self.glob})
             accepted = len(results)
-        except QuorumNotReached as exc:  # recorded, and the next round goes on from the last global (a resume)
-            failed = str(exc)[:400]
+        except (QuorumNotReached, TimeoutError) as exc:  # recorded (TimeoutError: the broker did not acknowledge
+            failed = f"{type(exc).__name__}: {str(exc)[:400]}"  # a publish); the next round goes on from the last global
             accepted = sum(e["event"] == "accepted" and e["round"] == r for e in _events(Path(self.spec["work"])))
         t_done = time.time()
         b_cpu, b_rss = _proc_stats(broker_pid) if _alive(broker_pid) else (None, None)  # restarted: a new pid
@@ -522,6 +532,7 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
 
     fleet = make_fleet(n)
     set_queue_bound(fleet, queue_mib)
+    fresh_broker_state(fleet)
     port = _free_port()
     edge_brokers = start_edges(fleet, edges, port)  # before the core starts: their bridge logins are in its passwd
     broker_started = time.time()
@@ -727,11 +738,12 @@ def markdown(rows: list[dict], command: str) -> str:
     if faults:
         lines += ["", "Faults, each in round 1, 0.3 s after its train control (the sampled devices computing):", ""]
         lines += md_table(["devices", "update", "sampled", "fault", "what happened", "round 1 accepted / sampled",
-                           "round 1 wall (s)", "overhead max (s)"],
+                           "round 1 wall (s)", "overhead max (s)", "updates accepted / sent (all rounds)"],
                           [[r["devices"], r["update"], r["sampled_per_round"], r["fault"], _fault_text(r),
                             f"{r['per_round'][1]['accepted']} / {r['sampled_per_round']}",
                             f"{r['per_round'][1]['wall_s']:.1f}",
-                            "-" if r["overhead_s_max"] is None else f"{r['overhead_s_max']:.2f}"] for r in faults])
+                            "-" if r["overhead_s_max"] is None else f"{r['overhead_s_max']:.2f}",
+                            f"{r['updates_accepted']} / {r['updates_sent']}"] for r in faults])
     return "\n".join(lines) + "\n"
 
 
@@ -758,7 +770,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    plain = [r for r in rows if r.get("fault", "none") == "none" and not r["edges"]]
+    plain = [r for r in rows if r.get("fault", "none") == "none" and not r["edges"] and not r.get("queue_mib")]
     for (kind, mode), marker in zip(((k, m) for k in UPDATE_SHAPES for m in GLOBALS), "os^v"):
         sel = sorted((r for r in plain if (r["update"], r["globals"]) == (kind, mode)), key=lambda r: r["devices"])
         if not sel:
@@ -768,6 +780,12 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].plot(xs, [r["overhead_s_max"] or 0 for r in sel], marker=marker, label=label)
         axes[2].plot(xs, [r["all_hellos_s"] for r in sel], marker=marker, label=label)
         axes[3].plot(xs, [r["device_bytes_received"]["mean"] / 1e6 for r in sel], marker=marker, label=label)
+    for r in rows:  # a raised broker queue bound: a point of its own
+        if r.get("queue_mib") and r.get("fault", "none") == "none" and not r["edges"]:
+            label = f"{r['update']}, queue bound {r['queue_mib']} MiB"
+            axes[0].plot([r["devices"]], [r["coordinator_rss_bytes_max"] / 2**20], "D", label=label)
+            axes[1].plot([r["devices"]], [r["overhead_s_max"] or 0], "D", label=label)
+    axes[1].set_yscale("symlog", linthresh=1.0)
     axes[0].axhline(1536, color="grey", ls="--", lw=0.8, label="goal: 1.5 GB")
     axes[1].axhline(1.0, color="grey", ls="--", lw=0.8, label="goal: 1 s")
     for ax, title in zip(axes, ("coordinator RSS (MiB)", "round overhead, max (s)", "all devices' hellos (s)",
