@@ -129,6 +129,9 @@ class MqttClient:
         self.payload_bytes_received = 0  # every delivered message, matched by a subscription or not
         self._subs: dict[str, tuple[int, Callback | None]] = {}
         self._unsent: set[str] = set()  # filters added while disconnected
+        # SUBSCRIBEs sent whose SUBACK has not come (mid -> filter): a connection that drops first may have lost
+        # them (a restarting broker), and a reconnect with the session present resubscribes nothing else
+        self._unacked: dict[int, str] = {}
         self._inbox: dict[str, queue.Queue[Message]] = {}
         self._connected = threading.Event()
         self._first_result = threading.Event()
@@ -285,6 +288,8 @@ class MqttClient:
                 props = Properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = _subscription_id(f)
                 rc, mid = self._client.subscribe(f, qos=qos, properties=props)
+                if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                    self._unacked[mid] = f
                 if track and rc == paho.MQTT_ERR_SUCCESS and mid is not None:
                     self._suback[mid] = (threading.Event(), [f, []])
                     mids.append(mid)
@@ -292,6 +297,7 @@ class MqttClient:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
+            self._unacked.pop(mid, None)
             entry = self._suback.get(mid)
         if entry is None:
             return
@@ -355,7 +361,9 @@ class MqttClient:
         # has not seen); a reconnect only if the broker lost our session, plus any
         # filter added while we were offline.
         with self._lock:
-            filters = list(self._subs) if first or not self.session_present else sorted(self._unsent)
+            lost = {f for f in self._unacked.values() if f in self._subs}  # sent on the old connection, never acked
+            self._unacked.clear()
+            filters = list(self._subs) if first or not self.session_present else sorted(self._unsent | lost)
             self._unsent.clear()
             self._connected.set()
         self._initial_subs = self._send_subscribe(filters, track=first)
