@@ -120,6 +120,12 @@ class LoadDevice:
         msg = P.StatusMessage(self.name, state, time.time(), {"formats": ["onnx"], "ready": self.ready, **info})
         self.client.publish(P.status_topic(RUN, self.name), P.encode_status(msg), retain=True)
 
+    def _subscribe_global(self, rnd: int) -> None:
+        try:
+            self.client.subscribe(P.global_topic(RUN, rnd), self._on_global)
+        except TimeoutError:  # a busy or restarting broker: as devft-edge, wait for the global until the deadline
+            pass
+
     def _count(self, kind: str, payload: bytes) -> None:
         self.received[kind] += 1
         self.received_bytes[kind] += len(payload)
@@ -163,17 +169,23 @@ class LoadDevice:
         threading.Thread(target=self._answer, args=(ctrl,), daemon=True).start()
 
     def _answer(self, ctrl) -> None:
+        seen = self.client.reconnects
         if self.on_demand:  # only the round it trains (the retained global arrives on subscribe); not from
-            try:  # paho's thread: it waits for the SUBACK
-                self.client.subscribe(P.global_topic(RUN, ctrl.round), self._on_global)
-            except TimeoutError:  # a busy or restarting broker: as devft-edge, wait for the global until the deadline
-                pass
+            self._subscribe_global(ctrl.round)  # paho's thread: it waits for the SUBACK
         time.sleep(self.delay_s)
-        with self.cond:
-            left = max(1.0, (ctrl.deadline_unix or time.time() + 60) - time.time())
-            if not self.cond.wait_for(lambda: ctrl.round in self.globals, timeout=left) or self.dead:
+        deadline = ctrl.deadline_unix or time.time() + 60
+        while True:  # as devft-edge: wait until the deadline, subscribing again after a reconnect
+            with self.cond:
+                if self.cond.wait_for(lambda: ctrl.round in self.globals, timeout=0.5):
+                    glob = P.decode_global(self.globals[ctrl.round])  # kept: a resumed coordinator asks again
+                    break
+            if self.dead or time.time() > deadline:
                 return
-            glob = P.decode_global(self.globals[ctrl.round])  # kept: a resumed coordinator asks for it again
+            if self.on_demand and self.client.reconnects != seen and self.client.connected:
+                seen = self.client.reconnects
+                self._subscribe_global(ctrl.round)
+        if self.dead:
+            return
         if self.on_demand:
             self.client.unsubscribe(P.global_topic(RUN, ctrl.round))
         with self.cond:  # only this round's and the next one's: a device holds little
