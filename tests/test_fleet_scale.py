@@ -4,8 +4,6 @@ real coordinator, 10% sampled per round) runs every round to its quorum and repo
 import importlib
 import json
 
-import pytest
-
 
 def test_fleet_scale_smoke_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
@@ -78,7 +76,6 @@ def test_fleet_scale_sampled_devices_dying_mid_round_close_it_on_their_wills(tmp
     importlib.reload(bench)
 
 
-@pytest.mark.slow  # two coordinator processes start (torch imports): 43-71 s on the loaded 2-core dev machine
 def test_fleet_scale_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Issue #27 faults at scale, small: the coordinator process is SIGKILLed while round 1's devices compute; a
     resumed one (from the round-0 checkpoint) reopens round 1 without waiting for stage-ready statuses (every
