@@ -296,18 +296,24 @@ class Device:
         key = (ctrl.run_id, ctrl.round)
         deadline = ctrl.deadline_unix or time.time() + 600
         topic = P.global_topic(ctrl.run_id, ctrl.round)
+        seen = self.client.reconnects
+        self._subscribe_global(topic)
         try:
-            self.client.subscribe(topic, self._on_global)
-        except TimeoutError:  # no SUBACK (a broker restarting): the subscription is sent again on reconnect
-            log.warning("%s: the broker has not acknowledged the subscription to %s yet", self.device_id, topic)
-        try:
-            with self._globals_cond:
-                while key not in self._globals:
+            while True:
+                with self._globals_cond:
                     left = deadline - time.time()
+                    if key in self._globals:
+                        payload = self._globals.pop(key)
+                        break
                     if left <= 0 or self._stop.is_set():
                         raise DeviceError(f"no global adapter for round {ctrl.round} arrived before the deadline")
                     self._globals_cond.wait(min(left, 0.5))
-                payload = self._globals.pop(key)
+                if self.client.reconnects != seen and self.client.connected:
+                    # the retained adapter may have been in flight when the connection dropped (a broker
+                    # restart); subscribing again makes the broker send it again (outside the lock: the
+                    # message's callback takes it)
+                    seen = self.client.reconnects
+                    self._subscribe_global(topic)
         finally:
             self.client.unsubscribe(topic)
         glob = P.decode_global(payload)
@@ -315,6 +321,12 @@ class Device:
             raise DeviceError(f"global message is for {glob.run_id}/{glob.stage}/{glob.round}, control says "
                               f"{ctrl.run_id}/{ctrl.stage}/{ctrl.round}")
         return glob
+
+    def _subscribe_global(self, topic: str) -> None:
+        try:
+            self.client.subscribe(topic, self._on_global)
+        except TimeoutError:  # no SUBACK (a broker restarting): MqttClient sends it again on reconnect
+            log.warning("%s: the broker has not acknowledged the subscription to %s yet", self.device_id, topic)
 
     def _status(self, state: str, **info: Any) -> None:
         """Publish a retained status. Every one names the stage files held (`ready`), so the last status the

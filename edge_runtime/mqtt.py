@@ -3,7 +3,7 @@
 What it adds over paho: TLS + password login in one settings object, MQTT v5
 persistent sessions (clean_start=False with a session expiry) so QoS 1
 messages published while a device is away are delivered when it returns,
-automatic reconnect with backoff, subscriptions that survive reconnects, and
+automatic reconnect with backoff and jitter, subscriptions that survive reconnects, and
 per-topic-filter callbacks or inbox queues that are safe to use from any thread.
 
 Callbacks run on paho's network thread: keep them short (enqueue, then return).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import socket
 import ssl
 import threading
@@ -128,6 +129,9 @@ class MqttClient:
         self.payload_bytes_received = 0  # every delivered message, matched by a subscription or not
         self._subs: dict[str, tuple[int, Callback | None]] = {}
         self._unsent: set[str] = set()  # filters added while disconnected
+        # SUBSCRIBEs sent whose SUBACK has not come (mid -> filter): a connection that drops first may have lost
+        # them (a restarting broker), and a reconnect with the session present resubscribes nothing else
+        self._unacked: dict[int, str] = {}
         self._inbox: dict[str, queue.Queue[Message]] = {}
         self._connected = threading.Event()
         self._first_result = threading.Event()
@@ -284,6 +288,8 @@ class MqttClient:
                 props = Properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = _subscription_id(f)
                 rc, mid = self._client.subscribe(f, qos=qos, properties=props)
+                if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                    self._unacked[mid] = f
                 if track and rc == paho.MQTT_ERR_SUCCESS and mid is not None:
                     self._suback[mid] = (threading.Event(), [f, []])
                     mids.append(mid)
@@ -291,6 +297,7 @@ class MqttClient:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
+            self._unacked.pop(mid, None)
             entry = self._suback.get(mid)
         if entry is None:
             return
@@ -354,7 +361,9 @@ class MqttClient:
         # has not seen); a reconnect only if the broker lost our session, plus any
         # filter added while we were offline.
         with self._lock:
-            filters = list(self._subs) if first or not self.session_present else sorted(self._unsent)
+            lost = {f for f in self._unacked.values() if f in self._subs}  # sent on the old connection, never acked
+            self._unacked.clear()
+            filters = list(self._subs) if first or not self.session_present else sorted(self._unsent | lost)
             self._unsent.clear()
             self._connected.set()
         self._initial_subs = self._send_subscribe(filters, track=first)
@@ -365,6 +374,12 @@ class MqttClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set():
             log.warning("MQTT %s:%s disconnected: %s", self.settings.host, self.settings.port, reason_code)
+            # jitter: paho's backoff (min, 2 min, 4 min, ... max) is the same for every client, so a thousand
+            # devices dropped by one broker restart would knock again all in the same instant; each starts from
+            # its own first delay (0.5-1.5 x min) and keeps that offset as the delay doubles. Only when a
+            # connection that was up drops: a failed attempt keeps doubling
+            s = self.settings
+            client.reconnect_delay_set(s.reconnect_min_s * random.uniform(0.5, 1.5), s.reconnect_max_s)
         self._connected.clear()
 
     def _on_message(self, client, userdata, msg) -> None:

@@ -22,6 +22,7 @@ import pytest
 from edge_runtime import protocol as P
 from edge_runtime.mqtt import MqttConnectError
 from server_sdk.fleet import broker as B
+from tests.broker_fixtures import DEVICES
 
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, broker, clients
 
@@ -463,3 +464,18 @@ def test_a_fleet_from_before_server_users_gets_the_artifact_login_at_start(tmp_p
     finally:
         proc.stop()
     assert json.loads((fleet_dir / "fleet.json").read_text())["server_users"] == ["server", "server-artifacts"]
+
+
+def test_clients_dropped_by_a_broker_restart_knock_again_at_jittered_times(fleet, broker, clients):
+    """Issue #27: a thousand devices dropped by one broker restart must not all retry in the same instant. Each
+    client's first reconnect delay is drawn from 0.5-1.5 x reconnect_min_s when its connection drops (paho's own
+    backoff is the same for every client: min, 2 min, 4 min, ...)."""
+    devs = [clients(fleet.devices[name], reconnect_min_s=1.0, reconnect_max_s=8.0) for name in DEVICES]
+    server = clients(fleet.server, reconnect_min_s=1.0, reconnect_max_s=8.0)
+    everyone = [*devs, server]
+    assert {c._client._reconnect_min_delay for c in everyone} == {1.0}  # as configured, before any drop
+    broker.restart()
+    assert all(c.wait_connected(20) for c in everyone) and all(c.reconnects == 1 for c in everyone)
+    delays = [c._client._reconnect_min_delay for c in everyone]
+    assert all(0.5 <= d <= 1.5 for d in delays) and len(set(delays)) == len(delays)  # each its own
+    assert {c._client._reconnect_max_delay for c in everyone} == {8.0}

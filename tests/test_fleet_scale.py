@@ -50,8 +50,45 @@ def test_fleet_scale_broker_restart_mid_round_loses_no_update(tmp_path, monkeypa
     bench = importlib.reload(bench)
     assert bench.main(["--profile", "smoke", "--devices", "50", "--restart", "--rounds", "2"]) == 0
     (row,) = json.loads((tmp_path / "fleet-scale-smoke.json").read_text())["rows"]
-    assert row["restart"] and row["broker_restart"]["devices_back"] == 50
+    assert row["restart"] and row["broker_restart"]["devices_back"] == 50 and row["broker_restart"]["all_back_by_end"]
     assert row["broker_restart"]["round_accepted"] == row["broker_restart"]["round_sampled"] == 5
     assert [r["accepted"] for r in row["per_round"]] == [5, 5]
+    monkeypatch.delenv("DEVFT_BENCH_RESULTS")
+    importlib.reload(bench)
+
+
+def test_fleet_scale_sampled_devices_dying_mid_round_close_it_on_their_wills(tmp_path, monkeypatch):
+    """Issue #27 faults at scale, small: one of round 1's 5 sampled devices crashes while computing (its connection
+    drops without a DISCONNECT); the round closes on its will with the other 4 (quorum 0.8), not at the deadline,
+    not at the deadline."""
+    monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
+    import benchmarks.fleet_scale as bench
+
+    bench = importlib.reload(bench)
+    assert bench.main(["--profile", "smoke", "--devices", "50", "--fault", "deaths", "--rounds", "2"]) == 0
+    (row,) = json.loads((tmp_path / "fleet-scale-smoke.json").read_text())["rows"]
+    deaths = row["device_deaths"]
+    assert deaths["killed"] == 1 and deaths["round_missing"] == deaths["round_offline"] == deaths["devices"]
+    assert [r["accepted"] for r in row["per_round"]] == [5, 4] and row["rounds_failed"] == 0
+    # closed on the will: the round ended before its deadline (120 s; it takes about a second)
+    assert deaths["closed_after_deaths_s"] < deaths["deadline_s"]
+    monkeypatch.delenv("DEVFT_BENCH_RESULTS")
+    importlib.reload(bench)
+
+
+def test_fleet_scale_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Issue #27 faults at scale, small: the coordinator process is SIGKILLed while round 1's devices compute; a
+    resumed one (from the round-0 checkpoint) reopens round 1 without waiting for stage-ready statuses (every
+    device's retained status names its files), and every sampled device trains it again."""
+    monkeypatch.setenv("DEVFT_BENCH_RESULTS", str(tmp_path))
+    import benchmarks.fleet_scale as bench
+
+    bench = importlib.reload(bench)
+    assert bench.main(["--profile", "smoke", "--devices", "50", "--fault", "coordinator", "--rounds", "2"]) == 0
+    (row,) = json.loads((tmp_path / "fleet-scale-smoke.json").read_text())["rows"]
+    crash = row["coordinator_crash"]
+    assert crash["round_accepted"] == crash["round_sampled"] == 5 and crash["not_ready"] == 0
+    assert [r["accepted"] for r in row["per_round"]] == [5, 5] and row["rounds_failed"] == 0
+    assert crash["restart_to_first_round_s"] > 0 and row["hellos_seen"] == 50
     monkeypatch.delenv("DEVFT_BENCH_RESULTS")
     importlib.reload(bench)
