@@ -8,6 +8,8 @@ import { Trainer, latencySummary, meanLoss } from './trainer.js';
 
 const MIN_ONNXRUNTIME = '1.17.0';
 
+const CONTROL_RETRIES = 3; // a failed control is handled again at most this often (2 s, 4 s, 6 s later)
+
 export function versionTuple(text) {
   return String(text).split('+')[0].split('.').slice(0, 3).map((p) => parseInt(p.replace(/\D/g, '') || '0', 10));
 }
@@ -54,6 +56,7 @@ export class Device {
     this.globalTopic = null; // the round's global adapter topic while a sampled round waits for it (else none)
     this.globalWaiters = [];
     this.pending = null; // newest unhandled control: {payload, retained}
+    this.retries = new Map(); // control (state/stage/round/session) -> times its handling failed
     this.generation = 0; // bumped by every control message (cancels a prefetch)
     this.wakeLoop = null;
     this.answered = new Set();
@@ -98,6 +101,9 @@ export class Device {
 
   unsubscribe(filter, fn) {
     this.handlers = this.handlers.filter(([f, h]) => !(f === filter && h === fn));
+    // one MQTT subscription per filter serves every handler of it: while another handler (a stage fetch beside a
+    // prefetch still winding down) wants the filter, the broker keeps sending it
+    if (this.handlers.some(([f]) => f === filter)) return Promise.resolve();
     return new Promise((resolve) => this.client.unsubscribe(filter, () => resolve()));
   }
 
@@ -224,6 +230,8 @@ export class Device {
         } catch (e) {
           this.log(`${this.deviceId}: stage ${ctrl.stage} round ${ctrl.round} abandoned: ${e.message}`);
           this.onAbandon?.(ctrl, e);
+          this.retryLater({ payload, retained }, ctrl);
+          continue;
         }
         await this.prefetch(ctrl);
       }
@@ -231,6 +239,21 @@ export class Device {
     } finally {
       await this.close();
     }
+  }
+
+  /** A control whose handling failed (a fetch that timed out, say) is tried again after a pause, a few times, unless a
+   *  newer control came meanwhile: otherwise a device that lost its stage files would wait for the round's end. */
+  retryLater(pending, ctrl) {
+    const key = `${ctrl.state}/${ctrl.stage}/${ctrl.round}/${ctrl.hyperparams?.session ?? ''}`;
+    const tries = (this.retries.get(key) ?? 0) + 1;
+    this.retries.set(key, tries);
+    if (tries > CONTROL_RETRIES || this.stopped) return;
+    setTimeout(() => {
+      if (this.pending === null && !this.stopped) {
+        this.pending = pending;
+        if (this.wakeLoop) this.wakeLoop();
+      }
+    }, 2000 * tries);
   }
 
   stop() {

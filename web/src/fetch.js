@@ -27,13 +27,26 @@ export class Fetcher {
     for (const f of unique.values()) if (!(await this.store.has(f.sha256, f.size))) missing.push(f);
     const queue = [...missing];
     const https = descriptor.origin && this.httpGet && this.login;
+    let failed = false;
+    const stop = () => failed || cancelled();
     const worker = async () => {
-      while (queue.length) {
+      while (queue.length && !stop()) {
         const entry = queue.shift();
-        await (https ? this.fetchHttps(descriptor.origin, entry, cancelled) : this.fetchFile(entry, cancelled));
+        try {
+          await (https ? this.fetchHttps(descriptor.origin, entry, stop) : this.fetchFile(entry, stop));
+        } catch (e) {
+          failed = true; // the other workers stop too
+          throw e;
+        }
       }
+      if (cancelled()) throw new FetchCancelled(`fetch of ${descriptor.artifact_id.slice(0, 12)} cancelled`);
     };
-    await Promise.all(Array.from({ length: Math.min(filesAtOnce, queue.length) }, worker));
+    // every worker has ended (its subscriptions and writes done) before this returns or throws: a fetch that starts
+    // next (the stage after a cancelled prefetch) never races one still winding down
+    const results = await Promise.allSettled(Array.from({ length: Math.min(filesAtOnce, queue.length) }, worker));
+    const first = results.find((r) => r.status === 'rejected' && !(r.reason instanceof FetchCancelled))
+      ?? results.find((r) => r.status === 'rejected');
+    if (first) throw first.reason;
   }
 
   /**

@@ -23,7 +23,7 @@ export class FileStore {
 
   async put(sha, bytes) {
     await fs.mkdir(this.blobs, { recursive: true });
-    const tmp = `${this.blobPath(sha)}.tmp-${process.pid}`;
+    const tmp = `${this.blobPath(sha)}.tmp-${process.pid}-${Math.random().toString(36).slice(2)}`; // concurrent puts of one blob
     await fs.writeFile(tmp, bytes);
     await fs.rename(tmp, this.blobPath(sha));
   }
