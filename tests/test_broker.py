@@ -134,7 +134,12 @@ def test_clients_reconnect_after_broker_restart_and_queued_messages_survive(flee
     broker.restart()
     assert server.wait_connected(15) and online.wait_connected(15)
     server.publish(P.control_topic(RUN), b"after restart", wait_s=5)
-    assert online.get(P.control_topic(RUN), 5).payload == b"after restart"
+    # QoS 1 is at least once: a PUBACK the broker had not processed when it stopped gets "before restart"
+    # redelivered on the resumed session (seen once in a loaded CI run); devices take a control twice alike
+    got = [online.get(P.control_topic(RUN), 5).payload]
+    while got[-1] == b"before restart" and len(got) < 3:
+        got.append(online.get(P.control_topic(RUN), 5).payload)
+    assert got[-1] == b"after restart" and set(got[:-1]) <= {b"before restart"}, got
     assert online.reconnects >= 1
 
     back = clients(fleet.devices["dev2"], connect=False)
