@@ -35,11 +35,11 @@ from server_sdk.fleet.broker import (
     add_device,
     artifact_credentials,
     fleet_init,
+    free_port,
     register_run,
     runtime_dir,
     write_acl,
 )
-from server_sdk.fleet.local_fleet import free_port
 from tests.broker_fixtures import settings_for
 
 RUN = "bounds"

@@ -192,7 +192,8 @@ def builtin_server(fleet: Path, served: Path):
     import ssl
     from http.server import ThreadingHTTPServer
 
-    from server_sdk.fleet.web_gateway import WEB_DIR, free_port, make_handler
+    from server_sdk.fleet.broker import free_port
+    from server_sdk.fleet.web_gateway import WEB_DIR, make_handler
 
     port = free_port()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -316,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from edge_runtime.transfer import describe_files
-    from server_sdk.fleet.broker import BrokerProcess, add_device, fleet_init, register_run
-    from server_sdk.fleet.web_gateway import free_port
+    from server_sdk.fleet.broker import BrokerProcess, add_device, fleet_init, free_port, register_run
 
     tmp = Path(tempfile.mkdtemp(prefix="devft-origin-bench-"))
     tmp.chmod(0o755)

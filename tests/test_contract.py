@@ -135,8 +135,8 @@ def test_an_outside_device_joins_a_local_fleet_run_as_the_docs_say(tmp_path):
 
     from server_sdk.cli.main import main
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
-    from server_sdk.fleet.local_fleet import REPO_ROOT, free_port
+    from server_sdk.fleet.broker import MosquittoNotFound, free_port, require_mosquitto
+    from server_sdk.fleet.local_fleet import REPO_ROOT
     from tests.test_fleet import fleet_cfg
 
     try:

@@ -588,6 +588,26 @@ def _listening(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a broker, a gateway or an origin this process starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_stop_signal(running: Callable[[], bool]) -> None:
+    """Block while `running()` holds, until SIGTERM or SIGINT (the foreground `run` commands of the origin and the
+    web gateway); the previous handlers are restored."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while running() and not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _find_prctl():
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
@@ -598,8 +618,9 @@ def _find_prctl():
 _PRCTL = _find_prctl()  # looked up here: the child of a threaded parent should do as little as possible
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: Linux sends it SIGTERM when the parent dies, even by SIGKILL."""
+def set_parent_death_signal() -> None:
+    """A subprocess's preexec_fn (mosquitto, nginx, the web gateway's relay): Linux sends the child SIGTERM when
+    its parent dies, even by SIGKILL. prctl was looked up at import, so the child does no more than this call."""
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -694,7 +715,7 @@ class BrokerProcess:
         account = pwd.getpwnam(broker_user()) if os.geteuid() == 0 else None
         with_parent = self.die_with_parent and threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen([broker_bin, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent if with_parent else None,
+                                     preexec_fn=set_parent_death_signal if with_parent else None,
                                      user=account.pw_uid if account else None,
                                      group=account.pw_gid if account else None,
                                      extra_groups=[] if account else None)

@@ -156,8 +156,7 @@ class Kit:
     results: list[Result] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from server_sdk.fleet.broker import BrokerProcess, add_device, add_operator, fleet_init, register_run
-        from server_sdk.fleet.local_fleet import free_port
+        from server_sdk.fleet.broker import BrokerProcess, add_device, add_operator, fleet_init, free_port, register_run
 
         fleet = self.work / "fleet"
         port = free_port()

@@ -20,14 +20,21 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from server_sdk.fleet.broker import BrokerProcess, Credentials, add_device, fleet_init, register_run, server_credentials
+from server_sdk.fleet.broker import (
+    BrokerProcess,
+    Credentials,
+    add_device,
+    fleet_init,
+    free_port,
+    register_run,
+    server_credentials,
+)
 from server_sdk.fleet.coordinator import fleet_executor_factory
 from server_sdk.fleet.registry import device_name
 from server_sdk.fleet.settings import FleetSettings
@@ -37,12 +44,6 @@ from server_sdk.quiet import is_verbose
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalFleet:

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from edge_runtime.protocol import ArtifactDescriptor, check_name
 from edge_runtime.transfer import sha256_file
+from server_sdk.fleet.broker import free_port, set_parent_death_signal, wait_for_stop_signal
 from server_sdk.fleet.ratelimit import LogBudget, cut
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,7 @@ class NginxOrigin:
         self.fleet_dir = Path(fleet_dir).resolve()
         self.runtime = runtime_dir(self.fleet_dir)
         self.files = Path(files).resolve() if files else self.runtime / "files"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.bind, self.host = bind, host
         self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
@@ -400,7 +401,7 @@ class NginxOrigin:
         with_parent = self.die_with_parent and threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen([nginx, "-p", str(self.runtime), "-e", str(self.runtime / "error.log"),
                                       "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent if with_parent else None)
+                                     preexec_fn=set_parent_death_signal if with_parent else None)  # its workers exit with it
         out.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -435,23 +436,8 @@ class NginxOrigin:
         self.stop()
 
 
-def _die_with_parent() -> None:
-    """In nginx's master before exec: Linux sends it SIGTERM when the parent dies, even by SIGKILL (its workers
-    then exit with it)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _loopback(bind: str) -> str:
     return "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,13 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     except OriginError as exc:
         print(f"origin: error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"artifact origin: devft serve ... --artifacts {origin.url} --artifact-dir {origin.files}")
     try:
-        while origin.proc is not None and origin.proc.poll() is None:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+        wait_for_stop_signal(lambda: origin.proc is not None and origin.proc.poll() is None)
     finally:
         origin.stop()
     return 0

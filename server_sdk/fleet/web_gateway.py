@@ -26,7 +26,6 @@ import logging
 import mimetypes
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,6 +34,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from server_sdk.fleet.broker import free_port, set_parent_death_signal, wait_for_stop_signal
 
 log = logging.getLogger("devft.web")
 
@@ -162,14 +163,6 @@ def wait_port(host: str, port: int, timeout_s: float, what: str, proc: subproces
     raise GatewayError(f"{what} did not listen on {host}:{port} within {timeout_s}s")
 
 
-def _die_with_parent() -> None:
-    """In the relay's child process: Linux sends it SIGTERM when the gateway dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def broker_address(fleet_dir: Path) -> str:
     """Where this machine reaches the fleet's broker: its bind address, or loopback when it binds to all."""
     try:
@@ -177,12 +170,6 @@ def broker_address(fleet_dir: Path) -> str:
     except (OSError, ValueError):
         bind = None
     return bind if bind and bind not in ("0.0.0.0", "::") else "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TlsForwarder:
@@ -275,7 +262,7 @@ class WebGateway:
         logf = open(self.dir / "websockify.log", "ab")  # noqa: SIM115 (kept open for the relay's life)
         self.relay = subprocess.Popen([relay, "--cert", str(self.cert), "--key", str(self.key), "--ssl-only",
                                        f"{self.bind}:{self.ws_port}", f"127.0.0.1:{self.forwarder.port}"],
-                                      stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                      stdout=logf, stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal)
         logf.close()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -357,13 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"web_gateway: error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop cleanly
     print(f"device page: https://<this host>:{gw.https_port}/app/   MQTT over WSS: wss://<this host>:{gw.ws_port}/")
     try:
-        while gw.relay is not None and gw.relay.poll() is None:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+        wait_for_stop_signal(lambda: gw.relay is not None and gw.relay.poll() is None)
     finally:
         gw.stop()
     return 0
