@@ -6,6 +6,7 @@ Tests never use a system broker (apt's mosquitto service on 1883 is ignored).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -59,19 +60,29 @@ def settings_for(creds: Credentials, **overrides: object) -> MqttSettings:
     return replace(base, **overrides)
 
 
+@contextlib.contextmanager
+def runtime_dir_in(variable: str, prefix: str) -> Iterator[Path]:
+    """A throwaway directory named by environment `variable` while the block runs (the runtime directory of a
+    broker or an nginx started by root): mode 0755, so the server's own user reaches its subdirectory."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    old = os.environ.get(variable)
+    os.environ[variable] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = old
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def broker_runtime_dir() -> Iterator[Path]:
     """Where a broker started by root keeps its staged files: one throwaway directory per test session."""
-    path = Path(tempfile.mkdtemp(prefix="devft-broker-tests-"))
-    path.chmod(0o755)  # the broker's own user must reach its subdirectory
-    old = os.environ.get("DEVFT_BROKER_RUNTIME")
-    os.environ["DEVFT_BROKER_RUNTIME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("DEVFT_BROKER_RUNTIME", None)
-    else:
-        os.environ["DEVFT_BROKER_RUNTIME"] = old
-    shutil.rmtree(path, ignore_errors=True)
+    with runtime_dir_in("DEVFT_BROKER_RUNTIME", "devft-broker-tests-") as path:
+        yield path
 
 
 @pytest.fixture

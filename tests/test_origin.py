@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import ssl
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from edge_runtime.transfer import ArtifactCache, FetchError, OriginLogin, descri
 from server_sdk.fleet.broker import add_device, fleet_init
 from server_sdk.fleet.origin import NginxOrigin, OriginAuth, OriginPublisher, check_password, require_nginx
 from server_sdk.fleet.origin import runtime_dir as origin_runtime_dir
-from tests.broker_fixtures import settings_for
+from tests.broker_fixtures import runtime_dir_in, settings_for
 
 pytest_plugins = ("tests.broker_fixtures",)
 
@@ -36,16 +35,8 @@ def origin_runtime() -> Iterator[Path]:
         require_nginx()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(str(exc))
-    path = Path(tempfile.mkdtemp(prefix="devft-origin-tests-"))
-    path.chmod(0o755)
-    old = os.environ.get("DEVFT_ORIGIN_RUNTIME")
-    os.environ["DEVFT_ORIGIN_RUNTIME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("DEVFT_ORIGIN_RUNTIME", None)
-    else:
-        os.environ["DEVFT_ORIGIN_RUNTIME"] = old
-    shutil.rmtree(path, ignore_errors=True)
+    with runtime_dir_in("DEVFT_ORIGIN_RUNTIME", "devft-origin-tests-") as path:
+        yield path
 
 
 @pytest.fixture
