@@ -238,36 +238,52 @@ def write(directory: Path) -> None:
 # --------------------------------------------------------------------------- checking
 
 
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, dict) and "f32le_base64" in value
+
+
 def first_difference(want: Any, got: Any, where: str = "") -> str | None:
     """The path and both values of the first place where two JSON values differ, else None. Tensors are
     compared element by element, so the message names the first differing element."""
-    if isinstance(want, dict) and "f32le_base64" in want and isinstance(got, dict) and "f32le_base64" in got:
-        a, b = from_tensor(want), from_tensor(got)
-        if a.shape != b.shape:
-            return f"{where}: shape {list(b.shape)}, expected {list(a.shape)}"
-        bad = np.flatnonzero(a.view(np.uint32) != b.view(np.uint32))
-        if bad.size:
-            i = np.unravel_index(bad[0], a.shape)
-            return (f"{where}[{', '.join(map(str, i))}]: {float(b[i]):.9g}, expected {float(a[i]):.9g} "
-                    f"({bad.size} elements differ)")
-        return None
+    if _is_tensor(want) and _is_tensor(got):
+        return _tensor_difference(want, got, where)
     if isinstance(want, dict) and isinstance(got, dict):
-        for k in want:
-            if k not in got:
-                return f"{where}.{k}: missing"
-            if (d := first_difference(want[k], got[k], f"{where}.{k}")) is not None:
-                return d
-        extra = sorted(set(got) - set(want))
-        return f"{where}: unexpected keys {extra}" if extra else None
+        return _dict_difference(want, got, where)
     if isinstance(want, list) and isinstance(got, list):
-        if len(want) != len(got):
-            return f"{where}: {len(got)} items, expected {len(want)}"
-        for i, (w, g) in enumerate(zip(want, got)):
-            if (d := first_difference(w, g, f"{where}[{i}]")) is not None:
-                return d
-        return None
+        return _list_difference(want, got, where)
     same = want == got or (isinstance(want, float) and isinstance(got, float) and want != want and got != got)
     return None if same else f"{where}: {got!r}, expected {want!r}"
+
+
+def _tensor_difference(want: dict, got: dict, where: str) -> str | None:
+    a, b = from_tensor(want), from_tensor(got)
+    if a.shape != b.shape:
+        return f"{where}: shape {list(b.shape)}, expected {list(a.shape)}"
+    bad = np.flatnonzero(a.view(np.uint32) != b.view(np.uint32))
+    if bad.size:
+        i = np.unravel_index(bad[0], a.shape)
+        return (f"{where}[{', '.join(map(str, i))}]: {float(b[i]):.9g}, expected {float(a[i]):.9g} "
+                f"({bad.size} elements differ)")
+    return None
+
+
+def _dict_difference(want: dict, got: dict, where: str) -> str | None:
+    for k in want:
+        if k not in got:
+            return f"{where}.{k}: missing"
+        if (d := first_difference(want[k], got[k], f"{where}.{k}")) is not None:
+            return d
+    extra = sorted(set(got) - set(want))
+    return f"{where}: unexpected keys {extra}" if extra else None
+
+
+def _list_difference(want: list, got: list, where: str) -> str | None:
+    if len(want) != len(got):
+        return f"{where}: {len(got)} items, expected {len(want)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        if (d := first_difference(w, g, f"{where}[{i}]")) is not None:
+            return d
+    return None
 
 
 def check(directory: Path) -> list[str]:

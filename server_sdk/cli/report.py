@@ -147,42 +147,51 @@ def plot(rows: list[DeviceStage], run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    devices = sorted({r.device for r in rows})
     stages = sorted({(r.stage, r.layers) for r in rows})
     labels = [f"stage {s + 1}\n{n} layers" for s, n in stages]
+    paths = [run_dir / name for name in PLOTS]
+    _bar_plot(plt, rows, stages, labels, paths[0], "energy per local step (J)", lambda r: r.energy_j_per_step,
+              "Energy per local training step, by stage and device", energy=True)
+    _bar_plot(plt, rows, stages, labels, paths[1], "peak memory (GiB)", lambda r: r.peak_rss_bytes / 2**30,
+              "Peak memory of local training, by stage and device", energy=False)
+    _latency_plot(plt, rows, stages, labels, paths[2])
+    return paths
+
+
+def _bar_plot(plt: Any, rows: list[DeviceStage], stages: list[tuple[int, int]], labels: list[str], path: Path,
+              ylabel: str, value: Any, title: str, *, energy: bool) -> None:
+    """One bar per device and stage; the energy plot names each device's energy source, the memory plot
+    draws the device profiles' usable RAM."""
+    devices = sorted({r.device for r in rows})
     x = np.arange(len(stages))
     width = 0.8 / max(len(devices), 1)
     by = {(r.device, r.stage): r for r in rows}
-    paths = [run_dir / name for name in PLOTS]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, d in enumerate(devices):
+        vals = [value(by[(d, s)]) if (d, s) in by else np.nan for s, _ in stages]
+        vals = [np.nan if v is None else v for v in vals]
+        src = ", ".join(sorted({e for r in rows if r.device == d for e in r.energy_sources}))
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{d} ({src})" if energy else d)
+    if not energy:
+        _profile_lines(ax)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel(ylabel)
+    handles, names = ax.get_legend_handles_labels()
+    if not energy:
+        from matplotlib.lines import Line2D
 
-    for path, ylabel, value, title in (
-        (paths[0], "energy per local step (J)", lambda r: r.energy_j_per_step,
-         "Energy per local training step, by stage and device"),
-        (paths[1], "peak memory (GiB)", lambda r: r.peak_rss_bytes / 2**30,
-         "Peak memory of local training, by stage and device"),
-    ):
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        for i, d in enumerate(devices):
-            vals = [value(by[(d, s)]) if (d, s) in by else np.nan for s, _ in stages]
-            vals = [np.nan if v is None else v for v in vals]
-            src = ", ".join(sorted({e for r in rows if r.device == d for e in r.energy_sources}))
-            ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{d} ({src})" if path == paths[0] else d)
-        if path == paths[1]:
-            _profile_lines(ax)
-        ax.set_xticks(x, labels)
-        ax.set_ylabel(ylabel)
-        handles, names = ax.get_legend_handles_labels()
-        if path == paths[1]:
-            from matplotlib.lines import Line2D
+        handles.append(Line2D([], [], ls=":", lw=1, color="grey"))
+        names.append("usable RAM of a\ndevice profile")
+    ax.legend(handles, names, fontsize=8, title="device (energy source)" if energy else "device")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-            handles.append(Line2D([], [], ls=":", lw=1, color="grey"))
-            names.append("usable RAM of a\ndevice profile")
-        ax.legend(handles, names, fontsize=8, title="device (energy source)" if path == paths[0] else "device")
-        ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
+def _latency_plot(plt: Any, rows: list[DeviceStage], stages: list[tuple[int, int]], labels: list[str],
+                  path: Path) -> None:
+    """A box per stage of the step latencies pooled over all devices."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     data = []
     for s, _ in stages:
@@ -194,9 +203,8 @@ def plot(rows: list[DeviceStage], run_dir: Path) -> list[Path]:
     ax.text(0.0, 1.01, "every step where devices sent each latency, else per-round medians", transform=ax.transAxes,
             fontsize=7, color="grey", va="bottom")
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
 
 
 def profile_label_positions(values: list[float], min_gap: float) -> list[float]:

@@ -213,8 +213,6 @@ def merge_into_report(run_dir: Path, rig: dict[str, Any], started: float, wait_s
 
 
 def cmd_rig(args: argparse.Namespace) -> int:
-    from server_sdk.fleet.web_gateway import GatewayError, WebGateway, spki_sha256
-
     fleet_dir, run_dir = Path(args.fleet_dir), Path(args.run_dir)
     if not (fleet_dir / "fleet.json").is_file():
         raise ConfigError(f"{fleet_dir} is not a fleet directory (no fleet.json): `devft fleet init {fleet_dir}` first")
@@ -225,6 +223,24 @@ def cmd_rig(args: argparse.Namespace) -> int:
     new = ensure_devices(fleet_dir, names)
     if new:
         print(f"devft rig: made logins for {', '.join(new)}", file=sys.stderr)
+    devices = _drive_devices(args, fleet_dir, run_dir, names, out, started)
+    rig = {"mode": "adb" if args.adb else "emulated", "devices": devices,
+           **({} if args.adb else {"phone": args.phone, "cpu_throttle": args.throttle})}
+    (run_dir / "rig.json").write_text(json.dumps(rig, indent=1) + "\n")
+    merged = merge_into_report(run_dir, rig, started)
+    _print_devices(devices)
+    print(f"devft rig: {run_dir / 'rig.json'}" + ("" if merged else " (no report.json appeared to add it to)"),
+          file=sys.stderr)
+    failed = [n for n, d in devices.items() if not args.adb and not d.get("done")]
+    return 1 if failed else 0
+
+
+def _drive_devices(args: argparse.Namespace, fleet_dir: Path, run_dir: Path, names: list[str], out: Path,
+                   started: float) -> dict[str, Any]:
+    """Start a web gateway, join the devices to the run through it (phones over adb or emulated ones) and
+    return what each device recorded; the gateway stops however that ends."""
+    from server_sdk.fleet.web_gateway import GatewayError, WebGateway, spki_sha256
+
     port = json.loads((fleet_dir / "fleet.json").read_text())["port"]
     gw = WebGateway(fleet_dir, port, ws_port=args.ws_port or None, https_port=args.https_port or None)
     try:
@@ -236,20 +252,14 @@ def cmd_rig(args: argparse.Namespace) -> int:
         print(f"devft rig: {len(links)} {'phone(s) over adb' if args.adb else 'emulated phone(s)'} joining run "
               f"{args.run} through {gw.page_url}", file=sys.stderr)
         if args.adb:
-            devices = run_adb(links, [gw.https_port, gw.ws_port], run_dir, started, args.timeout)
-        else:
-            devices = run_emulated(links, spki_sha256(fleet_dir / "server.pem"), out, args.phone, args.throttle,
-                                   args.timeout)
+            return run_adb(links, [gw.https_port, gw.ws_port], run_dir, started, args.timeout)
+        return run_emulated(links, spki_sha256(fleet_dir / "server.pem"), out, args.phone, args.throttle,
+                            args.timeout)
     finally:
         gw.stop()
-    rig = {"mode": "adb" if args.adb else "emulated", "devices": devices,
-           **({} if args.adb else {"phone": args.phone, "cpu_throttle": args.throttle})}
-    (run_dir / "rig.json").write_text(json.dumps(rig, indent=1) + "\n")
-    merged = merge_into_report(run_dir, rig, started)
+
+
+def _print_devices(devices: dict[str, Any]) -> None:
     for name, d in devices.items():
         state = "done" if d.get("done") else f"error: {d.get('error')}" if d.get("error") else "see its log"
         print(f"  {name} ({d['kind']}): {len(d.get('rounds', []))} round(s) recorded, {state}", file=sys.stderr)
-    print(f"devft rig: {run_dir / 'rig.json'}" + ("" if merged else " (no report.json appeared to add it to)"),
-          file=sys.stderr)
-    failed = [n for n, d in devices.items() if not args.adb and not d.get("done")]
-    return 1 if failed else 0

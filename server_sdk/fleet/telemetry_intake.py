@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 MAX_TEXT = 200  # characters of a string value
@@ -57,6 +58,38 @@ def _latency(value: Any) -> dict[str, Any] | None:
     return out
 
 
+def _text(value: Any) -> str | None:
+    return value[:MAX_TEXT] if isinstance(value, str) else None
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _never(value: Any) -> None:
+    """A key the coordinator sets itself: a device's value is dropped."""
+    return None
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(COUNTS, _count),
+    **dict.fromkeys(SECONDS, lambda v: number(v, 0, 1e9)),
+    **dict.fromkeys(NUMBERS, lambda v: number(v, -_BIG, _BIG)),
+    **dict.fromkeys(TEXTS, _text),
+    **dict.fromkeys(FLAGS, _flag),
+    "step_latency_s": _latency,
+    "device": _never,  # the coordinator's to say
+    "replaces": _never,
+}
+
+
+def _extra_ok(key: Any, value: Any) -> bool:
+    """An unknown key is kept if its name is plain and its value a bool, a number in range or a short string."""
+    return (isinstance(key, str) and bool(_KEY.match(key))
+            and (isinstance(value, bool) or number(value, -_BIG, _BIG) is not None
+                 or (isinstance(value, str) and len(value) <= MAX_TEXT)))
+
+
 def clean_telemetry(raw: Any) -> tuple[dict[str, Any], list[str]]:
     """(the telemetry the coordinator keeps, the keys it dropped) of one update's device-sent telemetry."""
     if not isinstance(raw, dict):
@@ -67,23 +100,10 @@ def clean_telemetry(raw: Any) -> tuple[dict[str, Any], list[str]]:
     for key, value in raw.items():
         if value is None:
             continue
-        if key in COUNTS:
-            checked = _count(value)
-        elif key in SECONDS:
-            checked = number(value, 0, 1e9)
-        elif key in NUMBERS:
-            checked = number(value, -_BIG, _BIG)
-        elif key in TEXTS:
-            checked = value[:MAX_TEXT] if isinstance(value, str) else None
-        elif key in FLAGS:
-            checked = value if isinstance(value, bool) else None
-        elif key == "step_latency_s":
-            checked = _latency(value)
-        elif key in ("device", "replaces"):  # the coordinator's to say
-            checked = None
-        elif (extras < MAX_EXTRA_KEYS and isinstance(key, str) and _KEY.match(key)
-              and (isinstance(value, bool) or number(value, -_BIG, _BIG) is not None
-                   or (isinstance(value, str) and len(value) <= MAX_TEXT))):
+        check = _CHECKS.get(key)
+        if check is not None:
+            checked = check(value)
+        elif extras < MAX_EXTRA_KEYS and _extra_ok(key, value):
             checked, extras = value, extras + 1
         else:
             checked = None
