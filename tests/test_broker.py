@@ -7,6 +7,7 @@ import os
 import pwd
 import queue
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -213,8 +214,8 @@ def test_fleet_files_and_config(fleet):
 
 
 def test_missing_mosquitto_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(B.shutil, "which", lambda name: None)
-    monkeypatch.setattr(B.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
     with pytest.raises(B.MosquittoNotFound, match="apt-get install mosquitto"):
         B.require_mosquitto()
 
