@@ -34,177 +34,50 @@ Torch-free: numpy, tokenizers, safetensors, paho-mqtt and onnxruntime only.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import queue
-import secrets
-import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edge_runtime import protocol as P
 from edge_runtime.backends import (
-    FORMATS,
     Trainer,
-    available_formats,
-    onnx_runtime_problem,
-    open_trainer,
     runtime_versions,
 )
-from edge_runtime.batching import IGNORE_INDEX, collate, join
-from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
-from edge_runtime.manifest import MANIFEST_NAME, ManifestError
+from edge_runtime.device_setup import (
+    BACKENDS,
+    REFUSED_EXIT,
+    SESSION_EXPIRY_S,
+    DeviceError,
+    available_ram_mb,
+    check_artifact_format,
+    device_capabilities,
+    pick_formats,
+    settings_from_credentials,
+)
+from edge_runtime.device_training import RoundWork
+from edge_runtime.manifest import ManifestError
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
-from edge_runtime.sampler import round_draws
-from edge_runtime.transfer import ArtifactCache, FetchCancelled, FetchError
+from edge_runtime.shard import Shard, encode, pad_id, read_shard, round_batches
+from edge_runtime.transfer import ArtifactCache, FetchError
+
+__all__ = [  # devft-edge's public names, wherever they live (device_setup.py, shard.py, device_training.py)
+    "BACKENDS", "PARENT_ENV", "REFUSED_EXIT", "SESSION_EXPIRY_S", "Device", "DeviceError", "Shard", "Stopped",
+    "available_ram_mb", "build_parser", "check_artifact_format", "device_capabilities", "encode", "main",
+    "pad_id", "pick_formats", "read_shard", "round_batches", "settings_from_credentials",
+]
 
 log = logging.getLogger("devft.edge")
 
-BACKENDS = (*FORMATS, "auto")
 PARENT_ENV = "DEVFT_EXIT_WITH_PARENT"  # a pid: stop when it is no longer this process's parent
-# How long the broker keeps this device's session (and queues control and global messages for it) while it is
-# away: long enough to ride out a broker restart or a network blip; a device away longer resubscribes and gets
-# the retained control and global, so the broker need not hold every round's global for a device that may
-# never come back (issue #27, hole 8)
-SESSION_EXPIRY_S = 600
 
 
-class DeviceError(RuntimeError):
-    """The device cannot take part in this round; the message says why."""
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Shard:
-    """The device's training examples: rendered prompt and completion strings."""
-
-    prompts: list[str]
-    completions: list[str]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def read_shard(path: str | Path) -> Shard:
-    prompts, completions = [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            prompts.append(str(rec["prompt"]))
-            completions.append(str(rec["completion"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DeviceError(f"{path}:{n}: not a devft example record ({exc!r}); it needs prompt and completion") from None
-    if not prompts:
-        raise DeviceError(f"{path} holds no examples; a device needs a non-empty shard")
-    return Shard(prompts, completions)
-
-
-def encode(tokenizer: Any, shard: Shard, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels per example, exactly as the server builds them (edge_runtime.batching)."""
-    return [join(tokenizer.encode(p, add_special_tokens=False).ids, tokenizer.encode(c, add_special_tokens=False).ids,
-                 seq_len) for p, c in zip(shard.prompts, shard.completions)]
-
-
-# --------------------------------------------------------------------------- backends
-
-
-def pick_formats(requested: str) -> list[str]:
-    """The artifact formats this device trains, in preference order (what its hello declares)."""
-    if requested not in BACKENDS:
-        raise DeviceError(f"backend {requested!r} is not one of {BACKENDS}")
-    here = available_formats()
-    if requested == "auto":
-        if not here:
-            raise DeviceError("no training runtime is installed: pip install 'devft[edge]' (plain onnxruntime)")
-        return here
-    if requested == "onnx" and (problem := onnx_runtime_problem()):
-        raise DeviceError(f"--backend onnx: {problem}")
-    if requested not in here:
-        hint = {"onnx": "pip install 'devft[edge]'", "ort": "pip install 'devft[legacy-ort-training]' (x86_64 only)",
-                "executorch": "pip install 'devft[edge-executorch]'"}[requested]
-        raise DeviceError(f"--backend {requested}: its runtime is not installed here ({hint}); this device can run "
-                          f"{here or 'nothing yet'}")
-    return [requested]
-
-
-def check_artifact_format(fmt: str, artifact_dir: Path) -> None:
-    """The files must be in the format the coordinator announced for them (the manifest says which)."""
-    try:
-        built_for = json.loads((artifact_dir / MANIFEST_NAME).read_text())["backend"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise DeviceError(f"cannot read the format from {artifact_dir / MANIFEST_NAME}: {exc!r}") from None
-    if built_for != fmt:
-        raise DeviceError(f"the coordinator announced {fmt!r} artifacts but their manifest says {built_for!r}")
-
-
-# --------------------------------------------------------------------------- device
-
-
-REFUSED_EXIT = 4  # the coordinator refuses this device (a control message names it in `refused`)
-
-
-def available_ram_mb() -> int | None:
-    """MemAvailable from /proc/meminfo in MiB: what a new process can take without swapping (MemTotal also counts
-    the OS and every other program); None where there is no /proc (the hello then declares no budget)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return max(1, int(line.split()[1]) // 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def device_capabilities(ram_mb: int | None = None) -> dict[str, Any]:
-    """What every status declares about this device (docs/protocol.md, StatusMessage): platform, runtime, cores and
-    `ram_mb`, the memory it offers training (`--ram-mb`, else `available_ram_mb`): the coordinator samples it only
-    for stages whose memory need fits."""
-    import platform
-
-    caps: dict[str, Any] = {"platform": f"{platform.system()}-{platform.machine()}".lower()[:64],
-                            "runtime": f"devft-edge (python {platform.python_version()})"[:64],
-                            "cores": max(1, min(os.cpu_count() or 1, P.MAX_CORES))}
-    ram = ram_mb if ram_mb is not None else available_ram_mb()
-    if ram is not None:
-        caps["ram_mb"] = ram
-    return caps
-
-
-def settings_from_credentials(path: str | Path, cache_dir: Path, host: str | None = None,
-                              port: int | None = None) -> tuple[MqttSettings, str]:
-    """MQTT settings and device name from the JSON that `devft fleet add-device` printed."""
-    try:
-        creds = json.loads(Path(path).read_text())
-        user, password = creds["username"], creds["password"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise DeviceError(f"cannot read device credentials {path}: {exc!r}; use the JSON from "
-                          "`devft fleet add-device`") from None
-    ca_file = creds.get("ca_file")
-    if not ca_file or not Path(ca_file).is_file():  # provisioned elsewhere: trust the inlined CA
-        ca_file = str(cache_dir / "ca.pem")
-        Path(ca_file).write_text(creds["ca_pem"])
-    will = P.encode_status(P.StatusMessage(user, "offline", time.time()))
-    settings = MqttSettings(host=host or creds["host"], port=int(port or creds["port"]), username=user,
-                            password=password, ca_file=ca_file, client_id=creds.get("client_id") or user,
-                            reconnect_min_s=0.2, reconnect_max_s=5.0, will_payload=will,
-                            session_expiry_s=SESSION_EXPIRY_S)
-    return settings, user
-
-
-class Device:
+class Device(RoundWork):
     """Follows one run's control messages and answers the rounds this device is sampled for."""
 
     def __init__(self, settings: MqttSettings, device_id: str, shard: Shard, cache_dir: str | Path, *,
@@ -469,170 +342,6 @@ class Device:
         if chosen is not None and chosen[1].artifact_id not in self._ready_sent:
             self._ready_sent.add(chosen[1].artifact_id)
             self._status("hello", ready=chosen[1].artifact_id)
-
-    def _prefetch(self, ctrl: P.ControlMessage) -> None:
-        """Fetch the control's prefetch hint (the likely next stage) into the cache while there is nothing else
-        to do. A newer control message cancels it at once; the hint is never trained on and every file is
-        verified by hash, so a wrong or hostile hint costs bytes, not correctness."""
-        chosen = ctrl.prefetch_for(self.formats)
-        if chosen is None or chosen[1].artifact_id in self._prefetched or ctrl.run_id != self.run_id:
-            return
-        desc = chosen[1]
-        self._control_arrived.clear()
-        if not self._controls.empty() or self._stop.is_set():
-            return  # something newer to act on first
-        before, t0 = self.cache.bytes_downloaded, time.perf_counter()
-        try:
-            self.cache.fetch(self.client, ctrl.run_id, self.device_id, desc, cancel=self._control_arrived)
-        except FetchCancelled:
-            log.debug("%s: prefetch of %s cancelled by a new control message", self.device_id, desc.artifact_id[:12])
-            return
-        except (FetchError, OSError) as exc:
-            log.warning("%s: prefetch of the next stage's files stopped (%s); they will be fetched when the stage "
-                        "starts", self.device_id, exc)
-            return
-        finally:
-            self.prefetch_bytes += self.cache.bytes_downloaded - before
-            self.prefetch_s += time.perf_counter() - t0
-        self._prefetched.add(desc.artifact_id)
-        log.debug("%s: prefetched %s", self.device_id, desc.artifact_id[:12])
-
-    def _artifact_dir(self, ctrl: P.ControlMessage) -> tuple[Path, int]:
-        """Fetch (or find) the stage's files, verified, laid out as an artifact dir; bytes downloaded now."""
-        chosen = ctrl.artifact_for(self.formats)
-        assert chosen is not None  # _act checked
-        fmt, desc = chosen
-        before, t0 = self.cache.bytes_downloaded, time.perf_counter()
-        self.cache.fetch(self.client, ctrl.run_id, self.device_id, desc)
-        self.stage_fetch_s[desc.artifact_id] = self.stage_fetch_s.get(desc.artifact_id, 0.0) + time.perf_counter() - t0
-        stage_root = self.cache.root / "stages" / desc.artifact_id
-        if stage_root.exists():
-            shutil.rmtree(stage_root)  # relink every time: a blob re-fetched after corruption is a new file
-        self.cache.materialize(desc, stage_root)
-        got = self.cache.bytes_downloaded - before
-        self.stage_downloads[desc.artifact_id] = self.stage_downloads.get(desc.artifact_id, 0) + got
-        manifests = [f.path for f in desc.files if f.path.rsplit("/", 1)[-1] == MANIFEST_NAME]
-        if len(manifests) != 1:
-            raise DeviceError(f"artifact {desc.artifact_id[:12]} has {len(manifests)} manifests; expected one")
-        art_dir = stage_root / Path(manifests[0]).parent
-        check_artifact_format(fmt, art_dir)
-        self._holding = desc.artifact_id
-        if fmt == "ort" and not (art_dir / CHECKPOINT).exists() and (art_dir / RECIPE).exists():
-            self._rebuild_checkpoint(art_dir)
-        # earlier stages' files are dead weight now (what this stage shares with them, and the hint, is kept)
-        hint = ctrl.prefetch_for(self.formats)
-        keep = {f.sha256 for f in (*desc.files, *(hint[1].files if hint else ()))}
-        if (art_dir / RECIPE).exists():
-            keep.add(json.loads((art_dir / RECIPE).read_text())["sha256"])
-        self.cache.prune(keep, self.cache.root / "stages", desc.artifact_id)
-        return art_dir, got
-
-    def _rebuild_checkpoint(self, art_dir: Path) -> None:
-        """The checkpoint came as tensor files: rebuild it once (kept as a verified blob), then link it."""
-        want = json.loads((art_dir / RECIPE).read_text())["sha256"]
-        if not self.cache.has(want):
-            tmp = art_dir / ".checkpoint.building"
-            try:
-                assemble_checkpoint(art_dir, tmp)
-            except CheckpointAssemblyError as exc:
-                raise DeviceError(str(exc)) from None
-            self.cache.add_file(tmp)
-            tmp.unlink()
-            log.debug("%s: rebuilt checkpoint %s from tensor files", self.device_id, want[:12])
-        try:
-            os.link(self.cache.blob_path(want), art_dir / CHECKPOINT)
-        except OSError:
-            shutil.copyfile(self.cache.blob_path(want), art_dir / CHECKPOINT)
-
-    def _open_trainer(self, ctrl: P.ControlMessage, hp: P.TrainSettings) -> tuple[Trainer, Path, int]:
-        """A trainer on verified files; a cache whose blob rotted since it was fetched is fetched again once."""
-        fmt, desc = ctrl.artifact_for(self.formats) or ("", None)
-        assert desc is not None
-
-        def make(art_dir: Path) -> Trainer:
-            return open_trainer(fmt, art_dir, lr=hp.lr, threads=self.threads, trainable=hp.trainable,
-                                optimizer=hp.optimizer)
-
-        art_dir, got = self._artifact_dir(ctrl)
-        try:
-            return make(art_dir), art_dir, got
-        except ManifestError as exc:
-            log.warning("%s: cached artifact failed verification (%s); fetching it again", self.device_id, exc)
-            for f in desc.files:
-                self.cache.recheck(f.sha256, f.size)  # a corrupt blob is deleted, so it is fetched again
-            art_dir, got2 = self._artifact_dir(ctrl)
-            return make(art_dir), art_dir, got + got2
-
-    # -- training --------------------------------------------------------------------------
-
-    def train_round(self, ctrl: P.ControlMessage) -> P.UpdateMessage:
-        from edge_runtime.telemetry import TelemetryRecorder
-
-        hp = ctrl.hyperparams
-        if hp is None or self.device_id not in hp.seeds:
-            raise DeviceError(f"the train control for round {ctrl.round} carries no seed for {self.device_id}")
-        trainable = list(hp.trainable)
-        key = (ctrl.run_id, ctrl.stage, ctrl.round, hp.session)
-        if key not in self._acked:  # a device following the first active run learns its run id from this control
-            self._acked.add(key)
-            self._status("busy", stage=ctrl.stage, round=ctrl.round)
-        started_unix, t0 = time.time(), time.perf_counter()
-        fmt, desc = ctrl.artifact_for(self.formats) or ("", None)
-        aid = desc.artifact_id if desc else ""
-        fetched_before_s = self.stage_fetch_s.get(aid, 0.0)
-        trainer, art_dir, downloaded = self._open_trainer(ctrl, hp)
-        self._trainer = trainer  # kept alive until _act has sent the update
-        glob = self._global_for(ctrl)
-        trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
-        received = trainer.get_lora()
-        unknown = sorted(set(trainable) - set(received))
-        if unknown:
-            raise DeviceError(f"control names trainable tensors the artifacts lack: {unknown[:3]}")
-        # the onnx trainer leaves non-trainable tensors alone; the legacy ones update all, so restore those
-        frozen = {k: v for k, v in received.items() if k not in set(trainable)} if fmt != "onnx" else {}
-        seq_len = trainer.manifest.seq_len  # the run's one sequence length, carried in the manifest
-        encoded = self._encoded_shard(art_dir, trainer, seq_len)
-        pad = pad_id(trainer.manifest.model_config)
-        losses: list[float] = []
-        setup_s = time.perf_counter() - t0
-        with TelemetryRecorder() as rec:
-            for ids, labels, tokens in round_batches(encoded, hp, self.device_id, pad):
-                if not (labels[:, 1:] != IGNORE_INDEX).any():
-                    log.warning("%s: a batch has no completion tokens within seq_len %d; skipped", self.device_id,
-                                seq_len)
-                    continue
-                with rec.step(tokens=tokens):
-                    losses.append(trainer.train_step(ids, labels))
-                    if frozen:  # e.g. FFA-LoRA: A stays at the received value, B trains against it
-                        trainer.set_lora({**trainer.get_lora(), **frozen})
-        trained = trainer.get_lora()
-        delta = {k: (trained[k] - received[k]).astype(np.float32) for k in trainable}
-        # started_unix and fetch_s let the coordinator split a round into transport and training
-        telemetry = {**rec.report(), "train_s": time.perf_counter() - t0, "setup_s": setup_s,
-                     "started_unix": started_unix, "fetch_s": self.stage_fetch_s.get(aid, 0.0) - fetched_before_s,
-                     "stage_fetch_s": self.stage_fetch_s.get(aid, 0.0),
-                     "backend": trainer.manifest.backend, "threads": self.threads, "process": os.getpid(),
-                     "artifact_id": aid, "download_bytes": downloaded,
-                     "stage_download_bytes": self.stage_downloads.get(aid, 0),
-                     "prefetch_bytes": self.prefetch_bytes, "prefetch_s": self.prefetch_s,
-                     "cache_bytes_downloaded_total": self.cache.bytes_downloaded,
-                     "mqtt_payload_bytes_received": self.client.payload_bytes_received if self.client else None}
-        loss = float(np.mean(losses)) if losses else float("nan")
-        return P.UpdateMessage(ctrl.run_id, ctrl.stage, ctrl.round, self.device_id, secrets.token_hex(16),
-                               len(self.shard), delta, {"train_loss": loss}, telemetry)
-
-    def _encoded_shard(self, art_dir: Path, trainer: Trainer, seq_len: int) -> list:
-        from tokenizers import Tokenizer
-
-        name = trainer.manifest.tokenizer_file
-        if name is None:
-            raise DeviceError(f"artifacts in {art_dir} carry no tokenizer.json; the server must export with one")
-        tok_sha = trainer.manifest.files[name].sha256
-        key = (tok_sha, seq_len)
-        if key not in self._encoded:
-            self._encoded = {key: encode(Tokenizer.from_file(str(art_dir / name)), self.shard, seq_len)}
-        return self._encoded[key]
-
     def _send(self, update: P.UpdateMessage, ctrl: P.ControlMessage) -> None:
         data = P.encode_update(update)
         info = self.client.publish(P.update_topic(ctrl.run_id, self.device_id), data)
@@ -651,29 +360,6 @@ class Device:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def round_batches(encoded: list[tuple[list[int], list[int]]], hp: P.TrainSettings, device_id: str,
-                  pad: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """The round's batches as every device draws them: (input_ids, labels, real tokens) per local step.
-
-    edge_runtime.sampler draws `batch_size` distinct examples per step (as the simulation does); a batch
-    whose labels are all -100 after the first position is still yielded (the caller skips it, and says so)."""
-    for idx in round_draws(hp.seeds[device_id], len(encoded), hp.batch_size, hp.local_steps):
-        ids, labels = collate([encoded[i] for i in idx], pad)
-        yield ids, labels, int(sum(len(encoded[i][0]) for i in idx))
-
-
-def pad_id(model_config: dict) -> int:
-    """Pads are labelled -100 and come after every real token, so any valid id is exact."""
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = model_config.get(key)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
-    return 0
-
 
 # --------------------------------------------------------------------------- CLI
 
