@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,19 +27,16 @@ def _events(run_dir: Path) -> list[dict]:
 
 
 def _wait(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+    from tests.serve_helpers import wait_for
+
+    return wait_for(pred, timeout_s, what, TimeoutError)
 
 
 def measure(work: Path) -> dict:
     from server_sdk.config import DataSettings, LoraSettings, RunConfig
     from server_sdk.engine.model import tiny_random_model
-    from server_sdk.fleet.local_fleet import REPO_ROOT, LocalFleet
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from tests.serve_helpers import serve_command, serve_until_killed
 
     tiny = tiny_random_model(n_layers=4, hidden=32, seed=0)
     model_dir = work / "model"
@@ -57,24 +52,12 @@ def measure(work: Path) -> dict:
     out: dict = {}
     with LocalFleet(work / "fleet", 3) as fleet:
         fleet.start_broker()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-        serve = [sys.executable, "-m", "server_sdk.cli.main", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
-                 "--fleet-dir", str(fleet.dir), "--quiet", "--round-timeout", "120"]
+        serve, env = serve_command(fleet, 120)
         with open(work / "serve.log", "ab") as logf:
-            first = subprocess.Popen([*serve, "--config", str(work / "cfg.json"), "--name", run_dir.name,
-                                      "--runs-dir", str(work)], stdout=logf, stderr=subprocess.STDOUT, env=env)
-            try:
-                shards = [run_dir / "data" / f"client_{c:03d}.jsonl" for c in range(3)]
-                _wait(lambda: all(p.exists() for p in shards), 300, "the client shards")
-                for name, shard in zip(fleet.names, shards):
-                    fleet.start_device(name, shard, run_dir.name)
-                _wait(lambda: any(e["event"] == "round_start" and e["round"] == 1 for e in _events(run_dir)), 600,
-                      "round 1 to start")
-                first.send_signal(signal.SIGKILL)
-                first.wait()
-            finally:
-                if first.poll() is None:
-                    first.kill()
+            serve_until_killed(fleet, serve, env, work / "cfg.json", run_dir, logf, _wait, shards_s=300,
+                               until=lambda: any(e["event"] == "round_start" and e["round"] == 1
+                                                 for e in _events(run_dir)),
+                               until_s=600, what="round 1 to start")
             before = len(_events(run_dir))
             t0 = time.time()
             resumed = subprocess.Popen([*serve, "--resume", str(run_dir)], stdout=logf, stderr=subprocess.STDOUT,

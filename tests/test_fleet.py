@@ -34,6 +34,7 @@ from server_sdk.fleet.registry import client_index, device_name
 from server_sdk.fleet.settings import FleetSettings
 from server_sdk.method.aggregation import aggregate, update_norm
 from tests.broker_fixtures import settings_for
+from tests.serve_helpers import wait_for
 
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, clients
 
@@ -47,16 +48,6 @@ PB = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
 def events(run_dir: Path) -> list[dict]:
     path = run_dir / "fleet_events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def test_device_names_map_to_shards():
@@ -529,14 +520,13 @@ def test_broker_restart_mid_stage_loses_and_duplicates_no_update(tiny4, tmp_path
 
 
 def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp_path):
-    import signal
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
     from server_sdk.engine.model import load_base_model
-    from server_sdk.fleet.local_fleet import REPO_ROOT, LocalFleet
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from tests.serve_helpers import serve_command, serve_until_killed
 
     model_dir = tmp_path / "model"  # both coordinators load the same weights by path
     tiny4.model.save_pretrained(model_dir)
@@ -551,25 +541,12 @@ def test_coordinator_killed_after_a_round_resumes_to_the_same_adapter(tiny4, tmp
     run_dir = tmp_path / "killed"
     with LocalFleet(tmp_path / "fleet2", 3) as fleet:
         fleet.start_broker()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-        serve = [sys.executable, "-m", "server_sdk.cli.main", "serve", "--broker-url", f"mqtts://localhost:{fleet.port}",
-                 "--fleet-dir", str(fleet.dir), "--quiet", "--round-timeout", "60"]
+        serve, env = serve_command(fleet, 60)
         with open(tmp_path / "serve.log", "ab") as logf:
-            first = subprocess.Popen([*serve, "--config", str(tmp_path / "cfg.json"), "--name", run_dir.name,
-                                      "--runs-dir", str(tmp_path)], stdout=logf, stderr=subprocess.STDOUT, env=env)
-            try:
-                shards = [run_dir / "data" / f"client_{c:03d}.jsonl" for c in range(3)]
-                wait_for(lambda: all(p.exists() for p in shards), 120, "the client shards")
-                for name, shard in zip(fleet.names, shards):
-                    fleet.start_device(name, shard, run_dir.name)
-                meta = run_dir / "checkpoint" / "meta.json"
-                wait_for(lambda: meta.exists() and len(json.loads(meta.read_text())["records"]) >= 2, 180,
-                         "the first round's checkpoint")
-                first.send_signal(signal.SIGKILL)  # no clean shutdown: the next round may be half done
-                first.wait()
-            finally:
-                if first.poll() is None:
-                    first.kill()
+            meta = run_dir / "checkpoint" / "meta.json"
+            serve_until_killed(fleet, serve, env, tmp_path / "cfg.json", run_dir, logf, wait_for, shards_s=120,
+                               until=lambda: meta.exists() and len(json.loads(meta.read_text())["records"]) >= 2,
+                               until_s=180, what="the first round's checkpoint")
             assert len(json.loads(meta.read_text())["records"]) < 4, "the run finished before it was killed"
             resumed = subprocess.run([*serve, "--resume", str(run_dir)], stdout=logf, stderr=subprocess.STDOUT,
                                      env=env, timeout=300)
