@@ -91,6 +91,7 @@ from server_sdk.fleet.processes import (
     free_port,
     listening,
     set_parent_death_signal,
+    stop_process,
     wait_for_stop_signal,
 )
 
@@ -226,14 +227,7 @@ class BrokerProcess:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, so mosquitto saves sessions and queued messages to disk."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, timeout_s)
 
     def restart(self, timeout_s: float = 10.0) -> BrokerProcess:
         self.stop()

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from edge_runtime.protocol import ArtifactDescriptor, check_name
 from edge_runtime.transfer import sha256_file
-from server_sdk.fleet.broker import free_port, set_parent_death_signal, wait_for_stop_signal
+from server_sdk.fleet.processes import free_port, run_in_foreground, set_parent_death_signal, stop_process
 from server_sdk.fleet.ratelimit import LogBudget, cut
 
 log = logging.getLogger(__name__)
@@ -420,14 +420,7 @@ class NginxOrigin:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGQUIT: nginx's graceful stop (workers finish the downloads in flight); SIGKILL after timeout_s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGQUIT, timeout_s)
 
     def __enter__(self) -> NginxOrigin:
         return self.start()
@@ -453,17 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     origin = NginxOrigin(args.fleet_dir, files=args.dir, port=args.port, bind=args.bind, host=args.host,
                          die_with_parent=True)
-    try:
-        origin.start()
-    except OriginError as exc:
-        print(f"origin: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"artifact origin: devft serve ... --artifacts {origin.url} --artifact-dir {origin.files}")
-    try:
-        wait_for_stop_signal(lambda: origin.proc is not None and origin.proc.poll() is None)
-    finally:
-        origin.stop()
-    return 0
+    return run_in_foreground("origin", origin.start, origin.stop,
+                             lambda: origin.proc is not None and origin.proc.poll() is None, OriginError,
+                             lambda: f"artifact origin: devft serve ... --artifacts {origin.url} --artifact-dir {origin.files}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import ctypes
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,36 @@ def wait_for_stop_signal(running: Callable[[], bool]) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+    """Send a running child `sig` (its own clean stop) and wait up to timeout_s for it to exit; SIGKILL it after."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_in_foreground(name: str, start: Callable[[], object], stop: Callable[[], object],
+                      running: Callable[[], bool], errors: type[Exception], ready: Callable[[], str]) -> int:
+    """A service's foreground `run` command (the origin, the web gateway): start it, print `ready()` (how to reach
+    it), serve until SIGTERM or SIGINT or until it exits, then stop it; 0, or 2 after `name: error: ...` when it
+    could not start (`errors`)."""
+    try:
+        start()
+    except errors as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    print(ready())
+    try:
+        wait_for_stop_signal(running)
+    finally:
+        stop()
+    return 0
 
 
 def _find_prctl():

@@ -35,7 +35,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from server_sdk.fleet.broker import free_port, set_parent_death_signal, wait_for_stop_signal
+from server_sdk.fleet.processes import free_port, run_in_foreground, set_parent_death_signal, stop_process
 
 log = logging.getLogger("devft.web")
 
@@ -283,13 +283,7 @@ class WebGateway:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
-        if self.relay is not None and self.relay.poll() is None:
-            self.relay.terminate()
-            try:
-                self.relay.wait(10)
-            except subprocess.TimeoutExpired:
-                self.relay.kill()
-                self.relay.wait()
+        stop_process(self.relay, timeout_s=10)
         self.relay = None
         if self.forwarder is not None:
             self.forwarder.stop()
@@ -339,17 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = args.mqtt_port or json.loads((Path(args.fleet_dir) / "fleet.json").read_text())["port"]
     gw = WebGateway(args.fleet_dir, port, ws_port=args.ws_port, https_port=args.https_port, bind=args.bind)
-    try:
-        gw.start()
-    except GatewayError as exc:
-        print(f"web_gateway: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"device page: https://<this host>:{gw.https_port}/app/   MQTT over WSS: wss://<this host>:{gw.ws_port}/")
-    try:
-        wait_for_stop_signal(lambda: gw.relay is not None and gw.relay.poll() is None)
-    finally:
-        gw.stop()
-    return 0
+    return run_in_foreground("web_gateway", gw.start, gw.stop, lambda: gw.relay is not None and gw.relay.poll() is None,
+                             GatewayError, lambda: f"device page: https://<this host>:{gw.https_port}/app/   "
+                                                   f"MQTT over WSS: wss://<this host>:{gw.ws_port}/")
 
 
 if __name__ == "__main__":
