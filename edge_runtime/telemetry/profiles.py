@@ -7,9 +7,18 @@ any energy meter can still report an energy figure -- always labelled ``estimate
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 GIB = 1024**3
+
+
+def by_name(items: Iterable[T]) -> dict[str, T]:
+    """A table keyed by each entry's `name`, in the order given."""
+    return {item.name: item for item in items}
 
 
 @dataclass(frozen=True)
@@ -39,16 +48,15 @@ class PowerModel:
 # - android-phone: a sustained SoC power envelope of ~5 W for a phone under all-core load
 #   (the thermal limit reported in AnandTech SoC reviews), over 8 cores -> ~0.6 W.
 # All are rounded approximations from public figures, not measurements made by this project.
-POWER_MODELS: dict[str, PowerModel] = {
-    model.name: model
-    for model in (
+POWER_MODELS: dict[str, PowerModel] = by_name(
+    (
         PowerModel("x86-laptop", 15.0 / 8, "15 W U-series TDP (Intel ARK) / 8 logical CPUs"),
         PowerModel("raspberry-pi-4", 6.4 / 4, "~6.4 W all-core load (public reviews) / 4 cores"),
         PowerModel("raspberry-pi-5", 8.0 / 4, "~8 W all-core load (public reviews) / 4 cores"),
         PowerModel("jetson-orin-nano", 15.0 / 6, "15 W power mode (NVIDIA datasheet) / 6 cores"),
         PowerModel("android-phone", 5.0 / 8, "~5 W sustained SoC envelope (reviews) / 8 cores"),
     )
-}
+)
 
 
 @dataclass(frozen=True)
@@ -66,9 +74,8 @@ class DeviceProfile:
     note: str
 
 
-DEVICE_PROFILES: dict[str, DeviceProfile] = {
-    profile.name: profile
-    for profile in (
+DEVICE_PROFILES: dict[str, DeviceProfile] = by_name(
+    (
         DeviceProfile(
             "raspberry-pi-4-4gb",
             4 * GIB,
@@ -98,7 +105,7 @@ DEVICE_PROFILES: dict[str, DeviceProfile] = {
             "Android and resident apps hold ~3 GB; beyond that the low-memory killer acts",
         ),
     )
-}
+)
 
 
 def device_profile(name: str) -> DeviceProfile:
