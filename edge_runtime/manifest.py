@@ -33,6 +33,13 @@ class ManifestError(ValueError):
     """An artifact directory that must not be trained on; the message says why and what to do."""
 
 
+def check_one_of(name: str, value: Any, choices: Sequence[Any], error: type[Exception] = ValueError, *,
+                 hint: str = "") -> None:
+    """Refuse a setting outside its choices, naming them: `<name> must be one of <choices>, got <value>[; hint]`."""
+    if value not in choices:
+        raise error(f"{name} must be one of {choices}, got {value!r}" + (f"; {hint}" if hint else ""))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One trainable tensor: its name inside the artifacts and its PEFT state_dict key."""
@@ -96,10 +103,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ManifestError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.weights not in WEIGHT_SCHEMES:
-            raise ManifestError(f"weights must be one of {WEIGHT_SCHEMES}, got {self.weights!r}; {_REEXPORT}")
+        check_one_of("backend", self.backend, BACKENDS, ManifestError)
+        check_one_of("weights", self.weights, WEIGHT_SCHEMES, ManifestError, hint=_REEXPORT)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -20,7 +20,7 @@ import numpy as np
 
 from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
 from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN
-from edge_runtime.manifest import TensorSpec
+from edge_runtime.manifest import TensorSpec, check_one_of
 from edge_runtime.optim import make_optimizer
 
 FORMAT = "onnx"
@@ -69,12 +69,9 @@ class SessionChoices:
     release_memory: bool = True
 
     def __post_init__(self) -> None:
-        if self.arena not in ARENAS:
-            raise ValueError(f"arena must be one of {ARENAS}, got {self.arena!r}")
-        if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {sorted(ORDERS)}, got {self.order!r}")
-        if self.optimization not in OPTIMIZATION_LEVELS:
-            raise ValueError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {self.optimization!r}")
+        check_one_of("arena", self.arena, ARENAS)
+        check_one_of("order", self.order, sorted(ORDERS))
+        check_one_of("optimization", self.optimization, sorted(OPTIMIZATION_LEVELS))
 
     def label(self) -> str:
         return (f"arena {self.arena}, opt {self.optimization}, fold {'on' if self.folding else 'off'}, "
