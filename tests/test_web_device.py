@@ -168,49 +168,18 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
     accepted, and each browser round's losses are within 1e-5 of devft-edge's code replaying its inputs."""
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.fleet.settings import FleetSettings
-    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
-    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+    from tests.test_fleet import accepted_by_round, events, fleet_cfg
+    from tests.web_helpers import DriverRun, browser_devices
 
     browser_names = ("dev-002", "dev-003")
     out = tmp_path / "browsers"
-
-    class BrowserRun(FleetRun):
-        gateway: WebGateway | None = None
-
-        def finish(self, timeout_s: float = 600) -> dict:
-            self.thread.join(timeout_s)
-            driver = self.fleet.devices.get("browsers")
-            if driver is not None:  # after `done` it copies each round's files out of the pages for the replay
-                try:
-                    driver.wait(300)
-                except subprocess.TimeoutExpired:
-                    pass  # its exit code stays None and the assertion below says so
-            return super().finish(timeout_s)
-
-        def start_device(self, name: str, code: str | None = None):
-            if name not in browser_names:
-                return super().start_device(name, code)
-            if name != browser_names[-1]:
-                return None
-            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
-            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
-                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
-                   "--timeout-s", "500", "--keep-blobs"]
-            for b in browser_names:
-                cmd += ["--device", f"{b}={self.fleet.device_credentials(b)},{self.shards[b]}"]
-            with open(tmp_path / "browsers.log", "ab") as logf:
-                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
-            self.fleet.devices["browsers"] = proc
-            return proc
-
     cfg = fleet_cfg(num_clients=4, clients_per_round=4)
-    job = BrowserRun(tmp_path / "web", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
-                     FleetSettings(round_timeout_s=180))
-    try:
-        report = job.finish(900)
-    finally:
-        if job.gateway is not None:
-            job.gateway.stop()
+    # after `done` the driver copies each round's files out of the pages for the replay
+    job = DriverRun(tmp_path / "web", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                    FleetSettings(round_timeout_s=180), driven=browser_names,
+                    command=browser_devices(out, 500, "--keep-blobs"), cwd=WEB, log=tmp_path / "browsers.log",
+                    wait_s=300, gateway=True)
+    report = job.finish(900)
     logs = "".join((out / b / "log.txt").read_text() for b in browser_names if (out / b / "log.txt").exists())
     rounds = accepted_by_round(job.run_dir)
     assert len(rounds) == 3 and all(sorted(v) == ["dev-000", "dev-001", "dev-002", "dev-003"] for v in rounds.values()), \
@@ -298,35 +267,16 @@ def test_a_tab_closed_mid_round_is_offline_through_its_will_and_the_run_goes_on(
     three devft-edge devices instead of waiting for the dead tab; the run finishes."""
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.fleet.settings import FleetSettings
-    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
-    from tests.test_fleet import FleetRun, events, fleet_cfg
+    from tests.test_fleet import events, fleet_cfg
+    from tests.web_helpers import DriverRun, browser_devices
 
     out = tmp_path / "browsers"
-
-    class TabRun(FleetRun):
-        gateway: WebGateway | None = None
-
-        def start_device(self, name: str, code: str | None = None):
-            if name != "dev-003":
-                return super().start_device(name, code)
-            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
-            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
-                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
-                   "--timeout-s", "300", "--close", name,
-                   "--device", f"{name}={self.fleet.device_credentials(name)},{self.shards[name]}"]
-            with open(tmp_path / "browsers.log", "ab") as logf:
-                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
-            self.fleet.devices["browsers"] = proc
-            return proc
-
     cfg = fleet_cfg(num_clients=4, clients_per_round=4, stages=[4], rounds_per_stage=[2])
-    job = TabRun(tmp_path / "tab", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
-                 FleetSettings(round_timeout_s=300))
-    try:
-        job.finish(900)
-    finally:
-        if job.gateway is not None:
-            job.gateway.stop()
+    job = DriverRun(tmp_path / "tab", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                    FleetSettings(round_timeout_s=300), driven=("dev-003",),
+                    command=browser_devices(out, 300, "--close", "dev-003"), cwd=WEB, log=tmp_path / "browsers.log",
+                    gateway=True)
+    job.finish(900)
     evs = events(job.run_dir)
     ends = [e for e in evs if e["event"] == "round_end"]
     assert (out / "dev-003" / "closed.json").exists(), (tmp_path / "browsers.log").read_text()
@@ -478,45 +428,16 @@ def test_a_full_storage_quota_is_shown_and_loses_nothing(tmp_path):
     devft-edge devices at its deadline, the run finishes, and the page ends cleanly with the run."""
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.fleet.settings import FleetSettings
-    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
-    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+    from tests.test_fleet import accepted_by_round, events, fleet_cfg
+    from tests.web_helpers import DriverRun, browser_devices
 
     out = tmp_path / "browsers"
-
-    class QuotaRun(FleetRun):
-        gateway: WebGateway | None = None
-
-        def finish(self, timeout_s: float = 600) -> dict:
-            self.thread.join(timeout_s)
-            driver = self.fleet.devices.get("browsers")
-            if driver is not None:
-                try:
-                    driver.wait(120)
-                except subprocess.TimeoutExpired:
-                    pass  # its exit code stays None and the assertion below says so
-            return super().finish(timeout_s)
-
-        def start_device(self, name: str, code: str | None = None):
-            if name != "dev-002":
-                return super().start_device(name, code)
-            self.gateway = WebGateway(self.fleet.dir, self.fleet.port).start()
-            cmd = ["node", "test/browser-devices.mjs", "--page", self.gateway.page_url, "--ws", self.gateway.ws_url,
-                   "--run", self.run_dir.name, "--spki", spki_sha256(self.fleet.dir / "server.pem"), "--out", str(out),
-                   "--timeout-s", "300", "--quota", "4096",
-                   "--device", f"{name}={self.fleet.device_credentials(name)},{self.shards[name]}"]
-            with open(tmp_path / "browsers.log", "ab") as logf:
-                proc = subprocess.Popen(cmd, cwd=WEB, stdout=logf, stderr=subprocess.STDOUT)
-            self.fleet.devices["browsers"] = proc
-            return proc
-
     cfg = fleet_cfg(num_clients=3, clients_per_round=3, stages=[4], rounds_per_stage=[1])
-    job = QuotaRun(tmp_path / "quota", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 3,
-                   FleetSettings(round_timeout_s=40))
-    try:
-        report = job.finish(600)
-    finally:
-        if job.gateway is not None:
-            job.gateway.stop()
+    job = DriverRun(tmp_path / "quota", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 3,
+                    FleetSettings(round_timeout_s=40), driven=("dev-002",),
+                    command=browser_devices(out, 300, "--quota", "4096"), cwd=WEB, log=tmp_path / "browsers.log",
+                    wait_s=120, gateway=True)
+    report = job.finish(600)
     log = (out / "dev-002" / "log.txt").read_text() if (out / "dev-002" / "log.txt").exists() else \
         (tmp_path / "browsers.log").read_text()
     page = json.loads((out / "dev-002" / "abandoned.json").read_text())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,36 +31,20 @@ def test_rig_of_emulated_phones_joins_a_real_fleet_run_and_reports_them_as_emula
     from server_sdk.fleet.local_fleet import add_fleet_summary
     from server_sdk.fleet.settings import FleetSettings
     from server_sdk.fleet.web_join import _load
-    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+    from tests.test_fleet import accepted_by_round, events, fleet_cfg
+    from tests.web_helpers import DriverRun
 
     phones = ("dev-002", "dev-003")
 
-    class RigRun(FleetRun):
-        def finish(self, timeout_s: float = 600) -> dict:
-            self.thread.join(timeout_s)
-            rig = self.fleet.devices.get("rig")
-            if rig is not None:  # it adds its section once the coordinator has written report.json
-                try:
-                    rig.wait(180)
-                except subprocess.TimeoutExpired:
-                    pass  # its exit code stays None and the assertion below says so
-            return super().finish(timeout_s)
-
-        def start_device(self, name: str, code: str | None = None):
-            if name not in phones:
-                return super().start_device(name, code)
-            if name != phones[-1]:
-                return None
-            cmd = [sys.executable, "-m", "server_sdk.cli.main", "rig", str(self.fleet.dir), "--run", self.run_dir.name,
-                   "--run-dir", str(self.run_dir), "--devices", ",".join(phones), "--throttle", "2", "--timeout", "600"]
-            with open(tmp_path / "rig.log", "ab") as logf:
-                proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
-            self.fleet.devices["rig"] = proc
-            return proc
+    def rig(job: DriverRun) -> list[str]:
+        return [sys.executable, "-m", "server_sdk.cli.main", "rig", str(job.fleet.dir), "--run", job.run_dir.name,
+                "--run-dir", str(job.run_dir), "--devices", ",".join(phones), "--throttle", "2", "--timeout", "600"]
 
     cfg = fleet_cfg(num_clients=4, clients_per_round=4, stages=[4], rounds_per_stage=[2])
-    job = RigRun(tmp_path / "rig", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
-                 FleetSettings(round_timeout_s=240))
+    # after the run the rig adds its section once the coordinator has written report.json
+    job = DriverRun(tmp_path / "rig", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
+                    FleetSettings(round_timeout_s=240), driven=phones, command=rig, cwd=REPO,
+                    log=tmp_path / "rig.log", key="rig", wait_s=180)
     job.finish(900)
     log = (tmp_path / "rig.log").read_text()
     assert job.codes["rig"] == 0, log
