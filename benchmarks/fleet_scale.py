@@ -839,19 +839,26 @@ def row_cache(config: tuple, rounds: int, sample: float, delay: float, per_proce
     return CACHE / "rows" / f"{n}-{kind}-{mode}-e{edges}-{fault}{q}-r{rounds}-s{sample:g}-d{delay:g}-p{per_process}.json"
 
 
+# the comma-separated lists that, with --devices, make the configurations (every combination runs): flag, default, help
+DEVICES_LISTS = (
+    ("--updates", "tiny", "update sizes from tiny, smollm2 (default tiny)"),
+    ("--globals", "sampled", "every (each device receives every round's global adapter, as devft-edge did before), "
+                             "sampled (only the rounds it trains; default)"),
+    ("--edges", "0", "edge broker counts (0 = devices on the fleet's broker, K = spread over K edge brokers bridged "
+                     "to it; default 0)"),
+    ("--fault", "none", "faults in round 1, comma-separated from none, broker (restart the broker), coordinator "
+                        "(SIGKILL the coordinator process, resume it from its checkpoint), deaths (10%% of the round's "
+                        "sampled devices crash); default none"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="standard")
     p.add_argument("--devices", help="comma-separated device counts: run these instead of the profile's list, "
                    "each with every --updates, --globals and --edges value")
-    p.add_argument("--updates", default="tiny", help="with --devices: update sizes from tiny, smollm2 (default tiny)")
-    p.add_argument("--globals", default="sampled", help="with --devices: every (each device receives every round's "
-                   "global adapter, as devft-edge did before), sampled (only the rounds it trains; default)")
-    p.add_argument("--edges", default="0", help="with --devices: edge broker counts (0 = devices on the fleet's "
-                   "broker, K = spread over K edge brokers bridged to it; default 0)")
-    p.add_argument("--fault", default="none", help="with --devices: faults in round 1, comma-separated from "
-                   "none, broker (restart the broker), coordinator (SIGKILL the coordinator process, resume it from "
-                   "its checkpoint), deaths (10%% of the round's sampled devices crash); default none")
+    for flag, default, text in DEVICES_LISTS:
+        p.add_argument(flag, default=default, help=f"with --devices: {text}")
     p.add_argument("--queue-mib", type=int, default=0, help="with --devices: the broker's per-client queue bound "
                    "(fleet.json max_queued_bytes, in MiB) for these runs; 0 = the fleet's default, 256 MiB")
     p.add_argument("--restart", action="store_true", help="with --devices: the same as --fault broker")
