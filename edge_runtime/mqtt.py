@@ -9,7 +9,7 @@ per-topic-filter callbacks or inbox queues that are safe to use from any thread.
 Callbacks run on paho's network thread: keep them short (enqueue, then return).
 
 Every connection turns Nagle's algorithm off (TCP_NODELAY), as the broker does for its side
-(server_sdk/fleet/broker.py): otherwise the tail of a message waits for the peer's delayed ACK, about
+(server_sdk/fleet/broker_config.py): otherwise the tail of a message waits for the peer's delayed ACK, about
 40 ms on Linux, before it leaves; a round's control and global adapter and every update would
 each pay that once or twice.
 """
