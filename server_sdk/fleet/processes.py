@@ -1,6 +1,6 @@
 """Helpers for the processes the fleet starts and stops (mosquitto, nginx, the web gateway's relay): a free port,
-whether something listens, a child that dies with its parent, a foreground wait for SIGTERM or SIGINT, whether a
-process catches SIGHUP yet.
+whether something listens, a child that dies with its parent, stopping a child (its own signal, then SIGKILL), a
+service's foreground `run` until SIGTERM or SIGINT, whether a process catches SIGHUP yet.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port now."""
     try:
         with socket.create_connection((host, port), timeout=0.2):
             return True
