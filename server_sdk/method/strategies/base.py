@@ -18,6 +18,7 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from server_sdk.config import RunConfig
+from server_sdk.method.aggregation import make_aggregator
 from server_sdk.method.lora import LoraState
 from server_sdk.method.submodel import StagePlan, build_submodel
 
@@ -43,6 +44,7 @@ class Strategy(ABC):
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.aggregator = make_aggregator(cfg.aggregation)  # FedAvg, or the robust rule cfg.aggregation names
 
     @abstractmethod
     def stage_sizes(self, n_layers: int) -> list[int]:
@@ -89,10 +91,8 @@ class Strategy(ABC):
         return "lora_" in name
 
     def aggregate_train(self, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-        """FedAvg over client deltas weighted by sample count, or the robust rule `cfg.aggregation` names."""
-        from server_sdk.method.aggregation import aggregate
-
-        return aggregate(self.cfg.aggregation, global_lora, results)
+        """The stage's global LoRA after a round: the aggregator over the clients' deltas."""
+        return self.aggregator.aggregate(global_lora, results)
 
     @abstractmethod
     def finish_stage(self, full_lora: LoraState, trained: LoraState, initial: LoraState,
