@@ -40,7 +40,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 # Seeds stay below 2^53 so that a JSON number holds them exactly in every language (JavaScript's
-# numbers are doubles); the coordinator's seeds are 32-bit (rounds.client_seed).
+# numbers are doubles); the coordinator's seeds are 32-bit (strategies.base.client_seed).
 MAX_SEED = 2**53 - 1
 # 2: per-format artifacts and typed hyperparams in the control message
 # 3: batches drawn with edge_runtime.sampler (SplitMix64, partial Fisher-Yates) instead of numpy's Generator.choice

@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server_sdk.fleet.broker import (
     BrokerProcess,
@@ -41,6 +42,9 @@ from server_sdk.fleet.settings import FleetSettings
 from server_sdk.fleet.telemetry_intake import clean_telemetry
 from server_sdk.progress import note
 from server_sdk.quiet import is_verbose
+
+if TYPE_CHECKING:
+    from server_sdk.engine.rounds import RunResult
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -240,9 +244,11 @@ class LogRelay:
 
 
 def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False, progress: bool = True,
-              settings: FleetSettings | None = None, base=None, origin: bool = False, mqtt_chunks: bool = True) -> dict:
+              settings: FleetSettings | None = None, base=None, origin: bool = False,
+              mqtt_chunks: bool = True) -> RunResult:
     """`devft run --fleet local:N`: broker, coordinator and N devices on this machine; with `origin`, nginx too,
-    serving the stage files over HTTPS (`--artifacts nginx`; only there with `mqtt_chunks` False)."""
+    serving the stage files over HTTPS (`--artifacts nginx`; only there with `mqtt_chunks` False). A finished
+    run's report gains the fleet section (add_fleet_summary)."""
     from server_sdk.engine.rounds import run
 
     run_dir = Path(run_dir)
@@ -261,14 +267,14 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
                                          on_ready=start_devices)
         relay = LogRelay(fleet, note, everything=is_verbose()).start() if progress else None
         try:
-            report = run(cfg, run_dir, resume=resume, progress=progress, base=base, executor_factory=factory)
+            result = run(cfg, run_dir, resume=resume, progress=progress, base=base, executor_factory=factory)
             codes = fleet.wait_devices(30)
         finally:
             if relay is not None:
                 relay.stop()
-    if not report.get("interrupted"):
-        report = add_fleet_summary(run_dir, report, codes)
-    return report
+    if not result.interrupted:
+        result.report = add_fleet_summary(run_dir, result.report, codes)
+    return result
 
 
 class Terminated(SystemExit):
