@@ -306,8 +306,27 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
     runtime, ram_mb, cores) and why it was refused if it was, bytes downloaded per stage; each stage's memory need;
     refusals, replacements."""
     events = [json.loads(line) for line in (run_dir / "fleet_events.jsonl").read_text().splitlines() if line]
+    devices = _device_rounds(report["records"])
+    _add_declarations(devices, events)
+    for d in devices.values():
+        d["stages"] = sorted(d.get("stages", ()))
+        for (stage, _), nbytes in d.pop("_by_process", {}).items():
+            d["stage_download_bytes"][stage] = d["stage_download_bytes"].get(stage, 0) + nbytes
+    rejected, replacements = _refusals_and_replacements(events)
+    stages = {str(e["stage"]): e["memory"] for e in events if e["event"] == "stage" and e.get("memory")}
+    report["fleet"] = {"devices": devices, "stages": stages, "rejected": rejected, "replacements": replacements,
+                       "exit_codes": exit_codes or {}, "events": str(run_dir / "fleet_events.jsonl")}
+    if (run_dir / "rig.json").exists():  # `devft rig`'s phones: emulated or measured, and what it saw of them
+        report["rig"] = json.loads((run_dir / "rig.json").read_text())
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _device_rounds(records: list[dict]) -> dict[str, dict]:
+    """Per device, from the records' telemetry: rounds, stages, energy, peak RSS, and what each of its processes
+    downloaded per stage (`_by_process`, summed by the caller)."""
     devices: dict[str, dict] = {}
-    for rec in report["records"]:
+    for rec in records:
         for device, raw in (rec.get("telemetry") or {}).items():
             tel, _ = clean_telemetry(raw)  # device-sent (checked on arrival; again for reports of older runs)
             d = devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
@@ -320,13 +339,13 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
             seen[key] = max(seen.get(key, 0), tel.get("stage_download_bytes") or 0)
             d["energy_j"] += tel.get("energy_j") or 0.0
             d["peak_rss_bytes"] = max(d["peak_rss_bytes"], tel.get("peak_rss_bytes") or 0)
-    _add_declarations(devices, events)
-    for d in devices.values():
-        d["stages"] = sorted(d.get("stages", ()))
-        for (stage, _), nbytes in d.pop("_by_process", {}).items():
-            d["stage_download_bytes"][stage] = d["stage_download_bytes"].get(stage, 0) + nbytes
+    return devices
+
+
+def _refusals_and_replacements(events: list[dict]) -> tuple[dict[str, int], list[dict]]:
+    """Refused updates counted by reason, and who stood in for a device that went offline mid-round."""
     rejected: dict[str, int] = {}
-    replacements: list[dict] = []  # who stood in for a device that went offline mid-round
+    replacements: list[dict] = []
     for e in events:
         if e["event"] == "rejected":
             rejected[e["reason"]] = rejected.get(e["reason"], 0) + 1
@@ -335,13 +354,7 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
         elif e["event"] == "round_end":
             replacements += [{"stage": e["stage"], "round": e["round"], "device": by, "replaces": lost,
                               "accepted": by in e["accepted"]} for by, lost in (e.get("replacements") or {}).items()]
-    stages = {str(e["stage"]): e["memory"] for e in events if e["event"] == "stage" and e.get("memory")}
-    report["fleet"] = {"devices": devices, "stages": stages, "rejected": rejected, "replacements": replacements,
-                       "exit_codes": exit_codes or {}, "events": str(run_dir / "fleet_events.jsonl")}
-    if (run_dir / "rig.json").exists():  # `devft rig`'s phones: emulated or measured, and what it saw of them
-        report["rig"] = json.loads((run_dir / "rig.json").read_text())
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return rejected, replacements
 
 
 def _add_declarations(devices: dict[str, dict], events: list[dict]) -> None:
