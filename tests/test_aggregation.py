@@ -110,8 +110,8 @@ def test_robust_rules_on_a_tiny_run_stay_within_seed_noise(tiny_base, tiny_cfg, 
         cfg = tiny_cfg(stages=[6], rounds_per_stage=[4], num_clients=4, clients_per_round=4, local_steps=5,
                        lr=5e-2, **kw)
         name = "-".join(f"{k}{v}" for k, v in kw.items())
-        records = run(cfg, tmp_path / name, base=tiny_base, progress=False)["records"]
-        return [r["eval_loss"] for r in records if r.get("eval_loss") is not None][-1]
+        records = run(cfg, tmp_path / name, base=tiny_base, progress=False).records
+        return [r.eval_loss for r in records if r.eval_loss is not None][-1]
 
     fedavg = {seed: final_loss(seed=seed) for seed in (0, 1, 2)}
     noise = max(fedavg.values()) - min(fedavg.values())  # measured: 0.035 (8.051 .. 8.086)
