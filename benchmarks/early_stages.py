@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.method.records import RoundRecord
 from server_sdk.method.stage_transfer import relative_rate, stage_transfer
 
 from .metrics import Link, client_cpu, cumulative, first_reaching, ratio
@@ -94,10 +95,10 @@ def variant_config(base: RunConfig, name: str, seed: int, to_target: bool = Fals
 def reached(target: float, cpu_budget: float):
     """stop_when for a run toward FedIT's final eval loss: stop at the first evaluated round at or
     below it, or once the run's client CPU passes cpu_budget (then it never got there in budget)."""
-    def stop(records: list[dict]) -> bool:
-        rounds = [r for r in records if r["stage"] >= 0]
-        last = rounds[-1].get("eval_loss") if rounds else None
-        return (last is not None and last <= target + 1e-12) or client_cpu(records) > cpu_budget
+    def stop(records: list[RoundRecord]) -> bool:
+        rounds = [r for r in records if r.stage >= 0]
+        last = rounds[-1].eval_loss if rounds else None
+        return (last is not None and last <= target + 1e-12) or client_cpu([r.to_dict() for r in records]) > cpu_budget
     return stop
 
 
@@ -148,8 +149,9 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
     state = RunState.load(run_dir)
     plans = [{k: v for k, v in p.items() if k != "similarity"} for p in (state.stage_plans if state else [])]
     compact = {"key": key, "name": name, "config": cfg.to_dict(), "stop_after_rounds": stop_after,
-               "target": target, "stopped_early": bool(out.get("stopped_early")),
-               "records": out["records"], "stage_plans": plans, "stage_transfer": stage_transfer(out["records"]),
+               "target": target, "stopped_early": out.stopped_early,
+               "records": [r.to_dict() for r in out.records], "stage_plans": plans,
+               "stage_transfer": stage_transfer(out.records),
                "process_cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - t0,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_atomic(kept, json.dumps(compact) + "\n")

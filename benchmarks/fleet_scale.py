@@ -383,8 +383,8 @@ class Coordinator:
         """Run round `r` to its close, aggregate and checkpoint it; its measurements."""
         from server_sdk.engine import checkpoint
         from server_sdk.engine.executor import QuorumNotReached
-        from server_sdk.engine.rounds import client_seed, sample_clients
         from server_sdk.method.aggregation import aggregate
+        from server_sdk.method.strategies.base import client_seed, sample_clients
 
         sampled = sample_clients(self.cfg, 0, r)
         seeds = {c: client_seed(self.cfg.seed, 0, r, c) for c in sampled}
@@ -539,9 +539,9 @@ def run_scale(n: int, kind: str, rounds: int, sample_frac: float, delay_s: float
     sampled update); "coordinator" SIGKILLs the coordinator process and starts a resumed one from the checkpoint
     (restart to first round measured; the round then closes with every sampled update); "deaths" crashes 10% of
     the round's sampled devices (the round must close on their wills, quorum 0.8, well before the deadline)."""
-    from server_sdk.engine.rounds import sample_clients
     from server_sdk.fleet.broker import BrokerProcess
     from server_sdk.method.lora import to_peft_key
+    from server_sdk.method.strategies.base import sample_clients
 
     fleet = make_fleet(n)
     set_queue_bound(fleet, queue_mib)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 # Seeds stay below 2^53 so that a JSON number holds them exactly in every language (JavaScript's
-# numbers are doubles); the coordinator's seeds are 32-bit (rounds.client_seed).
+# numbers are doubles); the coordinator's seeds are 32-bit (strategies.base.client_seed).
 MAX_SEED = 2**53 - 1
 # 2: per-format artifacts and typed hyperparams in the control message
 # 3: batches drawn with edge_runtime.sampler (SplitMix64, partial Fisher-Yates) instead of numpy's Generator.choice

@@ -9,6 +9,7 @@ artifact ids (each stage's manifest names its run).
 """
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -32,6 +33,11 @@ def values(x, path=""):
         yield path, x
 
 
+def same_value(x, y) -> bool:
+    """Equal, or both NaN (a round whose clients' loss was NaN in both runs is the same round)."""
+    return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+
+
 def main(a: Path, b: Path) -> int:
     same = True
     tensors = ["adapter/adapter_model.safetensors", "checkpoint/state.safetensors",
@@ -43,7 +49,7 @@ def main(a: Path, b: Path) -> int:
         print(f"{'same' if ok else 'DIFFERENT'}  {rel} ({len(ta)} tensors, byte for byte)")
     for rel in ["report.json", "checkpoint/meta.json"]:
         va, vb = dict(values(json.loads((a / rel).read_text()))), dict(values(json.loads((b / rel).read_text())))
-        diff = sorted(k for k in va.keys() | vb.keys() if va.get(k) != vb.get(k))
+        diff = sorted(k for k in va.keys() | vb.keys() if not same_value(va.get(k), vb.get(k)))
         same &= not diff
         print(f"{'same' if not diff else 'DIFFERENT'}  {rel} ({len(va)} values; measurements left out)")
         for k in diff[:10]:

@@ -22,9 +22,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from server_sdk.method.records import RoundRecord
 
 TICK_S = 1.0
 PHASE_POSITION = 1  # under the round bar
@@ -238,19 +241,18 @@ def note(line: str) -> None:
         tqdm.write(line, file=sys.stderr)
 
 
-def round_postfix(stage: int, n_stages: int, layers: int, records: list[dict]) -> str:
+def round_postfix(stage: int, n_stages: int, layers: int, records: list[RoundRecord]) -> str:
     """What the round bar says after a round: stage (1-based), then both losses, labelled.
 
     The devices' training loss is that of the fused stage submodel (a few layers standing in
     for the whole model), so early stages sit far above the full model's held-out loss; shown
     side by side unlabelled, it read like divergence. The eval loss is the full model's."""
-    last = records[-1] if records else {}
     parts = [f"stage {stage + 1}/{n_stages} ({layers} layers)"]
-    if last.get("train_loss") is not None:
-        parts.append(f"submodel train loss {last['train_loss']:.3f}")
-    known = [r for r in records if r.get("eval_loss") is not None]
+    if records and records[-1].train_loss is not None:
+        parts.append(f"submodel train loss {records[-1].train_loss:.3f}")
+    known = [r for r in records if r.eval_loss is not None]
     if known:
         r = known[-1]
-        where = "base model" if r["stage"] < 0 else f"round {r['round']}"
-        parts.append(f"full-model eval loss {r['eval_loss']:.3f} ({where})")
+        where = "base model" if r.stage < 0 else f"round {r.round}"
+        parts.append(f"full-model eval loss {r.eval_loss:.3f} ({where})")
     return ", ".join(parts)

@@ -48,7 +48,7 @@ def test_seeds_are_bounded_to_what_a_json_number_holds_exactly():
 
 
 def test_coordinator_seeds_are_32_bit():
-    from server_sdk.engine.rounds import client_seed
+    from server_sdk.method.strategies.base import client_seed
 
     seeds = [client_seed(s, k, r, c) for s in (0, 2**31, 2**63) for k in range(3) for r in range(3) for c in range(4)]
     assert max(seeds) < 2**32 <= P.MAX_SEED

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from server_sdk.config import ConfigError
+from server_sdk.method.records import RoundRecord
 from server_sdk.method.schedule import auto_rounds, fixed_rounds
 from server_sdk.method.stage_transfer import relative_rate, stage_transfer
 
 
 def _rec(stage, rnd, loss, cpu, layers=4, down=100, up=50):
-    return {"stage": stage, "round": rnd, "layers": layers, "eval_loss": loss, "client_cpu_seconds": list(cpu),
-            "client_seconds": [9.0] * len(cpu), "bytes_down": down, "bytes_up": up}
+    return RoundRecord(stage=stage, round=rnd, stage_round=0, layers=layers, clients=[], train_loss=None,
+                       bytes_down=down, bytes_up=up, stage_download_bytes=0, client_seconds=[9.0] * len(cpu),
+                       wall_seconds=0.0, client_samples=[], eval_loss=loss, client_cpu_seconds=list(cpu))
 
 
-BASE = {"stage": -1, "round": 0, "layers": 6, "eval_loss": 5.0, "client_seconds": [], "bytes_down": 0, "bytes_up": 0}
+BASE = RoundRecord.base_model(6, {"eval_loss": 5.0, "per_task": {}})
 
 
 def test_stage_transfer_measures_each_stage_from_the_previous_evaluation():
@@ -42,7 +44,7 @@ def test_stage_transfer_without_evaluations_or_cpu_times():
     assert out[0]["loss_end"] is None and out[0]["loss_change_per_client_cpu_s"] is None
     # records without CPU times (old reports) fall back to wall seconds per client
     rec = _rec(0, 1, 4.0, [1.0])
-    del rec["client_cpu_seconds"]
+    rec.client_cpu_seconds = None
     assert stage_transfer([BASE, rec])[0]["client_cpu_seconds"] == pytest.approx(9.0)
 
 
@@ -84,8 +86,7 @@ def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base,
 
     cfg = tiny_cfg(schedule="auto", schedule_expected_gain=0.9, rounds_per_stage=2, lr=2e-2)
     report = run(cfg, tmp_path / "a", base=tiny_base, progress=False)
-    recs = [r for r in report["records"] if r["stage"] >= 0]
-    assert [r["stage"] for r in recs] == [0, 2, 2, 2, 2, 2]
+    assert [r.stage for r in report.records if r.stage >= 0] == [0, 2, 2, 2, 2, 2]
     assert report["rounds_per_stage"] == [1, 0, 5] and [p["stage"] for p in report["stage_plans"]] == [0, 2]
     assert [e["stage"] for e in report["stage_transfer"]] == [0, 2]
     evaluated = [r["eval_loss"] for r in report["records"]]  # eval_every=1: every round evaluated
@@ -97,11 +98,11 @@ def test_auto_schedule_in_the_round_loop_keeps_the_budget_and_resumes(tiny_base,
     assert saved["stage_transfer"] == report["stage_transfer"]
     from server_sdk.engine.report import summary_text
 
-    assert "full-model eval loss change per small stage: 2 layers" in summary_text(report, tmp_path / "a")
+    assert "full-model eval loss change per small stage: 2 layers" in summary_text(report.report, tmp_path / "a")
     cut = run(cfg, tmp_path / "b", base=tiny_base, progress=False, stop_after_rounds=2)
-    assert cut["interrupted"]
+    assert cut.interrupted and cut.report is None and len(cut.records) == 3
     resumed = run(cfg, tmp_path / "b", base=tiny_base, progress=False, resume=True)
-    assert [r["eval_loss"] for r in resumed["records"]] == [r["eval_loss"] for r in report["records"]]
+    assert [r.eval_loss for r in resumed.records] == [r.eval_loss for r in report.records]
     # the fixed schedule (the paper's) runs every stage as configured
     fixed = run(tiny_cfg(rounds_per_stage=2, lr=2e-2), tmp_path / "f", base=tiny_base, progress=False)
     assert fixed["rounds_per_stage"] == [2, 2, 2]
@@ -118,24 +119,25 @@ def test_auto_rolls_back_a_stage_that_did_not_pay_and_then_trains_fedits_rounds(
                tmp_path / "auto", base=tiny_base, progress=False)
     fedit = run(tiny_cfg(strategy="fedit", stages=None, rounds_per_stage=5, lr=2e-2, seed=0),
                 tmp_path / "fedit", base=tiny_base, progress=False)
-    base, small, full = auto["records"][0], auto["records"][1], auto["records"][2:]
-    assert small["stage"] == 0 and small["rolled_back"] and small["eval_loss"] < base["eval_loss"]
-    assert auto["rounds_per_stage"] == [1, 0, 5]
-    theirs = fedit["records"][1:]
-    assert [r["clients"] for r in full] == [r["clients"] for r in theirs]
-    assert [r["eval_loss"] for r in full] == [r["eval_loss"] for r in theirs]  # bit for bit
-    first, last = auto["stage_transfer"]
+    base, small, full = auto.records[0], auto.records[1], auto.records[2:]
+    assert small.stage == 0 and small.rolled_back and small.eval_loss < base.eval_loss
+    assert auto.report["rounds_per_stage"] == [1, 0, 5]
+    assert auto.report["records"][1]["rolled_back"] and "rolled_back" not in auto.report["records"][2]
+    theirs = fedit.records[1:]
+    assert [r.clients for r in full] == [r.clients for r in theirs]
+    assert [r.eval_loss for r in full] == [r.eval_loss for r in theirs]  # bit for bit
+    first, last = auto.report["stage_transfer"]
     assert first["rolled_back"] and not last["rolled_back"]
-    assert last["loss_start"] == base["eval_loss"]  # the rolled-back stage left no trace
+    assert last["loss_start"] == base.eval_loss  # the rolled-back stage left no trace
     # a bar the stage clears: kept, and the full-model stage starts from its transfer
     kept = run(tiny_cfg(schedule="auto", schedule_expected_gain=1e-4, rounds_per_stage=1, lr=2e-2, seed=0),
                tmp_path / "kept", base=tiny_base, progress=False)
-    assert kept["records"][1]["eval_loss"] == small["eval_loss"] and not kept["records"][1].get("rolled_back")
-    assert kept["stage_transfer"][1]["loss_start"] == small["eval_loss"]
+    assert kept.records[1].eval_loss == small.eval_loss and not kept.records[1].rolled_back
+    assert kept.report["stage_transfer"][1]["loss_start"] == small.eval_loss
     # the fixed schedule never rolls back, even a stage that made the full model worse
     fixed = run(tiny_cfg(rounds_per_stage=1, lr=0.2), tmp_path / "fixed", base=tiny_base, progress=False)
-    assert fixed["records"][1]["eval_loss"] > fixed["records"][0]["eval_loss"]
-    assert not any(r.get("rolled_back") for r in fixed["records"])
+    assert fixed.records[1].eval_loss > fixed.before.eval_loss
+    assert not any(r.rolled_back for r in fixed.records)
 
 
 def _hidden(model, ids):

@@ -357,7 +357,7 @@ class FleetRun:
         def target() -> None:
             try:
                 self.result["report"] = run(cfg, run_dir, base=base, resume=resume, progress=False,
-                                            executor_factory=factory)
+                                            executor_factory=factory).to_dict()
             except BaseException as exc:  # re-raised in the test thread by finish()
                 self.result["error"] = exc
 

@@ -191,7 +191,7 @@ def test_updates_no_open_round_can_use_never_wait_in_the_coordinator(coordinator
 def test_fedavg_rounds_keep_one_running_sum_not_the_updates(coordinator, fleet, clients):
     """Issue 27, streaming aggregation: with every client's weight known and the AdamW bound on, a FedAvg round sums
     each accepted delta on arrival and keeps none; the aggregate is FedAvg's over the updates sent."""
-    from server_sdk.method.aggregation import aggregate, fedavg
+    from server_sdk.method.aggregation import FedAvg, aggregate
     from server_sdk.method.strategies.base import ClientResult
 
     ex = coordinator
@@ -209,7 +209,7 @@ def test_fedavg_rounds_keep_one_running_sum_not_the_updates(coordinator, fleet, 
     glob = {fleet_tests.A: torch.zeros(2, 8), fleet_tests.B: torch.zeros(8, 2)}
     sent = [ClientResult(c, 4 + c, {fleet_tests.A: torch.from_numpy(_good(c)[PA]),
                                     fleet_tests.B: torch.from_numpy(_good(c)[fleet_tests.PB])}, 0.0, 0.0) for c in (1, 2)]
-    got, want = aggregate("fedavg", glob, results), fedavg(glob, sent)
+    got, want = aggregate("fedavg", glob, results), FedAvg().aggregate(glob, sent)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 

@@ -17,9 +17,9 @@ import torch
 
 from edge_runtime import protocol as P
 from server_sdk.engine.executor import QuorumNotReached
-from server_sdk.engine.rounds import client_seed, sample_clients
 from server_sdk.fleet.registry import choose_replacements, replacement_order
 from server_sdk.fleet.settings import FleetSettings
+from server_sdk.method.strategies.base import client_seed, sample_clients
 from tests import test_fleet as fleet_tests
 from tests.test_fleet import (
     PA,

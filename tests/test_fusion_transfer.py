@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from server_sdk.config import LoraSettings
-from server_sdk.method.aggregation import fedavg
+from server_sdk.method.aggregation import FedAvg
 from server_sdk.method.fusion import choose_anchor, fuse_group
 from server_sdk.method.lora import attach_lora, layer_slice, read_lora
 from server_sdk.method.strategies.base import ClientResult
@@ -90,10 +90,10 @@ def test_fedavg_weights_by_sample_count():
     g = {"a": torch.zeros(2)}
     results = [ClientResult(0, 1, {"a": torch.tensor([4.0, 0.0])}, 0.0, 0.0),
                ClientResult(1, 3, {"a": torch.tensor([0.0, 4.0])}, 0.0, 0.0)]
-    out = fedavg(g, results)
+    out = FedAvg().aggregate(g, results)
     assert out["a"].tolist() == [1.0, 3.0]
     with pytest.raises(ValueError):
-        fedavg(g, [])
+        FedAvg().aggregate(g, [])
 
 
 def test_a_registered_fusion_rule_is_valid_config_and_the_strategy_fuses_with_it(full, monkeypatch):

@@ -94,10 +94,10 @@ def test_a_bf16_run_is_a_different_run_and_resumes_as_bf16(tiny_base, tiny_cfg, 
                progress=False)
     cfg = tiny_cfg(strategy="fedit", rounds_per_stage=2, torch_threads=1, precision="bf16")
     part = run(cfg, tmp_path / "bf16", base=tiny_base, progress=False, stop_after_rounds=1)
-    assert part.get("interrupted")
+    assert part.interrupted
     bf16 = run(cfg, tmp_path / "bf16", base=tiny_base, progress=False, resume=True)
     whole = run(cfg, tmp_path / "bf16-whole", base=tiny_base, progress=False)
-    losses = lambda rep: [r["eval_loss"] for r in rep["records"]]  # noqa: E731
+    losses = lambda rep: [r.eval_loss for r in rep.records]  # noqa: E731
     assert losses(bf16) == losses(whole)  # resumed as bf16 (the saved config), same numbers
     assert losses(bf16)[1:] != losses(fp32)[1:]
     assert losses(bf16) == pytest.approx(losses(fp32), rel=0.05)

@@ -151,8 +151,8 @@ def test_quantized_run_trains_and_evaluates_on_dequantized_weights(tiny_base, ti
     before = {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
 
     def losses(weights: str) -> list[float]:
-        records = run(tiny_cfg(weights=weights), tmp_path / weights, base=tiny_base, progress=False)["records"]
-        return [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+        records = run(tiny_cfg(weights=weights), tmp_path / weights, base=tiny_base, progress=False).records
+        return [r.eval_loss for r in records if r.eval_loss is not None]
 
     fp32, int4 = losses("fp32"), losses("int4")
     assert len(int4) == len(fp32) and all(np.isfinite(int4)) and int4 != fp32

@@ -16,9 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from server_sdk.config import RunConfig
-from server_sdk.engine.rounds import client_seed, sample_clients
 from server_sdk.engine.trainer import evaluate
 from server_sdk.method.lora import write_lora
+from server_sdk.method.strategies.base import client_seed, sample_clients
 
 from . import task
 

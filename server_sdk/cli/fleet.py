@@ -156,14 +156,15 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
         print(f"devft: --fleet local:{n}: num_clients set to {n} (one data shard per device)", file=sys.stderr)
         cfg = cfg.with_overrides({"num_clients": n}).validate()
     try:
-        report = run_local(cfg, run_dir, n, resume=bool(args.resume), progress=not args.quiet,
+        result = run_local(cfg, run_dir, n, resume=bool(args.resume), progress=not args.quiet,
                            settings=_fleet_settings(args, run_dir), origin=args.artifacts == "nginx",
                            mqtt_chunks=not args.no_mqtt_chunks)
     except QuorumNotReached as exc:
         print(f"devft: error: {exc}", file=sys.stderr)
         return 1
-    if report.get("interrupted"):
+    if result.interrupted:
         return 0
+    report = result.report
     print(summary_text(report, run_dir))
     for name, d in sorted(report["fleet"]["devices"].items()):
         # report.json keys stages from 0 (as records do); people count them from 1
@@ -201,15 +202,15 @@ def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
     _register_run(args.fleet_dir, settings.run_id or run_dir.name)
     factory = fleet_executor_factory(run_dir, creds, settings, host=url.hostname, port=url.port or 8883)
     try:
-        report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, executor_factory=factory)
+        result = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, executor_factory=factory)
     except QuorumNotReached as exc:
         print(f"devft: error: {exc}", file=sys.stderr)
         return 1
-    if report.get("interrupted"):
+    if result.interrupted:
         return 0
     from server_sdk.fleet.local_fleet import add_fleet_summary
 
-    report = add_fleet_summary(run_dir, report)
+    report = add_fleet_summary(run_dir, result.report)
     print(summary_text(report, run_dir))
     return 0
 

@@ -121,11 +121,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from server_sdk.engine.report import summary_text
     from server_sdk.engine.rounds import run
 
-    report = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
+    result = run(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
                  executor_factory=_executor_factory(args))
-    if report.get("interrupted"):
+    if result.interrupted:
         return 0
-    print(summary_text(report, run_dir))
+    print(summary_text(result.report, run_dir))
     return 0
 
 

@@ -5,7 +5,8 @@ in this process, or devices over MQTT: server_sdk.fleet.coordinator). Per stage 
 for the submodel and hands it to the executor; per round it samples clients, has them
 train, aggregates with the strategy, evaluates the full model with the stage's LoRA
 transferred back (where the executor says: here, or on its Ray workers), and checkpoints.
-`RunState` is everything the checkpoint holds; report.json's rows are `RoundRecord`s.
+`RunState` is everything the checkpoint holds; report.json's rows are `RoundRecord`s (kept typed until
+written); `run` returns a `RunResult`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from server_sdk.engine.precision import warn_if_emulated
 from server_sdk.engine.quantized import quantize_submodel_, quantized_base
 from server_sdk.engine.report import plot_curves, plot_groups
 from server_sdk.method.lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
+from server_sdk.method.records import RoundRecord
 from server_sdk.method.stage_transfer import stage_transfer
 from server_sdk.method.strategies import Strategy, make_strategy
 from server_sdk.method.submodel import StagePlan, share_model
@@ -53,14 +55,15 @@ class RunState:
     stage_initial: LoraState = field(default_factory=dict)
     stage_global: LoraState = field(default_factory=dict)
     plan: StagePlan | None = None  # the stage in progress; None between stages
-    records: list[dict] = field(default_factory=list)  # report.json's rows (RoundRecord.to_dict())
+    records: list[RoundRecord] = field(default_factory=list)  # report.json's rows
     stage_plans: list[dict] = field(default_factory=list)  # report.json's: each stage's plan and similarity
     devices_with_stage: list[int] = field(default_factory=list)
     rounds: list[int] | None = None  # rounds per stage, once a strategy re-planned them at runtime
 
     def save(self, run_dir: Path) -> None:
         meta = {"stage": self.stage, "next_round": self.next_round,
-                "plan": self.plan.to_dict() if self.plan is not None else None, "records": self.records,
+                "plan": self.plan.to_dict() if self.plan is not None else None,
+                "records": [r.to_dict() for r in self.records],
                 "stage_plans": self.stage_plans, "devices_with_stage": self.devices_with_stage,
                 "rounds": self.rounds}
         tensors = {"full": self.full_lora}
@@ -77,51 +80,46 @@ class RunState:
         return cls(stage=meta["stage"], next_round=meta["next_round"], full_lora=tensors["full"],
                    stage_initial=tensors.get("initial", {}), stage_global=tensors.get("global", {}),
                    plan=StagePlan.from_dict(meta["plan"]) if meta["plan"] is not None else None,
-                   records=meta["records"], stage_plans=meta["stage_plans"],
+                   records=[RoundRecord.from_dict(r) for r in meta["records"]], stage_plans=meta["stage_plans"],
                    devices_with_stage=meta["devices_with_stage"], rounds=meta.get("rounds"))
 
 
 @dataclass
-class RoundRecord:
-    """One row of report.json's `records`; stage -1 is the base model before any training."""
+class RunResult:
+    """What `run` returns: the run's records, and report.json's content once the run reached its end."""
 
-    stage: int
-    round: int  # counted across stages from 1
-    stage_round: int
-    layers: int
-    clients: list[int]
-    train_loss: float | None
-    bytes_down: int
-    bytes_up: int
-    stage_download_bytes: int
-    client_seconds: list[float]
-    wall_seconds: float
-    client_samples: list[int]
-    eval_loss: float | None = None
-    accuracy: float | None = None
-    per_task: dict | None = None
-    # training rounds only (the base-model row has none of these)
-    client_cpu_seconds: list[float] | None = None
-    stage_new_devices: int | None = None
-    telemetry: dict[str, Any] | None = None  # only when devices reported some
+    records: list[RoundRecord]
+    report: dict | None = None  # report.json as written; None when this call ended before the run's last round
+    stopped_early: bool = False  # stop_when ended the run (then it has no report either)
 
-    @classmethod
-    def base_model(cls, n_layers: int, metrics: dict) -> RoundRecord:
-        return cls(-1, 0, 0, n_layers, [], None, 0, 0, 0, [], 0.0, []).with_metrics(metrics)
+    @property
+    def interrupted(self) -> bool:
+        """This call ended before the run's last round (stop_after_rounds, stop_when): --resume continues it."""
+        return self.report is None
 
-    def with_metrics(self, metrics: dict | None) -> RoundRecord:
-        if metrics:
-            self.eval_loss = metrics["eval_loss"]
-            self.accuracy = metrics.get("accuracy")
-            self.per_task = metrics["per_task"]
-        return self
+    @property
+    def before(self) -> RoundRecord:
+        """The base model's row."""
+        return self.records[0]
+
+    @property
+    def after(self) -> RoundRecord:
+        """The last round's row."""
+        return self.records[-1]
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        for key in ("client_cpu_seconds", "stage_new_devices", "telemetry"):
-            if out[key] is None:
-                del out[key]
-        return out
+        """report.json's content; for an interrupted call, `interrupted` (and `stopped_early`) and the records."""
+        if self.report is not None:
+            return self.report
+        return {"interrupted": True, **({"stopped_early": True} if self.stopped_early else {}),
+                "records": [r.to_dict() for r in self.records]}
+
+    def __getitem__(self, key: str) -> Any:
+        """to_dict()[key]: for callers that still read the result as report.json's dict (benchmarks)."""
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
 
 
 @dataclass
@@ -139,24 +137,7 @@ class RoundLoop:
     steps_bar: Any  # local steps of in-process clients (server_sdk.progress.bar)
     progress: bool = True
     stop_after_rounds: int | None = None  # end this call early (the checkpoint lets --resume continue)
-    stop_when: Callable[[list[dict]], bool] | None = None  # end the run early once this holds (benchmarks)
-
-
-def client_seed(seed: int, key: int, rnd: int, client: int) -> int:
-    """The seed of a client's local training in round `rnd` of the stage whose draw key is `key`
-    (StagePlan.draw_key: 0 for the full model, a submodel stage's index otherwise). 32 bits, so always
-    within the protocol's bound (edge_runtime.protocol.MAX_SEED, 2^53 - 1)."""
-    return int(np.random.SeedSequence([seed, key, rnd, client]).generate_state(1)[0])
-
-
-def sample_clients(cfg: RunConfig, key: int, rnd: int, pool: list[int] | None = None) -> list[int]:
-    """The clients that train round `rnd` of the stage whose draw key is `key` (StagePlan.draw_key), drawn from
-    `pool` when the executor narrows it (a fleet: the devices whose declared memory fits the stage), at most
-    clients_per_round of them; None = every client (the same draw as before pools existed)."""
-    rng = np.random.default_rng([cfg.seed, 17, key, rnd])
-    if pool is None:
-        return sorted(int(c) for c in rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False))
-    return sorted(int(c) for c in rng.choice(sorted(pool), size=min(cfg.clients_per_round, len(pool)), replace=False))
+    stop_when: Callable[[list[RoundRecord]], bool] | None = None  # end the run early once this holds (benchmarks)
 
 
 def prepare_data(cfg: RunConfig, base: BaseModel, run_dir: Path) -> tuple[list[list[Example]], list[Example]]:
@@ -177,14 +158,14 @@ def prepare_data(cfg: RunConfig, base: BaseModel, run_dir: Path) -> tuple[list[l
 def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel | None = None,
         progress: bool = True, stop_after_rounds: int | None = None,
         executor_factory: ExecutorFactory | None = None,
-        stop_when: Callable[[list[dict]], bool] | None = None) -> dict:
-    """Run (or resume) a federated fine-tuning; returns the report, also written to run_dir.
+        stop_when: Callable[[list[RoundRecord]], bool] | None = None) -> RunResult:
+    """Run (or resume) a federated fine-tuning; returns its records and report (also written to run_dir).
 
     stop_after_rounds ends the process early after that many rounds in this call (for
     interruption tests and time-boxed sessions); the checkpoint lets --resume continue.
     executor_factory picks where clients train (default: in this process). stop_when(records)
     is asked after every evaluated round: True ends the run there (benchmarks that measure the
-    cost to reach a target loss); the returned dict then says `stopped_early` and holds the records."""
+    cost to reach a target loss); the result then says `stopped_early` and holds the records."""
     run_dir = Path(run_dir)
     cfg.validate()
     if resume:
@@ -213,11 +194,11 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     try:
         executor.follow_schedule(rounds)
         executor.expect_stages(base.model.config.to_dict(), [n for n, k in zip(stages, rounds) if k > 0])
-        report = _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
+        result = _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
                                      progress, stop_after_rounds, stop_when), resume)
-        if not report.get("interrupted"):
+        if not result.interrupted:
             executor.run_finished()
-        return report
+        return result
     finally:
         steps_bar.close()
         executor.close()
@@ -244,7 +225,7 @@ class RoundOutcome:
     started: float  # perf_counter at the round's start
 
 
-def _run_loop(loop: RoundLoop, resume: bool) -> dict:
+def _run_loop(loop: RoundLoop, resume: bool) -> RunResult:
     """Stages, and rounds within each: plan, train, aggregate, evaluate, record, replan, transfer, checkpoint."""
     torch.manual_seed(loop.cfg.seed)  # seeds the initial LoRA
     eval_model, initial_full = _full_eval_model(loop.base, loop.cfg)  # the full model: seeds the LoRA, evaluates
@@ -295,7 +276,7 @@ def _evaluate_base(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> N
         return
     before = base_evaluation(eval_model, loop.base, loop.held_out, generate=loop.cfg.accuracy_every != "never",
                              progress=loop.progress, evaluator=loop.executor.evaluate, **_generation(loop.cfg))
-    state.records.append(RoundRecord.base_model(loop.base.n_layers, before).to_dict())
+    state.records.append(RoundRecord.base_model(loop.base.n_layers, before))
 
 
 def _pace(loop: RoundLoop, state: RunState) -> Pace:
@@ -329,22 +310,22 @@ def _enter_stage(loop: RoundLoop, state: RunState, s: int) -> tuple[StagePlan, i
 
 
 def _train_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, pace: Pace) -> RoundOutcome:
-    """Sample the round's clients, have them train (letting devices fetch the next stage during a stage's last
-    round), and aggregate their results into the stage's global LoRA."""
-    cfg, executor = loop.cfg, loop.executor
+    """The strategy's round (configure_train): its clients train (devices may fetch the next stage during a stage's
+    last round), and the strategy aggregates their results into the stage's global LoRA."""
+    executor = loop.executor
     started = time.perf_counter()
-    sampled = sample_clients(cfg, plan.draw_key, r, executor.eligible_clients(s))
-    bytes_down = len(serialize(state.stage_global)) * len(sampled)
+    train = loop.strategy.configure_train(plan, r, state.stage_global, executor.eligible_clients(s))
+    sampled = train.clients
+    bytes_down = len(serialize(train.global_lora)) * len(sampled)
     new_devices = [c for c in sampled if c not in state.devices_with_stage]
     state.devices_with_stage += new_devices
-    seeds = {c: client_seed(cfg.seed, plan.draw_key, r, c) for c in sampled}
     nxt = next((t for t in range(s + 1, len(loop.stages)) if loop.rounds[t] > 0), None)
     if r == loop.rounds[s] - 1 and nxt is not None:
         executor.prefetch_stage(nxt, _guess_stage(loop, state, plan, nxt))
     loop.steps_bar.reset()
     with phase(f"round {pace.done + 1}: waiting for {len(sampled)} devices",
                enabled=loop.progress and loop.steps_bar.disable):
-        results = executor.train_round(s, r, sampled, state.stage_global, loop.strategy.is_trainable, seeds)
+        results = executor.train_round(s, r, sampled, train.global_lora, train.is_trainable, train.seeds)
     if not results:
         raise RuntimeError(f"stage {s} round {r}: no client result arrived; the round cannot be aggregated")
     bytes_up = sum(res.payload_bytes or nbytes(res.delta) for res in results)  # before aggregation folds them
@@ -355,28 +336,27 @@ def _train_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePl
 
 def _evaluate_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, eval_model: PeftModel,
                     pace: Pace) -> dict | None:
-    """The full model's held-out metrics with the stage's LoRA transferred back, every eval_every rounds and at
-    each stage's end; None between."""
-    cfg = loop.cfg
-    stage_end = r == loop.rounds[s] - 1
-    if not ((r + 1) % cfg.eval_every == 0 or stage_end):
+    """The strategy's evaluation of the round (configure_evaluate, evaluate): the full model's held-out metrics
+    with the stage's LoRA transferred back, on the executor (here, or its Ray workers); None when not evaluated."""
+    how = loop.strategy.configure_evaluate(r, loop.rounds[s], s == len(loop.stages) - 1)  # the last: never re-planned
+    if how is None:
         return None
-    projected = loop.strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
-    write_lora(eval_model, projected)
-    run_end = s == len(loop.stages) - 1 and stage_end  # the final stage is never re-planned
-    want_acc = (cfg.accuracy_every == "round" or (cfg.accuracy_every == "stage" and stage_end)
-                or (cfg.accuracy_every == "end" and run_end))
     label = f"evaluating after round {pace.done + 1}" if loop.progress else None
-    return loop.executor.evaluate(eval_model, loop.base.tokenizer, loop.held_out, generate=want_acc,
-                                  **_generation(cfg), progress=label)
+
+    def evaluate_full(lora: LoraState) -> dict:
+        write_lora(eval_model, lora)
+        return loop.executor.evaluate(eval_model, loop.base.tokenizer, loop.held_out, generate=how.generate,
+                                      **_generation(loop.cfg), progress=label)
+
+    return loop.strategy.evaluate(state.full_lora, state.stage_global, state.stage_initial, plan, evaluate_full)
 
 
 def _record(loop: RoundLoop, state: RunState, s: int, r: int, outcome: RoundOutcome, stage_artifact: int,
-            metrics: dict | None) -> dict:
+            metrics: dict | None) -> RoundRecord:
     """report.json's row for the round."""
     results = outcome.results
     return RoundRecord(
-        stage=s, round=len([x for x in state.records if x["stage"] >= 0]) + 1, stage_round=r,
+        stage=s, round=len([x for x in state.records if x.stage >= 0]) + 1, stage_round=r,
         layers=loop.stages[s], clients=outcome.sampled, train_loss=float(np.mean([res.train_loss for res in results])),
         bytes_down=outcome.bytes_down, bytes_up=outcome.bytes_up,
         stage_download_bytes=stage_artifact * len(outcome.new_devices),
@@ -385,7 +365,7 @@ def _record(loop: RoundLoop, state: RunState, s: int, r: int, outcome: RoundOutc
         client_cpu_seconds=[res.cpu_seconds for res in results], stage_new_devices=len(outcome.new_devices),
         telemetry={res.telemetry.get("device") or str(res.client): res.telemetry  # keyed by device name
                    for res in results if res.telemetry} or None,
-    ).with_metrics(metrics).to_dict()
+    ).with_metrics(metrics)
 
 
 def _close_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, metrics: dict | None) -> bool:
@@ -400,7 +380,7 @@ def _close_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePl
         stage_end = r == rounds[s] - 1
     if stage_end:
         if s < len(loop.stages) - 1 and not strategy.keeps_stage(s, state.records):
-            state.records[-1]["rolled_back"] = True  # the full model keeps its LoRA from before the stage
+            state.records[-1].rolled_back = True  # the full model keeps its LoRA from before the stage
             log.info("stage %d did not pay for itself: its transfer is rolled back", s + 1)
         else:
             state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
@@ -416,14 +396,15 @@ def _count_round(loop: RoundLoop, state: RunState, pace: Pace, s: int) -> None:
     pace.this_call += 1
 
 
-def _stop_early(loop: RoundLoop, state: RunState, pace: Pace, metrics: dict | None, is_last: bool) -> dict | None:
-    """The report of a run this call ends before its last round (stop_after_rounds, stop_when), else None."""
+def _stop_early(loop: RoundLoop, state: RunState, pace: Pace, metrics: dict | None,
+                is_last: bool) -> RunResult | None:
+    """The result of a run this call ends before its last round (stop_after_rounds, stop_when), else None."""
     if loop.stop_after_rounds is not None and pace.this_call >= loop.stop_after_rounds and not is_last:
         pace.bar.close()
-        return {"interrupted": True, "records": state.records}
+        return RunResult(state.records)
     if metrics is not None and not is_last and loop.stop_when is not None and loop.stop_when(state.records):
         pace.bar.close()
-        return {"interrupted": True, "stopped_early": True, "records": state.records}
+        return RunResult(state.records, stopped_early=True)
     return None
 
 
@@ -442,20 +423,21 @@ def _guess_stage(loop: RoundLoop, state: RunState, plan: StagePlan, stage: int) 
     return guess
 
 
-def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> dict:
+def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> RunResult:
     """The run's adapter (the full model's final LoRA), report.json and its plots."""
     write_lora(eval_model, state.full_lora)
     adapter_dir = loop.run_dir / "adapter"
     eval_model.save_pretrained(adapter_dir)
+    rows = [r.to_dict() for r in state.records]
     report = {"config": loop.cfg.to_dict(), "model": describe(loop.base), "strategy": loop.cfg.strategy,
               "stages": loop.stages, "rounds_per_stage": loop.rounds, "stage_plans": state.stage_plans,
-              "records": state.records, "before": state.records[0], "after": state.records[-1],
+              "records": rows, "before": rows[0], "after": rows[-1],
               "stage_transfer": stage_transfer(state.records),
               "adapter": str(adapter_dir)}
     (loop.run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_curves(report, loop.run_dir / "curves.png")
     plot_groups(report, loop.run_dir / "groups.png")
-    return report
+    return RunResult(state.records, report)
 
 
 def _full_eval_model(base: BaseModel, cfg: RunConfig) -> tuple[PeftModel, LoraState]:

@@ -199,7 +199,7 @@ class RoundClosing:
         chosen = choose_replacements(order, wanted, live, ready, min(short, budget, len(uncovered)))
         if not chosen:
             return
-        from server_sdk.engine.rounds import client_seed
+        from server_sdk.method.strategies.base import client_seed
 
         clients = {self.device_of(c): c for c in range(self.cfg.num_clients)}
         seeds = {}

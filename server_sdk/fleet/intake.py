@@ -27,7 +27,7 @@ from edge_runtime import protocol as P
 from edge_runtime.mqtt import Message
 from server_sdk.fleet.ratelimit import cut
 from server_sdk.fleet.telemetry_intake import clean_telemetry, number
-from server_sdk.method.aggregation import cap_samples, lower_median, norm_outliers
+from server_sdk.method.aggregation import cap_samples, lower_median, make_aggregator, norm_outliers
 from server_sdk.method.strategies.base import ClientResult
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,10 @@ class UpdateIntake:
     """Update intake and its norm and weight policies (mixed into FleetExecutor)."""
 
     def _folds(self, gate: RoundGate) -> bool:
-        """Whether a round may sum deltas as they arrive: FedAvg, and no check at the round's end can refuse or
+        """Whether a round may sum deltas as they arrive: a rule that folds (FedAvg), no check at the round's end can refuse or
         reweigh an accepted update (the AdamW bound is the adaptive bound's floor, so every update under it
         passes that; every client has a known weight cap, so no weight waits for the round's lower median)."""
-        return (self.cfg.aggregation == "fedavg" and gate.norm_bound is not None
+        return (make_aggregator(self.cfg.aggregation).folds and gate.norm_bound is not None
                 and all(self._weight_cap(c) is not None for c in range(self.cfg.num_clients)))
 
     def _handle_update(self, msg: Message, stage: int, wr: int, wanted: dict[str, int], expected: dict,

@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server_sdk.fleet.broker import (
     BrokerProcess,
@@ -41,6 +42,9 @@ from server_sdk.fleet.settings import FleetSettings
 from server_sdk.fleet.telemetry_intake import clean_telemetry
 from server_sdk.progress import note
 from server_sdk.quiet import is_verbose
+
+if TYPE_CHECKING:
+    from server_sdk.engine.rounds import RunResult
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -240,9 +244,11 @@ class LogRelay:
 
 
 def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False, progress: bool = True,
-              settings: FleetSettings | None = None, base=None, origin: bool = False, mqtt_chunks: bool = True) -> dict:
+              settings: FleetSettings | None = None, base=None, origin: bool = False,
+              mqtt_chunks: bool = True) -> RunResult:
     """`devft run --fleet local:N`: broker, coordinator and N devices on this machine; with `origin`, nginx too,
-    serving the stage files over HTTPS (`--artifacts nginx`; only there with `mqtt_chunks` False)."""
+    serving the stage files over HTTPS (`--artifacts nginx`; only there with `mqtt_chunks` False). A finished
+    run's report gains the fleet section (add_fleet_summary)."""
     from server_sdk.engine.rounds import run
 
     run_dir = Path(run_dir)
@@ -261,14 +267,14 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
                                          on_ready=start_devices)
         relay = LogRelay(fleet, note, everything=is_verbose()).start() if progress else None
         try:
-            report = run(cfg, run_dir, resume=resume, progress=progress, base=base, executor_factory=factory)
+            result = run(cfg, run_dir, resume=resume, progress=progress, base=base, executor_factory=factory)
             codes = fleet.wait_devices(30)
         finally:
             if relay is not None:
                 relay.stop()
-    if not report.get("interrupted"):
-        report = add_fleet_summary(run_dir, report, codes)
-    return report
+    if not result.interrupted:
+        result.report = add_fleet_summary(run_dir, result.report, codes)
+    return result
 
 
 class Terminated(SystemExit):
@@ -316,18 +322,15 @@ def add_fleet_summary(run_dir: Path, report: dict, exit_codes: dict | None = Non
     return report
 
 
-def _new_device() -> dict:
-    return {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0, "peak_rss_bytes": 0}
-
-
 def _device_rounds(records: list[dict]) -> dict[str, dict]:
-    """Per device, from the rounds' telemetry: rounds, stages, energy, peak RSS and bytes downloaded per
-    (stage, device process), summed over processes by the caller."""
+    """Per device, from the records' telemetry: rounds, stages, energy, peak RSS, and what each of its processes
+    downloaded per stage (`_by_process`, summed by the caller)."""
     devices: dict[str, dict] = {}
     for rec in records:
         for device, raw in (rec.get("telemetry") or {}).items():
             tel, _ = clean_telemetry(raw)  # device-sent (checked on arrival; again for reports of older runs)
-            d = devices.setdefault(device, _new_device())
+            d = devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
+                                                   "peak_rss_bytes": 0})
             d["rounds"] += 1
             d.setdefault("stages", set()).add(int(rec["stage"]))
             # a device process counts what it downloaded per stage (prefetch included); a restarted one anew
@@ -340,7 +343,7 @@ def _device_rounds(records: list[dict]) -> dict[str, dict]:
 
 
 def _refusals_and_replacements(events: list[dict]) -> tuple[dict[str, int], list[dict]]:
-    """(refusals counted by reason, who stood in for a device that went offline mid-round)."""
+    """Refused updates counted by reason, and who stood in for a device that went offline mid-round."""
     rejected: dict[str, int] = {}
     replacements: list[dict] = []
     for e in events:
@@ -362,11 +365,13 @@ def _add_declarations(devices: dict[str, dict], events: list[dict]) -> None:
         if not isinstance(device, str):
             continue
         if e["event"] == "capabilities":
-            d = devices.setdefault(device, _new_device())
+            d = devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
+                                            "peak_rss_bytes": 0})
             d.update({k: e.get(k) for k in ("platform", "runtime", "ram_mb", "cores")})
             d.pop("refused", None)  # a newer declaration; a refusal of it comes after
         elif e["event"] == "rejected" and e.get("message") == "hello" and e.get("reason") in ("memory",
                                                                                               "bad_capabilities"):
-            devices.setdefault(device, _new_device())["refused"] = f"{e['reason']}: {e.get('detail', '')}"
+            devices.setdefault(device, {"rounds": 0, "stage_download_bytes": {}, "energy_j": 0.0,
+                                        "peak_rss_bytes": 0})["refused"] = f"{e['reason']}: {e.get('detail', '')}"
         elif e["event"] == "refusal_cleared" and device in devices:
             devices[device].pop("refused", None)

@@ -70,7 +70,7 @@ def client_index(device: str) -> int:
 
 def replacement_order(seed: int, key: int, rnd: int, num_clients: int) -> list[int]:
     """Every client, in the order replacements for round `rnd` of the stage whose draw key is `key` are tried
-    (a draw of its own, independent of rounds.sample_clients')."""
+    (a draw of its own, independent of strategies.base.sample_clients')."""
     rng = np.random.default_rng([seed, 23, key, rnd])
     return [int(c) for c in rng.permutation(num_clients)]
 

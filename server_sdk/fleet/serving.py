@@ -185,7 +185,7 @@ class StageServing:
         timeout = self.settings.stage_ready_timeout_s
         if not timeout:
             return
-        from server_sdk.engine.rounds import sample_clients
+        from server_sdk.method.strategies.base import sample_clients
 
         first = {self.device_of(c) for c in sample_clients(self.cfg, draw_key, 0, self._pool())}
         t0 = time.time()

@@ -8,21 +8,23 @@ the lower median norm of the round) instead of by a fixed constant.
 
 The robust rules follow Flower's reference strategies, unweighted as there:
 
-- `coordinate_median` (Flower's FedMedian): the coordinate-wise median of the deltas;
-- `trimmed_mean` (Flower's FedTrimmedAvg, beta = 0.2): per coordinate, drop the
-  `int(beta * n)` smallest and largest values and average the rest.
+- `FedMedian`: the coordinate-wise median of the deltas;
+- `FedTrimmedAvg` (beta = 0.2): per coordinate, drop the `int(beta * n)` smallest and largest
+  values and average the rest.
 
-Both first clip every delta to `ROBUST_CLIP_K` times the round's lower median norm, so a
-device's influence on the coordinates the median or mean does keep is bounded too.
+Both run inside `Clipped`, a wrapper around any rule that first clips every delta to
+`ROBUST_CLIP_K` times the round's lower median norm, so a device's influence on the coordinates
+the median or mean does keep is bounded too.
 
-Everything here is a pure function over `LoraState` / `ClientResult` (FedAvgSum: FedAvg's running sum,
-which a fleet coordinator fills as updates arrive instead of holding them); `aggregate` picks the rule
-named by `RunConfig.aggregation`.
+Each rule is an `Aggregator` over `LoraState` / `ClientResult`; `FedAvg` alone `folds` (FedAvgSum:
+its running sum, which a fleet coordinator fills as updates arrive instead of holding them).
+`AGGREGATIONS` maps `RunConfig.aggregation`'s names to the rules (`make_aggregator`).
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
@@ -118,17 +120,6 @@ def cap_samples(claimed: int, cap: int | None) -> int:
 # --------------------------------------------------------------------------- rules
 
 
-def _check(results: list[ClientResult], rule: str) -> list[str]:
-    if not results:
-        raise ValueError(f"{rule} needs at least one client result")
-    keys = list(results[0].delta)
-    for r in results[1:]:
-        if set(r.delta) != set(keys):
-            raise ValueError(f"{rule}: client {r.client} sent tensors {sorted(set(r.delta) ^ set(keys))[:3]} "
-                             f"that client {results[0].client} did not; every client must send the same tensors")
-    return keys
-
-
 class FedAvgSum:
     """FedAvg as updates arrive: sum_k n_k * delta_k and sum_k n_k, kept instead of the deltas.
 
@@ -174,52 +165,95 @@ class FedAvgSum:
 
 class RoundResults(list):
     """A round's client results (a list of ClientResult), and where the executor summed their deltas as they
-    arrived (a fleet under FedAvg, FleetExecutor): `folded`, with each result's delta then empty."""
+    arrived (a fleet under a rule that `folds`, FleetExecutor): `folded`, with each result's delta then empty."""
 
     folded: FedAvgSum | None = None
 
 
-def fedavg(global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-    """global + sum_k (n_k / N) * delta_k: FedAvgSum over the results in client order, or the sum the executor
-    folded them into on arrival."""
-    folded = getattr(results, "folded", None)
-    if folded is not None:
-        return folded.apply(global_lora)
-    _check(results, "FedAvg")
-    acc = FedAvgSum()
-    for r in results:
-        acc.add(r.num_samples, r.delta)
-    return acc.apply(global_lora)
+class Aggregator(ABC):
+    """One aggregation rule: the round's new global LoRA from the client results (Flower's aggregate_fit)."""
+
+    name = ""  # as in the config's `aggregation`, for messages
+    folds = False  # whether an executor may sum deltas as they arrive (FedAvgSum) instead of keeping them
+
+    def aggregate(self, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
+        """global + the rule's combination of the deltas (or the sum an executor folded them into)."""
+        folded = getattr(results, "folded", None)
+        if folded is not None:
+            if not self.folds:
+                raise ValueError(f"aggregation {self.name!r} needs every delta, but the executor summed them "
+                                 "for FedAvg")
+            return folded.apply(global_lora)
+        return self.combine(global_lora, results, _check(results, self.name))
+
+    @abstractmethod
+    def combine(self, global_lora: LoraState, results: list[ClientResult], keys: list[str]) -> LoraState:
+        """The rule itself, over results that all carry the tensors `keys`."""
 
 
-def _stacked(results: list[ClientResult], key: str) -> torch.Tensor:
-    return torch.stack([r.delta[key].float() for r in results])
+class FedAvg(Aggregator):
+    """global + sum_k (n_k / N) * delta_k: FedAvgSum over the results in client order."""
+
+    name = "fedavg"
+    folds = True
+
+    def combine(self, global_lora, results, keys):
+        acc = FedAvgSum()
+        for r in results:
+            acc.add(r.num_samples, r.delta)
+        return acc.apply(global_lora)
 
 
-def coordinate_median(global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-    """global + the coordinate-wise median of the deltas (mean of the two middle values for even n)."""
-    keys = _check(results, "coordinate median")
-    n = len(results)
-    out = {k: v.clone() for k, v in global_lora.items()}
-    for key in keys:
-        ordered = _stacked(results, key).sort(dim=0).values
-        med = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-        out[key] = out[key] + med.to(out[key].dtype)
-    return out
+class CoordinateRule(Aggregator):
+    """A rule over each coordinate's sorted client values, unweighted (Flower's robust strategies)."""
+
+    def combine(self, global_lora, results, keys):
+        out = {k: v.clone() for k, v in global_lora.items()}
+        for key in keys:
+            ordered = torch.stack([r.delta[key].float() for r in results]).sort(dim=0).values
+            out[key] = out[key] + self.pick(ordered).to(out[key].dtype)
+        return out
+
+    @abstractmethod
+    def pick(self, ordered: torch.Tensor) -> torch.Tensor:
+        """The delta of each coordinate from its n client values, sorted along dim 0."""
 
 
-def trimmed_mean(global_lora: LoraState, results: list[ClientResult], beta: float = TRIM_FRACTION) -> LoraState:
-    """global + per coordinate the mean after dropping the int(beta * n) lowest and highest values."""
-    keys = _check(results, "trimmed mean")
-    if not 0 <= beta < 0.5:
-        raise ValueError(f"trim fraction beta={beta} must lie in [0, 0.5)")
-    n = len(results)
-    cut = int(beta * n)
-    out = {k: v.clone() for k, v in global_lora.items()}
-    for key in keys:
-        ordered = _stacked(results, key).sort(dim=0).values
-        out[key] = out[key] + ordered[cut:n - cut].mean(dim=0).to(out[key].dtype)
-    return out
+class FedMedian(CoordinateRule):
+    """The coordinate-wise median (mean of the two middle values for even n, as np.median)."""
+
+    name = "median"
+
+    def pick(self, ordered):
+        n = len(ordered)
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+class FedTrimmedAvg(CoordinateRule):
+    """Per coordinate, the mean after dropping the int(beta * n) lowest and highest values."""
+
+    name = "trimmed-mean"
+
+    def __init__(self, beta: float = TRIM_FRACTION):
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"trim fraction beta={beta} must lie in [0, 0.5)")
+        self.beta = beta
+
+    def pick(self, ordered):
+        n = len(ordered)
+        cut = int(self.beta * n)
+        return ordered[cut:n - cut].mean(dim=0)
+
+
+class Clipped(Aggregator):
+    """Any rule over the deltas clipped first to k times the round's lower median norm (the shape of Flower's
+    differential-privacy clipping wrapper, with the fleet's adaptive bound instead of a fixed one)."""
+
+    def __init__(self, rule: Aggregator, k: float = ROBUST_CLIP_K):
+        self.rule, self.k, self.name = rule, k, rule.name
+
+    def combine(self, global_lora, results, keys):
+        return self.rule.aggregate(global_lora, clip_results(results, self.k))
 
 
 def clip_results(results: list[ClientResult], k: float) -> list[ClientResult]:
@@ -228,17 +262,31 @@ def clip_results(results: list[ClientResult], k: float) -> list[ClientResult]:
     return [replace(r, delta=clip_delta(r.delta, bound)) for r in results]
 
 
-AGGREGATIONS: dict[str, Callable[[LoraState, list[ClientResult]], LoraState]] = {
-    "fedavg": fedavg,
-    "median": lambda g, results: coordinate_median(g, clip_results(results, ROBUST_CLIP_K)),
-    "trimmed-mean": lambda g, results: trimmed_mean(g, clip_results(results, ROBUST_CLIP_K)),
+def _check(results: list[ClientResult], rule: str) -> list[str]:
+    if not results:
+        raise ValueError(f"{rule} needs at least one client result")
+    keys = list(results[0].delta)
+    for r in results[1:]:
+        if set(r.delta) != set(keys):
+            raise ValueError(f"{rule}: client {r.client} sent tensors {sorted(set(r.delta) ^ set(keys))[:3]} "
+                             f"that client {results[0].client} did not; every client must send the same tensors")
+    return keys
+
+
+AGGREGATIONS: dict[str, Callable[[], Aggregator]] = {  # the one registry of rules: RunConfig.aggregation's choices
+    "fedavg": FedAvg,
+    "median": lambda: Clipped(FedMedian()),
+    "trimmed-mean": lambda: Clipped(FedTrimmedAvg()),
 }
 
 
-def aggregate(method: str, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
-    """The new global LoRA under the rule `method` (a key of AGGREGATIONS, the one registry of rules)."""
+def make_aggregator(method: str) -> Aggregator:
+    """The rule `method` names (a key of AGGREGATIONS)."""
     if method not in AGGREGATIONS:
         raise ValueError(f"aggregation {method!r} is not one of {list(AGGREGATIONS)}")
-    if getattr(results, "folded", None) is not None and method != "fedavg":
-        raise ValueError(f"aggregation {method!r} needs every delta, but the executor summed them for FedAvg")
-    return AGGREGATIONS[method](global_lora, results)
+    return AGGREGATIONS[method]()
+
+
+def aggregate(method: str, global_lora: LoraState, results: list[ClientResult]) -> LoraState:
+    """The new global LoRA under the rule `method` names."""
+    return make_aggregator(method).aggregate(global_lora, results)

@@ -29,27 +29,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from server_sdk.method.records import RoundRecord
 from server_sdk.method.stage_transfer import stage_transfer
 
-ScheduleRule = Callable[[int, int, list[dict], list[int], list[int], float], list[int]]
+ScheduleRule = Callable[[int, int, list[RoundRecord], list[int], list[int], float], list[int]]
 
 
-def fixed_rounds(stage: int, stage_round: int, records: list[dict], rounds: list[int], layers: list[int],
+def fixed_rounds(stage: int, stage_round: int, records: list[RoundRecord], rounds: list[int], layers: list[int],
                  expected_gain: float) -> list[int]:
     """The configured schedule, unchanged."""
     return list(rounds)
 
 
-def last_relative_gain(records: list[dict]) -> float | None:
+def last_relative_gain(records: list[RoundRecord]) -> float | None:
     """Relative drop of the full model's eval loss between the last two evaluated records (None
     if fewer than two): positive when the latest round(s) helped."""
-    losses = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    losses = [r.eval_loss for r in records if r.eval_loss is not None]
     if len(losses) < 2 or losses[-2] <= 0:
         return None
     return (losses[-2] - losses[-1]) / losses[-2]
 
 
-def paid_for_itself(records: list[dict], stage: int, layers: list[int], expected_gain: float) -> bool:
+def paid_for_itself(records: list[RoundRecord], stage: int, layers: list[int], expected_gain: float) -> bool:
     """Whether `stage` lowered the full model's eval loss (from stage_transfer's loss_start: the base
     model's, or the last kept stage's end) by at least its cost's share of what as many full-model
     rounds are expected to buy: relative drop >= expected_gain * layers / n_layers * its rounds.
@@ -61,7 +62,7 @@ def paid_for_itself(records: list[dict], stage: int, layers: list[int], expected
     return drop >= expected_gain * layers[stage] / layers[-1] * entry["rounds"]
 
 
-def auto_rounds(stage: int, stage_round: int, records: list[dict], rounds: list[int], layers: list[int],
+def auto_rounds(stage: int, stage_round: int, records: list[RoundRecord], rounds: list[int], layers: list[int],
                 expected_gain: float) -> list[int]:
     """End stage `stage` now if its last evaluated round bought less than its cost's share of what a
     full-model round is expected to buy; see the module docstring for where its rounds go."""

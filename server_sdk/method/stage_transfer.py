@@ -7,24 +7,27 @@ stage's LoRA transferred back at every stage end, so each stage's effect is the 
 its end minus the eval loss at its start (the previous stage's end, or the base model), and
 its cost is the client CPU seconds its rounds spent. Dividing gives a rate that a FedIT run
 of the same profile also has (its one stage), so the two compare directly. Pure functions
-over report.json's `records`, used by report.json (`stage_transfer`), the auto schedule and
+over the run's records (RoundRecord), used by report.json (`stage_transfer`), the auto schedule and
 benchmarks/early_stages.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server_sdk.method.records import RoundRecord
 
 COMPUTE_KEY = "client_cpu_seconds"
 
 
-def _cost(rec: dict, compute_key: str) -> float:
-    values = rec.get(compute_key) or rec.get("client_seconds") or []
+def _cost(rec: RoundRecord, compute_key: str) -> float:
+    values = getattr(rec, compute_key) or rec.client_seconds or []
     return float(sum(v for v in values if v is not None))
 
 
-def stage_transfer(records: list[dict], compute_key: str = COMPUTE_KEY) -> list[dict[str, Any]]:
-    """One entry per stage present in `records` (report.json's rows, base model first).
+def stage_transfer(records: list[RoundRecord], compute_key: str = COMPUTE_KEY) -> list[dict[str, Any]]:
+    """One entry per stage present in `records` (the run's rows, base model first).
 
     Each entry: stage, layers, rounds (training rounds of the stage seen), loss_start (the last
     evaluated loss before the stage's first round), loss_end (the stage's last evaluated loss),
@@ -36,31 +39,31 @@ def stage_transfer(records: list[dict], compute_key: str = COMPUTE_KEY) -> list[
     starts from the loss before it."""
     out: list[dict[str, Any]] = []
     last_loss: float | None = None
-    stages: dict[int, list[dict]] = {}
+    stages: dict[int, list[RoundRecord]] = {}
     order: list[int] = []
     for rec in records:
-        if rec["stage"] < 0:
-            if rec.get("eval_loss") is not None:
-                last_loss = float(rec["eval_loss"])
+        if rec.stage < 0:
+            if rec.eval_loss is not None:
+                last_loss = float(rec.eval_loss)
             continue
-        if rec["stage"] not in stages:
-            stages[rec["stage"]] = []
-            order.append(rec["stage"])
-        stages[rec["stage"]].append(rec)
+        if rec.stage not in stages:
+            stages[rec.stage] = []
+            order.append(rec.stage)
+        stages[rec.stage].append(rec)
     for s in order:
         recs = stages[s]
-        evaluated = [i for i, r in enumerate(recs) if r.get("eval_loss") is not None]
+        evaluated = [i for i, r in enumerate(recs) if r.eval_loss is not None]
         start = last_loss
-        entry: dict[str, Any] = {"stage": s, "layers": recs[0]["layers"], "rounds": len(recs), "loss_start": start,
+        entry: dict[str, Any] = {"stage": s, "layers": recs[0].layers, "rounds": len(recs), "loss_start": start,
                                  "loss_end": None, "loss_change": None, "client_cpu_seconds": None,
                                  "lora_bytes": None, "loss_change_per_client_cpu_s": None,
-                                 "rolled_back": bool(recs[-1].get("rolled_back"))}
+                                 "rolled_back": recs[-1].rolled_back}
         if evaluated:
             upto = recs[:evaluated[-1] + 1]
-            end = float(recs[evaluated[-1]]["eval_loss"])
+            end = float(recs[evaluated[-1]].eval_loss)
             cost = sum(_cost(r, compute_key) for r in upto)
             entry.update(loss_end=end, client_cpu_seconds=cost,
-                         lora_bytes=int(sum(r["bytes_down"] + r["bytes_up"] for r in upto)))
+                         lora_bytes=int(sum(r.bytes_down + r.bytes_up for r in upto)))
             if start is not None:
                 entry["loss_change"] = end - start
                 entry["loss_change_per_client_cpu_s"] = (end - start) / cost if cost > 0 else None

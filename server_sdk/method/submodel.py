@@ -40,7 +40,7 @@ class StagePlan:
 
     @property
     def draw_key(self) -> int:
-        """Key of the stage's client draws and local-training seeds (rounds.sample_clients, client_seed).
+        """Key of the stage's client draws and local-training seeds (strategies.base.sample_clients, client_seed).
         The full model's stage draws as FedIT's rounds do (key 0), so on one seed a DEVFT run's full-model
         rounds and a FedIT run train the same clients on the same batches and compare paired; submodel
         stages draw by their index. (Checkpoints written before `full` existed resume with their old draws.)"""
