@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.mqtt import MqttClient
-from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.config import RunConfig
 from server_sdk.fleet.coordinator import FleetExecutor
 from server_sdk.fleet.serving import tokenizer_dir_of
 from server_sdk.fleet.settings import FleetSettings, mqtt_settings
@@ -125,11 +125,11 @@ class SysBytes:
 
 
 def bench_config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(model=f"tiny-random-L{args.layers}", stages=args.stages, rounds_per_stage=args.rounds,
-                     num_clients=args.devices, clients_per_round=args.devices, local_steps=args.local_steps,
-                     batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-3, accuracy_every="never",
-                     lora=LoraSettings(r=8, alpha=16), schedule="fixed",  # every stage start, as configured
-                     data=DataSettings(examples_per_client=32, eval_examples_per_task=2), torch_threads=1)
+    """The named config server_sdk/configs/transport.yaml with the sizes of the flags."""
+    return RunConfig.load("transport").with_overrides({
+        "model": f"tiny-random-L{args.layers}", "stages": args.stages, "rounds_per_stage": args.rounds,
+        "num_clients": args.devices, "clients_per_round": args.devices, "local_steps": args.local_steps,
+        "batch_size": args.batch_size, "seq_len": args.seq_len})
 
 
 def run_fleet(args: argparse.Namespace, work: Path) -> dict:

@@ -177,6 +177,12 @@ class RunConfig:
             raise ConfigError(f"config file {path} does not exist")
         return cls.from_dict(_read_mapping(path))
 
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> RunConfig:
+        """A named run config shipped with devft (`quickstart`, `fedit`, a benchmark's: `devft configs` lists
+        them), or a YAML/JSON file."""
+        return cls.from_file(config_file(name_or_path))
+
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """Apply dotted overrides such as {"lora.r": 4, "lr": 1e-4}."""
         raw = self.to_dict()
@@ -265,6 +271,33 @@ class RunConfig:
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64,
                                "precision": "fp32", "optimizer": "adamw", "weights": "fp32"}
+
+
+# the named run configs (package data: pyproject.toml); `devft run --config NAME` and the benchmarks load them
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def named_configs() -> dict[str, str]:
+    """Every shipped config's name -> its first comment line (what it is for)."""
+    out = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """The file `--config` means: an existing file, else the shipped config of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix or len(path.parts) > 1:
+        raise ConfigError(f"config file {path} does not exist")
+    shipped = CONFIG_DIR / f"{path.name}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"no config file {path} and no named config {path.name!r}; the named configs are "
+                          f"{sorted(named_configs())} (`devft configs` says what each is for)")
+    return shipped
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

@@ -24,7 +24,8 @@ def test_help_lists_the_commands(capsys):
 def test_every_command_is_wired_explicitly():
     # subcommands are imported, not discovered: a broken import fails here instead of a command vanishing
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"plan", "run", "eval", "serve", "fleet", "export", "report", "clean", "conformance", "rig"}
+    assert set(sub.choices) == {"plan", "run", "eval", "serve", "fleet", "export", "report", "clean", "conformance", "rig",
+                               "configs"}
     run = sub.choices["run"].parse_args(["--fleet", "local:2", "--quorum", "0.5", "--round-timeout", "9"])
     assert (run.fleet, run.quorum, run.round_timeout, run.max_update_norm) == ("local:2", 0.5, 9.0, None)
     serve = sub.choices["serve"].parse_args(["--broker-url", "mqtts://b:8883", "--fleet-dir", "f", "--quorum", "1"])
@@ -95,3 +96,25 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "beta=2 must lie in [0, 1]" in capsys.readouterr().err
     assert main(["plan", "-o", "nonsense"]) == 2
     assert "FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_named_config_is_the_quickstarts_flags(tmp_path, capsys):
+    """scripts/quickstart.sh ran `-o schedule=fixed -o eval_every=3 -o accuracy_every=end`; now `--config
+    quickstart`: the same RunConfig. A file path still works, an unknown name lists the named configs."""
+    from server_sdk.cli.main import _load_config
+
+    def load(*argv):
+        return _load_config(build_parser().parse_args(["run", *argv]))
+
+    flags = load("-o", "schedule=fixed", "-o", "eval_every=3", "-o", "accuracy_every=end")
+    assert load("--config", "quickstart") == flags and flags != load()
+    assert load("--config", "quickstart", "-o", "rounds_per_stage=2").rounds_per_stage == 2  # -o still wins
+    (tmp_path / "quickstart").write_text('{"beta": 0.5}')  # an existing file wins over a name
+    assert load("--config", str(tmp_path / "quickstart")).beta == 0.5
+    assert main(["plan", "--config", "quickstrat"]) == 2
+    err = capsys.readouterr().err
+    assert "no named config 'quickstrat'" in err and "'quickstart'" in err and "'fedit'" in err
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("convergence") and "\nquickstart " in out and "scripts/quickstart.sh" in out
+    assert main(["configs", "fedit"]) == 0 and "strategy: fedit" in capsys.readouterr().out

@@ -90,3 +90,26 @@ def test_accuracy_only_at_the_end_is_a_valid_choice():
     RunConfig(accuracy_every="end").validate()
     with pytest.raises(ConfigError, match="accuracy_every"):
         RunConfig(accuracy_every="sometimes").validate()
+
+
+def test_every_named_config_loads_validates_and_ships():
+    """Each file in server_sdk/configs is a valid run config, reachable by name, and matched by the package data
+    of pyproject.toml (so a plain `pip install .` has it too); its first line says what it is for."""
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from server_sdk.config import CONFIG_DIR, named_configs
+
+    names = named_configs()
+    assert {"quickstart", "fedit", "convergence", "convergence-smoke", "transport"} <= set(names)
+    assert sorted(p.stem for p in CONFIG_DIR.iterdir()) == sorted(names)  # nothing else in the folder
+    shipped = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = shipped["tool"]["setuptools"]["package-data"]["server_sdk"]
+    for name, about in names.items():
+        cfg = RunConfig.load(name).validate()
+        assert RunConfig.load(CONFIG_DIR / f"{name}.yaml") == cfg and about, name
+        assert any(fnmatch(f"configs/{name}.yaml", p) for p in patterns), name
+    assert RunConfig.load("fedit").strategy == "fedit"
+    with pytest.raises(ConfigError, match="config file nope.yaml does not exist"):
+        RunConfig.load("nope.yaml")
