@@ -91,7 +91,7 @@ def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
 
     base = _method(_base(profile), "devft", lr=lr)
     n = 6 if profile == "smoke" else 30
-    total = sum(base.resolved_rounds(len(make_strategy(base).stage_sizes(n))))
+    total = sum(base.resolve_rounds_per_stage(len(make_strategy(base).stage_sizes(n))))
     variants: list[tuple[str, dict]] = [("default", {})]
     variants += [(f"grouping={g}", {"grouping": g}) for g in ("random", "sequential")]
     variants += [(f"fusion={f}", {"fusion": f}) for f in ("mean", "select")]

@@ -136,7 +136,6 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.engine.rounds import run
     from server_sdk.fleet.local_fleet import LocalFleet
-    from server_sdk.method.strategies import make_strategy
 
     cfg = bench_config(args)
     base = tiny_random_model(n_layers=args.layers, hidden=args.hidden, seed=0)
@@ -157,8 +156,7 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
         before = counters.read_fresh()
 
         def make(cfg, base, clients):
-            stages = make_strategy(cfg).stage_sizes(base.n_layers)
-            ex = MeasuredFleetExecutor(cfg, run_dir, fleet.server, cfg.resolved_rounds(len(stages)), settings,
+            ex = MeasuredFleetExecutor(cfg, run_dir, fleet.server, None, settings,  # the loop's rounds per stage
                                        host="localhost", tokenizer_dir=tokenizer_dir_of(base))
             for c, name in enumerate(fleet.names):
                 fleet.start_device(name, run_dir / "data" / f"client_{c:03d}.jsonl", ex.run_id)

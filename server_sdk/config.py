@@ -199,8 +199,10 @@ class RunConfig:
         return RunConfig.from_dict(raw)
 
     # ---- validation --------------------------------------------------------
-    def resolved_rounds(self, n_stages: int) -> list[int]:
-        """Rounds of each of the strategy's n_stages stages."""
+    def resolve_rounds_per_stage(self, n_stages: int) -> list[int]:
+        """rounds_per_stage (an int, or a list) as one count for each of the strategy's n_stages stages. The round
+        loop resolves it once per run (engine.rounds.stages_and_rounds_per_stage); everything after, the executors
+        included, works on that list."""
         if isinstance(self.rounds_per_stage, int):
             return [self.rounds_per_stage] * n_stages
         if len(self.rounds_per_stage) != n_stages:

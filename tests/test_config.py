@@ -57,7 +57,7 @@ def test_stage_schedule_checked_against_the_model():
     with pytest.raises(ConfigError, match="last stage must be the full model"):
         make_strategy(RunConfig(stages=[4, 8, 16])).stage_sizes(30)
     with pytest.raises(ConfigError, match="rounds_per_stage has 2 entries but there are 4 stages"):
-        RunConfig(rounds_per_stage=[1, 2]).resolved_rounds(len(make_strategy(RunConfig()).stage_sizes(30)))
+        RunConfig(rounds_per_stage=[1, 2]).resolve_rounds_per_stage(len(make_strategy(RunConfig()).stage_sizes(30)))
     assert make_strategy(RunConfig()).stage_sizes(30) == [4, 8, 16, 30]
     assert make_strategy(RunConfig(strategy="fedit")).stage_sizes(30) == [30]
 

@@ -58,6 +58,7 @@ def _add_run_dir_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from server_sdk.engine.model import load_base_model
+    from server_sdk.engine.rounds import stages_and_rounds_per_stage
     from server_sdk.method.lora import attach_lora, read_lora
     from server_sdk.method.strategies import make_strategy
     from server_sdk.method.submodel import share_model
@@ -65,12 +66,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     strategy = make_strategy(cfg)
     base = load_base_model(cfg.model)
-    stages = strategy.stage_sizes(base.n_layers)
-    rounds = cfg.resolved_rounds(len(stages))
+    stages, rounds_per_stage = stages_and_rounds_per_stage(cfg, strategy, base.n_layers)
     lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
     plan, _ = strategy.configure_stage(0, base.model, lora, stages[0])
     out = {"model": base.name, "n_layers": base.n_layers, "strategy": cfg.strategy, "stages": stages,
-           "rounds_per_stage": rounds, "schedule": _schedule_note(cfg, stages, rounds), "stage_1": plan.to_dict()}
+           "rounds_per_stage": rounds_per_stage, "schedule": _schedule_note(cfg, stages, rounds_per_stage),
+           "stage_1": plan.to_dict()}
     print(json.dumps(out, indent=1) if args.json else _plan_text(out))
     return 0
 
