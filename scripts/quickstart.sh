@@ -18,7 +18,10 @@ if [ "${1:-}" = "--simulate" ]; then
   .venv/bin/devft run --config quickstart --name "$name" "$@"
 else
   # a generous round deadline: the 4 devices share this machine's cores with the coordinator
-  .venv/bin/devft run --fleet local:4 --round-timeout 900 --config quickstart --name "$name" "$@"
+  # DEVFT_KEEP_ARTIFACTS=1 (read here only) keeps every stage's artifacts: devft run --keep-artifacts
+  keep=()
+  if [ "${DEVFT_KEEP_ARTIFACTS:-0}" != "0" ]; then keep=(--keep-artifacts); fi
+  .venv/bin/devft run --fleet local:4 --round-timeout 900 --config quickstart "${keep[@]}" --name "$name" "$@"
   .venv/bin/devft report "runs/$name"
   # The finished run's last stage artifacts and the devices' blob store (about 1.6 GB for SmolLM2) serve no
   # later step: free them (report, adapter, checkpoints and data stay). DEVFT_KEEP_ARTIFACTS=1 keeps them

@@ -118,3 +118,14 @@ def test_named_config_is_the_quickstarts_flags(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("convergence") and "\nquickstart " in out and "scripts/quickstart.sh" in out
     assert main(["configs", "fedit"]) == 0 and "strategy: fedit" in capsys.readouterr().out
+
+
+def test_keep_artifacts_is_a_fleet_setting(tmp_path):
+    """--keep-artifacts travels as FleetSettings.keep_artifacts (saved in fleet.json), not through the environment."""
+    from server_sdk.cli import fleet as fleet_cli
+
+    args = build_parser().parse_args(["run", "--fleet", "local:2", "--keep-artifacts"])
+    assert fleet_cli._fleet_settings(args, tmp_path).keep_artifacts is True
+    assert "DEVFT_KEEP_ARTIFACTS" not in os.environ
+    args = build_parser().parse_args(["run", "--fleet", "local:2"])
+    assert fleet_cli._fleet_settings(args, tmp_path).keep_artifacts is False

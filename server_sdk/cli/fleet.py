@@ -97,10 +97,6 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
 def _fleet_settings(args: argparse.Namespace, run_dir: Path):
     from server_sdk.fleet.settings import FleetSettings
 
-    if args.keep_artifacts:
-        from server_sdk.disk import KEEP_ENV
-
-        os.environ[KEEP_ENV] = "1"  # read where stages end (disk.prune_finished_stages)
     saved = run_dir / "fleet.json"
     settings = FleetSettings(**json.loads(saved.read_text())) if saved.exists() else FleetSettings()
     if args.round_timeout is not None:
@@ -122,6 +118,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
             settings.artifact_passwd = str(Path(args.fleet_dir) / "passwd")
     if getattr(args, "no_mqtt_chunks", False) and args.artifacts != "nginx":  # nginx: run_local sets it
         settings.artifact_chunks = False
+    if args.keep_artifacts:
+        settings.keep_artifacts = True
     if args.formats is not None:
         settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if args.stage_peak_mb is not None:
@@ -241,7 +239,6 @@ def cmd_fleet_init(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet_add_device(args: argparse.Namespace) -> int:
-    import os
 
     from server_sdk.fleet.broker import add_device
 

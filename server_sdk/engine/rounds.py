@@ -24,7 +24,6 @@ from peft import PeftModel
 
 from server_sdk.config import RunConfig
 from server_sdk.data import Example, build_client_data, build_eval_data, read_jsonl, write_jsonl
-from server_sdk.disk import prune_finished_stages
 from server_sdk.engine import checkpoint
 from server_sdk.engine.eval_cache import base_evaluation
 from server_sdk.engine.executor import ClientExecutor, InProcessExecutor
@@ -330,7 +329,6 @@ def _enter_stage(loop: RoundLoop, state: RunState, s: int) -> tuple[StagePlan, i
     with phase(f"stage {s + 1}/{len(loop.stages)}: preparing the {loop.stages[s]}-layer submodel",
                enabled=loop.progress):
         stage_artifact = loop.executor.begin_stage(s, plan, sub_model)
-    prune_finished_stages(loop.run_dir, s)  # devices moved on; --keep-artifacts keeps them
     return plan, stage_artifact
 
 

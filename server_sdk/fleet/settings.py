@@ -60,6 +60,9 @@ class FleetSettings:
     # with an origin, False stops answering MQTT chunk requests: the files then reach only devices the origin lets
     # in (chunks are broadcast to every fleet device that subscribes), and devices that ignore `origin` get nothing
     artifact_chunks: bool = True
+    # keep every stage's exported files under run_dir/artifacts (--keep-artifacts); False deletes a finished
+    # stage's once the next stage is served (disk.prune_finished_stages)
+    keep_artifacts: bool = False
 
     def validate(self) -> FleetSettings:
         if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
