@@ -7,7 +7,7 @@
 
 A screen runs each variant's first stage (or first `--stages` stages), one seed, and a FedIT run
 of the same profile for as many rounds, then reports per stage the full model's held-out loss
-change per client CPU second (server_sdk.method.stage_transfer) beside FedIT's. A variant that does not
+change per client CPU second (server_sdk.method.stage_gain) beside FedIT's. A variant that does not
 move that number will not move time-to-target. `full` runs every stage (12 rounds) with FedIT
 beside it and adds the issue's headline ratios: client CPU and LoRA bytes to FedIT's final eval
 loss (FedIT / variant; null where never reached).
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from server_sdk.config import RunConfig
-from server_sdk.method.stage_transfer import relative_rate, stage_transfer
+from server_sdk.method.stage_gain import relative_rate, stage_gains
 
 from .metrics import Link, client_cpu, cumulative, first_reaching, ratio
 from .results_md import RESULTS_MD, replace_block, write_atomic
@@ -140,7 +140,7 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
     plans = [{k: v for k, v in p.items() if k != "similarity"} for p in (state.stage_plans if state else [])]
     compact = {"key": key, "name": name, "config": cfg.to_dict(), "stop_after_rounds": stop_after,
                "target": target, "stopped_early": bool(out.get("stopped_early")),
-               "records": out["records"], "stage_plans": plans, "stage_transfer": stage_transfer(out["records"]),
+               "records": out["records"], "stage_plans": plans, "stage_transfer": stage_gains(out["records"]),
                "process_cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - t0,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_atomic(kept, json.dumps(compact) + "\n")

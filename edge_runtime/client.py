@@ -62,10 +62,10 @@ from edge_runtime.backends import (
 )
 from edge_runtime.batching import IGNORE_INDEX, collate, join
 from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
+from edge_runtime.fetch import ArtifactCache, FetchCancelled, FetchError
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.sampler import round_draws
-from edge_runtime.transfer import ArtifactCache, FetchCancelled, FetchError
 
 log = logging.getLogger("devft.edge")
 

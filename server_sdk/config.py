@@ -2,8 +2,8 @@
 
 Every value is checked once, before any model is loaded, so a typo costs a
 second instead of a 20-second model load (or a half-finished run). The named options
-(`grouping`, `anchor`, `fusion`, `transfer`) are checked against the registries of the
-modules that implement them (grouping.py, fusion.py), `strategy` against the strategies'
+(`grouping`, `anchor`, `fusion`, `transfer`: the fold-back rule) are checked against the registries of
+the modules that implement them (grouping.py, fusion.py), `strategy` against the strategies'
 registry when the strategy is made (strategies/__init__.py), and a strategy checks its own
 stage schedule against the model (`Strategy.stage_sizes`).
 """
@@ -105,10 +105,10 @@ class RunConfig:
     grouping: str = "deconfliction"
     fusion: str = "differential"
     anchor: str = "medoid"
-    transfer: str = "copy"
+    transfer: str = "copy"  # the fold-back rule (fusion.FOLD_BACKS): how a stage's trained LoRA returns to the layers
     # issue #12: the paper's method is schedule="fixed", heal="none". The default is "auto" because on
-    # SmolLM2-135M the fused early stages do not transfer (benchmarks/RESULTS.md, early stages)
-    schedule: str = "auto"  # auto: end a stage whose transfer stops paying | fixed: rounds_per_stage as given
+    # SmolLM2-135M the fused early stages buy the full model nothing (benchmarks/RESULTS.md, early stages)
+    schedule: str = "auto"  # auto: end a stage that stops paying | fixed: rounds_per_stage as given
     schedule_expected_gain: float = 0.05  # auto: relative loss drop a full-model round is expected to buy
     heal: str = "none"  # none | hidden | logits: distil the fused submodel toward the full model before a stage
     heal_steps: int = 60  # server optimisation steps of the heal, per stage
@@ -225,13 +225,13 @@ class RunConfig:
         from edge_runtime.optim import OPTIMIZERS
         from server_sdk.engine.precision import PRECISIONS
         from server_sdk.method.aggregation import AGGREGATIONS
-        from server_sdk.method.fusion import ANCHORS, FUSIONS, TRANSFERS
+        from server_sdk.method.fusion import ANCHORS, FOLD_BACKS, FUSIONS
         from server_sdk.method.grouping import GROUPINGS
         from server_sdk.method.heal import HEALS
         from server_sdk.method.schedule import SCHEDULES
 
         for name, options in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
-                              ("transfer", TRANSFERS), ("accuracy_every", ACCURACY_EVERY),
+                              ("transfer", FOLD_BACKS), ("accuracy_every", ACCURACY_EVERY),
                               ("aggregation", AGGREGATIONS), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
                               ("weights", ("fp32", "int8", "int4")), ("schedule", SCHEDULES), ("heal", HEALS)):
             check_choice(name, getattr(self, name), options)

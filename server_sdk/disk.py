@@ -3,7 +3,7 @@
 A fleet quickstart used to leave ~11 GB under runs/: every stage's ONNX Runtime artifacts
 (twice: as exported and split into tensor files for the chunk server) and one full artifact
 cache per device. Now the devices of a local fleet share one blob store (edge_runtime/
-transfer.py), finished stages' artifacts are pruned when the next stage starts (unless
+fetch.py), finished stages' artifacts are pruned when the next stage starts (unless
 `--keep-artifacts`: FleetSettings.keep_artifacts), and `devft clean` frees the rest:
 
     runs/<name>/artifacts/             stage artifacts the coordinator served

@@ -39,11 +39,11 @@ def test_unknown_strategy_is_rejected_with_the_registered_names():
 
 
 def test_option_names_come_from_the_rule_registries():
-    from server_sdk.method.fusion import ANCHORS, FUSIONS, TRANSFERS
+    from server_sdk.method.fusion import ANCHORS, FOLD_BACKS, FUSIONS
     from server_sdk.method.grouping import GROUPINGS
 
     for field, registry in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
-                            ("transfer", TRANSFERS)):
+                            ("transfer", FOLD_BACKS)):
         for name in registry:
             RunConfig.from_dict({field: name}).validate()
         with pytest.raises(ConfigError, match=f"choose one of {list(registry)}".replace("[", r"\[")):

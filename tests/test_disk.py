@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from edge_runtime.transfer import ArtifactCache, sha256_bytes
+from edge_runtime.fetch import ArtifactCache, sha256_bytes
 from export import template_dir
 from server_sdk.cli.main import main
 from server_sdk.disk import disk_bytes, prune_finished_stages

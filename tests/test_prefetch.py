@@ -44,7 +44,7 @@ def _stage1_first_round(report: dict) -> dict[str, dict]:
 
 def _files(artifact_dir: Path) -> dict[str, tuple[str, int]]:
     """{relative path: (sha256, size)} of an exported artifact directory."""
-    from edge_runtime.transfer import sha256_file
+    from edge_runtime.fetch import sha256_file
 
     return {p.relative_to(artifact_dir).as_posix(): (sha256_file(p), p.stat().st_size)
             for p in sorted(artifact_dir.rglob("*")) if p.is_file()}

@@ -4,7 +4,7 @@ The same loop runs every strategy (DEVFT, FedIT, FFA-LoRA) over every executor (
 in this process, or devices over MQTT: server_sdk.fleet.coordinator). Per stage it asks the strategy
 for the submodel and hands it to the executor; per round it samples clients, has them
 train, aggregates with the strategy, evaluates the full model with the stage's LoRA
-transferred back (where the executor says: here, or on its Ray workers), and checkpoints.
+folded back (where the executor says: here, or on its Ray workers), and checkpoints.
 `RunState` is everything the checkpoint holds; report.json's rows are `RoundRecord`s.
 """
 
@@ -32,7 +32,7 @@ from server_sdk.engine.precision import warn_if_emulated
 from server_sdk.engine.quantized import quantize_submodel_, quantized_base
 from server_sdk.engine.report import plot_curves, plot_groups
 from server_sdk.method.lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
-from server_sdk.method.stage_transfer import stage_transfer
+from server_sdk.method.stage_gain import stage_gains
 from server_sdk.method.strategies import Strategy, make_strategy
 from server_sdk.method.submodel import StagePlan, share_model
 from server_sdk.progress import bar as progress_bar
@@ -250,7 +250,7 @@ class RoundOutcome:
 
 
 def _run_loop(loop: RoundLoop, resume: bool) -> dict:
-    """Stages, and rounds within each: plan, train, aggregate, evaluate, record, replan, transfer, checkpoint."""
+    """Stages, and rounds within each: plan, train, aggregate, evaluate, record, replan, fold back, checkpoint."""
     torch.manual_seed(loop.cfg.seed)  # seeds the initial LoRA
     eval_model, initial_full = _full_eval_model(loop.base, loop.cfg)  # the full model: seeds the LoRA, evaluates
     state = _load_state(loop, resume, initial_full)
@@ -359,7 +359,7 @@ def _train_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePl
 
 def _evaluate_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, eval_model: PeftModel,
                     pace: Pace) -> dict | None:
-    """The full model's held-out metrics with the stage's LoRA transferred back, every eval_every rounds and at
+    """The full model's held-out metrics with the stage's LoRA folded back, every eval_every rounds and at
     each stage's end; None between."""
     cfg = loop.cfg
     stage_end = r == loop.rounds_per_stage[s] - 1
@@ -393,7 +393,7 @@ def _record(loop: RoundLoop, state: RunState, s: int, r: int, outcome: RoundOutc
 
 
 def _close_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, metrics: dict | None) -> bool:
-    """Let the strategy re-plan the schedule after an evaluated round; at a stage's end, transfer its LoRA back
+    """Let the strategy re-plan the schedule after an evaluated round; at a stage's end, fold its LoRA back
     into the full model (unless the strategy rolls the stage back); checkpoint. Returns whether the stage ended."""
     strategy, rounds_per_stage = loop.strategy, loop.rounds_per_stage
     stage_end = r == rounds_per_stage[s] - 1
@@ -405,7 +405,7 @@ def _close_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePl
     if stage_end:
         if s < len(loop.stages) - 1 and not strategy.keeps_stage(s, state.records):
             state.records[-1]["rolled_back"] = True  # the full model keeps its LoRA from before the stage
-            log.info("stage %d did not pay for itself: its transfer is rolled back", s + 1)
+            log.info("stage %d did not pay for itself: its fold-back is rolled back", s + 1)
         else:
             state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
         state.stage, state.next_round, state.plan = s + 1, 0, None
@@ -454,7 +454,7 @@ def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> dict:
     report = {"config": loop.cfg.to_dict(), "model": describe(loop.base), "strategy": loop.cfg.strategy,
               "stages": loop.stages, "rounds_per_stage": loop.rounds_per_stage, "stage_plans": state.stage_plans,
               "records": state.records, "before": state.records[0], "after": state.records[-1],
-              "stage_transfer": stage_transfer(state.records),
+              "stage_transfer": stage_gains(state.records),  # the stage gains; report key kept
               "adapter": str(adapter_dir)}
     (loop.run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_curves(report, loop.run_dir / "curves.png")

@@ -56,8 +56,8 @@ from collections.abc import Callable, Collection
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+from edge_runtime.fetch import sha256_file
 from edge_runtime.protocol import ArtifactDescriptor, check_name
-from edge_runtime.transfer import sha256_file
 from server_sdk.fleet.broker import free_port, set_parent_death_signal, wait_for_stop_signal
 from server_sdk.fleet.ratelimit import LogBudget, cut
 

@@ -1,4 +1,4 @@
-"""Chunked, content-addressed artifact transfer over MQTT.
+"""Fetching artifacts: chunked, content-addressed downloads over MQTT (or HTTPS).
 
 Every file a device needs (frozen weights, a stage submodel, a tokenizer) is
 addressed by the sha256 of its bytes and cut into fixed-size chunks, each with
