@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from server_sdk.cli.main import build_parser, main
+from server_sdk.config import ConfigError
 
 TINY = ["--model", "tiny-random-L4", "-o", "stages=[2, 4]", "-o", "rounds_per_stage=1", "-o", "num_clients=2",
         "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=64", "-o", "lora.r=2",
@@ -120,12 +121,25 @@ def test_named_config_is_the_quickstarts_flags(tmp_path, capsys):
     assert main(["configs", "fedit"]) == 0 and "strategy: fedit" in capsys.readouterr().out
 
 
-def test_keep_artifacts_is_a_fleet_setting(tmp_path):
-    """--keep-artifacts travels as FleetSettings.keep_artifacts (saved in fleet.json), not through the environment."""
+def test_fleet_flags_become_settings(tmp_path):
+    """Every round policy and artifact flag lands in FleetSettings (0 turns --start-timeout and --norm-bound-k off),
+    on top of a resumed run's fleet.json; --keep-artifacts travels as a setting, not through the environment."""
     from server_sdk.cli import fleet as fleet_cli
 
-    args = build_parser().parse_args(["run", "--fleet", "local:2", "--keep-artifacts"])
-    assert fleet_cli._fleet_settings(args, tmp_path).keep_artifacts is True
+    def settings(*flags):
+        return fleet_cli._fleet_settings(build_parser().parse_args(["run", "--fleet", "local:2", *flags]), tmp_path)
+
+    s = settings("--round-timeout", "9", "--quorum", "0.5", "--replacements", "2", "--start-timeout", "0",
+                 "--max-update-norm", "50", "--norm-bound-k", "0", "--formats", "onnx, ort", "--stage-peak-mb", "4=524",
+                 "--keep-artifacts")
+    assert (s.round_timeout_s, s.quorum, s.replacements, s.start_timeout_s, s.max_update_norm, s.norm_bound_k,
+            s.formats, s.stage_peak_mb, s.keep_artifacts) == (9.0, 0.5, 2, None, 50.0, None, ["onnx", "ort"],
+                                                              {"4": 524}, True)
     assert "DEVFT_KEEP_ARTIFACTS" not in os.environ
-    args = build_parser().parse_args(["run", "--fleet", "local:2"])
-    assert fleet_cli._fleet_settings(args, tmp_path).keep_artifacts is False
+    (tmp_path / "fleet.json").write_text(json.dumps({"quorum": 0.8, "replacements": 1}))
+    s = settings("--quorum", "0.5")
+    assert (s.quorum, s.replacements, s.keep_artifacts, s.start_timeout_s) == (0.5, 1, False, 10.0)
+    with pytest.raises(ConfigError, match="replacements=-1 must be a whole number >= 0"):
+        settings("--replacements", "-1")
+    with pytest.raises(ConfigError, match="--stage-peak-mb '4:524': give LAYERS=MIB pairs"):
+        settings("--stage-peak-mb", "4:524")
