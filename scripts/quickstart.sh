@@ -17,10 +17,10 @@ if [ "${1:-}" = "--simulate" ]; then
   shift
   .venv/bin/devft run --config quickstart --name "$name" "$@"
 else
-  # a generous round deadline: the 4 devices share this machine's cores with the coordinator
   # DEVFT_KEEP_ARTIFACTS=1 (read here only) keeps every stage's artifacts: devft run --keep-artifacts
   keep=()
   if [ "${DEVFT_KEEP_ARTIFACTS:-0}" != "0" ]; then keep=(--keep-artifacts); fi
+  # a generous round deadline: the 4 devices share this machine's cores with the coordinator
   .venv/bin/devft run --fleet local:4 --round-timeout 900 --config quickstart "${keep[@]}" --name "$name" "$@"
   .venv/bin/devft report "runs/$name"
   # The finished run's last stage artifacts and the devices' blob store (about 1.6 GB for SmolLM2) serve no
