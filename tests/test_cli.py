@@ -109,6 +109,8 @@ def test_named_config_is_the_quickstarts_flags(tmp_path, capsys):
 
     flags = load("-o", "schedule=fixed", "-o", "eval_every=3", "-o", "accuracy_every=end")
     assert load("--config", "quickstart") == flags and flags != load()
+    script = (Path(__file__).parents[1] / "scripts" / "quickstart.sh").read_text()
+    assert script.count("--config quickstart") == 2 and "-o schedule=fixed" not in script  # both of its runs
     assert load("--config", "quickstart", "-o", "rounds_per_stage=2").rounds_per_stage == 2  # -o still wins
     (tmp_path / "quickstart").write_text('{"beta": 0.5}')  # an existing file wins over a name
     assert load("--config", str(tmp_path / "quickstart")).beta == 0.5
