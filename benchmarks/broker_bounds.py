@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from edge_runtime import protocol as P
+from edge_runtime.fetch import ArtifactCache
 from edge_runtime.mqtt import MqttClient
-from edge_runtime.transfer import ArtifactCache
 from server_sdk.fleet import artifact_server
 from server_sdk.fleet.artifact_server import ArtifactServer
 from server_sdk.fleet.broker import (

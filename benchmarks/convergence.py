@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.config import RunConfig
 
 from .metrics import Link, cumulative, first_reaching, mean_std, ratio
 from .results_md import RESULTS_MD, replace_block, write_atomic
@@ -54,14 +54,9 @@ class Job:
 
 
 def _base(profile: str) -> RunConfig:
-    if profile == "smoke":
-        return RunConfig(model="tiny-random-L6", stages=[2, 4, 6], rounds_per_stage=2, num_clients=4,
-                         clients_per_round=2, local_steps=3, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
-                         lora=LoraSettings(r=2, alpha=4), torch_threads=1, schedule="fixed",
-                         data=DataSettings(examples_per_client=8, eval_examples_per_task=2))
-    # DEVFT here is the paper's method: its fixed stage schedule (devft's default became `auto`)
-    return RunConfig(model="smollm2-135m", rounds_per_stage=3, num_clients=8, clients_per_round=2, local_steps=5,
-                     batch_size=4, seq_len=128, accuracy_every="stage", torch_threads=1, schedule="fixed")
+    """The named config server_sdk/configs/convergence[-smoke].yaml. DEVFT here is the paper's method: its fixed
+    stage schedule (devft's default became `auto`)."""
+    return RunConfig.load("convergence-smoke" if profile == "smoke" else "convergence")
 
 
 def _method(base: RunConfig, strategy: str, **kw) -> RunConfig:
@@ -96,7 +91,7 @@ def ablation_jobs(profile: str, seeds: list[int], lr: float) -> list[Job]:
 
     base = _method(_base(profile), "devft", lr=lr)
     n = 6 if profile == "smoke" else 30
-    total = sum(base.resolved_rounds(len(make_strategy(base).stage_sizes(n))))
+    total = sum(base.resolve_rounds_per_stage(len(make_strategy(base).stage_sizes(n))))
     variants: list[tuple[str, dict]] = [("default", {})]
     variants += [(f"grouping={g}", {"grouping": g}) for g in ("random", "sequential")]
     variants += [(f"fusion={f}", {"fusion": f}) for f in ("mean", "select")]

@@ -7,7 +7,7 @@
 
 A screen runs each variant's first stage (or first `--stages` stages), one seed, and a FedIT run
 of the same profile for as many rounds, then reports per stage the full model's held-out loss
-change per client CPU second (server_sdk.method.stage_transfer) beside FedIT's. A variant that does not
+change per client CPU second (server_sdk.method.stage_gain) beside FedIT's. A variant that does not
 move that number will not move time-to-target. `full` runs every stage (12 rounds) with FedIT
 beside it and adds the issue's headline ratios: client CPU and LoRA bytes to FedIT's final eval
 loss (FedIT / variant; null where never reached).
@@ -33,9 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.config import RunConfig
 from server_sdk.method.records import RoundRecord
-from server_sdk.method.stage_transfer import relative_rate, stage_transfer
+from server_sdk.method.stage_gain import relative_rate, stage_gains
 
 from .metrics import Link, client_cpu, cumulative, first_reaching, ratio
 from .results_md import RESULTS_MD, replace_block, write_atomic
@@ -60,20 +60,11 @@ VARIANTS: dict[str, dict] = {
 
 
 def base_config(profile: str, partition: str = "task") -> RunConfig:
-    """The convergence benchmark's standard setup, with an evaluation that resolves differences."""
-    if profile == "smoke":
-        cfg = RunConfig(model="tiny-random-L6", stages=[2, 4, 6], rounds_per_stage=2, num_clients=4,
-                        clients_per_round=2, local_steps=3, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never",
-                        lora=LoraSettings(r=2, alpha=4), torch_threads=1, heal_steps=4, heal_examples=8, schedule="fixed",
-                        data=DataSettings(examples_per_client=8, eval_examples_per_task=4))
-    else:
-        cfg = RunConfig(model="smollm2-135m", rounds_per_stage=3, num_clients=8, clients_per_round=2, local_steps=5,
-                        batch_size=4, seq_len=128, lr=1e-3, torch_threads=1, schedule="fixed",
-                        accuracy_every="stage" if profile == "full" else "never",
-                        data=DataSettings(eval_examples_per_task=64))
+    """The convergence benchmark's standard setup, with an evaluation that resolves differences: the named config
+    server_sdk/configs/early-stages[-smoke|-full].yaml (screens evaluate at stage ends only; whole runs every round,
+    for time-to-target), with the partition asked for."""
+    cfg = RunConfig.load({"smoke": "early-stages-smoke", "full": "early-stages-full"}.get(profile, "early-stages"))
     cfg.data.partition = partition
-    # screens evaluate at stage ends only; whole runs every round, for time-to-target
-    cfg.eval_every = 1 if profile == "full" else cfg.rounds_per_stage
     return cfg
 
 
@@ -151,7 +142,7 @@ def run_one(name: str, cfg: RunConfig, stop_after: int | None, base_model=None, 
     compact = {"key": key, "name": name, "config": cfg.to_dict(), "stop_after_rounds": stop_after,
                "target": target, "stopped_early": out.stopped_early,
                "records": [r.to_dict() for r in out.records], "stage_plans": plans,
-               "stage_transfer": stage_transfer(out.records),
+               "stage_transfer": stage_gains(out.records),
                "process_cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - t0,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_atomic(kept, json.dumps(compact) + "\n")

@@ -59,8 +59,8 @@ def worker(config: dict) -> None:
     """Run `config["devices"]` as threads: connect (MQTT transports), report ready, wait for the start time in
     the `go` file, fetch, print one JSON line per device."""
     from edge_runtime.client import settings_from_credentials
+    from edge_runtime.fetch import ArtifactCache
     from edge_runtime.mqtt import MqttClient
-    from edge_runtime.transfer import ArtifactCache
 
     desc = ArtifactDescriptor.from_json(config["descriptor"])
     results, clients = [], {}
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
 
-    from edge_runtime.transfer import describe_files
+    from edge_runtime.fetch import describe_files
     from server_sdk.fleet.broker import BrokerProcess, add_device, fleet_init, free_port, register_run
 
     tmp = Path(tempfile.mkdtemp(prefix="devft-origin-bench-"))

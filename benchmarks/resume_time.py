@@ -33,7 +33,7 @@ def _wait(pred, timeout_s: float, what: str):
 
 
 def measure(work: Path) -> dict:
-    from server_sdk.config import DataSettings, LoraSettings, RunConfig
+    from server_sdk.config import RunConfig
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.fleet.local_fleet import LocalFleet
     from tests.serve_helpers import serve_command, serve_until_killed
@@ -42,11 +42,7 @@ def measure(work: Path) -> dict:
     model_dir = work / "model"
     tiny.model.save_pretrained(model_dir)
     tiny.tokenizer.save_pretrained(model_dir)
-    cfg = RunConfig(model=str(model_dir), stages=[2, 4], rounds_per_stage=[3, 1], num_clients=3, clients_per_round=2,
-                    local_steps=2, batch_size=2, seq_len=64, lr=5e-3, accuracy_every="never", seed=3,
-                    torch_threads=1, lora=LoraSettings(r=2, alpha=4), schedule="fixed",
-                    data=DataSettings(tasks=["chain_sum", "basic_arithmetic"], tasks_per_client=1,
-                                      examples_per_client=6, eval_examples_per_task=2))
+    cfg = RunConfig.load("resume-time").with_overrides({"model": str(model_dir)})
     cfg.to_json(work / "cfg.json")
     run_dir = work / "resume"
     out: dict = {}

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.config import RunConfig
 from server_sdk.method.aggregation import AGGREGATIONS
 
 from .metrics import client_cpu
@@ -43,14 +43,8 @@ RULES = tuple(AGGREGATIONS)  # fedavg, median, trimmed-mean: the registry's name
 
 
 def base_config(profile: str) -> RunConfig:
-    if profile == "smoke":
-        return RunConfig(model="tiny-random-L6", strategy="fedit", rounds_per_stage=2, num_clients=5,
-                         clients_per_round=5, local_steps=2, batch_size=2, seq_len=64, lr=5e-3,
-                         accuracy_every="never", eval_every=1, torch_threads=1, lora=LoraSettings(r=2, alpha=4),
-                         data=DataSettings(examples_per_client=6, eval_examples_per_task=2))
-    return RunConfig(model="smollm2-135m", strategy="fedit", rounds_per_stage=6, num_clients=8, clients_per_round=5,
-                     local_steps=5, batch_size=4, seq_len=128, lr=1e-3, accuracy_every="never", eval_every=1,
-                     torch_threads=1)
+    """The named config server_sdk/configs/robust-aggregation[-smoke].yaml."""
+    return RunConfig.load("robust-aggregation-smoke" if profile == "smoke" else "robust-aggregation")
 
 
 def run_config(base: RunConfig, rule: str, seed: int) -> RunConfig:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.config import RunConfig
 
 from .results_md import md_table, replace_block
 
@@ -62,13 +62,8 @@ def profile_config(profile: str, precision: str = "fp32") -> RunConfig:
 
 
 def _profile_config(profile: str) -> RunConfig:
-    if profile == "smoke":
-        return RunConfig(model="tiny-random-L6", strategy="fedit", rounds_per_stage=2, num_clients=4,
-                         clients_per_round=2, local_steps=2, batch_size=2, seq_len=64, lr=5e-3,
-                         accuracy_every="never", torch_threads=1, lora=LoraSettings(r=2, alpha=4),
-                         data=DataSettings(examples_per_client=6, eval_examples_per_task=2))
-    return RunConfig(model="smollm2-135m", strategy="fedit", rounds_per_stage=6, num_clients=8, clients_per_round=2,
-                     local_steps=5, batch_size=4, seq_len=128, accuracy_every="never", torch_threads=1)
+    """The named config server_sdk/configs/simulation[-smoke].yaml."""
+    return RunConfig.load("simulation-smoke" if profile == "smoke" else "simulation")
 
 
 # ---- one configuration, in its own process ------------------------------------------------

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.mqtt import MqttClient
-from server_sdk.config import DataSettings, LoraSettings, RunConfig
+from server_sdk.config import RunConfig
 from server_sdk.fleet.coordinator import FleetExecutor
 from server_sdk.fleet.serving import tokenizer_dir_of
 from server_sdk.fleet.settings import FleetSettings, mqtt_settings
@@ -125,18 +125,17 @@ class SysBytes:
 
 
 def bench_config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(model=f"tiny-random-L{args.layers}", stages=args.stages, rounds_per_stage=args.rounds,
-                     num_clients=args.devices, clients_per_round=args.devices, local_steps=args.local_steps,
-                     batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-3, accuracy_every="never",
-                     lora=LoraSettings(r=8, alpha=16), schedule="fixed",  # every stage start, as configured
-                     data=DataSettings(examples_per_client=32, eval_examples_per_task=2), torch_threads=1)
+    """The named config server_sdk/configs/transport.yaml with the sizes of the flags."""
+    return RunConfig.load("transport").with_overrides({
+        "model": f"tiny-random-L{args.layers}", "stages": args.stages, "rounds_per_stage": args.rounds,
+        "num_clients": args.devices, "clients_per_round": args.devices, "local_steps": args.local_steps,
+        "batch_size": args.batch_size, "seq_len": args.seq_len})
 
 
 def run_fleet(args: argparse.Namespace, work: Path) -> dict:
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.engine.rounds import run
     from server_sdk.fleet.local_fleet import LocalFleet
-    from server_sdk.method.strategies import make_strategy
 
     cfg = bench_config(args)
     base = tiny_random_model(n_layers=args.layers, hidden=args.hidden, seed=0)
@@ -157,8 +156,7 @@ def run_fleet(args: argparse.Namespace, work: Path) -> dict:
         before = counters.read_fresh()
 
         def make(cfg, base, clients):
-            stages = make_strategy(cfg).stage_sizes(base.n_layers)
-            ex = MeasuredFleetExecutor(cfg, run_dir, fleet.server, cfg.resolved_rounds(len(stages)), settings,
+            ex = MeasuredFleetExecutor(cfg, run_dir, fleet.server, None, settings,  # the loop's rounds per stage
                                        host="localhost", tokenizer_dir=tokenizer_dir_of(base))
             for c, name in enumerate(fleet.names):
                 fleet.start_device(name, run_dir / "data" / f"client_{c:03d}.jsonl", ex.run_id)

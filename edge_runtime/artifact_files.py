@@ -1,5 +1,5 @@
 """Describing files as content-addressed chunks, and hashing them: what the server (which publishes artifacts) and
-the devices (which check every chunk and file) share. Part of edge_runtime/transfer.py, which re-exports it."""
+the devices (which check every chunk and file) share. Part of edge_runtime/fetch.py, which re-exports it."""
 
 from __future__ import annotations
 

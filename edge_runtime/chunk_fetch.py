@@ -1,6 +1,6 @@
 """Fetching one file's chunks into the cache: over MQTT (chunk requests to the coordinator's artifact server) or
 from an HTTPS origin (`origin` + sha256, the device's own fleet login), every chunk checked against the descriptor
-before it is kept. Part of edge_runtime/transfer.py: ArtifactCache inherits FileFetching.
+before it is kept. Part of edge_runtime/fetch.py: ArtifactCache inherits FileFetching.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from edge_runtime.protocol import (
     parse_topic,
 )
 
-log = logging.getLogger("edge_runtime.transfer")  # the transfer's one logger, as before the split
+log = logging.getLogger("edge_runtime.fetch")  # the fetch's one logger
 
 Progress = Callable[[FileEntry, int, int], None]  # called as chunks arrive: (the file, chunks it has, chunks in all)
 
@@ -91,7 +91,7 @@ class OriginLogin:
         return True
 
 class FileFetching:
-    """ArtifactCache's fetching of one file (edge_runtime/transfer.py): the methods use the cache's `has`,
+    """ArtifactCache's fetching of one file (edge_runtime/fetch.py): the methods use the cache's `has`,
     `blob_path`, `missing_chunks`, `store_chunk`, `assemble`, its lock and its counters."""
 
     def fetch_file_https(self, origin: str, entry: FileEntry, login: OriginLogin, *, max_retries: int = 5,

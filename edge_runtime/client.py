@@ -61,10 +61,10 @@ from edge_runtime.device_setup import (
     settings_from_credentials,
 )
 from edge_runtime.device_training import RoundWork
+from edge_runtime.fetch import ArtifactCache, FetchError
 from edge_runtime.manifest import ManifestError
 from edge_runtime.mqtt import Message, MqttClient, MqttSettings, wait_published
 from edge_runtime.shard import Shard, encode, pad_id, read_shard, round_batches
-from edge_runtime.transfer import ArtifactCache, FetchError
 
 __all__ = [  # devft-edge's public names, wherever they live (device_setup.py, shard.py, device_training.py)
     "BACKENDS", "PARENT_ENV", "REFUSED_EXIT", "SESSION_EXPIRY_S", "Device", "DeviceError", "Shard", "Stopped",

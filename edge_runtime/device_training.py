@@ -19,9 +19,9 @@ from edge_runtime.backends import Trainer, open_trainer
 from edge_runtime.batching import IGNORE_INDEX
 from edge_runtime.checkpoint_blobs import CHECKPOINT, RECIPE, CheckpointAssemblyError, assemble_checkpoint
 from edge_runtime.device_setup import DeviceError, check_artifact_format
+from edge_runtime.fetch import FetchCancelled, FetchError
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError
 from edge_runtime.shard import encode, pad_id, round_batches
-from edge_runtime.transfer import FetchCancelled, FetchError
 
 log = logging.getLogger("devft.edge")
 

@@ -14,7 +14,7 @@ Artifact directory (format and backend name "onnx"):
                                 then grad.<artifact name> per LoRA tensor (same order)
     eval.onnx           the same inputs; outputs loss only (train.onnx pruned to its forward)
     weights/<name>.bin  every frozen tensor as ONNX external data, one raw little-endian file per
-                        tensor, so the transfer layer's content addressing sends a device only
+                        tensor, so the fetch layer's content addressing sends a device only
                         tensors that are new to it (the embedding once per run, not per stage)
     lora.safetensors    the stage's initial LoRA (PEFT names): what `devft-edge bench` starts from
     tokenizer.json      if a tokenizer dir was given

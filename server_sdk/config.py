@@ -2,8 +2,8 @@
 
 Every value is checked once, before any model is loaded, so a typo costs a
 second instead of a 20-second model load (or a half-finished run). The named options
-(`grouping`, `anchor`, `fusion`, `transfer`) are checked against the registries of the
-modules that implement them (grouping.py, fusion.py), `strategy` against the strategies'
+(`grouping`, `anchor`, `fusion`, `transfer`: the fold-back rule) are checked against the registries of
+the modules that implement them (grouping.py, fusion.py), `strategy` against the strategies'
 registry when the strategy is made (strategies/__init__.py), and a strategy checks its own
 stage schedule against the model (`Strategy.stage_sizes`).
 """
@@ -105,10 +105,10 @@ class RunConfig:
     grouping: str = "deconfliction"
     fusion: str = "differential"
     anchor: str = "medoid"
-    transfer: str = "copy"
+    transfer: str = "copy"  # the fold-back rule (fusion.FOLD_BACKS): how a stage's trained LoRA returns to the layers
     # issue #12: the paper's method is schedule="fixed", heal="none". The default is "auto" because on
-    # SmolLM2-135M the fused early stages do not transfer (benchmarks/RESULTS.md, early stages)
-    schedule: str = "auto"  # auto: end a stage whose transfer stops paying | fixed: rounds_per_stage as given
+    # SmolLM2-135M the fused early stages buy the full model nothing (benchmarks/RESULTS.md, early stages)
+    schedule: str = "auto"  # auto: end a stage that stops paying | fixed: rounds_per_stage as given
     schedule_expected_gain: float = 0.05  # auto: relative loss drop a full-model round is expected to buy
     heal: str = "none"  # none | hidden | logits: distil the fused submodel toward the full model before a stage
     heal_steps: int = 60  # server optimisation steps of the heal, per stage
@@ -177,6 +177,12 @@ class RunConfig:
             raise ConfigError(f"config file {path} does not exist")
         return cls.from_dict(_read_mapping(path))
 
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> RunConfig:
+        """A named run config shipped with devft (`quickstart`, `fedit`, a benchmark's: `devft configs` lists
+        them), or a YAML/JSON file."""
+        return cls.from_file(config_file(name_or_path))
+
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """Apply dotted overrides such as {"lora.r": 4, "lr": 1e-4}."""
         raw = self.to_dict()
@@ -193,8 +199,10 @@ class RunConfig:
         return RunConfig.from_dict(raw)
 
     # ---- validation --------------------------------------------------------
-    def resolved_rounds(self, n_stages: int) -> list[int]:
-        """Rounds of each of the strategy's n_stages stages."""
+    def resolve_rounds_per_stage(self, n_stages: int) -> list[int]:
+        """rounds_per_stage (an int, or a list) as one count for each of the strategy's n_stages stages. The round
+        loop resolves it once per run (engine.rounds.stages_and_rounds_per_stage); everything after, the executors
+        included, works on that list."""
         if isinstance(self.rounds_per_stage, int):
             return [self.rounds_per_stage] * n_stages
         if len(self.rounds_per_stage) != n_stages:
@@ -217,13 +225,13 @@ class RunConfig:
         from edge_runtime.optim import OPTIMIZERS
         from server_sdk.engine.precision import PRECISIONS
         from server_sdk.method.aggregation import AGGREGATIONS
-        from server_sdk.method.fusion import ANCHORS, FUSIONS, TRANSFERS
+        from server_sdk.method.fusion import ANCHORS, FOLD_BACKS, FUSIONS
         from server_sdk.method.grouping import GROUPINGS
         from server_sdk.method.heal import HEALS
         from server_sdk.method.schedule import SCHEDULES
 
         for name, options in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
-                              ("transfer", TRANSFERS), ("accuracy_every", ACCURACY_EVERY),
+                              ("transfer", FOLD_BACKS), ("accuracy_every", ACCURACY_EVERY),
                               ("aggregation", AGGREGATIONS), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
                               ("weights", ("fp32", "int8", "int4")), ("schedule", SCHEDULES), ("heal", HEALS)):
             check_choice(name, getattr(self, name), options)
@@ -265,6 +273,33 @@ class RunConfig:
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64,
                                "precision": "fp32", "optimizer": "adamw", "weights": "fp32"}
+
+
+# the named run configs (package data: pyproject.toml); `devft run --config NAME` and the benchmarks load them
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def named_configs() -> dict[str, str]:
+    """Every shipped config's name -> its first comment line (what it is for)."""
+    out = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """The file `--config` means: an existing file, else the shipped config of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix or len(path.parts) > 1:
+        raise ConfigError(f"config file {path} does not exist")
+    shipped = CONFIG_DIR / f"{path.name}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"no config file {path} and no named config {path.name!r}; the named configs are "
+                          f"{sorted(named_configs())} (`devft configs` says what each is for)")
+    return shipped
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

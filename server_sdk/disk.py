@@ -3,8 +3,8 @@
 A fleet quickstart used to leave ~11 GB under runs/: every stage's ONNX Runtime artifacts
 (twice: as exported and split into tensor files for the chunk server) and one full artifact
 cache per device. Now the devices of a local fleet share one blob store (edge_runtime/
-transfer.py), finished stages' artifacts are pruned when the next stage starts (unless
-`--keep-artifacts` or DEVFT_KEEP_ARTIFACTS=1), and `devft clean` frees the rest:
+fetch.py), finished stages' artifacts are pruned when the next stage starts (unless
+`--keep-artifacts`: FleetSettings.keep_artifacts), and `devft clean` frees the rest:
 
     runs/<name>/artifacts/             stage artifacts the coordinator served
     runs/<name>/fleet/devices/*/cache  each local device's artifact cache (hard links)
@@ -26,16 +26,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-KEEP_ENV = "DEVFT_KEEP_ARTIFACTS"
-
 
 def cache_root() -> Path:
     """Where devft caches per machine: the converted model, export templates, base evaluations."""
     return Path(os.environ.get("DEVFT_CACHE", Path.home() / ".cache" / "devft"))
-
-
-def keep_artifacts() -> bool:
-    return os.environ.get(KEEP_ENV, "") not in ("", "0")
 
 
 def disk_bytes(paths: Iterable[Path]) -> int:
@@ -66,10 +60,8 @@ def stage_artifact_dirs(run_dir: Path, stage: int) -> list[Path]:
 def prune_finished_stages(run_dir: Path, current_stage: int) -> int:
     """Delete the artifacts of stages before `current_stage` (its devices have moved on); bytes freed.
 
-    Called once the new stage is being served. Kept with --keep-artifacts / DEVFT_KEEP_ARTIFACTS=1
-    (for `devft-edge bench` on a stage's files, say)."""
-    if keep_artifacts():
-        return 0
+    The fleet calls it once the new stage is being served, unless its settings keep them (--keep-artifacts:
+    for `devft-edge bench` on a stage's files, say)."""
     dirs = [d for s in range(current_stage) for d in stage_artifact_dirs(run_dir, s) if d.exists()]
     freed = disk_bytes(dirs)
     for d in dirs:

@@ -82,7 +82,7 @@ def test_artifact_chunks_are_never_queued_for_an_offline_device(fleet, broker, c
     downloads a file; the broker queues none of the chunks for it (QoS 0), only the retained control (QoS 1)."""
     import os
 
-    from edge_runtime.transfer import ArtifactCache
+    from edge_runtime.fetch import ArtifactCache
     from server_sdk.fleet.artifact_server import ArtifactServer
     from server_sdk.fleet.broker import artifact_credentials
 

@@ -39,11 +39,11 @@ def test_unknown_strategy_is_rejected_with_the_registered_names():
 
 
 def test_option_names_come_from_the_rule_registries():
-    from server_sdk.method.fusion import ANCHORS, FUSIONS, TRANSFERS
+    from server_sdk.method.fusion import ANCHORS, FOLD_BACKS, FUSIONS
     from server_sdk.method.grouping import GROUPINGS
 
     for field, registry in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
-                            ("transfer", TRANSFERS)):
+                            ("transfer", FOLD_BACKS)):
         for name in registry:
             RunConfig.from_dict({field: name}).validate()
         with pytest.raises(ConfigError, match=f"choose one of {list(registry)}".replace("[", r"\[")):
@@ -57,7 +57,7 @@ def test_stage_schedule_checked_against_the_model():
     with pytest.raises(ConfigError, match="last stage must be the full model"):
         make_strategy(RunConfig(stages=[4, 8, 16])).stage_sizes(30)
     with pytest.raises(ConfigError, match="rounds_per_stage has 2 entries but there are 4 stages"):
-        RunConfig(rounds_per_stage=[1, 2]).resolved_rounds(len(make_strategy(RunConfig()).stage_sizes(30)))
+        RunConfig(rounds_per_stage=[1, 2]).resolve_rounds_per_stage(len(make_strategy(RunConfig()).stage_sizes(30)))
     assert make_strategy(RunConfig()).stage_sizes(30) == [4, 8, 16, 30]
     assert make_strategy(RunConfig(strategy="fedit")).stage_sizes(30) == [30]
 
@@ -90,3 +90,26 @@ def test_accuracy_only_at_the_end_is_a_valid_choice():
     RunConfig(accuracy_every="end").validate()
     with pytest.raises(ConfigError, match="accuracy_every"):
         RunConfig(accuracy_every="sometimes").validate()
+
+
+def test_every_named_config_loads_validates_and_ships():
+    """Each file in server_sdk/configs is a valid run config, reachable by name, and matched by the package data
+    of pyproject.toml (so a plain `pip install .` has it too); its first line says what it is for."""
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from server_sdk.config import CONFIG_DIR, named_configs
+
+    names = named_configs()
+    assert {"quickstart", "fedit", "convergence", "convergence-smoke", "transport"} <= set(names)
+    assert sorted(p.stem for p in CONFIG_DIR.iterdir()) == sorted(names)  # nothing else in the folder
+    shipped = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = shipped["tool"]["setuptools"]["package-data"]["server_sdk"]
+    for name, about in names.items():
+        cfg = RunConfig.load(name).validate()
+        assert RunConfig.load(CONFIG_DIR / f"{name}.yaml") == cfg and about, name
+        assert any(fnmatch(f"configs/{name}.yaml", p) for p in patterns), name
+    assert RunConfig.load("fedit").strategy == "fedit"
+    with pytest.raises(ConfigError, match="config file nope.yaml does not exist"):
+        RunConfig.load("nope.yaml")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import threading
 
-from edge_runtime.transfer import ArtifactCache, sha256_bytes
+from edge_runtime.fetch import ArtifactCache, sha256_bytes
 from export import template_dir
 from server_sdk.cli.main import main
-from server_sdk.disk import KEEP_ENV, disk_bytes, prune_finished_stages
+from server_sdk.disk import disk_bytes, prune_finished_stages
 
 
 def test_devices_writing_the_same_blob_at_once_share_one_verified_copy(tmp_path):
@@ -69,11 +69,9 @@ def _fake_run(root, name="r"):
     return run
 
 
-def test_finished_stages_are_pruned_unless_kept(tmp_path, monkeypatch):
+def test_finished_stages_are_pruned(tmp_path):
+    # whether a fleet prunes (FleetSettings.keep_artifacts, --keep-artifacts): tests/test_prefetch.py
     run = _fake_run(tmp_path)
-    monkeypatch.setenv(KEEP_ENV, "1")
-    assert prune_finished_stages(run, 2) == 0 and (run / "artifacts" / "stage0").exists()
-    monkeypatch.delenv(KEEP_ENV)
     assert prune_finished_stages(run, 2) >= 4 * 100_000
     assert sorted(p.name for p in (run / "artifacts").iterdir()) == ["stage2", "stage2.tensors"]
 

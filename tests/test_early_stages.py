@@ -9,7 +9,7 @@ import torch
 from server_sdk.config import ConfigError
 from server_sdk.method.records import RoundRecord
 from server_sdk.method.schedule import auto_rounds, fixed_rounds
-from server_sdk.method.stage_transfer import relative_rate, stage_transfer
+from server_sdk.method.stage_gain import relative_rate, stage_gains
 
 
 def _rec(stage, rnd, loss, cpu, layers=4, down=100, up=50):
@@ -21,10 +21,10 @@ def _rec(stage, rnd, loss, cpu, layers=4, down=100, up=50):
 BASE = RoundRecord.base_model(6, {"eval_loss": 5.0, "per_task": {}})
 
 
-def test_stage_transfer_measures_each_stage_from_the_previous_evaluation():
+def test_stage_gains_measure_each_stage_from_the_previous_evaluation():
     records = [BASE, _rec(0, 1, None, [1.0, 1.0]), _rec(0, 2, 4.8, [2.0, 1.0]),  # stage 0: 5.0 -> 4.8 for 5 s
                _rec(1, 3, 4.5, [3.0, 3.0], layers=6), _rec(1, 4, None, [1.0, 1.0], layers=6)]  # last round unevaluated
-    out = stage_transfer(records)
+    out = stage_gains(records)
     assert [e["stage"] for e in out] == [0, 1] and [e["layers"] for e in out] == [4, 6]
     s0, s1 = out
     assert s0["loss_start"] == 5.0 and s0["loss_end"] == 4.8 and s0["rounds"] == 2
@@ -39,13 +39,13 @@ def test_stage_transfer_measures_each_stage_from_the_previous_evaluation():
     assert relative_rate(None, -0.04) is None and relative_rate(-0.1, 0.0) is None
 
 
-def test_stage_transfer_without_evaluations_or_cpu_times():
-    out = stage_transfer([BASE, _rec(0, 1, None, [1.0])])
+def test_stage_gains_without_evaluations_or_cpu_times():
+    out = stage_gains([BASE, _rec(0, 1, None, [1.0])])
     assert out[0]["loss_end"] is None and out[0]["loss_change_per_client_cpu_s"] is None
     # records without CPU times (old reports) fall back to wall seconds per client
     rec = _rec(0, 1, 4.0, [1.0])
     rec.client_cpu_seconds = None
-    assert stage_transfer([BASE, rec])[0]["client_cpu_seconds"] == pytest.approx(9.0)
+    assert stage_gains([BASE, rec])[0]["client_cpu_seconds"] == pytest.approx(9.0)
 
 
 LAYERS = [4, 8, 16, 30]

@@ -226,7 +226,7 @@ def test_a_replanned_schedule_never_reuses_a_wire_round_or_clears_the_global_it_
                        FleetSettings(run_id=RUN, round_timeout_s=20, quorum=0.5, artifact_bytes_per_s=None,
                                      stage_ready_timeout_s=0, device_names={"1": "dev1"}), host="localhost")
     schedule = [2, 2, 2]
-    ex.follow_schedule(schedule)  # the round loop's list
+    ex.follow_rounds_per_stage(schedule)  # the round loop's list
     dev1 = clients(fleet.devices["dev1"])
     try:
         seen = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edge_runtime import protocol as P
-from edge_runtime.transfer import ArtifactCache
+from edge_runtime.fetch import ArtifactCache
 from server_sdk.config import RunConfig
 from server_sdk.fleet.artifact_server import ArtifactServer
 from server_sdk.fleet.coordinator import FleetExecutor

@@ -9,7 +9,7 @@
 Inside server_sdk, rooms in the same order (a room may use the rooms before it, never one after it):
 
     server_sdk/*.py   the foundation every room shares: config, data, tasks, progress, quiet, disk
-    method/           DEVFT's science (grouping, fusion, transfer, submodels, schedules, aggregation, strategies)
+    method/           DEVFT's science (grouping, fusion, fold-back, submodels, schedules, aggregation, strategies)
     engine/           the round loop, executors, simulated training, model, checkpoints, report
     fleet/            real devices over MQTT: the coordinator, broker, artifacts, web gateway
     cli/              the `devft` command line; nothing imports it

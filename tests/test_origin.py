@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime import protocol as P
+from edge_runtime.fetch import ArtifactCache, FetchError, OriginLogin, describe_files
 from edge_runtime.mqtt import MqttClient
-from edge_runtime.transfer import ArtifactCache, FetchError, OriginLogin, describe_files
 from server_sdk.fleet.broker import add_device, fleet_init
 from server_sdk.fleet.origin import NginxOrigin, OriginAuth, OriginPublisher, check_password, require_nginx
 from server_sdk.fleet.origin import runtime_dir as origin_runtime_dir

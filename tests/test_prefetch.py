@@ -30,8 +30,8 @@ def tiny4():
     return tiny_random_model(n_layers=4, hidden=32, seed=0)
 
 
-def _run(run_dir: Path, base) -> tuple[dict, list[dict]]:
-    job = FleetRun(run_dir, fleet_cfg(), base, 3, FleetSettings(round_timeout_s=120))
+def _run(run_dir: Path, base, keep_artifacts: bool = False) -> tuple[dict, list[dict]]:
+    job = FleetRun(run_dir, fleet_cfg(), base, 3, FleetSettings(round_timeout_s=120, keep_artifacts=keep_artifacts))
     report = job.finish()
     assert job.codes == {"dev-000": 0, "dev-001": 0, "dev-002": 0}
     return report, events(run_dir)
@@ -44,7 +44,7 @@ def _stage1_first_round(report: dict) -> dict[str, dict]:
 
 def _files(artifact_dir: Path) -> dict[str, tuple[str, int]]:
     """{relative path: (sha256, size)} of an exported artifact directory."""
-    from edge_runtime.transfer import sha256_file
+    from edge_runtime.fetch import sha256_file
 
     return {p.relative_to(artifact_dir).as_posix(): (sha256_file(p), p.stat().st_size)
             for p in sorted(artifact_dir.rglob("*")) if p.is_file()}
@@ -52,7 +52,6 @@ def _files(artifact_dir: Path) -> dict[str, tuple[str, int]]:
 
 def test_prefetch_makes_a_stage_start_download_nearly_nothing_and_a_wrong_guess_trains_the_same(
         tiny4, tmp_path, monkeypatch):
-    monkeypatch.setenv("DEVFT_KEEP_ARTIFACTS", "1")  # stage 0's files stay on disk, to compare with
     begin_stage = FleetExecutor.begin_stage
 
     def slow_begin_stage(self, stage, plan, sub_model):
@@ -72,7 +71,7 @@ def test_prefetch_makes_a_stage_start_download_nearly_nothing_and_a_wrong_guess_
                               time.monotonic() - t0))
 
     monkeypatch.setattr(FleetExecutor, "_devices_started", recorded_devices_started)
-    right, right_events = _run(tmp_path / "right", tiny4)
+    right, right_events = _run(tmp_path / "right", tiny4, keep_artifacts=True)  # stage 0's files, to compare with
     # the guess's export began only once every sampled device had reported it started the round (its `busy`
     # status), not by the timeout: on a shared machine the export must not delay the devices' start
     [(wr, rounds, waited)] = seen_at_guess
@@ -125,6 +124,9 @@ def test_prefetch_makes_a_stage_start_download_nearly_nothing_and_a_wrong_guess_
     monkeypatch.setattr(DevFT, "speculate_stage", wrong_guess)
     monkeypatch.setattr(FleetExecutor, "train_round", watched_train_round)
     wrong, wrong_events = _run(tmp_path / "wrong", tiny4)
+    # without keep_artifacts (--keep-artifacts) stage 0's files went once stage 1 was served
+    assert not (tmp_path / "wrong" / "artifacts" / "stage0").exists()
+    assert (tmp_path / "wrong" / "artifacts" / "stage1" / "onnx" / "manifest.json").exists()
     assert order == ["stage 0's last round returned", "guess made"]
     hint = next(e for e in wrong_events if e["event"] == "prefetch")
     assert hint["groups"] == [[0, 3], [1, 2]]

@@ -116,7 +116,7 @@ def test_frames_decode_to_their_header_and_tensors():
 
 
 def test_artifact_ids_are_what_the_chunk_server_computes(tmp_path):
-    from edge_runtime.transfer import describe_files
+    from edge_runtime.fetch import describe_files
 
     for case in load("artifact_id.json")["cases"]:
         local = {}

@@ -77,4 +77,4 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"eval_loss": m["eval_loss"]})
 
     ScheduledFedAvg(cfg, node_of).start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=task.initial_lora()),
-                                        num_rounds=cfg.resolved_rounds(1)[0], evaluate_fn=central_eval)
+                                        num_rounds=cfg.resolve_rounds_per_stage(1)[0], evaluate_fn=central_eval)

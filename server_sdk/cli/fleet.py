@@ -94,27 +94,36 @@ def add_fleet_settings(p: argparse.ArgumentParser) -> None:
                    "RUN_DIR/artifacts (default: a finished stage's are deleted when the next starts)")
 
 
+# round policy flags -> FleetSettings fields; a flag left out keeps the saved (resume) or default value.
+# ZERO_IS_OFF: 0 turns the setting off (None)
+POLICY_FLAGS = {"round_timeout": "round_timeout_s", "quorum": "quorum", "replacements": "replacements",
+                "max_update_norm": "max_update_norm"}
+ZERO_IS_OFF = {"start_timeout": "start_timeout_s", "norm_bound_k": "norm_bound_k"}
+
+
 def _fleet_settings(args: argparse.Namespace, run_dir: Path):
+    """The run's FleetSettings: those saved in run_dir/fleet.json (a resumed run) or the defaults, with the
+    command line's flags on top, validated."""
     from server_sdk.fleet.settings import FleetSettings
 
-    if args.keep_artifacts:
-        from server_sdk.disk import KEEP_ENV
-
-        os.environ[KEEP_ENV] = "1"  # read where stages end (disk.prune_finished_stages)
     saved = run_dir / "fleet.json"
     settings = FleetSettings(**json.loads(saved.read_text())) if saved.exists() else FleetSettings()
-    if args.round_timeout is not None:
-        settings.round_timeout_s = args.round_timeout
-    if args.quorum is not None:
-        settings.quorum = args.quorum
-    if args.replacements is not None:
-        settings.replacements = args.replacements
-    if args.start_timeout is not None:
-        settings.start_timeout_s = args.start_timeout or None
-    if args.max_update_norm is not None:
-        settings.max_update_norm = args.max_update_norm
-    if args.norm_bound_k is not None:
-        settings.norm_bound_k = args.norm_bound_k or None
+    for flag, name in POLICY_FLAGS.items():
+        if getattr(args, flag) is not None:
+            setattr(settings, name, getattr(args, flag))
+    for flag, name in ZERO_IS_OFF.items():
+        if getattr(args, flag) is not None:
+            setattr(settings, name, getattr(args, flag) or None)
+    _artifact_flags(args, settings)
+    try:
+        return settings.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _artifact_flags(args: argparse.Namespace, settings) -> None:
+    """--artifacts, --artifact-dir, --no-mqtt-chunks, --keep-artifacts, --formats, --stage-peak-mb: what the
+    fleet serves and how."""
     if getattr(args, "artifacts", None) not in (None, "nginx"):
         settings.artifact_origin = args.artifacts.rstrip("/") + "/"
         settings.artifact_dir = args.artifact_dir
@@ -122,6 +131,8 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
             settings.artifact_passwd = str(Path(args.fleet_dir) / "passwd")
     if getattr(args, "no_mqtt_chunks", False) and args.artifacts != "nginx":  # nginx: run_local sets it
         settings.artifact_chunks = False
+    if args.keep_artifacts:
+        settings.keep_artifacts = True
     if args.formats is not None:
         settings.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if args.stage_peak_mb is not None:
@@ -129,10 +140,21 @@ def _fleet_settings(args: argparse.Namespace, run_dir: Path):
             settings.stage_peak_mb = {k.strip(): int(v) for k, v in (p.split("=") for p in args.stage_peak_mb.split(","))}
         except ValueError:
             raise ConfigError(f"--stage-peak-mb {args.stage_peak_mb!r}: give LAYERS=MIB pairs, e.g. 4=524,8=850") from None
+
+
+def _local_fleet_size(fleet: str) -> int:
+    """N of `--fleet local:N`, once mosquitto is known to be installed."""
+    kind, _, count = fleet.partition(":")
+    if kind != "local" or not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--fleet {fleet!r}: use local:N (N devices on this machine); for real devices "
+                          "run `devft serve --broker-url ... --fleet-dir ...`")
+    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
+
     try:
-        return settings.validate()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        require_mosquitto()
+    except MosquittoNotFound as exc:
+        raise ConfigError(f"--fleet local needs mosquitto: {exc}") from None
+    return int(count)
 
 
 def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
@@ -141,17 +163,7 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
     from server_sdk.engine.report import summary_text
     from server_sdk.fleet.local_fleet import run_local
 
-    kind, _, count = args.fleet.partition(":")
-    if kind != "local" or not count.isdigit() or int(count) < 1:
-        raise ConfigError(f"--fleet {args.fleet!r}: use local:N (N devices on this machine); for real devices "
-                          "run `devft serve --broker-url ... --fleet-dir ...`")
-    from server_sdk.fleet.broker import MosquittoNotFound, require_mosquitto
-
-    try:
-        require_mosquitto()
-    except MosquittoNotFound as exc:
-        raise ConfigError(f"--fleet local needs mosquitto: {exc}") from None
-    n = int(count)
+    n = _local_fleet_size(args.fleet)
     if cfg.num_clients != n and not args.resume:
         print(f"devft: --fleet local:{n}: num_clients set to {n} (one data shard per device)", file=sys.stderr)
         cfg = cfg.with_overrides({"num_clients": n}).validate()
@@ -166,7 +178,13 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
         return 0
     report = result.report
     print(summary_text(report, run_dir))
-    for name, d in sorted(report["fleet"]["devices"].items()):
+    _print_devices(report["fleet"])
+    return 0
+
+
+def _print_devices(fleet: dict) -> None:
+    """What each device did, and the updates refused and devices replaced (report.json's `fleet`)."""
+    for name, d in sorted(fleet["devices"].items()):
         # report.json keys stages from 0 (as records do); people count them from 1
         down = ", ".join(f"stage {int(s) + 1}: {b / 1e6:.1f} MB" for s, b in d["stage_download_bytes"].items())
         declared = f"{d.get('platform') or '-'}, {d.get('runtime') or '-'}, {d.get('ram_mb') or '-'} MiB offered"
@@ -174,12 +192,11 @@ def run_local_fleet(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> 
         print(f"  {name}: {d['rounds']} rounds in stages {trained} ({declared}), peak RSS "
               f"{d['peak_rss_bytes'] / 2**20:.0f} MiB, {d['energy_j']:.1f} J, downloaded {down}"
               + (f"; refused: {d['refused']}" if d.get("refused") else ""))
-    if report["fleet"]["rejected"]:
-        print(f"  rejected updates: {report['fleet']['rejected']} (see {report['fleet']['events']})")
-    for r in report["fleet"]["replacements"]:
+    if fleet["rejected"]:
+        print(f"  rejected updates: {fleet['rejected']} (see {fleet['events']})")
+    for r in fleet["replacements"]:
         print(f"  round {r['round'] + 1}: {r['device']} replaced {r['replaces']}, which went offline"
               f"{'' if r['accepted'] else ' (no update from the replacement either)'}")
-    return 0
 
 
 def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
@@ -242,7 +259,6 @@ def cmd_fleet_init(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet_add_device(args: argparse.Namespace) -> int:
-    import os
 
     from server_sdk.fleet.broker import add_device
 

@@ -14,7 +14,7 @@ from server_sdk import disk
 from server_sdk.cli import export as export_cli
 from server_sdk.cli import fleet as fleet_cli
 from server_sdk.cli import report as report_cli
-from server_sdk.config import ConfigError, RunConfig
+from server_sdk.config import ConfigError, RunConfig, config_file
 from server_sdk.fleet import conformance, rig
 
 EPILOG = "Config fields are documented in README.md; any of them can be overridden with -o FIELD=VALUE."
@@ -22,7 +22,7 @@ EPILOG = "Config fields are documented in README.md; any of them can be overridd
 
 def _load_config(args: argparse.Namespace) -> RunConfig:
     """The config of --config and -o overrides (and --model/--strategy), validated."""
-    cfg = RunConfig.from_file(args.config) if getattr(args, "config", None) else RunConfig()
+    cfg = RunConfig.load(args.config) if getattr(args, "config", None) else RunConfig()
     overrides = {}
     for item in getattr(args, "override", None) or []:
         if "=" not in item:
@@ -42,7 +42,8 @@ def _load_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML or JSON run config (default: built-in defaults)")
+    p.add_argument("--config", "-c", metavar="NAME|FILE", help="a named run config (e.g. quickstart; `devft configs` "
+                   "lists them) or a YAML/JSON file (default: built-in defaults)")
     p.add_argument("--model", help="smollm2-135m (default), a local HF model directory, or tiny-random-L<n>")
     p.add_argument("--strategy", help="federated method (default devft); an unknown name lists the choices")
     p.add_argument("-o", "--override", action="append", metavar="FIELD=VALUE",
@@ -57,6 +58,7 @@ def _add_run_dir_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from server_sdk.engine.model import load_base_model
+    from server_sdk.engine.rounds import stages_and_rounds_per_stage
     from server_sdk.method.lora import attach_lora, read_lora
     from server_sdk.method.strategies import make_strategy
     from server_sdk.method.submodel import share_model
@@ -64,12 +66,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     strategy = make_strategy(cfg)
     base = load_base_model(cfg.model)
-    stages = strategy.stage_sizes(base.n_layers)
-    rounds = cfg.resolved_rounds(len(stages))
+    stages, rounds_per_stage = stages_and_rounds_per_stage(cfg, strategy, base.n_layers)
     lora = read_lora(attach_lora(share_model(base.model), cfg.lora, seed=cfg.seed))
     plan, _ = strategy.configure_stage(0, base.model, lora, stages[0])
     out = {"model": base.name, "n_layers": base.n_layers, "strategy": cfg.strategy, "stages": stages,
-           "rounds_per_stage": rounds, "schedule": _schedule_note(cfg, stages, rounds), "stage_1": plan.to_dict()}
+           "rounds_per_stage": rounds_per_stage, "schedule": _schedule_note(cfg, stages, rounds_per_stage),
+           "stage_1": plan.to_dict()}
     print(json.dumps(out, indent=1) if args.json else _plan_text(out))
     return 0
 
@@ -185,6 +187,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    """The named run configs shipped with devft, each with what it is for (`--config NAME` loads one)."""
+    from server_sdk.config import CONFIG_DIR, named_configs
+
+    names = named_configs()
+    if args.name:
+        print(config_file(args.name).read_text(), end="")
+        return 0
+    width = max(map(len, names))
+    for name, about in names.items():
+        print(f"{name:<{width}}  {about}")
+    print(f"\n(files in {CONFIG_DIR}; `devft configs NAME` prints one, `devft run --config NAME -o FIELD=VALUE` runs it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devft", description="Federated fine-tuning of LLMs in developmental "
                                      "stages (DEVFT) on fleets of small devices.", epilog=EPILOG)
@@ -223,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir_args(p)
     fleet_cli.add_fleet_settings(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("configs", help="list the named run configs (`--config NAME`), or print one")
+    p.add_argument("name", nargs="?", help="print this config's file")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("eval", help="evaluate a run's adapter against the base model on its held-out set")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/default")

@@ -70,8 +70,9 @@ class ClientExecutor(ABC):
         declared memory does not fit the stage, and raises when none does. Default: every client."""
         return None
 
-    def follow_schedule(self, rounds: list[int]) -> None:
-        """The run's rounds per stage: the round loop's list, which it updates in place when it replans."""
+    def follow_rounds_per_stage(self, rounds_per_stage: list[int]) -> None:
+        """The run's rounds per stage: the round loop's list, which it updates in place when the strategy replans
+        (called once, before the first stage). Default: ignored."""
 
     def run_finished(self) -> None:
         """The run's last round is done (called before close; not after an interrupted or failed run)."""

@@ -4,7 +4,7 @@ The same loop runs every strategy (DEVFT, FedIT, FFA-LoRA) over every executor (
 in this process, or devices over MQTT: server_sdk.fleet.coordinator). Per stage it asks the strategy
 for the submodel and hands it to the executor; per round it samples clients, has them
 train, aggregates with the strategy, evaluates the full model with the stage's LoRA
-transferred back (where the executor says: here, or on its Ray workers), and checkpoints.
+folded back (where the executor says: here, or on its Ray workers), and checkpoints.
 `RunState` is everything the checkpoint holds; report.json's rows are `RoundRecord`s (kept typed until
 written); `run` returns a `RunResult`.
 """
@@ -25,7 +25,6 @@ from peft import PeftModel
 
 from server_sdk.config import RunConfig
 from server_sdk.data import Example, build_client_data, build_eval_data, read_jsonl, write_jsonl
-from server_sdk.disk import prune_finished_stages
 from server_sdk.engine import checkpoint
 from server_sdk.engine.eval_cache import base_evaluation
 from server_sdk.engine.executor import ClientExecutor, InProcessExecutor
@@ -35,7 +34,7 @@ from server_sdk.engine.quantized import quantize_submodel_, quantized_base
 from server_sdk.engine.report import plot_curves, plot_groups
 from server_sdk.method.lora import LoraState, attach_lora, nbytes, read_lora, serialize, write_lora
 from server_sdk.method.records import RoundRecord
-from server_sdk.method.stage_transfer import stage_transfer
+from server_sdk.method.stage_gain import stage_gains
 from server_sdk.method.strategies import Strategy, make_strategy
 from server_sdk.method.submodel import StagePlan, share_model
 from server_sdk.progress import bar as progress_bar
@@ -58,14 +57,14 @@ class RunState:
     records: list[RoundRecord] = field(default_factory=list)  # report.json's rows
     stage_plans: list[dict] = field(default_factory=list)  # report.json's: each stage's plan and similarity
     devices_with_stage: list[int] = field(default_factory=list)
-    rounds: list[int] | None = None  # rounds per stage, once a strategy re-planned them at runtime
+    rounds_per_stage: list[int] | None = None  # once a strategy re-planned them at runtime (checkpoint key "rounds")
 
     def save(self, run_dir: Path) -> None:
         meta = {"stage": self.stage, "next_round": self.next_round,
                 "plan": self.plan.to_dict() if self.plan is not None else None,
                 "records": [r.to_dict() for r in self.records],
                 "stage_plans": self.stage_plans, "devices_with_stage": self.devices_with_stage,
-                "rounds": self.rounds}
+                "rounds": self.rounds_per_stage}
         tensors = {"full": self.full_lora}
         if self.plan is not None:
             tensors.update(initial=self.stage_initial, **{"global": self.stage_global})
@@ -81,7 +80,7 @@ class RunState:
                    stage_initial=tensors.get("initial", {}), stage_global=tensors.get("global", {}),
                    plan=StagePlan.from_dict(meta["plan"]) if meta["plan"] is not None else None,
                    records=[RoundRecord.from_dict(r) for r in meta["records"]], stage_plans=meta["stage_plans"],
-                   devices_with_stage=meta["devices_with_stage"], rounds=meta.get("rounds"))
+                   devices_with_stage=meta["devices_with_stage"], rounds_per_stage=meta.get("rounds"))
 
 
 @dataclass
@@ -132,7 +131,7 @@ class RoundLoop:
     held_out: list[Example]
     strategy: Strategy
     stages: list[int]  # submodel layers per stage (the strategy's schedule)
-    rounds: list[int]  # rounds per stage
+    rounds_per_stage: list[int]  # resolved from the config, re-planned in place by the strategy
     executor: ClientExecutor
     steps_bar: Any  # local steps of in-process clients (server_sdk.progress.bar)
     progress: bool = True
@@ -181,8 +180,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     strategy = make_strategy(cfg)
     base = quantized_base(base or load_base_model(cfg.model), cfg.weights)
     strategy.tokenizer = base.tokenizer
-    stages = strategy.stage_sizes(base.n_layers)
-    rounds = cfg.resolved_rounds(len(stages))
+    stages, rounds_per_stage = stages_and_rounds_per_stage(cfg, strategy, base.n_layers)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_json(run_dir / "config.json")
     clients, held_out = prepare_data(cfg, base, run_dir)
@@ -192,16 +190,23 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, base: BaseModel 
     executor = executor_factory(cfg, base, clients) if executor_factory else \
         InProcessExecutor(cfg, base.tokenizer, clients, on_step=lambda: steps_bar.update(1))
     try:
-        executor.follow_schedule(rounds)
-        executor.expect_stages(base.model.config.to_dict(), [n for n, k in zip(stages, rounds) if k > 0])
-        result = _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds, executor, steps_bar,
-                                     progress, stop_after_rounds, stop_when), resume)
+        executor.follow_rounds_per_stage(rounds_per_stage)
+        executor.expect_stages(base.model.config.to_dict(), [n for n, k in zip(stages, rounds_per_stage) if k > 0])
+        result = _run_loop(RoundLoop(cfg, run_dir, base, held_out, strategy, stages, rounds_per_stage, executor,
+                                     steps_bar, progress, stop_after_rounds, stop_when), resume)
         if not result.interrupted:
             executor.run_finished()
         return result
     finally:
         steps_bar.close()
         executor.close()
+
+
+def stages_and_rounds_per_stage(cfg: RunConfig, strategy: Strategy, n_layers: int) -> tuple[list[int], list[int]]:
+    """The strategy's stages (submodel layers) and the config's rounds_per_stage resolved to one count per stage:
+    the one place a run resolves it (`devft plan` shows the same)."""
+    stages = strategy.stage_sizes(n_layers)
+    return stages, cfg.resolve_rounds_per_stage(len(stages))
 
 
 @dataclass
@@ -226,22 +231,22 @@ class RoundOutcome:
 
 
 def _run_loop(loop: RoundLoop, resume: bool) -> RunResult:
-    """Stages, and rounds within each: plan, train, aggregate, evaluate, record, replan, transfer, checkpoint."""
+    """Stages, and rounds within each: plan, train, aggregate, evaluate, record, replan, fold back, checkpoint."""
     torch.manual_seed(loop.cfg.seed)  # seeds the initial LoRA
     eval_model, initial_full = _full_eval_model(loop.base, loop.cfg)  # the full model: seeds the LoRA, evaluates
     state = _load_state(loop, resume, initial_full)
     _evaluate_base(loop, state, eval_model)
     pace = _pace(loop, state)
     for s in range(state.stage, len(loop.stages)):
-        if loop.rounds[s] == 0:  # skipped by the strategy's runtime schedule
+        if loop.rounds_per_stage[s] == 0:  # skipped by the strategy's runtime schedule
             continue
         plan, stage_artifact = _enter_stage(loop, state, s)
-        for r in range(state.next_round, loop.rounds[s]):
+        for r in range(state.next_round, loop.rounds_per_stage[s]):
             outcome = _train_round(loop, state, s, r, plan, pace)
             metrics = _evaluate_round(loop, state, s, r, plan, eval_model, pace)
             state.records.append(_record(loop, state, s, r, outcome, stage_artifact, metrics))
             stage_end = _close_round(loop, state, s, r, plan, metrics)
-            is_last = s == len(loop.stages) - 1 and r == loop.rounds[s] - 1
+            is_last = s == len(loop.stages) - 1 and r == loop.rounds_per_stage[s] - 1
             _count_round(loop, state, pace, s)
             stop = _stop_early(loop, state, pace, metrics, is_last)
             if stop is not None:
@@ -261,8 +266,8 @@ def _load_state(loop: RoundLoop, resume: bool, initial_full: LoraState) -> RunSt
         log.info("resuming %s at stage %d round %d", loop.run_dir, state.stage, state.next_round)
     elif resume:
         log.warning("no checkpoint in %s: starting from the beginning", loop.run_dir)
-    if state.rounds is not None:  # the strategy re-planned the schedule before the interruption
-        loop.rounds[:] = state.rounds
+    if state.rounds_per_stage is not None:  # the strategy re-planned them before the interruption
+        loop.rounds_per_stage[:] = state.rounds_per_stage
     return state
 
 
@@ -280,8 +285,8 @@ def _evaluate_base(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> N
 
 
 def _pace(loop: RoundLoop, state: RunState) -> Pace:
-    done = sum(loop.rounds[:state.stage]) + state.next_round
-    return Pace(progress_bar(f"{loop.cfg.strategy} rounds", sum(loop.rounds), initial=done, position=0, leave=True,
+    done = sum(loop.rounds_per_stage[:state.stage]) + state.next_round
+    return Pace(progress_bar(f"{loop.cfg.strategy} rounds", sum(loop.rounds_per_stage), initial=done, position=0, leave=True,
                              enabled=loop.progress), done)
 
 
@@ -305,7 +310,6 @@ def _enter_stage(loop: RoundLoop, state: RunState, s: int) -> tuple[StagePlan, i
     with phase(f"stage {s + 1}/{len(loop.stages)}: preparing the {loop.stages[s]}-layer submodel",
                enabled=loop.progress):
         stage_artifact = loop.executor.begin_stage(s, plan, sub_model)
-    prune_finished_stages(loop.run_dir, s)  # devices moved on; --keep-artifacts keeps them
     return plan, stage_artifact
 
 
@@ -319,8 +323,8 @@ def _train_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePl
     bytes_down = len(serialize(train.global_lora)) * len(sampled)
     new_devices = [c for c in sampled if c not in state.devices_with_stage]
     state.devices_with_stage += new_devices
-    nxt = next((t for t in range(s + 1, len(loop.stages)) if loop.rounds[t] > 0), None)
-    if r == loop.rounds[s] - 1 and nxt is not None:
+    nxt = next((t for t in range(s + 1, len(loop.stages)) if loop.rounds_per_stage[t] > 0), None)
+    if r == loop.rounds_per_stage[s] - 1 and nxt is not None:
         executor.prefetch_stage(nxt, _guess_stage(loop, state, plan, nxt))
     loop.steps_bar.reset()
     with phase(f"round {pace.done + 1}: waiting for {len(sampled)} devices",
@@ -337,8 +341,8 @@ def _train_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePl
 def _evaluate_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, eval_model: PeftModel,
                     pace: Pace) -> dict | None:
     """The strategy's evaluation of the round (configure_evaluate, evaluate): the full model's held-out metrics
-    with the stage's LoRA transferred back, on the executor (here, or its Ray workers); None when not evaluated."""
-    how = loop.strategy.configure_evaluate(r, loop.rounds[s], s == len(loop.stages) - 1)  # the last: never re-planned
+    with the stage's LoRA folded back, on the executor (here, or its Ray workers); None when not evaluated."""
+    how = loop.strategy.configure_evaluate(r, loop.rounds_per_stage[s], s == len(loop.stages) - 1)  # the last: never re-planned
     if how is None:
         return None
     label = f"evaluating after round {pace.done + 1}" if loop.progress else None
@@ -369,19 +373,19 @@ def _record(loop: RoundLoop, state: RunState, s: int, r: int, outcome: RoundOutc
 
 
 def _close_round(loop: RoundLoop, state: RunState, s: int, r: int, plan: StagePlan, metrics: dict | None) -> bool:
-    """Let the strategy re-plan the schedule after an evaluated round; at a stage's end, transfer its LoRA back
+    """Let the strategy re-plan the schedule after an evaluated round; at a stage's end, fold its LoRA back
     into the full model (unless the strategy rolls the stage back); checkpoint. Returns whether the stage ended."""
-    strategy, rounds = loop.strategy, loop.rounds
-    stage_end = r == rounds[s] - 1
+    strategy, rounds_per_stage = loop.strategy, loop.rounds_per_stage
+    stage_end = r == rounds_per_stage[s] - 1
     if metrics is not None and s < len(loop.stages) - 1:  # the strategy may end this stage now
-        planned = strategy.replan_rounds(s, r, state.records, rounds)
-        if planned != rounds:
-            rounds[:], state.rounds = planned, list(planned)
-        stage_end = r == rounds[s] - 1
+        planned = strategy.replan_rounds(s, r, state.records, rounds_per_stage)
+        if planned != rounds_per_stage:
+            rounds_per_stage[:], state.rounds_per_stage = planned, list(planned)
+        stage_end = r == rounds_per_stage[s] - 1
     if stage_end:
         if s < len(loop.stages) - 1 and not strategy.keeps_stage(s, state.records):
             state.records[-1].rolled_back = True  # the full model keeps its LoRA from before the stage
-            log.info("stage %d did not pay for itself: its transfer is rolled back", s + 1)
+            log.info("stage %d did not pay for itself: its fold-back is rolled back", s + 1)
         else:
             state.full_lora = strategy.finish_stage(state.full_lora, state.stage_global, state.stage_initial, plan)
         state.stage, state.next_round, state.plan = s + 1, 0, None
@@ -430,9 +434,9 @@ def _finish(loop: RoundLoop, state: RunState, eval_model: PeftModel) -> RunResul
     eval_model.save_pretrained(adapter_dir)
     rows = [r.to_dict() for r in state.records]
     report = {"config": loop.cfg.to_dict(), "model": describe(loop.base), "strategy": loop.cfg.strategy,
-              "stages": loop.stages, "rounds_per_stage": loop.rounds, "stage_plans": state.stage_plans,
+              "stages": loop.stages, "rounds_per_stage": loop.rounds_per_stage, "stage_plans": state.stage_plans,
               "records": rows, "before": rows[0], "after": rows[-1],
-              "stage_transfer": stage_transfer(state.records),
+              "stage_transfer": stage_gains(state.records),  # the stage gains; report key kept
               "adapter": str(adapter_dir)}
     (loop.run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_curves(report, loop.run_dir / "curves.png")

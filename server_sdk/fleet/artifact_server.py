@@ -1,4 +1,4 @@
-"""Serve artifact chunks to devices over MQTT (coordinator side of edge_runtime/transfer.py).
+"""Serve artifact chunks to devices over MQTT (coordinator side of edge_runtime/fetch.py).
 
 `ArtifactServer` answers `ChunkRequest`s on the fetch topic by publishing chunks (QoS 0) on the
 per-blob artifact topic from its own worker thread, rate-limited and with a bounded number of
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessageInfo
 
+from edge_runtime.fetch import describe_file, describe_files, sha256_bytes
 from edge_runtime.mqtt import Message, MqttClient, wait_published
 from edge_runtime.protocol import (
     DEFAULT_CHUNK_BYTES,
@@ -41,14 +42,13 @@ from edge_runtime.protocol import (
     fetch_topic,
     parse_topic,
 )
-from edge_runtime.transfer import describe_file, describe_files, sha256_bytes
 from server_sdk.fleet.ratelimit import LogBudget, cut
 
 log = logging.getLogger(__name__)
 
 # Chunks go out at QoS 0: the broker never queues them for an offline session (`queue_qos0_messages false`),
 # so a device that went away mid-download cannot make the broker hold a stage's worth of chunks for it (issue
-# #27, hole 8). A chunk lost on the way is asked for again (edge_runtime/transfer.py), as after a restart.
+# #27, hole 8). A chunk lost on the way is asked for again (edge_runtime/fetch.py), as after a restart.
 CHUNK_QOS = 0
 
 

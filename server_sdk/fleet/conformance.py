@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime import protocol as P
+from edge_runtime.fetch import describe_files
 from edge_runtime.manifest import MANIFEST_NAME, Manifest, write_manifest
 from edge_runtime.mqtt import MqttClient, MqttSettings
-from edge_runtime.transfer import describe_files
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "docs" / "test-vectors" / "tiny"

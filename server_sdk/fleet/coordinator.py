@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 class FleetExecutor(RoundClosing, StageServing, DeviceRegistry, UpdateIntake, FleetEvents, ClientExecutor):
     """Clients are devices reached over MQTT; see the module docstring for the round policy."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, creds: Credentials, stage_rounds: list[int],
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, creds: Credentials,
+                 rounds_per_stage: list[int] | None,
                  settings: FleetSettings | None = None, *, host: str | None = None, port: int | None = None,
                  tokenizer_dir: str | Path | None = None, connect_timeout_s: float = 30.0,
                  shard_sizes: Mapping[int, int] | None = None):
@@ -61,7 +62,9 @@ class FleetExecutor(RoundClosing, StageServing, DeviceRegistry, UpdateIntake, Fl
         self.settings = (settings or FleetSettings()).validate()
         self.run_id = P.check_name("run_id", self.settings.run_id or self.run_dir.name)
         self.tokenizer_dir = tokenizer_dir
-        self.schedule = list(stage_rounds)  # rounds per stage; the round loop's own list once it calls follow_schedule
+        # rounds per stage, to number wire rounds: the round loop's own list once it calls follow_rounds_per_stage
+        # (None: until then); a caller that drives rounds itself passes its own
+        self.rounds_per_stage = list(rounds_per_stage or [])
         self.session = secrets.token_hex(8)  # this coordinator process; devices retrain after a restart
         self.events_path = self.run_dir / "fleet_events.jsonl"
         self.rejections: Counter[str] = Counter()
@@ -141,17 +144,17 @@ class FleetExecutor(RoundClosing, StageServing, DeviceRegistry, UpdateIntake, Fl
     # -- naming ---------------------------------------------------------------------------
 
 
-    def follow_schedule(self, rounds: list[int]) -> None:
-        """Number wire rounds by the round loop's schedule, which it changes in place when the strategy moves a
-        stage's leftover rounds to the next stage (`schedule=auto`), and restores on a resume."""
-        self.schedule = rounds
+    def follow_rounds_per_stage(self, rounds_per_stage: list[int]) -> None:
+        """Number wire rounds by the round loop's rounds per stage, which it changes in place when the strategy
+        moves a stage's leftover rounds to the next stage (`schedule=auto`), and restores on a resume."""
+        self.rounds_per_stage = rounds_per_stage
 
     def wire_round(self, stage: int, rnd: int) -> int:
         """Rounds are numbered across stages on the wire, so every global topic is used once: the rounds the
         stages before ran, plus the round. A replanned stage's rounds shift the next stage's numbers with it
         (numbering by the first schedule made a stage that took over leftover rounds overlap the next one); the
         number is the run's round count before this round, as report.json counts rounds."""
-        return sum(self.schedule[:stage]) + rnd
+        return sum(self.rounds_per_stage[:stage]) + rnd
 
     # -- stage ------------------------------------------------------------------------------
 
@@ -233,14 +236,12 @@ def fleet_executor_factory(run_dir: str | Path, creds: Credentials, settings: Fl
     local device processes)."""
 
     def make(cfg: RunConfig, base, clients: list[list[Example]]) -> FleetExecutor:
-        from server_sdk.method.strategies import make_strategy
-
         if cfg.precision != "fp32":
             raise ConfigError(f"precision={cfg.precision!r}: fleet devices train their fp32 graphs; precision applies "
                               "to simulated clients (in-process or --executor ray). Drop -o precision=... for a fleet run")
 
-        stages = make_strategy(cfg).stage_sizes(base.n_layers)
-        executor = FleetExecutor(cfg, run_dir, creds, cfg.resolved_rounds(len(stages)), settings, host=host,
+        # rounds per stage: the round loop's, through follow_rounds_per_stage (it resolves them, once)
+        executor = FleetExecutor(cfg, run_dir, creds, None, settings, host=host,
                                  port=port, tokenizer_dir=tokenizer_dir_of(base),
                                  shard_sizes={c: len(shard) for c, shard in enumerate(clients)})
         if on_ready is not None:

@@ -56,8 +56,8 @@ from collections.abc import Callable, Collection
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+from edge_runtime.fetch import sha256_file
 from edge_runtime.protocol import ArtifactDescriptor, check_name
-from edge_runtime.transfer import sha256_file
 from server_sdk.fleet.processes import free_port, run_in_foreground, set_parent_death_signal, stop_process
 from server_sdk.fleet.ratelimit import LogBudget, cut
 

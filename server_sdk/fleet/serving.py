@@ -23,6 +23,7 @@ from edge_runtime import protocol as P
 from export import StageInfo, export_artifacts
 from export.common import json_config
 from export.memory import predicted_peak_mb
+from server_sdk.disk import prune_finished_stages
 from server_sdk.engine.model import cache_root, smollm2_cache_dir
 from server_sdk.engine.warm import TemplateWarmer
 from server_sdk.fleet.broker import Credentials
@@ -101,6 +102,8 @@ class StageServing:
                                  export_s=seconds)
         self._draw_key = plan.draw_key  # rounds.py's key of the stage's client draws and seeds
         self._await_ready(stage, plan.draw_key)
+        if not self.settings.keep_artifacts:
+            prune_finished_stages(self.run_dir, stage)  # devices moved on
         return total
 
     def expect_stages(self, config: dict, stage_sizes: list[int]) -> None:

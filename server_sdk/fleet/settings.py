@@ -60,45 +60,70 @@ class FleetSettings:
     # with an origin, False stops answering MQTT chunk requests: the files then reach only devices the origin lets
     # in (chunks are broadcast to every fleet device that subscribes), and devices that ignore `origin` get nothing
     artifact_chunks: bool = True
+    # keep every stage's exported files under run_dir/artifacts (--keep-artifacts); False deletes a finished
+    # stage's once the next stage is served (disk.prune_finished_stages)
+    keep_artifacts: bool = False
 
     def validate(self) -> FleetSettings:
-        if self.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
-            self.formats = ["onnx"]
-        check_quorum(self.quorum)
-        if self.round_timeout_s <= 0:
-            raise ValueError(f"round_timeout_s={self.round_timeout_s} must be positive")
-        bad = [f for f in self.formats if f not in ARTIFACT_FORMATS]
-        if bad or not self.formats:
-            raise ValueError(f"formats={self.formats} must be a non-empty list of {ARTIFACT_FORMATS}")
-        if self.max_update_norm is not None and self.max_update_norm <= 0:
-            raise ValueError(f"max_update_norm={self.max_update_norm} must be positive (or None for no bound)")
-        if self.norm_bound_k is not None and self.norm_bound_k < 1:
-            raise ValueError(f"norm_bound_k={self.norm_bound_k} must be at least 1 (e.g. 5), or None to turn the "
-                             "adaptive norm bound off")
-        if self.max_samples_per_update is not None and self.max_samples_per_update < 1:
-            raise ValueError(f"max_samples_per_update={self.max_samples_per_update} must be a positive integer")
-        if not self.stage_ready_timeout_s >= 0:
-            raise ValueError(f"stage_ready_timeout_s={self.stage_ready_timeout_s} must be 0 (do not wait for devices' "
-                             "files at a stage start) or a positive number of seconds, e.g. 60")
-        if isinstance(self.replacements, bool) or not isinstance(self.replacements, int) or self.replacements < 0:
-            raise ValueError(f"replacements={self.replacements!r} must be a whole number >= 0: at most that many "
-                             "replacement devices per round when sampled devices go offline (0 = none)")
-        if self.artifact_origin is not None:
-            if not (self.artifact_origin.startswith("https://") and self.artifact_dir):
-                raise ValueError(f"artifact_origin={self.artifact_origin!r} needs an https:// URL and artifact_dir, the "
-                                 "directory its web server serves (--artifacts URL --artifact-dir DIR)")
-            P.check_origin(self.artifact_origin.rstrip("/") + "/")
-        elif not self.artifact_chunks:
-            raise ValueError("artifact_chunks=False (--no-mqtt-chunks) needs an artifact origin (--artifacts): "
-                             "devices would have nowhere to fetch stage files from")
-        if self.start_timeout_s is not None and not self.start_timeout_s > 0:
-            raise ValueError(f"start_timeout_s={self.start_timeout_s} must be a positive number of seconds (e.g. 10) "
-                             "or None (wait for silent devices until the deadline)")
-        for layers, mb in self.stage_peak_mb.items():
-            if not str(layers).isdigit() or isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
-                raise ValueError(f"stage_peak_mb={self.stage_peak_mb!r}: map a stage's layer count to its measured "
-                                 "peak in whole MiB, e.g. {\"4\": 524}")
+        """Raise ValueError naming the first bad setting, section by section."""
+        for check in (_check_round_policy, _check_formats, _check_update_bounds, _check_artifact_serving,
+                      _check_stage_memory):
+            check(self)
         return self
+
+
+def _check_round_policy(s: FleetSettings) -> None:
+    """Quorum, deadlines and replacements: when a round closes and with whom."""
+    check_quorum(s.quorum)
+    if s.round_timeout_s <= 0:
+        raise ValueError(f"round_timeout_s={s.round_timeout_s} must be positive")
+    if not s.stage_ready_timeout_s >= 0:
+        raise ValueError(f"stage_ready_timeout_s={s.stage_ready_timeout_s} must be 0 (do not wait for devices' "
+                         "files at a stage start) or a positive number of seconds, e.g. 60")
+    if isinstance(s.replacements, bool) or not isinstance(s.replacements, int) or s.replacements < 0:
+        raise ValueError(f"replacements={s.replacements!r} must be a whole number >= 0: at most that many "
+                         "replacement devices per round when sampled devices go offline (0 = none)")
+    if s.start_timeout_s is not None and not s.start_timeout_s > 0:
+        raise ValueError(f"start_timeout_s={s.start_timeout_s} must be a positive number of seconds (e.g. 10) "
+                         "or None (wait for silent devices until the deadline)")
+
+
+def _check_formats(s: FleetSettings) -> None:
+    if s.formats == ["auto"]:  # fleet.json of runs started before formats were fixed at start
+        s.formats = ["onnx"]
+    bad = [f for f in s.formats if f not in ARTIFACT_FORMATS]
+    if bad or not s.formats:
+        raise ValueError(f"formats={s.formats} must be a non-empty list of {ARTIFACT_FORMATS}")
+
+
+def _check_update_bounds(s: FleetSettings) -> None:
+    """The bounds every device update is checked against on arrival."""
+    if s.max_update_norm is not None and s.max_update_norm <= 0:
+        raise ValueError(f"max_update_norm={s.max_update_norm} must be positive (or None for no bound)")
+    if s.norm_bound_k is not None and s.norm_bound_k < 1:
+        raise ValueError(f"norm_bound_k={s.norm_bound_k} must be at least 1 (e.g. 5), or None to turn the "
+                         "adaptive norm bound off")
+    if s.max_samples_per_update is not None and s.max_samples_per_update < 1:
+        raise ValueError(f"max_samples_per_update={s.max_samples_per_update} must be a positive integer")
+
+
+def _check_artifact_serving(s: FleetSettings) -> None:
+    """Where devices fetch stage files: MQTT chunks, an HTTPS origin, or both."""
+    if s.artifact_origin is not None:
+        if not (s.artifact_origin.startswith("https://") and s.artifact_dir):
+            raise ValueError(f"artifact_origin={s.artifact_origin!r} needs an https:// URL and artifact_dir, the "
+                             "directory its web server serves (--artifacts URL --artifact-dir DIR)")
+        P.check_origin(s.artifact_origin.rstrip("/") + "/")
+    elif not s.artifact_chunks:
+        raise ValueError("artifact_chunks=False (--no-mqtt-chunks) needs an artifact origin (--artifacts): "
+                         "devices would have nowhere to fetch stage files from")
+
+
+def _check_stage_memory(s: FleetSettings) -> None:
+    for layers, mb in s.stage_peak_mb.items():
+        if not str(layers).isdigit() or isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+            raise ValueError(f"stage_peak_mb={s.stage_peak_mb!r}: map a stage's layer count to its measured "
+                             "peak in whole MiB, e.g. {\"4\": 524}")
 
 
 def mqtt_settings(creds: Credentials, client_id: str, host: str | None = None, port: int | None = None,

@@ -1,12 +1,13 @@
-"""Differential-based layer fusion (DEVFT §3.3), its inverse (the transfer back) and their ablations.
+"""Differential-based layer fusion (DEVFT §3.3), its inverse (the fold-back) and their ablations.
 
 A group of layers becomes one representative layer: the anchor plus beta times the
 sum of every member's difference from it. beta = 0 is the anchor, beta = 1/m the mean.
-When the stage ends, the fused layer's trained LoRA goes back to every member.
+When the stage ends, the fused layer's trained LoRA is folded back into every member.
 
-Each rule family is one registry (name -> function): `ANCHORS`, `FUSIONS`, `TRANSFERS`.
-The config validates its `anchor`, `fusion` and `transfer` fields against them, so a new
-rule is one function added here plus its test.
+Each rule family is one registry (name -> function): `ANCHORS`, `FUSIONS`, `FOLD_BACKS`.
+The config validates its `anchor`, `fusion` and `transfer` fields against them (`transfer`, the
+config key runs have always used, names the fold-back rule), so a new rule is one function added
+here plus its test.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 Tensors = dict[str, torch.Tensor]
 AnchorRule = Callable[[Sequence[int], np.ndarray], int]
 FusionRule = Callable[[Sequence[Tensors], int, float], Tensors]
-TransferRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+FoldBackRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 T = TypeVar("T")
 
 
@@ -94,17 +95,17 @@ def fuse_group(members: Sequence[Tensors], anchor_pos: int, beta: float, method:
     return fuse_select(members, anchor_pos, beta) if len(members) == 1 else rule(members, anchor_pos, beta)
 
 
-# ---- transfer: a fused layer's trained LoRA -> each member's LoRA ------------------------
-def transfer_copy(own: torch.Tensor, trained: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+# ---- fold-back: a fused layer's trained LoRA -> each member's LoRA -----------------------
+def fold_back_copy(own: torch.Tensor, trained: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     """The member takes the trained tensor."""
     return trained.clone()
 
 
-def transfer_delta(own: torch.Tensor, trained: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+def fold_back_delta(own: torch.Tensor, trained: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     """The member adds what training changed (trained - initial) to its own tensor."""
     return own + (trained - initial)
 
 
 # "anchor": only each group's anchor takes the trained tensors, the other members keep theirs
 # (the strategy narrows the groups to their anchors, then copies: strategies/devft.py)
-TRANSFERS: dict[str, TransferRule] = {"copy": transfer_copy, "delta": transfer_delta, "anchor": transfer_copy}
+FOLD_BACKS: dict[str, FoldBackRule] = {"copy": fold_back_copy, "delta": fold_back_delta, "anchor": fold_back_copy}

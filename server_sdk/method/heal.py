@@ -3,7 +3,7 @@ submodel toward the full model and folds the repair into the submodel's frozen w
 
 A fused submodel of SmolLM2-135M computes something far from the full model (4 fused layers:
 held-out loss 15 against the full model's 4.9), so the devices' LoRA is spent repairing the
-fusion and transfers nothing back. Healing trains the fused layers' own weights (a small,
+fusion and folds nothing useful back. Healing trains the fused layers' own weights (a small,
 full-rank update, the fold of a LoRA-and-merge) so that the submodel's output matches the
 full model's with its current LoRA; the devices then train a task LoRA on a submodel that
 behaves like the full model. The distillation text needs no client data: prompts from the

@@ -1,7 +1,7 @@
 """LoRA state of a layered model, kept in one flat, framework-neutral form.
 
 `LoraState` maps canonical names "layers.<i>.<module>.lora_A|lora_B" to tensors
-(A: [r, in], B: [out, r]). It is what strategies fuse, average, transfer and
+(A: [r, in], B: [out, r]). It is what strategies fuse, average, fold back and
 checkpoint; PEFT models are only read from and written to at the edges.
 """
 

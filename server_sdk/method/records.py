@@ -1,7 +1,7 @@
 """A run's rows: one `RoundRecord` per trained round (and one for the base model before any).
 
 The round loop keeps them typed, and so do the readers inside a run (the strategy's re-planning,
-the schedules, stage_transfer, the progress bar); they become dicts only in report.json and the
+the schedules, the stage gains, the progress bar); they become dicts only in report.json and the
 checkpoint's meta.json (`to_dict`), and come back from a checkpoint with `from_dict`."""
 
 from __future__ import annotations

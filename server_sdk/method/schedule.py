@@ -3,14 +3,14 @@
 A small submodel's stage is worth a round only if the round lowers the full model's held-out
 loss by about as much, per unit of client cost, as a full-model round would. The `auto`
 schedule measures that after every evaluated round (the round loop evaluates the full model
-with the stage's LoRA transferred back) and ends a stage that stops paying:
+with the stage's LoRA folded back) and ends a stage that stops paying:
 
 * relative gain of the last evaluated round(s): g = (loss before - loss now) / loss before;
 * the stage's cost relative to a full-model round: layers / n_layers;
 * a full-model round is expected to cut the loss by `expected_gain` (a prior, config
   `schedule_expected_gain`), so the stage pays while g >= expected_gain * layers / n_layers.
 
-When the stage stops paying after its first round, the submodels transfer nothing and every
+When the stage stops paying after its first round, the submodels gain the full model nothing and every
 remaining round goes to the full model (so DEVFT costs at most one small round more than
 FedIT); after later rounds, it grows to the next stage with this stage's unused rounds. The
 total round budget never changes. `fixed` keeps the configured rounds (the paper's method).
@@ -18,9 +18,9 @@ total round budget never changes. `fixed` keeps the configured rounds (the paper
 Under `auto` a small stage that did not pay for itself over its rounds (its whole loss drop below
 its cost's share, as above, times its rounds; a stage ended after its first round never did) is
 rolled back (Strategy.keeps_stage): the round loop keeps the full model's LoRA from before the
-stage and marks the stage's last record `rolled_back`. A transfer that buys a sliver of loss can
+stage and marks the stage's last record `rolled_back`. A fold-back that buys a sliver of loss can
 still steer the full model's training off its course (seen on SmolLM2-135M: the full model's
-first round ended higher after a kept 0.2-0.5% transfer). With the full-model stage drawing
+first round ended higher after a kept 0.2-0.5% gain). With the full-model stage drawing
 clients and seeds as FedIT does (StagePlan.draw_key), a run whose first small round is rolled
 back trains exactly FedIT's rounds, one small round later.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from server_sdk.method.records import RoundRecord
-from server_sdk.method.stage_transfer import stage_transfer
+from server_sdk.method.stage_gain import stage_gains
 
 ScheduleRule = Callable[[int, int, list[RoundRecord], list[int], list[int], float], list[int]]
 
@@ -51,11 +51,11 @@ def last_relative_gain(records: list[RoundRecord]) -> float | None:
 
 
 def paid_for_itself(records: list[RoundRecord], stage: int, layers: list[int], expected_gain: float) -> bool:
-    """Whether `stage` lowered the full model's eval loss (from stage_transfer's loss_start: the base
+    """Whether `stage` lowered the full model's eval loss (from stage_gains' loss_start: the base
     model's, or the last kept stage's end) by at least its cost's share of what as many full-model
     rounds are expected to buy: relative drop >= expected_gain * layers / n_layers * its rounds.
     Unknown (nothing evaluated) counts as paid."""
-    entry = next((e for e in stage_transfer(records) if e["stage"] == stage), None)
+    entry = next((e for e in stage_gains(records) if e["stage"] == stage), None)
     if entry is None or entry["loss_change"] is None or not entry["loss_start"]:
         return True
     drop = -entry["loss_change"] / entry["loss_start"]
@@ -75,7 +75,7 @@ def auto_rounds(stage: int, stage_round: int, records: list[RoundRecord], rounds
     new = list(rounds)
     leftover = new[stage] - (stage_round + 1)
     new[stage] = stage_round + 1
-    if stage_round == 0:  # no transfer at all: stop paying for small submodels
+    if stage_round == 0:  # no gain at all: stop paying for small submodels
         for j in range(stage + 1, last):
             leftover += new[j]
             new[j] = 0

@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server_sdk.method.fusion import TRANSFERS, fuse_group, pick
+from server_sdk.method.fusion import FOLD_BACKS, fuse_group, pick
 from server_sdk.method.grouping import Groups
 from server_sdk.method.lora import LoraState, attach_lora, layer_slice, with_layer, write_lora
 
@@ -130,13 +130,13 @@ def build_submodel(model: LlamaForCausalLM, full_lora: LoraState, plan: StagePla
     return peft_model, sub_lora
 
 
-def transfer_lora_back(full_lora: LoraState, trained: LoraState, initial: LoraState, plan: StagePlan,
-                       mode: str = "copy") -> LoraState:
-    """Send each fused layer's trained LoRA back to every member of its group.
+def fold_back_lora(full_lora: LoraState, trained: LoraState, initial: LoraState, plan: StagePlan,
+                   mode: str = "copy") -> LoraState:
+    """Fold each fused layer's trained LoRA back into every member of its group.
 
-    `mode` names a rule of fusion.TRANSFERS (copy: members get the trained tensors; delta:
-    members add (trained - initial) to their own)."""
-    rule = pick(TRANSFERS, "transfer mode", mode)
+    `mode` names a rule of fusion.FOLD_BACKS (the config's `transfer`; copy: members get the trained
+    tensors; delta: members add (trained - initial) to their own)."""
+    rule = pick(FOLD_BACKS, "fold-back rule (transfer)", mode)
     out = {k: v.clone() for k, v in full_lora.items()}
     for i, group in enumerate(plan.groups):
         trained_i, initial_i = layer_slice(trained, i), layer_slice(initial, i)

@@ -121,7 +121,7 @@ class Strategy(ABC):
 
     def keeps_stage(self, stage: int, records: list[RoundRecord]) -> bool:
         """Asked when a stage ends (records end with its last, evaluated round, whose eval loss is the
-        full model's with the stage's LoRA transferred back): False rolls the full model's LoRA back to
+        full model's with the stage's LoRA folded back): False rolls the full model's LoRA back to
         what it was before the stage. Default: keep every stage."""
         return True
 

@@ -1,12 +1,12 @@
 """DEVFT: developmental stages of growing submodels built by deconfliction-guided grouping
-and differential fusion, with the trained LoRA transferred back to every group member.
+and differential fusion, with the trained LoRA folded back into every group member.
 
 The config's `grouping`, `anchor`, `fusion`, `beta` and `transfer` pick the rules from
 their registries (grouping.py, fusion.py); `stages` is the schedule (default: doubling).
 Issue #12's hypotheses are config values too: `heal` (heal.py: distil each fused submodel
 toward the full model before devices train it), `schedule` (schedule.py: `auto` ends a stage
-whose transfer to the full model stops paying) and the `first-last` grouping with the `last`
-anchor, `select` fusion and `anchor` transfer (a submodel of the first layers plus the last)."""
+whose gain to the full model stops paying) and the `first-last` grouping with the `last`
+anchor, `select` fusion and `anchor` fold-back (`transfer`) (a submodel of the first layers plus the last)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from server_sdk.method.lora import scaling
 from server_sdk.method.schedule import SCHEDULES, paid_for_itself
 from server_sdk.method.similarity import layer_similarity
 from server_sdk.method.strategies.base import Strategy
-from server_sdk.method.submodel import StagePlan, build_submodel, identity_plan, transfer_lora_back
+from server_sdk.method.submodel import StagePlan, build_submodel, fold_back_lora, identity_plan
 
 
 def default_schedule(n_layers: int) -> list[int]:
@@ -92,5 +92,5 @@ class DevFT(Strategy):
     def finish_stage(self, full_lora, trained, initial, plan):
         if self.cfg.transfer == "anchor":  # only each group's anchor takes the trained LoRA
             plan = StagePlan(plan.stage, plan.n_layers, [[a] for a in plan.anchors], plan.anchors, plan.full)
-            return transfer_lora_back(full_lora, trained, initial, plan, "copy")
-        return transfer_lora_back(full_lora, trained, initial, plan, self.cfg.transfer)
+            return fold_back_lora(full_lora, trained, initial, plan, "copy")
+        return fold_back_lora(full_lora, trained, initial, plan, self.cfg.transfer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server_sdk.method.strategies.base import Strategy
-from server_sdk.method.submodel import identity_plan, transfer_lora_back
+from server_sdk.method.submodel import fold_back_lora, identity_plan
 
 
 class FedIT(Strategy):
@@ -16,4 +16,4 @@ class FedIT(Strategy):
         return identity_plan(len(model.model.layers), stage), None
 
     def finish_stage(self, full_lora, trained, initial, plan):
-        return transfer_lora_back(full_lora, trained, initial, plan, "copy")
+        return fold_back_lora(full_lora, trained, initial, plan, "copy")

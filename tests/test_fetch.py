@@ -1,4 +1,4 @@
-"""Chunked, content-addressed artifact transfer over a real broker."""
+"""Fetching artifacts: chunked, content-addressed downloads over a real broker (edge_runtime/fetch.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from edge_runtime import protocol as P
-from edge_runtime.mqtt import Message
-from edge_runtime.transfer import (
+from edge_runtime.fetch import (
     ArtifactCache,
     FetchCancelled,
     FetchError,
@@ -24,6 +23,7 @@ from edge_runtime.transfer import (
     describe_files,
     split_safetensors,
 )
+from edge_runtime.mqtt import Message
 from server_sdk.fleet.artifact_server import ArtifactServer
 
 pytest_plugins = ("tests.broker_fixtures",)  # fleet, broker, clients
@@ -193,7 +193,7 @@ def test_killed_download_resumes(tmp_path, fleet, broker, clients, weights):
             import json
             from edge_runtime.mqtt import MqttClient, MqttSettings
             from edge_runtime.protocol import ArtifactDescriptor
-            from edge_runtime.transfer import ArtifactCache
+            from edge_runtime.fetch import ArtifactCache
             d = ArtifactDescriptor.from_json(json.loads({str(descriptor.to_json()).replace("'", '"')!r}))
             c = MqttClient(MqttSettings(host="localhost", port={creds.port}, username={creds.username!r},
                 password={creds.password!r}, ca_file={creds.ca_file!r}, client_id="dev1-doomed"))

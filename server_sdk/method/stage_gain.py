@@ -1,14 +1,15 @@
-"""What each stage bought the full model, per client CPU second: the metric that says whether
-DEVFT's small early stages pay (issue #12).
+"""Stage gain: what each stage bought the full model, per client CPU second; the metric that says
+whether DEVFT's small early stages pay (issue #12).
 
-A stage of a small submodel is only worth its rounds if the LoRA it trains, transferred back,
-lowers the *full* model's held-out loss. The round loop evaluates the full model with the
-stage's LoRA transferred back at every stage end, so each stage's effect is the eval loss at
+A stage of a small submodel is only worth its rounds if the LoRA it trains, folded back into the
+full model's layers, lowers the *full* model's held-out loss. The round loop evaluates the full model
+with the stage's LoRA folded back at every stage end, so each stage's effect is the eval loss at
 its end minus the eval loss at its start (the previous stage's end, or the base model), and
 its cost is the client CPU seconds its rounds spent. Dividing gives a rate that a FedIT run
 of the same profile also has (its one stage), so the two compare directly. Pure functions
-over the run's records (RoundRecord), used by report.json (`stage_transfer`), the auto schedule and
-benchmarks/early_stages.py.
+over the run's records (RoundRecord), used by report.json (under the key `stage_transfer`, its name before
+"transfer" was split into fold-back, fetch and stage gain; kept for readers of saved reports), the
+auto schedule and benchmarks/early_stages.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _cost(rec: RoundRecord, compute_key: str) -> float:
     return float(sum(v for v in values if v is not None))
 
 
-def stage_transfer(records: list[RoundRecord], compute_key: str = COMPUTE_KEY) -> list[dict[str, Any]]:
+def stage_gains(records: list[RoundRecord], compute_key: str = COMPUTE_KEY) -> list[dict[str, Any]]:
     """One entry per stage present in `records` (the run's rows, base model first).
 
     Each entry: stage, layers, rounds (training rounds of the stage seen), loss_start (the last
@@ -35,7 +36,7 @@ def stage_transfer(records: list[RoundRecord], compute_key: str = COMPUTE_KEY) -
     that last evaluation, and loss_change_per_client_cpu_s. Loss fields are None when the stage
     has no evaluated round yet, or when nothing before it was evaluated. A run stopped mid-stage
     (a screen) reports the part it ran, up to its last evaluation. A stage whose last record says
-    `rolled_back` (the auto schedule undid its transfer) keeps its own numbers, and the next stage
+    `rolled_back` (the auto schedule undid its fold-back) keeps its own numbers, and the next stage
     starts from the loss before it."""
     out: list[dict[str, Any]] = []
     last_loss: float | None = None

@@ -7,7 +7,7 @@ from server_sdk.method.aggregation import FedAvg
 from server_sdk.method.fusion import choose_anchor, fuse_group
 from server_sdk.method.lora import attach_lora, layer_slice, read_lora
 from server_sdk.method.strategies.base import ClientResult
-from server_sdk.method.submodel import StagePlan, build_submodel, identity_plan, share_model, transfer_lora_back
+from server_sdk.method.submodel import StagePlan, build_submodel, fold_back_lora, identity_plan, share_model
 
 LORA = LoraSettings(r=2, alpha=4)
 
@@ -71,13 +71,13 @@ def test_one_layer_per_group_submodel_equals_full_model(full):
         assert torch.equal(sub(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
-def test_transfer_copy_and_delta(full):
+def test_fold_back_copy_and_delta(full):
     _, lora = full
     plan = StagePlan(0, 2, [[0, 2, 3], [1, 4, 5]], [0, 1])
     initial = {k: v for k, v in lora.items() if k.startswith(("layers.0.", "layers.1."))}
     trained = {k: v + 1.0 for k, v in initial.items()}
-    copied = transfer_lora_back(lora, trained, initial, plan, "copy")
-    delta = transfer_lora_back(lora, trained, initial, plan, "delta")
+    copied = fold_back_lora(lora, trained, initial, plan, "copy")
+    delta = fold_back_lora(lora, trained, initial, plan, "delta")
     for i, group in enumerate(plan.groups):
         for m in group:
             for name, t in layer_slice(trained, i).items():

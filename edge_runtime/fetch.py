@@ -1,4 +1,4 @@
-"""Chunked, content-addressed artifact transfer over MQTT.
+"""Fetching artifacts: chunked, content-addressed downloads over MQTT (or HTTPS).
 
 Every file a device needs (frozen weights, a stage submodel, a tokenizer) is
 addressed by the sha256 of its bytes and cut into fixed-size chunks, each with
@@ -69,7 +69,7 @@ from edge_runtime.chunk_fetch import (
 from edge_runtime.mqtt import MqttClient
 from edge_runtime.protocol import ArtifactDescriptor, FileEntry, check_sha256
 
-__all__ = [  # the transfer's public names, wherever they live (artifact_files.py, chunk_fetch.py)
+__all__ = [  # the fetch module's public names, wherever they live (artifact_files.py, chunk_fetch.py)
     "ArtifactCache", "FetchCancelled", "FetchError", "OriginCorrupt", "OriginLogin", "OriginRefused",
     "OriginUnavailable", "describe_dir", "describe_file", "describe_files", "sha256_bytes", "sha256_file",
     "split_safetensors",
