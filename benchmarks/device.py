@@ -41,7 +41,12 @@ from typing import Any
 
 from edge_runtime.bench import DEFAULT_BATCH, DEFAULT_SEQ, append_rows, machine_info, measure, summary_line
 from edge_runtime.telemetry import DEVICE_PROFILES
-from export.memory import activation_bytes, lora_bytes_of, weight_bytes_of  # the one floor model (the fleet samples by it)
+from export.memory import (  # the one floor model (the fleet samples by it)
+    activation_bytes,
+    lora_bytes_of,
+    lora_state_copies,
+    weight_bytes_of,
+)
 
 from .export import DEFAULT_LEGACY_PYTHON, Envs, TorchStep, load_average
 from .results_md import RESULTS_MD, replace_block, save_figure
@@ -238,10 +243,13 @@ def floor(row: dict[str, Any], info: dict[str, Any], baseline: int | None) -> di
     full = {**info.get("config", {}), **{k: v for k, v in cfg.items() if v is not None}}
     if "num_attention_heads" not in full:
         return None
-    act = activation_bytes(full, row["batch"], row["seq"], row["supervised_positions"])
+    rows = row.get("micro_batch") or row["batch"]  # a micro-batched step holds the activations of its rows
+    supervised = min(row["supervised_positions"], rows * (row["seq"] - 1))
+    act = activation_bytes(full, rows, row["seq"], supervised)
     head = act["head_full"] if row["backend"] == "torch" else act["head_chunked"]
     parts = {"weights": int(row.get("frozen_bytes") or info.get("frozen_bytes", 0)),
-             "lora_state": 4 * int(info.get("lora_bytes", 0)), "activations": act["decoder"] + head,
+             "lora_state": lora_state_copies(row["batch"], rows) * int(info.get("lora_bytes", 0)),
+             "activations": act["decoder"] + head,
              "runtime": baseline}
     return {**parts, "total": sum(parts.values())}
 
@@ -294,8 +302,9 @@ def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None, pro
 
 
 def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: Envs,
-            prompt_fraction: float = 0.0) -> dict[str, Any]:
-    """One measurement in a fresh process; returns its row, or a row saying why it failed."""
+            prompt_fraction: float = 0.0, micro_batch: int | None = None) -> dict[str, Any]:
+    """One measurement in a fresh process; returns its row, or a row saying why it failed. `micro_batch`: rows
+    per graph run of the portable format (edge_runtime.bench --micro-batch; None: the whole batch)."""
     d = stage_dir(n)
     python, env = envs.command(backend)
     if backend == "torch":
@@ -304,12 +313,15 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
         cmd = python + ["-m", "edge_runtime.bench", str(d / backend), "--backend", backend.split("-")[0], "--lr", str(LR)]
     cmd += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
             "--prompt-fraction", str(prompt_fraction)]
+    if micro_batch is not None:
+        cmd += ["--micro-batch", str(micro_batch)]
     env = {**env, "OMP_NUM_THREADS": str(threads)}
     load = load_average()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT.parent, timeout=900)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
-        return {"backend": backend, "stage_layers": n, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+        return {"backend": backend, "stage_layers": n, "micro_batch": micro_batch,
+                "error": " | ".join(tail) or f"exit {proc.returncode}"}
     row = {**json.loads(proc.stdout), "load_average_before": load, "backend": backend}
     if backend.startswith("onnx"):
         row["frozen_bytes"] = stored_weight_bytes(d / backend)
@@ -323,19 +335,51 @@ def carried_over(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    measured = {(r["backend"], r["stage_layers"]) for r in rows}
+    measured = {row_key(r) for r in rows}
     kept = []
     for r in old.get("rows", []):
-        if (r.get("backend"), r.get("stage_layers")) in measured or "error" in r or "unavailable" in r:
+        if row_key(r) in measured or "error" in r or "unavailable" in r:
             continue
         kept.append({**r, "carried_over_from": r.get("carried_over_from") or old.get("meta", {}).get("date", "?"),
                      "carried_over_threads": r.get("carried_over_threads") or r.get("threads")})
     return kept
 
 
+def row_key(r: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(backend, stage layers, rows per graph run): a micro-batched row beside its whole-batch one."""
+    return r.get("backend"), r.get("stage_layers"), micro_of(r)
+
+
+def micro_of(r: dict[str, Any]) -> int | None:
+    """The row's micro-batch when it is smaller than its batch, else None (a whole-batch row)."""
+    m, batch = r.get("micro_batch"), r.get("batch")
+    return m if m and batch and m < batch else None
+
+
+def backend_label(r: dict[str, Any]) -> str:
+    return r["backend"] + (f", micro-batch {micro_of(r)}" if micro_of(r) else "")
+
+
+def micro_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each micro-batched row against the same run's whole-batch row of its backend and stage."""
+    ok = [r for r in rows if "error" not in r and "unavailable" not in r and "carried_over_from" not in r]
+    whole = {(r["backend"], r["stage_layers"]): r for r in ok if micro_of(r) is None}
+    peak = lambda r: max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0)  # noqa: E731
+    lines = []
+    for r in sorted((r for r in ok if micro_of(r)), key=lambda r: (r["stage_layers"], r["backend"], micro_of(r))):
+        w = whole.get((r["backend"], r["stage_layers"]))
+        over = f", {peak(r) / r['floor']['total']:.2f}x its floor {r['floor']['total'] / 2**20:.0f} MiB" \
+            if r.get("floor") else ""
+        vs = (f" vs {peak(w) / 2**20:.0f} MiB for the whole batch (x{peak(r) / peak(w):.2f}); CPU time per step "
+              f"x{r['cpu_s_per_step'] / w['cpu_s_per_step']:.2f}") if w else ""
+        lines.append(f"- {r['stage_layers']} layers, {r['backend']}, micro-batch {micro_of(r)} of {r['batch']}: peak "
+                     f"{peak(r) / 2**20:.0f} MiB{over}{vs}")
+    return lines
+
+
 def headline(rows: list[dict[str, Any]], stages_info: dict[int, dict[str, Any]]) -> dict[str, Any]:
     ok = {(r["backend"], r["stage_layers"]): r for r in rows
-          if "error" not in r and "unavailable" not in r and "carried_over_from" not in r}
+          if "error" not in r and "unavailable" not in r and "carried_over_from" not in r and micro_of(r) is None}
     peak = lambda r: max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0)  # noqa: E731
     p50 = lambda r: r["step_latency_s"]["p50"]  # noqa: E731
     out: dict[str, Any] = {"stage1_vs_full": {}, "vs_torch": {}, "fits": {}}
@@ -384,10 +428,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| stage layers | backend | RSS after load (MiB) | peak RSS (MiB) | floor (MiB) = weights + LoRA, grads, "
              "AdamW + activations + runtime | peak / floor | p50 step (s) | p95 step (s) | CPU s/step "
              "| tokens/s | J/step (source) | fits | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["stage_layers"], BACKENDS.index(r["backend"]))):
+    for r in sorted(rows, key=lambda r: (r["stage_layers"], BACKENDS.index(r["backend"]), -(micro_of(r) or 1e9))):
         if "error" in r or "unavailable" in r:
             why = r.get("unavailable") or f"failed: {r['error']}"
-            lines.append(f"| {r['stage_layers']} | {r['backend']} | not available: {why} | | | | | | | | | | |")
+            lines.append(f"| {r['stage_layers']} | {backend_label(r)} | not available: {why} | | | | | | | | | | |")
             continue
         floor_mib, over = floor_cell(r)
         lat, mib = r["step_latency_s"], max(r["peak_rss_bytes"], r["process_peak_rss_bytes"] or 0) / 2**20
@@ -396,7 +440,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         when = (f"; earlier run {r['carried_over_from']}, {r['carried_over_threads']} threads"
                 if "carried_over_from" in r else "")
         loaded = f"{r['rss_after_load_bytes'] / 2**20:.0f}" if r.get("rss_after_load_bytes") else "-"
-        lines.append(f"| {r['stage_layers']} | {r['backend']} | {loaded} | {mib:.0f} | {floor_mib} | {over} | "
+        lines.append(f"| {r['stage_layers']} | {backend_label(r)} | {loaded} | {mib:.0f} | {floor_mib} | {over} | "
                      f"{lat['p50']:.3f} | {lat['p95']:.3f} | "
                      f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['energy_j_per_step']:.2f} ({r['energy_source']}) | {fit} | "
@@ -413,7 +457,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ok = [r for r in rows if "error" not in r and "unavailable" not in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for b in BACKENDS:
-        rs = sorted((r for r in ok if r["backend"] == b), key=lambda r: r["stage_layers"])
+        rs = sorted((r for r in ok if r["backend"] == b and micro_of(r) is None), key=lambda r: r["stage_layers"])
         if not rs:
             continue
         x = [r["stage_layers"] for r in rs]
@@ -473,6 +517,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for b, per_stage in head["vs_torch"].items():
         for n, v in per_stage.items():
             lines.append(_ratio_line(b, n, v))
+    lines += micro_lines(doc["rows"])
     lines += ["", "Which stage fits which device profile (measured peak RSS, the larger of training loop and "
               "process lifetime, against each profile's usable RAM):", ""]
     for n, per_backend in head["fits"].items():
@@ -519,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prompt-fraction", type=float, default=0.0,
                    help="share of each row masked as prompt (default 0: every position supervised)")
+    p.add_argument("--micro-batches", default="",
+                   help="comma-separated rows per graph run measured beside the whole batch for the onnx backends "
+                   f"(e.g. 1,2: gradients accumulated over micro-batches, docs/protocol.md); at most {DEFAULT_BATCH}")
     p.add_argument("--legacy-python", type=Path,
                    default=DEFAULT_LEGACY_PYTHON if DEFAULT_LEGACY_PYTHON.exists() else None,
                    help="interpreter with onnxruntime-training for the ort rows (default .venv-legacy/bin/python)")
@@ -557,9 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     baselines = {b: runtime_baseline(b, envs) for b in backends}
     rows: list[dict[str, Any]] = []
     # per stage side by side: drift on a shared machine hits every backend of a stage alike
-    jobs = [(b, n) for n in stages for b in backends if b != "executorch" or n in et_stages]
-    for b, n in tqdm(jobs, desc="measure", unit="run"):
-        row = run_one(b, n, steps, warmup, args.threads, envs, args.prompt_fraction)
+    micros = sorted({int(m) for m in args.micro_batches.split(",") if m and int(m) < DEFAULT_BATCH})
+    if any(m < 1 for m in micros):
+        p.error(f"--micro-batches must be whole numbers in [1, {DEFAULT_BATCH}], got {args.micro_batches}")
+    jobs = [(b, n, None) for n in stages for b in backends if b != "executorch" or n in et_stages]
+    jobs = [j for b, n, _ in jobs for j in [(b, n, None)] + [(b, n, m) for m in micros if b.startswith("onnx")]]
+    for b, n, m in tqdm(jobs, desc="measure", unit="run"):
+        row = run_one(b, n, steps, warmup, args.threads, envs, args.prompt_fraction, m)
         row["floor"] = floor(row, stages_info[n], baselines.get(b))
         tqdm.write(summary_line(row) if "error" not in row else f"{b} {n} layers failed: {row['error']}")
         rows.append(row)

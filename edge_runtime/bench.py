@@ -111,12 +111,13 @@ def random_batch(vocab_size: int, batch: int, seq: int, seed: int = 0,
     return ids, labels
 
 
-def load_trainer(backend: str, artifact_dir: Path, lr: float, threads: int | None) -> Any:
+def load_trainer(backend: str, artifact_dir: Path, lr: float, threads: int | None,
+                 micro_batch: int | None = None) -> Any:
     """A trainer with ``train_step(input_ids, labels) -> loss`` for ``backend`` (edge_runtime.backends)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     try:
-        return open_trainer(backend, artifact_dir, lr=lr, threads=threads)
+        return open_trainer(backend, artifact_dir, lr=lr, threads=threads, micro_batch=micro_batch)
     except ImportError as err:
         extra = {"onnx": "edge", "ort": "legacy-ort-training", "executorch": "edge-executorch"}[backend]
         raise RuntimeError(f"the {backend} backend cannot be imported ({err}); pip install 'devft[{extra}]'") from err
@@ -139,14 +140,22 @@ def measure(
     model_config: dict[str, Any] | None = None,
     versions: dict[str, Any] | None = None,
     prompt_fraction: float = 0.0,
+    micro_batch: int | None = None,
 ) -> dict[str, Any]:
     """One benchmark row for the artifacts in `artifact_dir` (backend from the manifest if not given).
+
+    `micro_batch` rows per graph run (the round's `hyperparams.micro_batch`, onnx only; None: the whole batch):
+    the step's activations are those of `micro_batch` rows (docs/protocol.md, "Micro-batches").
 
     `make_trainer` replaces the artifact trainer and `model_config` the manifest (the eager
     torch reference in benchmarks/device.py passes both); the row format stays the same.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if micro_batch is not None and not 1 <= micro_batch <= batch:
+        raise ValueError(f"micro_batch must be in [1, batch={batch}], got {micro_batch}")
+    if micro_batch == batch:
+        micro_batch = None  # the whole batch at once: what a device does without micro-batching
     artifact_dir = Path(artifact_dir)
     if make_trainer is None:
         manifest = load_manifest(artifact_dir)
@@ -161,7 +170,7 @@ def measure(
     ids, labels = random_batch(int(cfg["vocab_size"]), batch, seq, prompt_fraction=prompt_fraction)
 
     t0 = time.perf_counter()
-    trainer = make_trainer() if make_trainer else load_trainer(backend, artifact_dir, lr, threads)
+    trainer = make_trainer() if make_trainer else load_trainer(backend, artifact_dir, lr, threads, micro_batch)
     load_s = time.perf_counter() - t0
     rss_after_load = current_rss_bytes()
     warm_losses = [trainer.train_step(ids, labels) for _ in range(warmup)]
@@ -182,6 +191,7 @@ def measure(
         "stage_layers": int(cfg["num_hidden_layers"]),
         "model": {k: cfg.get(k) for k in ("hidden_size", "vocab_size", "num_hidden_layers", "intermediate_size")},
         "batch": batch,
+        "micro_batch": micro_batch or batch,
         "seq": seq,
         "warmup_steps": warmup,
         "steps": steps,
@@ -226,8 +236,9 @@ def summary_line(row: dict[str, Any]) -> str:
     lat = row["step_latency_s"]
     mib = max(row["peak_rss_bytes"], row["process_peak_rss_bytes"] or 0) / 2**20
     fit = ", ".join(n for n, ok in row["fits"].items() if ok) or "none"
+    micro = f" micro {row['micro_batch']}" if row.get("micro_batch", row["batch"]) != row["batch"] else ""
     return (
-        f"{row['backend']:>10} {row['stage_layers']:>3} layers  b{row['batch']}x{row['seq']}  "
+        f"{row['backend']:>10} {row['stage_layers']:>3} layers  b{row['batch']}x{row['seq']}{micro}  "
         f"p50 {lat['p50']:.3f}s p95 {lat['p95']:.3f}s  {row['tokens_per_s']:.0f} tok/s  "
         f"peak {mib:.0f} MiB  {row['energy_j_per_step']:.2f} J/step ({row['energy_source']})  fits: {fit}"
     )
@@ -238,6 +249,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="default: the manifest's backend")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"batch size (default {DEFAULT_BATCH})")
     p.add_argument("--seq", type=int, default=DEFAULT_SEQ, help=f"sequence length (default {DEFAULT_SEQ})")
+    p.add_argument("--micro-batch", type=int, help="rows per graph run, gradients accumulated over the batch "
+                   "(onnx only; default: the whole batch): peak activations of this many rows")
     p.add_argument("--prompt-fraction", type=float, default=0.0,
                    help="share of each row masked as prompt (label -100); default 0: every position supervised")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
@@ -260,6 +273,7 @@ def main_bench(args: argparse.Namespace) -> int:
         backend=args.backend,
         batch=args.batch,
         seq=args.seq,
+        micro_batch=args.micro_batch,
         prompt_fraction=args.prompt_fraction,
         steps=args.steps,
         warmup=args.warmup,

@@ -111,7 +111,7 @@ class RoundWork:
 
         def make(art_dir: Path) -> Trainer:
             return open_trainer(fmt, art_dir, lr=hp.lr, threads=self.threads, trainable=hp.trainable,
-                                optimizer=hp.optimizer)
+                                optimizer=hp.optimizer, micro_batch=hp.rows_per_run)
 
         art_dir, got = self._artifact_dir(ctrl)
         try:

@@ -112,7 +112,11 @@ class TrainSettings:
     the LoRA tensors named in `trainable` (PEFT names; the others keep their received values),
     and answers once per (run, stage, round, session): `session` changes when the coordinator
     restarts, so a repeated round after a crash is trained again. Sequences are truncated to the
-    artifacts' `seq_len` (manifest), the one sequence length of a run.
+    artifacts' `seq_len` (manifest), the one sequence length of a run. `micro_batch` (optional,
+    1 <= micro_batch <= batch_size; absent: the whole batch at once) runs the training graph on that
+    many rows of a batch at a time and combines their gradients into the batch's exactly as
+    docs/protocol.md ("Micro-batches") says, before the one optimiser step: less memory, same update
+    up to float32 rounding.
     """
 
     lr: float
@@ -122,11 +126,20 @@ class TrainSettings:
     seeds: Mapping[str, int]
     session: str
     optimizer: str = "adamw"
+    micro_batch: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"lr": self.lr, "local_steps": self.local_steps, "batch_size": self.batch_size,
-                "trainable": list(self.trainable), "seeds": dict(self.seeds), "session": self.session,
-                "optimizer": self.optimizer}
+        out = {"lr": self.lr, "local_steps": self.local_steps, "batch_size": self.batch_size,
+               "trainable": list(self.trainable), "seeds": dict(self.seeds), "session": self.session,
+               "optimizer": self.optimizer}
+        if self.micro_batch is not None:  # absent: whole batches (control messages stay as they were)
+            out["micro_batch"] = self.micro_batch
+        return out
+
+    @property
+    def rows_per_run(self) -> int | None:
+        """Rows per training-graph run when a batch is split into micro-batches, else None (whole batches)."""
+        return self.micro_batch if self.micro_batch is not None and self.micro_batch < self.batch_size else None
 
     @staticmethod
     def from_json(obj: Any) -> TrainSettings:
@@ -151,8 +164,13 @@ class TrainSettings:
         optimizer = optional_field(obj, what, "optimizer", str, "adamw")
         if optimizer not in OPTIMIZERS:
             raise ProtocolError(f"{what} optimizer {optimizer!r} is not one of {OPTIMIZERS}")
+        micro = optional_field(obj, what, "micro_batch", int, None)
+        if micro is not None and not 1 <= micro <= ints["batch_size"]:
+            raise ProtocolError(f"{what} micro_batch must be a whole number in [1, batch_size={ints['batch_size']}], "
+                                f"got {micro}")
         return TrainSettings(lr=lr, trainable=tuple(trainable), seeds=dict(seeds),
-                             session=require_field(obj, what, "session", str), optimizer=optimizer, **ints)
+                             session=require_field(obj, what, "session", str), optimizer=optimizer, micro_batch=micro,
+                             **ints)
 
 
 @dataclass(frozen=True)

@@ -139,10 +139,11 @@ def artifact_id_vectors() -> dict[str, Any]:
             "cases": cases}
 
 
-def _trainer(art: Path, lr: float = 1e-3, optimizer: str = "adamw", trainable=None):
+def _trainer(art: Path, lr: float = 1e-3, optimizer: str = "adamw", trainable=None, micro_batch=None):
     from edge_runtime.backends import open_trainer
 
-    return open_trainer("onnx", art, lr=lr, threads=1, trainable=trainable, optimizer=optimizer)
+    return open_trainer("onnx", art, lr=lr, threads=1, trainable=trainable, optimizer=optimizer,
+                        micro_batch=micro_batch)
 
 
 def _runtime() -> dict[str, str]:
@@ -187,7 +188,8 @@ def _encoded_shard(seq_len: int = 16) -> list[tuple[list[int], list[int]]]:
 def run_round(art: Path, case: Mapping[str, Any], shard) -> tuple[list[list[int]], list[float], dict, float]:
     """What a device does in a round (docs/device-client.md section 4), on pre-tokenised examples."""
     trainable = case.get("trainable")
-    trainer = _trainer(art, case["lr"], case["optimizer"], trainable)
+    micro = case.get("micro_batch")
+    trainer = _trainer(art, case["lr"], case["optimizer"], trainable, micro if micro and micro < case["batch_size"] else None)
     received = trainer.get_lora()
     pad = 2  # the tiny model's eos_token_id (it has no pad_token_id)
     draws, losses = [], []
@@ -205,7 +207,11 @@ def run_round(art: Path, case: Mapping[str, Any], shard) -> tuple[list[list[int]
 
 ROUND_CASES = ({"seed": 11, "batch_size": 2, "local_steps": 4, "lr": 1e-2, "optimizer": "adamw"},
                {"seed": 13, "batch_size": 1, "local_steps": 6, "lr": 1e-2, "optimizer": "adamw"},
-               {"seed": 11, "batch_size": 2, "local_steps": 3, "lr": 5e-2, "optimizer": "sgd"})
+               {"seed": 11, "batch_size": 2, "local_steps": 3, "lr": 5e-2, "optimizer": "sgd"},
+               # micro-batches (device-client.md section 4): 1 row at a time, some rows without a target, and
+               # 2 + 1 rows (a shorter last micro-batch)
+               {"seed": 11, "batch_size": 4, "micro_batch": 1, "local_steps": 4, "lr": 1e-2, "optimizer": "adamw"},
+               {"seed": 5, "batch_size": 3, "micro_batch": 2, "local_steps": 4, "lr": 1e-2, "optimizer": "adamw"})
 
 
 def round_vectors(art: Path) -> dict[str, Any]:

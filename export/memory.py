@@ -72,21 +72,31 @@ def lora_bytes_of(cfg: dict[str, Any], n_layers: int, rank: int = 8) -> int:
     return 4 * per_layer * n_layers
 
 
+def lora_state_copies(batch: int, micro_batch: int | None = None) -> int:
+    """LoRA-sized float32 tensors a step holds: the LoRA, its gradients and AdamW's two moments, plus the
+    accumulated gradients when the batch runs in micro-batches (docs/protocol.md, "Micro-batches")."""
+    return 5 if micro_batch is not None and micro_batch < batch else 4
+
+
 def floor_parts(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
-                weights: str = "fp32", runtime: int = RUNTIME_BYTES) -> dict[str, int]:
+                weights: str = "fp32", runtime: int = RUNTIME_BYTES, micro_batch: int | None = None) -> dict[str, int]:
     """The floor of one step of an `n_layers` stage, each part named, with every position supervised (the
-    loss head's most): weights as stored, LoRA + gradients + AdamW's two moments, activations, runtime."""
-    act = activation_bytes({**cfg, "num_hidden_layers": n_layers}, batch, seq, batch * (seq - 1), rank)
-    parts = {"weights": weight_bytes_of(cfg, n_layers, weights), "lora_state": 4 * lora_bytes_of(cfg, n_layers, rank),
+    loss head's most): weights as stored, LoRA + gradients + AdamW's two moments, activations, runtime.
+    `micro_batch` rows per graph run (None: the whole batch): the activations are those of that many rows."""
+    rows = min(batch, micro_batch or batch)
+    act = activation_bytes({**cfg, "num_hidden_layers": n_layers}, rows, seq, rows * (seq - 1), rank)
+    parts = {"weights": weight_bytes_of(cfg, n_layers, weights),
+             "lora_state": lora_state_copies(batch, micro_batch) * lora_bytes_of(cfg, n_layers, rank),
              "activations": act["decoder"] + act["head_chunked"], "runtime": runtime}
     return {**parts, "total": sum(parts.values())}
 
 
 def predicted_peak_mb(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
-                      weights: str = "fp32") -> dict[str, Any]:
+                      weights: str = "fp32", micro_batch: int | None = None) -> dict[str, Any]:
     """{"need_mb": the stage's predicted peak in whole MiB (rounded up), "floor_mb", the floor's parts in MiB,
-    and the margin}: what a device must declare (`ram_mb`) to be sampled for the stage."""
-    floor = floor_parts(cfg, n_layers, batch=batch, seq=seq, rank=rank, weights=weights)
+    and the margin}: what a device must declare (`ram_mb`) to be sampled for the stage (`micro_batch`: the
+    round's rows per graph run)."""
+    floor = floor_parts(cfg, n_layers, batch=batch, seq=seq, rank=rank, weights=weights, micro_batch=micro_batch)
     peak = PEAK_FACTOR * floor["total"] + PEAK_EXTRA_BYTES
     return {"need_mb": math.ceil(peak / MIB), "floor_mb": math.ceil(floor["total"] / MIB),
             "parts_mb": {k: round(v / MIB, 1) for k, v in floor.items() if k != "total"},

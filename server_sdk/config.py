@@ -97,6 +97,9 @@ class RunConfig:
     clients_per_round: int = 2
     local_steps: int = 5
     batch_size: int = 4
+    # rows per run of a device's training graph (None: the whole batch); gradients combine into the batch's
+    # (docs/protocol.md, hyperparams.micro_batch): same update to float32 rounding, activations of this many rows
+    micro_batch: int | None = None
     seq_len: int = DEFAULT_SEQ_LEN  # tokens per example; exported into every stage manifest
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | sgd: every client's local optimiser (a fresh one each round)
@@ -245,6 +248,11 @@ class RunConfig:
                      "eval_every", "gen_max_new_tokens"):
             _positive_int(name, getattr(self, name))
         _positive_int("seq_len", self.seq_len, minimum=8)
+        if self.micro_batch is not None:
+            _positive_int("micro_batch", self.micro_batch)
+            if self.micro_batch > self.batch_size:
+                raise ConfigError(f"micro_batch={self.micro_batch} exceeds batch_size={self.batch_size}: a micro-batch "
+                                  "is part of a batch; set micro_batch between 1 and batch_size, or leave it unset")
         if self.clients_per_round > self.num_clients:
             raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}; "
                               "lower clients_per_round or add clients")
@@ -272,7 +280,7 @@ class RunConfig:
 # the field existed (RunConfig.identity, RunConfig.of_run); a default may have changed since (schedule)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64,
-                               "precision": "fp32", "optimizer": "adamw", "weights": "fp32"}
+                               "precision": "fp32", "optimizer": "adamw", "weights": "fp32", "micro_batch": None}
 
 
 # the named run configs (package data: pyproject.toml); `devft run --config NAME` and the benchmarks load them

@@ -26,6 +26,8 @@ from server_sdk.method.strategies import make_strategy
     ({"data": {"dirichlet_alpha": 0}}, "dirichlet_alpha=0"),
     ({"lora": {"r": 0}}, "lora.r=0"),
     ({"precision": "fp16"}, r"precision='fp16' is not valid; choose one of \['fp32', 'bf16'\]"),
+    ({"micro_batch": 5, "batch_size": 4}, "micro_batch=5 exceeds batch_size=4"),
+    ({"micro_batch": 0}, "micro_batch=0 must be an integer >= 1"),
 ])
 def test_bad_values_are_rejected_naming_field_and_value(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -47,8 +47,12 @@ def test_bench_appends_a_complete_row_without_importing_torch(artifacts, tmp_pat
     out = tmp_path / "rows.json"
     _bench(artifacts, out)
     _bench(artifacts, out, "--prompt-fraction", "0.5")
+    _bench(artifacts, out, "--micro-batch", "1")
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2
+    assert len(rows) == 3
+    # the whole batch (micro_batch = batch) and one row per graph run: the same first loss to float32 rounding
+    assert (rows[0]["micro_batch"], rows[2]["micro_batch"]) == (2, 1)
+    assert rows[2]["losses"]["first_warmup"] == pytest.approx(rows[0]["losses"]["first_warmup"], rel=1e-6)
     row = rows[0]
     assert (row["backend"], row["stage"], row["stage_layers"], row["batch"], row["seq"], row["steps"]) == ("onnx", 2, 2, 2, 16, 2)
     assert row["torch_imported"] is False
@@ -69,6 +73,13 @@ def test_bench_refuses_a_backend_the_artifacts_are_not(artifacts, tmp_path):
     proc = _bench(artifacts, tmp_path / "rows.json", "--backend", "ort", check=False)
     assert proc.returncode != 0
     assert "holds 'onnx' artifacts, not 'ort'" in proc.stderr
+    assert not (tmp_path / "rows.json").exists()
+
+
+@needs_plain_onnxruntime
+def test_bench_refuses_a_micro_batch_larger_than_its_batch(artifacts, tmp_path):
+    proc = _bench(artifacts, tmp_path / "rows.json", "--micro-batch", "3", check=False)
+    assert proc.returncode != 0 and "micro_batch must be in [1, batch=2], got 3" in proc.stderr
     assert not (tmp_path / "rows.json").exists()
 
 

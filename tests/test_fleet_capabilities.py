@@ -48,11 +48,21 @@ def test_predicted_peak_lies_above_every_measured_peak_of_the_portable_format():
     assert {r["stage_layers"] for r in rows} >= {4, 30} and len(rows) >= 6
     for r in rows:
         scheme = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int4": "int4"}[r["backend"]]
-        need = predicted_peak_mb(SMOLLM2_135M, r["stage_layers"], batch=r["batch"], seq=r["seq"], weights=scheme)
+        need = predicted_peak_mb(SMOLLM2_135M, r["stage_layers"], batch=r["batch"], seq=r["seq"], weights=scheme,
+                                 micro_batch=r.get("micro_batch"))  # micro-batched rows: activations of that many rows
         peak_mb = r["peak_rss_bytes"] / MIB
         assert peak_mb <= need["need_mb"] <= 2 * peak_mb, (r["backend"], r["stage_layers"], peak_mb, need)
     deeper = [predicted_peak_mb(TINY, n, batch=4, seq=128, rank=2)["need_mb"] for n in (2, 4)]
     assert deeper[1] - deeper[0] >= 4  # the tiny model's stages below differ in need by whole MiB
+
+
+def test_micro_batches_lower_the_predicted_need_by_the_activations_of_the_rows_left_out():
+    whole = predicted_peak_mb(SMOLLM2_135M, 30, batch=4, seq=128)
+    assert predicted_peak_mb(SMOLLM2_135M, 30, batch=4, seq=128, micro_batch=4) == whole
+    one = predicted_peak_mb(SMOLLM2_135M, 30, batch=4, seq=128, micro_batch=1)
+    assert one["parts_mb"]["activations"] == pytest.approx(whole["parts_mb"]["activations"] / 4, rel=0.01)
+    assert one["parts_mb"]["lora_state"] == pytest.approx(whole["parts_mb"]["lora_state"] * 5 / 4, rel=0.01)  # + sum
+    assert one["need_mb"] < whole["need_mb"] - 500
 
 
 @pytest.mark.parametrize("info, field", [

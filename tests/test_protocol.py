@@ -121,6 +121,21 @@ def test_train_settings_refuse_bad_values(bad):
         P.TrainSettings.from_json({**good, **bad})
 
 
+@pytest.mark.parametrize("micro", [0, -1, 3, True, 1.5, "1"])
+def test_a_bad_micro_batch_is_refused_naming_the_range(micro):
+    good = {"lr": 1e-3, "local_steps": 2, "batch_size": 2, "trainable": ["a"], "seeds": {"dev1": 3}, "session": "s"}
+    with pytest.raises(P.ProtocolError, match="micro_batch"):
+        P.TrainSettings.from_json({**good, "micro_batch": micro})
+
+
+def test_micro_batch_is_sent_only_when_set_and_read_back():
+    hp = P.TrainSettings(lr=1e-3, local_steps=2, batch_size=4, trainable=("a",), seeds={"dev1": 3}, session="s")
+    assert "micro_batch" not in hp.to_json() and hp.rows_per_run is None  # control messages stay as they were
+    for micro, rows in ((1, 1), (3, 3), (4, None)):
+        back = P.TrainSettings.from_json(json.loads(json.dumps({**hp.to_json(), "micro_batch": micro})))
+        assert back.micro_batch == micro and back.rows_per_run == rows and back.to_json()["micro_batch"] == micro
+
+
 def test_train_control_without_hyperparams_is_refused():
     data = P.encode_control(P.ControlMessage(RUN, 0, 0, "idle"))
     with pytest.raises(P.ProtocolError, match="no hyperparams"):

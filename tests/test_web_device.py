@@ -71,7 +71,8 @@ def replay_round(record: Path, art_dir: Path, shard: Path, device: str) -> tuple
     glob = P.decode_global(record.with_suffix(".global").read_bytes())
     update = P.decode_update(record.with_suffix(".update").read_bytes())
     hp = ctrl.hyperparams
-    trainer = open_trainer("onnx", art_dir, lr=hp.lr, threads=1, trainable=hp.trainable, optimizer=hp.optimizer)
+    trainer = open_trainer("onnx", art_dir, lr=hp.lr, threads=1, trainable=hp.trainable, optimizer=hp.optimizer,
+                           micro_batch=hp.rows_per_run)
     trainer.set_lora({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in glob.tensors.items()})
     received = trainer.get_lora()
     man = trainer.manifest
@@ -83,10 +84,12 @@ def replay_round(record: Path, art_dir: Path, shard: Path, device: str) -> tuple
 
 
 @needs_web
-def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path):
+@pytest.mark.parametrize("micro_batch", [None, 1])
+def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path, micro_batch):
     """2 devft-edge and 2 Node devices, real Mosquitto (TLS, passwords, ACL), tiny model, two stages: every
     Node update is accepted, and each equals, bit for bit, what devft-edge's code computes from the same
-    global adapter, seed and shard (and the Node tokeniser gives Python's ids on every shard line)."""
+    global adapter, seed and shard (and the Node tokeniser gives Python's ids on every shard line); also with
+    the run's batches of 2 trained in micro-batches of 1 row (hyperparams.micro_batch)."""
     from server_sdk.engine.model import tiny_random_model
     from server_sdk.fleet.settings import FleetSettings
     from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
@@ -99,7 +102,7 @@ def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path
                 return start_node_device(self.fleet, name, self.shards[name], self.run_dir.name)
             return super().start_device(name, code)
 
-    cfg = fleet_cfg(num_clients=4, clients_per_round=4)
+    cfg = fleet_cfg(num_clients=4, clients_per_round=4, micro_batch=micro_batch)
     job = MixedRun(tmp_path / "mixed", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 4,
                    FleetSettings(round_timeout_s=120))
     report = job.finish()
@@ -121,6 +124,7 @@ def test_node_devices_train_in_a_real_fleet_bit_identical_to_devft_edge(tmp_path
         shard = job.shards[name]
         for record in sorted((ddir / "record").glob("round-*.json")):
             ctrl = json.loads(record.read_text())["control"]
+            assert ctrl["hyperparams"].get("micro_batch") == micro_batch and cfg.batch_size == 2
             art_dir = ddir / "cache" / "stages" / ctrl["artifacts"]["onnx"]["artifact_id"]
             delta, losses, update = replay_round(record.with_suffix(""), art_dir, shard, name)
             assert sorted(update.tensors) == sorted(delta)
@@ -197,6 +201,7 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
     for name in browser_names:
         for record in sorted((out / name).glob("round-*.json")):
             ctrl = json.loads(record.read_text())["control"]
+            assert ctrl["hyperparams"].get("micro_batch") == micro_batch and cfg.batch_size == 2
             art_dir = layout(ctrl["artifacts"]["onnx"], out / name / "blobs", tmp_path / "replay" / record.stem / name)
             delta, losses, update = replay_round(record.with_suffix(""), art_dir, job.shards[name], name)
             browser_losses = json.loads(record.read_text())["losses"]

@@ -92,19 +92,26 @@ def runtime_versions() -> dict[str, str]:
 
 
 def open_trainer(fmt: str, artifact_dir: str | os.PathLike[str], *, lr: float, threads: int | None = None,
-                 trainable: Iterable[str] | None = None, optimizer: str | None = None) -> Trainer:
+                 trainable: Iterable[str] | None = None, optimizer: str | None = None,
+                 micro_batch: int | None = None) -> Trainer:
     """The trainer for an artifact directory of format `fmt`.
 
     `trainable` (PEFT names) are the tensors the round trains; the others must keep the values
     they were given (FFA-LoRA). The onnx trainer skips their update; the legacy trainers update
     every LoRA tensor, so for them the caller restores the frozen ones after each step.
     `optimizer` (the round's `hyperparams.optimizer`) picks the onnx trainer's numpy optimiser;
-    the legacy formats run the one baked into their graphs."""
+    the legacy formats run the one baked into their graphs. `micro_batch` (rows per graph run, the round's
+    `hyperparams.micro_batch`; None: whole batches) only the onnx trainer does: the legacy ones refuse it."""
     artifact_dir = Path(artifact_dir)
     if fmt == "onnx":
         from edge_runtime.backends.onnx_backend import OnnxTrainer
 
-        return OnnxTrainer(artifact_dir, lr=lr, threads=threads, trainable=trainable, optimizer=optimizer)
+        return OnnxTrainer(artifact_dir, lr=lr, threads=threads, trainable=trainable, optimizer=optimizer,
+                           micro_batch=micro_batch)
+    if micro_batch is not None and fmt in FORMATS:
+        raise ValueError(f"the {fmt} format trains whole batches only (its optimiser runs inside its graph); "
+                         f"micro_batch={micro_batch} needs the portable onnx format: serve formats ['onnx'] or "
+                         "leave micro_batch unset")
     if fmt == "ort":
         from edge_runtime.backends.ort_backend import OrtTrainer
 

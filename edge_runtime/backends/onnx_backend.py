@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
-from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN
+from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN, micro_batches
 from edge_runtime.manifest import TensorSpec, check_one_of
 from edge_runtime.optim import make_optimizer
 
@@ -197,6 +197,11 @@ class OnnxTrainer:
 
     `trainable` names the LoRA tensors (PEFT names) the optimiser updates; the others keep
     their values (FFA-LoRA trains B against a fixed A). Default: all of them.
+
+    `micro_batch` (the round's `hyperparams.micro_batch`; None: whole batches) runs the graph on
+    that many rows at a time and combines their losses and gradients into the batch's before the
+    one optimiser step (docs/protocol.md, "Micro-batches"): the same loss and gradient up to float32
+    rounding, with the activations of `micro_batch` rows instead of the whole batch's.
     """
 
     def __init__(
@@ -209,7 +214,11 @@ class OnnxTrainer:
         optimizer: str | None = None,
         trainable: Iterable[str] | None = None,
         session: SessionChoices = DEFAULT_SESSION,
+        micro_batch: int | None = None,
     ) -> None:
+        if micro_batch is not None:
+            micro_batches(np.zeros((0, 0), np.int64), micro_batch)  # refuses a bad value before anything loads
+        self.micro_batch = micro_batch
         self.dir, self.manifest = open_artifacts(artifact_dir, FORMAT, expected_trainable)
         versions = self.manifest.versions
         check_runtime(str(versions.get("min_onnxruntime", MIN_ONNXRUNTIME)))
@@ -277,11 +286,37 @@ class OnnxTrainer:
         return feeds
 
     def loss_and_grads(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Forward and backward without an optimizer step (for checks and gradient-based methods)."""
+        """Forward and backward without an optimizer step (for checks and gradient-based methods); in
+        micro-batches of `self.micro_batch` rows when the batch has more rows than that."""
         self._check_batch(input_ids, labels)
+        if self.micro_batch is None or self.micro_batch >= input_ids.shape[0]:
+            loss, grads = self._run(input_ids, labels)
+            return float(loss), grads
+        return self._accumulate(input_ids, labels)
+
+    def _run(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[np.float32, dict[str, np.ndarray]]:
         names = [LOSS] + [GRAD_PREFIX + self._specs[k].name for k in self._specs]
         loss, *grads = self._train.run(names, self._feeds(input_ids, labels))
-        return float(loss), dict(zip(self._specs, grads))
+        return np.float32(loss), dict(zip(self._specs, grads))
+
+    def _accumulate(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """The batch's loss and gradients from its micro-batches, in float32 and in this order (docs/protocol.md,
+        "Micro-batches"; the JS device does the same): w_i = float32(n_i) / float32(N), rounded to float32;
+        the first micro-batch gives w_1 * g_1, each later one adds w_i * g_i (product rounded, then the sum)."""
+        parts = micro_batches(labels, self.micro_batch)
+        total = np.float32(sum(n for _, n in parts))
+        loss: np.float32 | None = None
+        grads: dict[str, np.ndarray] = {}
+        for rows, n in parts:
+            w = np.float32(n) / total
+            part_loss, part_grads = self._run(input_ids[rows], labels[rows])
+            if loss is None:
+                loss, grads = w * part_loss, {k: w * g for k, g in part_grads.items()}
+                continue
+            loss = loss + w * part_loss
+            for k, g in part_grads.items():
+                grads[k] += w * g
+        return float(loss), grads
 
     def train_step(self, input_ids: np.ndarray, labels: np.ndarray) -> float:
         """One optimiser step on one batch; labels == -100 are left out of the loss."""

@@ -68,7 +68,8 @@ class RoundClosing:
         deadline = time.time() + self.settings.round_timeout_s
         hyper = P.TrainSettings(lr=self.cfg.lr, local_steps=self.cfg.local_steps, batch_size=self.cfg.batch_size,
                                 trainable=tuple(trained), session=self.session, optimizer=self.cfg.optimizer,
-                                seeds={self.device_of(c): int(seeds[c]) for c in sampled})
+                                seeds={self.device_of(c): int(seeds[c]) for c in sampled},
+                                micro_batch=self.cfg.micro_batch)
         with self._gate_lock:
             bound = adamw_norm_bound(hyper.lr, hyper.local_steps, numel) \
                 if self.settings.adamw_norm_bound and hyper.optimizer == "adamw" else None

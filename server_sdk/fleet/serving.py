@@ -288,4 +288,5 @@ class StageServing:
             return {"layers": layers, "need_mb": int(measured), "source": "measured: --stage-peak-mb"}
         weights = self.cfg.weights if self.stage_formats() == ["onnx"] else "fp32"  # the others carry fp32
         return {"layers": layers, **predicted_peak_mb(config, layers, batch=self.cfg.batch_size,
-                                                      seq=self.cfg.seq_len, rank=self.cfg.lora.r, weights=weights)}
+                                                      seq=self.cfg.seq_len, rank=self.cfg.lora.r, weights=weights,
+                                                      micro_batch=self.cfg.micro_batch)}

@@ -53,6 +53,14 @@ export function hasTargets(labels, dims) {
   return false;
 }
 
+/** Supervised positions of rows [r0, r1) of a batch: labels after the first position that are not -100. */
+export function targetCount(labels, dims, r0 = 0, r1 = dims[0]) {
+  const t = dims[1];
+  let n = 0;
+  for (let r = r0; r < r1; r++) for (let c = 1; c < t; c++) if (labels[r * t + c] !== BigInt(IGNORE_INDEX)) n += 1;
+  return n;
+}
+
 /** The pad id: pad_token_id, else eos_token_id, else bos_token_id (first of a list), else 0. */
 export function padId(config = {}) {
   for (const key of ['pad_token_id', 'eos_token_id', 'bos_token_id']) {

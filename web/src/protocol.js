@@ -120,6 +120,10 @@ export function decodeControl(bytes) {
     if (!(hp.lr > 0) || !Number.isInteger(hp.local_steps) || hp.local_steps < 1 || !Number.isInteger(hp.batch_size) || hp.batch_size < 1) {
       throw new Error(`${what} hyperparams need a positive lr, local_steps and batch_size`);
     }
+    const mb = hp.micro_batch;
+    if (mb !== undefined && mb !== null && (!Number.isInteger(mb) || mb < 1 || mb > hp.batch_size)) {
+      throw new Error(`${what} hyperparams micro_batch must be a whole number in [1, batch_size=${hp.batch_size}], got ${JSON.stringify(mb)}`);
+    }
     for (const [dev, seed] of Object.entries(hp.seeds || {})) {
       if (!Number.isSafeInteger(seed) || seed < 0) throw new Error(`${what} seed of ${dev} must be an integer in [0, 2^53 - 1]`);
     }

@@ -1,6 +1,6 @@
 // One round of LoRA training on a portable (`onnx`) artifact through onnxruntime (node or web).
 import { makeOptimizer } from './optim.js';
-import { collate, hasTargets } from './data.js';
+import { collate, hasTargets, targetCount } from './data.js';
 import { roundDraws } from './sampler.js';
 
 const LOSS = 'loss';
@@ -38,6 +38,36 @@ export class Trainer {
   }
 
   /**
+   * Loss and gradients of a batch run in micro-batches of `micro` rows (docs/device-client.md section 4,
+   * "Micro-batches, exactly"; devft-edge's OnnxTrainer._accumulate): w_i = f32(f32(n_i) / f32(N)), the first
+   * micro-batch gives w_1 * g_1, each later one adds w_i * g_i, every operation rounded to float32.
+   */
+  async microLossAndGrads(lora, ids, labels, dims, micro) {
+    const [rows, width] = dims;
+    if (!micro || micro >= rows) return this.lossAndGrads(lora, ids, labels, dims);
+    const parts = [];
+    for (let r0 = 0; r0 < rows; r0 += micro) {
+      const r1 = Math.min(r0 + micro, rows), n = targetCount(labels, dims, r0, r1);
+      if (n) parts.push([r0, r1, n]);
+    }
+    const total = parts.reduce((a, [, , n]) => a + n, 0);
+    let loss = null;
+    const grads = {};
+    for (const [r0, r1, n] of parts) {
+      const w = Math.fround(n / total);
+      const out = await this.lossAndGrads(lora, ids.subarray(r0 * width, r1 * width), labels.subarray(r0 * width, r1 * width), [r1 - r0, width]);
+      const first = loss === null;
+      loss = first ? Math.fround(w * out.loss) : Math.fround(loss + Math.fround(w * out.loss));
+      for (const [k, g] of Object.entries(out.grads)) {
+        const acc = first ? (grads[k] = new Float32Array(g.length)) : grads[k];
+        if (first) for (let j = 0; j < g.length; j++) acc[j] = w * g[j];
+        else for (let j = 0; j < g.length; j++) acc[j] = acc[j] + Math.fround(w * g[j]);
+      }
+    }
+    return { loss, grads };
+  }
+
+  /**
    * Train one round from `received` ({peft_name: Float32Array}); returns {trained, losses, steps, skipped, stepSeconds, tokens}.
    * hp: the control's hyperparams; encoded: [ids, labels] per shard example.
    */
@@ -56,7 +86,7 @@ export class Trainer {
       const batch = collate(idx.map((i) => encoded[i]), pad);
       if (!hasTargets(batch.labels, batch.dims)) { skipped += 1; continue; }
       const t0 = clock();
-      const { loss, grads } = await this.lossAndGrads(lora, batch.ids, batch.labels, batch.dims);
+      const { loss, grads } = await this.microLossAndGrads(lora, batch.ids, batch.labels, batch.dims, hp.micro_batch);
       const sel = {};
       for (const k of trainable) sel[k] = grads[k];
       opt.step(lora, sel);

@@ -115,7 +115,7 @@ const initial = decodeSafetensors(new Uint8Array(readFileSync(path.join(tinyDir,
 const received = Object.fromEntries(Object.entries(initial).map(([k, t]) => [k, t.data]));
 const encoded = rounds.shard.map((e) => [e.ids, e.labels]);
 for (const c of rounds.cases) {
-  const hp = { lr: c.lr, optimizer: c.optimizer, batch_size: c.batch_size, local_steps: c.local_steps, trainable: c.trainable };
+  const hp = { lr: c.lr, optimizer: c.optimizer, batch_size: c.batch_size, local_steps: c.local_steps, trainable: c.trainable, micro_batch: c.micro_batch };
   const res = await trainer.trainRound(received, hp, c.seed, encoded, rounds.pad_id);
   const lossesOk = res.losses.length === c.step_losses.length && res.losses.every((l, i) => (exact ? bits(l) === parseInt(c.step_losses[i].f32, 16) : Math.abs(l - c.step_losses[i].value) < 1e-5));
   let dmax = 0, dsame = true;
@@ -123,10 +123,10 @@ for (const c of rounds.cases) {
     const d = res.trained[k].map((v, i) => v - received[k][i]);
     const cmp = compare(d, f32(t)); dmax = Math.max(dmax, cmp.max); dsame &&= cmp.same;
   }
-  check(`round seed ${c.seed} ${c.optimizer}: draws`, JSON.stringify(res.draws) === JSON.stringify(c.draws));
-  check(`round seed ${c.seed} ${c.optimizer}: ${res.steps} step losses and train_loss`, lossesOk && (exact ? meanLoss(res.losses) === c.train_loss : Math.abs(meanLoss(res.losses) - c.train_loss) < 1e-5),
+  check(`round seed ${c.seed} ${c.optimizer}${c.micro_batch ? ` micro ${c.micro_batch}` : ''}: draws`, JSON.stringify(res.draws) === JSON.stringify(c.draws));
+  check(`round seed ${c.seed} ${c.optimizer}${c.micro_batch ? ` micro ${c.micro_batch}` : ''}: ${res.steps} step losses and train_loss`, lossesOk && (exact ? meanLoss(res.losses) === c.train_loss : Math.abs(meanLoss(res.losses) - c.train_loss) < 1e-5),
     `${meanLoss(res.losses)} vs ${c.train_loss}`);
-  check(`round seed ${c.seed} ${c.optimizer}: delta ${exact ? 'bit for bit' : 'within 1e-5'}`, exact ? dsame : dmax < 1e-5, `max |diff| ${dmax.toExponential(2)}`);
+  check(`round seed ${c.seed} ${c.optimizer}${c.micro_batch ? ` micro ${c.micro_batch}` : ''}: delta ${exact ? 'bit for bit' : 'within 1e-5'}`, exact ? dsame : dmax < 1e-5, `max |diff| ${dmax.toExponential(2)}`);
 }
 console.log(failures ? `${failures} check(s) failed` : `all checks passed (${engine})`);
 process.exit(failures ? 1 : 0);
