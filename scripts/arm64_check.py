@@ -182,15 +182,16 @@ def run_fleet(case: FleetCase, arch: str, work: Path, rootfs: Path | None) -> di
                                                        env=env or None)
 
         factory = fleet_executor_factory(run_dir, fleet.server, settings, host="localhost", on_ready=start_device)
-        report = run(cfg, run_dir, base=case.base(), progress=False, stop_after_rounds=case.stop_after_rounds,
+        result = run(cfg, run_dir, base=case.base(), progress=False, stop_after_rounds=case.stop_after_rounds,
                      executor_factory=factory)
         wall_s = time.perf_counter() - t0
         # a finished run tells the device `done` (it exits 0); an interrupted one leaves it waiting: stop it
-        codes = fleet.wait_devices(60 if not report.get("interrupted") else 0)
+        codes = fleet.wait_devices(60 if not result.interrupted else 0)
         for obs in observers:
             obs.close()
-    if not report.get("interrupted"):
-        report = add_fleet_summary(run_dir, report, codes)
+    if not result.interrupted:
+        add_fleet_summary(run_dir, result.report, codes)
+    report = result.to_dict()
     events = [json.loads(line) for line in (run_dir / "fleet_events.jsonl").read_text().splitlines() if line]
     rounds = []
     for rec in report["records"]:
@@ -210,7 +211,7 @@ def run_fleet(case: FleetCase, arch: str, work: Path, rootfs: Path | None) -> di
     summary = {
         "case": case.name, "arch": arch, "model": case.label, "config": cfg.to_dict(), "run_dir": str(run_dir),
         "device": name, "device_environment": env_info, "device_exit_code": codes.get(name),
-        "interrupted": bool(report.get("interrupted")), "rounds": rounds,
+        "interrupted": result.interrupted, "rounds": rounds,
         "accepted": [e for e in events if e["event"] == "accepted" and e.get("device") == name],
         "rejected": [e for e in events if e["event"] == "rejected"],
         "wall_s": wall_s,

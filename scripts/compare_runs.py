@@ -3,7 +3,8 @@
     python scripts/compare_runs.py RUN_A RUN_B      # exit 0: same adapters, checkpoints, stage LoRA, data, losses
 
 Tensors (the adapter, the checkpoint, each stage's LoRA) must match byte for byte; report.json and the
-checkpoint's meta.json must match in every value except measurements: times, CPU seconds, memory, energy,
+checkpoint's meta.json must match in every value except measurements: times, CPU seconds, memory (a device's
+offered RAM, its free memory at start, too), energy,
 bytes on the wire (an update's header carries its telemetry, so its size varies), the fleet's event log, and
 artifact ids (each stage's manifest names its run).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 MEASURED = re.compile(r"(second|_s$|_s\b|time|cpu|rss|energy|carbon|bytes|tokens_per_s|process|started_unix|"
-                      r"^events$|^adapter$|latency|^artifact_id$)")
+                      r"^events$|^adapter$|latency|^artifact_id$|^ram_mb$)")
 
 
 def values(x, path=""):

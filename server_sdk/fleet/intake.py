@@ -65,8 +65,8 @@ class UpdateIntake:
     """Update intake and its norm and weight policies (mixed into FleetExecutor)."""
 
     def _folds(self, gate: RoundGate) -> bool:
-        """Whether a round may sum deltas as they arrive: a rule that folds (FedAvg), no check at the round's end can refuse or
-        reweigh an accepted update (the AdamW bound is the adaptive bound's floor, so every update under it
+        """Whether a round may sum deltas as they arrive: the rule folds (FedAvg), and no check at the round's end
+        can refuse or reweigh an accepted update (the AdamW bound is the adaptive bound's floor, so every update under it
         passes that; every client has a known weight cap, so no weight waits for the round's lower median)."""
         return (make_aggregator(self.cfg.aggregation).folds and gate.norm_bound is not None
                 and all(self._weight_cap(c) is not None for c in range(self.cfg.num_clients)))
