@@ -153,41 +153,59 @@ def _as_user_signature(ep: torch.export.ExportedProgram) -> tuple[torch.export.E
     optimises every node away), and would bake the LoRA parameters in as constants. Returns the
     program and the LoRA artifact names in input (and gradient output) order.
     """
-    from torch.export.graph_signature import InputKind, OutputKind
-    from torch.export.graph_signature import InputSpec as EInput
-    from torch.export.graph_signature import OutputSpec as EOutput
-
     sig = ep.graph_signature
+    inputs, lora, n_user = _user_inputs(sig)
+    outputs = _user_outputs(sig, lora)
+    _reorder_graph(ep, inputs, outputs)
+    ep._graph_signature = type(sig)(input_specs=inputs, output_specs=outputs)
+    for name in lora:
+        ep.state_dict.pop(name, None)
+    _patch_call_graph(ep, n_user + len(lora), len(outputs))
+    return ep, lora
+
+
+def _user_inputs(sig: Any) -> tuple[list[Any], list[str], int]:
+    """(the input specs: frozen parameters and buffers, then the user's inputs, then the LoRA parameters as user
+    inputs; the LoRA names in that order; how many user inputs came first)."""
+    from torch.export.graph_signature import InputKind
+    from torch.export.graph_signature import InputSpec as EInput
+
     is_lora = [s.kind == InputKind.PARAMETER and naming.is_lora(s.target) for s in sig.input_specs]
     lora_specs = [s for s, lo in zip(sig.input_specs, is_lora) if lo]
-    lora = [s.target for s in lora_specs]
     kept = [s for s, lo in zip(sig.input_specs, is_lora) if not lo and s.kind != InputKind.USER_INPUT]
     user = [s for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
     inputs = kept + user + [EInput(InputKind.USER_INPUT, s.arg, None) for s in lora_specs]
+    return inputs, [s.target for s in lora_specs], len(user)
+
+
+def _user_outputs(sig: Any, lora: list[str]) -> list[Any]:
+    """The loss, then one gradient per LoRA tensor in `lora`'s order, all as user outputs."""
+    from torch.export.graph_signature import OutputKind
+    from torch.export.graph_signature import OutputSpec as EOutput
+
     loss = [s for s in sig.output_specs if s.kind == OutputKind.LOSS_OUTPUT]
     grads = {s.target: s for s in sig.output_specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
     if len(loss) != 1 or set(grads) != set(lora):
         raise RuntimeError(f"the joint graph has {len(loss)} loss outputs and gradients for {sorted(grads)[:3]}..., "
                            f"expected one loss and a gradient per LoRA tensor ({len(lora)}); is only LoRA "
                            "requires_grad=True?")
-    outputs = [EOutput(OutputKind.USER_OUTPUT, loss[0].arg, None)]
-    outputs += [EOutput(OutputKind.USER_OUTPUT, grads[name].arg, None) for name in lora]
+    return [EOutput(OutputKind.USER_OUTPUT, loss[0].arg, None)] + \
+        [EOutput(OutputKind.USER_OUTPUT, grads[name].arg, None) for name in lora]
 
+
+def _reorder_graph(ep: torch.export.ExportedProgram, inputs: list[Any], outputs: list[Any]) -> None:
+    """Placeholders in `inputs` order (the graph must list them as the signature does), and the output node
+    returning `outputs`."""
     graph = ep.graph
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     anchor = next(n for n in graph.nodes if n.op != "placeholder")
-    for spec in inputs:  # placeholders must come in input_specs order
+    for spec in inputs:
         anchor.prepend(placeholders[spec.arg.name])
     by_name = {n.name: n for n in graph.nodes}
     out_node = next(n for n in graph.nodes if n.op == "output")
     out_node.args = (tuple(by_name[s.arg.name] for s in outputs),)
     graph.lint()
     ep.graph_module.recompile()
-    ep._graph_signature = type(sig)(input_specs=inputs, output_specs=outputs)
-    for name in lora:
-        ep.state_dict.pop(name, None)
-    _patch_call_graph(ep, len(user) + len(lora), len(outputs))
-    return ep, lora
 
 
 def _patch_call_graph(ep: torch.export.ExportedProgram, n_in: int, n_out: int) -> None:
