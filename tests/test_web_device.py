@@ -232,7 +232,6 @@ def test_browser_devices_train_in_a_real_fleet_within_1e5_of_native(tmp_path):
     for name in browser_names:
         for record in sorted((out / name).glob("round-*.json")):
             ctrl = json.loads(record.read_text())["control"]
-            assert ctrl["hyperparams"].get("micro_batch") == micro_batch and cfg.batch_size == 2
             art_dir = layout(ctrl["artifacts"]["onnx"], out / name / "blobs", tmp_path / "replay" / record.stem / name)
             delta, losses, update = replay_round(record.with_suffix(""), art_dir, job.shards[name], name)
             browser_losses = json.loads(record.read_text())["losses"]
