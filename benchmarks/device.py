@@ -68,7 +68,7 @@ BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
 QUANTIZED = {"onnx-int8": "int8", "onnx-int4": "int4"}
 ARTIFACT_BACKENDS = ("onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
 LR = 1e-4
-CACHE_VERSION = 3  # bump when the submodel recipe or export settings change
+CACHE_VERSION = 4  # bump when the submodel recipe or export settings change (4: the head slices chained)
 
 
 # --------------------------------------------------------------------------- preparation (server side)

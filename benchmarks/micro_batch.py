@@ -22,11 +22,11 @@ from edge_runtime.backends import open_trainer
 from edge_runtime.batching import IGNORE_INDEX
 from edge_runtime.manifest import load_manifest
 
+from .device import stage_dir
 from .results_md import RESULTS_MD, replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "docs" / "test-vectors" / "tiny"
-STAGE = ROOT / "benchmarks" / "results" / "cache" / "device" / "smollm2-135m-L4-b4-s128-v3"
 ROWS = 4
 
 
@@ -66,8 +66,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    arts = [Path(a) for a in argv] or [TINY] + [STAGE / b for b in ("onnx", "onnx-int8", "onnx-int4")
-                                               if (STAGE / b / "manifest.json").exists()]
+    stage = stage_dir(4)  # benchmarks.device's SmolLM2-135M 4-layer stage
+    arts = [Path(a) for a in argv] or [TINY] + [stage / b for b in ("onnx", "onnx-int8", "onnx-int4")
+                                               if (stage / b / "manifest.json").exists()]
     rows = [r for art in arts for r in compare(art)]
     section = ("Micro-batches against the whole batch (`python -m benchmarks.micro_batch`): one batch of 4 rows, "
                "prompts of different lengths masked, so each micro-batch has its own share of the supervised "

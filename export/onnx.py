@@ -408,6 +408,54 @@ def _drop_gradient_surrogate(graph: onnx.GraphProto) -> None:
             return
 
 
+CHAIN_PREFIX = "head_chain_"  # the nodes chain_head_slices adds (their names make the pass idempotent)
+
+
+def chain_head_slices(graph: onnx.GraphProto) -> bool:
+    """Make the loss head's vocabulary slice k wait for the last use of slice k - 1; returns whether it changed.
+
+    chunked_cross_entropy slices the LM head weight into LM_HEAD_CHUNKS pieces. A Slice of an initializer is
+    ready when the step starts, so onnxruntime's priority-based order runs all of them at once and holds every
+    slice (one float32 copy of the head, 108 MiB for SmolLM2) until the head needs them: a fixed ~100 MiB above
+    the floor in every measured peak (benchmarks/RESULTS.md, micro-batches). Adding `0 * (leading dimension of
+    the last result that read slice k - 1)` to slice k's start changes no value and makes it a data dependency,
+    so one slice at a time exists. Quantized heads slice their codes (export/quant.py) and run in the default
+    order: left alone. Plain ai.onnx ops (Shape, Mul, Add), so every runtime runs it."""
+    if any(n.name.startswith(CHAIN_PREFIX) for n in graph.node):
+        return False
+    inits = {i.name for i in graph.initializer}
+    nodes = list(graph.node)
+    slices = [i for i, n in enumerate(nodes) if n.op_type == "Slice" and n.input[0] in inits
+              and n.input[0].endswith("lm_head.weight")]
+    if len(slices) < 2:
+        return False
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            readers.setdefault(x, []).append(i)
+    added: dict[int, list[onnx.NodeProto]] = {}
+    for k, (prev, cur) in enumerate(zip(slices, slices[1:]), start=1):
+        uses = list(readers.get(nodes[prev].output[0], []))
+        uses += [r for t in uses if nodes[t].op_type == "Transpose" for r in readers.get(nodes[t].output[0], [])]
+        last = max(uses)  # node indices: the graph is in topological order
+        if last > cur:
+            return False  # slice k - 1 is still read after slice k: leave the graph as it is
+        names = [f"{CHAIN_PREFIX}{k}_{part}" for part in ("dim", "zero", "start")]
+        added[cur] = [
+            onnx.helper.make_node("Shape", [nodes[last].output[0]], [names[0]], name=names[0], start=0, end=1),
+            onnx.helper.make_node("Mul", [names[0], CHAIN_PREFIX + "zero"], [names[1]], name=names[1]),
+            onnx.helper.make_node("Add", [nodes[cur].input[1], names[1]], [names[2]], name=names[2]),
+        ]
+    for cur, (_, _, add) in added.items():
+        nodes[cur].input[1] = add.output[0]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), CHAIN_PREFIX + "zero"))
+    ordered = [onnx.NodeProto.FromString(m.SerializeToString())  # copies: the originals go with the del
+               for i, n in enumerate(nodes) for m in added.get(i, []) + [n]]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return True
+
+
 def prune_to_outputs(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` computing only the outputs in `keep` (the eval graph: train.onnx minus backward)."""
     out = onnx.ModelProto()
@@ -507,8 +555,11 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: st
         externalize_weights(model, build / WEIGHTS_DIR)
         if weights != "fp32":
             restamp_weights(peft_model, model, build, weights)  # the trace's placeholders -> this model's values
+        eval_model = prune_to_outputs(model, [LOSS])  # before chaining: the eval graph chains to its own last uses
+        chain_head_slices(model.graph)
+        chain_head_slices(eval_model.graph)
         onnx.save(model, str(build / TRAIN_GRAPH))
-        onnx.save(prune_to_outputs(model, [LOSS]), str(build / EVAL_GRAPH))
+        onnx.save(eval_model, str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
                             trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
                             versions=_versions(model), optimizer="adamw", weights=weights)
@@ -557,6 +608,10 @@ def export_onnx_artifacts(
     manifest.optimizer = optimizer
 
     def write_weights(build: Path) -> None:
+        for name in (TRAIN_GRAPH, EVAL_GRAPH):  # templates traced before chain_head_slices get it here
+            graph = onnx.load(str(build / name), load_external_data=False)
+            if chain_head_slices(graph.graph):
+                onnx.save(graph, str(build / name))
         restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build, weights)
         lora = {t.peft_name: peft_model.state_dict()[t.peft_name].detach().cpu().numpy() for t in manifest.trainable}
         save_file(lora, str(build / INITIAL_LORA))

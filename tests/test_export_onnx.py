@@ -25,7 +25,16 @@ from edge_runtime.backends.onnx_backend import OnnxTrainer, RuntimeTooOld, check
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from edge_runtime.optim import AdamW
 from export import StageInfo, naming
-from export.onnx import EVAL_GRAPH, TRAIN_GRAPH, WEIGHTS_DIR, export_onnx_artifacts, template_key
+from export.onnx import (
+    CHAIN_PREFIX,
+    EVAL_GRAPH,
+    LM_HEAD_CHUNKS,
+    TRAIN_GRAPH,
+    WEIGHTS_DIR,
+    chain_head_slices,
+    export_onnx_artifacts,
+    template_key,
+)
 from server_sdk.engine.trainer import token_losses
 from tests.export_helpers import ALL_TARGETS, make_batch
 from tests.export_helpers import make_peft_model as _make_peft_model
@@ -171,6 +180,63 @@ def test_cached_template_restamps_new_weights(exported, tmp_path):
     changed = [f for f in manifest.files if f.startswith(WEIGHTS_DIR)
                if manifest.files[f].sha256 != load_manifest(out).files[f].sha256]
     assert changed
+
+
+def _head_slices(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if n.op_type == "Slice" and n.input[0].endswith("lm_head.weight")]
+
+
+def _unchained(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """The graph as templates traced before chain_head_slices were: its nodes and initializer removed."""
+    out = onnx.GraphProto()
+    out.CopyFrom(graph)
+    adds = {n.output[0]: n.input[0] for n in out.node if n.name.startswith(CHAIN_PREFIX) and n.op_type == "Add"}
+    kept = [n for n in out.node if not n.name.startswith(CHAIN_PREFIX)]
+    for n in kept:
+        n.input[:] = [adds.get(x, x) for x in n.input]
+    del out.node[:]
+    out.node.extend(kept)
+    inits = [i for i in out.initializer if not i.name.startswith(CHAIN_PREFIX)]
+    del out.initializer[:]
+    out.initializer.extend(inits)
+    return out
+
+
+def test_the_head_slices_wait_for_each_other_in_both_graphs(exported):
+    """Each vocabulary slice of the LM head starts only after the previous one's last use (a Slice of an
+    initializer would otherwise run at the step's start and all LM_HEAD_CHUNKS copies would be held at once)."""
+    _, out, _ = exported
+    for name in (TRAIN_GRAPH, EVAL_GRAPH):
+        graph = onnx.load(str(out / name), load_external_data=False).graph
+        slices = _head_slices(graph)
+        assert len(slices) == LM_HEAD_CHUNKS, name
+        producer = {o: n for n in graph.node for o in n.output}
+        for k, s in enumerate(slices[1:], start=1):
+            add = producer[s.input[1]]
+            assert add.name == f"{CHAIN_PREFIX}{k}_start" and add.op_type == "Add", (name, k)
+        assert not chain_head_slices(graph)  # idempotent
+        bare = _unchained(graph)
+        assert chain_head_slices(bare) and bare == graph
+
+
+def test_a_template_traced_before_the_chain_publishes_chained_graphs(exported, tmp_path):
+    """Cached templates keep working (no retrace): the stage's graphs get the chain when they are published, the
+    same bytes as a fresh trace gives."""
+    import shutil
+
+    model, out, root = exported
+    key = template_key(model, seq_len=64)
+    old = tmp_path / "templates" / key
+    shutil.copytree(root / "templates" / key, old)
+    for name in (TRAIN_GRAPH, EVAL_GRAPH):
+        graph = onnx.load(str(old / name), load_external_data=False)
+        graph.graph.CopyFrom(_unchained(graph.graph))
+        onnx.save(graph, str(old / name))
+        assert not _head_slices(graph.graph)[1].input[1].startswith(CHAIN_PREFIX)
+    again = export_onnx_artifacts(model, tmp_path / "stage", tmp_path / "templates", StageInfo(run_id="r", stage=0,
+                                  groups=[[0], [1]], anchors=[0, 1]), seq_len=64)
+    for name in (TRAIN_GRAPH, EVAL_GRAPH):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_tampered_weight_is_refused_before_training(exported, tmp_path):

@@ -708,6 +708,17 @@ def test_mixed_fleet_each_device_trains_a_format_it_declared(tmp_path):
     assert back.artifact_for(["executorch"]) is None
 
 
+def test_a_fleet_serving_legacy_formats_refuses_micro_batches(tmp_path):
+    """Only the portable format trains in micro-batches (ort and executorch devices abandon such a round):
+    the coordinator refuses the combination before it starts, naming both ways out."""
+    from server_sdk.config import ConfigError
+    from server_sdk.fleet.coordinator import fleet_executor_factory
+
+    make = fleet_executor_factory(tmp_path, creds=None, settings=FleetSettings(formats=["onnx", "ort"]))
+    with pytest.raises(ConfigError, match=r"only the portable onnx format.*\['ort'\].*formats \['onnx'\]"):
+        make(fleet_cfg(micro_batch=1), None, [[]])
+
+
 def test_ffa_lora_over_the_fleet_trains_only_B(tiny4, tmp_path):
     from safetensors.torch import load_file
 

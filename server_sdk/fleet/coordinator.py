@@ -239,6 +239,11 @@ def fleet_executor_factory(run_dir: str | Path, creds: Credentials, settings: Fl
         if cfg.precision != "fp32":
             raise ConfigError(f"precision={cfg.precision!r}: fleet devices train their fp32 graphs; precision applies "
                               "to simulated clients (in-process or --executor ray). Drop -o precision=... for a fleet run")
+        legacy = sorted(set(settings.formats if settings is not None else ["onnx"]) - {"onnx", "auto"})
+        if cfg.micro_batch is not None and cfg.micro_batch < cfg.batch_size and legacy:
+            raise ConfigError(f"micro_batch={cfg.micro_batch}: only the portable onnx format trains in micro-batches; "
+                              f"devices of {legacy} would abandon every round. Serve formats ['onnx'] or drop "
+                              "-o micro_batch=...")
 
         # rounds per stage: the round loop's, through follow_rounds_per_stage (it resolves them, once)
         executor = FleetExecutor(cfg, run_dir, creds, None, settings, host=host,
