@@ -123,6 +123,25 @@ def load_trainer(backend: str, artifact_dir: Path, lr: float, threads: int | Non
         raise RuntimeError(f"the {backend} backend cannot be imported ({err}); pip install 'devft[{extra}]'") from err
 
 
+def _checked_steps(steps: int, warmup: int, batch: int, micro_batch: int | None) -> int | None:
+    """The micro-batch a measurement runs with (None: the whole batch at once, what a device does without
+    micro-batching); ValueError for steps, warm-up or a micro-batch out of range."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if micro_batch is not None and not 1 <= micro_batch <= batch:
+        raise ValueError(f"micro_batch must be in [1, batch={batch}], got {micro_batch}")
+    return None if micro_batch == batch else micro_batch
+
+
+def _from_manifest(artifact_dir: Path, backend: str | None) -> tuple[str, dict[str, Any], Any, dict[str, Any]]:
+    """(backend, model config, stage, versions) as the artifacts' manifest records them."""
+    manifest = load_manifest(artifact_dir)
+    backend = backend or manifest.backend
+    if backend != manifest.backend:
+        raise ValueError(f"{artifact_dir} holds {manifest.backend!r} artifacts, not {backend!r}")
+    return backend, manifest.model_config, manifest.stage, manifest.versions
+
+
 def measure(
     artifact_dir: str | os.PathLike[str],
     *,
@@ -150,22 +169,13 @@ def measure(
     `make_trainer` replaces the artifact trainer and `model_config` the manifest (the eager
     torch reference in benchmarks/device.py passes both); the row format stays the same.
     """
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    if micro_batch is not None and not 1 <= micro_batch <= batch:
-        raise ValueError(f"micro_batch must be in [1, batch={batch}], got {micro_batch}")
-    if micro_batch == batch:
-        micro_batch = None  # the whole batch at once: what a device does without micro-batching
+    micro_batch = _checked_steps(steps, warmup, batch, micro_batch)
     artifact_dir = Path(artifact_dir)
     if make_trainer is None:
-        manifest = load_manifest(artifact_dir)
-        backend = backend or manifest.backend
-        if backend != manifest.backend:
-            raise ValueError(f"{artifact_dir} holds {manifest.backend!r} artifacts, not {backend!r}")
-        cfg, stage, versions = manifest.model_config, manifest.stage, manifest.versions
+        backend, cfg, stage, versions = _from_manifest(artifact_dir, backend)
+    elif model_config is None or backend is None:
+        raise ValueError("a custom trainer needs backend= and model_config= (there is no manifest to read)")
     else:
-        if model_config is None or backend is None:
-            raise ValueError("a custom trainer needs backend= and model_config= (there is no manifest to read)")
         cfg, stage, versions = model_config, None, versions or {}
     ids, labels = random_batch(int(cfg["vocab_size"]), batch, seq, prompt_fraction=prompt_fraction)
 
@@ -263,26 +273,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="append the row to this JSON file ({'rows': [...]})")
 
 
+# the command line's options that measure() takes under the same name
+BENCH_OPTIONS = ("backend", "batch", "seq", "micro_batch", "prompt_fraction", "steps", "warmup", "threads", "lr",
+                 "device_profile", "carbon_intensity", "note")
+
+
 def main_bench(args: argparse.Namespace) -> int:
     if args.device_profile is None and not platform.machine().lower().startswith(("x86", "amd64", "i686")):
         print(f"devft-edge bench: no --device-profile on {platform.machine()}: without an energy sensor, energy is "
               "estimated with the x86-laptop power model (labelled so); pass the profile of this board",
               file=sys.stderr)
-    row = measure(
-        args.artifact_dir,
-        backend=args.backend,
-        batch=args.batch,
-        seq=args.seq,
-        micro_batch=args.micro_batch,
-        prompt_fraction=args.prompt_fraction,
-        steps=args.steps,
-        warmup=args.warmup,
-        threads=args.threads,
-        lr=args.lr,
-        device_profile=args.device_profile,
-        carbon_intensity=args.carbon_intensity,
-        note=args.note,
-    )
+    row = measure(args.artifact_dir, **{k: getattr(args, k) for k in BENCH_OPTIONS})
     print(summary_line(row), file=sys.stderr)
     if args.out:
         append_rows(args.out, [row])
