@@ -2,6 +2,8 @@
 
     python -m benchmarks.device            # stages 4, 8, 16, 30 x every available backend (~20 min)
     python -m benchmarks.device --quick    # stages 4 and 30, fewer steps
+    python -m benchmarks.device --model smollm2-1.7b-shape --stages 4,24 --backends onnx-int4 --batch 1
+                                           # a 1.7B-class shape, random weights (own results file and block)
 
 For each stage submodel of SmolLM2-135M and each backend (the portable `onnx` format on plain
 onnxruntime, legacy ONNX Runtime Training, ExecuTorch when its exporter and device backend are
@@ -492,7 +494,8 @@ def markdown(doc: dict[str, Any]) -> str:
               "process lifetime, against each profile's usable RAM):", ""]
     for n, per_backend in head["fits"].items():
         lines.append(f"- {n} layers: " + "; ".join(f"{b}: {', '.join(p) or 'none'}" for b, p in per_backend.items()))
-    lines += ["", "JSON: `benchmarks/results/device.json`; plot: `benchmarks/results/device.png`."]
+    name = f"device{results_suffix()}"
+    lines += ["", f"JSON: `benchmarks/results/{name}.json`; plot: `benchmarks/results/{name}.png`."]
     return "\n".join(lines)
 
 
