@@ -2,6 +2,8 @@
 
     python -m benchmarks.device            # stages 4, 8, 16, 30 x every available backend (~20 min)
     python -m benchmarks.device --quick    # stages 4 and 30, fewer steps
+    python -m benchmarks.device --model smollm2-1.7b-shape --stages 4,24 --backends onnx-int4 --batch 1
+                                           # a 1.7B-class shape, random weights (own results file and block)
 
 For each stage submodel of SmolLM2-135M and each backend (the portable `onnx` format on plain
 onnxruntime, legacy ONNX Runtime Training, ExecuTorch when its exporter and device backend are
@@ -56,6 +58,7 @@ RESULTS = ROOT / "results"
 CACHE = RESULTS / "cache" / "device"
 MARKDOWN = RESULTS_MD
 MODEL = "smollm2-135m"  # --model: a name load_base_model knows, a local Hugging Face directory, or a SHAPES name
+BATCH = DEFAULT_BATCH  # --batch: rows per measured step (the artifacts do not depend on it)
 # randomly initialised models of a real model's configuration: memory and step time depend on shapes, not values.
 # Each stage is a fresh random model of that depth (what a DEVFT stage of it costs), without loading the full model.
 SHAPES = {"smollm2-1.7b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
@@ -97,6 +100,12 @@ def model_slug() -> str:
     import hashlib
 
     return f"{Path(MODEL).name}-{hashlib.sha256(str(Path(MODEL).resolve()).encode()).hexdigest()[:8]}"
+
+
+def results_suffix() -> str:
+    """'' for SmolLM2-135M at the default batch (benchmarks/results/device.json, RESULTS.md's `device` block), else
+    -MODEL-bBATCH: another model's or batch's rows get their own file and block instead of replacing these."""
+    return "" if (MODEL, BATCH) == ("smollm2-135m", DEFAULT_BATCH) else f"-{model_slug()}-b{BATCH}"
 
 
 def stage_dir(n_layers: int) -> Path:
@@ -149,7 +158,11 @@ def _prepared(n: int, backends: list[str]) -> bool:
     d = stage_dir(n)
     need = ["stage.json", "torch/base/config.json", "torch/adapter/adapter_config.json"]
     need += [f"{b}/manifest.json" for b in backends if b != "torch"]
-    return all((d / f).exists() for f in need)
+    return all((d / f).exists() for f in need) and ("torch" not in backends or _has_torch_weights(d))
+
+
+def _has_torch_weights(d: Path) -> bool:
+    return any((d / "torch" / "base").glob("*.safetensors"))
 
 
 def _build(todo: dict[int, list[str]]) -> None:
@@ -184,23 +197,26 @@ def _build(todo: dict[int, list[str]]) -> None:
                                         seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH,
                                         template_root=None if b == "executorch" else cache_root(),
                                         weights=QUANTIZED.get(b, "fp32"))
-        if (d / "stage.json").exists():  # torch and the stage record are already there (an added backend)
-            continue
-        inner = sub.get_base_model()
-        emb = inner.model.embed_tokens.weight
-        shares = {
-            "frozen_bytes": submodel_bytes(sub),
-            "embedding_bytes": emb.numel() * emb.element_size(),  # tied with the LM head: held once
-            "lora_bytes": sum(p.numel() * p.element_size() for p in sub.parameters() if p.requires_grad),
-        }
-        sub.save_pretrained(d / "torch" / "adapter")
-        sub.unload().save_pretrained(d / "torch" / "base")
-        full_depth = SHAPES[MODEL]["num_hidden_layers"] if MODEL in SHAPES else base.n_layers
-        stage = {"n_layers": n, "groups": plan.groups, "anchors": plan.anchors, **shares,
-                 "grouping": "identity (full model)" if n >= full_depth else
-                 f"random {n}-layer model of {MODEL}'s configuration" if MODEL in SHAPES else
-                 f"DEVFT stage-1 plan: {cfg.grouping} grouping, {cfg.anchor} anchors, {cfg.fusion} fusion"}
-        (d / "stage.json").write_text(json.dumps(stage, indent=1) + "\n")
+        if not (d / "stage.json").exists():
+            inner = sub.get_base_model()
+            emb = inner.model.embed_tokens.weight
+            shares = {
+                "frozen_bytes": submodel_bytes(sub),
+                "embedding_bytes": emb.numel() * emb.element_size(),  # tied with the LM head: held once
+                "lora_bytes": sum(p.numel() * p.element_size() for p in sub.parameters() if p.requires_grad),
+            }
+            sub.save_pretrained(d / "torch" / "adapter")
+            inner.config.save_pretrained(d / "torch" / "base")
+            full_depth = SHAPES[MODEL]["num_hidden_layers"] if MODEL in SHAPES else base.n_layers
+            stage = {"n_layers": n, "groups": plan.groups, "anchors": plan.anchors, **shares,
+                     "grouping": "identity (full model)" if n >= full_depth else
+                     f"random {n}-layer model of {MODEL}'s configuration" if MODEL in SHAPES else
+                     f"DEVFT stage-1 plan: {cfg.grouping} grouping, {cfg.anchor} anchors, {cfg.fusion} fusion"}
+            (d / "stage.json").write_text(json.dumps(stage, indent=1) + "\n")
+        # the base weights for the torch rows: a 1.7B shape's are 6.8 GB to write (and a copy in RAM), so a
+        # random shape writes them only when torch is measured
+        if ("torch" in backends or MODEL not in SHAPES) and not _has_torch_weights(d):
+            sub.unload().save_pretrained(d / "torch" / "base")
 
 
 def _shape_stage(n: int, cfg: Any) -> tuple[Any, Any]:
@@ -292,7 +308,7 @@ def torch_row(model_dir: Path, steps: int, warmup: int, threads: int | None, pro
 
     config = json.loads((model_dir / "base" / "config.json").read_text())
     return measure(model_dir, backend="torch", steps=steps, warmup=warmup, threads=threads, lr=LR,
-                   prompt_fraction=prompt_fraction,
+                   prompt_fraction=prompt_fraction, batch=BATCH,
                    make_trainer=lambda: TorchStep.saved(model_dir, threads, LR), model_config=config,
                    versions={"runtime": f"torch=={torch.__version__}", "transformers": transformers.__version__,
                              "attention": "eager (as devft's simulated clients)"})
@@ -312,7 +328,7 @@ def run_one(backend: str, n: int, steps: int, warmup: int, threads: int, envs: E
     else:
         cmd = python + ["-m", "edge_runtime.bench", str(d / backend), "--backend", backend.split("-")[0], "--lr", str(LR)]
     cmd += ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
-            "--prompt-fraction", str(prompt_fraction)]
+            "--prompt-fraction", str(prompt_fraction), "--batch", str(BATCH)]
     if micro_batch is not None:
         cmd += ["--micro-batch", str(micro_batch)]
     env = {**env, "OMP_NUM_THREADS": str(threads)}
@@ -477,7 +493,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("stage submodel layers")
         ax.legend(fontsize=8)
-    save_figure(fig, path, f"SmolLM2-135M stages, batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ}, measured on "
+    save_figure(fig, path, f"{MODEL} stages, batch {BATCH} x seq {DEFAULT_SEQ}, measured on "
                 f"{on['machine']} {on['cpu_model']} (not ARM timings)")
 
 
@@ -495,12 +511,13 @@ def _ratio_line(backend: str, n: int, v: dict[str, Any]) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     meta, head = doc["meta"], doc["headline"]
-    lines = ["## Device cost per training step (benchmarks/device.py)", "",
+    title = "## Device cost per training step" if not results_suffix() else f"### {MODEL}: device cost per training step"
+    lines = [f"{title} (benchmarks/device.py)", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
              f"Machine: {meta['machine']['cpu_model']} ({meta['machine']['machine']}, "
              f"{meta['machine']['logical_cpus']} logical CPUs, shared with other jobs: load average "
              f"{meta.get('load_average_start')} at the start), {meta['threads']} threads  ",
-             f"Workload: batch {DEFAULT_BATCH} x seq {DEFAULT_SEQ} random tokens, "
+             f"Workload: batch {meta['batch']} x seq {meta['seq']} random tokens, "
              + (f"the first {meta['prompt_fraction']:.0%} of each row masked as prompt; " if meta.get("prompt_fraction")
                 else "all positions supervised; ") +
              f"{meta['warmup']} warm-up + {meta['steps']} timed steps, each measurement in its own process.  ",
@@ -522,7 +539,8 @@ def markdown(doc: dict[str, Any]) -> str:
               "process lifetime, against each profile's usable RAM):", ""]
     for n, per_backend in head["fits"].items():
         lines.append(f"- {n} layers: " + "; ".join(f"{b}: {', '.join(p) or 'none'}" for b, p in per_backend.items()))
-    lines += ["", "JSON: `benchmarks/results/device.json`; plot: `benchmarks/results/device.png`."]
+    name = f"device{results_suffix()}"
+    lines += ["", f"JSON: `benchmarks/results/{name}.json`; plot: `benchmarks/results/{name}.png`."]
     return "\n".join(lines)
 
 
@@ -549,7 +567,7 @@ def print_floors(stages: list[int], envs: Envs, markdown_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global MODEL
+    global MODEL, BATCH
     p = argparse.ArgumentParser(prog="python -m benchmarks.device", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="stages 4 and 30, 1 warm-up + 3 timed steps")
     p.add_argument("--model", default=MODEL, help=f"smollm2-135m (default), {', '.join(SHAPES)} (random weights "
@@ -557,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", help="comma-separated stage sizes (default: the model's DEVFT stages, 4,8,16,30)")
     p.add_argument("--backends", default="torch,onnx,ort,executorch",
                    help=f"subset of {','.join(BACKENDS)} (onnx-int8/-int4: the portable format with quantized weights)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"rows per step (default {DEFAULT_BATCH}); another model or batch than the default's "
+                        "writes its own results file and RESULTS.md block (device-MODEL-bBATCH)")
     p.add_argument("--steps", type=int, help="timed steps (default 6; --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 1)")
     p.add_argument("--executorch-stages", default="4",
@@ -570,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--legacy-python", type=Path,
                    default=DEFAULT_LEGACY_PYTHON if DEFAULT_LEGACY_PYTHON.exists() else None,
                    help="interpreter with onnxruntime-training for the ort rows (default .venv-legacy/bin/python)")
-    p.add_argument("--out", type=Path, default=RESULTS / "device.json")
+    p.add_argument("--out", type=Path, help="results file (default benchmarks/results/device.json, or "
+                   "device-MODEL-bBATCH.json for another model or batch)")
     p.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose generated section is replaced")
     p.add_argument("--floor-only", action="store_true",
                    help="print the predicted floor of every stage x fp32/int8/int4 (shapes only, nothing measured)")
@@ -579,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     steps = args.steps or (3 if args.quick else 6)
+    BATCH = args.batch
     warmup = args.warmup if args.warmup is not None else 1
     if args.worker_torch:
         print(json.dumps(torch_row(args.worker_torch, steps, warmup, args.threads, args.prompt_fraction)))
@@ -587,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         _build({int(n): ["ort"] for n in args.worker_export_ort.split(",")})
         return 0
     MODEL = args.model
+    args.out = args.out or RESULTS / f"device{results_suffix()}.json"
     envs = Envs(args.legacy_python)
     start_load = load_average()
 
@@ -627,8 +651,10 @@ def main(argv: list[str] | None = None) -> int:
                  "load_average_start": start_load, "prompt_fraction": args.prompt_fraction,
                  "legacy": envs.legacy_problem or str(envs.legacy_python),
                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
-                 "threads": args.threads, "steps": steps, "warmup": warmup, "batch": DEFAULT_BATCH, "seq": DEFAULT_SEQ,
-                 "submodels": "DEVFT stage-1 plan (DevFT.configure_stage, default RunConfig) for sub-full "
+                 "threads": args.threads, "steps": steps, "warmup": warmup, "batch": BATCH, "seq": DEFAULT_SEQ,
+                 "submodels": f"a random model of {MODEL}'s configuration per stage depth (cost depends on shapes, "
+                              "not values), identity plan" if MODEL in SHAPES else
+                              "DEVFT stage-1 plan (DevFT.configure_stage, default RunConfig) for sub-full "
                               "sizes, identity plan for the full model", "stages": stages_info},
         "headline": headline(rows, stages_info),
         "rows": [],
@@ -639,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     append_rows(args.out, rows)
     plot(rows, args.out.with_suffix(".png"))
     section = markdown({**doc, "rows": rows})
-    replace_block("device", section, args.markdown)
+    replace_block(f"device{results_suffix()}", section, args.markdown)
     print(section)
     return 0
 
