@@ -55,3 +55,22 @@ def test_parts_combined_equal_evaluating_all_at_once_bit_for_bit(tiny_base, gene
                               for c in chunks], generate=generate)
         assert split == whole  # == on floats: bit for bit
     assert ("accuracy" in whole) == generate and len(whole["per_task"]) == 3
+
+
+def test_an_example_with_no_answer_token_in_seq_len_is_left_out_not_scored_zero(tiny_base, caplog):
+    """An answer wholly past seq_len leaves no token to score: that example is left out of the loss (it used to
+    count as 0, pulling the eval loss down); with none left the error names the fix."""
+    data = DataSettings(tasks=["chain_sum"], examples_per_client=2, eval_examples_per_task=3)
+    held_out = build_eval_data(tiny_base.tokenizer, data, 0, build_client_data(tiny_base.tokenizer, data, 2, 0))
+    model = attach_lora(share_model(tiny_base.model), LoraSettings(r=2, alpha=4), seed=0)
+    kw = dict(seq_len=64, generate=False, batch_size=3)
+    whole = evaluate(model, tiny_base.tokenizer, held_out, **kw)
+    part = evaluate_part(model, tiny_base.tokenizer, held_out, **kw)
+    assert None not in part.losses
+    cut = EvalPart(part.tasks, [part.losses[0], None, part.losses[2]], None)
+    with caplog.at_level("WARNING"):
+        out = combine_eval([cut], generate=False)
+    assert out["eval_loss"] == pytest.approx((part.losses[0] + part.losses[2]) / 2) != whole["eval_loss"]
+    assert "left out 1 held-out example" in caplog.text
+    with pytest.raises(ValueError, match="raise seq_len"):
+        evaluate(model, tiny_base.tokenizer, held_out, seq_len=4, generate=False, batch_size=3)

@@ -6,6 +6,7 @@ here eager torch stands in for a device so one process can simulate a fleet.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -23,6 +24,8 @@ from server_sdk.data import Example, encode, score
 from server_sdk.engine.precision import compute
 from server_sdk.method.lora import read_lora
 from server_sdk.method.strategies.base import ClientResult
+
+log = logging.getLogger(__name__)
 
 
 def token_losses(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +126,7 @@ class EvalPart:
     """Per-example results of a contiguous run of held-out examples, in example order."""
 
     tasks: list[str]
-    losses: list[float]  # mean token loss of each example
+    losses: list[float | None]  # mean token loss of each example; None where no answer token fits in seq_len
     correct: list[float] | None  # 1.0 where the greedy answer scores full marks; None without generation
 
 
@@ -153,7 +156,7 @@ def evaluate_part(model, tokenizer, examples: list[Example], *, seq_len: int, ge
     `done(n)` is called after each batch of n examples; `precision`: server_sdk.engine.precision."""
     model.eval()
     pad = tokenizer.pad_token_id
-    losses: list[float] = []
+    losses: list[float | None] = []
     correct: list[float] | None = [] if generate else None
     for b in range(0, len(examples), batch_size):
         batch = examples[b:b + batch_size]
@@ -162,7 +165,9 @@ def evaluate_part(model, tokenizer, examples: list[Example], *, seq_len: int, ge
             tok_loss, owner = token_losses(model, torch.from_numpy(ids), torch.from_numpy(labels))
         sums = torch.zeros(len(batch)).index_add_(0, owner, tok_loss)
         counts = torch.zeros(len(batch)).index_add_(0, owner, torch.ones_like(tok_loss))
-        losses.extend((sums / counts.clamp(min=1)).tolist())
+        # an example whose answer lies wholly past seq_len has no token to score: None, left out by combine_eval
+        # (it used to count as loss 0, which pulled the reported eval loss down)
+        losses.extend(loss if n > 0 else None for loss, n in zip((sums / counts.clamp(min=1)).tolist(), counts.tolist()))
         if correct is not None:
             with compute(model, precision):
                 answers = generate_answers(model, tokenizer, batch, max_new_tokens)
@@ -175,7 +180,7 @@ def evaluate_part(model, tokenizer, examples: list[Example], *, seq_len: int, ge
 def combine_eval(parts: list[EvalPart], *, generate: bool) -> dict:
     """evaluate()'s result from the parts of consecutive ranges of the held-out set, in order: the loss
     (and accuracy) per task and over all examples, averaged exactly as evaluating them at once does."""
-    losses: dict[str, list[float]] = defaultdict(list)
+    losses: dict[str, list[float | None]] = defaultdict(list)
     correct: dict[str, list[float]] = defaultdict(list)
     for part in parts:
         if (part.correct is not None) != generate:
@@ -185,6 +190,7 @@ def combine_eval(parts: list[EvalPart], *, generate: bool) -> dict:
             losses[task].append(loss)
             if generate:
                 correct[task].append(part.correct[i])
+    losses = _scored(losses)
     per_task = {t: {"eval_loss": float(np.mean(v)), **({"accuracy": float(np.mean(correct[t]))} if generate else {})}
                 for t, v in sorted(losses.items())}
     all_losses = [x for v in losses.values() for x in v]
@@ -194,6 +200,22 @@ def combine_eval(parts: list[EvalPart], *, generate: bool) -> dict:
     if not math.isfinite(result["eval_loss"]):
         raise FloatingPointError("evaluation loss is not finite: the adapter diverged; lower lr")
     return result
+
+
+def _scored(losses: dict[str, list[float | None]]) -> dict[str, list[float]]:
+    """Per task, the losses of the examples that had an answer token within seq_len (evaluate_part gives the
+    others None; a NaN loss is a diverged adapter and stays, for the caller's check). Leaving some out is
+    logged; with none left the run stops with the fix (a longer seq_len): a loss of no tokens measures nothing."""
+    kept = {t: [x for x in v if x is not None] for t, v in losses.items()}
+    left_out = {t: len(v) - len(kept[t]) for t, v in losses.items() if len(v) != len(kept[t])}
+    if left_out:
+        empty = sorted(t for t, v in kept.items() if not v)
+        if empty:
+            raise ValueError(f"no held-out example of {', '.join(empty)} has an answer token within seq_len: the "
+                             "prompts are longer than seq_len; raise seq_len (-o seq_len=...)")
+        log.warning("evaluation left out %s held-out example(s) whose answer lies past seq_len (%s); raise seq_len "
+                    "to score them", sum(left_out.values()), ", ".join(f"{t}: {n}" for t, n in sorted(left_out.items())))
+    return kept
 
 
 def generate_answers(model, tokenizer, batch: list[Example], max_new_tokens: int) -> list[str]:
