@@ -153,6 +153,32 @@ def test_coordinator_refuses_bad_updates_and_aggregates_each_device_once(coordin
     assert ex.rejections["malformed"] == 1
 
 
+def test_a_stage_whose_update_burst_overflows_the_brokers_queue_is_warned_about(coordinator, fleet, caplog):
+    """Issue #27: at Mosquitto's queue bound a burst of full-model updates overflowed the coordinator's queue and
+    rounds waited out their deadline. The coordinator now says so at the stage's start, from the bound that
+    fleet.json sets (the one the generated mosquitto.conf uses)."""
+    from server_sdk.fleet.broker_config import MAX_QUEUED_BYTES, fleet_queue_bound, write_config
+
+    assert fleet_queue_bound(fleet.dir) == MAX_QUEUED_BYTES
+    settings = json.loads((fleet.dir / "fleet.json").read_text())
+    (fleet.dir / "fleet.json").write_text(json.dumps({**settings, "max_queued_bytes": 300}))
+    assert fleet_queue_bound(fleet.dir) == 300
+    assert "max_queued_bytes 300" in write_config(fleet.dir).read_text()
+
+    sub = torch.nn.Module()
+    sub.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(2, 8)))
+    sub.register_parameter("lora_B", torch.nn.Parameter(torch.zeros(8, 2)))  # 128 bytes an update
+    burst = 128 * coordinator.cfg.clients_per_round
+    for bound, warned in ((None, False), (burst, False), (burst - 1, True)):
+        coordinator.settings.broker_queue_bytes = bound
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            coordinator._check_update_burst(0, sub)
+        said = [e for e in events(coordinator.run_dir) if e["event"] == "update_burst_over_broker_queue"]
+        assert ("raise max_queued_bytes" in caplog.text) == warned and len(said) == (1 if warned else 0)
+    assert said[0]["update_bytes"] == 128 and said[0]["max_queued_bytes"] == burst - 1
+
+
 def test_round_without_quorum_fails_clearly(coordinator):
     coordinator.settings.round_timeout_s = 1.0
     with pytest.raises(QuorumNotReached, match=r"0 of 2 sampled devices .* quorum is 2 .* --resume"):

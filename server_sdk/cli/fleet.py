@@ -205,6 +205,7 @@ def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
     from server_sdk.engine.report import summary_text
     from server_sdk.engine.rounds import run
     from server_sdk.fleet.broker import server_credentials
+    from server_sdk.fleet.broker_config import fleet_queue_bound
     from server_sdk.fleet.coordinator import fleet_executor_factory
 
     url = urlparse(args.broker_url)
@@ -216,6 +217,7 @@ def serve(args: argparse.Namespace, run_dir: Path, cfg: RunConfig) -> int:
                           "--artifact-dir DIR")
     creds = server_credentials(args.fleet_dir)
     settings = _fleet_settings(args, run_dir)
+    settings.broker_queue_bytes = fleet_queue_bound(args.fleet_dir)  # the broker the fleet directory describes
     _register_run(args.fleet_dir, settings.run_id or run_dir.name)
     factory = fleet_executor_factory(run_dir, creds, settings, host=url.hostname, port=url.port or 8883)
     try:

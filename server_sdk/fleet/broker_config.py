@@ -30,6 +30,17 @@ MAX_QUEUED_MESSAGES = 100_000
 MAX_QUEUED_BYTES = 4 * MAX_UPDATE_BYTES
 
 
+def queued_bytes_bound(settings: dict) -> int:
+    """The broker's per-client queue bound in bytes, from a fleet's settings (fleet.json): what it may hold for the
+    coordinator's connection while a round's updates arrive faster than the coordinator reads them."""
+    return int(settings.get("max_queued_bytes") or MAX_QUEUED_BYTES)
+
+
+def fleet_queue_bound(fleet_dir: str | Path) -> int:
+    """queued_bytes_bound of the fleet in fleet_dir."""
+    return queued_bytes_bound(load_settings(Path(fleet_dir)))
+
+
 def broker_user() -> str:
     """The account mosquitto runs as: never root.
 
@@ -119,7 +130,7 @@ def write_config(fleet_dir: str | Path, port: int | None = None, bind_address: s
         # the newest), so a full queue drops nothing a device needs
         "queue_qos0_messages false",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
-        f"max_queued_bytes {int(settings.get('max_queued_bytes') or MAX_QUEUED_BYTES)}",
+        f"max_queued_bytes {queued_bytes_bound(settings)}",
         # and not for ever: a session (its subscriptions and queue) goes 1 h after its client left, whatever
         # expiry the client asked for (devft-edge asks for 10 min; a coordinator resubscribes when it starts)
         "persistent_client_expiration 1h",

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from server_sdk.fleet.broker import (
     register_run,
     server_credentials,
 )
+from server_sdk.fleet.broker_config import fleet_queue_bound
 from server_sdk.fleet.coordinator import fleet_executor_factory
 from server_sdk.fleet.registry import device_name
 from server_sdk.fleet.settings import FleetSettings
@@ -103,7 +105,6 @@ class LocalFleet:
     def origin_settings(self, settings: FleetSettings | None, mqtt_chunks: bool = True) -> FleetSettings:
         """`settings` with the running origin's URL, directory and this fleet's password file (and, with
         `mqtt_chunks` False, no MQTT chunks)."""
-        from dataclasses import replace
 
         assert self.origin is not None, "start_origin first"
         return replace(settings or FleetSettings(), artifact_origin=self.origin.url,
@@ -255,6 +256,7 @@ def run_local(cfg, run_dir: str | Path, n_devices: int, *, resume: bool = False,
     run_id = (settings.run_id if settings else "") or run_dir.name  # the coordinator's (FleetExecutor.run_id)
     with stop_on_sigterm(), LocalFleet(run_dir / "fleet", n_devices, run_id=run_id) as fleet:
         fleet.start_broker()
+        settings = replace(settings or FleetSettings(), broker_queue_bytes=fleet_queue_bound(fleet.dir))
         if origin:
             fleet.start_origin()
             settings = fleet.origin_settings(settings, mqtt_chunks)

@@ -101,10 +101,28 @@ class StageServing:
         total = self.serve_stage(stage, dirs, self.stage_need(config, int(config["num_hidden_layers"])),
                                  export_s=seconds)
         self._draw_key = plan.draw_key  # rounds.py's key of the stage's client draws and seeds
+        self._check_update_burst(stage, sub_model)
         self._await_ready(stage, plan.draw_key)
         if not self.settings.keep_artifacts:
             prune_finished_stages(self.run_dir, stage)  # devices moved on
         return total
+
+    def _check_update_burst(self, stage: int, sub_model) -> None:
+        """Warn (log and event) when a round of this stage can send the coordinator more update bytes at once than
+        the broker queues for one client (`broker_queue_bytes`): what does not fit is dropped, and the round then
+        waits out its deadline (issue #27; RESULTS.md section 11 measured it with SmolLM2's full-model updates)."""
+        bound = self.settings.broker_queue_bytes
+        if not bound:
+            return
+        update = sum(p.numel() * 4 for n, p in sub_model.named_parameters() if "lora_" in n)  # float32 on the wire
+        burst = update * self.cfg.clients_per_round
+        if burst > bound:
+            log.warning("stage %d: %d clients per round x %.1f MB updates = %.0f MB can arrive at once, more than the "
+                        "broker queues for the coordinator (max_queued_bytes %.0f MB): updates may be dropped; raise "
+                        "max_queued_bytes in the fleet's fleet.json above that (docs/protocol.md section 8)",
+                        stage + 1, self.cfg.clients_per_round, update / 1e6, burst / 1e6, bound / 1e6)
+            self._event("update_burst_over_broker_queue", stage=stage, update_bytes=update,
+                        clients_per_round=self.cfg.clients_per_round, max_queued_bytes=bound)
 
     def expect_stages(self, config: dict, stage_sizes: list[int]) -> None:
         """Trace the graphs of the stages after the first in a background process (server_sdk/engine/warm.py): on a

@@ -50,6 +50,10 @@ class FleetSettings:
     # the model's shapes (export/memory.py). A device whose hello declares `ram_mb` below a stage's need is not
     # sampled for that stage (docs/protocol.md §11, "Memory")
     stage_peak_mb: dict[str, int] = field(default_factory=dict)
+    # the broker's per-client queue bound (mosquitto's max_queued_bytes, fleet.json), where the CLI knows the fleet:
+    # a stage whose round can send more update bytes at once than this is warned about at its start (the broker
+    # drops what does not fit in the coordinator's queue, and the round waits out its deadline); None = unknown
+    broker_queue_bytes: int | None = None
     # an HTTPS origin (server_sdk/fleet/origin.py): stage files are also copied to artifact_dir/<run>/<sha256>, which a web
     # server serves at artifact_origin + <run>/<sha256>, and descriptors name that URL; devices that know the field
     # download there (their own fleet login, checked per request against artifact_passwd, the fleet's password
