@@ -166,7 +166,7 @@ def _live_control(got: queue.Queue, pred, timeout_s: float = 15) -> P.ControlMes
 def test_a_bad_hello_is_refused_and_the_device_is_told_why(coordinator, fleet, clients):
     ex = coordinator
     got = _controls(clients, ex)
-    _hello(clients, fleet.devices["dev1"], ram_mb="lots", platform="linux")
+    first = _hello(clients, fleet.devices["dev1"], ram_mb="lots", platform="linux")
     ctrl = _live_control(got, lambda c: "dev1" in c.refused)
     assert ctrl.refused["dev1"].startswith("bad_capabilities: info.ram_mb 'lots' must be a whole number")
     assert ctrl.state == "idle" and ctrl.stage == 1  # the control it was: only `refused` changed
@@ -175,7 +175,9 @@ def test_a_bad_hello_is_refused_and_the_device_is_told_why(coordinator, fleet, c
     assert ex._pool() == [0, 2, 3]  # dev1 is client 1
     with pytest.raises(StageDoesNotFit, match=r"none declared; refused: \['dev1'\]"):
         ex.eligible_clients(1)  # the only connected device is refused: the stage cannot run
-    # the device fixes its declaration: it is told it is no longer refused, and may be sampled again
+    # the device fixes its declaration and restarts (one connection per client id: two would take the session
+    # from each other): it is told it is no longer refused, and may be sampled again
+    first.close()
     _hello(clients, fleet.devices["dev1"], **{**GOOD, "ram_mb": 100_000})
     _live_control(got, lambda c: "dev1" not in c.refused)
     assert ex._fits("dev1") and any(e["event"] == "refusal_cleared" for e in events(ex.run_dir))
@@ -191,13 +193,14 @@ def test_a_device_that_fits_no_stage_is_refused_at_hello_and_one_that_fits_the_s
     got = _controls(clients, ex)
     _hello(clients, fleet.devices["dev1"], **{**GOOD, "ram_mb": small - 1})  # fits no stage
     _hello(clients, fleet.devices["dev2"], **{**GOOD, "ram_mb": small})  # the 2-layer stage only
-    _hello(clients, fleet.devices["dev3"], **{**GOOD, "ram_mb": large})
+    dev3 = _hello(clients, fleet.devices["dev3"], **{**GOOD, "ram_mb": large})
     ctrl = _live_control(got, lambda c: "dev1" in c.refused)
     assert f"declares ram_mb {small - 1} MiB; the smallest stage of this run (2 layers) needs {small} MiB" \
         in ctrl.refused["dev1"] and "dev2" not in ctrl.refused
     wait_for(lambda: "ram_mb" in ex._caps.get("dev3", {}), 10, "dev3's hello")
     assert ex.eligible_clients(1) == [0, 3]  # the served 4-layer stage: dev2 (client 2) and dev1 are left out
     # no connected device fits: the stage fails at once, naming it, its need and the largest budget declared
+    dev3.close()  # restarts with a smaller budget
     _hello(clients, fleet.devices["dev3"], **{**GOOD, "ram_mb": small})
     wait_for(lambda: ex._caps.get("dev3", {}).get("ram_mb") == small, 10, "dev3's new hello")
     with pytest.raises(StageDoesNotFit, match=rf"stage 2 \(4 layers\) needs {large} MiB per device \(predicted, "
