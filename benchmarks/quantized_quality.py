@@ -11,6 +11,11 @@ compact report is kept in benchmarks/results/quantized-quality/<key>.json (commi
 with checkpoints in benchmarks/results/cache/ (git-ignored), so an interrupted matrix resumes and a rerun
 only fills the gaps. The key hashes the config and the weights scheme's name (export/quant.SCHEME_NAMES):
 a changed int4 format is a new run, never a stale one.
+
+A scheme whose dequantized base model is bit for bit the fp32 one (int4 on SmolLM2-135M: its packaged
+weights are ggml Q4_1 and Q8_0, which int4-asym and int8 reproduce exactly) trains and evaluates on the
+same numbers as the fp32 run of its seed, which is deterministic: its row is that run's, marked
+"= fp32 (bit-identical weights)", unless --run-identical runs it anyway.
 """
 
 from __future__ import annotations
@@ -74,6 +79,18 @@ def run_one(cfg: RunConfig, base) -> dict:
     return compact
 
 
+def identical_to_fp32(base, weights: str) -> bool:
+    """Whether `weights`' dequantized base model equals the fp32 one in every tensor, bit for bit."""
+    import torch
+
+    from server_sdk.engine.quantized import quantized_base
+
+    if weights == "fp32":
+        return True
+    quant = quantized_base(base, weights).model.state_dict()
+    return all(torch.equal(quant[k], v) for k, v in base.model.state_dict().items())
+
+
 def load(cfg: RunConfig) -> dict | None:
     path = KEPT / f"{key(cfg)}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -92,15 +109,17 @@ def base_loss(rep: dict) -> float | None:
     return first[0]["eval_loss"] if first and first[0].get("round") == 0 else None
 
 
-def table(seeds: list[int]) -> tuple[str, dict]:
+def table(seeds: list[int], identical: set[str]) -> tuple[str, dict]:
     rows, data = [], {}
     for method in METHODS:
         for seed in seeds:
             ref = load(config(method, "fp32", seed))
             for weights in ("fp32", "int8", "int4"):
                 rep = load(config(method, weights, seed))
+                if rep is None and weights in identical and ref is not None:
+                    rep = {**ref, "scheme": f"{scheme_name(weights)}; = fp32 run, bit-identical weights"}
                 if rep is None:
-                    rows.append([method, seed, weights, "not run", "", "", ""])
+                    rows.append([method, seed, weights, "not finished", "", "", ""])
                     continue
                 loss, acc = final(rep)
                 delta = None if ref is None else loss - final(ref)[0]
@@ -138,8 +157,8 @@ def plot(data: dict, path: Path) -> None:
     save_figure(fig, path, "SmolLM2-135M: frozen weights fp32 / int8 / int4")
 
 
-def summarize(seeds: list[int], command: str) -> None:
-    md, data = table(seeds)
+def summarize(seeds: list[int], command: str, identical: set[str]) -> None:
+    md, data = table(seeds, identical)
     write_atomic(RESULTS / "quantized-quality.json", json.dumps(data, indent=1) + "\n")
     if data:
         plot(data, RESULTS / "quantized-quality.png")
@@ -157,13 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", default="fp32,int8,int4")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--summary", action="store_true", help="only write the table from the kept runs")
+    ap.add_argument("--run-identical", action="store_true",
+                    help="run a scheme even where its weights are bit-identical to fp32's (the same run again)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    base = None
     if not args.summary:
         from server_sdk.engine.model import load_base_model
 
         jobs = [config(m, w, s) for s in seeds for m in args.methods.split(",") for w in args.weights.split(",")]
-        base = None
         for i, cfg in enumerate(jobs, 1):
             label = f"[{i}/{len(jobs)}] {cfg.strategy} weights={cfg.weights} seed={cfg.seed}"
             if load(cfg) is not None:
@@ -181,12 +202,22 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 print(f"{label}: running ({time.strftime('%H:%M:%S')})", flush=True)
                 base = base or load_base_model(cfg.model)
+                if not args.run_identical and cfg.weights != "fp32" and identical_to_fp32(base, cfg.weights):
+                    print(f"{label}: weights bit-identical to fp32's: the fp32 run's result, once it is kept", flush=True)
+                    continue
                 rep = run_one(cfg, base)
                 loss, acc = final(rep)
                 print(f"{label}: final eval loss {loss:.4f}, accuracy {acc}, {rep['wall_s']:.0f} s", flush=True)
             finally:
                 lock.unlink(missing_ok=True)
-    summarize(seeds, "python -m benchmarks.quantized_quality " + " ".join(sys.argv[1:] if argv is None else argv))
+    identical: set[str] = set()
+    if not args.run_identical:
+        from server_sdk.engine.model import load_base_model
+
+        base = base or load_base_model(config("devft", "fp32", 0).model)
+        identical = {w for w in ("int8", "int4") if identical_to_fp32(base, w)}
+    summarize(seeds, "python -m benchmarks.quantized_quality " + " ".join(sys.argv[1:] if argv is None else argv),
+              identical)
 
 
 if __name__ == "__main__":
