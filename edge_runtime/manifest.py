@@ -22,7 +22,10 @@ from typing import Any
 FORMAT_VERSION = 2  # 2: "onnx" backend; `max_seq_len` renamed `seq_len` (the run's one sequence length)
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("onnx", "ort", "executorch")
-WEIGHT_SCHEMES = ("fp32", "int8", "int4")  # frozen weights as stored (Manifest.weights)
+# frozen weights as stored (Manifest.weights, and what a device's hello declares), by RunConfig.weights: the
+# name of the byte format, so a runtime that reads another format (the symmetric int4 before int4-asym) refuses
+WEIGHT_FORMATS = {"fp32": "fp32", "int8": "int8", "int4": "int4-asym"}
+WEIGHT_SCHEMES = tuple(WEIGHT_FORMATS.values())
 QUANT_BLOCK = 32  # inputs per scale of a quantized weight
 
 _REEXPORT = "re-export the stage with `devft export`"
@@ -94,8 +97,8 @@ class Manifest:
     anchors: list[int] = field(default_factory=list)
     versions: dict[str, Any] = field(default_factory=dict)  # opset, ir_version, runtime, exporter...
     optimizer: str = "adamw"  # baked into the optimizer graph; recorded so a reader knows which
-    # how the frozen weights are stored: "fp32", or "int8" / "int4" with a float32 scale per block of 32 inputs
-    # (export/quant.py); a device whose runtime cannot run a scheme refuses it (edge_runtime/backends)
+    # how the frozen weights are stored: "fp32", "int8" (float32 scale per block of 32 inputs) or "int4-asym"
+    # (float16 scale and minimum per block; export/quant.py); a device whose runtime cannot run a format refuses it
     weights: str = "fp32"
     tokenizer_file: str | None = None
     chat_template: str | None = None
@@ -208,8 +211,10 @@ def verify_files(directory: Path, manifest: Manifest, *, verify_hashes: bool = T
 
 
 def check_weight_files(manifest: Manifest) -> None:
-    """The weight files must be what `manifest.weights` says: quantized pairs (`<w>.qweight.bin` with
-    `<w>.qscale.bin`, the scale file 4 bytes per 32 values) exactly when the scheme is int8 or int4."""
+    """The weight files must be what `manifest.weights` says: quantized sets (`<w>.qweight.bin` with
+    `<w>.qscale.bin`) exactly when the scheme is not fp32. int8: one byte a value, a float32 scale per 32;
+    int4-asym: the decoder's weights half a byte a value with a float16 scale and a float16 minimum
+    (`<w>.qmin.bin`) per 32, the tied embedding (no minimum file) int8."""
     files = {rel: entry.size for rel, entry in manifest.files.items() if rel.startswith("weights/")}
     quantized = {rel[: -len(".qweight.bin")]: size for rel, size in files.items() if rel.endswith(".qweight.bin")}
     if manifest.weights == "fp32":
@@ -219,12 +224,21 @@ def check_weight_files(manifest: Manifest) -> None:
         return
     if not quantized:
         raise ManifestError(f"the manifest says weights {manifest.weights} but no weight file is quantized; {_REEXPORT}")
-    per_byte = 2 if manifest.weights == "int4" else 1
     for stem, size in quantized.items():
-        scale = files.get(stem + ".qscale.bin")
-        if scale is None or size * per_byte != scale // 4 * QUANT_BLOCK:
+        if not _quantized_set_fits(manifest.weights, stem, size, files.get(stem + ".qscale.bin"),
+                                   files.get(stem + ".qmin.bin")):
             raise ManifestError(f"{stem}.qweight.bin ({size} bytes) does not hold {manifest.weights} values for its "
-                                f"scales ({scale} bytes); the files do not match the manifest's scheme: {_REEXPORT}")
+                                f"scales ({files.get(stem + '.qscale.bin')} bytes) and minimums "
+                                f"({files.get(stem + '.qmin.bin')} bytes); the files do not match the manifest's "
+                                f"scheme: {_REEXPORT}")
+
+
+def _quantized_set_fits(scheme: str, stem: str, size: int, scale: int | None, minimum: int | None) -> bool:
+    if scale is None:
+        return False
+    if minimum is None:  # int8 (also the int4-asym manifest's tied embedding table): 1 byte a value, float32 scales
+        return size == scale // 4 * QUANT_BLOCK and (scheme == "int8" or stem.endswith((".table", "lm_head")))
+    return scheme == "int4-asym" and minimum == scale and 2 * size == scale // 2 * QUANT_BLOCK
 
 
 def check_trainable(manifest: Manifest, expected: Sequence[TensorSpec] | Mapping[str, Sequence[int]]) -> None:

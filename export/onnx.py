@@ -58,7 +58,20 @@ from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import eager_attention, json_config, model_tensors, shape_key
 from export.publish import StageInfo, publish, publish_from_template, staging
-from export.quant import QuantLinear, check_scheme, dequant_recompute, quantize, quantized_modules, source_weight
+from export.quant import (
+    SCHEME_NAMES,
+    QuantLinear,
+    check_scheme,
+    dequant_recompute,
+    lower_int4,
+    onnx_translations,
+    quantize,
+    quantized_modules,
+    scheme_of,
+    source_weight,
+    stored_array,
+    stored_shape,
+)
 
 FORMAT = "onnx"
 TRAIN_GRAPH = "train.onnx"
@@ -335,7 +348,8 @@ def _optimize_keeping_weights(model: Any) -> None:
 def to_onnx(ep: torch.export.ExportedProgram, lora: Sequence[str]) -> onnx.ModelProto:
     """The training program as an ONNX model with our input and output names (weights still inline)."""
     with _already_decomposed():
-        program = torch.onnx.export(ep, dynamo=True, optimize=False, verbose=False, opset_version=OPSET)
+        program = torch.onnx.export(ep, dynamo=True, optimize=False, verbose=False, opset_version=OPSET,
+                                    custom_translation_table=onnx_translations())
     _optimize_keeping_weights(program.model)
     model = program.model_proto
     graph = model.graph
@@ -372,7 +386,7 @@ def externalize_weights(model: onnx.ModelProto, weights_dir: Path) -> dict[str, 
         if not init.name.startswith(naming.ARTIFACT_PREFIX):
             continue
         rel = f"{WEIGHTS_DIR}/{_safe_file_name(init.name)}"
-        array = onnx.numpy_helper.to_array(init)
+        array = stored_array(init)
         _write_raw(weights_dir.parent / rel, array)
         _point_to_file(init, rel, array.nbytes)
         files[init.name] = rel
@@ -497,10 +511,10 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, sche
         else:
             key = naming.state_key(state, source, "quantized graph weight")
             if key not in quantized:
-                quantized[key] = quantize(state[key].detach().float().cpu().numpy(), scheme)
-            array = quantized[key][0 if init.name.endswith(".qweight") else 1]
-        if list(array.shape) != list(init.dims):
-            raise ValueError(f"{key}: the submodel has shape {list(array.shape)}, the cached graph {list(init.dims)}; "
+                quantized[key] = quantize(state[key].detach().float().cpu().numpy(), scheme_of(init.name, scheme))
+            array = quantized[key][init.name.rpartition(".")[2]]
+        if list(array.shape) != stored_shape(init):
+            raise ValueError(f"{key}: the submodel has shape {list(array.shape)}, the cached graph {stored_shape(init)}; "
                              "delete the export template cache and retry")
         rel = next(e.value for e in init.external_data if e.key == "location")
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +523,7 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, sche
 
 def template_key(peft_model: Any, *, seq_len: int, weights: str = "fp32") -> str:
     """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
-    extra = {} if weights == "fp32" else {"weights": weights}  # fp32 keys as before: caches stay valid
+    extra = {} if weights == "fp32" else {"weights": SCHEME_NAMES[weights]}  # fp32 keys as before: caches stay valid
     return shape_key(peft_model, ("torch", "transformers", "peft", "onnx", "onnxscript"), format=FORMAT,
                      seq_len=seq_len, opset=OPSET, trace=TRACE, **extra)
 
@@ -538,7 +552,9 @@ def _trainable_specs(peft_model: Any, lora: Sequence[str]) -> list[TensorSpec]:
 
 
 def _versions(model: onnx.ModelProto) -> dict[str, Any]:
-    return {"opset": OPSET, "ir_version": model.ir_version, "min_onnxruntime": MIN_ONNXRUNTIME,
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return {"opset": opset, "ir_version": model.ir_version,  # int4's blockwise DequantizeLinear: opset 21, ORT 1.20
+            "min_onnxruntime": MIN_ONNXRUNTIME if opset <= OPSET else "1.20.0",
             "train_graph": TRAIN_GRAPH, "eval_graph": EVAL_GRAPH, "initial_lora": INITIAL_LORA,
             "exporter": f"torch=={torch.__version__}", "onnx": version("onnx"), "onnxscript": version("onnxscript"),
             "transformers": version("transformers"), "peft": version("peft")}
@@ -550,6 +566,7 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: st
     ep, lora = trace_training_graph(peft_model, seq_len, weights)
     model = to_onnx(ep, lora)
     del ep
+    lower_int4(model)
     dequant_recompute(model.graph)
     with staging(out_dir) as (out, build):
         externalize_weights(model, build / WEIGHTS_DIR)
@@ -562,7 +579,7 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: st
         onnx.save(eval_model, str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
                             trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
-                            versions=_versions(model), optimizer="adamw", weights=weights)
+                            versions=_versions(model), optimizer="adamw", weights=SCHEME_NAMES[weights])
         return publish(build, out, manifest)
 
 

@@ -1,28 +1,38 @@
-"""Quantized frozen weights for the portable format: int8 or int4 with one scale per block of 32 inputs.
+"""Quantized frozen weights for the portable format: int8, or int4 with an int8 embedding, blockwise (32 inputs).
 
 QLoRA-style: the frozen base is stored in 8 or 4 bits and dequantized in the graph where it is used;
-LoRA, its gradients and the optimiser stay float32. The graph stays standard ONNX (ai.onnx ops only:
-Cast, Mul, Div, Floor, Sub, Slice, Gather, Reshape), so every onnxruntime build runs it, web and
-mobile included.
+LoRA, its gradients and the optimiser stay float32. The graph stays standard ONNX (ai.onnx ops only), so
+every onnxruntime build runs it, web and mobile included. The manifest names the byte format
+(edge_runtime/manifest.WEIGHT_FORMATS: `int8`, `int4-asym`), so a runtime that reads another format refuses.
 
-    int8   weight[r, c] = int8 q[r, c] * scale[r, c // 32]
-    int4   two 4-bit values per byte, q + 8 in 1..15 (low nibble: even column, high nibble: odd column),
-           stored uint8 [r, c / 2]; weight = (nibble - 8) * scale[r, c // 32]
+    int8       weight[r, c] = int8 q[r, c] * scale[r, c // 32], scale = max |w| / 127 rounded to float16's
+               11 significant bits (ggml's Q8_0), stored float32, q clipped to +-127. Graph: Cast, Mul.
+    int4-asym  the decoder's Linears: weight[r, c] = q[r, c] * scale[r, c // 32] + min[r, c // 32], q in 0..15
+               (all 16 levels; ggml's Q4_1), two values a byte (low nibble: even column), scale and min float16.
+               Graph: one opset-21 DequantizeLinear (UINT4, block_size 32) and an Add of the minimum.
+               The tied embedding / LM head (113 MB of SmolLM2-135M's 540) stays int8: in 4 bits it cost most
+               of the loss (benchmarks/RESULTS.md, quantized weights).
 
-Scales keep 8 significant bits, floored, and values are clipped to +-127 (+-7): then every dequantized
-value q * scale is exact in float32 (at most 16 significant bits), and quantizing dequantized weights
-gives back the same q and scale. That makes the server's simulation and the fleet agree bit for bit:
-the server replaces a submodel's frozen weights by their dequantized values (`fake_quantize_`), the
-export quantizes those, and a device's graph computes exactly the values the server trained on.
+Why float16 scales, and int4 asymmetric: SmolLM2-135M's packaged weights are themselves ggml Q4_1 (decoder,
+blocks of 32 along the input, float16 d and m) and Q8_0 (embedding, float16 d). The old int4 (symmetric, 15
+levels, 8-bit floored scales) requantized that grid and lost 0.65 of eval loss after training; int4-asym and
+int8 reproduce those grids exactly (so on SmolLM2-135M an int4 run computes on the fp32 run's very weights),
+and on weights from any other source they are ggml's Q4_1 and Q8_0, standard formats.
+
+Every dequantized value is computed the same way (float32 q * scale, then + min) by the server (numpy) and
+the device (onnxruntime), so the server's simulation and the fleet agree bit for bit: the server replaces a
+submodel's frozen weights by their dequantized values (`fake_quantize_`), the export quantizes those, and
+quantizing dequantized weights gives back the same q, scales and minimums (idempotent: a block's minimum
+maps to 0 and its maximum to 15, so the block's range, hence its scale, comes back).
 
 Which weights: every frozen Linear weight (LoRA's base layers and projections without LoRA) whose
-input width is a multiple of the block, and the tied embedding / LM head (113 MB of SmolLM2-135M's
-540). Norm weights (a few KB) stay float32.
+input width is a multiple of the block, and the tied embedding / LM head. Norm weights stay float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,11 +40,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_runtime.manifest import WEIGHT_FORMATS
+
 SCHEMES = ("fp32", "int8", "int4")
 BLOCK = 32
-QMAX = {"int8": 127, "int4": 7}
-QWEIGHT, QSCALE = "qweight", "qscale"  # buffer (and ONNX initializer) name suffixes
+QMAX = {"int8": 127}
+QWEIGHT, QSCALE, QMIN = "qweight", "qscale", "qmin"  # buffer (and ONNX initializer) name suffixes
 TABLE = "table"  # the tied embedding's QuantLinear, registered under the embedding module
+TABLE_SCHEME = {"int8": "int8", "int4": "int8"}  # the tied embedding / LM head's own scheme under each
+# the byte format of each scheme, by name (the manifest's `weights`, benchmark keys)
+SCHEME_NAMES = dict(WEIGHT_FORMATS)
+INT4_OPSET = 21  # DequantizeLinear on UINT4 with block_size
 
 
 def check_scheme(scheme: str) -> str:
@@ -43,44 +59,74 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
-def _floor8(x: np.ndarray) -> np.ndarray:
-    """x rounded down to 8 significant bits (float32)."""
-    m, e = np.frexp(x.astype(np.float32))
-    return np.ldexp(np.floor(m * 256) / 256, e).astype(np.float32)
-
-
-def quantize(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-    """(q, scale) of a float [rows, cols] weight, cols a multiple of BLOCK."""
+def quantize(w: np.ndarray, scheme: str) -> dict[str, np.ndarray]:
+    """The stored tensors ({QWEIGHT: q, QSCALE: scale[, QMIN: min]}) of a float [rows, cols] weight, cols a
+    multiple of BLOCK."""
     rows, cols = w.shape
+    if scheme == "int4":
+        return _quantize_int4(np.asarray(w, dtype=np.float64).reshape(rows, cols // BLOCK, BLOCK))
     qmax = QMAX[scheme]
     blocks = np.asarray(w, dtype=np.float32).reshape(rows, cols // BLOCK, BLOCK)
     amax = np.abs(blocks).max(-1)
-    scale = np.where(amax > 0, _floor8(amax / np.float32(qmax)), np.float32(1)).astype(np.float32)
+    scale = _half(amax.astype(np.float64) / qmax).astype(np.float32)
+    scale[scale == 0] = 1  # an all-zero block (or one below float16's range): q = 0
     q = np.clip(np.rint(blocks / scale[..., None]), -qmax, qmax).astype(np.int8).reshape(rows, cols)
-    if scheme == "int4":
-        nib = (q + 8).astype(np.uint8)
-        q = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8)
-    return q, scale
+    return {QWEIGHT: q, QSCALE: scale}
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, scheme: str) -> np.ndarray:
-    """The float32 weight (exactly what the graph computes)."""
+def _half(x: np.ndarray) -> np.ndarray:
+    """x rounded to float16 (11 significant bits): q * scale stays exact in float32 (at most 19 bits)."""
+    if not np.isfinite(x.astype(np.float16)).all():
+        raise ValueError("quantized weights must lie within float16's range (|w| < 65504)")
+    return x.astype(np.float16)
+
+
+def _quantize_int4(blocks: np.ndarray) -> dict[str, np.ndarray]:
+    """Q4_1: per block the float16 minimum and (max - min) / 15; q = round((w - min) / scale) in 0..15."""
+    rows, nblocks, _ = blocks.shape
+    low = _half(blocks.min(-1))
+    scale = _half((blocks.max(-1) - low) / 15)
+    scale[scale == 0] = 1  # a constant block (or a range below float16's): every value is its minimum
+    q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, 15)
+    q[np.broadcast_to(scale[..., None] == 1, q.shape) & (blocks.max(-1) == blocks.min(-1))[..., None]] = 0
+    nib = q.astype(np.uint8).reshape(rows, nblocks * BLOCK)
+    return {QWEIGHT: (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8), QSCALE: scale, QMIN: low}
+
+
+def dequantize(parts: dict[str, np.ndarray], scheme: str) -> np.ndarray:
+    """The float32 weight (exactly what the graph computes: q * scale in float32, then + min)."""
+    q = parts[QWEIGHT]
     if scheme == "int4":
-        vals = np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(np.float32) - 8
+        vals = np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(np.float32)
     else:
         vals = q.astype(np.float32)
     rows, cols = vals.shape
-    return (vals.reshape(rows, cols // BLOCK, BLOCK) * scale[..., None]).reshape(rows, cols)
-
-
-def _dequantize_torch(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
-    """dequantize() in torch ops that export to plain ONNX (no bit operations: Div/Floor/Sub on floats)."""
-    f = q.float()
+    out = vals.reshape(rows, cols // BLOCK, BLOCK) * parts[QSCALE].astype(np.float32)[..., None]
     if scheme == "int4":
-        hi = torch.floor(f / 16)
-        f = torch.stack([f - hi * 16, hi], dim=-1).reshape(q.shape[0], -1) - 8
+        out = out + parts[QMIN].astype(np.float32)[..., None]
+    return out.reshape(rows, cols)
+
+
+def _dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 dequantize() in torch ops that export to plain ONNX (Cast, Mul)."""
+    f = q.float()
     rows, cols = f.shape
     return (f.reshape(rows, cols // BLOCK, BLOCK) * scale.unsqueeze(-1)).reshape(rows, cols)
+
+
+@torch.library.custom_op("devft::dequantize_int4", mutates_args=())
+def dequantize_int4(qweight: torch.Tensor, qscale: torch.Tensor, qmin: torch.Tensor) -> torch.Tensor:
+    """int4 dequantize() as one opaque op while tracing: the export lowers it to DequantizeLinear + Add
+    (`lower_int4`), which a torch decomposition of the nibble unpacking would spread over a dozen nodes."""
+    nib = torch.stack([qweight % 16, qweight // 16], dim=-1).reshape(qweight.shape[0], -1).float()
+    rows, cols = nib.shape
+    out = nib.reshape(rows, cols // BLOCK, BLOCK) * qscale.float().unsqueeze(-1) + qmin.float().unsqueeze(-1)
+    return out.reshape(rows, cols)
+
+
+@dequantize_int4.register_fake
+def _(qweight: torch.Tensor, qscale: torch.Tensor, qmin: torch.Tensor) -> torch.Tensor:
+    return qweight.new_empty((qweight.shape[0], 2 * qweight.shape[1]), dtype=torch.float32)
 
 
 class QuantLinear(torch.nn.Module):
@@ -89,23 +135,29 @@ class QuantLinear(torch.nn.Module):
     def __init__(self, out_features: int, in_features: int, scheme: str):
         super().__init__()
         self.scheme, self.in_features, self.out_features = scheme, in_features, out_features
-        cols = in_features // 2 if scheme == "int4" else in_features
-        dtype = torch.uint8 if scheme == "int4" else torch.int8
+        blocks = (out_features, in_features // BLOCK)
         # placeholders (restamping writes the values), random so that no optimiser pass merges equal tensors
-        self.register_buffer(QWEIGHT, torch.randint(0, 100, (out_features, cols), dtype=torch.int16).to(dtype))
-        self.register_buffer(QSCALE, torch.rand(out_features, in_features // BLOCK) + 0.5)
+        if scheme == "int4":
+            self.register_buffer(QWEIGHT, torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8))
+            self.register_buffer(QSCALE, (torch.rand(blocks) + 0.5).half())
+            self.register_buffer(QMIN, (-torch.rand(blocks)).half())
+        else:
+            self.register_buffer(QWEIGHT, torch.randint(-100, 100, (out_features, in_features), dtype=torch.int8))
+            self.register_buffer(QSCALE, torch.rand(blocks) + 0.5)
 
     def rows(self, start: int, length: int) -> torch.Tensor:
-        """Dequantized rows [start, start + length): one slice of the LM head at a time."""
+        """Dequantized rows [start, start + length): one slice of the LM head at a time (int8 tables)."""
         return _dequantize_torch(getattr(self, QWEIGHT).narrow(0, start, length),
-                                 getattr(self, QSCALE).narrow(0, start, length), self.scheme)
+                                 getattr(self, QSCALE).narrow(0, start, length))
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows idx (embedding lookups, target rows): never the whole table."""
+        """Dequantized rows idx (embedding lookups, target rows): never the whole table (int8 tables)."""
         return _dequantize_torch(getattr(self, QWEIGHT).index_select(0, idx),
-                                 getattr(self, QSCALE).index_select(0, idx), self.scheme)
+                                 getattr(self, QSCALE).index_select(0, idx))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "int4":
+            return F.linear(x, dequantize_int4(getattr(self, QWEIGHT), getattr(self, QSCALE), getattr(self, QMIN)))
         return F.linear(x, self.rows(0, self.out_features))
 
 
@@ -153,7 +205,7 @@ def quantized_modules(peft_model: Any, scheme: str) -> Iterator[None]:
             setattr(parent, attr, QuantLinear(lin.out_features, lin.in_features, scheme))
         if _tied(inner):
             emb = inner.model.embed_tokens
-            table = QuantLinear(emb.weight.shape[0], emb.weight.shape[1], scheme)
+            table = QuantLinear(emb.weight.shape[0], emb.weight.shape[1], TABLE_SCHEME[scheme])
             swapped += [(inner.model, "embed_tokens", emb), (inner, "lm_head", inner.lm_head)]
             inner.model.embed_tokens, inner.lm_head = QuantEmbedding(table), table
         yield
@@ -163,13 +215,24 @@ def quantized_modules(peft_model: Any, scheme: str) -> Iterator[None]:
 
 
 def source_weight(initializer: str) -> str | None:
-    """The float weight an initializer `....qweight` / `....qscale` quantizes (None: not a quantized one)."""
+    """The float weight an initializer `....qweight` / `.qscale` / `.qmin` quantizes (None: not a quantized one)."""
     base, _, suffix = initializer.rpartition(".")
-    if suffix not in (QWEIGHT, QSCALE):
+    if suffix not in (QWEIGHT, QSCALE, QMIN):
         return None
     if base.endswith("." + TABLE):
         base = base[: -len(TABLE) - 1]
     return base + ".weight"
+
+
+def is_table(stem: str) -> bool:
+    """Whether a quantized initializer's name minus its suffix names the tied embedding / LM head (the graph
+    names it after either module)."""
+    return stem.endswith(("." + TABLE, "lm_head"))
+
+
+def scheme_of(initializer: str, scheme: str) -> str:
+    """The scheme a quantized initializer of a `scheme` graph is stored in (the tied table has its own)."""
+    return TABLE_SCHEME[scheme] if is_table(initializer.rpartition(".")[0]) else scheme
 
 
 @torch.no_grad()
@@ -179,17 +242,17 @@ def fake_quantize_(model: Any, scheme: str) -> int:
     if check_scheme(scheme) == "fp32":
         return 0
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    weights = [lin.weight for _, _, lin in _frozen_linears(inner)]
+    weights = [(lin.weight, scheme) for _, _, lin in _frozen_linears(inner)]
     if _tied(inner):
-        weights.append(inner.model.embed_tokens.weight)
-    for w in weights:
-        q, s = quantize(w.detach().float().cpu().numpy(), scheme)
-        w.copy_(torch.from_numpy(dequantize(q, s, scheme)).to(w.dtype))
+        weights.append((inner.model.embed_tokens.weight, TABLE_SCHEME[scheme]))
+    for w, kind in weights:
+        parts = quantize(w.detach().float().cpu().numpy(), kind)
+        w.copy_(torch.from_numpy(dequantize(parts, kind)).to(w.dtype))
     return len(weights)
 
 
-# Reshape shapes equal to a 2-D tensor's own, written differently: a recomputed dequantization starts from a
-# Reshape of the quantized initializer with one of these, so no common-subexpression pass merges it back
+# Reshape shapes equal to a 2-D tensor's own, written differently: a recomputed dequantization reads its
+# quantized initializers through a Reshape with one of these, so no common-subexpression pass merges it back
 _SAME_SHAPE = ((-1, None), (None, -1), (0, None), (None, 0), (0, -1), (-1, 0), (0, 0), (None, None))
 
 
@@ -200,73 +263,208 @@ def dequant_recompute(graph: Any) -> int:
     float weight: traced as is, every layer's dequantized weight would live from its forward to its backward,
     all of them at once at the turn, the fp32 model again. With the chain (Cast, Mul by the scales, ...)
     repeated in front of its later consumers, each float weight lives for one use, at the cost of dequantizing
-    again in the backward. Returns how many chains were added."""
+    again in the backward (for int4 one DequantizeLinear and one Add: benchmarks/RESULTS.md weighs the two).
+    Returns how many chains were added."""
+    source, const, producer = _dequantized_tensors(graph)
+    ctx = _CloneContext({i.name: i for i in graph.initializer}, producer)
+    uses: Counter[str] = Counter()
+    out_nodes, added = [], 0
+    for node in graph.node:
+        if not _depends_on_initializers_only(node, const):  # a consumer that depends on the batch
+            for j, name in enumerate(node.input):
+                if name in source:
+                    uses[source[name]] += 1
+                    if uses[source[name]] > 1:
+                        node.input[j] = ctx.clone(name, uses[source[name]], out_nodes)
+                        added += 1
+        out_nodes.append(node)
+    graph.initializer.extend(ctx.extra_inits)
+    _keep_needed(graph, out_nodes)
+    return added
 
-    inits = {i.name: i for i in graph.initializer}
-    const: set[str] = set(inits)
-    root: dict[str, str] = {}  # tensor computed from initializers only -> the quantized initializer it comes from
+
+def _depends_on_initializers_only(node: Any, const: set[str]) -> bool:
+    return all(not i or i in const for i in node.input)
+
+
+def _dequantized_tensors(graph: Any) -> tuple[dict[str, str], set[str], dict[str, Any]]:
+    """(tensor computed from initializers only, at least one quantized -> the float weight it stands for;
+    every tensor computed from initializers only; the node producing each tensor)."""
+    const: set[str] = {i.name for i in graph.initializer}
+    source: dict[str, str] = {}
     producer: dict[str, Any] = {}
     for node in graph.node:
-        for o in node.output:
-            producer[o] = node
-        if all(not i or i in const for i in node.input):
+        producer.update({o: node for o in node.output})
+        if _depends_on_initializers_only(node, const):
             const.update(node.output)
-            roots = {root.get(i) or (i if source_weight(i) and i.endswith("." + QWEIGHT) else None) for i in node.input}
-            roots.discard(None)
-            if roots:
-                root.update({o: next(iter(roots)) for o in node.output})
-    uses: dict[str, int] = {}
-    out_nodes: list[Any] = []
-    extra_inits: list[Any] = []
-    added = 0
-    for node in graph.node:
-        if not all(not i or i in const for i in node.input):  # a consumer that depends on the batch
-            for j, name in enumerate(node.input):
-                if name not in root:
-                    continue
-                r = root[name]
-                k = uses[r] = uses.get(r, 0) + 1
-                if k > 1:
-                    node.input[j] = _clone(name, k, producer, inits, r, out_nodes, extra_inits, {})
-                    added += 1
-        out_nodes.append(node)
-    graph.initializer.extend(extra_inits)
+            found = {source.get(i) or source_weight(i) for i in node.input if i} - {None}
+            if found:
+                source.update({o: min(found) for o in node.output})
+    return source, const, producer
+
+
+def _keep_needed(graph: Any, nodes: list[Any]) -> None:
+    """Set graph's nodes to those of `nodes` the outputs need (originals whose every use went to a copy go)."""
     needed = {o.name for o in graph.output}
     kept = []
-    for node in reversed(out_nodes):  # originals whose every use went to a copy are dropped
+    for node in reversed(nodes):
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(node.input)
     del graph.node[:]
     graph.node.extend(reversed(kept))
-    return added
 
 
-def _clone(name: str, k: int, producer: dict[str, Any], inits: dict[str, Any], root: str, out: list[Any],
-           extra_inits: list[Any], done: dict[str, str]) -> str:
-    """Append copies of the nodes computing `name` from initializers to `out`; return the copy's name."""
+class _CloneContext:
+    """Copies of dequantization chains: the k-th copy reads each quantized initializer through the k-th
+    same-shape Reshape (UINT4 tensors have no Reshape kernel: they are read as they are, the chain's other
+    inputs, the scales, still differ)."""
+
+    def __init__(self, inits: dict[str, Any], producer: dict[str, Any]):
+        self.inits, self.producer, self.extra_inits = inits, producer, []
+
+    def clone(self, name: str, k: int, out: list[Any]) -> str:
+        return self._clone(name, k, out, {})
+
+    def _clone(self, name: str, k: int, out: list[Any], done: dict[str, str]) -> str:
+        """Append copies of the nodes computing `name` from initializers to `out`; return the copy's name."""
+        import onnx
+
+        if name not in done:
+            if name in self.inits:
+                done[name] = self._reshaped(name, k, out)
+            elif name not in self.producer:
+                done[name] = name
+            else:
+                node = self.producer[name]
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.name = f"{node.name}__rc{k}"
+                copy.input[:] = [self._clone(i, k, out, done) if i else i for i in node.input]
+                copy.output[:] = [f"{o}__rc{k}" for o in node.output]
+                out.append(copy)
+                done.update(zip(node.output, copy.output))
+        return done[name]
+
+    def _reshaped(self, name: str, k: int, out: list[Any]) -> str:
+        import onnx
+
+        init = self.inits[name]
+        if source_weight(name) is None or init.data_type == onnx.TensorProto.UINT4 or len(init.dims) != 2:
+            return name
+        shape = [d if v is None else v for d, v in zip(init.dims, _SAME_SHAPE[(k - 2) % len(_SAME_SHAPE)])]
+        shape_name = f"recompute_shape{k}.{name}"  # not an artifact name: stays inside the graph
+        self.extra_inits.append(onnx.numpy_helper.from_array(np.array(shape, dtype=np.int64), shape_name))
+        new = f"{name}__rc{k}"
+        out.append(onnx.helper.make_node("Reshape", [name, shape_name], [new], name=new))
+        return new
+
+
+# ---- the int4 graph ------------------------------------------------------------
+
+DOMAIN = "devft"  # the placeholder's domain while tracing; lower_int4 leaves only ai.onnx ops
+
+
+def onnx_translations() -> dict[Any, Any]:
+    """torch.onnx.export's custom_translation_table: dequantize_int4 becomes a placeholder node that
+    `lower_int4` replaces (its qweight must become a UINT4 tensor first, which no translation can do)."""
+    import onnx
+    import onnxscript
+
+    if not onnx.defs.has("DequantizeInt4", domain=DOMAIN):  # onnxscript builds nodes of known schemas only
+        param = onnx.defs.OpSchema.FormalParameter
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "DequantizeInt4", DOMAIN, 1, inputs=[param("qweight", "tensor(uint8)"), param("qscale", "tensor(float16)"),
+                                                 param("qmin", "tensor(float16)")],
+            outputs=[param("weight", "tensor(float)")]))
+    opset = onnxscript.values.Opset(domain=DOMAIN, version=1)
+
+    def translate(qweight: Any, qscale: Any, qmin: Any) -> Any:
+        return opset.DequantizeInt4(qweight, qscale, qmin)
+
+    return {torch.ops.devft.dequantize_int4.default: translate}
+
+
+def stored_array(init: Any) -> np.ndarray:
+    """An initializer's bytes as the weight file holds them: UINT4 tensors two values a byte (uint8)."""
     import onnx
 
-    if name in done:
-        return done[name]
-    if name == root:
-        dims = list(inits[root].dims)
-        shape = [d if v is None else v for d, v in zip(dims, _SAME_SHAPE[(k - 2) % len(_SAME_SHAPE)])]
-        shape_name = f"recompute_shape{k}.{root}"  # not an artifact name: stays inside the graph
-        extra_inits.append(onnx.numpy_helper.from_array(np.array(shape, dtype=np.int64), shape_name))
-        new = f"{root}__rc{k}"
-        out.append(onnx.helper.make_node("Reshape", [root, shape_name], [new], name=new))
-        done[name] = new
-        return new
-    if name in inits or name not in producer:
-        return name
-    node = producer[name]
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    copy.name = f"{node.name}__rc{k}"
-    copy.input[:] = [_clone(i, k, producer, inits, root, out, extra_inits, done) if i else i for i in node.input]
-    copy.output[:] = [f"{o}__rc{k}" for o in node.output]
-    out.append(copy)
-    for o, c in zip(node.output, copy.output):
-        done[o] = c
-    return done[name]
+    if init.data_type == onnx.TensorProto.UINT4:
+        rows, cols = init.dims
+        return np.frombuffer(init.raw_data, dtype=np.uint8).reshape(rows, cols // 2)
+    return onnx.numpy_helper.to_array(init)
+
+
+def stored_shape(init: Any) -> list[int]:
+    """The shape of stored_array(init), from the initializer's declared type and dims."""
+    import onnx
+
+    dims = list(init.dims)
+    return [dims[0], dims[1] // 2] if init.data_type == onnx.TensorProto.UINT4 else dims
+
+
+def lower_int4(model: Any) -> int:
+    """Replace every DequantizeInt4 placeholder by ai.onnx ops: its qweight becomes a UINT4 [rows, cols]
+    initializer (the same bytes), dequantized by one opset-21 DequantizeLinear with block_size 32 (Cast of the
+    float16 scales first: its output takes the scale's type), then + min per block (Reshape, Add, Reshape;
+    the Reshapes alias). Two passes over the float weight where the traced torch unpacking took a dozen.
+    Raises the model's ai.onnx opset to 21. Returns how many were lowered."""
+    import onnx
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, consts, lowered = [], {}, 0
+    for node in graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        nodes += _int4_nodes(node, _as_uint4(inits[node.input[0]]), consts)
+        lowered += 1
+    if not lowered:
+        return 0
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
+    kept = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, INT4_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+    return lowered
+
+
+def _as_uint4(init: Any) -> tuple[int, int]:
+    """Retype a uint8 [rows, cols / 2] qweight initializer as UINT4 [rows, cols] (ONNX packs 4-bit tensors two
+    a byte, low nibble first: the bytes stay); returns (rows, cols)."""
+    import onnx
+
+    if init.data_type != onnx.TensorProto.UINT4:
+        packed = onnx.numpy_helper.to_array(init).astype(np.uint8)
+        for field in ("int32_data", "raw_data"):
+            init.ClearField(field)
+        init.data_type = onnx.TensorProto.UINT4
+        del init.dims[:]
+        init.dims.extend([packed.shape[0], 2 * packed.shape[1]])
+        init.raw_data = packed.tobytes()
+    return int(init.dims[0]), int(init.dims[1])
+
+
+def _int4_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[int]]) -> list[Any]:
+    from onnx import TensorProto
+    from onnx.helper import make_node
+
+    qweight, qscale, qmin = node.input
+    rows, cols = shape
+    blocks, flat, axis = f"int4_blocks_{rows}x{cols}", f"int4_rows_{rows}x{cols}", "int4_axis_2"
+    consts.update({blocks: [rows, cols // BLOCK, BLOCK], flat: [rows, cols], axis: [2]})
+    out, t = node.output[0], f"{node.output[0]}/int4"
+    return [make_node("Cast", [qscale], [t + "_scale"], to=TensorProto.FLOAT, name=t + "_scale"),
+            make_node("DequantizeLinear", [qweight, t + "_scale"], [t + "_qs"], axis=1, block_size=BLOCK,
+                      name=t + "_dq"),
+            make_node("Reshape", [t + "_qs", blocks], [t + "_blocks"], name=t + "_blocks"),
+            make_node("Cast", [qmin], [t + "_min"], to=TensorProto.FLOAT, name=t + "_min"),
+            make_node("Unsqueeze", [t + "_min", axis], [t + "_min3"], name=t + "_min3"),
+            make_node("Add", [t + "_blocks", t + "_min3"], [t + "_sum"], name=t + "_add"),
+            make_node("Reshape", [t + "_sum", flat], [out], name=t + "_out")]

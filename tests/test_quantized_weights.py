@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import json
 import time
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ from edge_runtime.backends import runtime_versions
 from edge_runtime.backends.onnx_backend import OnnxTrainer
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from export.onnx import TRAIN_GRAPH, export_onnx_artifacts
-from export.quant import dequantize, fake_quantize_, quantize
+from export.quant import SCHEME_NAMES, dequantize, fake_quantize_, quantize
 from server_sdk.config import RunConfig
 from server_sdk.engine.model import tiny_random_model
 from server_sdk.engine.quantized import quantized_base
@@ -53,7 +54,7 @@ def test_quantized_graph_matches_torch_on_the_dequantized_weights(exports, schem
     reference = copy.deepcopy(model)
     assert fake_quantize_(reference, scheme) == 15  # 2 layers x 7 projections + the tied embedding
     trainer = OnnxTrainer(out[scheme])
-    assert trainer.manifest.weights == scheme
+    assert trainer.manifest.weights == SCHEME_NAMES[scheme]
     for shape in ((2, 16), (3, 40)):
         ids, labels = make_batch(256, *shape, seed=shape[1])
         ref_loss, ref_grads = torch_loss_and_grads(reference, ids, labels)
@@ -66,6 +67,11 @@ def test_quantized_graph_matches_torch_on_the_dequantized_weights(exports, schem
     graph = onnx.load(str(out[scheme] / TRAIN_GRAPH), load_external_data=False)
     assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)
     assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}
+    if scheme == "int4":  # one blockwise DequantizeLinear per use, not the traced nibble arithmetic
+        ops = Counter(n.op_type for n in graph.graph.node)
+        fp32 = Counter(n.op_type for n in onnx.load(str(out["fp32"] / TRAIN_GRAPH), load_external_data=False).graph.node)
+        assert ops["DequantizeLinear"] >= 14 and ops["Floor"] == fp32["Floor"] and ops["Div"] == fp32["Div"]
+        assert trainer.manifest.versions["opset"] == 21 and trainer.manifest.versions["min_onnxruntime"] == "1.20.0"
 
 
 def test_quantized_files_are_smaller(exports):
@@ -77,16 +83,37 @@ def test_quantized_files_are_smaller(exports):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantization_is_exact_and_idempotent(scheme):
-    """Dequantized values are exact in float32, so quantizing them again gives the same q and scales: the
-    export of a server-side (fake-quantized) submodel carries the values the server trained on."""
+    """Quantizing dequantized values gives the same q, scales (and minimums): the export of a server-side
+    (fake-quantized) submodel carries the values the server trained on."""
     w = np.random.default_rng(1).normal(0, 0.05, (48, 96)).astype(np.float32)
     w[3, :32] = 0.0  # an all-zero block
-    q, s = quantize(w, scheme)
-    dq = dequantize(q, s, scheme)
-    q2, s2 = quantize(dq, scheme)
-    assert np.array_equal(q, q2) and np.array_equal(s, s2)
-    assert np.array_equal(dequantize(q2, s2, scheme), dq)
-    assert np.abs(dq - w).max() <= np.abs(w).max() / (127 if scheme == "int8" else 7)
+    w[4, 32:64] = 0.25  # a constant block
+    parts = quantize(w, scheme)
+    dq = dequantize(parts, scheme)
+    again = quantize(dq, scheme)
+    assert parts.keys() == again.keys() and all(np.array_equal(parts[k], again[k]) for k in parts)
+    assert np.array_equal(dequantize(again, scheme), dq)
+    blocks = w.reshape(48, 3, 32)
+    step = np.abs(blocks).max(-1) / 127 if scheme == "int8" else (blocks.max(-1) - blocks.min(-1)) / 15
+    # half a step, plus for int8 what its 8-bit floored scales clip off the block's largest value
+    assert (np.abs(dq - w).reshape(48, 3, 32).max(-1) <= 0.51 * step + np.abs(blocks).max(-1) / 256).all()
+    assert (dq[3, :32] == 0).all() and (scheme == "int8" or (dq[4, 32:64] == 0.25).all())
+
+
+def test_int4_reproduces_a_ggml_q4_1_grid_exactly():
+    """SmolLM2-135M's packaged decoder weights are ggml Q4_1 (float16 d and m per 32 inputs, w = q * d + m):
+    int4 stores them without loss, so an int4 run trains on the fp32 run's decoder weights (the symmetric
+    15-level int4 before it requantized that grid and cost 0.65 of eval loss after training)."""
+    rng = np.random.default_rng(2)
+    rows, blocks = 64, 6
+    d = rng.uniform(1e-3, 2e-2, (rows, blocks)).astype(np.float16)
+    m = (-rng.uniform(0.5, 10, (rows, blocks)) * d).astype(np.float16)
+    q = rng.integers(0, 16, (rows, blocks, 32))
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1 maps each block's minimum to 0 and its maximum to 15
+    w = (q.astype(np.float32) * d.astype(np.float32)[..., None] + m.astype(np.float32)[..., None]).reshape(rows, -1)
+    parts = quantize(w, "int4")
+    assert np.array_equal(parts["qscale"], d) and np.array_equal(parts["qmin"], m)
+    assert np.array_equal(dequantize(parts, "int4"), w)
 
 
 def _rewrite_manifest(directory, **fields) -> None:
@@ -97,8 +124,10 @@ def _rewrite_manifest(directory, **fields) -> None:
 
 
 @pytest.mark.parametrize("source, claimed, problem", [
-    ("int8", "fp32", "quantized"), ("int8", "int4", "does not hold int4"), ("int4", "int8", "does not hold int8"),
-    ("fp32", "int8", "no weight file is quantized"), ("int8", "int2", "weights must be one of")])
+    ("int8", "fp32", "quantized"), ("int8", "int4-asym", "does not hold int4-asym"),
+    ("int4", "int8", "does not hold int8"), ("fp32", "int8", "no weight file is quantized"),
+    ("int8", "int2", "weights must be one of"),
+    ("int4", "int4", "weights must be one of")])  # the symmetric int4 format's name: files of another layout
 def test_manifest_whose_scheme_does_not_match_its_files_is_refused(exports, tmp_path, source, claimed, problem):
     import shutil
 
@@ -135,6 +164,26 @@ def test_device_without_the_runs_scheme_is_refused_at_hello(coordinator, fleet, 
     new = clients(fleet.devices["dev2"])
     old.publish(P.status_topic(RUN, "dev1"), P.encode_status(P.StatusMessage(
         "dev1", "hello", time.time(), {"formats": ["onnx"], "onnxruntime": "1.20.0"})), wait_s=10)
+    new.publish(P.status_topic(RUN, "dev2"), P.encode_status(P.StatusMessage(
+        "dev2", "hello", time.time(), {"formats": ["onnx"], **declared})), wait_s=10)
+    wait_for(lambda: {"dev1", "dev2"} <= set(ex.device_status), 10, "both hellos")
+    refused = [e for e in events(ex.run_dir) if e["event"] == "rejected"]
+    assert [(e["device"], e["reason"], e["message"]) for e in refused] == [("dev1", "weights_scheme", "hello")]
+    assert not ex._runs_served(ex.device_status["dev1"]) and ex._runs_served(ex.device_status["dev2"])
+
+
+def test_device_with_the_older_int4_format_is_refused_at_hello(coordinator, fleet, clients):  # noqa: F811
+    """An int4 run serves int4-asym files; a runtime whose hello declares only the symmetric int4 format before
+    it (`int4`) cannot read them and is refused at hello, one that declares int4-asym is served."""
+    ex = coordinator
+    ex.cfg.weights = "int4"
+    declared = runtime_versions()
+    assert "int4-asym" in declared["weights"].split(",")
+    old = clients(fleet.devices["dev1"])
+    new = clients(fleet.devices["dev2"])
+    old.publish(P.status_topic(RUN, "dev1"), P.encode_status(P.StatusMessage(
+        "dev1", "hello", time.time(), {"formats": ["onnx"], "onnxruntime": "1.31.0", "weights": "fp32,int8,int4"})),
+        wait_s=10)
     new.publish(P.status_topic(RUN, "dev2"), P.encode_status(P.StatusMessage(
         "dev2", "hello", time.time(), {"formats": ["onnx"], **declared})), wait_s=10)
     wait_for(lambda: {"dev1", "dev2"} <= set(ex.device_status), 10, "both hellos")

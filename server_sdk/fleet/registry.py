@@ -21,6 +21,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from edge_runtime import protocol as P
+from edge_runtime.manifest import WEIGHT_FORMATS
 from edge_runtime.mqtt import Message
 from server_sdk.engine.executor import QuorumNotReached
 from server_sdk.fleet.ratelimit import cut
@@ -325,7 +326,8 @@ class DeviceRegistry:
             return
         self._weights_refused.add(device)
         self.rejections["weights_scheme"] += 1
-        detail = (f"the run's frozen weights are {self.cfg.weights}; the device declares "
+        detail = (f"the run's frozen weights are {self.cfg.weights} (file format {WEIGHT_FORMATS[self.cfg.weights]}); "
+                  "the device declares "
                   f"{cut(str(info.get('weights', 'none (fp32 only)')), 40)}: it is not sampled for the portable "
                   "format (update its devft runtime)")
         self._limited(("rejected", device, "weights_scheme"), "device %s refused at hello (weights_scheme): %s",

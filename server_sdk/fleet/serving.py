@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_runtime import protocol as P
+from edge_runtime.manifest import WEIGHT_FORMATS
 from export import StageInfo, export_artifacts
 from export.common import json_config
 from export.memory import predicted_peak_mb
@@ -270,8 +271,9 @@ class StageServing:
     def runs_weights(self, status: dict) -> bool:
         """Whether a device's hello declares the run's frozen-weight scheme (`weights`: comma-separated, device-sent).
         fp32 needs no declaration; a device that declares none (an older runtime) runs fp32 only."""
-        declared = status.get("weights")
-        return self.cfg.weights == "fp32" or (isinstance(declared, str) and self.cfg.weights in declared.split(","))
+        declared = status.get("weights")  # byte-format names (WEIGHT_FORMATS): a runtime of an older int4 format lacks int4-asym
+        return self.cfg.weights == "fp32" or (isinstance(declared, str)
+                                              and WEIGHT_FORMATS[self.cfg.weights] in declared.split(","))
 
     def serve_stage(self, stage: int, artifact_dirs: Mapping[str, Path], memory: dict | None = None, **info) -> int:
         """Register a stage's artifact files (per format) with the chunk server and announce them (state idle).
