@@ -43,14 +43,14 @@ def test_export_of_a_model_directory_with_int4_weights_trains_on_onnxruntime(mod
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == 2 and summary["source"].startswith("fresh 2-layer first-stage submodel")
     m = load_manifest(out)
-    assert m.weights == "int4" and m.model_config["num_hidden_layers"] == 2
+    assert m.weights == "int4-asym" and m.model_config["num_hidden_layers"] == 2
     assert sorted(i for g in m.groups for i in g) == [0, 1, 2, 3]  # the 4 layers fused into 2
-    # the tied embedding / LM head is stored once, quantized: 4 bits a value, no float copy of either
+    # the tied embedding / LM head is stored once, quantized (int8 under int4: export/quant.py), no float copy
     cfg = m.model_config
     tied = [f for f in m.files if f.startswith("weights/") and ("embed_tokens" in f or "lm_head" in f)]
     assert sorted(f.rsplit(".", 2)[-2] for f in tied) == ["qscale", "qweight"], tied
     qweight = next(f for f in tied if f.endswith(".qweight.bin"))
-    assert m.files[qweight].size == cfg["vocab_size"] * cfg["hidden_size"] // 2
+    assert m.files[qweight].size == cfg["vocab_size"] * cfg["hidden_size"]
     trainer = load_trainer("onnx", out, lr=1e-2, threads=1)
     before = {k: v.copy() for k, v in trainer.get_lora().items()}
     ids, labels = random_batch(int(m.model_config["vocab_size"]), 2, 32)

@@ -204,18 +204,18 @@ def combine_eval(parts: list[EvalPart], *, generate: bool) -> dict:
 
 def _scored(losses: dict[str, list[float | None]]) -> dict[str, list[float]]:
     """Per task, the losses of the examples that had an answer token within seq_len (evaluate_part gives the
-    others None; a NaN loss is a diverged adapter and stays, for the caller's check). Leaving some out is
-    logged; with none left the run stops with the fix (a longer seq_len): a loss of no tokens measures nothing."""
+    others None; a NaN loss is a diverged adapter and stays, for the caller's check). What is left out is logged
+    (a task with no example left has no eval_loss of its own); with nothing left at all the run stops with the
+    fix (a longer seq_len): a loss of no tokens measures nothing."""
     kept = {t: [x for x in v if x is not None] for t, v in losses.items()}
     left_out = {t: len(v) - len(kept[t]) for t, v in losses.items() if len(v) != len(kept[t])}
+    if left_out and not any(kept.values()):
+        raise ValueError("no held-out example has an answer token within seq_len: the prompts are longer than "
+                         "seq_len; raise seq_len (-o seq_len=...)")
     if left_out:
-        empty = sorted(t for t, v in kept.items() if not v)
-        if empty:
-            raise ValueError(f"no held-out example of {', '.join(empty)} has an answer token within seq_len: the "
-                             "prompts are longer than seq_len; raise seq_len (-o seq_len=...)")
         log.warning("evaluation left out %s held-out example(s) whose answer lies past seq_len (%s); raise seq_len "
                     "to score them", sum(left_out.values()), ", ".join(f"{t}: {n}" for t, n in sorted(left_out.items())))
-    return kept
+    return {t: v for t, v in kept.items() if v}
 
 
 def generate_answers(model, tokenizer, batch: list[Example], max_new_tokens: int) -> list[str]:
