@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 MIB = 2**20
-LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary in this many slices (export/onnx.py)
+LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary in this many slices (export/onnx_trace.py)
 # a process of the Python device runtime after `import numpy, safetensors, onnxruntime` (57 MiB measured,
 # benchmarks.device runtime_baseline); browsers and Node hold their own, which the margin has to cover
 RUNTIME_BYTES = 64 * MIB

@@ -25,10 +25,10 @@ from edge_runtime.backends.onnx_backend import OnnxTrainer, RuntimeTooOld, check
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from edge_runtime.optim import AdamW
 from export import StageInfo, naming
+from export.memory import LM_HEAD_CHUNKS
 from export.onnx import (
     CHAIN_PREFIX,
     EVAL_GRAPH,
-    LM_HEAD_CHUNKS,
     TRAIN_GRAPH,
     WEIGHTS_DIR,
     chain_head_slices,
