@@ -190,10 +190,11 @@ def combine_eval(parts: list[EvalPart], *, generate: bool) -> dict:
             losses[task].append(loss)
             if generate:
                 correct[task].append(part.correct[i])
-    losses = _scored(losses)
-    per_task = {t: {"eval_loss": float(np.mean(v)), **({"accuracy": float(np.mean(correct[t]))} if generate else {})}
-                for t, v in sorted(losses.items())}
-    all_losses = [x for v in losses.values() for x in v]
+    scored = _scored(losses)
+    per_task = {t: {**({"eval_loss": float(np.mean(scored[t]))} if scored[t] else {}),
+                    **({"accuracy": float(np.mean(correct[t]))} if generate else {})} for t in sorted(losses)}
+    per_task = {t: v for t, v in per_task.items() if v}
+    all_losses = [x for v in scored.values() for x in v]
     result = {"eval_loss": float(np.mean(all_losses)), "per_task": per_task}
     if generate:
         result["accuracy"] = float(np.mean([x for v in correct.values() for x in v]))
@@ -204,9 +205,9 @@ def combine_eval(parts: list[EvalPart], *, generate: bool) -> dict:
 
 def _scored(losses: dict[str, list[float | None]]) -> dict[str, list[float]]:
     """Per task, the losses of the examples that had an answer token within seq_len (evaluate_part gives the
-    others None; a NaN loss is a diverged adapter and stays, for the caller's check). What is left out is logged
-    (a task with no example left has no eval_loss of its own); with nothing left at all the run stops with the
-    fix (a longer seq_len): a loss of no tokens measures nothing."""
+    others None; a NaN loss is a diverged adapter and stays, for the caller's check). What is left out is
+    logged (a task with none left keeps only its accuracy in per_task); with nothing left at all the run stops
+    with the fix (a longer seq_len): a loss of no tokens measures nothing."""
     kept = {t: [x for x in v if x is not None] for t, v in losses.items()}
     left_out = {t: len(v) - len(kept[t]) for t, v in losses.items() if len(v) != len(kept[t])}
     if left_out and not any(kept.values()):
@@ -215,7 +216,7 @@ def _scored(losses: dict[str, list[float | None]]) -> dict[str, list[float]]:
     if left_out:
         log.warning("evaluation left out %s held-out example(s) whose answer lies past seq_len (%s); raise seq_len "
                     "to score them", sum(left_out.values()), ", ".join(f"{t}: {n}" for t, n in sorted(left_out.items())))
-    return {t: v for t, v in kept.items() if v}
+    return kept
 
 
 def generate_answers(model, tokenizer, batch: list[Example], max_new_tokens: int) -> list[str]:
