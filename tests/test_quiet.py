@@ -17,7 +17,7 @@ import pytest
 from server_sdk.fleet.local_fleet import REPO_ROOT, LogRelay
 
 TINY = ["--model", "tiny-random-L4", "-o", "stages=[2, 4]", "-o", "rounds_per_stage=1", "-o", "num_clients=2",
-        "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=64", "-o", "lora.r=2",
+        "-o", "local_steps=1", "-o", "batch_size=2", "-o", "seq_len=128", "-o", "lora.r=2",
         "-o", "data.examples_per_client=4", "-o", "data.eval_examples_per_task=1", "-o", "accuracy_every=stage",
         "-o", "gen_max_new_tokens=4", "-o", "torch_threads=1"]
 # what library noise looks like: logging levels, ONNX Runtime's own format, Python warnings, known lines
