@@ -160,16 +160,7 @@ def test_device_without_the_runs_scheme_is_refused_at_hello(coordinator, fleet, 
     ex.cfg.weights = "int8"
     declared = runtime_versions()
     assert "int8" in declared["weights"].split(",")  # this runtime's hello declares what it runs
-    old = clients(fleet.devices["dev1"])  # an older runtime: declares no scheme
-    new = clients(fleet.devices["dev2"])
-    old.publish(P.status_topic(RUN, "dev1"), P.encode_status(P.StatusMessage(
-        "dev1", "hello", time.time(), {"formats": ["onnx"], "onnxruntime": "1.20.0"})), wait_s=10)
-    new.publish(P.status_topic(RUN, "dev2"), P.encode_status(P.StatusMessage(
-        "dev2", "hello", time.time(), {"formats": ["onnx"], **declared})), wait_s=10)
-    wait_for(lambda: {"dev1", "dev2"} <= set(ex.device_status), 10, "both hellos")
-    refused = [e for e in events(ex.run_dir) if e["event"] == "rejected"]
-    assert [(e["device"], e["reason"], e["message"]) for e in refused] == [("dev1", "weights_scheme", "hello")]
-    assert not ex._runs_served(ex.device_status["dev1"]) and ex._runs_served(ex.device_status["dev2"])
+    _only_the_older_is_refused(ex, fleet, clients, {"onnxruntime": "1.20.0"}, declared)  # declares no scheme
 
 
 def test_device_with_the_older_int4_format_is_refused_at_hello(coordinator, fleet, clients):  # noqa: F811
@@ -179,13 +170,15 @@ def test_device_with_the_older_int4_format_is_refused_at_hello(coordinator, flee
     ex.cfg.weights = "int4"
     declared = runtime_versions()
     assert "int4-asym" in declared["weights"].split(",")
-    old = clients(fleet.devices["dev1"])
-    new = clients(fleet.devices["dev2"])
-    old.publish(P.status_topic(RUN, "dev1"), P.encode_status(P.StatusMessage(
-        "dev1", "hello", time.time(), {"formats": ["onnx"], "onnxruntime": "1.31.0", "weights": "fp32,int8,int4"})),
-        wait_s=10)
-    new.publish(P.status_topic(RUN, "dev2"), P.encode_status(P.StatusMessage(
-        "dev2", "hello", time.time(), {"formats": ["onnx"], **declared})), wait_s=10)
+    _only_the_older_is_refused(ex, fleet, clients, {"onnxruntime": "1.31.0", "weights": "fp32,int8,int4"}, declared)
+
+
+def _only_the_older_is_refused(ex, fleet, clients, older: dict, declared: dict) -> None:
+    """dev1 says hello as an older runtime (`older`), dev2 as this one (`declared`): only dev1 is refused, at
+    hello, for the weights scheme, and only dev2 is served the run's files."""
+    for device, info in (("dev1", older), ("dev2", declared)):
+        clients(fleet.devices[device]).publish(P.status_topic(RUN, device), P.encode_status(P.StatusMessage(
+            device, "hello", time.time(), {"formats": ["onnx"], **info})), wait_s=10)
     wait_for(lambda: {"dev1", "dev2"} <= set(ex.device_status), 10, "both hellos")
     refused = [e for e in events(ex.run_dir) if e["event"] == "rejected"]
     assert [(e["device"], e["reason"], e["message"]) for e in refused] == [("dev1", "weights_scheme", "hello")]
