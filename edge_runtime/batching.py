@@ -42,14 +42,20 @@ def target_count(labels: np.ndarray) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def check_micro_batch(micro_batch: object) -> int:
+    """`micro_batch` if it is a whole number >= 1; ValueError naming it otherwise."""
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a whole number >= 1, got {micro_batch!r}")
+    return micro_batch
+
+
 def micro_batches(labels: np.ndarray, micro_batch: int) -> list[tuple[slice, int]]:
     """The rows of each micro-batch of a batch (`micro_batch` consecutive rows, the last one shorter), each with
     its supervised positions; micro-batches without any are left out (they add nothing to the gradient).
 
     docs/protocol.md, "Micro-batches": the batch's gradient is sum_i (n_i / N) g_i, so each weight is n_i / N
     with N = sum n_i, the batch's supervised positions."""
-    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-        raise ValueError(f"micro_batch must be a whole number >= 1, got {micro_batch!r}")
+    check_micro_batch(micro_batch)
     parts = []
     for start in range(0, labels.shape[0], micro_batch):
         rows = slice(start, min(start + micro_batch, labels.shape[0]))

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backends import FORMATS, open_trainer
-from edge_runtime.batching import DEFAULT_SEQ_LEN, IGNORE_INDEX
+from edge_runtime.batching import DEFAULT_SEQ_LEN, IGNORE_INDEX, target_count
 from edge_runtime.manifest import load_manifest
 from edge_runtime.telemetry import DEVICE_PROFILES, TelemetryRecorder, fits
 from edge_runtime.telemetry.memory import current_rss_bytes, ru_maxrss_bytes
@@ -208,7 +208,7 @@ def measure(
         "threads": threads,
         "load_s": load_s,
         "rss_after_load_bytes": rss_after_load,
-        "supervised_positions": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "supervised_positions": target_count(labels),
         "step_latency_s": tel["step_latency_s"],
         "tokens_per_s": tel["tokens_per_s"],
         # CPU seconds per step: steadier than wall time when other jobs share the CPUs

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backends.checks import check_batch_shape, check_lora_set, open_artifacts
-from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN, micro_batches
+from edge_runtime.batching import IGNORE_INDEX, MIN_SEQ_LEN, check_micro_batch, micro_batches
 from edge_runtime.manifest import TensorSpec, check_one_of
 from edge_runtime.optim import make_optimizer
 
@@ -217,7 +217,7 @@ class OnnxTrainer:
         micro_batch: int | None = None,
     ) -> None:
         if micro_batch is not None:
-            micro_batches(np.zeros((0, 0), np.int64), micro_batch)  # refuses a bad value before anything loads
+            check_micro_batch(micro_batch)  # a bad value is refused before anything loads
         self.micro_batch = micro_batch
         self.dir, self.manifest = open_artifacts(artifact_dir, FORMAT, expected_trainable)
         versions = self.manifest.versions
