@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edge_runtime import protocol as P
 from edge_runtime.manifest import WEIGHT_FORMATS
-from export import StageInfo, export_artifacts
+from export import StageInfo, export_artifacts, naming
 from export.common import json_config
 from export.memory import predicted_peak_mb
 from server_sdk.disk import prune_finished_stages
@@ -115,7 +115,7 @@ class StageServing:
         bound = self.settings.broker_queue_bytes
         if not bound:
             return
-        update = sum(p.numel() * 4 for n, p in sub_model.named_parameters() if "lora_" in n)  # float32 on the wire
+        update = sum(p.numel() * 4 for n, p in sub_model.named_parameters() if naming.is_lora(n))  # float32 on the wire
         burst = update * self.cfg.clients_per_round
         if burst > bound:
             log.warning("stage %d: %d clients per round x %.1f MB updates = %.0f MB can arrive at once, more than the "
