@@ -9,7 +9,7 @@ SmolLM2-135M, simulated clients in one process. DEVFT is the quickstart's run (`
 layers); FedIT trains the full model for the same 12 rounds, same clients, data and seeds. Each run's
 compact report is kept in benchmarks/results/quantized-quality/<key>.json (committed) and its run directory
 with checkpoints in benchmarks/results/cache/ (git-ignored), so an interrupted matrix resumes and a rerun
-only fills the gaps. The key hashes the config and the weights scheme's name (export/quant.SCHEME_NAMES):
+only fills the gaps. The key hashes the config and the weights scheme's name (edge_runtime/manifest.WEIGHT_FORMATS):
 a changed int4 format is a new run, never a stale one.
 
 A scheme whose dequantized base model is bit for bit the fp32 one (int4 on SmolLM2-135M: its packaged
@@ -50,9 +50,9 @@ def config(method: str, weights: str, seed: int) -> RunConfig:
 
 
 def scheme_name(weights: str) -> str:
-    from export.quant import SCHEME_NAMES
+    from edge_runtime.manifest import WEIGHT_FORMATS
 
-    return SCHEME_NAMES.get(weights, weights)
+    return WEIGHT_FORMATS.get(weights, weights)
 
 
 def key(cfg: RunConfig) -> str:

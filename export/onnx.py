@@ -54,13 +54,12 @@ from safetensors.numpy import save_file
 
 from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
 from edge_runtime.batching import MIN_SEQ_LEN
-from edge_runtime.manifest import InputSpec, Manifest, TensorSpec
+from edge_runtime.manifest import WEIGHT_FORMATS, InputSpec, Manifest, TensorSpec
 from export import naming
 from export.common import json_config, model_tensors, shape_key
 from export.onnx_trace import TRACE, already_decomposed, trace_training_graph
 from export.publish import StageInfo, publish, publish_from_template, staging
 from export.quant import (
-    SCHEME_NAMES,
     check_scheme,
     dequant_recompute,
     lower_int4,
@@ -305,7 +304,7 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, sche
 
 def template_key(peft_model: Any, *, seq_len: int, weights: str = "fp32") -> str:
     """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
-    extra = {} if weights == "fp32" else {"weights": SCHEME_NAMES[weights]}  # fp32 keys as before: caches stay valid
+    extra = {} if weights == "fp32" else {"weights": WEIGHT_FORMATS[weights]}  # fp32 keys as before: caches stay valid
     return shape_key(peft_model, ("torch", "transformers", "peft", "onnx", "onnxscript"), format=FORMAT,
                      seq_len=seq_len, opset=OPSET, trace=TRACE, **extra)
 
@@ -361,7 +360,7 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: st
         onnx.save(eval_model, str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
                             trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
-                            versions=_versions(model), optimizer="adamw", weights=SCHEME_NAMES[weights])
+                            versions=_versions(model), optimizer="adamw", weights=WEIGHT_FORMATS[weights])
         return publish(build, out, manifest)
 
 

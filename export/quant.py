@@ -40,16 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_runtime.manifest import WEIGHT_FORMATS
-
 SCHEMES = ("fp32", "int8", "int4")
 BLOCK = 32
 QMAX = {"int8": 127}
 QWEIGHT, QSCALE, QMIN = "qweight", "qscale", "qmin"  # buffer (and ONNX initializer) name suffixes
 TABLE = "table"  # the tied embedding's QuantLinear, registered under the embedding module
 TABLE_SCHEME = {"int8": "int8", "int4": "int8"}  # the tied embedding / LM head's own scheme under each
-# the byte format of each scheme, by name (the manifest's `weights`, benchmark keys)
-SCHEME_NAMES = dict(WEIGHT_FORMATS)
 INT4_OPSET = 21  # DequantizeLinear on UINT4 with block_size
 
 

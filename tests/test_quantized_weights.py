@@ -18,9 +18,9 @@ import pytest
 from edge_runtime import protocol as P
 from edge_runtime.backends import runtime_versions
 from edge_runtime.backends.onnx_backend import OnnxTrainer
-from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from edge_runtime.manifest import MANIFEST_NAME, WEIGHT_FORMATS, ManifestError, load_manifest
 from export.onnx import TRAIN_GRAPH, export_onnx_artifacts
-from export.quant import SCHEME_NAMES, dequantize, fake_quantize_, quantize
+from export.quant import dequantize, fake_quantize_, quantize
 from server_sdk.config import RunConfig
 from server_sdk.engine.model import tiny_random_model
 from server_sdk.engine.quantized import quantized_base
@@ -54,7 +54,7 @@ def test_quantized_graph_matches_torch_on_the_dequantized_weights(exports, schem
     reference = copy.deepcopy(model)
     assert fake_quantize_(reference, scheme) == 15  # 2 layers x 7 projections + the tied embedding
     trainer = OnnxTrainer(out[scheme])
-    assert trainer.manifest.weights == SCHEME_NAMES[scheme]
+    assert trainer.manifest.weights == WEIGHT_FORMATS[scheme]
     for shape in ((2, 16), (3, 40)):
         ids, labels = make_batch(256, *shape, seed=shape[1])
         ref_loss, ref_grads = torch_loss_and_grads(reference, ids, labels)
