@@ -8,6 +8,11 @@ import { Trainer, latencySummary, meanLoss } from './trainer.js';
 
 const MIN_ONNXRUNTIME = '1.17.0';
 
+// the frozen-weight byte formats a portable trainer can be sent (edge_runtime/manifest.py WEIGHT_FORMATS' values, the
+// manifest's `weights`, absent meaning fp32) and the onnxruntime each needs: int4-asym's blockwise UINT4
+// DequantizeLinear is opset 21 (onnxruntime 1.20)
+const WEIGHT_FORMATS = { fp32: MIN_ONNXRUNTIME, int8: MIN_ONNXRUNTIME, 'int4-asym': '1.20.0' };
+
 const CONTROL_RETRIES = 3; // a failed control is handled again at most this often (2 s, 4 s, 6 s later)
 
 export function versionTuple(text) {
@@ -31,6 +36,25 @@ function matches(filter, topic) {
 }
 
 export const REFUSED_EXIT = 4; // the coordinator refuses this device (its control names it in `refused`), as devft-edge
+
+/** The weight formats an onnxruntime of version `ortVersion` runs: what the hello declares as `weights`. */
+export function weightFormats(ortVersion) {
+  return Object.entries(WEIGHT_FORMATS).filter(([, need]) => versionAtLeast(ortVersion, need)).map(([name]) => name);
+}
+
+/**
+ * Refuse a stage's manifest this runtime cannot train, with the reason: not the portable backend, graphs for a newer
+ * onnxruntime (versions.min_onnxruntime), or frozen weights in a format the hello does not declare.
+ */
+export function checkManifest(manifest, ortVersion) {
+  if (manifest.backend !== 'onnx') throw new Error(`the coordinator announced onnx artifacts but their manifest says ${JSON.stringify(manifest.backend)}`);
+  const need = manifest.versions?.min_onnxruntime ?? MIN_ONNXRUNTIME;
+  if (!versionAtLeast(ortVersion, need)) throw new Error(`onnxruntime ${ortVersion} is too old for these graphs: they need ${need}`);
+  const weights = manifest.weights ?? 'fp32';
+  if (!weightFormats(ortVersion).includes(weights)) {
+    throw new Error(`the stage's frozen weights are ${JSON.stringify(weights)}; this device (onnxruntime ${ortVersion}) runs ${weightFormats(ortVersion)}: update the device`);
+  }
+}
 
 export class Device {
   /**
@@ -80,7 +104,8 @@ export class Device {
 
   info(extra = {}) {
     const held = this.holding ? { ready: this.holding } : {};
-    return { formats: this.formats, onnxruntime: this.runtime.ortVersion, ...this.runtime.capabilities(), ...held, ...extra };
+    const weights = weightFormats(this.runtime.ortVersion).join(','); // the run's scheme must be here, or the coordinator refuses us
+    return { formats: this.formats, onnxruntime: this.runtime.ortVersion, weights, ...this.runtime.capabilities(), ...held, ...extra };
   }
 
   status(state, extra = {}) {
@@ -313,9 +338,7 @@ export class Device {
     if (manifests.length !== 1) throw new Error(`artifact ${id.slice(0, 12)} has ${manifests.length} manifests; expected one`);
     const prefix = manifests[0].path.slice(0, -'manifest.json'.length);
     const manifest = JSON.parse(new TextDecoder().decode(await this.runtime.store.get(manifests[0].sha256)));
-    if (manifest.backend !== 'onnx') throw new Error(`the coordinator announced onnx artifacts but their manifest says ${JSON.stringify(manifest.backend)}`);
-    const need = manifest.versions?.min_onnxruntime ?? MIN_ONNXRUNTIME;
-    if (!versionAtLeast(this.runtime.ortVersion, need)) throw new Error(`onnxruntime ${this.runtime.ortVersion} is too old for these graphs: they need ${need}`);
+    checkManifest(manifest, this.runtime.ortVersion);
     const byPath = new Map(desc.files.map((f) => [f.path, f]));
     const files = {};
     for (const [rel, spec] of Object.entries(manifest.files)) {
