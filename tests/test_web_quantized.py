@@ -1,0 +1,122 @@
+"""The quantized portable graphs (export --weights int8|int4; int4 is the int4-asym format, an opset-21 blockwise
+UINT4 DequantizeLinear) in onnxruntime-web's WASM build under Node, through the web device's own code
+(web/test/train-step.mjs: its blob store, checkManifest, Device.trainerFor, Trainer.lossAndGrads): one training
+step's loss and LoRA gradients equal native onnxruntime's (devft-edge's OnnxTrainer) on the same batch, as for
+fp32; and the web device declares and accepts exactly the weight formats devft-edge does."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+
+from edge_runtime.backends import runtime_versions
+from edge_runtime.backends.onnx_backend import OnnxTrainer
+from edge_runtime.manifest import WEIGHT_FORMATS
+from export.onnx import TRAIN_GRAPH
+from tests.export_helpers import make_batch
+from tests.test_quantized_weights import exports  # noqa: F401 (a fixture: fp32, int8 and int4 exports of one model)
+from tests.test_quantized_weights import pytestmark as quantized_marks
+from tests.test_web_device import WEB, needs_web
+
+pytestmark = [quantized_marks, needs_web]
+
+# WASM's SIMD kernels sum in another order than native MLAS. Measured on 5 batches (1x8 to 4x64 tokens) per format:
+# the loss differs by 0 to 7 float32 ulps (relative <= 6.0e-7), each gradient tensor by at most 1.1e-6 of its largest
+# value, int8 and int4 no more than fp32 (dequantizing adds no difference of its own). The bounds leave a factor of 3
+# and 9, and stay far below what a wrong dequantization would move: on the test's batch the int8 graph's mere
+# rounding of the fp32 weights moves the loss by 6.5e-5 and a gradient by 2.0e-2 of its largest value, int4 (against
+# int8) by 9.5e-5 and 0.22.
+LOSS_RTOL = 2e-6
+GRAD_RTOL = 1e-5
+
+
+def web_step(artifacts, ids, labels, cache) -> dict:
+    """train-step.mjs on onnxruntime-web's WASM build: its JSON, gradients decoded to float32 arrays."""
+    batch = cache.with_suffix(".batch.json")
+    batch.write_text(json.dumps({"input_ids": ids.tolist(), "labels": labels.tolist()}))
+    run = subprocess.run(["node", "test/train-step.mjs", "--artifacts", str(artifacts), "--batch", str(batch),
+                          "--cache", str(cache), "--engine", "web"], cwd=WEB, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out["grads"] = {k: np.frombuffer(base64.b64decode(v), dtype="<f4") for k, v in out["grads"].items()}
+    return out
+
+
+def uint4_dequantized(directory) -> set[str]:
+    """The UINT4 initializers of the train graph that a DequantizeLinear reads in blocks of 32."""
+    graph = onnx.load(str(directory / TRAIN_GRAPH), load_external_data=False).graph
+    uint4 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.UINT4}
+    return {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in uint4
+            and any(a.name == "block_size" and a.i == 32 for a in n.attribute)}
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8", "int4"])
+def test_web_wasm_step_equals_native_onnxruntime(exports, tmp_path, weights):  # noqa: F811
+    _, out = exports
+    art = out[weights]
+    native = OnnxTrainer(art)
+    assert native.manifest.weights == WEIGHT_FORMATS[weights]
+    if weights == "int4":  # the graph really is int4-asym: WASM must run the opset-21 UINT4 DequantizeLinear
+        assert len(uint4_dequantized(art)) == 14  # 2 layers x 7 decoder Linears, each a blockwise UINT4 tensor
+        assert native.manifest.versions["opset"] == 21 and native.manifest.versions["min_onnxruntime"] == "1.20.0"
+    else:
+        assert not uint4_dequantized(art)
+    ids, labels = make_batch(256, 3, 40, seed=7)
+    loss, grads = native.loss_and_grads(ids, labels)
+    web = web_step(art, ids, labels, tmp_path / "cache")
+    assert web["runtime"].startswith("onnxruntime-web ") and web["manifest_weights"] == WEIGHT_FORMATS[weights]
+    assert sorted(web["grads"]) == sorted(grads)
+    loss_diff = abs(web["loss"] - loss) / abs(loss)
+    worst = {k: float(np.abs(web["grads"][k] - g.ravel()).max() / np.abs(g).max()) for k, g in grads.items()}
+    assert all(np.abs(g).max() > 0 for g in grads.values())  # every gradient carries signal (lora_B is nonzero)
+    print(f"{weights}: loss {loss:.6f}, web-native relative {loss_diff:.2e}; gradients worst relative "
+          f"{max(worst.values()):.2e} ({max(worst, key=worst.get)})")
+    assert loss_diff < LOSS_RTOL
+    assert max(worst.values()) < GRAD_RTOL, worst
+
+
+CHECK = """import { checkManifest, weightFormats } from './src/device.js';
+const [manifest, versions] = JSON.parse(process.argv[1]), got = {};
+for (const v of versions) {
+  got[v] = { declares: weightFormats(v).join(','), checks: {} };
+  for (const w of ['fp32', 'int8', 'int4-asym', 'int4']) {
+    try { checkManifest({ ...manifest, weights: w }, v); got[v].checks[w] = 'ok'; } catch (e) { got[v].checks[w] = e.message; }
+  }
+}
+console.log(JSON.stringify(got));
+"""
+
+
+def js_checks(manifest: dict, versions: list[str]) -> dict:
+    """For each onnxruntime version: the web device's hello `weights` and what its checkManifest says of `manifest`
+    with each weight format name ('ok' or the error)."""
+    run = subprocess.run(["node", "--input-type=module", "-e", CHECK, json.dumps([manifest, versions])], cwd=WEB,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_web_device_declares_and_accepts_devft_edges_weight_formats(exports):  # noqa: F811
+    """The web device's hello declares devft-edge's `weights` with the onnxruntime-web its package.json pins, so a
+    quantized run samples it (the coordinator refused it before); a manifest naming a format it does not run, or
+    graphs for a newer onnxruntime (int4-asym's 1.20.0), is refused with the reason; before 1.20 no int4-asym."""
+    _, out = exports
+    shipped = json.loads((WEB / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    int8 = json.loads((out["int8"] / "manifest.json").read_text())
+    int4 = json.loads((out["int4"] / "manifest.json").read_text())
+    assert int8["versions"]["min_onnxruntime"] == "1.17.0" and int4["versions"]["min_onnxruntime"] == "1.20.0"
+    got = js_checks(int8, [shipped, "1.19.2"])
+    assert got[shipped]["declares"] == runtime_versions()["weights"] == ",".join(WEIGHT_FORMATS.values())
+    assert got["1.19.2"]["declares"] == "fp32,int8"
+    assert [w for w, c in got[shipped]["checks"].items() if c == "ok"] == ["fp32", "int8", "int4-asym"]
+    assert 'frozen weights are "int4"; this device (onnxruntime ' in got[shipped]["checks"]["int4"]
+    assert 'frozen weights are "int4-asym"' in got["1.19.2"]["checks"]["int4-asym"]
+    got = js_checks(int4, [shipped, "1.19.2"])
+    assert got[shipped]["checks"]["int4-asym"] == "ok"
+    assert "too old for these graphs: they need 1.20.0" in got["1.19.2"]["checks"]["int4-asym"]
