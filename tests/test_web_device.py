@@ -72,20 +72,21 @@ def test_js_device_refuses_a_bad_micro_batch_like_devft_edge():
 # --------------------------------------------------------------------------- a real fleet with Node devices
 
 
-def node_device_cmd(fleet, name: str, shard: Path, run_id: str, engine: str = "node") -> list[str]:
+def node_device_cmd(fleet, name: str, shard: Path, run_id: str, engine: str = "node", *options: str) -> list[str]:
     ddir = fleet.device_dir(name)
     return ["node", str(WEB / "node-device.mjs"), "--credentials", str(fleet.device_credentials(name)),
             "--data", str(shard.resolve()), "--cache", str(ddir / "cache"), "--run", run_id, "--host", "localhost",
-            "--engine", engine, "--record", str(ddir / "record")]
+            "--engine", engine, "--record", str(ddir / "record"), *options]
 
 
-def start_node_device(fleet, name: str, shard: Path, run_id: str, engine: str = "node") -> subprocess.Popen:
-    """A Node device in a LocalFleet's place for `name` (its login, its shard), stopped with the fleet."""
+def start_node_device(fleet, name: str, shard: Path, run_id: str, engine: str = "node", *options: str) -> subprocess.Popen:
+    """A Node device in a LocalFleet's place for `name` (its login, its shard; `options`: more node-device.mjs
+    flags), stopped with the fleet."""
     ddir = fleet.device_dir(name)
     ddir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DEVFT_EXIT_WITH_PARENT": str(os.getpid())}
     with open(ddir / "device.log", "ab") as logf:
-        proc = subprocess.Popen(node_device_cmd(fleet, name, shard, run_id, engine), stdout=logf,
+        proc = subprocess.Popen(node_device_cmd(fleet, name, shard, run_id, engine, *options), stdout=logf,
                                 stderr=subprocess.STDOUT, env=env, cwd=str(ddir))
     fleet.devices[name] = proc
     return proc

@@ -120,3 +120,54 @@ def test_web_device_declares_and_accepts_devft_edges_weight_formats(exports):  #
     got = js_checks(int4, [shipped, "1.19.2"])
     assert got[shipped]["checks"]["int4-asym"] == "ok"
     assert "too old for these graphs: they need 1.20.0" in got["1.19.2"]["checks"]["int4-asym"]
+
+
+def test_web_wasm_device_trains_an_int4_fleet_run(tmp_path):
+    """An int4 run (int4-asym files), real Mosquitto: a Node device on onnxruntime-web's WASM beside a devft-edge
+    device is not refused at hello (before its hello declared `weights` it was, reason weights_scheme), trains every
+    round, and each of its rounds is what devft-edge's code computes from the same global adapter, seed and shard:
+    step losses within the WASM bound above, deltas as test_browser_devices_train_in_a_real_fleet_within_1e5_of_native
+    compares them (AdamW turns last-bit gradient differences at near-zero coordinates into steps of up to lr)."""
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.settings import FleetSettings
+    from tests.test_fleet import FleetRun, accepted_by_round, events, fleet_cfg
+    from tests.test_web_device import layout, replay_round, start_node_device
+
+    web_name = "dev-001"
+
+    class WebRun(FleetRun):
+        def start_device(self, name: str, code: str | None = None):
+            if name != web_name:
+                return super().start_device(name, code)
+            return start_node_device(self.fleet, name, self.shards[name], self.run_dir.name, "web", "--keep-blobs")
+
+    cfg = fleet_cfg(num_clients=2, clients_per_round=2, weights="int4")
+    job = WebRun(tmp_path / "int4", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 2,
+                 FleetSettings(round_timeout_s=120))
+    report = job.finish()
+    assert not [e for e in events(job.run_dir) if e["event"] == "rejected"]
+    rounds = accepted_by_round(job.run_dir)
+    assert len(rounds) == 3 and all(sorted(v) == ["dev-000", web_name] for v in rounds.values())
+    assert job.codes == {"dev-000": 0, web_name: 0}, job.codes
+    assert all(r["telemetry"][web_name]["runtime"].startswith("onnxruntime-web ") for r in report["records"]
+               if r["stage"] >= 0)
+    ddir = job.fleet.device_dir(web_name)
+    worst_loss = worst_delta = 0.0
+    records = sorted((ddir / "record").glob("round-*.json"))
+    for record in records:
+        ctrl = json.loads(record.read_text())["control"]
+        art_dir = layout(ctrl["artifacts"]["onnx"], ddir / "cache" / "blobs", tmp_path / "replay" / record.stem)
+        assert json.loads((art_dir / "manifest.json").read_text())["weights"] == "int4-asym"
+        assert uint4_dequantized(art_dir)  # the stage's decoder Linears are blockwise UINT4
+        delta, losses, update = replay_round(record.with_suffix(""), art_dir, job.shards[web_name], web_name)
+        web_losses = json.loads(record.read_text())["losses"]
+        assert len(web_losses) == len(losses) == cfg.local_steps
+        worst_loss = max(worst_loss, *(abs(w - n) / abs(n) for w, n in zip(web_losses, losses)))
+        assert sorted(update.tensors) == sorted(delta)
+        for k, want in delta.items():
+            diff = np.abs(update.tensors[k] - want)
+            worst_delta = max(worst_delta, float(np.linalg.norm(diff) / np.linalg.norm(want)))
+            assert (diff >= 1e-5).sum() <= max(1, 0.005 * diff.size), (record.stem, k, int((diff >= 1e-5).sum()))
+    print(f"int4 fleet run, {len(records)} web rounds: step losses worst relative {worst_loss:.2e}, "
+          f"deltas worst relative L2 {worst_delta:.2e}")
+    assert len(records) == 3 and worst_loss < LOSS_RTOL and worst_delta <= 1e-3

@@ -2,10 +2,12 @@
 // A devft fleet device in Node.js, the counterpart of `devft-edge run` (docs/device-client.md):
 //   node web/node-device.mjs --credentials creds.json --data client_000.jsonl --cache DIR --run RUN
 //        [--host H] [--port P] [--threads 1] [--engine node|web] [--record DIR] [--exit-after-rounds N] [--ram-mb MIB]
+//        [--keep-blobs]
 // --ram-mb declares the memory this device offers training (default: os.freemem, MemAvailable on Linux); the
 // coordinator samples it only for stages whose memory need fits, and refuses it (exit code 4) if none does.
 // --engine web trains with onnxruntime-web's WASM build (the browser's numerics) instead of onnxruntime-node.
 // --record DIR writes each round's control, global and update frames (round-<wire round>.*) for replays.
+// --keep-blobs keeps every stage's files under DIR/blobs/<sha256> (the cache's), so an old round can be replayed.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -25,7 +27,7 @@ try {
       credentials: { type: 'string' }, data: { type: 'string' }, cache: { type: 'string' }, run: { type: 'string' },
       host: { type: 'string' }, port: { type: 'string' }, threads: { type: 'string', default: '1' },
       engine: { type: 'string', default: 'node' }, record: { type: 'string' }, 'exit-after-rounds': { type: 'string' },
-      'ram-mb': { type: 'string' },
+      'ram-mb': { type: 'string' }, 'keep-blobs': { type: 'boolean', default: false },
     },
     allowPositionals: true,
   }));
@@ -53,7 +55,7 @@ if (args.record) {
   };
 }
 const log = (line) => console.error(`${new Date().toISOString()} ${line}`);
-const device = new Device({ runtime, creds, shard, runId: args.run, threads: Number(args.threads), log, onRecord });
+const device = new Device({ runtime, creds, shard, runId: args.run, threads: Number(args.threads), log, onRecord, prune: !args['keep-blobs'] });
 const limit = args['exit-after-rounds'] ? Number(args['exit-after-rounds']) : null;
 process.on('SIGTERM', () => device.stop());
 process.on('SIGINT', () => device.stop());
