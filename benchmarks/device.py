@@ -71,7 +71,8 @@ BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
 QUANTIZED = {"onnx-int8": "int8", "onnx-int4": "int4"}
 ARTIFACT_BACKENDS = ("onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
 LR = 1e-4
-CACHE_VERSION = 4  # bump when the submodel recipe or export settings change (4: the head slices chained)
+CACHE_VERSION = 5  # bump when the submodel recipe or export settings change (4: the head slices chained; 5: quantized
+# graphs: dequantizations deferred to their use, the table's int8 as DequantizeLinear)
 
 
 # --------------------------------------------------------------------------- preparation (server side)

@@ -60,9 +60,12 @@ from export.common import json_config, model_tensors, shape_key
 from export.onnx_trace import TRACE, already_decomposed, trace_training_graph
 from export.publish import StageInfo, publish, publish_from_template, staging
 from export.quant import (
+    QUANT_GRAPH,
     check_scheme,
+    defer_dequantization,
     dequant_recompute,
     lower_int4,
+    lower_int8,
     onnx_translations,
     quantize,
     scheme_of,
@@ -304,7 +307,7 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, sche
 
 def template_key(peft_model: Any, *, seq_len: int, weights: str = "fp32") -> str:
     """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
-    extra = {} if weights == "fp32" else {"weights": WEIGHT_FORMATS[weights]}  # fp32 keys as before: caches stay valid
+    extra = {} if weights == "fp32" else {"weights": WEIGHT_FORMATS[weights], "graph": QUANT_GRAPH}  # fp32: as before
     return shape_key(peft_model, ("torch", "transformers", "peft", "onnx", "onnxscript"), format=FORMAT,
                      seq_len=seq_len, opset=OPSET, trace=TRACE, **extra)
 
@@ -348,14 +351,16 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: st
     model = to_onnx(ep, lora)
     del ep
     lower_int4(model)
+    lower_int8(model)
     dequant_recompute(model.graph)
     with staging(out_dir) as (out, build):
         externalize_weights(model, build / WEIGHTS_DIR)
         if weights != "fp32":
             restamp_weights(peft_model, model, build, weights)  # the trace's placeholders -> this model's values
         eval_model = prune_to_outputs(model, [LOSS])  # before chaining: the eval graph chains to its own last uses
-        chain_head_slices(model.graph)
-        chain_head_slices(eval_model.graph)
+        for graph in (model.graph, eval_model.graph):
+            chain_head_slices(graph)
+            defer_dequantization(graph)  # after pruning: each graph's dequantizations wait for its own nodes
         onnx.save(model, str(build / TRAIN_GRAPH))
         onnx.save(eval_model, str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),

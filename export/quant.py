@@ -47,6 +47,7 @@ QWEIGHT, QSCALE, QMIN = "qweight", "qscale", "qmin"  # buffer (and ONNX initiali
 TABLE = "table"  # the tied embedding's QuantLinear, registered under the embedding module
 TABLE_SCHEME = {"int8": "int8", "int4": "int8"}  # the tied embedding / LM head's own scheme under each
 INT4_OPSET = 21  # DequantizeLinear on UINT4 with block_size
+QUANT_GRAPH = 2  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
 
 
 def check_scheme(scheme: str) -> str:
@@ -279,6 +280,122 @@ def dequant_recompute(graph: Any) -> int:
     return added
 
 
+GATE_PREFIX = "dequant_gate_"  # the nodes defer_dequantization adds (their names make the pass idempotent)
+
+
+def defer_dequantization(graph: Any) -> int:
+    """Make each dequantization wait until the step reaches its use; returns how many were gated.
+
+    A dequantization reads initializers only, so it is ready when the step starts, and onnxruntime's
+    priority-based order runs such nodes early and holds their float results until their use: every layer's
+    float weight at once, the memory quantizing was for (SmolLM2 4-layer int8: 565 MiB priority-based against
+    433 MiB in the default order, which has its own early runs: the LM head's vocabulary slices, several at
+    once). Here each dequantization feeding a batch-dependent node N gets a data dependency on the node just
+    before N in the traced order: its quantized initializers are read through a Reshape (an alias, no copy)
+    whose shape is their own plus 0 x Size(that node's output). No value changes; the float weight exists
+    from just before its use to its use, in either execution order. Plain ai.onnx ops (Size, Mul, Add,
+    Reshape); UINT4 tensors, which have no Reshape kernel, wait through their scales. Run after
+    dequant_recompute (the backward's copies are gated to their own uses)."""
+    import onnx
+
+    if any(n.name.startswith(GATE_PREFIX) for n in graph.node):
+        return 0
+    source, const, _ = _dequantized_tensors(graph)
+    nodes = list(graph.node)
+    gates = _Gates({i.name: i for i in graph.initializer}, nodes, const)
+    before: dict[int, list[Any]] = {}
+    previous: str | None = None  # an output of the last batch-dependent node so far
+    for k, node in enumerate(nodes):
+        if _depends_on_initializers_only(node, const):
+            continue
+        roots = [i for i in node.input if i in source]
+        after = previous or next(i for i in node.input if i and i not in const)
+        if roots:
+            front = gates.gate(k, roots, after)
+            if front:
+                before[k] = front
+        previous = next((o for o in node.output if o), previous)
+    if not before:
+        return 0
+    ordered = [n for k, n in enumerate(nodes) if k not in gates.moved for n in before.get(k, []) + [n]]
+    del graph.node[:]
+    graph.node.extend(onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered)
+    graph.initializer.extend(gates.extra_inits.values())
+    return len(before)
+
+
+class _Gates:
+    """The bookkeeping of defer_dequantization: which nodes compute a consumer's dequantized inputs privately
+    (moved to just before it), and the gate nodes in front of them."""
+
+    def __init__(self, inits: dict[str, Any], nodes: list[Any], const: set[str]):
+        self.inits, self.nodes, self.const = inits, nodes, const
+        self.producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+        self.readers: dict[str, set[int]] = {}
+        for k, n in enumerate(nodes):
+            for x in n.input:
+                self.readers.setdefault(x, set()).add(k)
+        self.moved: set[int] = set()
+        self.extra_inits: dict[str, Any] = {}
+
+    def private_chain(self, consumer: int, roots: list[str]) -> list[int]:
+        """The initializer-only nodes computing `roots` that nothing but each other and `consumer` reads."""
+        chain, stack = set(), list(roots)
+        while stack:
+            k = self.producer.get(stack.pop())
+            if k is not None and k not in chain and k not in self.moved:
+                chain.add(k)
+                stack += [i for i in self.nodes[k].input if i]
+        changed = True
+        while changed:  # a node read from outside the chain stays where it is, and so do its inputs' producers
+            outside = {k for k in chain if any(r not in chain and r != consumer
+                                               for o in self.nodes[k].output for r in self.readers.get(o, ()))}
+            changed = bool(outside)
+            chain -= outside
+            for k in outside:
+                chain -= self._ancestors(k)
+        return sorted(chain)
+
+    def _ancestors(self, k: int) -> set[int]:
+        found, stack = set(), [i for i in self.nodes[k].input if i]
+        while stack:
+            p = self.producer.get(stack.pop())
+            if p is not None and p not in found:
+                found.add(p)
+                stack += [i for i in self.nodes[p].input if i]
+        return found
+
+    def gate(self, consumer: int, roots: list[str], after: str) -> list[Any]:
+        """Gate nodes then the private chain of `consumer`'s dequantized inputs, reading `after` first."""
+        import onnx
+        from onnx.helper import make_node
+
+        chain = self.private_chain(consumer, roots)
+        reads = [(k, j) for k in chain for j, i in enumerate(self.nodes[k].input)
+                 if i in self.inits and source_weight(i) is not None
+                 and self.inits[i].data_type != onnx.TensorProto.UINT4]
+        if not reads:
+            return []
+        g = f"{GATE_PREFIX}{consumer}"
+        front = [make_node("Size", [after], [g + "_size"], name=g + "_size"),
+                 make_node("Mul", [g + "_size", GATE_PREFIX + "zero"], [g + "_zero"], name=g + "_zero")]
+        self.extra_inits.setdefault(GATE_PREFIX + "zero", onnx.numpy_helper.from_array(np.array(0, np.int64),
+                                                                                        GATE_PREFIX + "zero"))
+        gated: dict[str, str] = {}
+        for k, j in reads:
+            name = self.nodes[k].input[j]
+            if name not in gated:
+                dims = list(self.inits[name].dims)
+                shape = GATE_PREFIX + "shape_" + "x".join(map(str, dims))
+                self.extra_inits.setdefault(shape, onnx.numpy_helper.from_array(np.array(dims, np.int64), shape))
+                gated[name] = f"{g}.{name}"
+                front += [make_node("Add", [shape, g + "_zero"], [gated[name] + "_shape"], name=gated[name] + "_shape"),
+                          make_node("Reshape", [name, gated[name] + "_shape"], [gated[name]], name=gated[name])]
+            self.nodes[k].input[j] = gated[name]
+        self.moved.update(chain)
+        return front + [self.nodes[k] for k in chain]
+
+
 def _depends_on_initializers_only(node: Any, const: set[str]) -> bool:
     return all(not i or i in const for i in node.input)
 
@@ -445,6 +562,68 @@ def _as_uint4(init: Any) -> tuple[int, int]:
         init.dims.extend([packed.shape[0], 2 * packed.shape[1]])
         init.raw_data = packed.tobytes()
     return int(init.dims[0]), int(init.dims[1])
+
+
+def lower_int8(model: Any) -> int:
+    """Replace each traced int8 dequantization (Cast to float, Reshape to blocks, Mul by the unsqueezed scales)
+    by one opset-21 blockwise DequantizeLinear (block_size 32) and an aliasing Reshape: the same q * scale, one
+    float32 multiplication, bit for bit, without the Cast's float copy of the weight beside the product (the
+    LM head's vocabulary slice: 13.5 MiB for SmolLM2). Raises the model's ai.onnx opset to 21. Returns how many
+    were lowered."""
+    from onnx.helper import make_node
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output if o}
+    inits = {i.name: i for i in graph.initializer}
+    nodes, lowered = [], 0
+    for node in graph.node:
+        found = _int8_dequantization(node, producer, inits) if node.op_type == "Mul" else None
+        if found is None:
+            nodes.append(node)
+            continue
+        q, scale, blocks_shape = found
+        t = f"{node.output[0]}/int8_dq"
+        nodes += [make_node("DequantizeLinear", [q, scale], [t], axis=1, block_size=BLOCK, name=t),
+                  make_node("Reshape", [t, blocks_shape], [node.output[0]], name=f"{node.output[0]}/int8_blocks")]
+        lowered += 1
+    if not lowered:
+        return 0
+    _keep_needed(graph, nodes)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, INT4_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+    return lowered
+
+
+def _int8_dequantization(mul: Any, producer: dict[str, Any], inits: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(int8 codes, float scales, blocks shape) if `mul` is Reshape(Cast(int8 codes), blocks) x Unsqueeze(scales)
+    with both read from quantized initializers (directly, sliced or through a recompute Reshape)."""
+    import onnx
+
+    for a, b in ((0, 1), (1, 0)):
+        view, unsq = producer.get(mul.input[a]), producer.get(mul.input[b])
+        if view is None or unsq is None or view.op_type != "Reshape" or unsq.op_type != "Unsqueeze":
+            continue
+        cast = producer.get(view.input[0])
+        if (cast is None or cast.op_type != "Cast"
+                or next(x.i for x in cast.attribute if x.name == "to") != onnx.TensorProto.FLOAT):
+            continue
+        q, scale = _initializer_root(cast.input[0], producer, inits), _initializer_root(unsq.input[0], producer, inits)
+        if (q is not None and scale is not None and q.data_type == onnx.TensorProto.INT8
+                and q.name.endswith("." + QWEIGHT) and scale.name.endswith("." + QSCALE)):
+            return cast.input[0], unsq.input[0], view.input[1]
+    return None
+
+
+def _initializer_root(name: str, producer: dict[str, Any], inits: dict[str, Any]) -> Any:
+    """The initializer `name` reads, through Slice and Reshape nodes (which keep the dtype), or None."""
+    while name not in inits:
+        node = producer.get(name)
+        if node is None or node.op_type not in ("Slice", "Reshape"):
+            return None
+        name = node.input[0]
+    return inits[name]
 
 
 def _int4_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[int]]) -> list[Any]:

@@ -19,7 +19,7 @@ from edge_runtime import protocol as P
 from edge_runtime.backends import runtime_versions
 from edge_runtime.backends.onnx_backend import OnnxTrainer
 from edge_runtime.manifest import MANIFEST_NAME, WEIGHT_FORMATS, ManifestError, load_manifest
-from export.onnx import TRAIN_GRAPH, export_onnx_artifacts
+from export.onnx import EVAL_GRAPH, TRAIN_GRAPH, export_onnx_artifacts
 from export.quant import dequantize, fake_quantize_, quantize
 from server_sdk.config import RunConfig
 from server_sdk.engine.model import tiny_random_model
@@ -72,6 +72,48 @@ def test_quantized_graph_matches_torch_on_the_dequantized_weights(exports, schem
         fp32 = Counter(n.op_type for n in onnx.load(str(out["fp32"] / TRAIN_GRAPH), load_external_data=False).graph.node)
         assert ops["DequantizeLinear"] >= 14 and ops["Floor"] == fp32["Floor"] and ops["Div"] == fp32["Div"]
         assert trainer.manifest.versions["opset"] == 21 and trainer.manifest.versions["min_onnxruntime"] == "1.20.0"
+
+
+def _waiting_for_the_batch(graph) -> set[str]:
+    """The tensors of `graph` computed (directly or not) from the batch's inputs."""
+    found = {i.name for i in graph.input if i.name in ("input_ids", "labels")}
+    for node in graph.node:  # topological order
+        if any(i in found for i in node.input):
+            found.update(node.output)
+    return found
+
+
+def _dequantizations(graph) -> list:
+    return [n for n in graph.node if n.op_type == "DequantizeLinear"]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_dequantizations_wait_for_their_use_and_change_no_value(exports, tmp_path, monkeypatch, scheme):
+    """defer_dequantization makes every dequantization wait for the step (none is ready when the step starts,
+    to be run early and held), and lower_int8 turns the table's Cast/Mul into DequantizeLinear: neither
+    changes a bit of the loss, the gradients or the eval loss (against an export without the two passes)."""
+    import export.onnx as export_onnx
+
+    model, out = exports
+    for name in (TRAIN_GRAPH, EVAL_GRAPH):
+        graph = onnx.load(str(out[scheme] / name), load_external_data=False).graph
+        waiting = _waiting_for_the_batch(graph)
+        assert _dequantizations(graph) and all(n.output[0] in waiting for n in _dequantizations(graph))
+        inits = {i.name: i.data_type for i in graph.initializer}
+        assert not [n for n in graph.node if n.op_type == "Cast" and inits.get(n.input[0]) == onnx.TensorProto.INT8]
+    monkeypatch.setattr(export_onnx, "defer_dequantization", lambda graph: 0)
+    monkeypatch.setattr(export_onnx, "lower_int8", lambda model: 0)
+    plain = export_onnx_artifacts(model, tmp_path / "plain", tmp_path / "templates", seq_len=64, weights=scheme)
+    graph = onnx.load(str(plain / TRAIN_GRAPH), load_external_data=False).graph
+    early = [n for n in graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.output[0] not in
+             _waiting_for_the_batch(graph)]
+    assert early  # without the passes, dequantizations are ready at the step's start
+    ids, labels = make_batch(256, 3, 40, seed=7)
+    deferred, undeferred = OnnxTrainer(out[scheme]), OnnxTrainer(plain)
+    loss, grads = deferred.loss_and_grads(ids, labels)
+    loss0, grads0 = undeferred.loss_and_grads(ids, labels)
+    assert loss == loss0 and all(np.array_equal(grads[k], grads0[k]) for k in grads0)
+    assert deferred.eval_loss(ids, labels) == undeferred.eval_loss(ids, labels)
 
 
 def test_quantized_files_are_smaller(exports):
