@@ -244,6 +244,18 @@ def test_quantized_run_trains_and_evaluates_on_dequantized_weights(tiny_base, ti
     assert json.loads((tmp_path / "int4" / "config.json").read_text())["weights"] == "int4"
 
 
+def test_a_runtime_before_1_20_declares_fp32_only(exports):
+    """Every quantized graph needs opset 21 (blockwise DequantizeLinear), so an older onnxruntime must not declare the
+    quantized formats: it is refused at hello in a quantized run instead of failing to load its stage."""
+    from edge_runtime.backends import weight_formats
+
+    _, out = exports
+    assert {load_manifest(out[w]).versions["min_onnxruntime"] for w in ("int8", "int4")} == {"1.20.0"}
+    assert weight_formats("1.19.2") == ["fp32"]
+    assert weight_formats("1.20.0") == weight_formats("1.32.0") == list(WEIGHT_FORMATS.values())
+    assert runtime_versions()["weights"] == ",".join(weight_formats(runtime_versions()["onnxruntime"]))
+
+
 def test_fp32_manifest_has_no_weights_field_so_older_runtimes_still_read_it(exports):
     _, out = exports
     assert "weights" not in json.loads((out["fp32"] / MANIFEST_NAME).read_text())

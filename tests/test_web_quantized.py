@@ -106,18 +106,19 @@ def js_checks(manifest: dict, versions: list[str]) -> dict:
 def test_web_device_declares_and_accepts_devft_edges_weight_formats(exports):  # noqa: F811
     """The web device's hello declares devft-edge's `weights` with the onnxruntime-web its package.json pins, so a
     quantized run samples it (the coordinator refused it before); a manifest naming a format it does not run, or
-    graphs for a newer onnxruntime (int4-asym's 1.20.0), is refused with the reason; before 1.20 no int4-asym."""
+    graphs for a newer onnxruntime (the quantized graphs' 1.20.0), is refused with the reason; before 1.20 fp32 only."""
     _, out = exports
     shipped = json.loads((WEB / "package.json").read_text())["dependencies"]["onnxruntime-web"]
     int8 = json.loads((out["int8"] / "manifest.json").read_text())
     int4 = json.loads((out["int4"] / "manifest.json").read_text())
-    assert int8["versions"]["min_onnxruntime"] == "1.17.0" and int4["versions"]["min_onnxruntime"] == "1.20.0"
-    got = js_checks(int8, [shipped, "1.19.2"])
+    assert int8["versions"]["min_onnxruntime"] == int4["versions"]["min_onnxruntime"] == "1.20.0"
+    got = js_checks({**int8, "versions": {**int8["versions"], "min_onnxruntime": "1.17.0"}}, [shipped, "1.19.2"])
     assert got[shipped]["declares"] == runtime_versions()["weights"] == ",".join(WEIGHT_FORMATS.values())
-    assert got["1.19.2"]["declares"] == "fp32,int8"
+    assert got["1.19.2"]["declares"] == "fp32"
     assert [w for w, c in got[shipped]["checks"].items() if c == "ok"] == ["fp32", "int8", "int4-asym"]
     assert 'frozen weights are "int4"; this device (onnxruntime ' in got[shipped]["checks"]["int4"]
     assert 'frozen weights are "int4-asym"' in got["1.19.2"]["checks"]["int4-asym"]
+    assert 'frozen weights are "int8"' in got["1.19.2"]["checks"]["int8"]
     got = js_checks(int4, [shipped, "1.19.2"])
     assert got[shipped]["checks"]["int4-asym"] == "ok"
     assert "too old for these graphs: they need 1.20.0" in got["1.19.2"]["checks"]["int4-asym"]

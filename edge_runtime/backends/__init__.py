@@ -87,8 +87,20 @@ def runtime_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     if "onnxruntime" in found:  # frozen-weight schemes this runtime's portable trainer runs (Manifest.weights)
-        found["weights"] = ",".join(WEIGHT_SCHEMES)
+        found["weights"] = ",".join(weight_formats(found["onnxruntime"]))
     return found
+
+
+QUANTIZED_MIN_ONNXRUNTIME = "1.20.0"  # every quantized graph dequantizes with opset 21's blockwise DequantizeLinear
+
+
+def weight_formats(onnxruntime_version: str) -> list[str]:
+    """The frozen-weight formats an onnxruntime of this version runs (the hello's `weights`): the quantized ones
+    from 1.20 on, so an older device is refused at hello in a quantized run, not when its stage fails to load."""
+    from edge_runtime.backends.onnx_backend import version_tuple
+
+    new_enough = version_tuple(onnxruntime_version) >= version_tuple(QUANTIZED_MIN_ONNXRUNTIME)
+    return [w for w in WEIGHT_SCHEMES if w == "fp32" or new_enough]
 
 
 def open_trainer(fmt: str, artifact_dir: str | os.PathLike[str], *, lr: float, threads: int | None = None,
