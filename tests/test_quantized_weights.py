@@ -19,6 +19,7 @@ from edge_runtime import protocol as P
 from edge_runtime.backends import runtime_versions
 from edge_runtime.backends.onnx_backend import OnnxTrainer
 from edge_runtime.manifest import MANIFEST_NAME, WEIGHT_FORMATS, ManifestError, load_manifest
+from export.naming import ARTIFACT_PREFIX
 from export.onnx import TRAIN_GRAPH, export_onnx_artifacts
 from export.quant import TABLE_SCHEME, dequantize, fake_quantize_, quantize
 from server_sdk.config import RunConfig
@@ -72,7 +73,8 @@ def test_quantized_graph_matches_torch_on_the_dequantized_weights(exports, schem
     fp32 = Counter(n.op_type for n in onnx.load(str(out["fp32"] / TRAIN_GRAPH), load_external_data=False).graph.node)
     assert ops["DequantizeLinear"] >= 14 and ops["Floor"] == fp32["Floor"] and ops["Div"] == fp32["Div"]
     assert trainer.manifest.versions["opset"] == 21 and trainer.manifest.versions["min_onnxruntime"] == "1.20.0"
-    codes = {i.name: i.data_type for i in graph.graph.initializer if i.name.endswith(".qweight") and "proj" in i.name}
+    codes = {i.name: i.data_type for i in graph.graph.initializer  # the weight files' (not the graph's shapes)
+             if i.name.startswith(ARTIFACT_PREFIX) and i.name.endswith(".qweight") and "proj" in i.name}
     assert len(codes) == 14 and set(codes.values()) == {onnx.TensorProto.UINT4 if scheme == "int4" else onnx.TensorProto.UINT8}
 
 
