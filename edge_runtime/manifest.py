@@ -23,8 +23,9 @@ FORMAT_VERSION = 2  # 2: "onnx" backend; `max_seq_len` renamed `seq_len` (the ru
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("onnx", "ort", "executorch")
 # frozen weights as stored (Manifest.weights, and what a device's hello declares), by RunConfig.weights: the
-# name of the byte format, so a runtime that reads another format (the symmetric int4 before int4-asym) refuses
-WEIGHT_FORMATS = {"fp32": "fp32", "int8": "int8", "int4": "int4-asym"}
+# name of the byte format, so a runtime that reads another format (the symmetric int8 and int4 before int8-asym
+# and int4-asym) refuses
+WEIGHT_FORMATS = {"fp32": "fp32", "int8": "int8-asym", "int4": "int4-asym"}
 WEIGHT_SCHEMES = tuple(WEIGHT_FORMATS.values())
 QUANT_BLOCK = 32  # inputs per scale of a quantized weight
 
@@ -97,8 +98,8 @@ class Manifest:
     anchors: list[int] = field(default_factory=list)
     versions: dict[str, Any] = field(default_factory=dict)  # opset, ir_version, runtime, exporter...
     optimizer: str = "adamw"  # baked into the optimizer graph; recorded so a reader knows which
-    # how the frozen weights are stored: "fp32", "int8" (float32 scale per block of 32 inputs) or "int4-asym"
-    # (float16 scale and minimum per block; export/quant.py); a device whose runtime cannot run a format refuses it
+    # how the frozen weights are stored: "fp32", "int8-asym" or "int4-asym" (a float16 scale and minimum per block
+    # of 32 inputs; export/quant.py); a device whose runtime cannot run a format refuses it
     weights: str = "fp32"
     tokenizer_file: str | None = None
     chat_template: str | None = None
@@ -212,9 +213,9 @@ def verify_files(directory: Path, manifest: Manifest, *, verify_hashes: bool = T
 
 def check_weight_files(manifest: Manifest) -> None:
     """The weight files must be what `manifest.weights` says: quantized sets (`<w>.qweight.bin` with
-    `<w>.qscale.bin`) exactly when the scheme is not fp32. int8: one byte a value, a float32 scale per 32;
-    int4-asym: the decoder's weights half a byte a value with a float16 scale and a float16 minimum
-    (`<w>.qmin.bin`) per 32, the tied embedding (no minimum file) int8."""
+    `<w>.qscale.bin`) exactly when the scheme is not fp32. The decoder's weights (int8-asym one byte a value,
+    int4-asym half a byte) with a float16 scale and a float16 minimum (`<w>.qmin.bin`) per 32; the tied embedding
+    (no minimum file) symmetric int8 under both: one byte a value, a float32 scale per 32."""
     files = {rel: entry.size for rel, entry in manifest.files.items() if rel.startswith("weights/")}
     quantized = {rel[: -len(".qweight.bin")]: size for rel, size in files.items() if rel.endswith(".qweight.bin")}
     if manifest.weights == "fp32":
@@ -236,9 +237,10 @@ def check_weight_files(manifest: Manifest) -> None:
 def _quantized_set_fits(scheme: str, stem: str, size: int, scale: int | None, minimum: int | None) -> bool:
     if scale is None:
         return False
-    if minimum is None:  # int8 (also the int4-asym manifest's tied embedding table): 1 byte a value, float32 scales
-        return size == scale // 4 * QUANT_BLOCK and (scheme == "int8" or stem.endswith((".table", "lm_head")))
-    return scheme == "int4-asym" and minimum == scale and 2 * size == scale // 2 * QUANT_BLOCK
+    if minimum is None:  # the tied embedding table's symmetric int8: 1 byte a value, float32 scales
+        return size == scale // 4 * QUANT_BLOCK and stem.endswith((".table", "lm_head"))
+    values = scale // 2 * QUANT_BLOCK  # float16 scales (and minimums), one per 32 values
+    return minimum == scale and size * {"int8-asym": 1, "int4-asym": 2}[scheme] == values
 
 
 def check_trainable(manifest: Manifest, expected: Sequence[TensorSpec] | Mapping[str, Sequence[int]]) -> None:

@@ -28,7 +28,7 @@ LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary 
 RUNTIME_BYTES = 64 * MIB
 PEAK_FACTOR = 1.25
 PEAK_EXTRA_BYTES = 256 * MIB
-# export/quant.py: int8 a float32 scale per 32 values, int4 (int4-asym) a float16 scale and minimum per 32
+# export/quant.py: int8-asym and int4-asym a float16 scale and minimum per 32 values, the table's int8 a float32 scale
 WEIGHT_BYTES_PER_VALUE = {"fp32": 4.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32}
 TABLE_SCHEME = {"fp32": "fp32", "int8": "int8", "int4": "int8"}  # the tied embedding / LM head's (export/quant.py)
 
@@ -60,8 +60,8 @@ def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int,
 
 def weight_bytes_of(cfg: dict[str, Any], n_layers: int, scheme: str) -> int:
     """Frozen weight bytes of an `n_layers` model of `cfg` as the portable format stores them under `scheme`
-    (export/quant.py: int8 1 byte and int4 half a byte per value, plus 4 bytes of scales per 32 values; under
-    int4 the tied embedding / LM head is int8)."""
+    (export/quant.py: int8 1 byte and int4 half a byte per value, plus 4 bytes of scales (and minimums) per 32
+    values; under both the tied embedding / LM head is int8)."""
     h, i, v, _, kv = _dims(cfg)
     linear = n_layers * (2 * h * h + 2 * h * kv + 3 * h * i)
     table = v * h  # the tied embedding / LM head

@@ -1,29 +1,33 @@
-"""Quantized frozen weights for the portable format: int8, or int4 with an int8 embedding, blockwise (32 inputs).
+"""Quantized frozen weights for the portable format: int8 or int4, blockwise (32 inputs), the embedding int8.
 
 QLoRA-style: the frozen base is stored in 8 or 4 bits and dequantized in the graph where it is used;
 LoRA, its gradients and the optimiser stay float32. The graph stays standard ONNX (ai.onnx ops only), so
 every onnxruntime build runs it, web and mobile included. The manifest names the byte format
-(edge_runtime/manifest.WEIGHT_FORMATS: `int8`, `int4-asym`), so a runtime that reads another format refuses.
+(edge_runtime/manifest.WEIGHT_FORMATS: `int8-asym`, `int4-asym`), so a runtime that reads another format refuses.
 
-    int8       weight[r, c] = int8 q[r, c] * scale[r, c // 32], scale = max |w| / 127 rounded to float16's
-               11 significant bits (ggml's Q8_0), stored float32, q clipped to +-127. Graph: Cast, Mul.
-    int4-asym  the decoder's Linears: weight[r, c] = q[r, c] * scale[r, c // 32] + min[r, c // 32], q in 0..15
-               (all 16 levels; ggml's Q4_1), two values a byte (low nibble: even column), scale and min float16.
-               Graph: one opset-21 DequantizeLinear (UINT4, block_size 32) and an Add of the minimum.
-               The tied embedding / LM head (113 MB of SmolLM2-135M's 540) stays int8: in 4 bits it cost most
-               of the loss (benchmarks/RESULTS.md, quantized weights).
+    int8-asym  the decoder's Linears: weight[r, c] = q[r, c] * scale[r, c // 32] + min[r, c // 32], q in 0..255
+               (uint8, one value a byte), scale = (max - min) / 255 and min float16. Graph: one opset-21
+               DequantizeLinear (UINT8, block_size 32) and an Add of the minimum.
+    int4-asym  the decoder's Linears: the same with q in 0..15 (all 16 levels; ggml's Q4_1), two values a byte
+               (low nibble: even column). Graph: the same DequantizeLinear on UINT4.
+    table      the tied embedding / LM head under both (TABLE_SCHEME, internal name `int8-sym`): weight[r, c] =
+               int8 q[r, c] * scale[r, c // 32], scale = max |w| / 127 rounded to float16's 11 significant bits
+               (ggml's Q8_0), stored float32, q clipped to +-127. Graph: Cast, Mul (its gather and slice paths).
+               In 4 bits it cost most of the loss (113 MB of SmolLM2-135M's 540; benchmarks/RESULTS.md).
 
 Why float16 scales, and int4 asymmetric: SmolLM2-135M's packaged weights are themselves ggml Q4_1 (decoder,
 blocks of 32 along the input, float16 d and m) and Q8_0 (embedding, float16 d). The old int4 (symmetric, 15
 levels, 8-bit floored scales) requantized that grid and lost 0.65 of eval loss after training; int4-asym and
-int8 reproduce those grids exactly (so on SmolLM2-135M an int4 run computes on the fp32 run's very weights),
-and on weights from any other source they are ggml's Q4_1 and Q8_0, standard formats.
+the table's int8 reproduce those grids exactly (so on SmolLM2-135M an int4 run computes on the fp32 run's very
+weights), and on weights from any other source they are ggml's Q4_1 and Q8_0, standard formats. int8-asym is
+Q4_1's scheme with 256 levels: the symmetric int8 before it (Q8_0 on the decoder too) requantized the decoder's
+16-level asymmetric grid onto a symmetric one and cost more eval loss than int4 (benchmarks/RESULTS.md).
 
 Every dequantized value is computed the same way (float32 q * scale, then + min) by the server (numpy) and
 the device (onnxruntime), so the server's simulation and the fleet agree bit for bit: the server replaces a
 submodel's frozen weights by their dequantized values (`fake_quantize_`), the export quantizes those, and
 quantizing dequantized weights gives back the same q, scales and minimums (idempotent: a block's minimum
-maps to 0 and its maximum to 15, so the block's range, hence its scale, comes back).
+maps to 0 and its maximum to the top level, so the block's range, hence its scale, comes back).
 
 Which weights: every frozen Linear weight (LoRA's base layers and projections without LoRA) whose
 input width is a multiple of the block, and the tied embedding / LM head. Norm weights stay float32.
@@ -42,11 +46,12 @@ import torch.nn.functional as F
 
 SCHEMES = ("fp32", "int8", "int4")
 BLOCK = 32
-QMAX = {"int8": 127}
+LEVELS = {"int8": 255, "int4": 15}  # the asymmetric (decoder) schemes: q in 0..LEVELS, + a minimum per block
+QMAX = {"int8-sym": 127}  # the symmetric one (the tied table's): q in -QMAX..QMAX
 QWEIGHT, QSCALE, QMIN = "qweight", "qscale", "qmin"  # buffer (and ONNX initializer) name suffixes
 TABLE = "table"  # the tied embedding's QuantLinear, registered under the embedding module
-TABLE_SCHEME = {"int8": "int8", "int4": "int8"}  # the tied embedding / LM head's own scheme under each
-INT4_OPSET = 21  # DequantizeLinear on UINT4 with block_size
+TABLE_SCHEME = {"int8": "int8-sym", "int4": "int8-sym"}  # the tied embedding / LM head's own scheme under each
+INT4_OPSET = 21  # DequantizeLinear on UINT4 / UINT8 with block_size
 QUANT_GRAPH = 2  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
 
 
@@ -60,8 +65,8 @@ def quantize(w: np.ndarray, scheme: str) -> dict[str, np.ndarray]:
     """The stored tensors ({QWEIGHT: q, QSCALE: scale[, QMIN: min]}) of a float [rows, cols] weight, cols a
     multiple of BLOCK."""
     rows, cols = w.shape
-    if scheme == "int4":
-        return _quantize_int4(np.asarray(w, dtype=np.float64).reshape(rows, cols // BLOCK, BLOCK))
+    if scheme in LEVELS:
+        return _quantize_asym(np.asarray(w, dtype=np.float64).reshape(rows, cols // BLOCK, BLOCK), LEVELS[scheme])
     qmax = QMAX[scheme]
     blocks = np.asarray(w, dtype=np.float32).reshape(rows, cols // BLOCK, BLOCK)
     amax = np.abs(blocks).max(-1)
@@ -78,16 +83,19 @@ def _half(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def _quantize_int4(blocks: np.ndarray) -> dict[str, np.ndarray]:
-    """Q4_1: per block the float16 minimum and (max - min) / 15; q = round((w - min) / scale) in 0..15."""
+def _quantize_asym(blocks: np.ndarray, levels: int) -> dict[str, np.ndarray]:
+    """Q4_1 with `levels` + 1 levels: per block the float16 minimum and (max - min) / levels; q = round((w - min)
+    / scale) in 0..levels, one byte a value, two a byte (low nibble: even column) for 4 bits."""
     rows, nblocks, _ = blocks.shape
     low = _half(blocks.min(-1))
-    scale = _half((blocks.max(-1) - low) / 15)
+    scale = _half((blocks.max(-1) - low) / levels)
     scale[scale == 0] = 1  # a constant block (or a range below float16's): every value is its minimum
-    q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, 15)
+    q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, levels)
     q[np.broadcast_to(scale[..., None] == 1, q.shape) & (blocks.max(-1) == blocks.min(-1))[..., None]] = 0
-    nib = q.astype(np.uint8).reshape(rows, nblocks * BLOCK)
-    return {QWEIGHT: (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8), QSCALE: scale, QMIN: low}
+    q = q.astype(np.uint8).reshape(rows, nblocks * BLOCK)
+    if levels < 16:
+        q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return {QWEIGHT: q, QSCALE: scale, QMIN: low}
 
 
 def dequantize(parts: dict[str, np.ndarray], scheme: str) -> np.ndarray:
@@ -99,13 +107,13 @@ def dequantize(parts: dict[str, np.ndarray], scheme: str) -> np.ndarray:
         vals = q.astype(np.float32)
     rows, cols = vals.shape
     out = vals.reshape(rows, cols // BLOCK, BLOCK) * parts[QSCALE].astype(np.float32)[..., None]
-    if scheme == "int4":
+    if scheme in LEVELS:
         out = out + parts[QMIN].astype(np.float32)[..., None]
     return out.reshape(rows, cols)
 
 
 def _dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 dequantize() in torch ops that export to plain ONNX (Cast, Mul)."""
+    """The table's int8-sym dequantize() in torch ops that export to plain ONNX (Cast, Mul)."""
     f = q.float()
     rows, cols = f.shape
     return (f.reshape(rows, cols // BLOCK, BLOCK) * scale.unsqueeze(-1)).reshape(rows, cols)
@@ -113,17 +121,21 @@ def _dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("devft::dequantize_int4", mutates_args=())
 def dequantize_int4(qweight: torch.Tensor, qscale: torch.Tensor, qmin: torch.Tensor) -> torch.Tensor:
-    """int4 dequantize() as one opaque op while tracing: the export lowers it to DequantizeLinear + Add
-    (`lower_int4`), which a torch decomposition of the nibble unpacking would spread over a dozen nodes."""
-    nib = torch.stack([qweight % 16, qweight // 16], dim=-1).reshape(qweight.shape[0], -1).float()
-    rows, cols = nib.shape
-    out = nib.reshape(rows, cols // BLOCK, BLOCK) * qscale.float().unsqueeze(-1) + qmin.float().unsqueeze(-1)
+    """The asymmetric schemes' dequantize() (int4: packed two a byte; int8: one a byte, told apart by the
+    shapes) as one opaque op while tracing: the export lowers it to DequantizeLinear + Add (`lower_int4`), which a
+    torch decomposition of the nibble unpacking would spread over a dozen nodes."""
+    if qweight.shape[1] == qscale.shape[1] * BLOCK:
+        q = qweight.float()
+    else:
+        q = torch.stack([qweight % 16, qweight // 16], dim=-1).reshape(qweight.shape[0], -1).float()
+    rows, cols = q.shape
+    out = q.reshape(rows, cols // BLOCK, BLOCK) * qscale.float().unsqueeze(-1) + qmin.float().unsqueeze(-1)
     return out.reshape(rows, cols)
 
 
 @dequantize_int4.register_fake
 def _(qweight: torch.Tensor, qscale: torch.Tensor, qmin: torch.Tensor) -> torch.Tensor:
-    return qweight.new_empty((qweight.shape[0], 2 * qweight.shape[1]), dtype=torch.float32)
+    return qweight.new_empty((qweight.shape[0], qscale.shape[1] * BLOCK), dtype=torch.float32)
 
 
 class QuantLinear(torch.nn.Module):
@@ -134,8 +146,9 @@ class QuantLinear(torch.nn.Module):
         self.scheme, self.in_features, self.out_features = scheme, in_features, out_features
         blocks = (out_features, in_features // BLOCK)
         # placeholders (restamping writes the values), random so that no optimiser pass merges equal tensors
-        if scheme == "int4":
-            self.register_buffer(QWEIGHT, torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8))
+        if scheme in LEVELS:
+            width = in_features // 2 if scheme == "int4" else in_features
+            self.register_buffer(QWEIGHT, torch.randint(0, 256, (out_features, width), dtype=torch.uint8))
             self.register_buffer(QSCALE, (torch.rand(blocks) + 0.5).half())
             self.register_buffer(QMIN, (-torch.rand(blocks)).half())
         else:
@@ -143,17 +156,17 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer(QSCALE, torch.rand(blocks) + 0.5)
 
     def rows(self, start: int, length: int) -> torch.Tensor:
-        """Dequantized rows [start, start + length): one slice of the LM head at a time (int8 tables)."""
+        """Dequantized rows [start, start + length): one slice of the LM head at a time (int8-sym tables)."""
         return _dequantize_torch(getattr(self, QWEIGHT).narrow(0, start, length),
                                  getattr(self, QSCALE).narrow(0, start, length))
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows idx (embedding lookups, target rows): never the whole table (int8 tables)."""
+        """Dequantized rows idx (embedding lookups, target rows): never the whole table (int8-sym tables)."""
         return _dequantize_torch(getattr(self, QWEIGHT).index_select(0, idx),
                                  getattr(self, QSCALE).index_select(0, idx))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme == "int4":
+        if self.scheme in LEVELS:
             return F.linear(x, dequantize_int4(getattr(self, QWEIGHT), getattr(self, QSCALE), getattr(self, QMIN)))
         return F.linear(x, self.rows(0, self.out_features))
 
@@ -473,14 +486,14 @@ class _CloneContext:
         return new
 
 
-# ---- the int4 graph ------------------------------------------------------------
+# ---- the int4 (and int8-asym) graph ---------------------------------------------
 
 DOMAIN = "devft"  # the placeholder's domain while tracing; lower_int4 leaves only ai.onnx ops
 
 
 def onnx_translations() -> dict[Any, Any]:
     """torch.onnx.export's custom_translation_table: dequantize_int4 becomes a placeholder node that
-    `lower_int4` replaces (its qweight must become a UINT4 tensor first, which no translation can do)."""
+    `lower_int4` replaces (an int4 qweight must become a UINT4 tensor first, which no translation can do)."""
     import onnx
     import onnxscript
 
@@ -517,11 +530,11 @@ def stored_shape(init: Any) -> list[int]:
 
 
 def lower_int4(model: Any) -> int:
-    """Replace every DequantizeInt4 placeholder by ai.onnx ops: its qweight becomes a UINT4 [rows, cols]
-    initializer (the same bytes), dequantized by one opset-21 DequantizeLinear with block_size 32 (Cast of the
-    float16 scales first: its output takes the scale's type), then + min per block (Reshape, Add, Reshape;
-    the Reshapes alias). Two passes over the float weight where the traced torch unpacking took a dozen.
-    Raises the model's ai.onnx opset to 21. Returns how many were lowered."""
+    """Replace every DequantizeInt4 placeholder by ai.onnx ops: an int4 qweight becomes a UINT4 [rows, cols]
+    initializer (the same bytes; an int8-asym one stays UINT8 [rows, cols]), dequantized by one opset-21
+    DequantizeLinear with block_size 32 (Cast of the float16 scales first: its output takes the scale's type),
+    then + min per block (Reshape, Add, Reshape; the Reshapes alias). Two passes over the float weight where the
+    traced torch unpacking took a dozen. Raises the model's ai.onnx opset to 21. Returns how many were lowered."""
     import onnx
 
     graph = model.graph
@@ -531,7 +544,7 @@ def lower_int4(model: Any) -> int:
         if node.domain != DOMAIN:
             nodes.append(node)
             continue
-        nodes += _int4_nodes(node, _as_uint4(inits[node.input[0]]), consts)
+        nodes += _int4_nodes(node, _codes(inits[node.input[0]], inits[node.input[1]]), consts)
         lowered += 1
     if not lowered:
         return 0
@@ -546,6 +559,14 @@ def lower_int4(model: Any) -> int:
             o.version = max(o.version, INT4_OPSET)
     model.ir_version = max(model.ir_version, 10)
     return lowered
+
+
+def _codes(qweight: Any, qscale: Any) -> tuple[int, int]:
+    """The (rows, cols) of a placeholder's weight: a qweight with a value a byte (int8-asym: UINT8, as it is)
+    or, retyped, two a byte (int4)."""
+    if qweight.dims[1] == qscale.dims[1] * BLOCK:
+        return int(qweight.dims[0]), int(qweight.dims[1])
+    return _as_uint4(qweight)
 
 
 def _as_uint4(init: Any) -> tuple[int, int]:

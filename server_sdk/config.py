@@ -125,7 +125,7 @@ class RunConfig:
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
     precision: str = "fp32"  # fp32 | bf16: simulated training and server evaluation (server_sdk/engine/precision.py)
-    # frozen weights as devices store them: fp32, or int8 / int4 with a scale per 32 inputs (export/quant.py);
+    # frozen weights as devices store them: fp32, or int8 / int4 with a scale and minimum per 32 inputs (export/quant.py);
     # simulated clients and evaluation then use the same dequantized values (server_sdk/engine/quantized.py)
     weights: str = "fp32"
 

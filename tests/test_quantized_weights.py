@@ -19,8 +19,9 @@ from edge_runtime import protocol as P
 from edge_runtime.backends import runtime_versions
 from edge_runtime.backends.onnx_backend import OnnxTrainer
 from edge_runtime.manifest import MANIFEST_NAME, WEIGHT_FORMATS, ManifestError, load_manifest
+from export.naming import ARTIFACT_PREFIX
 from export.onnx import EVAL_GRAPH, TRAIN_GRAPH, export_onnx_artifacts
-from export.quant import dequantize, fake_quantize_, quantize
+from export.quant import TABLE_SCHEME, dequantize, fake_quantize_, quantize
 from server_sdk.config import RunConfig
 from server_sdk.engine.model import tiny_random_model
 from server_sdk.engine.quantized import quantized_base
@@ -67,11 +68,14 @@ def test_quantized_graph_matches_torch_on_the_dequantized_weights(exports, schem
     graph = onnx.load(str(out[scheme] / TRAIN_GRAPH), load_external_data=False)
     assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)
     assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}
-    if scheme == "int4":  # one blockwise DequantizeLinear per use, not the traced nibble arithmetic
-        ops = Counter(n.op_type for n in graph.graph.node)
-        fp32 = Counter(n.op_type for n in onnx.load(str(out["fp32"] / TRAIN_GRAPH), load_external_data=False).graph.node)
-        assert ops["DequantizeLinear"] >= 14 and ops["Floor"] == fp32["Floor"] and ops["Div"] == fp32["Div"]
-        assert trainer.manifest.versions["opset"] == 21 and trainer.manifest.versions["min_onnxruntime"] == "1.20.0"
+    # the decoder: one blockwise DequantizeLinear per use (on UINT4 / UINT8 codes), not traced unpacking
+    ops = Counter(n.op_type for n in graph.graph.node)
+    fp32 = Counter(n.op_type for n in onnx.load(str(out["fp32"] / TRAIN_GRAPH), load_external_data=False).graph.node)
+    assert ops["DequantizeLinear"] >= 14 and ops["Floor"] == fp32["Floor"] and ops["Div"] == fp32["Div"]
+    assert trainer.manifest.versions["opset"] == 21 and trainer.manifest.versions["min_onnxruntime"] == "1.20.0"
+    codes = {i.name: i.data_type for i in graph.graph.initializer  # the weight files' (not the graph's shapes)
+             if i.name.startswith(ARTIFACT_PREFIX) and i.name.endswith(".qweight") and "proj" in i.name}
+    assert len(codes) == 14 and set(codes.values()) == {onnx.TensorProto.UINT4 if scheme == "int4" else onnx.TensorProto.UINT8}
 
 
 def _waiting_for_the_batch(graph) -> set[str]:
@@ -123,10 +127,12 @@ def test_quantized_files_are_smaller(exports):
     assert int8 < 0.35 * fp32 and int4 < 0.22 * fp32
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", TABLE_SCHEME["int8"]])
 def test_quantization_is_exact_and_idempotent(scheme):
     """Quantizing dequantized values gives the same q, scales (and minimums): the export of a server-side
-    (fake-quantized) submodel carries the values the server trained on."""
+    (fake-quantized) submodel carries the values the server trained on. Every value is within half a step
+    (int8: (max - min) / 255, int4: / 15) of its weight; the table's symmetric int8 (max |w| / 127) also loses
+    what its float16-rounded scale clips off the block's largest value."""
     w = np.random.default_rng(1).normal(0, 0.05, (48, 96)).astype(np.float32)
     w[3, :32] = 0.0  # an all-zero block
     w[4, 32:64] = 0.25  # a constant block
@@ -136,10 +142,61 @@ def test_quantization_is_exact_and_idempotent(scheme):
     assert parts.keys() == again.keys() and all(np.array_equal(parts[k], again[k]) for k in parts)
     assert np.array_equal(dequantize(again, scheme), dq)
     blocks = w.reshape(48, 3, 32)
-    step = np.abs(blocks).max(-1) / 127 if scheme == "int8" else (blocks.max(-1) - blocks.min(-1)) / 15
-    # half a step, plus for int8 what its 8-bit floored scales clip off the block's largest value
-    assert (np.abs(dq - w).reshape(48, 3, 32).max(-1) <= 0.51 * step + np.abs(blocks).max(-1) / 256).all()
-    assert (dq[3, :32] == 0).all() and (scheme == "int8" or (dq[4, 32:64] == 0.25).all())
+    err = np.abs(dq - w).reshape(48, 3, 32).max(-1)
+    if scheme == TABLE_SCHEME["int8"]:
+        assert (err <= 0.51 * np.abs(blocks).max(-1) / 127 + np.abs(blocks).max(-1) / 2048).all()
+    else:  # half a step, to float16's rounding of the scale (and of a minimum that lies above the block's)
+        step = (blocks.max(-1) - blocks.min(-1)) / {"int8": 255, "int4": 15}[scheme]
+        assert (err <= 0.5 * step * (1 + 2 ** -10) + np.abs(blocks.min(-1)) * 2 ** -11).all()
+        assert (dq[4, 32:64] == 0.25).all()
+        assert parts["qweight"].dtype == np.uint8 and parts["qweight"].size == w.size // (2 if scheme == "int4" else 1)
+    assert (dq[3, :32] == 0).all()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_numpy_and_onnxruntime_dequantize_bit_for_bit(scheme):
+    """The server's dequantize() (numpy) and a device's graph (the lowered DequantizeLinear + Add on onnxruntime)
+    give the same float32 bits, the simulation's values are the fleet's."""
+    import onnxruntime as ort
+    import torch
+    from onnx import helper
+
+    from export.quant import DOMAIN, lower_int4
+
+    rng = np.random.default_rng(3)
+    w = (rng.normal(0, 0.05, (40, 128)) + rng.normal(0, 0.02, (40, 1))).astype(np.float32)
+    parts = quantize(w, scheme)
+    inits = [onnx.numpy_helper.from_array(parts[k], k) for k in ("qweight", "qscale", "qmin")]
+    node = helper.make_node("DequantizeInt4", ["qweight", "qscale", "qmin"], ["weight"], domain=DOMAIN)
+    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("weight", onnx.TensorProto.FLOAT, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    assert lower_int4(model) == 1 and {n.domain for n in model.graph.node} == {""}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    code_type = next(i.data_type for i in model.graph.initializer if i.name == dq.input[0])
+    assert code_type == (onnx.TensorProto.UINT4 if scheme == "int4" else onnx.TensorProto.UINT8)
+    (device,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    server = dequantize(parts, scheme)
+    traced = torch.ops.devft.dequantize_int4(*(torch.from_numpy(parts[k]) for k in ("qweight", "qscale", "qmin")))
+    assert device.dtype == np.float32 and device.tobytes() == server.tobytes() == traced.numpy().tobytes()
+    assert not np.array_equal(server, w)
+
+
+def test_int8_keeps_a_ggml_q4_1_grid_to_a_fraction_of_its_step():
+    """On SmolLM2-135M's Q4_1 decoder weights (16 levels of step d per block) int8-asym has 255 levels of
+    step d / 17 rounded to float16: every value lands within 2^-11 * 255 / 17 * d of the original, where the
+    symmetric int8 before it (step max |w| / 127) moved values by up to half of that larger step."""
+    rng = np.random.default_rng(4)
+    rows, blocks = 64, 6
+    d = rng.uniform(1e-3, 2e-2, (rows, blocks)).astype(np.float16)
+    m = (-rng.uniform(0.5, 10, (rows, blocks)) * d).astype(np.float16)
+    q = rng.integers(0, 16, (rows, blocks, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    w = (q.astype(np.float32) * d.astype(np.float32)[..., None] + m.astype(np.float32)[..., None]).reshape(rows, -1)
+    parts = quantize(w, "int8")
+    assert np.array_equal(parts["qmin"], m) and np.array_equal(parts["qweight"].reshape(rows, blocks, 32), 17 * q)
+    err = np.abs(dequantize(parts, "int8") - w).reshape(rows, blocks, 32).max(-1)
+    assert (err <= 2 ** -11 * 15 * d.astype(np.float32) + 1e-7).all()
 
 
 def test_int4_reproduces_a_ggml_q4_1_grid_exactly():
@@ -167,9 +224,10 @@ def _rewrite_manifest(directory, **fields) -> None:
 
 @pytest.mark.parametrize("source, claimed, problem", [
     ("int8", "fp32", "quantized"), ("int8", "int4-asym", "does not hold int4-asym"),
-    ("int4", "int8", "does not hold int8"), ("fp32", "int8", "no weight file is quantized"),
+    ("int4", "int8-asym", "does not hold int8-asym"), ("fp32", "int8-asym", "no weight file is quantized"),
     ("int8", "int2", "weights must be one of"),
-    ("int4", "int4", "weights must be one of")])  # the symmetric int4 format's name: files of another layout
+    # the symmetric int4 and int8 formats' names: files of another layout
+    ("int4", "int4", "weights must be one of"), ("int8", "int8", "weights must be one of")])
 def test_manifest_whose_scheme_does_not_match_its_files_is_refused(exports, tmp_path, source, claimed, problem):
     import shutil
 
@@ -201,18 +259,20 @@ def test_device_without_the_runs_scheme_is_refused_at_hello(coordinator, fleet, 
     ex = coordinator
     ex.cfg.weights = "int8"
     declared = runtime_versions()
-    assert "int8" in declared["weights"].split(",")  # this runtime's hello declares what it runs
+    assert "int8-asym" in declared["weights"].split(",")  # this runtime's hello declares what it runs
     _only_the_older_is_refused(ex, fleet, clients, {"onnxruntime": "1.20.0"}, declared)  # declares no scheme
 
 
-def test_device_with_the_older_int4_format_is_refused_at_hello(coordinator, fleet, clients):  # noqa: F811
-    """An int4 run serves int4-asym files; a runtime whose hello declares only the symmetric int4 format before
-    it (`int4`) cannot read them and is refused at hello, one that declares int4-asym is served."""
+@pytest.mark.parametrize("weights, older", [("int4", "fp32,int8,int4"), ("int8", "fp32,int8,int4-asym")])
+def test_device_with_the_older_symmetric_format_is_refused_at_hello(coordinator, fleet, clients, weights,  # noqa: F811
+                                                                     older):
+    """An int4 (int8) run serves int4-asym (int8-asym) files; a runtime whose hello declares only the symmetric
+    format before it (`int4`, `int8`) cannot read them and is refused at hello, one that declares the asym is."""
     ex = coordinator
-    ex.cfg.weights = "int4"
+    ex.cfg.weights = weights
     declared = runtime_versions()
-    assert "int4-asym" in declared["weights"].split(",")
-    _only_the_older_is_refused(ex, fleet, clients, {"onnxruntime": "1.31.0", "weights": "fp32,int8,int4"}, declared)
+    assert WEIGHT_FORMATS[weights] in declared["weights"].split(",") and WEIGHT_FORMATS[weights] not in older
+    _only_the_older_is_refused(ex, fleet, clients, {"onnxruntime": "1.31.0", "weights": older}, declared)
 
 
 def _only_the_older_is_refused(ex, fleet, clients, older: dict, declared: dict) -> None:
@@ -259,5 +319,5 @@ def test_a_runtime_before_1_20_declares_fp32_only(exports):
 def test_fp32_manifest_has_no_weights_field_so_older_runtimes_still_read_it(exports):
     _, out = exports
     assert "weights" not in json.loads((out["fp32"] / MANIFEST_NAME).read_text())
-    assert json.loads((out["int8"] / MANIFEST_NAME).read_text())["weights"] == "int8"
+    assert json.loads((out["int8"] / MANIFEST_NAME).read_text())["weights"] == "int8-asym"
     assert load_manifest(out["fp32"]).weights == "fp32"

@@ -86,7 +86,7 @@ CHECK = """import { checkManifest, weightFormats } from './src/device.js';
 const [manifest, versions] = JSON.parse(process.argv[1]), got = {};
 for (const v of versions) {
   got[v] = { declares: weightFormats(v).join(','), checks: {} };
-  for (const w of ['fp32', 'int8', 'int4-asym', 'int4']) {
+  for (const w of ['fp32', 'int8-asym', 'int4-asym', 'int8', 'int4']) {
     try { checkManifest({ ...manifest, weights: w }, v); got[v].checks[w] = 'ok'; } catch (e) { got[v].checks[w] = e.message; }
   }
 }
@@ -115,10 +115,11 @@ def test_web_device_declares_and_accepts_devft_edges_weight_formats(exports):  #
     got = js_checks({**int8, "versions": {**int8["versions"], "min_onnxruntime": "1.17.0"}}, [shipped, "1.19.2"])
     assert got[shipped]["declares"] == runtime_versions()["weights"] == ",".join(WEIGHT_FORMATS.values())
     assert got["1.19.2"]["declares"] == "fp32"
-    assert [w for w, c in got[shipped]["checks"].items() if c == "ok"] == ["fp32", "int8", "int4-asym"]
-    assert 'frozen weights are "int4"; this device (onnxruntime ' in got[shipped]["checks"]["int4"]
+    assert [w for w, c in got[shipped]["checks"].items() if c == "ok"] == ["fp32", "int8-asym", "int4-asym"]
+    for older in ("int8", "int4"):  # the symmetric formats' names: other bytes
+        assert f'frozen weights are "{older}"; this device (onnxruntime ' in got[shipped]["checks"][older]
     assert 'frozen weights are "int4-asym"' in got["1.19.2"]["checks"]["int4-asym"]
-    assert 'frozen weights are "int8"' in got["1.19.2"]["checks"]["int8"]
+    assert 'frozen weights are "int8-asym"' in got["1.19.2"]["checks"]["int8-asym"]
     got = js_checks(int4, [shipped, "1.19.2"])
     assert got[shipped]["checks"]["int4-asym"] == "ok"
     assert "too old for these graphs: they need 1.20.0" in got["1.19.2"]["checks"]["int4-asym"]

@@ -157,7 +157,7 @@ def register(sub: Any) -> None:
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                    help="ORT only: optimizer graph (ExecuTorch always uses the runtime's SGD)")
     p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
-                   help="onnx only: frozen weights stored as fp32, or int8/int4 with a scale per 32 inputs "
+                   help="onnx only: frozen weights stored as fp32, or int8/int4 with a scale and minimum per 32 inputs "
                         "(LoRA and optimiser stay fp32; docs/export.md)")
     p.set_defaults(func=_guarded)
 
