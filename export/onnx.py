@@ -59,17 +59,13 @@ from export import naming
 from export.common import json_config, model_tensors, shape_key
 from export.onnx_trace import TRACE, already_decomposed, trace_training_graph
 from export.publish import StageInfo, publish, publish_from_template, staging
-from export.quant import (
-    QUANT_GRAPH,
-    check_scheme,
+from export.quant import QUANT_GRAPH, check_scheme, quantize, scheme_of, source_weight
+from export.quant_graph import (
     defer_dequantization,
     dequant_recompute,
     lower_int4,
     lower_int8,
     onnx_translations,
-    quantize,
-    scheme_of,
-    source_weight,
     stored_array,
     stored_shape,
 )

@@ -161,7 +161,7 @@ def test_numpy_and_onnxruntime_dequantize_bit_for_bit(scheme):
     import torch
     from onnx import helper
 
-    from export.quant import DOMAIN, lower_int4
+    from export.quant_graph import DOMAIN, lower_int4
 
     rng = np.random.default_rng(3)
     w = (rng.normal(0, 0.05, (40, 128)) + rng.normal(0, 0.02, (40, 1))).astype(np.float32)

@@ -86,7 +86,7 @@ OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED
 DEFAULT_SESSION = SessionChoices()
 # Graphs with quantized weights (export/quant.py) run in the default order: the priority-based one started the
 # dequantizations (inputs: initializers only, so ready at once) ahead of their use and held their float
-# results (SmolLM2 4-layer int8: peak 433 MiB default vs 565 MiB priority-based). Since export.quant.
+# results (SmolLM2 4-layer int8: peak 433 MiB default vs 565 MiB priority-based). Since export.quant_graph.
 # defer_dequantization makes each wait for its use, the two orders are within a few MiB (default lower).
 QUANTIZED_ORDER = "default"
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -1,0 +1,429 @@
+"""The quantized graphs' passes (export/quant.py holds the schemes and the torch side of tracing).
+
+After torch.onnx.export, in this order (export/onnx.export_template): `lower_int4` turns the traced
+placeholder of the asymmetric schemes into an opset-21 blockwise DequantizeLinear plus an Add, `lower_int8`
+does the same for the table's symmetric Cast/Mul, `dequant_recompute` gives every later use of a dequantized
+weight its own copy (no float weight held from the forward to the backward), and `defer_dequantization`
+makes each copy wait for its use (none runs early and is held). Each pass changes no value: the tests compare
+losses and gradients bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.quant import BLOCK, INT4_OPSET, QSCALE, QWEIGHT, source_weight
+
+# Reshape shapes equal to a 2-D tensor's own, written differently: a recomputed dequantization reads its
+# quantized initializers through a Reshape with one of these, so no common-subexpression pass merges it back
+_SAME_SHAPE = ((-1, None), (None, -1), (0, None), (None, 0), (0, -1), (-1, 0), (0, 0), (None, None))
+
+
+def dequant_recompute(graph: Any) -> int:
+    """Give every consumer of a dequantized weight but the first its own copy of the dequantization.
+
+    Autograd keeps the tensors the backward reads from the forward, and for a frozen Linear that is the
+    float weight: traced as is, every layer's dequantized weight would live from its forward to its backward,
+    all of them at once at the turn, the fp32 model again. With the chain (Cast, Mul by the scales, ...)
+    repeated in front of its later consumers, each float weight lives for one use, at the cost of dequantizing
+    again in the backward (for int4 one DequantizeLinear and one Add: benchmarks/RESULTS.md weighs the two).
+    Returns how many chains were added."""
+    source, const, producer = _dequantized_tensors(graph)
+    ctx = _CloneContext({i.name: i for i in graph.initializer}, producer)
+    uses: Counter[str] = Counter()
+    out_nodes, added = [], 0
+    for node in graph.node:
+        if not _depends_on_initializers_only(node, const):  # a consumer that depends on the batch
+            for j, name in enumerate(node.input):
+                if name in source:
+                    uses[source[name]] += 1
+                    if uses[source[name]] > 1:
+                        node.input[j] = ctx.clone(name, uses[source[name]], out_nodes)
+                        added += 1
+        out_nodes.append(node)
+    graph.initializer.extend(ctx.extra_inits)
+    _keep_needed(graph, out_nodes)
+    return added
+
+
+GATE_PREFIX = "dequant_gate_"  # the nodes defer_dequantization adds (their names make the pass idempotent)
+
+
+def defer_dequantization(graph: Any) -> int:
+    """Make each dequantization wait until the step reaches its use; returns how many were gated.
+
+    A dequantization reads initializers only, so it is ready when the step starts, and onnxruntime's
+    priority-based order runs such nodes early and holds their float results until their use: every layer's
+    float weight at once, the memory quantizing was for (SmolLM2 4-layer int8: 565 MiB priority-based against
+    433 MiB in the default order, which has its own early runs: the LM head's vocabulary slices, several at
+    once). Here each dequantization feeding a batch-dependent node N gets a data dependency on the node just
+    before N in the traced order: its quantized initializers are read through a Reshape (an alias, no copy)
+    whose shape is their own plus 0 x Size(that node's output). No value changes; the float weight exists
+    from just before its use to its use, in either execution order. Plain ai.onnx ops (Size, Mul, Add,
+    Reshape); UINT4 tensors, which have no Reshape kernel, wait through their scales. Run after
+    dequant_recompute (the backward's copies are gated to their own uses)."""
+    import onnx
+
+    if any(n.name.startswith(GATE_PREFIX) for n in graph.node):
+        return 0
+    source, const, _ = _dequantized_tensors(graph)
+    nodes = list(graph.node)
+    gates = _Gates({i.name: i for i in graph.initializer}, nodes, const)
+    before = gates.plan(source)
+    if not before:
+        return 0
+    ordered = [n for k, n in enumerate(nodes) if k not in gates.moved for n in before.get(k, []) + [n]]
+    del graph.node[:]
+    graph.node.extend(onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered)
+    graph.initializer.extend(gates.extra_inits.values())
+    return len(before)
+
+
+class _Gates:
+    """The bookkeeping of defer_dequantization: which nodes compute a consumer's dequantized inputs privately
+    (moved to just before it), and the gate nodes in front of them."""
+
+    def __init__(self, inits: dict[str, Any], nodes: list[Any], const: set[str]):
+        self.inits, self.nodes, self.const = inits, nodes, const
+        self.producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+        self.readers: dict[str, set[int]] = {}
+        for k, n in enumerate(nodes):
+            for x in n.input:
+                self.readers.setdefault(x, set()).add(k)
+        self.moved: set[int] = set()
+        self.extra_inits: dict[str, Any] = {}
+
+    def plan(self, source: dict[str, str]) -> dict[int, list[Any]]:
+        """Per batch-dependent node reading dequantized tensors: the gate and chain nodes to put in front of it."""
+        before: dict[int, list[Any]] = {}
+        previous: str | None = None  # an output of the last batch-dependent node so far
+        for k, node in enumerate(self.nodes):
+            if _depends_on_initializers_only(node, self.const):
+                continue
+            roots = [i for i in node.input if i in source]
+            front = self.gate(k, roots, previous or self._batch_input(node)) if roots else []
+            if front:
+                before[k] = front
+            previous = next((o for o in node.output if o), previous)
+        return before
+
+    def _batch_input(self, node: Any) -> str:
+        return next(i for i in node.input if i and i not in self.const)
+
+    def private_chain(self, consumer: int, roots: list[str]) -> list[int]:
+        """The initializer-only nodes computing `roots` that nothing but each other and `consumer` reads."""
+        chain, stack = set(), list(roots)
+        while stack:
+            k = self.producer.get(stack.pop())
+            if k is not None and k not in chain and k not in self.moved:
+                chain.add(k)
+                stack += [i for i in self.nodes[k].input if i]
+        changed = True
+        while changed:  # a node read from outside the chain stays where it is, and so do its inputs' producers
+            outside = {k for k in chain if any(r not in chain and r != consumer
+                                               for o in self.nodes[k].output for r in self.readers.get(o, ()))}
+            changed = bool(outside)
+            chain -= outside
+            for k in outside:
+                chain -= self._ancestors(k)
+        return sorted(chain)
+
+    def _ancestors(self, k: int) -> set[int]:
+        found, stack = set(), [i for i in self.nodes[k].input if i]
+        while stack:
+            p = self.producer.get(stack.pop())
+            if p is not None and p not in found:
+                found.add(p)
+                stack += [i for i in self.nodes[p].input if i]
+        return found
+
+    def gate(self, consumer: int, roots: list[str], after: str) -> list[Any]:
+        """Gate nodes then the private chain of `consumer`'s dequantized inputs, reading `after` first."""
+        import onnx
+        from onnx.helper import make_node
+
+        chain = self.private_chain(consumer, roots)
+        reads = [(k, j) for k in chain for j, i in enumerate(self.nodes[k].input)
+                 if i in self.inits and source_weight(i) is not None
+                 and self.inits[i].data_type != onnx.TensorProto.UINT4]
+        if not reads:
+            return []
+        g = f"{GATE_PREFIX}{consumer}"
+        front = [make_node("Size", [after], [g + "_size"], name=g + "_size"),
+                 make_node("Mul", [g + "_size", GATE_PREFIX + "zero"], [g + "_zero"], name=g + "_zero")]
+        self.extra_inits.setdefault(GATE_PREFIX + "zero", onnx.numpy_helper.from_array(np.array(0, np.int64),
+                                                                                        GATE_PREFIX + "zero"))
+        gated: dict[str, str] = {}
+        for k, j in reads:
+            name = self.nodes[k].input[j]
+            if name not in gated:
+                dims = list(self.inits[name].dims)
+                shape = GATE_PREFIX + "shape_" + "x".join(map(str, dims))
+                self.extra_inits.setdefault(shape, onnx.numpy_helper.from_array(np.array(dims, np.int64), shape))
+                gated[name] = f"{g}.{name}"
+                front += [make_node("Add", [shape, g + "_zero"], [gated[name] + "_shape"], name=gated[name] + "_shape"),
+                          make_node("Reshape", [name, gated[name] + "_shape"], [gated[name]], name=gated[name])]
+            self.nodes[k].input[j] = gated[name]
+        self.moved.update(chain)
+        return front + [self.nodes[k] for k in chain]
+
+
+def _depends_on_initializers_only(node: Any, const: set[str]) -> bool:
+    return all(not i or i in const for i in node.input)
+
+
+def _dequantized_tensors(graph: Any) -> tuple[dict[str, str], set[str], dict[str, Any]]:
+    """(tensor computed from initializers only, at least one quantized -> the float weight it stands for;
+    every tensor computed from initializers only; the node producing each tensor)."""
+    const: set[str] = {i.name for i in graph.initializer}
+    source: dict[str, str] = {}
+    producer: dict[str, Any] = {}
+    for node in graph.node:
+        producer.update({o: node for o in node.output})
+        if _depends_on_initializers_only(node, const):
+            const.update(node.output)
+            found = {source.get(i) or source_weight(i) for i in node.input if i} - {None}
+            if found:
+                source.update({o: min(found) for o in node.output})
+    return source, const, producer
+
+
+def _keep_needed(graph: Any, nodes: list[Any]) -> None:
+    """Set graph's nodes to those of `nodes` the outputs need (originals whose every use went to a copy go)."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+
+
+class _CloneContext:
+    """Copies of dequantization chains: the k-th copy reads each quantized initializer through the k-th
+    same-shape Reshape (UINT4 tensors have no Reshape kernel: they are read as they are, the chain's other
+    inputs, the scales, still differ)."""
+
+    def __init__(self, inits: dict[str, Any], producer: dict[str, Any]):
+        self.inits, self.producer, self.extra_inits = inits, producer, []
+
+    def clone(self, name: str, k: int, out: list[Any]) -> str:
+        return self._clone(name, k, out, {})
+
+    def _clone(self, name: str, k: int, out: list[Any], done: dict[str, str]) -> str:
+        """Append copies of the nodes computing `name` from initializers to `out`; return the copy's name."""
+        import onnx
+
+        if name not in done:
+            if name in self.inits:
+                done[name] = self._reshaped(name, k, out)
+            elif name not in self.producer:
+                done[name] = name
+            else:
+                node = self.producer[name]
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.name = f"{node.name}__rc{k}"
+                copy.input[:] = [self._clone(i, k, out, done) if i else i for i in node.input]
+                copy.output[:] = [f"{o}__rc{k}" for o in node.output]
+                out.append(copy)
+                done.update(zip(node.output, copy.output))
+        return done[name]
+
+    def _reshaped(self, name: str, k: int, out: list[Any]) -> str:
+        import onnx
+
+        init = self.inits[name]
+        if source_weight(name) is None or init.data_type == onnx.TensorProto.UINT4 or len(init.dims) != 2:
+            return name
+        shape = [d if v is None else v for d, v in zip(init.dims, _SAME_SHAPE[(k - 2) % len(_SAME_SHAPE)])]
+        shape_name = f"recompute_shape{k}.{name}"  # not an artifact name: stays inside the graph
+        self.extra_inits.append(onnx.numpy_helper.from_array(np.array(shape, dtype=np.int64), shape_name))
+        new = f"{name}__rc{k}"
+        out.append(onnx.helper.make_node("Reshape", [name, shape_name], [new], name=new))
+        return new
+
+
+# ---- the int4 (and int8-asym) graph ---------------------------------------------
+
+DOMAIN = "devft"  # the placeholder's domain while tracing; lower_int4 leaves only ai.onnx ops
+
+
+def onnx_translations() -> dict[Any, Any]:
+    """torch.onnx.export's custom_translation_table: dequantize_int4 becomes a placeholder node that
+    `lower_int4` replaces (an int4 qweight must become a UINT4 tensor first, which no translation can do)."""
+    import onnx
+    import onnxscript
+
+    if not onnx.defs.has("DequantizeInt4", domain=DOMAIN):  # onnxscript builds nodes of known schemas only
+        param = onnx.defs.OpSchema.FormalParameter
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "DequantizeInt4", DOMAIN, 1, inputs=[param("qweight", "tensor(uint8)"), param("qscale", "tensor(float16)"),
+                                                 param("qmin", "tensor(float16)")],
+            outputs=[param("weight", "tensor(float)")]))
+    opset = onnxscript.values.Opset(domain=DOMAIN, version=1)
+
+    def translate(qweight: Any, qscale: Any, qmin: Any) -> Any:
+        return opset.DequantizeInt4(qweight, qscale, qmin)
+
+    return {torch.ops.devft.dequantize_int4.default: translate}
+
+
+def stored_array(init: Any) -> np.ndarray:
+    """An initializer's bytes as the weight file holds them: UINT4 tensors two values a byte (uint8)."""
+    import onnx
+
+    if init.data_type == onnx.TensorProto.UINT4:
+        rows, cols = init.dims
+        return np.frombuffer(init.raw_data, dtype=np.uint8).reshape(rows, cols // 2)
+    return onnx.numpy_helper.to_array(init)
+
+
+def stored_shape(init: Any) -> list[int]:
+    """The shape of stored_array(init), from the initializer's declared type and dims."""
+    import onnx
+
+    dims = list(init.dims)
+    return [dims[0], dims[1] // 2] if init.data_type == onnx.TensorProto.UINT4 else dims
+
+
+def lower_int4(model: Any) -> int:
+    """Replace every DequantizeInt4 placeholder by ai.onnx ops: an int4 qweight becomes a UINT4 [rows, cols]
+    initializer (the same bytes; an int8-asym one stays UINT8 [rows, cols]), dequantized by one opset-21
+    DequantizeLinear with block_size 32 (Cast of the float16 scales first: its output takes the scale's type),
+    then + min per block (Reshape, Add, Reshape; the Reshapes alias). Two passes over the float weight where the
+    traced torch unpacking took a dozen. Raises the model's ai.onnx opset to 21. Returns how many were lowered."""
+    import onnx
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, consts, lowered = [], {}, 0
+    for node in graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        nodes += _int4_nodes(node, _codes(inits[node.input[0]], inits[node.input[1]]), consts)
+        lowered += 1
+    if not lowered:
+        return 0
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
+    kept = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, INT4_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+    return lowered
+
+
+def _codes(qweight: Any, qscale: Any) -> tuple[int, int]:
+    """The (rows, cols) of a placeholder's weight: a qweight with a value a byte (int8-asym: UINT8, as it is)
+    or, retyped, two a byte (int4)."""
+    if qweight.dims[1] == qscale.dims[1] * BLOCK:
+        return int(qweight.dims[0]), int(qweight.dims[1])
+    return _as_uint4(qweight)
+
+
+def _as_uint4(init: Any) -> tuple[int, int]:
+    """Retype a uint8 [rows, cols / 2] qweight initializer as UINT4 [rows, cols] (ONNX packs 4-bit tensors two
+    a byte, low nibble first: the bytes stay); returns (rows, cols)."""
+    import onnx
+
+    if init.data_type != onnx.TensorProto.UINT4:
+        packed = onnx.numpy_helper.to_array(init).astype(np.uint8)
+        for field in ("int32_data", "raw_data"):
+            init.ClearField(field)
+        init.data_type = onnx.TensorProto.UINT4
+        del init.dims[:]
+        init.dims.extend([packed.shape[0], 2 * packed.shape[1]])
+        init.raw_data = packed.tobytes()
+    return int(init.dims[0]), int(init.dims[1])
+
+
+def lower_int8(model: Any) -> int:
+    """Replace each traced int8 dequantization (Cast to float, Reshape to blocks, Mul by the unsqueezed scales)
+    by one opset-21 blockwise DequantizeLinear (block_size 32) and an aliasing Reshape: the same q * scale, one
+    float32 multiplication, bit for bit, without the Cast's float copy of the weight beside the product (the
+    LM head's vocabulary slice: 13.5 MiB for SmolLM2). Raises the model's ai.onnx opset to 21. Returns how many
+    were lowered."""
+    from onnx.helper import make_node
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output if o}
+    inits = {i.name: i for i in graph.initializer}
+    nodes, lowered = [], 0
+    for node in graph.node:
+        found = _int8_dequantization(node, producer, inits) if node.op_type == "Mul" else None
+        if found is None:
+            nodes.append(node)
+            continue
+        q, scale, blocks_shape = found
+        t = f"{node.output[0]}/int8_dq"
+        nodes += [make_node("DequantizeLinear", [q, scale], [t], axis=1, block_size=BLOCK, name=t),
+                  make_node("Reshape", [t, blocks_shape], [node.output[0]], name=f"{node.output[0]}/int8_blocks")]
+        lowered += 1
+    if not lowered:
+        return 0
+    _keep_needed(graph, nodes)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, INT4_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+    return lowered
+
+
+def _int8_dequantization(mul: Any, producer: dict[str, Any], inits: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(int8 codes, float scales, blocks shape) if `mul` is Reshape(Cast(int8 codes), blocks) x Unsqueeze(scales)
+    with both read from quantized initializers (directly, sliced or through a recompute Reshape)."""
+    import onnx
+
+    for a, b in ((0, 1), (1, 0)):
+        view, unsq = producer.get(mul.input[a]), producer.get(mul.input[b])
+        if view is None or unsq is None or view.op_type != "Reshape" or unsq.op_type != "Unsqueeze":
+            continue
+        cast = producer.get(view.input[0])
+        if (cast is None or cast.op_type != "Cast"
+                or next(x.i for x in cast.attribute if x.name == "to") != onnx.TensorProto.FLOAT):
+            continue
+        q, scale = _initializer_root(cast.input[0], producer, inits), _initializer_root(unsq.input[0], producer, inits)
+        if (q is not None and scale is not None and q.data_type == onnx.TensorProto.INT8
+                and q.name.endswith("." + QWEIGHT) and scale.name.endswith("." + QSCALE)):
+            return cast.input[0], unsq.input[0], view.input[1]
+    return None
+
+
+def _initializer_root(name: str, producer: dict[str, Any], inits: dict[str, Any]) -> Any:
+    """The initializer `name` reads, through Slice and Reshape nodes (which keep the dtype), or None."""
+    while name not in inits:
+        node = producer.get(name)
+        if node is None or node.op_type not in ("Slice", "Reshape"):
+            return None
+        name = node.input[0]
+    return inits[name]
+
+
+def _int4_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[int]]) -> list[Any]:
+    from onnx import TensorProto
+    from onnx.helper import make_node
+
+    qweight, qscale, qmin = node.input
+    rows, cols = shape
+    blocks, flat, axis = f"int4_blocks_{rows}x{cols}", f"int4_rows_{rows}x{cols}", "int4_axis_2"
+    consts.update({blocks: [rows, cols // BLOCK, BLOCK], flat: [rows, cols], axis: [2]})
+    out, t = node.output[0], f"{node.output[0]}/int4"
+    return [make_node("Cast", [qscale], [t + "_scale"], to=TensorProto.FLOAT, name=t + "_scale"),
+            make_node("DequantizeLinear", [qweight, t + "_scale"], [t + "_qs"], axis=1, block_size=BLOCK,
+                      name=t + "_dq"),
+            make_node("Reshape", [t + "_qs", blocks], [t + "_blocks"], name=t + "_blocks"),
+            make_node("Cast", [qmin], [t + "_min"], to=TensorProto.FLOAT, name=t + "_min"),
+            make_node("Unsqueeze", [t + "_min", axis], [t + "_min3"], name=t + "_min3"),
+            make_node("Add", [t + "_blocks", t + "_min3"], [t + "_sum"], name=t + "_add"),
+            make_node("Reshape", [t + "_sum", flat], [out], name=t + "_out")]
