@@ -52,7 +52,7 @@ import onnx
 import torch
 from safetensors.numpy import save_file
 
-from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME
+from edge_runtime.backends.onnx_backend import MIN_ONNXRUNTIME, QUANTIZED_MIN_ONNXRUNTIME
 from edge_runtime.batching import MIN_SEQ_LEN
 from edge_runtime.manifest import WEIGHT_FORMATS, InputSpec, Manifest, TensorSpec
 from export import naming
@@ -334,7 +334,7 @@ def _trainable_specs(peft_model: Any, lora: Sequence[str]) -> list[TensorSpec]:
 def _versions(model: onnx.ModelProto) -> dict[str, Any]:
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return {"opset": opset, "ir_version": model.ir_version,  # int4's blockwise DequantizeLinear: opset 21, ORT 1.20
-            "min_onnxruntime": MIN_ONNXRUNTIME if opset <= OPSET else "1.20.0",
+            "min_onnxruntime": MIN_ONNXRUNTIME if opset <= OPSET else QUANTIZED_MIN_ONNXRUNTIME,
             "train_graph": TRAIN_GRAPH, "eval_graph": EVAL_GRAPH, "initial_lora": INITIAL_LORA,
             "exporter": f"torch=={torch.__version__}", "onnx": version("onnx"), "onnxscript": version("onnxscript"),
             "transformers": version("transformers"), "peft": version("peft")}

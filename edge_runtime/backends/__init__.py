@@ -91,13 +91,10 @@ def runtime_versions() -> dict[str, str]:
     return found
 
 
-QUANTIZED_MIN_ONNXRUNTIME = "1.20.0"  # every quantized graph dequantizes with opset 21's blockwise DequantizeLinear
-
-
 def weight_formats(onnxruntime_version: str) -> list[str]:
     """The frozen-weight formats an onnxruntime of this version runs (the hello's `weights`): the quantized ones
     from 1.20 on, so an older device is refused at hello in a quantized run, not when its stage fails to load."""
-    from edge_runtime.backends.onnx_backend import version_tuple
+    from edge_runtime.backends.onnx_backend import QUANTIZED_MIN_ONNXRUNTIME, version_tuple
 
     new_enough = version_tuple(onnxruntime_version) >= version_tuple(QUANTIZED_MIN_ONNXRUNTIME)
     return [w for w in WEIGHT_SCHEMES if w == "fp32" or new_enough]

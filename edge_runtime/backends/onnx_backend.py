@@ -32,6 +32,8 @@ GRAD_PREFIX = "grad."
 # The oldest onnxruntime that runs the exported graphs (opset 20 arrived in 1.17); export/onnx.py records it
 # in the manifest and a device below it refuses at startup, naming the version it needs.
 MIN_ONNXRUNTIME = "1.17.0"
+# Graphs with quantized frozen weights dequantize with opset 21's blockwise DequantizeLinear (onnxruntime 1.20)
+QUANTIZED_MIN_ONNXRUNTIME = "1.20.0"
 
 
 @dataclass(frozen=True)
