@@ -54,7 +54,7 @@ QWEIGHT, QSCALE, QMIN = "qweight", "qscale", "qmin"  # buffer (and ONNX initiali
 TABLE = "table"  # the tied embedding's QuantLinear, registered under the embedding module
 TABLE_SCHEME = {"int8": "int8-sym", "int4": "int8-sym"}  # the tied embedding / LM head's own scheme under each
 INT4_OPSET = 21  # DequantizeLinear on UINT4 / UINT8 with block_size
-QUANT_GRAPH = 2  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
+QUANT_GRAPH = 3  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
 
 
 def check_scheme(scheme: str) -> str:

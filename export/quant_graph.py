@@ -23,16 +23,19 @@ from export.quant import BLOCK, INT4_OPSET, QSCALE, QWEIGHT, source_weight
 _SAME_SHAPE = ((-1, None), (None, -1), (0, None), (None, 0), (0, -1), (-1, 0), (0, 0), (None, None))
 
 
-def dequant_recompute(graph: Any) -> int:
-    """Give every consumer of a dequantized weight but the first its own copy of the dequantization.
+def dequant_recompute(graph: Any, loss: str = "loss") -> int:
+    """Give each backward consumer of a dequantized weight its own copy of the dequantization.
 
     Autograd keeps the tensors the backward reads from the forward, and for a frozen Linear that is the
     float weight: traced as is, every layer's dequantized weight would live from its forward to its backward,
     all of them at once at the turn, the fp32 model again. With the chain (Cast, Mul by the scales, ...)
-    repeated in front of its later consumers, each float weight lives for one use, at the cost of dequantizing
-    again in the backward (for int4 one DequantizeLinear and one Add: benchmarks/RESULTS.md weighs the two).
-    Returns how many chains were added."""
+    repeated in front of its backward consumers, each float weight lives for its forward use and again for
+    its backward use, at the cost of dequantizing again in the backward (for int4 one DequantizeLinear and
+    one Add: benchmarks/RESULTS.md weighs the two). A second consumer in the forward (an ancestor of the
+    `loss` output: the LM head's two products of one vocabulary slice) shares the first one's result, which
+    defer_dequantization then computes just before the first of them. Returns how many chains were added."""
     source, const, producer = _dequantized_tensors(graph)
+    forward = _ancestors_of(graph, loss)
     ctx = _CloneContext({i.name: i for i in graph.initializer}, producer)
     uses: Counter[str] = Counter()
     out_nodes, added = [], 0
@@ -41,13 +44,26 @@ def dequant_recompute(graph: Any) -> int:
             for j, name in enumerate(node.input):
                 if name in source:
                     uses[source[name]] += 1
-                    if uses[source[name]] > 1:
+                    if uses[source[name]] > 1 and id(node) not in forward:
                         node.input[j] = ctx.clone(name, uses[source[name]], out_nodes)
                         added += 1
         out_nodes.append(node)
     graph.initializer.extend(ctx.extra_inits)
     _keep_needed(graph, out_nodes)
     return added
+
+
+def _ancestors_of(graph: Any, output: str) -> set[int]:
+    """id() of every node `output` depends on (the forward of a training graph, when `output` is its loss)."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    found: set[int] = set()
+    stack = [output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in found:
+            found.add(id(node))
+            stack += [i for i in node.input if i]
+    return found
 
 
 GATE_PREFIX = "dequant_gate_"  # the nodes defer_dequantization adds (their names make the pass idempotent)
@@ -115,7 +131,7 @@ class _Gates:
         return next(i for i in node.input if i and i not in self.const)
 
     def private_chain(self, consumer: int, roots: list[str]) -> list[int]:
-        """The initializer-only nodes computing `roots` that nothing but each other and `consumer` reads."""
+        """The initializer-only nodes computing `roots` that nothing before `consumer` reads but each other."""
         chain, stack = set(), list(roots)
         while stack:
             k = self.producer.get(stack.pop())
@@ -123,8 +139,9 @@ class _Gates:
                 chain.add(k)
                 stack += [i for i in self.nodes[k].input if i]
         changed = True
-        while changed:  # a node read from outside the chain stays where it is, and so do its inputs' producers
-            outside = {k for k in chain if any(r not in chain and r != consumer
+        while changed:  # a node read before `consumer` from outside the chain stays where it is, and so do its
+            # inputs' producers (a later reader, such as the LM head slice's second product, reads it there)
+            outside = {k for k in chain if any(r not in chain and r < consumer
                                                for o in self.nodes[k].output for r in self.readers.get(o, ()))}
             changed = bool(outside)
             chain -= outside
@@ -294,10 +311,11 @@ def stored_shape(init: Any) -> list[int]:
 
 def lower_int4(model: Any) -> int:
     """Replace every DequantizeInt4 placeholder by ai.onnx ops: an int4 qweight becomes a UINT4 [rows, cols]
-    initializer (the same bytes; an int8-asym one stays UINT8 [rows, cols]), dequantized by one opset-21
-    DequantizeLinear with block_size 32 (Cast of the float16 scales first: its output takes the scale's type),
-    then + min per block (Reshape, Add, Reshape; the Reshapes alias). Two passes over the float weight where the
-    traced torch unpacking took a dozen. Raises the model's ai.onnx opset to 21. Returns how many were lowered."""
+    initializer (the same bytes), dequantized by one opset-21 DequantizeLinear with block_size 32 (Cast of the
+    float16 scales first: its output takes the scale's type), then + min per block (Reshape, Add, Reshape; the
+    Reshapes alias); an int8-asym one stays UINT8 [rows, cols] and is dequantized one block a row
+    (`_per_block_nodes`). Two passes over the float weight where the traced torch unpacking took a dozen.
+    Raises the model's ai.onnx opset to 21. Returns how many were lowered."""
     import onnx
 
     graph = model.graph
@@ -307,10 +325,15 @@ def lower_int4(model: Any) -> int:
         if node.domain != DOMAIN:
             nodes.append(node)
             continue
-        nodes += _int4_nodes(node, _codes(inits[node.input[0]], inits[node.input[1]]), consts)
+        shape = _codes(inits[node.input[0]], inits[node.input[1]])
+        if inits[node.input[0]].data_type == onnx.TensorProto.UINT4:
+            nodes += _int4_nodes(node, shape, consts)
+        else:
+            nodes += _per_block_nodes(node, shape, consts)
         lowered += 1
     if not lowered:
         return 0
+    _block_shapes(graph)
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
@@ -350,10 +373,11 @@ def _as_uint4(init: Any) -> tuple[int, int]:
 
 def lower_int8(model: Any) -> int:
     """Replace each traced int8 dequantization (Cast to float, Reshape to blocks, Mul by the unsqueezed scales)
-    by one opset-21 blockwise DequantizeLinear (block_size 32) and an aliasing Reshape: the same q * scale, one
-    float32 multiplication, bit for bit, without the Cast's float copy of the weight beside the product (the
-    LM head's vocabulary slice: 13.5 MiB for SmolLM2). Raises the model's ai.onnx opset to 21. Returns how many
-    were lowered."""
+    by one per-row DequantizeLinear over the codes viewed as [blocks, 32] (each block a row, its scale that
+    row's, as `_per_block_nodes` does for int8-asym) and aliasing Reshapes: the same q * scale, one float32
+    multiplication, bit for bit, without the Cast's float copy of the weight beside the product (the LM head's
+    vocabulary slice: 13.5 MiB for SmolLM2). Raises the model's ai.onnx opset to 21. Returns how many were
+    lowered."""
     from onnx.helper import make_node
 
     graph = model.graph
@@ -366,18 +390,35 @@ def lower_int8(model: Any) -> int:
             nodes.append(node)
             continue
         q, scale, blocks_shape = found
-        t = f"{node.output[0]}/int8_dq"
-        nodes += [make_node("DequantizeLinear", [q, scale], [t], axis=1, block_size=BLOCK, name=t),
-                  make_node("Reshape", [t, blocks_shape], [node.output[0]], name=f"{node.output[0]}/int8_blocks")]
+        t = f"{node.output[0]}/int8"
+        nodes += [make_node("Reshape", [q, BLOCK_ROWS], [t + "_q"], name=t + "_q"),
+                  make_node("Reshape", [scale, FLAT], [t + "_scale"], name=t + "_scale"),
+                  make_node("DequantizeLinear", [t + "_q", t + "_scale"], [t + "_dq"], axis=0, name=t + "_dq"),
+                  make_node("Reshape", [t + "_dq", blocks_shape], [node.output[0]], name=f"{node.output[0]}/int8_blocks")]
         lowered += 1
     if not lowered:
         return 0
+    _block_shapes(graph)
     _keep_needed(graph, nodes)
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = max(o.version, INT4_OPSET)
     model.ir_version = max(model.ir_version, 10)
     return lowered
+
+
+BLOCK_ROWS, FLAT, BLOCK_COLUMN = "dq_block_rows", "dq_flat", "dq_block_column"  # Reshape shapes of the lowerings
+
+
+def _block_shapes(graph: Any) -> None:
+    """The lowerings' shared Reshape shapes, as initializers (once): codes as [blocks, 32], scales flat, minimums
+    as a [blocks, 1] column."""
+    import onnx
+
+    have = {i.name for i in graph.initializer}
+    for name, shape in ((BLOCK_ROWS, [-1, BLOCK]), (FLAT, [-1]), (BLOCK_COLUMN, [-1, 1])):
+        if name not in have:
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(shape, dtype=np.int64), name))
 
 
 def _int8_dequantization(mul: Any, producer: dict[str, Any], inits: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -426,4 +467,31 @@ def _int4_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[int]])
             make_node("Cast", [qmin], [t + "_min"], to=TensorProto.FLOAT, name=t + "_min"),
             make_node("Unsqueeze", [t + "_min", axis], [t + "_min3"], name=t + "_min3"),
             make_node("Add", [t + "_blocks", t + "_min3"], [t + "_sum"], name=t + "_add"),
+            make_node("Reshape", [t + "_sum", flat], [out], name=t + "_out")]
+
+
+def _per_block_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[int]]) -> list[Any]:
+    """int8-asym's dequantization (uint8 codes, a value a byte), one block a row.
+
+    The codes viewed as [blocks, 32] (an alias) go through a per-axis DequantizeLinear (axis 0, one scale a
+    row), the minimums as a [blocks, 1] column are added, and the result is viewed as the weight again. The
+    values are the blockwise DequantizeLinear's bit for bit, at about half its time on onnxruntime's CPU
+    kernels (SmolLM2's 6144 x 576 head slice, one thread: 0.75 against 1.55 ns a value for int8, 1.3 against
+    2.9 with the Add; benchmarks/RESULTS.md). UINT4 codes have no Reshape kernel and stay blockwise
+    (`_int4_nodes`)."""
+    from onnx import TensorProto
+    from onnx.helper import make_node
+
+    qweight, qscale, qmin = node.input
+    rows, cols = shape
+    flat = f"int4_rows_{rows}x{cols}"
+    consts[flat] = [rows, cols]
+    out, t = node.output[0], f"{node.output[0]}/asym"
+    return [make_node("Reshape", [qweight, BLOCK_ROWS], [t + "_q"], name=t + "_q"),
+            make_node("Cast", [qscale], [t + "_scale16"], to=TensorProto.FLOAT, name=t + "_scale16"),
+            make_node("Reshape", [t + "_scale16", FLAT], [t + "_scale"], name=t + "_scale"),
+            make_node("DequantizeLinear", [t + "_q", t + "_scale"], [t + "_qs"], axis=0, name=t + "_dq"),
+            make_node("Cast", [qmin], [t + "_min16"], to=TensorProto.FLOAT, name=t + "_min16"),
+            make_node("Reshape", [t + "_min16", BLOCK_COLUMN], [t + "_min"], name=t + "_min"),
+            make_node("Add", [t + "_qs", t + "_min"], [t + "_sum"], name=t + "_add"),
             make_node("Reshape", [t + "_sum", flat], [out], name=t + "_out")]

@@ -153,32 +153,46 @@ def test_quantization_is_exact_and_idempotent(scheme):
     assert (dq[3, :32] == 0).all()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", TABLE_SCHEME["int8"]])
 def test_numpy_and_onnxruntime_dequantize_bit_for_bit(scheme):
-    """The server's dequantize() (numpy) and a device's graph (the lowered DequantizeLinear + Add on onnxruntime)
-    give the same float32 bits, the simulation's values are the fleet's."""
+    """The server's dequantize() (numpy) and a device's graph (the lowered DequantizeLinear + Add on onnxruntime:
+    UINT4 codes blockwise, a byte a value one block a row; the table's traced Cast/Mul lowered by lower_int8) give
+    the same float32 bits, the simulation's values are the fleet's."""
     import onnxruntime as ort
     import torch
     from onnx import helper
 
-    from export.quant_graph import DOMAIN, lower_int4
+    from export.quant_graph import DOMAIN, lower_int4, lower_int8
 
     rng = np.random.default_rng(3)
     w = (rng.normal(0, 0.05, (40, 128)) + rng.normal(0, 0.02, (40, 1))).astype(np.float32)
     parts = quantize(w, scheme)
-    inits = [onnx.numpy_helper.from_array(parts[k], k) for k in ("qweight", "qscale", "qmin")]
-    node = helper.make_node("DequantizeInt4", ["qweight", "qscale", "qmin"], ["weight"], domain=DOMAIN)
-    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("weight", onnx.TensorProto.FLOAT, None)],
+    names = {k: f"t.{k}" for k in parts}
+    inits = [onnx.numpy_helper.from_array(parts[k], names[k]) for k in parts]
+    const = lambda name, v: onnx.numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    if scheme == TABLE_SCHEME["int8"]:  # as torch traces export.quant._dequantize_torch
+        nodes = [helper.make_node("Cast", [names["qweight"]], ["f"], to=onnx.TensorProto.FLOAT),
+                 helper.make_node("Reshape", ["f", "blocks"], ["fb"]),
+                 helper.make_node("Unsqueeze", [names["qscale"], "axis"], ["s"]),
+                 helper.make_node("Mul", ["fb", "s"], ["wb"]), helper.make_node("Reshape", ["wb", "rows"], ["weight"])]
+        inits += [const("blocks", [40, 4, 32]), const("axis", [-1]), const("rows", [40, 128])]
+    else:
+        nodes = [helper.make_node("DequantizeInt4", [names[k] for k in ("qweight", "qscale", "qmin")], ["weight"],
+                                  domain=DOMAIN)]
+    graph = helper.make_graph(nodes, "dq", [], [helper.make_tensor_value_info("weight", onnx.TensorProto.FLOAT, None)],
                               initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
-    assert lower_int4(model) == 1 and {n.domain for n in model.graph.node} == {""}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
-    code_type = next(i.data_type for i in model.graph.initializer if i.name == dq.input[0])
-    assert code_type == (onnx.TensorProto.UINT4 if scheme == "int4" else onnx.TensorProto.UINT8)
+    assert (lower_int8 if scheme == TABLE_SCHEME["int8"] else lower_int4)(model) == 1
+    assert {n.domain for n in model.graph.node} == {""} and "Cast" not in {
+        n.op_type for n in model.graph.node if n.input[0] == names["qweight"]}
+    code_type = next(i.data_type for i in model.graph.initializer if i.name == names["qweight"])
+    assert code_type == {"int4": onnx.TensorProto.UINT4, "int8": onnx.TensorProto.UINT8}.get(scheme, onnx.TensorProto.INT8)
     (device,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
     server = dequantize(parts, scheme)
-    traced = torch.ops.devft.dequantize_int4(*(torch.from_numpy(parts[k]) for k in ("qweight", "qscale", "qmin")))
-    assert device.dtype == np.float32 and device.tobytes() == server.tobytes() == traced.numpy().tobytes()
+    assert device.dtype == np.float32 and device.tobytes() == server.tobytes()
+    if scheme != TABLE_SCHEME["int8"]:
+        traced = torch.ops.devft.dequantize_int4(*(torch.from_numpy(parts[k]) for k in ("qweight", "qscale", "qmin")))
+        assert traced.numpy().tobytes() == server.tobytes()
     assert not np.array_equal(server, w)
 
 
