@@ -66,13 +66,18 @@ SHAPES = {"smollm2-1.7b-shape": dict(hidden_size=2048, intermediate_size=8192, n
                                      tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
                                      rope_theta=130000.0)}
 STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
-BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
-# the portable format with its frozen weights stored quantized (export --weights int8/int4, export/quant.py)
-QUANTIZED = {"onnx-int8": "int8", "onnx-int4": "int4"}
-ARTIFACT_BACKENDS = ("onnx", "onnx-int8", "onnx-int4", "ort", "executorch")
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4", "onnx-recompute", "onnx-int8-recompute", "onnx-int4-recompute",
+            "ort", "executorch")
+# variants of the portable format: (frozen weights as stored: export --weights, export/quant.py; whether the
+# training graph recomputes each layer's activations in its backward: export --recompute, export/recompute.py)
+VARIANTS = {"onnx": ("fp32", False), "onnx-int8": ("int8", False), "onnx-int4": ("int4", False),
+            "onnx-recompute": ("fp32", True), "onnx-int8-recompute": ("int8", True),
+            "onnx-int4-recompute": ("int4", True)}
+ARTIFACT_BACKENDS = (*VARIANTS, "ort", "executorch")
 LR = 1e-4
-CACHE_VERSION = 5  # bump when the submodel recipe or export settings change (4: the head slices chained; 5: quantized
-# graphs: dequantizations deferred to their use, the table's int8 as DequantizeLinear)
+CACHE_VERSION = 6  # bump when the submodel recipe or export settings change (4: the head slices chained; 5: quantized
+# graphs: dequantizations deferred to their use, the table's int8 as DequantizeLinear; 6: a byte a value dequantized
+# one block a row, the head slice's two products share one dequantization)
 
 
 # --------------------------------------------------------------------------- preparation (server side)
@@ -193,11 +198,12 @@ def _build(todo: dict[int, list[str]]) -> None:
         sub.float()
         for b in backends:
             if b in ARTIFACT_BACKENDS and not (d / b / "manifest.json").exists():
-                export.export_artifacts("onnx" if b in QUANTIZED else b, sub, d / b,
+                weights, recompute = VARIANTS.get(b, ("fp32", False))
+                export.export_artifacts("onnx" if b in VARIANTS else b, sub, d / b,
                                         export.StageInfo(stage=0, groups=plan.groups, anchors=plan.anchors),
                                         seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH,
                                         template_root=None if b == "executorch" else cache_root(),
-                                        weights=QUANTIZED.get(b, "fp32"))
+                                        weights=weights, recompute=recompute)
         if not (d / "stage.json").exists():
             inner = sub.get_base_model()
             emb = inner.model.embed_tokens.weight
@@ -262,7 +268,7 @@ def floor(row: dict[str, Any], info: dict[str, Any], baseline: int | None) -> di
         return None
     rows = row.get("micro_batch") or row["batch"]  # a micro-batched step holds the activations of its rows
     supervised = min(row["supervised_positions"], rows * (row["seq"] - 1))
-    act = activation_bytes(full, rows, row["seq"], supervised)
+    act = activation_bytes(full, rows, row["seq"], supervised, recompute=VARIANTS.get(row["backend"], ("", False))[1])
     head = act["head_full"] if row["backend"] == "torch" else act["head_chunked"]
     parts = {"weights": int(row.get("frozen_bytes") or info.get("frozen_bytes", 0)),
              "lora_state": lora_state_copies(row["batch"], rows) * int(info.get("lora_bytes", 0)),
@@ -575,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                    "of that configuration) or a local Hugging Face model directory")
     p.add_argument("--stages", help="comma-separated stage sizes (default: the model's DEVFT stages, 4,8,16,30)")
     p.add_argument("--backends", default="torch,onnx,ort,executorch",
-                   help=f"subset of {','.join(BACKENDS)} (onnx-int8/-int4: the portable format with quantized weights)")
+                   help=f"subset of {','.join(BACKENDS)} (onnx-int8/-int4: the portable format with quantized weights; "
+                        "-recompute: its graph recomputes each layer's activations in the backward)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"rows per step (default {DEFAULT_BATCH}); another model or batch than the default's "
                         "writes its own results file and RESULTS.md block (device-MODEL-bBATCH)")

@@ -83,6 +83,9 @@ class FileEntry:
     size: int
 
 
+ACTIVATIONS = ("keep", "recompute")  # Manifest.activations: what the training graph holds from forward to backward
+
+
 @dataclass
 class Manifest:
     """Everything a device needs to know about an artifact directory, serialised as JSON."""
@@ -101,6 +104,9 @@ class Manifest:
     # how the frozen weights are stored: "fp32", "int8-asym" or "int4-asym" (a float16 scale and minimum per block
     # of 32 inputs; export/quant.py); a device whose runtime cannot run a format refuses it
     weights: str = "fp32"
+    # "recompute": each decoder layer's backward recomputes the layer's forward from its input (export/recompute.py):
+    # the same inputs, outputs and values, less memory, more time; a runtime may pick its execution order by it
+    activations: str = "keep"
     tokenizer_file: str | None = None
     chat_template: str | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)  # filled by write_manifest
@@ -109,6 +115,7 @@ class Manifest:
     def __post_init__(self) -> None:
         check_one_of("backend", self.backend, BACKENDS, ManifestError)
         check_one_of("weights", self.weights, WEIGHT_SCHEMES, ManifestError, hint=_REEXPORT)
+        check_one_of("activations", self.activations, ACTIVATIONS, ManifestError, hint=_REEXPORT)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,6 +123,8 @@ class Manifest:
         d["inputs"] = [i.to_dict() for i in self.inputs]
         if d["weights"] == "fp32":  # absent means fp32: an fp32 manifest stays readable by runtimes before the field
             del d["weights"]
+        if d["activations"] == "keep":  # likewise: absent means kept
+            del d["activations"]
         return d
 
     @classmethod

@@ -43,7 +43,8 @@ def _dims(cfg: dict[str, Any]) -> tuple[int, int, int, int, int]:
     return h, i, v, heads, kv
 
 
-def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int, rank: int = 8) -> dict[str, int]:
+def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int, rank: int = 8,
+                     recompute: bool = False) -> dict[str, int]:
     """fp32 bytes one batch's backward needs kept from its forward, per the graph LoRA training makes.
 
     Per decoder layer (T = batch x seq tokens): the layer input and its norm, q, k, v (after RoPE) and the
@@ -52,11 +53,15 @@ def activation_bytes(cfg: dict[str, Any], batch: int, seq: int, supervised: int,
     and product ([T, intermediate] each), and the rank-r LoRA intermediates of the seven projections. Plus the
     loss head's working set: two [supervised, vocab / chunks] float tensors at a time (logits and their
     softmax) in the portable graph's chunked head; the eager head holds the full [supervised, vocab] logits,
-    their log-softmax and its gradient."""
+    their log-softmax and its gradient.
+
+    `recompute` (export/recompute.py): the step keeps two [T, hidden] tensors a layer (its input and the
+    residual it hands on) and one layer's activations at a time, recomputed in its backward."""
     h, i, v, heads, kv = _dims(cfg)
     t = batch * seq
     per_layer = t * (6 * h + 2 * kv) + 4 * t * i + 2 * batch * heads * seq * seq + 7 * t * rank
-    return {"decoder": 4 * per_layer * int(cfg["num_hidden_layers"]),
+    n = int(cfg["num_hidden_layers"])
+    return {"decoder": 4 * (2 * t * h * n + per_layer if recompute else per_layer * n),
             "head_chunked": 4 * 2 * supervised * -(-v // LM_HEAD_CHUNKS), "head_full": 4 * 3 * supervised * v}
 
 
@@ -85,12 +90,13 @@ def lora_state_copies(batch: int, micro_batch: int | None = None) -> int:
 
 
 def floor_parts(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
-                weights: str = "fp32", runtime: int = RUNTIME_BYTES, micro_batch: int | None = None) -> dict[str, int]:
+                weights: str = "fp32", runtime: int = RUNTIME_BYTES, micro_batch: int | None = None,
+                recompute: bool = False) -> dict[str, int]:
     """The floor of one step of an `n_layers` stage, each part named, with every position supervised (the
     loss head's most): weights as stored, LoRA + gradients + AdamW's two moments, activations, runtime.
     `micro_batch` rows per graph run (None: the whole batch): the activations are those of that many rows."""
     rows = min(batch, micro_batch or batch)
-    act = activation_bytes({**cfg, "num_hidden_layers": n_layers}, rows, seq, rows * (seq - 1), rank)
+    act = activation_bytes({**cfg, "num_hidden_layers": n_layers}, rows, seq, rows * (seq - 1), rank, recompute)
     parts = {"weights": weight_bytes_of(cfg, n_layers, weights),
              "lora_state": lora_state_copies(batch, micro_batch) * lora_bytes_of(cfg, n_layers, rank),
              "activations": act["decoder"] + act["head_chunked"], "runtime": runtime}
@@ -98,11 +104,12 @@ def floor_parts(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, ran
 
 
 def predicted_peak_mb(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
-                      weights: str = "fp32", micro_batch: int | None = None) -> dict[str, Any]:
+                      weights: str = "fp32", micro_batch: int | None = None, recompute: bool = False) -> dict[str, Any]:
     """{"need_mb": the stage's predicted peak in whole MiB (rounded up), "floor_mb", the floor's parts in MiB,
     and the margin}: what a device must declare (`ram_mb`) to be sampled for the stage (`micro_batch`: the
-    round's rows per graph run)."""
-    floor = floor_parts(cfg, n_layers, batch=batch, seq=seq, rank=rank, weights=weights, micro_batch=micro_batch)
+    round's rows per graph run; `recompute`: the graphs recompute activations)."""
+    floor = floor_parts(cfg, n_layers, batch=batch, seq=seq, rank=rank, weights=weights, micro_batch=micro_batch,
+                        recompute=recompute)
     peak = PEAK_FACTOR * floor["total"] + PEAK_EXTRA_BYTES
     return {"need_mb": math.ceil(peak / MIB), "floor_mb": math.ceil(floor["total"] / MIB),
             "parts_mb": {k: round(v / MIB, 1) for k, v in floor.items() if k != "total"},

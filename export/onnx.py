@@ -69,6 +69,7 @@ from export.quant_graph import (
     stored_array,
     stored_shape,
 )
+from export.recompute import RECOMPUTE_GRAPH, recompute_layers
 
 FORMAT = "onnx"
 TRAIN_GRAPH = "train.onnx"
@@ -301,9 +302,11 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, sche
         _write_raw(out_dir / rel, array)
 
 
-def template_key(peft_model: Any, *, seq_len: int, weights: str = "fp32") -> str:
+def template_key(peft_model: Any, *, seq_len: int, weights: str = "fp32", recompute: bool = False) -> str:
     """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
     extra = {} if weights == "fp32" else {"weights": WEIGHT_FORMATS[weights], "graph": QUANT_GRAPH}  # fp32: as before
+    if recompute:
+        extra["activations"] = f"recompute-{RECOMPUTE_GRAPH}"
     return shape_key(peft_model, ("torch", "transformers", "peft", "onnx", "onnxscript"), format=FORMAT,
                      seq_len=seq_len, opset=OPSET, trace=TRACE, **extra)
 
@@ -340,15 +343,19 @@ def _versions(model: onnx.ModelProto) -> dict[str, Any]:
             "transformers": version("transformers"), "peft": version("peft")}
 
 
-def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: str = "fp32") -> Path:
-    """Trace and write the graphs (with this model's weights) into out_dir: the slow part, once per shape."""
+def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: str = "fp32",
+                    recompute: bool = False) -> Path:
+    """Trace and write the graphs (with this model's weights) into out_dir: the slow part, once per shape.
+    `recompute`: each decoder layer's backward recomputes its forward (export/recompute.py)."""
     check_exportable(peft_model, seq_len)
     ep, lora = trace_training_graph(peft_model, seq_len, weights)
     model = to_onnx(ep, lora)
     del ep
     lower_int4(model)
     lower_int8(model)
-    dequant_recompute(model.graph)
+    if recompute:  # before dequant_recompute: the layers' copies get their own dequantizations
+        recompute_layers(model.graph, LOSS)
+    dequant_recompute(model.graph, LOSS)
     with staging(out_dir) as (out, build):
         externalize_weights(model, build / WEIGHTS_DIR)
         if weights != "fp32":
@@ -361,12 +368,13 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: st
         onnx.save(eval_model, str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
                             trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
-                            versions=_versions(model), optimizer="adamw", weights=WEIGHT_FORMATS[weights])
+                            versions=_versions(model), optimizer="adamw", weights=WEIGHT_FORMATS[weights],
+                            activations="recompute" if recompute else "keep")
         return publish(build, out, manifest)
 
 
 def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, seq_len: int,
-                    weights: str = "fp32") -> tuple[Path, Manifest]:
+                    weights: str = "fp32", recompute: bool = False) -> tuple[Path, Manifest]:
     """The cached graphs of `peft_model`'s shape under template_root (directory, manifest), traced now if
     there are none yet or they were written by an older devft (another manifest format).
 
@@ -377,14 +385,14 @@ def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, s
     check_exportable(peft_model, seq_len)
     root = Path(template_root)
     root.mkdir(parents=True, exist_ok=True)
-    template = root / template_key(peft_model, seq_len=seq_len, weights=weights)
+    template = root / template_key(peft_model, seq_len=seq_len, weights=weights, recompute=recompute)
     with open(root / f"{template.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         try:
             return template, load_manifest(template, verify_hashes=False)
         except ManifestError:
             shutil.rmtree(template, ignore_errors=True)
-            export_template(peft_model, template, seq_len=seq_len, weights=weights)
+            export_template(peft_model, template, seq_len=seq_len, weights=weights, recompute=recompute)
             return template, load_manifest(template, verify_hashes=False)
 
 
@@ -397,13 +405,17 @@ def export_onnx_artifacts(
     seq_len: int,
     optimizer: str = "adamw",
     weights: str = "fp32",
+    recompute: bool = False,
 ) -> Path:
     """Write the portable artifacts of `peft_model` into out_dir, tracing only if no graph of its shape is cached.
 
     `weights` int8/int4 stores the frozen weights quantized (export/quant.py; the manifest records it).
+    `recompute`: the training graph recomputes each decoder layer's activations in its backward
+    (export/recompute.py; the manifest records it).
     Built beside out_dir and renamed into place, so a reader never sees a half-written directory.
     """
-    template, manifest = ensure_template(peft_model, template_root, seq_len=seq_len, weights=check_scheme(weights))
+    template, manifest = ensure_template(peft_model, template_root, seq_len=seq_len, weights=check_scheme(weights),
+                                         recompute=recompute)
     manifest.optimizer = optimizer
 
     def write_weights(build: Path) -> None:

@@ -128,6 +128,9 @@ class RunConfig:
     # frozen weights as devices store them: fp32, or int8 / int4 with a scale and minimum per 32 inputs (export/quant.py);
     # simulated clients and evaluation then use the same dequantized values (server_sdk/engine/quantized.py)
     weights: str = "fp32"
+    # devices' graphs recompute each decoder layer's activations in its backward (export/recompute.py): the same
+    # numbers, the step holds the layers' inputs instead of their insides (less memory, about a forward more time)
+    recompute: bool = False
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +243,8 @@ class RunConfig:
             check_choice(name, getattr(self, name), options)
 
     def _check_numbers(self) -> None:
+        if not isinstance(self.recompute, bool):
+            raise ConfigError(f"recompute={self.recompute!r} must be true or false, e.g. -o recompute=true")
         if not isinstance(self.schedule_expected_gain, (int, float)) or not 0 < self.schedule_expected_gain < 1:
             raise ConfigError(f"schedule_expected_gain={self.schedule_expected_gain!r} must lie in (0, 1), e.g. 0.05")
         if not isinstance(self.heal_lr, (int, float)) or not 0 < self.heal_lr < 1:
@@ -280,7 +285,8 @@ class RunConfig:
 # the field existed (RunConfig.identity, RunConfig.of_run); a default may have changed since (schedule)
 ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "schedule": "fixed", "schedule_expected_gain": 0.05,
                                "heal": "none", "heal_steps": 60, "heal_lr": 3e-4, "heal_examples": 64,
-                               "precision": "fp32", "optimizer": "adamw", "weights": "fp32", "micro_batch": None}
+                               "precision": "fp32", "optimizer": "adamw", "weights": "fp32", "micro_batch": None,
+                               "recompute": False}
 
 
 # the named run configs (package data: pyproject.toml); `devft run --config NAME` and the benchmarks load them

@@ -67,7 +67,7 @@ class SessionChoices:
     optimization: str = "all"
     folding: bool = False
     prepacking: bool = False
-    order: str = "priority"  # quantized weights: "default" unless chosen (OnnxTrainer; see QUANTIZED_ORDER)
+    order: str = "priority"  # quantized weights, recomputed activations: "default" unless chosen (see QUANTIZED_ORDER)
     release_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -90,6 +90,8 @@ DEFAULT_SESSION = SessionChoices()
 # dequantizations (inputs: initializers only, so ready at once) ahead of their use and held their float
 # results (SmolLM2 4-layer int8: peak 433 MiB default vs 565 MiB priority-based). Since export.quant_graph.
 # defer_dequantization makes each wait for its use, the two orders are within a few MiB (default lower).
+# Graphs that recompute activations (Manifest.activations) too: the priority-based order ran the copies of the
+# layers' forwards so that it held most of what they free (SmolLM2 30 layers fp32, one row: 827 MiB against 739).
 QUANTIZED_ORDER = "default"
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _MEMORY_RELEASED = False
@@ -225,7 +227,7 @@ class OnnxTrainer:
         self.dir, self.manifest = open_artifacts(artifact_dir, FORMAT, expected_trainable)
         versions = self.manifest.versions
         check_runtime(str(versions.get("min_onnxruntime", MIN_ONNXRUNTIME)))
-        if session is DEFAULT_SESSION and self.manifest.weights != "fp32":
+        if session is DEFAULT_SESSION and (self.manifest.weights != "fp32" or self.manifest.activations != "keep"):
             session = dataclasses.replace(session, order=QUANTIZED_ORDER)
         if session.release_memory:
             release_freed_memory()

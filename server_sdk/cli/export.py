@@ -129,7 +129,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ExportError("--model needs --layers K (the submodel depth)")
         source = fresh_stage_source(args.model, args.layers)
     out = export_submodel(source, args.backend, args.out, seq_len=args.seq_len, max_batch=args.max_batch,
-                          optimizer=args.optimizer, template_root=cache_root(), weights=args.weights)
+                          optimizer=args.optimizer, template_root=cache_root(), weights=args.weights,
+                          recompute=args.recompute)
     manifest = load_manifest(out, verify_hashes=False)  # verified in export_submodel
     summary = {"out": str(out), "backend": manifest.backend, "run_id": manifest.run_id, "stage": manifest.stage,
                "layers": len(manifest.groups), "trainable_tensors": len(manifest.trainable), "source": source.note,
@@ -159,6 +160,9 @@ def register(sub: Any) -> None:
     p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
                    help="onnx only: frozen weights stored as fp32, or int8/int4 with a scale and minimum per 32 inputs "
                         "(LoRA and optimiser stay fp32; docs/export.md)")
+    p.add_argument("--recompute", action="store_true",
+                   help="onnx only: the training graph recomputes each decoder layer's activations in its backward "
+                        "(less memory, about a forward more time; docs/export.md)")
     p.set_defaults(func=_guarded)
 
 

@@ -43,8 +43,9 @@ def shaped_submodel(config: dict, n_layers: int, lora: LoraSettings):
 
 
 def trace_templates(config: dict, stage_sizes: list[int], lora: LoraSettings, seq_len: int,
-                    template_root: str) -> None:
-    """Make sure the portable graph of every stage size is cached (the background process's work)."""
+                    template_root: str, weights: str = "fp32", recompute: bool = False) -> None:
+    """Make sure the portable graph of every stage size is cached (the background process's work), as the run
+    exports it (`weights`, `recompute`: RunConfig's)."""
     import torch
 
     from export import template_dir
@@ -56,7 +57,8 @@ def trace_templates(config: dict, stage_sizes: list[int], lora: LoraSettings, se
     # stop() terminates: unwind, so a graph half-written in its staging directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     for n in stage_sizes:
-        ensure_template(shaped_submodel(config, n, lora), template_dir("onnx", template_root), seq_len=seq_len)
+        ensure_template(shaped_submodel(config, n, lora), template_dir("onnx", template_root), seq_len=seq_len,
+                        weights=weights, recompute=recompute)
 
 
 class TemplateWarmer:
@@ -64,10 +66,11 @@ class TemplateWarmer:
     tracing is simply traced again by whoever needs it: templates are published atomically)."""
 
     def __init__(self, config: dict, stage_sizes: list[int], lora: LoraSettings, seq_len: int,
-                 template_root: str | Path):
+                 template_root: str | Path, weights: str = "fp32", recompute: bool = False):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or MQTT sockets inherited
         self.process = ctx.Process(target=trace_templates, name="devft-trace-templates", daemon=True,
-                                   args=(config, list(stage_sizes), lora, seq_len, str(template_root)))
+                                   args=(config, list(stage_sizes), lora, seq_len, str(template_root), weights,
+                                         recompute))
 
     def start(self) -> TemplateWarmer:
         self.process.start()

@@ -133,7 +133,8 @@ class StageServing:
             self._check_memory(device)
         if self.settings.trace_ahead and "onnx" in self.stage_formats() and len(stage_sizes) > 1:
             self._warmer = TemplateWarmer(config, stage_sizes[1:], self.cfg.lora, self.cfg.seq_len,
-                                          self.settings.export_template_dir or cache_root()).start()
+                                          self.settings.export_template_dir or cache_root(),
+                                          self.cfg.weights, self.cfg.recompute).start()
 
     def _export(self, stage: int, plan: StagePlan, sub_model, prefix: str) -> tuple[dict[str, Path], dict]:
         """The stage's artifacts per format under artifacts/stage<N>/<prefix><format>; seconds each took."""
@@ -145,7 +146,8 @@ class StageServing:
                 StageInfo(run_id=self.run_id, stage=stage, groups=plan.groups, anchors=plan.anchors,
                           tokenizer_dir=self.tokenizer_dir),
                 seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root(),
-                weights=self.cfg.weights if fmt == "onnx" else "fp32")  # others: the dequantized values, as fp32
+                weights=self.cfg.weights if fmt == "onnx" else "fp32",  # others: the dequantized values, as fp32
+                recompute=self.cfg.recompute and fmt == "onnx")
             seconds[fmt] = round(time.perf_counter() - t0, 2)
         return dirs, seconds
 
@@ -306,7 +308,9 @@ class StageServing:
         measured = self.settings.stage_peak_mb.get(str(layers))
         if measured:
             return {"layers": layers, "need_mb": int(measured), "source": "measured: --stage-peak-mb"}
-        weights = self.cfg.weights if self.stage_formats() == ["onnx"] else "fp32"  # the others carry fp32
+        onnx_only = self.stage_formats() == ["onnx"]  # the others carry fp32 and keep their activations
         return {"layers": layers, **predicted_peak_mb(config, layers, batch=self.cfg.batch_size,
-                                                      seq=self.cfg.seq_len, rank=self.cfg.lora.r, weights=weights,
-                                                      micro_batch=self.cfg.micro_batch)}
+                                                      seq=self.cfg.seq_len, rank=self.cfg.lora.r,
+                                                      weights=self.cfg.weights if onnx_only else "fp32",
+                                                      micro_batch=self.cfg.micro_batch,
+                                                      recompute=self.cfg.recompute and onnx_only)}
