@@ -6,6 +6,7 @@ quantized weights; the manifest says so and the device runs it in the default or
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import onnx
@@ -80,8 +81,14 @@ def test_backward_reads_only_each_layers_input_from_the_forward(exports, weights
 
 
 def test_manifest_records_recompute_and_refuses_an_unknown_value(exports, tmp_path):
+    """The manifest says "activations": "recompute" (absent when kept), validates against the documented schema
+    (docs/protocol.schema.json, with its weights format), and a value the runtime does not know is refused."""
+    from tests.test_schema import errors
+
     _, out = exports
     assert load_manifest(out[("fp32", True)]).activations == "recompute"
+    for key, art in out.items():
+        assert errors("Manifest", json.loads((art / "manifest.json").read_text())) == [], key
     plain = load_manifest(out[("fp32", False)])
     assert plain.activations == "keep" and "activations" not in plain.to_dict()  # older runtimes still read it
     d = load_manifest(out[("fp32", True)]).to_dict()
