@@ -41,9 +41,14 @@ GOAL = {"int8": 0.02, "int4": 0.05}  # issue #24: final eval loss at most this m
 METHODS = ("devft", "fedit")
 
 
-def config(method: str, weights: str, seed: int) -> RunConfig:
-    """The quickstart's simulated run (DEVFT) or FedIT with as many rounds, with these frozen weights."""
-    cfg = RunConfig(schedule="fixed", eval_every=3, accuracy_every="end", weights=weights, seed=seed, strategy=method)
+PERTURBED_THREADS = 1  # --perturb: fp32 again with this many torch threads (the matrix runs with torch's default)
+
+
+def config(method: str, weights: str, seed: int, threads: int = 0) -> RunConfig:
+    """The quickstart's simulated run (DEVFT) or FedIT with as many rounds, with these frozen weights (and `threads`
+    torch threads; 0: torch's default)."""
+    cfg = RunConfig(schedule="fixed", eval_every=3, accuracy_every="end", weights=weights, seed=seed, strategy=method,
+                    torch_threads=threads)
     if method != "devft":
         cfg.rounds_per_stage = 3 * 4  # DEVFT's 4 stages x 3 rounds, all on the full model
     return cfg
@@ -114,8 +119,11 @@ def table(seeds: list[int], identical: set[str]) -> tuple[str, dict]:
     for method in METHODS:
         for seed in seeds:
             ref = load(config(method, "fp32", seed))
-            for weights in ("fp32", "int8", "int4"):
-                rep = load(config(method, weights, seed))
+            for weights in ("fp32", "int8", "int4", "fp32-perturbed"):
+                rep = load(config(method, "fp32", seed, PERTURBED_THREADS) if weights == "fp32-perturbed"
+                           else config(method, weights, seed))
+                if rep is None and weights == "fp32-perturbed":
+                    continue  # only where --perturb ran
                 if rep is None and weights in identical and ref is not None:
                     rep = {**ref, "scheme": f"{scheme_name(weights)}; = fp32 run, bit-identical weights"}
                 if rep is None:
@@ -125,9 +133,13 @@ def table(seeds: list[int], identical: set[str]) -> tuple[str, dict]:
                 delta = None if ref is None else loss - final(ref)[0]
                 goal = GOAL.get(weights)
                 met = "" if goal is None or delta is None else ("yes" if delta <= goal else "**no**")
-                rows.append([method, seed, f"{weights} ({rep['scheme']})" if weights != "fp32" else weights,
+                label = {"fp32": "fp32", "fp32-perturbed": f"fp32, {PERTURBED_THREADS} torch thread (perturbed)"}.get(
+                    weights, f"{weights} ({rep['scheme']})")
+                rows.append([method, seed, label,
                              f"{loss:.4f}", "n/a" if acc is None else f"{100 * acc:.1f}%",
                              "" if delta is None or weights == "fp32" else f"{delta:+.4f}", met])
+                if weights == "fp32-perturbed":
+                    continue
                 data.setdefault(method, {}).setdefault(weights, {})[seed] = {
                     "final_eval_loss": loss, "final_accuracy": acc, "delta_vs_fp32": delta,
                     "curve": [(r["round"], r["eval_loss"]) for r in rep["records"] if r.get("eval_loss") is not None]}
@@ -176,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", default="fp32,int8,int4")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--summary", action="store_true", help="only write the table from the kept runs")
+    ap.add_argument("--perturb", action="store_true",
+                    help=f"run fp32 again with {PERTURBED_THREADS} torch thread: how far the same run moves when only "
+                         "float summation order changes (the table's perturbed rows)")
     ap.add_argument("--run-identical", action="store_true",
                     help="run a scheme even where its weights are bit-identical to fp32's (the same run again)")
     args = ap.parse_args(argv)
@@ -185,8 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         from server_sdk.engine.model import load_base_model
 
         jobs = [config(m, w, s) for s in seeds for m in args.methods.split(",") for w in args.weights.split(",")]
+        if args.perturb:
+            jobs = [config(m, "fp32", s, PERTURBED_THREADS) for s in seeds for m in args.methods.split(",")]
         for i, cfg in enumerate(jobs, 1):
-            label = f"[{i}/{len(jobs)}] {cfg.strategy} weights={cfg.weights} seed={cfg.seed}"
+            label = f"[{i}/{len(jobs)}] {cfg.strategy} weights={cfg.weights} seed={cfg.seed}" + (
+                f" torch_threads={cfg.torch_threads}" if cfg.torch_threads else "")
             if load(cfg) is not None:
                 print(f"{label}: kept, skipped", flush=True)
                 continue

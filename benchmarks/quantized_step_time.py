@@ -2,6 +2,7 @@
 
     python -m benchmarks.quantized_step_time                    # stages 4 and 30, 3 interleaved rounds
     python -m benchmarks.quantized_step_time --stages 4 --rounds 5
+    python -m benchmarks.quantized_step_time --kernels   # only the dequantization kernels, old lowering vs new
 
 One step time is noise on a shared machine; a ratio is only worth reading when the two sides ran side by
 side. So each round measures fp32, int8 and int4 of a stage one after the other, each in a fresh process
@@ -10,7 +11,12 @@ runs), and the rounds repeat. A ratio is the median of the per-round ratios (eac
 round's fp32), and the table keeps every round so drift shows. Time is CPU seconds per step with one
 intra-op thread (what a step costs, less sensitive to other jobs than wall time); wall p50 is kept too.
 
-Results: benchmarks/results/quantized-step-time.json and the generated block in benchmarks/RESULTS.md.
+`--kernels` times what one dequantization costs on onnxruntime's CPU kernels (one thread, SmolLM2's 6144 x 576
+LM head slice shape, random codes), each lowering beside the blockwise DequantizeLinear it replaced, checking the
+two give the same bits.
+
+Results: benchmarks/results/quantized-step-time.json (kernels: -kernels.json) and the generated blocks in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .export import Envs, load_average
 from .results_md import RESULTS_MD, md_table, replace_block, write_atomic
 
 OUT = device.RESULTS / "quantized-step-time.json"
+KERNELS_OUT = device.RESULTS / "quantized-step-time-kernels.json"
 SCHEMES = ("onnx", "onnx-int8", "onnx-int4")
 GOAL = 1.10  # issue #24: a quantized step at most 10% slower than fp32's
 
@@ -93,6 +100,93 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def kernel_rows(rows: int = 6144, cols: int = 576, repeats: int = 40) -> list[dict[str, Any]]:
+    """ns per dequantized value of each lowering (export/quant_graph.py) beside the blockwise DequantizeLinear."""
+    import time
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_runtime.backends.onnx_backend import session_options
+    from export.quant import BLOCK
+    from export.quant_graph import DOMAIN, lower_int4, lower_int8
+
+    rng = np.random.default_rng(0)
+    nb = cols // BLOCK
+    scale16 = (rng.random((rows, nb)) * 0.01 + 0.001).astype(np.float16)
+    min16 = (rng.random((rows, nb)) * -0.1).astype(np.float16)
+    const = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+
+    def timed(nodes: list[Any], inits: list[Any], lower: Any = None) -> tuple[float, np.ndarray]:
+        graph = helper.make_graph(nodes, "dq", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  initializer=inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+        model.ir_version = 10
+        if lower:
+            lower(model)
+        session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=["ConstantFolding"])  # as devft-edge opens a graph
+        (out,) = session.run(None, {})
+        best = float("inf")
+        for _ in range(repeats):  # the fastest run: the kernel, less the machine's other jobs
+            start = time.perf_counter()
+            session.run(None, {})
+            best = min(best, time.perf_counter() - start)
+        return best / (rows * cols) * 1e9, out
+
+    def blockwise(codes: Any, with_min: bool) -> list[Any]:
+        nodes = [helper.make_node("Cast", ["t.qscale"], ["s"], to=TensorProto.FLOAT),
+                 helper.make_node("DequantizeLinear", [codes, "s"], ["d" if with_min else "y"], axis=1,
+                                  block_size=BLOCK)]
+        if with_min:
+            nodes += [helper.make_node("Cast", ["t.qmin"], ["m"], to=TensorProto.FLOAT),
+                      helper.make_node("Reshape", ["d", "blocks"], ["d3"]),
+                      helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]), helper.make_node("Add", ["d3", "m3"], ["p"]),
+                      helper.make_node("Reshape", ["p", "flat"], ["y"])]
+        return nodes
+
+    shapes = [const("blocks", [rows, nb, BLOCK]), const("flat", [rows, cols]), const("axis", [2])]
+    scales = [numpy_helper.from_array(scale16, "t.qscale"), numpy_helper.from_array(min16, "t.qmin")]
+    u8 = numpy_helper.from_array(rng.integers(0, 256, (rows, cols), dtype=np.uint8), "t.qweight")
+    u4 = onnx.TensorProto(name="t.qweight", data_type=TensorProto.UINT4, dims=[rows, cols],
+                          raw_data=rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8).tobytes())
+    i8 = numpy_helper.from_array(rng.integers(-127, 128, (rows, cols), dtype=np.int8), "t.qweight")
+    placeholder = [helper.make_node("DequantizeInt4", ["t.qweight", "t.qscale", "t.qmin"], ["y"], domain=DOMAIN)]
+    traced_int8 = [helper.make_node("Cast", ["t.qweight"], ["f"], to=TensorProto.FLOAT),
+                   helper.make_node("Reshape", ["f", "blocks"], ["fb"]),
+                   helper.make_node("Cast", ["t.qscale"], ["s"], to=TensorProto.FLOAT),
+                   helper.make_node("Unsqueeze", ["s", "axis"], ["su"]), helper.make_node("Mul", ["fb", "su"], ["wb"]),
+                   helper.make_node("Reshape", ["wb", "flat"], ["y"])]
+    cases = [("int8-sym (the table)", blockwise("t.qweight", False), traced_int8, [i8], lower_int8),
+             ("int8-asym", blockwise("t.qweight", True), placeholder, [u8], lower_int4),
+             ("int4-asym", blockwise("t.qweight", True), placeholder, [u4], lower_int4)]
+    out = []
+    for name, old_nodes, new_nodes, codes, lower in cases:
+        old_ns, old = timed(old_nodes, codes + scales + shapes)
+        new_ns, new = timed(new_nodes, codes + scales + shapes, lower)
+        out.append({"scheme": name, "blockwise_ns_per_value": old_ns, "lowered_ns_per_value": new_ns,
+                    "same_bits": bool(old.tobytes() == new.tobytes()), "shape": [rows, cols], "repeats": repeats})
+    return out
+
+
+def kernels_markdown(doc: dict[str, Any]) -> str:
+    lines = ["### Dequantization kernels: the lowering against the blockwise DequantizeLinear (issue #24)", "",
+             f"Command: `python -m benchmarks.quantized_step_time --kernels`; {doc['date']}; one thread, a "
+             f"{doc['rows'][0]['shape'][0]} x {doc['rows'][0]['shape'][1]} weight (SmolLM2's LM head slice), "
+             f"the fastest of {doc['rows'][0]['repeats']} runs each, onnxruntime {doc['onnxruntime']} with devft-edge's session "
+             "options (no CPU arena, no constant folding).", ""]
+    rows = [[r["scheme"], f"{r['blockwise_ns_per_value']:.2f}", f"{r['lowered_ns_per_value']:.2f}",
+             f"{r['lowered_ns_per_value'] / r['blockwise_ns_per_value']:.2f}x", "yes" if r["same_bits"] else "**no**"]
+            for r in doc["rows"]]
+    lines += md_table(["codes", "blockwise DequantizeLinear (+ Add of minimums) ns/value", "as exported now ns/value",
+                       "ratio", "same bits"], rows)
+    lines += ["", "int4-asym is exported blockwise (its UINT4 codes have no Reshape kernel to view them one block a "
+              "row), so its two columns time the same graph."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quantized_step_time", description=__doc__.split("\n")[0])
     p.add_argument("--stages", default="4,30", help="comma-separated stage sizes of SmolLM2-135M (default 4,30)")
@@ -101,8 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--summary", action="store_true", help="only rewrite RESULTS.md's block from the JSON")
+    p.add_argument("--kernels", action="store_true", help="only the dequantization kernels (seconds)")
     p.add_argument("--markdown", type=Path, default=RESULTS_MD)
     args = p.parse_args(argv)
+    if args.kernels:
+        import onnxruntime
+
+        doc = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "onnxruntime": onnxruntime.__version__,
+               "rows": kernel_rows()}
+        write_atomic(KERNELS_OUT, json.dumps(doc, indent=1) + "\n")
+        section = kernels_markdown(doc)
+        replace_block("quantized-step-time-kernels", section, args.markdown)
+        print(section)
+        return 0 if all(r["same_bits"] for r in doc["rows"]) else 1
     if args.summary:
         doc = json.loads(OUT.read_text())
     else:

@@ -475,10 +475,10 @@ def _per_block_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[i
 
     The codes viewed as [blocks, 32] (an alias) go through a per-axis DequantizeLinear (axis 0, one scale a
     row), the minimums as a [blocks, 1] column are added, and the result is viewed as the weight again. The
-    values are the blockwise DequantizeLinear's bit for bit, at about half its time on onnxruntime's CPU
-    kernels (SmolLM2's 6144 x 576 head slice, one thread: 0.75 against 1.55 ns a value for int8, 1.3 against
-    2.9 with the Add; benchmarks/RESULTS.md). UINT4 codes have no Reshape kernel and stay blockwise
-    (`_int4_nodes`)."""
+    values are the blockwise DequantizeLinear's bit for bit, in 0.4-0.65 of its time on onnxruntime's CPU
+    kernels (`python -m benchmarks.quantized_step_time --kernels`: a 6144 x 576 weight, one thread, 0.94
+    against 2.30 ns a value with the Add, the table's int8 0.94 against 1.45). UINT4 codes have no Reshape
+    kernel and stay blockwise (`_int4_nodes`)."""
     from onnx import TensorProto
     from onnx.helper import make_node
 
