@@ -183,7 +183,8 @@ def kernels_markdown(doc: dict[str, Any]) -> str:
     lines += md_table(["codes", "blockwise DequantizeLinear (+ Add of minimums) ns/value", "as exported now ns/value",
                        "ratio", "same bits"], rows)
     lines += ["", "int4-asym is exported blockwise (its UINT4 codes have no Reshape kernel to view them one block a "
-              "row), so its two columns time the same graph."]
+              "row): its two columns are the same operations, built by hand and by lower_int4, so their difference "
+              "is this measurement's noise."]
     return "\n".join(lines)
 
 
