@@ -123,3 +123,31 @@ def test_web_wasm_step_on_the_recomputed_int4_graph_equals_native(exports, tmp_p
     assert abs(web["loss"] - loss) <= LOSS_RTOL * abs(loss)
     for k, g in grads.items():
         assert np.abs(web["grads"][k] - g.ravel()).max() <= GRAD_RTOL * np.abs(g).max(), k
+
+
+def test_fleet_run_with_recomputed_activations_ends_on_the_same_adapter(tmp_path):
+    """Real Mosquitto, two devft-edge devices, int4 weights: a run with -o recompute=true exports recomputing graphs
+    (the devices' cached manifests say so) and ends on the adapter of the same run without it, bit for bit (the
+    graphs compute the same numbers)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from server_sdk.engine.model import tiny_random_model
+    from server_sdk.fleet.settings import FleetSettings
+    from tests.test_fleet import FleetRun, events, fleet_cfg
+
+    adapters = {}
+    for recompute in (False, True):
+        cfg = fleet_cfg(num_clients=2, clients_per_round=2, rounds_per_stage=[1, 1], weights="int4",
+                        recompute=recompute, torch_threads=1, seed=4)
+        job = FleetRun(tmp_path / f"recompute-{recompute}", cfg, tiny_random_model(n_layers=4, hidden=32, seed=0), 2,
+                       FleetSettings(round_timeout_s=120))
+        job.finish()
+        assert not [e for e in events(job.run_dir) if e["event"] == "rejected"]
+        manifests = sorted(job.fleet.device_dir("dev-000").glob("cache/stages/*/stage*/manifest.json"))
+        assert manifests and all(json.loads(p.read_text()).get("activations", "keep") ==
+                                 ("recompute" if recompute else "keep") for p in manifests)
+        adapters[recompute] = load_file(job.run_dir / "adapter" / "adapter_model.safetensors")
+    assert set(adapters[True]) == set(adapters[False])
+    for k, want in adapters[False].items():
+        assert torch.equal(adapters[True][k], want), (k, (adapters[True][k] - want).abs().max())
