@@ -82,3 +82,16 @@ def shape_key(peft_model: Any, tools: tuple[str, ...], **extra: Any) -> str:
     blob = json.dumps({"config": config, "lora_config": peft_cfg, "shapes": {k: list(v.shape) for k, v in tensors.items()},
                        "versions": {t: version(t) for t in tools}, **extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def upstream(nodes: list[Any], producer: dict[str, int], tensors: list[str]) -> set[int]:
+    """Indices in `nodes` (an ONNX graph's, `producer`: tensor name -> index of the node writing it) of every node
+    that `tensors` depend on."""
+    found: set[int] = set()
+    stack = [t for t in tensors if t]
+    while stack:
+        k = producer.get(stack.pop())
+        if k is not None and k not in found:
+            found.add(k)
+            stack += [x for x in nodes[k].input if x]
+    return found

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.common import upstream
 from export.quant import BLOCK, INT4_OPSET, QSCALE, QWEIGHT, source_weight
 
 # Reshape shapes equal to a 2-D tensor's own, written differently: a recomputed dequantization reads its
@@ -55,15 +56,8 @@ def dequant_recompute(graph: Any, loss: str = "loss") -> int:
 
 def _ancestors_of(graph: Any, output: str) -> set[int]:
     """id() of every node `output` depends on (the forward of a training graph, when `output` is its loss)."""
-    producer = {o: n for n in graph.node for o in n.output if o}
-    found: set[int] = set()
-    stack = [output]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in found:
-            found.add(id(node))
-            stack += [i for i in node.input if i]
-    return found
+    nodes = list(graph.node)
+    return {id(nodes[k]) for k in upstream(nodes, {o: k for k, n in enumerate(nodes) for o in n.output if o}, [output])}
 
 
 GATE_PREFIX = "dequant_gate_"  # the nodes defer_dequantization adds (their names make the pass idempotent)
@@ -146,17 +140,8 @@ class _Gates:
             changed = bool(outside)
             chain -= outside
             for k in outside:
-                chain -= self._ancestors(k)
+                chain -= upstream(self.nodes, self.producer, list(self.nodes[k].input))
         return sorted(chain)
-
-    def _ancestors(self, k: int) -> set[int]:
-        found, stack = set(), [i for i in self.nodes[k].input if i]
-        while stack:
-            p = self.producer.get(stack.pop())
-            if p is not None and p not in found:
-                found.add(p)
-                stack += [i for i in self.nodes[p].input if i]
-        return found
 
     def gate(self, consumer: int, roots: list[str], after: str) -> list[Any]:
         """Gate nodes then the private chain of `consumer`'s dequantized inputs, reading `after` first."""

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from export.common import upstream
+
 RECOMPUTE_GRAPH = 1  # revision of this pass (in the template key of graphs that use it)
 PREFIX = "recompute_"  # the nodes and tensors this pass adds (their names make it idempotent)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -68,19 +70,24 @@ class _Plan:
             for x in n.input:
                 if x:
                     self.readers.setdefault(x, []).append(k)
-        self.forward = self._ancestors(loss)
+        self.forward = upstream(nodes, self.producer, [loss])
         params = {i.name for i in graph.initializer} | {i.name for i in graph.input}
         layers = [int(m.group(1)) for name in params if (m := _LAYER.search(name))]
         self.n_layers = max(layers) + 1 if layers else 0
         self.const: set[str] = {i.name for i in graph.initializer}  # tensors computed from initializers only
         self.segment: dict[str, int] = {name: self._param_segment(name) for name in params}
-        for k, n in enumerate(nodes):
-            if all(not x or x in self.const for x in n.input):
+        self._assign_segments()
+        self.waiting: set[str] = set()  # tensors computed after a gate (copies and gated inputs)
+
+    def _assign_segments(self) -> None:
+        """Each forward (and initializer-only) tensor's layer: the highest of its inputs' (-1: none)."""
+        for k, n in enumerate(self.nodes):
+            const = all(not x or x in self.const for x in n.input)
+            if const:
                 self.const.update(o for o in n.output if o)
-            if k in self.forward or all(not x or x in self.const for x in n.input):
+            if k in self.forward or const:
                 seg = max((self.segment.get(x, -1) for x in n.input if x), default=-1)
                 self.segment.update({o: seg for o in n.output if o})
-        self.waiting: set[str] = set()  # tensors computed after a gate (copies and gated inputs)
 
     def _param_segment(self, name: str) -> int:
         """The layer whose parameter `name` is; after the last layer for the final norm; -1 otherwise (the
@@ -89,16 +96,6 @@ class _Plan:
         if m:
             return int(m.group(1))
         return self.n_layers if ".norm." in name and "layernorm" not in name else -1
-
-    def _ancestors(self, output: str) -> set[int]:
-        found: set[int] = set()
-        stack = [output]
-        while stack:
-            k = self.producer.get(stack.pop())
-            if k is not None and k not in found:
-                found.add(k)
-                stack += [x for x in self.nodes[k].input if x]
-        return found
 
     def _in_layer(self, name: str, layer: int) -> bool:
         """A batch-dependent forward tensor of `layer` (not a weight, not a graph input)."""
