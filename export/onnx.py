@@ -353,8 +353,10 @@ def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: st
     del ep
     lower_int4(model)
     lower_int8(model)
-    if recompute:  # before dequant_recompute: the layers' copies get their own dequantizations
-        recompute_layers(model.graph, LOSS)
+    # before dequant_recompute, which then gives the layers' copies their own dequantizations
+    if recompute and not recompute_layers(model.graph, LOSS):
+        raise ValueError("--recompute found no decoder layer to recompute: it looks for parameters named "
+                         "'.layers.<N>.' (Llama-style models); export without it")
     dequant_recompute(model.graph, LOSS)
     with staging(out_dir) as (out, build):
         externalize_weights(model, build / WEIGHTS_DIR)
