@@ -43,20 +43,21 @@ def recompute_layers(graph: Any, loss: str = "loss") -> int:
     nodes = list(graph.node)
     plan = _Plan(graph, nodes, loss)
     before: dict[int, list[Any]] = {}
+    rewritten = 0
     for layer in range(plan.n_layers):
         saved = plan.saved(layer)
         if not saved:
             continue
         first = min(r for s in saved for r in plan.readers[s] if r not in plan.forward)
-        copies = plan.copy_layer(layer, saved, first)
-        before.setdefault(first, []).extend(copies)
-    if not before:
+        before.setdefault(first, []).extend(plan.copy_layer(layer, saved, first))
+        rewritten += 1
+    if not rewritten:
         return 0
     ordered = [m for k, n in enumerate(nodes) for m in before.get(k, []) + [n]]
     del graph.node[:]
     graph.node.extend(onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered)
     graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), PREFIX + "zero"))
-    return len(before)
+    return rewritten
 
 
 class _Plan:
