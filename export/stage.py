@@ -47,10 +47,12 @@ def export_submodel(
     optimizer: str = "adamw",
     template_root: str | os.PathLike[str] | None = None,
     weights: str = "fp32",
+    recompute: bool = False,
 ) -> Path:
     """Export `source` in format `backend` into `out_dir`, then reload and verify its manifest.
 
-    `template_root` caches traced graphs by shape (needed by onnx; optional for ort)."""
+    `template_root` caches traced graphs by shape (needed by onnx; optional for ort); `weights` and `recompute`:
+    export_artifacts'."""
     if backend not in BACKENDS:
         raise ExportError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "onnx" and template_root is None:
@@ -60,7 +62,7 @@ def export_submodel(
         info = StageInfo(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors,
                          tokenizer_dir=tok_dir)
         out = export_artifacts(backend, source.peft_model, out_dir, info, seq_len=seq_len, template_root=template_root,
-                               optimizer=optimizer, max_batch=max_batch, weights=weights)
+                               optimizer=optimizer, max_batch=max_batch, weights=weights, recompute=recompute)
     verify(out, source.peft_model)
     return out
 

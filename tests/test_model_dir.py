@@ -58,6 +58,13 @@ def test_export_of_a_model_directory_with_int4_weights_trains_on_onnxruntime(mod
     assert np.isfinite(losses).all() and losses[1] < losses[0]
     after = trainer.get_lora()
     assert any(not np.array_equal(before[k], after[k]) for k in before)
+    # --recompute: the same submodel, a graph that recomputes its layers' activations, the same steps bit for bit
+    assert main(["export", "--model", str(model_dir), "--layers", "2", "--weights", "int4", "--recompute", "--out",
+                 str(tmp_path / "q4rc"), "--seq-len", "32"]) == 0
+    capsys.readouterr()
+    assert load_manifest(tmp_path / "q4rc").activations == "recompute"
+    again = load_trainer("onnx", tmp_path / "q4rc", lr=1e-2, threads=1)
+    assert [again.train_step(ids, labels) for _ in range(2)] == losses
 
 
 def test_simulated_run_on_a_model_directory_writes_an_adapter_for_it(model_dir, tmp_path, capsys):
