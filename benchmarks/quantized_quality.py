@@ -114,20 +114,26 @@ def base_loss(rep: dict) -> float | None:
     return first[0]["eval_loss"] if first and first[0].get("round") == 0 else None
 
 
+def _kept(method: str, weights: str, seed: int, identical: set[str], ref: dict | None) -> dict | None:
+    """The kept report of a table row (`fp32-perturbed`: the --perturb run); a bit-identical scheme's is fp32's."""
+    if weights == "fp32-perturbed":
+        return load(config(method, "fp32", seed, PERTURBED_THREADS))
+    rep = load(config(method, weights, seed))
+    if rep is None and weights in identical and ref is not None:
+        rep = {**ref, "scheme": f"{scheme_name(weights)}; = fp32 run, bit-identical weights"}
+    return rep
+
+
 def table(seeds: list[int], identical: set[str]) -> tuple[str, dict]:
     rows, data = [], {}
     for method in METHODS:
         for seed in seeds:
             ref = load(config(method, "fp32", seed))
             for weights in ("fp32", "int8", "int4", "fp32-perturbed"):
-                rep = load(config(method, "fp32", seed, PERTURBED_THREADS) if weights == "fp32-perturbed"
-                           else config(method, weights, seed))
-                if rep is None and weights == "fp32-perturbed":
-                    continue  # only where --perturb ran
-                if rep is None and weights in identical and ref is not None:
-                    rep = {**ref, "scheme": f"{scheme_name(weights)}; = fp32 run, bit-identical weights"}
+                rep = _kept(method, weights, seed, identical, ref)
                 if rep is None:
-                    rows.append([method, seed, weights, "not finished", "", "", ""])
+                    if weights != "fp32-perturbed":  # perturbed rows only where --perturb ran
+                        rows.append([method, seed, weights, "not finished", "", "", ""])
                     continue
                 loss, acc = final(rep)
                 delta = None if ref is None else loss - final(ref)[0]
@@ -182,6 +188,41 @@ def summarize(seeds: list[int], command: str, identical: set[str]) -> None:
     print(md)
 
 
+def run_jobs(jobs: list[RunConfig], run_identical: bool) -> object:
+    """Run each config not kept yet (a lock file per run, so processes can share the matrix); returns the base
+    model if one was loaded."""
+    from server_sdk.engine.model import load_base_model
+
+    base = None
+    for i, cfg in enumerate(jobs, 1):
+        label = f"[{i}/{len(jobs)}] {cfg.strategy} weights={cfg.weights} seed={cfg.seed}" + (
+            f" torch_threads={cfg.torch_threads}" if cfg.torch_threads else "")
+        if load(cfg) is not None:
+            print(f"{label}: kept, skipped", flush=True)
+            continue
+        lock = CACHE / f"quant-{key(cfg)}.lock"
+        CACHE.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+        except FileExistsError:
+            print(f"{label}: another process holds {lock.name}, skipped", flush=True)
+            continue
+        try:
+            print(f"{label}: running ({time.strftime('%H:%M:%S')})", flush=True)
+            base = base or load_base_model(cfg.model)
+            if not run_identical and cfg.weights != "fp32" and identical_to_fp32(base, cfg.weights):
+                print(f"{label}: weights bit-identical to fp32's: the fp32 run's result, once it is kept", flush=True)
+                continue
+            rep = run_one(cfg, base)
+            loss, acc = final(rep)
+            print(f"{label}: final eval loss {loss:.4f}, accuracy {acc}, {rep['wall_s']:.0f} s", flush=True)
+        finally:
+            lock.unlink(missing_ok=True)
+    return base
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -197,37 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     base = None
     if not args.summary:
-        from server_sdk.engine.model import load_base_model
-
         jobs = [config(m, w, s) for s in seeds for m in args.methods.split(",") for w in args.weights.split(",")]
         if args.perturb:
             jobs = [config(m, "fp32", s, PERTURBED_THREADS) for s in seeds for m in args.methods.split(",")]
-        for i, cfg in enumerate(jobs, 1):
-            label = f"[{i}/{len(jobs)}] {cfg.strategy} weights={cfg.weights} seed={cfg.seed}" + (
-                f" torch_threads={cfg.torch_threads}" if cfg.torch_threads else "")
-            if load(cfg) is not None:
-                print(f"{label}: kept, skipped", flush=True)
-                continue
-            lock = CACHE / f"quant-{key(cfg)}.lock"
-            CACHE.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-            except FileExistsError:
-                print(f"{label}: another process holds {lock.name}, skipped", flush=True)
-                continue
-            try:
-                print(f"{label}: running ({time.strftime('%H:%M:%S')})", flush=True)
-                base = base or load_base_model(cfg.model)
-                if not args.run_identical and cfg.weights != "fp32" and identical_to_fp32(base, cfg.weights):
-                    print(f"{label}: weights bit-identical to fp32's: the fp32 run's result, once it is kept", flush=True)
-                    continue
-                rep = run_one(cfg, base)
-                loss, acc = final(rep)
-                print(f"{label}: final eval loss {loss:.4f}, accuracy {acc}, {rep['wall_s']:.0f} s", flush=True)
-            finally:
-                lock.unlink(missing_ok=True)
+        base = run_jobs(jobs, args.run_identical)
     identical: set[str] = set()
     if not args.run_identical:
         from server_sdk.engine.model import load_base_model
