@@ -95,3 +95,26 @@ def upstream(nodes: list[Any], producer: dict[str, int], tensors: list[str]) -> 
             found.add(k)
             stack += [x for x in nodes[k].input if x]
     return found
+
+
+def reads_only(node: Any, names: set[str]) -> bool:
+    """Whether every input of ONNX `node` is in `names` (e.g. the tensors computed from initializers only)."""
+    return all(not i or i in names for i in node.input)
+
+
+def wait_for(after: str, tag: str, zero: str) -> list[Any]:
+    """Nodes computing `tag`_zero = 0 x Size(`after`) (`zero`: an int64 0 initializer): a data dependency on
+    `after` that changes no value, so whatever reads it waits until `after` exists."""
+    from onnx.helper import make_node
+
+    return [make_node("Size", [after], [tag + "_size"], name=tag + "_size"),
+            make_node("Mul", [tag + "_size", zero], [tag + "_zero"], name=tag + "_zero")]
+
+
+def view_after(name: str, shape: str, wait: str, out: str) -> list[Any]:
+    """Nodes computing `out`, `name` reshaped to `shape` + `wait` (wait_for's zero): an alias of `name` (a Reshape
+    to its own shape, no copy) that exists only once the waited-for tensor does."""
+    from onnx.helper import make_node
+
+    return [make_node("Add", [shape, wait], [out + "_shape"], name=out + "_shape"),
+            make_node("Reshape", [name, out + "_shape"], [out], name=out)]

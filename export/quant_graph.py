@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.common import upstream
+from export.common import reads_only, upstream, view_after, wait_for
 from export.quant import BLOCK, INT4_OPSET, QSCALE, QWEIGHT, source_weight
 
 # Reshape shapes equal to a 2-D tensor's own, written differently: a recomputed dequantization reads its
@@ -41,7 +41,7 @@ def dequant_recompute(graph: Any, loss: str = "loss") -> int:
     uses: Counter[str] = Counter()
     out_nodes, added = [], 0
     for node in graph.node:
-        if not _depends_on_initializers_only(node, const):  # a consumer that depends on the batch
+        if not reads_only(node, const):  # a consumer that depends on the batch
             for j, name in enumerate(node.input):
                 if name in source:
                     uses[source[name]] += 1
@@ -112,7 +112,7 @@ class _Gates:
         before: dict[int, list[Any]] = {}
         previous: str | None = None  # an output of the last batch-dependent node so far
         for k, node in enumerate(self.nodes):
-            if _depends_on_initializers_only(node, self.const):
+            if reads_only(node, self.const):
                 continue
             roots = [i for i in node.input if i in source]
             front = self.gate(k, roots, previous or self._batch_input(node)) if roots else []
@@ -146,7 +146,6 @@ class _Gates:
     def gate(self, consumer: int, roots: list[str], after: str) -> list[Any]:
         """Gate nodes then the private chain of `consumer`'s dequantized inputs, reading `after` first."""
         import onnx
-        from onnx.helper import make_node
 
         chain = self.private_chain(consumer, roots)
         reads = [(k, j) for k in chain for j, i in enumerate(self.nodes[k].input)
@@ -155,8 +154,7 @@ class _Gates:
         if not reads:
             return []
         g = f"{GATE_PREFIX}{consumer}"
-        front = [make_node("Size", [after], [g + "_size"], name=g + "_size"),
-                 make_node("Mul", [g + "_size", GATE_PREFIX + "zero"], [g + "_zero"], name=g + "_zero")]
+        front = wait_for(after, g, GATE_PREFIX + "zero")
         self.extra_inits.setdefault(GATE_PREFIX + "zero", onnx.numpy_helper.from_array(np.array(0, np.int64),
                                                                                         GATE_PREFIX + "zero"))
         gated: dict[str, str] = {}
@@ -167,15 +165,10 @@ class _Gates:
                 shape = GATE_PREFIX + "shape_" + "x".join(map(str, dims))
                 self.extra_inits.setdefault(shape, onnx.numpy_helper.from_array(np.array(dims, np.int64), shape))
                 gated[name] = f"{g}.{name}"
-                front += [make_node("Add", [shape, g + "_zero"], [gated[name] + "_shape"], name=gated[name] + "_shape"),
-                          make_node("Reshape", [name, gated[name] + "_shape"], [gated[name]], name=gated[name])]
+                front += view_after(name, shape, g + "_zero", gated[name])
             self.nodes[k].input[j] = gated[name]
         self.moved.update(chain)
         return front + [self.nodes[k] for k in chain]
-
-
-def _depends_on_initializers_only(node: Any, const: set[str]) -> bool:
-    return all(not i or i in const for i in node.input)
 
 
 def _dequantized_tensors(graph: Any) -> tuple[dict[str, str], set[str], dict[str, Any]]:
@@ -186,7 +179,7 @@ def _dequantized_tensors(graph: Any) -> tuple[dict[str, str], set[str], dict[str
     producer: dict[str, Any] = {}
     for node in graph.node:
         producer.update({o: node for o in node.output})
-        if _depends_on_initializers_only(node, const):
+        if reads_only(node, const):
             const.update(node.output)
             found = {source.get(i) or source_weight(i) for i in node.input if i} - {None}
             if found:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from export.common import upstream
+from export.common import reads_only, upstream, view_after, wait_for
 
 RECOMPUTE_GRAPH = 1  # revision of this pass (in the template key of graphs that use it)
 PREFIX = "recompute_"  # the nodes and tensors this pass adds (their names make it idempotent)
@@ -44,10 +44,7 @@ def recompute_layers(graph: Any, loss: str = "loss") -> int:
     plan = _Plan(graph, nodes, loss)
     before: dict[int, list[Any]] = {}
     rewritten = 0
-    for layer in range(plan.n_layers):
-        saved = plan.saved(layer)
-        if not saved:
-            continue
+    for layer, saved in plan.saved().items():
         first = min(r for s in saved for r in plan.readers[s] if r not in plan.forward)
         before.setdefault(first, []).extend(plan.copy_layer(layer, saved, first))
         rewritten += 1
@@ -83,7 +80,7 @@ class _Plan:
     def _assign_segments(self) -> None:
         """Each forward (and initializer-only) tensor's layer: the highest of its inputs' (-1: none)."""
         for k, n in enumerate(self.nodes):
-            const = all(not x or x in self.const for x in n.input)
+            const = reads_only(n, self.const)
             if const:
                 self.const.update(o for o in n.output if o)
             if k in self.forward or const:
@@ -103,24 +100,23 @@ class _Plan:
         k = self.producer.get(name)
         return k is not None and k in self.forward and name not in self.const and self.segment.get(name) == layer
 
-    def saved(self, layer: int) -> list[str]:
-        """The forward tensors of `layer` that a backward node reads, in graph order."""
-        out = []
+    def saved(self) -> dict[int, list[str]]:
+        """Per layer (in order; layers whose backward reads none left out): the layer's forward tensors that a
+        backward node reads, in graph order."""
+        out: dict[int, list[str]] = {}
         for k in sorted(self.forward):
             for o in self.nodes[k].output:
-                if o and self._in_layer(o, layer) and any(r not in self.forward for r in self.readers.get(o, ())):
-                    out.append(o)
-        return out
+                layer = self.segment.get(o, -1)
+                if (o and 0 <= layer < self.n_layers and self._in_layer(o, layer)
+                        and any(r not in self.forward for r in self.readers.get(o, ()))):
+                    out.setdefault(layer, []).append(o)
+        return dict(sorted(out.items()))
 
     def copy_layer(self, layer: int, saved: list[str], first: int) -> list[Any]:
         """Gate nodes, then copies of `layer`'s forward nodes computing `saved`; `first`'s backward readers (and
         every later backward reader) of each saved tensor read its copy instead."""
-        from onnx.helper import make_node
-
-        gate = self._gate(first)
         tag = f"{PREFIX}{layer}"
-        front = [make_node("Size", [gate], [tag + "_size"], name=tag + "_size"),
-                 make_node("Mul", [tag + "_size", PREFIX + "zero"], [tag + "_zero"], name=tag + "_zero")]
+        front = wait_for(self._gate(first), tag, PREFIX + "zero")
         done: dict[str, str] = {}
         copies: list[Any] = []
         for s in saved:
@@ -135,9 +131,8 @@ class _Plan:
     def _gate(self, first: int) -> str:
         """An output of the last batch-dependent node before node `first`: the step has reached that backward."""
         for k in range(first - 1, -1, -1):
-            n = self.nodes[k]
-            if not all(not x or x in self.const for x in n.input):
-                return next(o for o in n.output if o)
+            if not reads_only(self.nodes[k], self.const):
+                return next(o for o in self.nodes[k].output if o)
         raise ValueError("a backward node with no batch-dependent node before it")
 
     def _copy(self, name: str, layer: int, tag: str, done: dict[str, str], copies: list[Any],
@@ -174,8 +169,7 @@ class _Plan:
 
         g = f"{tag}/in/{name}"
         if g not in self.waiting:
-            front += [make_node("Shape", [name], [g + "_shape"], name=g + "_shape"),
-                      make_node("Add", [g + "_shape", tag + "_zero"], [g + "_gated"], name=g + "_gated"),
-                      make_node("Reshape", [name, g + "_gated"], [g], name=g)]
+            front += [make_node("Shape", [name], [g + "_dims"], name=g + "_dims"),
+                      *view_after(name, g + "_dims", tag + "_zero", g)]
             self.waiting.add(g)
         return g
