@@ -65,10 +65,9 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for n in sorted({x["stage_layers"] for x in runs}):
         rounds = sorted({x["round"] for x in runs if x["stage_layers"] == n})
         for b in SCHEMES[1:]:
-            per = [at[(n, r, b)]["cpu_s_per_step"] / at[(n, r, "onnx")]["cpu_s_per_step"] for r in rounds
-                   if (n, r, b) in at and (n, r, "onnx") in at]
-            wall = [at[(n, r, b)]["wall_p50_s"] / at[(n, r, "onnx")]["wall_p50_s"] for r in rounds
-                    if (n, r, b) in at and (n, r, "onnx") in at]
+            pairs = [(at[(n, r, b)], at[(n, r, "onnx")]) for r in rounds if (n, r, b) in at and (n, r, "onnx") in at]
+            per = [q["cpu_s_per_step"] / f["cpu_s_per_step"] for q, f in pairs]
+            wall = [q["wall_p50_s"] / f["wall_p50_s"] for q, f in pairs]
             if per:
                 med = statistics.median(per)
                 out.append({"stage_layers": n, "backend": b, "cpu_ratio_per_round": per, "cpu_ratio": med,
