@@ -75,9 +75,10 @@ VARIANTS = {"onnx": ("fp32", False), "onnx-int8": ("int8", False), "onnx-int4": 
             "onnx-int4-recompute": ("int4", True)}
 ARTIFACT_BACKENDS = (*VARIANTS, "ort", "executorch")
 LR = 1e-4
-CACHE_VERSION = 6  # bump when the submodel recipe or export settings change (4: the head slices chained; 5: quantized
+CACHE_VERSION = 7  # bump when the submodel recipe or export settings change (4: the head slices chained; 5: quantized
 # graphs: dequantizations deferred to their use, the table's int8 as DequantizeLinear; 6: a byte a value dequantized
-# one block a row, the head slice's two products share one dequantization)
+# one block a row, the head slice's two products share one dequantization; 7: int4 in Q4_1's nibble order, split by
+# bit operations and dequantized one block a row)
 
 
 # --------------------------------------------------------------------------- preparation (server side)

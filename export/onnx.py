@@ -66,8 +66,6 @@ from export.quant_graph import (
     lower_int4,
     lower_int8,
     onnx_translations,
-    stored_array,
-    stored_shape,
 )
 from export.recompute import RECOMPUTE_GRAPH, recompute_layers
 
@@ -167,7 +165,7 @@ def externalize_weights(model: onnx.ModelProto, weights_dir: Path) -> dict[str, 
         if not init.name.startswith(naming.ARTIFACT_PREFIX):
             continue
         rel = f"{WEIGHTS_DIR}/{_safe_file_name(init.name)}"
-        array = stored_array(init)
+        array = onnx.numpy_helper.to_array(init)
         _write_raw(weights_dir.parent / rel, array)
         _point_to_file(init, rel, array.nbytes)
         files[init.name] = rel
@@ -294,8 +292,8 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, sche
             if key not in quantized:
                 quantized[key] = quantize(state[key].detach().float().cpu().numpy(), scheme_of(init.name, scheme))
             array = quantized[key][init.name.rpartition(".")[2]]
-        if list(array.shape) != stored_shape(init):
-            raise ValueError(f"{key}: the submodel has shape {list(array.shape)}, the cached graph {stored_shape(init)}; "
+        if list(array.shape) != list(init.dims):
+            raise ValueError(f"{key}: the submodel has shape {list(array.shape)}, the cached graph {list(init.dims)}; "
                              "delete the export template cache and retry")
         rel = next(e.value for e in init.external_data if e.key == "location")
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)

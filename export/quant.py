@@ -6,10 +6,12 @@ every onnxruntime build runs it, web and mobile included. The manifest names the
 (edge_runtime/manifest.WEIGHT_FORMATS: `int8-asym`, `int4-asym`), so a runtime that reads another format refuses.
 
     int8-asym  the decoder's Linears: weight[r, c] = q[r, c] * scale[r, c // 32] + min[r, c // 32], q in 0..255
-               (uint8, one value a byte), scale = (max - min) / 255 and min float16. Graph: one opset-21
-               DequantizeLinear (UINT8, block_size 32) and an Add of the minimum.
-    int4-asym  the decoder's Linears: the same with q in 0..15 (all 16 levels; ggml's Q4_1), two values a byte
-               (low nibble: even column). Graph: the same DequantizeLinear on UINT4.
+               (uint8, one value a byte), scale = (max - min) / 255 and min float16. Graph: the codes viewed
+               one block a row, a per-row DequantizeLinear and an Add of the minimum.
+    int4-asym  the decoder's Linears: the same with q in 0..15 (all 16 levels), two values a byte as ggml's Q4_1
+               packs them: in each block of 32, byte j holds value j (low nibble) and value j + 16 (high
+               nibble). Graph: BitwiseAnd and BitShift split the bytes into the block's two halves, a Concat
+               joins them, then the same DequantizeLinear and Add as int8-asym.
     table      the tied embedding / LM head under both (TABLE_SCHEME, internal name `int8-sym`): weight[r, c] =
                int8 q[r, c] * scale[r, c // 32], scale = max |w| / 127 rounded to float16's 11 significant bits
                (ggml's Q8_0), stored float32, q clipped to +-127. Graph: Cast, Mul on gathered rows, one
@@ -53,8 +55,8 @@ QMAX = {"int8-sym": 127}  # the symmetric one (the tied table's): q in -QMAX..QM
 QWEIGHT, QSCALE, QMIN = "qweight", "qscale", "qmin"  # buffer (and ONNX initializer) name suffixes
 TABLE = "table"  # the tied embedding's QuantLinear, registered under the embedding module
 TABLE_SCHEME = {"int8": "int8-sym", "int4": "int8-sym"}  # the tied embedding / LM head's own scheme under each
-INT4_OPSET = 21  # DequantizeLinear on UINT4 / UINT8 with block_size
-QUANT_GRAPH = 3  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
+INT4_OPSET = 21  # the quantized graphs' ai.onnx opset (DequantizeLinear's opset-21 form; BitwiseAnd is 18)
+QUANT_GRAPH = 4  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
 
 
 def check_scheme(scheme: str) -> str:
@@ -87,7 +89,8 @@ def _half(x: np.ndarray) -> np.ndarray:
 
 def _quantize_asym(blocks: np.ndarray, levels: int) -> dict[str, np.ndarray]:
     """Q4_1 with `levels` + 1 levels: per block the float16 minimum and (max - min) / levels; q = round((w - min)
-    / scale) in 0..levels, one byte a value, two a byte (low nibble: even column) for 4 bits."""
+    / scale) in 0..levels, one byte a value; for 4 bits two a byte, value j and j + 16 of a block in byte j
+    (low and high nibble: Q4_1's own layout)."""
     rows, nblocks, _ = blocks.shape
     low = _half(blocks.min(-1))
     scale = _half((blocks.max(-1) - low) / levels)
@@ -95,16 +98,23 @@ def _quantize_asym(blocks: np.ndarray, levels: int) -> dict[str, np.ndarray]:
     q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, levels)
     q[np.broadcast_to(scale[..., None] == 1, q.shape) & (blocks.max(-1) == blocks.min(-1))[..., None]] = 0
     q = q.astype(np.uint8).reshape(rows, nblocks * BLOCK)
-    if levels < 16:
-        q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    return {QWEIGHT: q, QSCALE: scale, QMIN: low}
+    return {QWEIGHT: pack_int4(q) if levels < 16 else q, QSCALE: scale, QMIN: low}
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """[rows, cols] values in 0..15 as Q4_1 stores them: [rows, cols / 2] bytes, byte j of a block of 32 holding
+    value j in its low nibble and value j + 16 in its high nibble."""
+    rows, cols = q.shape
+    half = q.astype(np.uint8).reshape(rows, cols // BLOCK, 2, BLOCK // 2)
+    return (half[:, :, 0] | (half[:, :, 1] << 4)).reshape(rows, cols // 2)
 
 
 def dequantize(parts: dict[str, np.ndarray], scheme: str) -> np.ndarray:
     """The float32 weight (exactly what the graph computes: q * scale in float32, then + min)."""
     q = parts[QWEIGHT]
     if scheme == "int4":
-        vals = np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(np.float32)
+        half = q.reshape(q.shape[0], -1, BLOCK // 2)
+        vals = np.concatenate([half & 15, half >> 4], axis=-1).reshape(q.shape[0], -1).astype(np.float32)
     else:
         vals = q.astype(np.float32)
     rows, cols = vals.shape
@@ -129,7 +139,8 @@ def dequantize_int4(qweight: torch.Tensor, qscale: torch.Tensor, qmin: torch.Ten
     if qweight.shape[1] == qscale.shape[1] * BLOCK:
         q = qweight.float()
     else:
-        q = torch.stack([qweight % 16, qweight // 16], dim=-1).reshape(qweight.shape[0], -1).float()
+        half = qweight.reshape(qweight.shape[0], -1, BLOCK // 2)
+        q = torch.cat([half % 16, half // 16], dim=-1).reshape(qweight.shape[0], -1).float()
     rows, cols = q.shape
     out = q.reshape(rows, cols // BLOCK, BLOCK) * qscale.float().unsqueeze(-1) + qmin.float().unsqueeze(-1)
     return out.reshape(rows, cols)

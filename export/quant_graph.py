@@ -1,7 +1,7 @@
 """The quantized graphs' passes (export/quant.py holds the schemes and the torch side of tracing).
 
 After torch.onnx.export, in this order (export/onnx.export_template): `lower_int4` turns the traced
-placeholder of the asymmetric schemes into an opset-21 blockwise DequantizeLinear plus an Add, `lower_int8`
+placeholder of the asymmetric schemes into a per-block DequantizeLinear plus an Add, `lower_int8`
 does the same for the table's symmetric Cast/Mul, `dequant_recompute` gives every later use of a dequantized
 weight its own copy (no float weight held from the forward to the backward), and `defer_dequantization`
 makes each copy wait for its use (none runs early and is held). Each pass changes no value: the tests compare
@@ -74,8 +74,7 @@ def defer_dequantization(graph: Any) -> int:
     before N in the traced order: its quantized initializers are read through a Reshape (an alias, no copy)
     whose shape is their own plus 0 x Size(that node's output). No value changes; the float weight exists
     from just before its use to its use, in either execution order. Plain ai.onnx ops (Size, Mul, Add,
-    Reshape); UINT4 tensors, which have no Reshape kernel, wait through their scales. Run after
-    dequant_recompute (the backward's copies are gated to their own uses)."""
+    Reshape). Run after dequant_recompute (the backward's copies are gated to their own uses)."""
     import onnx
 
     if any(n.name.startswith(GATE_PREFIX) for n in graph.node):
@@ -149,8 +148,7 @@ class _Gates:
 
         chain = self.private_chain(consumer, roots)
         reads = [(k, j) for k in chain for j, i in enumerate(self.nodes[k].input)
-                 if i in self.inits and source_weight(i) is not None
-                 and self.inits[i].data_type != onnx.TensorProto.UINT4]
+                 if i in self.inits and source_weight(i) is not None]
         if not reads:
             return []
         g = f"{GATE_PREFIX}{consumer}"
@@ -201,8 +199,7 @@ def _keep_needed(graph: Any, nodes: list[Any]) -> None:
 
 class _CloneContext:
     """Copies of dequantization chains: the k-th copy reads each quantized initializer through the k-th
-    same-shape Reshape (UINT4 tensors have no Reshape kernel: they are read as they are, the chain's other
-    inputs, the scales, still differ)."""
+    same-shape Reshape."""
 
     def __init__(self, inits: dict[str, Any], producer: dict[str, Any]):
         self.inits, self.producer, self.extra_inits = inits, producer, []
@@ -234,7 +231,7 @@ class _CloneContext:
         import onnx
 
         init = self.inits[name]
-        if source_weight(name) is None or init.data_type == onnx.TensorProto.UINT4 or len(init.dims) != 2:
+        if source_weight(name) is None or len(init.dims) != 2:
             return name
         shape = [d if v is None else v for d, v in zip(init.dims, _SAME_SHAPE[(k - 2) % len(_SAME_SHAPE)])]
         shape_name = f"recompute_shape{k}.{name}"  # not an artifact name: stays inside the graph
@@ -251,7 +248,7 @@ DOMAIN = "devft"  # the placeholder's domain while tracing; lower_int4 leaves on
 
 def onnx_translations() -> dict[Any, Any]:
     """torch.onnx.export's custom_translation_table: dequantize_int4 becomes a placeholder node that
-    `lower_int4` replaces (an int4 qweight must become a UINT4 tensor first, which no translation can do)."""
+    `lower_int4` replaces (its lowering views the codes in blocks, which the traced shapes do not know)."""
     import onnx
     import onnxscript
 
@@ -269,30 +266,10 @@ def onnx_translations() -> dict[Any, Any]:
     return {torch.ops.devft.dequantize_int4.default: translate}
 
 
-def stored_array(init: Any) -> np.ndarray:
-    """An initializer's bytes as the weight file holds them: UINT4 tensors two values a byte (uint8)."""
-    import onnx
-
-    if init.data_type == onnx.TensorProto.UINT4:
-        rows, cols = init.dims
-        return np.frombuffer(init.raw_data, dtype=np.uint8).reshape(rows, cols // 2)
-    return onnx.numpy_helper.to_array(init)
-
-
-def stored_shape(init: Any) -> list[int]:
-    """The shape of stored_array(init), from the initializer's declared type and dims."""
-    import onnx
-
-    dims = list(init.dims)
-    return [dims[0], dims[1] // 2] if init.data_type == onnx.TensorProto.UINT4 else dims
-
-
 def lower_int4(model: Any) -> int:
-    """Replace every DequantizeInt4 placeholder by ai.onnx ops: an int4 qweight becomes a UINT4 [rows, cols]
-    initializer (the same bytes), dequantized by one opset-21 DequantizeLinear with block_size 32 (Cast of the
-    float16 scales first: its output takes the scale's type), then + min per block (Reshape, Add, Reshape; the
-    Reshapes alias); an int8-asym one stays UINT8 [rows, cols] and is dequantized one block a row
-    (`_per_block_nodes`). Two passes over the float weight where the traced torch unpacking took a dozen.
+    """Replace every DequantizeInt4 placeholder by ai.onnx ops (`_per_block_nodes`): the codes, as stored, viewed
+    one block a row, dequantized by one per-row DequantizeLinear, then + min per block. Two passes over the
+    float weight (three byte-wide ones more for int4's nibbles) where the traced torch unpacking took a dozen.
     Raises the model's ai.onnx opset to 21. Returns how many were lowered."""
     import onnx
 
@@ -303,18 +280,14 @@ def lower_int4(model: Any) -> int:
         if node.domain != DOMAIN:
             nodes.append(node)
             continue
-        shape = _codes(inits[node.input[0]], inits[node.input[1]])
-        if inits[node.input[0]].data_type == onnx.TensorProto.UINT4:
-            nodes += _int4_nodes(node, shape, consts)
-        else:
-            nodes += _per_block_nodes(node, shape, consts)
+        nodes += _per_block_nodes(node, inits[node.input[0]], inits[node.input[1]], consts)
         lowered += 1
     if not lowered:
         return 0
     _block_shapes(graph)
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
+    graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
     kept = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(kept)
@@ -323,30 +296,6 @@ def lower_int4(model: Any) -> int:
             o.version = max(o.version, INT4_OPSET)
     model.ir_version = max(model.ir_version, 10)
     return lowered
-
-
-def _codes(qweight: Any, qscale: Any) -> tuple[int, int]:
-    """The (rows, cols) of a placeholder's weight: a qweight with a value a byte (int8-asym: UINT8, as it is)
-    or, retyped, two a byte (int4)."""
-    if qweight.dims[1] == qscale.dims[1] * BLOCK:
-        return int(qweight.dims[0]), int(qweight.dims[1])
-    return _as_uint4(qweight)
-
-
-def _as_uint4(init: Any) -> tuple[int, int]:
-    """Retype a uint8 [rows, cols / 2] qweight initializer as UINT4 [rows, cols] (ONNX packs 4-bit tensors two
-    a byte, low nibble first: the bytes stay); returns (rows, cols)."""
-    import onnx
-
-    if init.data_type != onnx.TensorProto.UINT4:
-        packed = onnx.numpy_helper.to_array(init).astype(np.uint8)
-        for field in ("int32_data", "raw_data"):
-            init.ClearField(field)
-        init.data_type = onnx.TensorProto.UINT4
-        del init.dims[:]
-        init.dims.extend([packed.shape[0], 2 * packed.shape[1]])
-        init.raw_data = packed.tobytes()
-    return int(init.dims[0]), int(init.dims[1])
 
 
 def lower_int8(model: Any) -> int:
@@ -386,6 +335,7 @@ def lower_int8(model: Any) -> int:
 
 
 BLOCK_ROWS, FLAT, BLOCK_COLUMN = "dq_block_rows", "dq_flat", "dq_block_column"  # Reshape shapes of the lowerings
+HALF_BLOCK_ROWS = "dq_half_block_rows"  # int4's bytes, a block a row
 
 
 def _block_shapes(graph: Any) -> None:
@@ -429,47 +379,41 @@ def _initializer_root(name: str, producer: dict[str, Any], inits: dict[str, Any]
     return inits[name]
 
 
-def _int4_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[int]]) -> list[Any]:
+NIBBLE_MASK, NIBBLE_SHIFT = "dq_nibble_mask", "dq_nibble_shift"  # uint8 15 and 4: int4's two halves of a byte
+
+
+def _per_block_nodes(node: Any, qweight: Any, qscale: Any, consts: dict[str, np.ndarray]) -> list[Any]:
+    """The asymmetric schemes' dequantization, one block a row.
+
+    The codes viewed as [blocks, 32] (an alias; int4's [blocks, 16] bytes first split by BitwiseAnd 15 and
+    BitShift 4 into the block's values 0-15 and 16-31, joined by a Concat) go through a per-axis
+    DequantizeLinear (axis 0, one scale a row), the minimums as a [blocks, 1] column are added, and the result
+    is viewed as the weight again. The values are the blockwise DequantizeLinear's bit for bit, in less of its
+    time on onnxruntime's CPU kernels (`python -m benchmarks.quantized_step_time --kernels`, which times both
+    and checks the bits)."""
     from onnx import TensorProto
     from onnx.helper import make_node
 
-    qweight, qscale, qmin = node.input
-    rows, cols = shape
-    blocks, flat, axis = f"int4_blocks_{rows}x{cols}", f"int4_rows_{rows}x{cols}", "int4_axis_2"
-    consts.update({blocks: [rows, cols // BLOCK, BLOCK], flat: [rows, cols], axis: [2]})
-    out, t = node.output[0], f"{node.output[0]}/int4"
-    return [make_node("Cast", [qscale], [t + "_scale"], to=TensorProto.FLOAT, name=t + "_scale"),
-            make_node("DequantizeLinear", [qweight, t + "_scale"], [t + "_qs"], axis=1, block_size=BLOCK,
-                      name=t + "_dq"),
-            make_node("Reshape", [t + "_qs", blocks], [t + "_blocks"], name=t + "_blocks"),
-            make_node("Cast", [qmin], [t + "_min"], to=TensorProto.FLOAT, name=t + "_min"),
-            make_node("Unsqueeze", [t + "_min", axis], [t + "_min3"], name=t + "_min3"),
-            make_node("Add", [t + "_blocks", t + "_min3"], [t + "_sum"], name=t + "_add"),
-            make_node("Reshape", [t + "_sum", flat], [out], name=t + "_out")]
-
-
-def _per_block_nodes(node: Any, shape: tuple[int, int], consts: dict[str, list[int]]) -> list[Any]:
-    """int8-asym's dequantization (uint8 codes, a value a byte), one block a row.
-
-    The codes viewed as [blocks, 32] (an alias) go through a per-axis DequantizeLinear (axis 0, one scale a
-    row), the minimums as a [blocks, 1] column are added, and the result is viewed as the weight again. The
-    values are the blockwise DequantizeLinear's bit for bit, in 0.4-0.65 of its time on onnxruntime's CPU
-    kernels (`python -m benchmarks.quantized_step_time --kernels`: a 6144 x 576 weight, one thread, 0.94
-    against 2.30 ns a value with the Add, the table's int8 0.94 against 1.45). UINT4 codes have no Reshape
-    kernel and stay blockwise (`_int4_nodes`)."""
-    from onnx import TensorProto
-    from onnx.helper import make_node
-
-    qweight, qscale, qmin = node.input
-    rows, cols = shape
-    flat = f"int4_rows_{rows}x{cols}"
-    consts[flat] = [rows, cols]
+    _, q, scale, minimum = (node.output[0], *node.input)
+    rows, cols = int(qscale.dims[0]), int(qscale.dims[1]) * BLOCK
+    nibbles = int(qweight.dims[1]) * 2 == cols  # int4: two values a byte
+    flat = f"dq_rows_{rows}x{cols}"
+    consts[flat] = np.array([rows, cols], np.int64)
     out, t = node.output[0], f"{node.output[0]}/asym"
-    return [make_node("Reshape", [qweight, BLOCK_ROWS], [t + "_q"], name=t + "_q"),
-            make_node("Cast", [qscale], [t + "_scale16"], to=TensorProto.FLOAT, name=t + "_scale16"),
-            make_node("Reshape", [t + "_scale16", FLAT], [t + "_scale"], name=t + "_scale"),
-            make_node("DequantizeLinear", [t + "_q", t + "_scale"], [t + "_qs"], axis=0, name=t + "_dq"),
-            make_node("Cast", [qmin], [t + "_min16"], to=TensorProto.FLOAT, name=t + "_min16"),
-            make_node("Reshape", [t + "_min16", BLOCK_COLUMN], [t + "_min"], name=t + "_min"),
-            make_node("Add", [t + "_qs", t + "_min"], [t + "_sum"], name=t + "_add"),
-            make_node("Reshape", [t + "_sum", flat], [out], name=t + "_out")]
+    if nibbles:
+        consts.update({NIBBLE_MASK: np.array(15, np.uint8), NIBBLE_SHIFT: np.array(4, np.uint8),
+                       HALF_BLOCK_ROWS: np.array([-1, BLOCK // 2], np.int64)})
+        codes = [make_node("Reshape", [q, HALF_BLOCK_ROWS], [t + "_bytes"], name=t + "_bytes"),
+                 make_node("BitwiseAnd", [t + "_bytes", NIBBLE_MASK], [t + "_low"], name=t + "_low"),
+                 make_node("BitShift", [t + "_bytes", NIBBLE_SHIFT], [t + "_high"], direction="RIGHT", name=t + "_high"),
+                 make_node("Concat", [t + "_low", t + "_high"], [t + "_q"], axis=1, name=t + "_q")]
+    else:
+        codes = [make_node("Reshape", [q, BLOCK_ROWS], [t + "_q"], name=t + "_q")]
+    return codes + [
+        make_node("Cast", [scale], [t + "_scale16"], to=TensorProto.FLOAT, name=t + "_scale16"),
+        make_node("Reshape", [t + "_scale16", FLAT], [t + "_scale"], name=t + "_scale"),
+        make_node("DequantizeLinear", [t + "_q", t + "_scale"], [t + "_qs"], axis=0, name=t + "_dq"),
+        make_node("Cast", [minimum], [t + "_min16"], to=TensorProto.FLOAT, name=t + "_min16"),
+        make_node("Reshape", [t + "_min16", BLOCK_COLUMN], [t + "_min"], name=t + "_min"),
+        make_node("Add", [t + "_qs", t + "_min"], [t + "_sum"], name=t + "_add"),
+        make_node("Reshape", [t + "_sum", flat], [out], name=t + "_out")]

@@ -9,8 +9,8 @@ import { Trainer, latencySummary, meanLoss } from './trainer.js';
 const MIN_ONNXRUNTIME = '1.17.0';
 
 // the frozen-weight byte formats a portable trainer can be sent (edge_runtime/manifest.py WEIGHT_FORMATS' values, the
-// manifest's `weights`, absent meaning fp32) and the onnxruntime each needs: the quantized graphs' blockwise
-// DequantizeLinear (UINT8 and UINT4 codes) is opset 21 (onnxruntime 1.20)
+// manifest's `weights`, absent meaning fp32) and the onnxruntime each needs: the quantized graphs (DequantizeLinear
+// on uint8 codes, int4's split by BitwiseAnd and BitShift) are opset 21 (onnxruntime 1.20)
 const WEIGHT_FORMATS = { fp32: MIN_ONNXRUNTIME, 'int8-asym': '1.20.0', 'int4-asym': '1.20.0' };
 
 const CONTROL_RETRIES = 3; // a failed control is handled again at most this often (2 s, 4 s, 6 s later)
