@@ -1,22 +1,26 @@
 """Quantized frozen weights (issue #24): is an int8 / int4 training step at most 10% slower than fp32's?
 
-    python -m benchmarks.quantized_step_time                    # stages 4 and 30, 3 interleaved rounds
-    python -m benchmarks.quantized_step_time --stages 4 --rounds 5
+    python -m benchmarks.quantized_step_time                    # stages 4 and 30, 8 alternating cycles
+    python -m benchmarks.quantized_step_time --stages 30 --cycles 12
     python -m benchmarks.quantized_step_time --kernels   # only the dequantization kernels, old lowering vs new
 
-One step time is noise on a shared machine; a ratio is only worth reading when the two sides ran side by
-side. So each round measures fp32, int8 and int4 of a stage one after the other, each in a fresh process
-(edge_runtime.bench on the device benchmark's cached artifacts: the same export, the same code a board
-runs), and the rounds repeat. A ratio is the median of the per-round ratios (each against the same
-round's fp32), and the table keeps every round so drift shows. Time is CPU seconds per step with one
-intra-op thread (what a step costs, less sensitive to other jobs than wall time); wall p50 is kept too.
+One step time is noise on a shared machine, and so is one process's: this machine's speed drifts by 10-20%
+over minutes, more than the 10% the goal allows. So one process per stage opens the fp32, int8 and int4
+trainers side by side (edge_runtime.bench.load_trainer on the device benchmark's cached artifacts: the same
+export, the same code a board runs) and alternates their steps: each cycle runs one step of each, in an order
+that rotates from cycle to cycle, and a cycle's ratio compares steps taken within seconds of each other. A
+ratio is the median of the per-cycle ratios; the table keeps their range. Time is the process's CPU seconds
+per step with one intra-op thread (what a step costs, less sensitive to other jobs than wall time); wall time
+is kept too. The three sessions share one process's memory, so this measures time only (benchmarks/device.py
+measures memory, one trainer a process).
 
 `--kernels` times what one dequantization costs on onnxruntime's CPU kernels (one thread, SmolLM2's 6144 x 576
 LM head slice shape, random codes), each lowering beside the blockwise DequantizeLinear it replaced, checking the
 two give the same bits.
 
 Results: benchmarks/results/quantized-step-time.json (kernels: -kernels.json) and the generated blocks in
-benchmarks/RESULTS.md.
+benchmarks/RESULTS.md. Earlier runs of the one-process-a-measurement design are kept beside it
+(quantized-step-time-de39af0.json, -40b14f5.json).
 """
 
 from __future__ import annotations
@@ -39,63 +43,95 @@ SCHEMES = ("onnx", "onnx-int8", "onnx-int4")
 GOAL = 1.10  # issue #24: a quantized step at most 10% slower than fp32's
 
 
-def measure_rounds(stages: list[int], rounds: int, steps: int, warmup: int, threads: int,
-                   envs: Envs) -> list[dict[str, Any]]:
+def measure_alternating(stages: list[int], cycles: int, warmup: int, threads: int,
+                        envs: Envs) -> list[dict[str, Any]]:
+    """Per stage, one worker process alternating the schemes' steps; returns every timed step."""
+    import subprocess
+
     from tqdm import tqdm
 
     runs = []
-    jobs = [(r, n, b) for n in stages for r in range(rounds) for b in SCHEMES]
-    for r, n, b in tqdm(jobs, desc="interleaved steps", unit="run"):
-        row = device.run_one(b, n, steps, warmup, threads, envs)
-        if "error" in row:
-            raise SystemExit(f"{b} at {n} layers failed: {row['error']}")
-        runs.append({"round": r, "stage_layers": n, "backend": b,
-                     "cpu_s_per_step": row["cpu_s_per_step"], "wall_p50_s": row["step_latency_s"]["p50"],
-                     "load_average_before": row["load_average_before"],
-                     "peak_rss_bytes": max(row["peak_rss_bytes"], row["process_peak_rss_bytes"] or 0)})
-        tqdm.write(f"round {r + 1}, {n} layers, {b}: {row['cpu_s_per_step']:.3f} CPU s/step, "
-                   f"load {row['load_average_before']}")
+    python, env = envs.command("onnx")
+    for n in tqdm(stages, desc="stages", unit="stage"):
+        d = device.stage_dir(n)
+        cmd = python + ["-m", "benchmarks.quantized_step_time", "--worker", *(str(d / b) for b in SCHEMES),
+                        "--cycles", str(cycles), "--warmup", str(warmup), "--threads", str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=device.ROOT.parent, timeout=7200,
+                              env={**env, "OMP_NUM_THREADS": str(threads)})
+        if proc.returncode != 0:
+            raise SystemExit(f"the {n}-layer worker failed: {proc.stderr.strip()[-2000:]}")
+        steps = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs += [{"stage_layers": n, **x} for x in steps]
+        fp32 = statistics.median(x["cpu_s"] for x in steps if x["backend"] == "onnx")
+        tqdm.write(f"{n} layers: fp32 {fp32:.3f} CPU s/step (median of {cycles})")
     return runs
 
 
+def worker(dirs: list[str], cycles: int, warmup: int, threads: int) -> list[dict[str, Any]]:
+    """Open a trainer per artifact dir, warm each up, then `cycles` cycles of one step each (rotating order)."""
+    import time
+
+    from edge_runtime.bench import DEFAULT_SEQ, load_trainer, random_batch
+    from edge_runtime.manifest import load_manifest
+
+    vocab = int(load_manifest(Path(dirs[0])).model_config["vocab_size"])
+    ids, labels = random_batch(vocab, device.BATCH, DEFAULT_SEQ)
+    trainers = [load_trainer("onnx", Path(d), device.LR, threads) for d in dirs]
+    for t in trainers:
+        for _ in range(warmup):
+            t.train_step(ids, labels)
+    out = []
+    for c in range(cycles):
+        for k in range(len(dirs)):
+            i = (c + k) % len(dirs)
+            cpu, wall = time.process_time(), time.perf_counter()
+            loss = trainers[i].train_step(ids, labels)
+            out.append({"cycle": c, "backend": Path(dirs[i]).name, "cpu_s": time.process_time() - cpu,
+                        "wall_s": time.perf_counter() - wall, "loss": float(loss)})
+    return out
+
+
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per stage and quantized scheme: the per-round CPU-time ratios against that round's fp32, and their median."""
-    at = {(x["stage_layers"], x["round"], x["backend"]): x for x in runs}
+    """Per stage and quantized scheme: the per-cycle CPU-time ratios against the same cycle's fp32 step, their
+    median, and the median wall-time ratio."""
+    at = {(x["stage_layers"], x["cycle"], x["backend"]): x for x in runs}
     out = []
     for n in sorted({x["stage_layers"] for x in runs}):
-        rounds = sorted({x["round"] for x in runs if x["stage_layers"] == n})
+        cycles = sorted({x["cycle"] for x in runs if x["stage_layers"] == n})
         for b in SCHEMES[1:]:
-            pairs = [(at[(n, r, b)], at[(n, r, "onnx")]) for r in rounds if (n, r, b) in at and (n, r, "onnx") in at]
-            per = [q["cpu_s_per_step"] / f["cpu_s_per_step"] for q, f in pairs]
-            wall = [q["wall_p50_s"] / f["wall_p50_s"] for q, f in pairs]
+            pairs = [(at[(n, c, b)], at[(n, c, "onnx")]) for c in cycles if (n, c, b) in at and (n, c, "onnx") in at]
+            per = [q["cpu_s"] / f["cpu_s"] for q, f in pairs]
             if per:
                 med = statistics.median(per)
-                out.append({"stage_layers": n, "backend": b, "cpu_ratio_per_round": per, "cpu_ratio": med,
-                            "wall_ratio": statistics.median(wall), "goal_met": med <= GOAL})
+                out.append({"stage_layers": n, "backend": b, "cpu_ratio_per_cycle": per, "cpu_ratio": med,
+                            "wall_ratio": statistics.median(q["wall_s"] / f["wall_s"] for q, f in pairs),
+                            "goal_met": med <= GOAL})
     return out
 
 
 def markdown(doc: dict[str, Any]) -> str:
     meta, runs = doc["meta"], doc["runs"]
-    lines = ["### Quantized frozen weights: step time against fp32, interleaved (issue #24)", "",
+    lines = ["### Quantized frozen weights: step time against fp32, alternating steps (issue #24)", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; machine: {meta['machine']['cpu_model']}, "
              f"{meta['machine']['logical_cpus']} logical CPUs, load average {meta['load_average_start']} at the start, "
              f"{meta['load_average_end']} at the end; {meta['threads']} thread(s); batch {meta['batch']} x "
-             f"{meta['seq']}, every position supervised; {meta['warmup']} warm-up + {meta['steps']} timed steps "
-             "per process; each round runs fp32, int8, int4 one after the other.", ""]
-    head = ["stage layers", "weights"] + [f"round {r + 1} CPU s/step" for r in range(meta["rounds"])] + \
-        ["vs fp32 (median of per-round ratios)", "wall p50 vs fp32", "goal <= 1.10x"]
+             f"{meta['seq']}, every position supervised; one process a stage with the three trainers, "
+             f"{meta['warmup']} warm-up step(s) each, then {meta['cycles']} cycles of one step of each (order rotating).",
+             ""]
+    head = ["stage layers", "weights", "CPU s/step, median (range)", "vs fp32: median of per-cycle ratios",
+            "per-cycle ratios, range", "wall vs fp32", "goal <= 1.10x"]
     rows = []
     ratio = {(x["stage_layers"], x["backend"]): x for x in doc["ratios"]}
     for n in meta["stages"]:
         for b in SCHEMES:
-            cells = [f"{x['cpu_s_per_step']:.3f}" for x in sorted(
-                (x for x in runs if x["stage_layers"] == n and x["backend"] == b), key=lambda x: x["round"])]
+            cpu = [x["cpu_s"] for x in runs if x["stage_layers"] == n and x["backend"] == b]
             q = ratio.get((n, b))
-            rows.append([n, {"onnx": "fp32"}.get(b, b.removeprefix("onnx-"))] + cells +
-                        ([f"{q['cpu_ratio']:.3f}x ({', '.join(f'{v:.2f}' for v in q['cpu_ratio_per_round'])})",
-                          f"{q['wall_ratio']:.3f}x", "met" if q["goal_met"] else "**not met**"] if q else ["", "", ""]))
-    lines += [*md_table(head, rows), "", "JSON: `benchmarks/results/quantized-step-time.json`."]
+            rows.append([n, {"onnx": "fp32"}.get(b, b.removeprefix("onnx-")),
+                         f"{statistics.median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f})"] +
+                        ([f"{q['cpu_ratio']:.3f}x", f"{min(q['cpu_ratio_per_cycle']):.2f}-"
+                          f"{max(q['cpu_ratio_per_cycle']):.2f}", f"{q['wall_ratio']:.3f}x",
+                          "met" if q["goal_met"] else "**not met**"] if q else ["", "", "", ""]))
+    lines += [*md_table(head, rows), "", "JSON: `benchmarks/results/quantized-step-time.json` (every step)."]
     return "\n".join(lines)
 
 
@@ -192,14 +228,17 @@ def kernels_markdown(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quantized_step_time", description=__doc__.split("\n")[0])
     p.add_argument("--stages", default="4,30", help="comma-separated stage sizes of SmolLM2-135M (default 4,30)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per process (default 4)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--cycles", type=int, default=8, help="alternating cycles, one step of each scheme (default 8)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each trainer first (default 1)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--summary", action="store_true", help="only rewrite RESULTS.md's block from the JSON")
     p.add_argument("--kernels", action="store_true", help="only the dequantization kernels (seconds)")
     p.add_argument("--markdown", type=Path, default=RESULTS_MD)
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # internal: the artifact dirs to alternate
     args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.cycles, args.warmup, args.threads)))
+        return 0
     if args.kernels:
         import onnxruntime
 
@@ -213,20 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         doc = json.loads(OUT.read_text())
     else:
-        if args.rounds < 1:
-            p.error(f"--rounds must be at least 1, got {args.rounds}")
+        if args.cycles < 1 or args.warmup < 0:
+            p.error(f"need --cycles >= 1 and --warmup >= 0, got {args.cycles} and {args.warmup}")
         stages = [int(s) for s in args.stages.split(",") if s]
         envs = Envs(None)
         device.prepare(stages, list(SCHEMES), [], envs)
         start = load_average()
-        runs = measure_rounds(stages, args.rounds, args.steps, args.warmup, args.threads, envs)
+        runs = measure_alternating(stages, args.cycles, args.warmup, args.threads, envs)
         from edge_runtime.bench import DEFAULT_SEQ, machine_info
 
         doc = {"meta": {"command": "python -m benchmarks.quantized_step_time " + " ".join(
                             sys.argv[1:] if argv is None else argv),
                         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
                         "load_average_start": start, "load_average_end": load_average(), "stages": stages,
-                        "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                        "cycles": args.cycles, "warmup": args.warmup, "threads": args.threads,
                         "batch": device.BATCH, "seq": DEFAULT_SEQ},
                "runs": runs, "ratios": ratios(runs)}
         write_atomic(OUT, json.dumps(doc, indent=1) + "\n")
