@@ -11,9 +11,9 @@ The margin covers what the floor leaves out: backward temporaries, attention's [
 tensors while they are built, dequantized weight slices, allocator slack, onnxruntime's session (about 5 KiB
 a graph node). It is set from the measured portable-format rows of benchmarks/results/device.json (SmolLM2-135M,
 4, 8, 16 and 30 layers, fp32/int8/int4, activations kept or recomputed, batch 4 x 128 whole and in
-micro-batches of 1, onnxruntime 1 thread): their peaks are 1.14-1.53x this floor with activations kept and up
-to 1.85x recomputed (2026-12-07; the recomputed graphs' copies make the session bigger while the floor
-shrinks); 1.25 x floor + 192 MiB lies 14% (int4 recomputed, 30 layers, whole batch) to 92% (int8
+micro-batches of 1, onnxruntime 1 thread): their peaks are 1.14-1.47x this floor with activations kept and up
+to 1.89x recomputed (2026-12-07; the recomputed graphs' copies make the session bigger while the floor
+shrinks); 1.25 x floor + 192 MiB lies 12% (int4 recomputed, 30 layers, whole batch) to 94% (int4
 recomputed, 4 layers, micro-batch 1) above each of them (tests/test_fleet_capabilities.py checks it against
 the file). Torch-free arithmetic on a config dict, so the
 coordinator, the benchmarks and a device-side tool can share it.
