@@ -19,8 +19,8 @@ LM head slice shape, random codes), each lowering beside the blockwise Dequantiz
 two give the same bits.
 
 Results: benchmarks/results/quantized-step-time.json (kernels: -kernels.json) and the generated blocks in
-benchmarks/RESULTS.md. Earlier runs of the one-process-a-measurement design are kept beside it
-(quantized-step-time-de39af0.json, -40b14f5.json).
+benchmarks/RESULTS.md. Earlier runs are kept beside it: the one-process-a-measurement design's
+(quantized-step-time-de39af0.json, -40b14f5.json, -88b5d18.json) and a 12-cycle run (-alternating-12.json).
 """
 
 from __future__ import annotations

@@ -394,7 +394,7 @@ def _per_block_nodes(node: Any, qweight: Any, qscale: Any, consts: dict[str, np.
     from onnx import TensorProto
     from onnx.helper import make_node
 
-    _, q, scale, minimum = (node.output[0], *node.input)
+    q, scale, minimum = node.input
     rows, cols = int(qscale.dims[0]), int(qscale.dims[1]) * BLOCK
     nibbles = int(qweight.dims[1]) * 2 == cols  # int4: two values a byte
     flat = f"dq_rows_{rows}x{cols}"
