@@ -60,8 +60,14 @@ def scheme_name(weights: str) -> str:
     return WEIGHT_FORMATS.get(weights, weights)
 
 
-def key(cfg: RunConfig) -> str:
-    blob = json.dumps({**cfg.identity(), "scheme": scheme_name(cfg.weights)}, sort_keys=True).encode()
+def key(cfg: RunConfig, quantizer: int | None = None) -> str:
+    """The run's name; a quantized run's hashes the quantizer's revision too (export/quant.QUANTIZER; `quantizer`:
+    an older one's), from revision 2 on, so the keys of the runs before it stay theirs."""
+    from export.quant import QUANTIZER
+
+    revision = QUANTIZER if quantizer is None else quantizer
+    extra = {"quantizer": revision} if cfg.weights != "fp32" and revision > 1 else {}
+    blob = json.dumps({**cfg.identity(), "scheme": scheme_name(cfg.weights), **extra}, sort_keys=True).encode()
     return f"{cfg.strategy}-{cfg.weights}-s{cfg.seed}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
@@ -96,8 +102,8 @@ def identical_to_fp32(base, weights: str) -> bool:
     return all(torch.equal(quant[k], v) for k, v in base.model.state_dict().items())
 
 
-def load(cfg: RunConfig) -> dict | None:
-    path = KEPT / f"{key(cfg)}.json"
+def load(cfg: RunConfig, quantizer: int | None = None) -> dict | None:
+    path = KEPT / f"{key(cfg, quantizer)}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -115,9 +121,12 @@ def base_loss(rep: dict) -> float | None:
 
 
 def _kept(method: str, weights: str, seed: int, identical: set[str], ref: dict | None) -> dict | None:
-    """The kept report of a table row (`fp32-perturbed`: the --perturb run); a bit-identical scheme's is fp32's."""
+    """The kept report of a table row (`fp32-perturbed`: the --perturb run; `int8-255`: int8 by quantizer 1, 256
+    levels on every block); a bit-identical scheme's is fp32's."""
     if weights == "fp32-perturbed":
         return load(config(method, "fp32", seed, PERTURBED_THREADS))
+    if weights == "int8-255":
+        return load(config(method, "int8", seed), quantizer=1)
     rep = load(config(method, weights, seed))
     if rep is None and weights in identical and ref is not None:
         rep = {**ref, "scheme": f"{scheme_name(weights)}; = fp32 run, bit-identical weights"}
@@ -129,22 +138,23 @@ def table(seeds: list[int], identical: set[str]) -> tuple[str, dict]:
     for method in METHODS:
         for seed in seeds:
             ref = load(config(method, "fp32", seed))
-            for weights in ("fp32", "int8", "int4", "fp32-perturbed"):
+            for weights in ("fp32", "int8", "int4", "int8-255", "fp32-perturbed"):
                 rep = _kept(method, weights, seed, identical, ref)
                 if rep is None:
-                    if weights != "fp32-perturbed":  # perturbed rows only where --perturb ran
+                    if weights in ("fp32", "int8", "int4"):  # the kept older runs' rows only where they ran
                         rows.append([method, seed, weights, "not finished", "", "", ""])
                     continue
                 loss, acc = final(rep)
                 delta = None if ref is None else loss - final(ref)[0]
-                goal = GOAL.get(weights)
+                goal = GOAL.get(weights.partition("-")[0])  # int8-255: int8's goal too
                 met = "" if goal is None or delta is None else ("yes" if delta <= goal else "**no**")
-                label = {"fp32": "fp32", "fp32-perturbed": f"fp32, {PERTURBED_THREADS} torch thread (perturbed)"}.get(
+                label = {"fp32": "fp32", "fp32-perturbed": f"fp32, {PERTURBED_THREADS} torch thread (perturbed)",
+                         "int8-255": f"int8 ({rep['scheme']}), 256 levels on every block (quantizer 1, lossy)"}.get(
                     weights, f"{weights} ({rep['scheme']})")
                 rows.append([method, seed, label,
                              f"{loss:.4f}", "n/a" if acc is None else f"{100 * acc:.1f}%",
                              "" if delta is None or weights == "fp32" else f"{delta:+.4f}", met])
-                if weights == "fp32-perturbed":
+                if weights in ("fp32-perturbed", "int8-255"):
                     continue
                 data.setdefault(method, {}).setdefault(weights, {})[seed] = {
                     "final_eval_loss": loss, "final_accuracy": acc, "delta_vs_fp32": delta,

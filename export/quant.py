@@ -24,7 +24,12 @@ levels, 8-bit floored scales) requantized that grid and lost 0.65 of eval loss a
 the table's int8 reproduce those grids exactly (so on SmolLM2-135M an int4 run computes on the fp32 run's very
 weights), and on weights from any other source they are ggml's Q4_1 and Q8_0, standard formats. int8-asym is
 Q4_1's scheme with 256 levels: the symmetric int8 before it (Q8_0 on the decoder too) requantized the decoder's
-16-level asymmetric grid onto a symmetric one and cost more eval loss than int4 (benchmarks/RESULTS.md).
+16-level asymmetric grid onto a symmetric one and cost more eval loss than int4 (benchmarks/RESULTS.md). And a
+block whose values already lie exactly on Q4_1's or Q5_1's grid (16 or 32 levels from its minimum) keeps that
+grid under int8-asym: codes 0..15 (or 0..31) a byte, the grid's own scale. 256 levels over such a block would
+requantize it (each value moved by up to half a 256-level step), so 8 bits would hold a 4-bit model's weights less
+exactly than 4 bits do; kept, int8 on SmolLM2-135M computes on the fp32 run's weights too. The byte format is
+unchanged (a device cannot tell), only the quantizer's choice of scale.
 
 Every dequantized value is computed the same way (float32 q * scale, then + min) by the server (numpy) and
 the device (onnxruntime), so the server's simulation and the fleet agree bit for bit: the server replaces a
@@ -51,11 +56,13 @@ import torch.nn.functional as F
 SCHEMES = ("fp32", "int8", "int4")
 BLOCK = 32
 LEVELS = {"int8": 255, "int4": 15}  # the asymmetric (decoder) schemes: q in 0..LEVELS, + a minimum per block
+GRIDS = (15, 31)  # ggml Q4_1 / Q5_1 grids: int8-asym keeps a block that lies on one exactly (`_quantize_asym`)
 QMAX = {"int8-sym": 127}  # the symmetric one (the tied table's): q in -QMAX..QMAX
 QWEIGHT, QSCALE, QMIN = "qweight", "qscale", "qmin"  # buffer (and ONNX initializer) name suffixes
 TABLE = "table"  # the tied embedding's QuantLinear, registered under the embedding module
 TABLE_SCHEME = {"int8": "int8-sym", "int4": "int8-sym"}  # the tied embedding / LM head's own scheme under each
 INT4_OPSET = 21  # the quantized graphs' ai.onnx opset (DequantizeLinear's opset-21 form; BitwiseAnd is 18)
+QUANTIZER = 2  # revision of the quantizer's choices, not of the byte format (2: int8-asym keeps GRIDS)
 QUANT_GRAPH = 4  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
 
 
@@ -93,12 +100,23 @@ def _quantize_asym(blocks: np.ndarray, levels: int) -> dict[str, np.ndarray]:
     (low and high nibble: Q4_1's own layout)."""
     rows, nblocks, _ = blocks.shape
     low = _half(blocks.min(-1))
+    q, scale = _codes(blocks, low, levels)
+    for grid in (g for g in GRIDS if g < levels):  # a block already on a coarser grid keeps it: lossless
+        q_g, scale_g = _codes(blocks, low, grid)
+        exact = (q_g.astype(np.float32) * scale_g.astype(np.float32)[..., None] + low.astype(np.float32)[..., None]
+                 == blocks.astype(np.float32)).all(-1)
+        q[exact], scale[exact] = q_g[exact], scale_g[exact]
+    q = q.astype(np.uint8).reshape(rows, nblocks * BLOCK)
+    return {QWEIGHT: pack_int4(q) if levels < 16 else q, QSCALE: scale, QMIN: low}
+
+
+def _codes(blocks: np.ndarray, low: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's codes in 0..levels and its float16 scale, (max - min) / levels, for minimums `low`."""
     scale = _half((blocks.max(-1) - low) / levels)
     scale[scale == 0] = 1  # a constant block (or a range below float16's): every value is its minimum
     q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, levels)
     q[np.broadcast_to(scale[..., None] == 1, q.shape) & (blocks.max(-1) == blocks.min(-1))[..., None]] = 0
-    q = q.astype(np.uint8).reshape(rows, nblocks * BLOCK)
-    return {QWEIGHT: pack_int4(q) if levels < 16 else q, QSCALE: scale, QMIN: low}
+    return q, scale
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

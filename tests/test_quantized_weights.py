@@ -199,21 +199,32 @@ def test_numpy_and_onnxruntime_dequantize_bit_for_bit(scheme):
     assert not np.array_equal(server, w)
 
 
-def test_int8_keeps_a_ggml_q4_1_grid_to_a_fraction_of_its_step():
-    """On SmolLM2-135M's Q4_1 decoder weights (16 levels of step d per block) int8-asym has 255 levels of
-    step d / 17 rounded to float16: every value lands within 2^-11 * 255 / 17 * d of the original, where the
-    symmetric int8 before it (step max |w| / 127) moved values by up to half of that larger step."""
+@pytest.mark.parametrize("levels", [15, 31])
+def test_int8_keeps_a_ggml_q4_1_or_q5_1_grid_exactly(levels):
+    """SmolLM2-135M's decoder weights are ggml Q4_1 (16 levels of step d per block, float16 d and m). int8-asym
+    keeps such a block's grid (codes 0..15, scale d: no value moves), as it keeps Q5_1's 32 levels, so 8 bits
+    never hold a model less exactly than 4 do. A block that misses its grid by one float32 ulp is requantized to
+    256 levels, within half a step of every value."""
     rng = np.random.default_rng(4)
     rows, blocks = 64, 6
     d = rng.uniform(1e-3, 2e-2, (rows, blocks)).astype(np.float16)
     m = (-rng.uniform(0.5, 10, (rows, blocks)) * d).astype(np.float16)
-    q = rng.integers(0, 16, (rows, blocks, 32))
-    q[..., 0], q[..., 1] = 0, 15
+    q = rng.integers(0, levels + 1, (rows, blocks, 32))
+    q[..., 0], q[..., 1] = 0, levels  # ggml maps each block's minimum to 0 and its maximum to the top level
     w = (q.astype(np.float32) * d.astype(np.float32)[..., None] + m.astype(np.float32)[..., None]).reshape(rows, -1)
+    w[5, 7] = np.nextafter(w[5, 7], np.float32(1))  # block (5, 0) off its grid
     parts = quantize(w, "int8")
-    assert np.array_equal(parts["qmin"], m) and np.array_equal(parts["qweight"].reshape(rows, blocks, 32), 17 * q)
-    err = np.abs(dequantize(parts, "int8") - w).reshape(rows, blocks, 32).max(-1)
-    assert (err <= 2 ** -11 * 15 * d.astype(np.float32) + 1e-7).all()
+    codes = parts["qweight"].reshape(rows, blocks, 32)
+    on_grid = np.ones((rows, blocks), bool)
+    on_grid[5, 0] = False
+    assert np.array_equal(parts["qmin"], m)
+    assert np.array_equal(parts["qscale"][on_grid], d[on_grid]) and np.array_equal(codes[on_grid], q[on_grid])
+    dq = dequantize(parts, "int8")
+    assert np.array_equal(dq.reshape(rows, blocks, 32)[on_grid], w.reshape(rows, blocks, 32)[on_grid])
+    assert codes[5, 0].max() == 255 and not np.array_equal(dq[5, :32], w[5, :32])
+    step = (w[5, :32].max() - w[5, :32].min()) / 255
+    assert np.abs(dq[5, :32] - w[5, :32]).max() <= 0.5 * step * (1 + 2 ** -10) + abs(w[5, :32].min()) * 2 ** -11
+    assert np.array_equal(quantize(dq, "int8")["qweight"], parts["qweight"])  # idempotent on mixed grids too
 
 
 def test_int4_reproduces_a_ggml_q4_1_grid_exactly():
