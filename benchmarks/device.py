@@ -49,6 +49,7 @@ from export.memory import (  # the one floor model (the fleet samples by it)
     lora_state_copies,
     weight_bytes_of,
 )
+from export.options import GraphOptions
 
 from .export import DEFAULT_LEGACY_PYTHON, Envs, TorchStep, load_average
 from .results_md import RESULTS_MD, replace_block, save_figure
@@ -68,11 +69,11 @@ SHAPES = {"smollm2-1.7b-shape": dict(hidden_size=2048, intermediate_size=8192, n
 STAGES, QUICK_STAGES = (4, 8, 16, 30), (4, 30)
 BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4", "onnx-recompute", "onnx-int8-recompute", "onnx-int4-recompute",
             "ort", "executorch")
-# variants of the portable format: (frozen weights as stored: export --weights, export/quant.py; whether the
-# training graph recomputes each layer's activations in its backward: export --recompute, export/recompute.py)
-VARIANTS = {"onnx": ("fp32", False), "onnx-int8": ("int8", False), "onnx-int4": ("int4", False),
-            "onnx-recompute": ("fp32", True), "onnx-int8-recompute": ("int8", True),
-            "onnx-int4-recompute": ("int4", True)}
+# variants of the portable format (export/options.py): frozen weights as stored (export --weights, export/quant.py),
+# whether the training graph recomputes each layer's activations in its backward (export --recompute)
+VARIANTS = {"onnx": GraphOptions(), "onnx-int8": GraphOptions("int8"), "onnx-int4": GraphOptions("int4"),
+            "onnx-recompute": GraphOptions(recompute=True), "onnx-int8-recompute": GraphOptions("int8", True),
+            "onnx-int4-recompute": GraphOptions("int4", True)}
 ARTIFACT_BACKENDS = (*VARIANTS, "ort", "executorch")
 LR = 1e-4
 CACHE_VERSION = 7  # bump when the submodel recipe or export settings change (4: the head slices chained; 5: quantized
@@ -199,12 +200,11 @@ def _build(todo: dict[int, list[str]]) -> None:
         sub.float()
         for b in backends:
             if b in ARTIFACT_BACKENDS and not (d / b / "manifest.json").exists():
-                weights, recompute = VARIANTS.get(b, ("fp32", False))
                 export.export_artifacts("onnx" if b in VARIANTS else b, sub, d / b,
                                         export.StageInfo(stage=0, groups=plan.groups, anchors=plan.anchors),
                                         seq_len=DEFAULT_SEQ, max_batch=DEFAULT_BATCH,
                                         template_root=None if b == "executorch" else cache_root(),
-                                        weights=weights, recompute=recompute)
+                                        graph=VARIANTS.get(b, GraphOptions()))
         if not (d / "stage.json").exists():
             inner = sub.get_base_model()
             emb = inner.model.embed_tokens.weight
@@ -269,7 +269,8 @@ def floor(row: dict[str, Any], info: dict[str, Any], baseline: int | None) -> di
         return None
     rows = row.get("micro_batch") or row["batch"]  # a micro-batched step holds the activations of its rows
     supervised = min(row["supervised_positions"], rows * (row["seq"] - 1))
-    act = activation_bytes(full, rows, row["seq"], supervised, recompute=VARIANTS.get(row["backend"], ("", False))[1])
+    act = activation_bytes(full, rows, row["seq"], supervised,
+                           recompute=VARIANTS.get(row["backend"], GraphOptions()).recompute)
     head = act["head_full"] if row["backend"] == "torch" else act["head_chunked"]
     parts = {"weights": int(row.get("frozen_bytes") or info.get("frozen_bytes", 0)),
              "lora_state": lora_state_copies(row["batch"], rows) * int(info.get("lora_bytes", 0)),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.batching import DEFAULT_SEQ_LEN
+from export.options import PLAIN, GraphOptions
 from export.publish import StageInfo
 
 FORMATS = ("onnx", "ort", "executorch")
@@ -23,7 +24,7 @@ FORMATS = ("onnx", "ort", "executorch")
 # --all` frees every folder named here, so a format that caches templates elsewhere must be added here
 TEMPLATE_DIRS = {"onnx": "onnx-templates", "ort": "ort-templates"}
 
-__all__ = ["FORMATS", "TEMPLATE_DIRS", "StageInfo", "export_artifacts", "template_dir"]
+__all__ = ["FORMATS", "TEMPLATE_DIRS", "GraphOptions", "StageInfo", "export_artifacts", "template_dir"]
 
 
 def template_dir(fmt: str, template_root: str | os.PathLike[str]) -> Path:
@@ -41,28 +42,23 @@ def export_artifacts(
     template_root: str | os.PathLike[str] | None = None,
     optimizer: str = "adamw",
     max_batch: int = 4,
-    weights: str = "fp32",
-    recompute: bool = False,
+    graph: GraphOptions = PLAIN,
 ) -> Path:
     """Write `peft_model`'s artifacts in format `fmt` into out_dir (atomically) and return it; the manifest
     records `info` (run, stage, layer groups, anchors, tokenizer).
 
     `template_root` caches traced graphs by shape (onnx, ort): a later submodel of the same shape
     only gets its weights written. ExecuTorch programs embed their weights and are traced each time.
-    `weights` int8/int4 stores the frozen weights quantized (onnx only; export/quant.py); `recompute` makes the
-    training graph recompute each decoder layer's activations in its backward (onnx only; export/recompute.py).
+    `graph` (onnx only, but for the default): int8/int4 frozen weights, recomputed activations (export/options.py).
     """
-    if weights != "fp32" and fmt != "onnx":
-        raise ValueError(f"quantized frozen weights ({weights}) are exported for the onnx format only, not {fmt!r}")
-    if recompute and fmt != "onnx":
-        raise ValueError(f"activation recomputation is exported for the onnx format only, not {fmt!r}")
+    graph.check_format(fmt)
     if fmt == "onnx":
         from export.onnx import export_onnx_artifacts
 
         if template_root is None:
             raise ValueError("the onnx format needs a template_root to cache its traced graphs in")
         return export_onnx_artifacts(peft_model, out_dir, template_dir("onnx", template_root), info,
-                                     seq_len=seq_len, optimizer=optimizer, weights=weights, recompute=recompute)
+                                     seq_len=seq_len, optimizer=optimizer, graph=graph)
     if fmt == "ort":
         from export.cached import export_stage_cached
         from export.ort import export_ort_artifacts

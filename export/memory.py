@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from export.options import PLAIN, GraphOptions
+
 MIB = 2**20
 LM_HEAD_CHUNKS = 8  # the portable graph's LM head works through the vocabulary in this many slices (export/onnx_trace.py)
 # a process of the Python device runtime after `import numpy, safetensors, onnxruntime` (57 MiB measured,
@@ -91,26 +93,27 @@ def lora_state_copies(batch: int, micro_batch: int | None = None) -> int:
 
 
 def floor_parts(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
-                weights: str = "fp32", runtime: int = RUNTIME_BYTES, micro_batch: int | None = None,
-                recompute: bool = False) -> dict[str, int]:
+                graph: GraphOptions = PLAIN, runtime: int = RUNTIME_BYTES,
+                micro_batch: int | None = None) -> dict[str, int]:
     """The floor of one step of an `n_layers` stage, each part named, with every position supervised (the
-    loss head's most): weights as stored, LoRA + gradients + AdamW's two moments, activations, runtime.
-    `micro_batch` rows per graph run (None: the whole batch): the activations are those of that many rows."""
+    loss head's most): weights as stored (`graph.weights`), LoRA + gradients + AdamW's two moments, activations
+    (kept or recomputed: `graph.recompute`), runtime. `micro_batch` rows per graph run (None: the whole batch):
+    the activations are those of that many rows."""
     rows = min(batch, micro_batch or batch)
-    act = activation_bytes({**cfg, "num_hidden_layers": n_layers}, rows, seq, rows * (seq - 1), rank, recompute)
-    parts = {"weights": weight_bytes_of(cfg, n_layers, weights),
+    act = activation_bytes({**cfg, "num_hidden_layers": n_layers}, rows, seq, rows * (seq - 1), rank,
+                           graph.recompute)
+    parts = {"weights": weight_bytes_of(cfg, n_layers, graph.weights),
              "lora_state": lora_state_copies(batch, micro_batch) * lora_bytes_of(cfg, n_layers, rank),
              "activations": act["decoder"] + act["head_chunked"], "runtime": runtime}
     return {**parts, "total": sum(parts.values())}
 
 
 def predicted_peak_mb(cfg: dict[str, Any], n_layers: int, *, batch: int, seq: int, rank: int = 8,
-                      weights: str = "fp32", micro_batch: int | None = None, recompute: bool = False) -> dict[str, Any]:
+                      graph: GraphOptions = PLAIN, micro_batch: int | None = None) -> dict[str, Any]:
     """{"need_mb": the stage's predicted peak in whole MiB (rounded up), "floor_mb", the floor's parts in MiB,
-    and the margin}: what a device must declare (`ram_mb`) to be sampled for the stage (`micro_batch`: the
-    round's rows per graph run; `recompute`: the graphs recompute activations)."""
-    floor = floor_parts(cfg, n_layers, batch=batch, seq=seq, rank=rank, weights=weights, micro_batch=micro_batch,
-                        recompute=recompute)
+    and the margin}: what a device must declare (`ram_mb`) to be sampled for the stage (`graph`: the stage's
+    weight storage and activations; `micro_batch`: the round's rows per graph run)."""
+    floor = floor_parts(cfg, n_layers, batch=batch, seq=seq, rank=rank, graph=graph, micro_batch=micro_batch)
     peak = PEAK_FACTOR * floor["total"] + PEAK_EXTRA_BYTES
     return {"need_mb": math.ceil(peak / MIB), "floor_mb": math.ceil(floor["total"] / MIB),
             "parts_mb": {k: round(v / MIB, 1) for k, v in floor.items() if k != "total"},

@@ -58,8 +58,9 @@ from edge_runtime.manifest import WEIGHT_FORMATS, InputSpec, Manifest, TensorSpe
 from export import naming
 from export.common import json_config, model_tensors, shape_key
 from export.onnx_trace import TRACE, already_decomposed, trace_training_graph
+from export.options import PLAIN, GraphOptions
 from export.publish import StageInfo, publish, publish_from_template, staging
-from export.quant import QUANT_GRAPH, check_scheme, quantize, scheme_of, source_weight
+from export.quant import QUANT_GRAPH, quantize, scheme_of, source_weight
 from export.quant_graph import (
     defer_dequantization,
     dequant_recompute,
@@ -300,10 +301,10 @@ def restamp_weights(peft_model: Any, graph: onnx.ModelProto, out_dir: Path, sche
         _write_raw(out_dir / rel, array)
 
 
-def template_key(peft_model: Any, *, seq_len: int, weights: str = "fp32", recompute: bool = False) -> str:
-    """Hash of everything the graph depends on (shapes, configs, tool versions), never weight values."""
-    extra = {} if weights == "fp32" else {"weights": WEIGHT_FORMATS[weights], "graph": QUANT_GRAPH}  # fp32: as before
-    if recompute:
+def template_key(peft_model: Any, *, seq_len: int, graph: GraphOptions = PLAIN) -> str:
+    """Hash of everything the graph depends on (shapes, configs, tool versions, `graph`), never weight values."""
+    extra = {} if graph.weights == "fp32" else {"weights": WEIGHT_FORMATS[graph.weights], "graph": QUANT_GRAPH}
+    if graph.recompute:  # plain options hash as before they existed: fp32 templates cached earlier stay valid
         extra["activations"] = f"recompute-{RECOMPUTE_GRAPH}"
     return shape_key(peft_model, ("torch", "transformers", "peft", "onnx", "onnxscript"), format=FORMAT,
                      seq_len=seq_len, opset=OPSET, trace=TRACE, **extra)
@@ -341,40 +342,38 @@ def _versions(model: onnx.ModelProto) -> dict[str, Any]:
             "transformers": version("transformers"), "peft": version("peft")}
 
 
-def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, weights: str = "fp32",
-                    recompute: bool = False) -> Path:
-    """Trace and write the graphs (with this model's weights) into out_dir: the slow part, once per shape.
-    `recompute`: each decoder layer's backward recomputes its forward (export/recompute.py)."""
+def export_template(peft_model: Any, out_dir: Path, *, seq_len: int, graph: GraphOptions = PLAIN) -> Path:
+    """Trace and write the graphs (with this model's weights) into out_dir: the slow part, once per shape."""
     check_exportable(peft_model, seq_len)
-    ep, lora = trace_training_graph(peft_model, seq_len, weights)
+    ep, lora = trace_training_graph(peft_model, seq_len, graph.weights)
     model = to_onnx(ep, lora)
     del ep
     lower_int4(model)
     lower_int8(model)
     # before dequant_recompute, which then gives the layers' copies their own dequantizations
-    if recompute and not recompute_layers(model.graph, LOSS):
+    if graph.recompute and not recompute_layers(model.graph, LOSS):
         raise ValueError("--recompute found no decoder layer to recompute: it looks for parameters named "
                          "'.layers.<N>.' (Llama-style models); export without it")
     dequant_recompute(model.graph, LOSS)
     with staging(out_dir) as (out, build):
         externalize_weights(model, build / WEIGHTS_DIR)
-        if weights != "fp32":
-            restamp_weights(peft_model, model, build, weights)  # the trace's placeholders -> this model's values
+        if graph.weights != "fp32":
+            restamp_weights(peft_model, model, build, graph.weights)  # the trace's placeholders -> this model's values
         eval_model = prune_to_outputs(model, [LOSS])  # before chaining: the eval graph chains to its own last uses
-        for graph in (model.graph, eval_model.graph):
-            chain_head_slices(graph)
-            defer_dequantization(graph)  # after pruning: each graph's dequantizations wait for its own nodes
+        for g in (model.graph, eval_model.graph):
+            chain_head_slices(g)
+            defer_dequantization(g)  # after pruning: each graph's dequantizations wait for its own nodes
         onnx.save(model, str(build / TRAIN_GRAPH))
         onnx.save(eval_model, str(build / EVAL_GRAPH))
         manifest = Manifest(run_id="", stage=0, backend=FORMAT, model_config=json_config(peft_model),
                             trainable=_trainable_specs(peft_model, lora), inputs=list(INPUTS), seq_len=seq_len,
-                            versions=_versions(model), optimizer="adamw", weights=WEIGHT_FORMATS[weights],
-                            activations="recompute" if recompute else "keep")
+                            versions=_versions(model), optimizer="adamw", weights=WEIGHT_FORMATS[graph.weights],
+                            activations="recompute" if graph.recompute else "keep")
         return publish(build, out, manifest)
 
 
 def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, seq_len: int,
-                    weights: str = "fp32", recompute: bool = False) -> tuple[Path, Manifest]:
+                    graph: GraphOptions = PLAIN) -> tuple[Path, Manifest]:
     """The cached graphs of `peft_model`'s shape under template_root (directory, manifest), traced now if
     there are none yet or they were written by an older devft (another manifest format).
 
@@ -385,14 +384,14 @@ def ensure_template(peft_model: Any, template_root: str | os.PathLike[str], *, s
     check_exportable(peft_model, seq_len)
     root = Path(template_root)
     root.mkdir(parents=True, exist_ok=True)
-    template = root / template_key(peft_model, seq_len=seq_len, weights=weights, recompute=recompute)
+    template = root / template_key(peft_model, seq_len=seq_len, graph=graph)
     with open(root / f"{template.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         try:
             return template, load_manifest(template, verify_hashes=False)
         except ManifestError:
             shutil.rmtree(template, ignore_errors=True)
-            export_template(peft_model, template, seq_len=seq_len, weights=weights, recompute=recompute)
+            export_template(peft_model, template, seq_len=seq_len, graph=graph)
             return template, load_manifest(template, verify_hashes=False)
 
 
@@ -404,26 +403,23 @@ def export_onnx_artifacts(
     *,
     seq_len: int,
     optimizer: str = "adamw",
-    weights: str = "fp32",
-    recompute: bool = False,
+    graph: GraphOptions = PLAIN,
 ) -> Path:
     """Write the portable artifacts of `peft_model` into out_dir, tracing only if no graph of its shape is cached.
 
-    `weights` int8/int4 stores the frozen weights quantized (export/quant.py; the manifest records it).
-    `recompute`: the training graph recomputes each decoder layer's activations in its backward
-    (export/recompute.py; the manifest records it).
-    Built beside out_dir and renamed into place, so a reader never sees a half-written directory.
+    `graph`: how the frozen weights are stored and whether activations are recomputed (export/options.py; the
+    manifest records both). Built beside out_dir and renamed into place, so a reader never sees a half-written directory.
     """
-    template, manifest = ensure_template(peft_model, template_root, seq_len=seq_len, weights=check_scheme(weights),
-                                         recompute=recompute)
+    template, manifest = ensure_template(peft_model, template_root, seq_len=seq_len, graph=graph)
     manifest.optimizer = optimizer
 
     def write_weights(build: Path) -> None:
         for name in (TRAIN_GRAPH, EVAL_GRAPH):  # templates traced before chain_head_slices get it here
-            graph = onnx.load(str(build / name), load_external_data=False)
-            if chain_head_slices(graph.graph):
-                onnx.save(graph, str(build / name))
-        restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build, weights)
+            model = onnx.load(str(build / name), load_external_data=False)
+            if chain_head_slices(model.graph):
+                onnx.save(model, str(build / name))
+        restamp_weights(peft_model, onnx.load(str(build / TRAIN_GRAPH), load_external_data=False), build,
+                        graph.weights)
         lora = {t.peft_name: peft_model.state_dict()[t.peft_name].detach().cpu().numpy() for t in manifest.trainable}
         save_file(lora, str(build / INITIAL_LORA))
 

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCHEMES = ("fp32", "int8", "int4")
+from export.options import check_scheme
+
 BLOCK = 32
 LEVELS = {"int8": 255, "int4": 15}  # the asymmetric (decoder) schemes: q in 0..LEVELS, + a minimum per block
 GRIDS = (15, 31)  # ggml Q4_1 / Q5_1 grids: int8-asym keeps a block that lies on one exactly (`_quantize_asym`)
@@ -64,12 +65,6 @@ TABLE_SCHEME = {"int8": "int8-sym", "int4": "int8-sym"}  # the tied embedding / 
 INT4_OPSET = 21  # the quantized graphs' ai.onnx opset (DequantizeLinear's opset-21 form; BitwiseAnd is 18)
 QUANTIZER = 2  # revision of the quantizer's choices, not of the byte format (2: int8-asym keeps GRIDS)
 QUANT_GRAPH = 4  # revision of the quantized graphs' passes (in the template key: a new one re-traces cached templates)
-
-
-def check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"weights must be one of {SCHEMES}, got {scheme!r}")
-    return scheme
 
 
 def quantize(w: np.ndarray, scheme: str) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from typing import Any
 from edge_runtime.batching import DEFAULT_SEQ_LEN
 from edge_runtime.manifest import BACKENDS, Manifest, load_manifest
 from export import StageInfo, export_artifacts, naming
+from export.options import PLAIN, GraphOptions
 
 DEFAULT_MAX_BATCH = 4  # ExecuTorch plans activation memory for this batch size
 
@@ -46,13 +47,11 @@ def export_submodel(
     max_batch: int = DEFAULT_MAX_BATCH,
     optimizer: str = "adamw",
     template_root: str | os.PathLike[str] | None = None,
-    weights: str = "fp32",
-    recompute: bool = False,
+    graph: GraphOptions = PLAIN,
 ) -> Path:
     """Export `source` in format `backend` into `out_dir`, then reload and verify its manifest.
 
-    `template_root` caches traced graphs by shape (needed by onnx; optional for ort); `weights` and `recompute`:
-    export_artifacts'."""
+    `template_root` caches traced graphs by shape (needed by onnx; optional for ort); `graph`: export_artifacts'."""
     if backend not in BACKENDS:
         raise ExportError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "onnx" and template_root is None:
@@ -62,7 +61,7 @@ def export_submodel(
         info = StageInfo(run_id=source.run_id, stage=source.stage, groups=source.groups, anchors=source.anchors,
                          tokenizer_dir=tok_dir)
         out = export_artifacts(backend, source.peft_model, out_dir, info, seq_len=seq_len, template_root=template_root,
-                               optimizer=optimizer, max_batch=max_batch, weights=weights, recompute=recompute)
+                               optimizer=optimizer, max_batch=max_batch, graph=graph)
     verify(out, source.peft_model)
     return out
 

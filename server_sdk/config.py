@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.batching import DEFAULT_SEQ_LEN
+from export.options import SCHEMES, GraphOptions
 from server_sdk.tasks import TASK_NAMES
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -136,6 +137,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def graph_options(self) -> GraphOptions:
+        """How the devices' portable graphs hold the frozen model (`weights`, `recompute`)."""
+        return GraphOptions(self.weights, self.recompute)
+
     def identity(self) -> dict[str, Any]:
         """to_dict() without the fields added after runs were first cached by config hash, where they
         hold their defaults, plus the batch sampler's name (protocol version 3 changed the draws, so runs
@@ -239,7 +244,7 @@ class RunConfig:
         for name, options in (("grouping", GROUPINGS), ("fusion", FUSIONS), ("anchor", ANCHORS),
                               ("transfer", FOLD_BACKS), ("accuracy_every", ACCURACY_EVERY),
                               ("aggregation", AGGREGATIONS), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
-                              ("weights", ("fp32", "int8", "int4")), ("schedule", SCHEDULES), ("heal", HEALS)):
+                              ("weights", SCHEMES), ("schedule", SCHEDULES), ("heal", HEALS)):
             check_choice(name, getattr(self, name), options)
 
     def _check_numbers(self) -> None:

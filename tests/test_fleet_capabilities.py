@@ -49,10 +49,9 @@ def test_predicted_peak_lies_above_every_measured_peak_of_the_portable_format():
             if r["backend"].startswith("onnx") and r.get("peak_rss_bytes")]
     assert {r["stage_layers"] for r in rows} >= {4, 30} and len(rows) >= 6
     for r in rows:
-        scheme, recompute = VARIANTS[r["backend"]]  # the frozen weights' scheme, whether activations are recomputed
-        need = predicted_peak_mb(SMOLLM2_135M, r["stage_layers"], batch=r["batch"], seq=r["seq"], weights=scheme,
-                                 micro_batch=r.get("micro_batch"),  # micro-batched rows: activations of that many rows
-                                 recompute=recompute)
+        need = predicted_peak_mb(SMOLLM2_135M, r["stage_layers"], batch=r["batch"], seq=r["seq"],
+                                 graph=VARIANTS[r["backend"]],  # the weights' scheme, activations kept or recomputed
+                                 micro_batch=r.get("micro_batch"))  # micro-batched rows: activations of that many rows
         peak_mb = r["peak_rss_bytes"] / MIB
         assert peak_mb <= need["need_mb"] <= 2 * peak_mb, (r["backend"], r["stage_layers"], peak_mb, need)
     deeper = [predicted_peak_mb(TINY, n, batch=4, seq=128, rank=2)["need_mb"] for n in (2, 4)]

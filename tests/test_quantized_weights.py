@@ -21,6 +21,7 @@ from edge_runtime.backends.onnx_backend import OnnxTrainer
 from edge_runtime.manifest import MANIFEST_NAME, WEIGHT_FORMATS, ManifestError, load_manifest
 from export.naming import ARTIFACT_PREFIX
 from export.onnx import EVAL_GRAPH, TRAIN_GRAPH, export_onnx_artifacts
+from export.options import GraphOptions
 from export.quant import TABLE_SCHEME, dequantize, fake_quantize_, quantize
 from server_sdk.config import RunConfig
 from server_sdk.engine.model import tiny_random_model
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.skipif(
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     model = _make_peft_model(0, targets=ALL_TARGETS)
-    out = {w: export_onnx_artifacts(model, root / w, root / "templates", seq_len=64, weights=w)
+    out = {w: export_onnx_artifacts(model, root / w, root / "templates", seq_len=64, graph=GraphOptions(w))
            for w in ("fp32", "int8", "int4")}
     return model, out
 
@@ -109,7 +110,8 @@ def test_dequantizations_wait_for_their_use_and_change_no_value(exports, tmp_pat
         assert not [n for n in graph.node if n.op_type == "Cast" and inits.get(n.input[0]) == onnx.TensorProto.INT8]
     monkeypatch.setattr(export_onnx, "defer_dequantization", lambda graph: 0)
     monkeypatch.setattr(export_onnx, "lower_int8", lambda model: 0)
-    plain = export_onnx_artifacts(model, tmp_path / "plain", tmp_path / "templates", seq_len=64, weights=scheme)
+    plain = export_onnx_artifacts(model, tmp_path / "plain", tmp_path / "templates", seq_len=64,
+                                  graph=GraphOptions(scheme))
     graph = onnx.load(str(plain / TRAIN_GRAPH), load_external_data=False).graph
     early = [n for n in graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.output[0] not in
              _waiting_for_the_batch(graph)]

@@ -16,6 +16,7 @@ from edge_runtime.backends.onnx_backend import QUANTIZED_ORDER, OnnxTrainer
 from edge_runtime.manifest import ManifestError, load_manifest
 from export.memory import activation_bytes, predicted_peak_mb
 from export.onnx import TRAIN_GRAPH, export_onnx_artifacts
+from export.options import GraphOptions
 from export.recompute import PREFIX, _Plan, recompute_layers
 from tests.export_helpers import ALL_TARGETS, make_batch, make_peft_model
 from tests.test_web_device import needs_web
@@ -32,8 +33,8 @@ LAYERS = 3
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("recompute")
     model = make_peft_model(0, targets=ALL_TARGETS, num_hidden_layers=LAYERS)
-    out = {(w, rc): export_onnx_artifacts(model, root / f"{w}-{rc}", root / "templates", seq_len=48, weights=w,
-                                          recompute=rc)
+    out = {(w, rc): export_onnx_artifacts(model, root / f"{w}-{rc}", root / "templates", seq_len=48,
+                                          graph=GraphOptions(w, rc))
            for w in ("fp32", "int4") for rc in (False, True)}
     return model, out
 
@@ -106,7 +107,7 @@ def test_predicted_need_shrinks_with_recompute():
     kept = activation_bytes(cfg, 1, 128, 127)["decoder"]
     recomputed = activation_bytes(cfg, 1, 128, 127, recompute=True)["decoder"]
     assert recomputed < kept / 6  # two [seq, hidden] tensors a layer + one layer, against every layer's
-    a, b = (predicted_peak_mb(cfg, 30, batch=4, seq=128, weights="int4", micro_batch=1, recompute=rc)["need_mb"]
+    a, b = (predicted_peak_mb(cfg, 30, batch=4, seq=128, graph=GraphOptions("int4", rc), micro_batch=1)["need_mb"]
             for rc in (False, True))
     assert b < a
 

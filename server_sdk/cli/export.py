@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.manifest import BACKENDS, load_manifest
+from export.options import GraphOptions
 from export.stage import DEFAULT_MAX_BATCH, DEFAULT_SEQ_LEN, ExportError, StageSource, export_submodel
 from server_sdk.config import RunConfig
 from server_sdk.disk import cache_root
@@ -129,8 +130,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ExportError("--model needs --layers K (the submodel depth)")
         source = fresh_stage_source(args.model, args.layers)
     out = export_submodel(source, args.backend, args.out, seq_len=args.seq_len, max_batch=args.max_batch,
-                          optimizer=args.optimizer, template_root=cache_root(), weights=args.weights,
-                          recompute=args.recompute)
+                          optimizer=args.optimizer, template_root=cache_root(),
+                          graph=GraphOptions(args.weights, args.recompute))
     manifest = load_manifest(out, verify_hashes=False)  # verified in export_submodel
     summary = {"out": str(out), "backend": manifest.backend, "run_id": manifest.run_id, "stage": manifest.stage,
                "layers": len(manifest.groups), "trainable_tensors": len(manifest.trainable), "source": source.note,

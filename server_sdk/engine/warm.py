@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from export.options import PLAIN, GraphOptions
 from server_sdk.config import LoraSettings
 
 
@@ -43,9 +44,9 @@ def shaped_submodel(config: dict, n_layers: int, lora: LoraSettings):
 
 
 def trace_templates(config: dict, stage_sizes: list[int], lora: LoraSettings, seq_len: int,
-                    template_root: str, weights: str = "fp32", recompute: bool = False) -> None:
+                    template_root: str, graph: GraphOptions = PLAIN) -> None:
     """Make sure the portable graph of every stage size is cached (the background process's work), as the run
-    exports it (`weights`, `recompute`: RunConfig's)."""
+    exports it (`graph`: RunConfig.graph_options())."""
     import torch
 
     from export import template_dir
@@ -58,7 +59,7 @@ def trace_templates(config: dict, stage_sizes: list[int], lora: LoraSettings, se
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     for n in stage_sizes:
         ensure_template(shaped_submodel(config, n, lora), template_dir("onnx", template_root), seq_len=seq_len,
-                        weights=weights, recompute=recompute)
+                        graph=graph)
 
 
 class TemplateWarmer:
@@ -66,11 +67,10 @@ class TemplateWarmer:
     tracing is simply traced again by whoever needs it: templates are published atomically)."""
 
     def __init__(self, config: dict, stage_sizes: list[int], lora: LoraSettings, seq_len: int,
-                 template_root: str | Path, weights: str = "fp32", recompute: bool = False):
+                 template_root: str | Path, graph: GraphOptions = PLAIN):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or MQTT sockets inherited
         self.process = ctx.Process(target=trace_templates, name="devft-trace-templates", daemon=True,
-                                   args=(config, list(stage_sizes), lora, seq_len, str(template_root), weights,
-                                         recompute))
+                                   args=(config, list(stage_sizes), lora, seq_len, str(template_root), graph))
 
     def start(self) -> TemplateWarmer:
         self.process.start()

@@ -24,6 +24,7 @@ from edge_runtime.manifest import WEIGHT_FORMATS
 from export import StageInfo, export_artifacts, naming
 from export.common import json_config
 from export.memory import predicted_peak_mb
+from export.options import PLAIN
 from server_sdk.disk import prune_finished_stages
 from server_sdk.engine.model import cache_root, smollm2_cache_dir
 from server_sdk.engine.warm import TemplateWarmer
@@ -134,7 +135,7 @@ class StageServing:
         if self.settings.trace_ahead and "onnx" in self.stage_formats() and len(stage_sizes) > 1:
             self._warmer = TemplateWarmer(config, stage_sizes[1:], self.cfg.lora, self.cfg.seq_len,
                                           self.settings.export_template_dir or cache_root(),
-                                          self.cfg.weights, self.cfg.recompute).start()
+                                          self.cfg.graph_options()).start()
 
     def _export(self, stage: int, plan: StagePlan, sub_model, prefix: str) -> tuple[dict[str, Path], dict]:
         """The stage's artifacts per format under artifacts/stage<N>/<prefix><format>; seconds each took."""
@@ -146,8 +147,7 @@ class StageServing:
                 StageInfo(run_id=self.run_id, stage=stage, groups=plan.groups, anchors=plan.anchors,
                           tokenizer_dir=self.tokenizer_dir),
                 seq_len=self.cfg.seq_len, template_root=self.settings.export_template_dir or cache_root(),
-                weights=self.cfg.weights if fmt == "onnx" else "fp32",  # others: the dequantized values, as fp32
-                recompute=self.cfg.recompute and fmt == "onnx")
+                graph=self.cfg.graph_options().for_format(fmt))  # others: the dequantized values, as fp32
             seconds[fmt] = round(time.perf_counter() - t0, 2)
         return dirs, seconds
 
@@ -309,8 +309,7 @@ class StageServing:
         if measured:
             return {"layers": layers, "need_mb": int(measured), "source": "measured: --stage-peak-mb"}
         onnx_only = self.stage_formats() == ["onnx"]  # the others carry fp32 and keep their activations
+        graph = self.cfg.graph_options() if onnx_only else PLAIN
         return {"layers": layers, **predicted_peak_mb(config, layers, batch=self.cfg.batch_size,
-                                                      seq=self.cfg.seq_len, rank=self.cfg.lora.r,
-                                                      weights=self.cfg.weights if onnx_only else "fp32",
-                                                      micro_batch=self.cfg.micro_batch,
-                                                      recompute=self.cfg.recompute and onnx_only)}
+                                                      seq=self.cfg.seq_len, rank=self.cfg.lora.r, graph=graph,
+                                                      micro_batch=self.cfg.micro_batch)}
