@@ -459,6 +459,72 @@ def test_a_browser_without_webassembly_says_so_and_does_not_join(tmp_path):
 
 @needs_web
 @needs_browser
+def test_an_artifact_origin_that_stops_answering_is_abandoned_not_waited_for(tmp_path):
+    """fetch() in a browser never gives up: an origin that accepts a GET and then says nothing (before its headers,
+    or halfway through its body) froze the page's device loop for good. The browser runtime's GET (real Chromium,
+    the gateway's page and code) abandons it after its stall limit (2 s here) with an error naming the URL, which
+    fetch.js retries; a GET that answers is unaffected."""
+    import http.server
+    import ssl
+    import threading
+
+    from server_sdk.fleet.local_fleet import LocalFleet
+    from server_sdk.fleet.web_gateway import WebGateway, spki_sha256
+
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _cors(self):
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Access-Control-Allow-Headers", "Authorization")
+
+        def do_OPTIONS(self):  # the CORS preflight of a GET with an Authorization header
+            self.send_response(204)
+            self._cors()
+            self.end_headers()
+
+        def do_GET(self):
+            if self.path == "/silent":  # never answers
+                release.wait(60)
+                return
+            self.send_response(200)
+            self._cors()
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * (1000 if self.path == "/ok" else 10))
+            self.wfile.flush()
+            release.wait(60)  # /half: ten bytes, then nothing
+
+    with LocalFleet(tmp_path / "fleet", 1, run_id="r") as fleet:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(fleet.dir / "server.pem", fleet.dir / "server.key")
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        base = f"https://localhost:{httpd.server_address[1]}"
+        try:
+            with WebGateway(fleet.dir, fleet.port) as gw:
+                out = subprocess.run(["node", "test/http-stall.mjs", "--page", gw.page_url, "--spki",
+                                      spki_sha256(fleet.dir / "server.pem"), "--stall-s", "2",
+                                      "--get", f"ok={base}/ok", "--get", f"silent={base}/silent",
+                                      "--get", f"half={base}/half"], cwd=WEB, capture_output=True, text=True, timeout=120)
+        finally:
+            release.set()
+            httpd.shutdown()
+            httpd.server_close()
+    got = json.loads(out.stdout)
+    assert got["ok"]["ok"] and got["ok"]["status"] == 200 and got["ok"]["bytes"] == 1000, got
+    for name in ("silent", "half"):
+        assert not got[name]["ok"] and f"no bytes from {base}/{name} for 2 s" in got[name]["error"], got
+        assert 2 <= got[name]["seconds"] < 10, got  # abandoned at the limit, not at the server's 60 s
+
+
+@needs_web
+@needs_browser
 def test_a_full_storage_quota_is_shown_and_loses_nothing(tmp_path):
     """A browser device whose site storage is capped below the stage's files (DevTools
     Storage.overrideQuotaForOrigin, 4 kB): fetching the stage fails to store, the page shows the quota error

@@ -10,11 +10,12 @@ export const CHROMIUM = '/usr/bin/chromium';
  * A headless Chromium. spki: the base64 SHA-256 of the gateway certificate's key (server_sdk.fleet.web_gateway.spki_sha256):
  * the fleet's own CA signs it, so the browser trusts exactly that key and nothing else. userDataDir: a profile
  * directory of its own (storage kept across launches, as a phone keeps it); without one, a fresh temporary profile.
- * A page blocks while it builds a big session, hence the long protocol timeout.
+ * A page blocks while it builds a big session, hence the long protocol timeout. handleSIGTERM false: the caller's own
+ * SIGTERM handler may still read its pages before it closes the browser.
  */
-export async function launch({ spki = '', chromium = CHROMIUM, args = [], userDataDir, protocolTimeout = 3_600_000 } = {}) {
+export async function launch({ spki = '', chromium = CHROMIUM, args = [], userDataDir, protocolTimeout = 3_600_000, handleSIGTERM = true } = {}) {
   return puppeteer.launch({
-    executablePath: chromium, headless: true, protocolTimeout, userDataDir,
+    executablePath: chromium, headless: true, protocolTimeout, userDataDir, handleSIGTERM,
     args: ['--no-sandbox', '--disable-gpu', ...(spki ? [`--ignore-certificate-errors-spki-list=${spki}`] : []), ...args],
   });
 }

@@ -78,7 +78,43 @@ export function pageBudgetMb(deviceMemoryGiB) {
   return deviceMemoryGiB > 0 ? Math.min(4096, Math.round((deviceMemoryGiB * 1024) / 2)) : undefined;
 }
 
-export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPaths = '/node_modules/onnxruntime-web/dist/', ramMb } = {}) {
+/** Seconds an artifact GET may go without a byte (no answer, or a body that stops) before it is abandoned, as the Node
+ * runtime's socket timeout does: fetch() itself never gives up, and a hung origin would freeze the device's loop for
+ * good (it would miss even the run's end). fetch.js retries an abandoned GET with backoff. */
+export const HTTP_STALL_S = 30;
+
+/** fetch(url) whose every wait (for the answer, then for each piece of its body) is bounded by `stallS` seconds. */
+export async function getWithStallTimeout(url, headers, stallS = HTTP_STALL_S) {
+  const abort = new AbortController();
+  let timer;
+  const arm = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => abort.abort(new Error(`no bytes from ${url} for ${stallS} s`)), stallS * 1000);
+  };
+  arm();
+  try {
+    const res = await fetch(url, { headers, mode: 'cors', cache: 'no-store', credentials: 'omit', signal: abort.signal });
+    const parts = [];
+    let size = 0;
+    const reader = res.body?.getReader();
+    for (;;) {
+      if (!reader) break;
+      arm();
+      const { done, value } = await reader.read();
+      if (done) break;
+      parts.push(value);
+      size += value.length;
+    }
+    const body = new Uint8Array(size);
+    let at = 0;
+    for (const part of parts) { body.set(part, at); at += part.length; }
+    return { status: res.status, body };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPaths = '/node_modules/onnxruntime-web/dist/', ramMb, httpStallS = HTTP_STALL_S } = {}) {
   const problem = browserProblem();
   if (problem) throw new Error(problem);
   ort.env.wasm.wasmPaths = wasmPaths;
@@ -105,11 +141,9 @@ export async function browserRuntime({ wsUrl, threads = 1, proxy = true, wasmPat
       for (const [rel, sha] of Object.entries(art.files)) if (rel.startsWith('weights/')) externalData.push({ path: rel, data: await store.get(sha) });
       return ort.InferenceSession.create(await store.get(art.files[graph]), { executionProviders: ['wasm'], externalData });
     },
-    /** GET with the browser's fetch (the browser verifies the origin's certificate; CORS: server_sdk/fleet/origin.py). */
-    async httpGet(url, headers) {
-      const res = await fetch(url, { headers, mode: 'cors', cache: 'no-store', credentials: 'omit' });
-      return { status: res.status, body: new Uint8Array(await res.arrayBuffer()) };
-    },
+    /** GET with the browser's fetch (the browser verifies the origin's certificate; CORS: server_sdk/fleet/origin.py),
+     * abandoned after `httpStallS` seconds without a byte. */
+    httpGet: (url, headers) => getWithStallTimeout(url, headers, httpStallS),
     async connectMqtt(creds, { will, clientId }) {
       const client = mqtt.connect(wsUrl, {
         username: creds.username, password: creds.password, clientId, protocolVersion: 5, clean: false,
