@@ -247,7 +247,9 @@ export class Device {
         }
         if (ctrl.state === 'done') {
           this.log(`${this.deviceId}: run ${this.runId} is done after ${this.roundsTrained} rounds here`);
-          await this.status('hello', { finished: true });
+          // not awaited: a broker that stops with the run would never acknowledge it and the device would never end;
+          // close() below waits for it 5 s at most (devft-edge publishes it the same way)
+          this.status('hello', { finished: true }).catch(() => {});
           return 0;
         }
         try {
