@@ -33,11 +33,6 @@ class GraphOptions:
         if not isinstance(self.recompute, bool):
             raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
 
-    @property
-    def plain(self) -> bool:
-        """fp32 weights, activations kept: what every format exports."""
-        return self == PLAIN
-
     def for_format(self, fmt: str) -> GraphOptions:
         """What format `fmt`'s artifacts carry: these options for onnx; plain for the others, which get the
         dequantized values as fp32 (a quantized run's server-side model) and keep their activations."""

@@ -100,8 +100,7 @@ def _quantize_asym(blocks: np.ndarray, levels: int) -> dict[str, np.ndarray]:
     for grid in (g for g in GRIDS if g < levels):  # a block already on a coarser grid keeps it: lossless
         where = _near_grid(blocks, values, low, grid)  # the blocks that may lie on it (all that do, cheaply)
         q_g, scale_g = _codes(blocks[where], low[where], grid)
-        exact = (q_g.astype(np.float32) * scale_g.astype(np.float32)[..., None] + low[where].astype(np.float32)[..., None]
-                 == values[where]).all(-1)
+        exact = (_block_values(q_g, scale_g, low[where]) == values[where]).all(-1)
         q[tuple(i[exact] for i in where)], scale[tuple(i[exact] for i in where)] = q_g[exact], scale_g[exact]
     q = q.astype(np.uint8).reshape(rows, nblocks * BLOCK)
     return {QWEIGHT: pack_int4(q) if levels < 16 else q, QSCALE: scale, QMIN: low}
@@ -150,10 +149,14 @@ def dequantize(parts: dict[str, np.ndarray], scheme: str) -> np.ndarray:
     else:
         vals = q.astype(np.float32)
     rows, cols = vals.shape
-    out = vals.reshape(rows, cols // BLOCK, BLOCK) * parts[QSCALE].astype(np.float32)[..., None]
-    if scheme in LEVELS:
-        out = out + parts[QMIN].astype(np.float32)[..., None]
-    return out.reshape(rows, cols)
+    low = parts[QMIN] if scheme in LEVELS else None
+    return _block_values(vals.reshape(rows, cols // BLOCK, BLOCK), parts[QSCALE], low).reshape(rows, cols)
+
+
+def _block_values(codes: np.ndarray, scale: np.ndarray, low: np.ndarray | None = None) -> np.ndarray:
+    """[..., BLOCK] codes to float32 values as every reader computes them: q * scale in float32, then + min."""
+    out = codes.astype(np.float32) * scale.astype(np.float32)[..., None]
+    return out if low is None else out + low.astype(np.float32)[..., None]
 
 
 def _dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
